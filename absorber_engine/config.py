@@ -1,0 +1,192 @@
+"""AbsorberConfig: every knob of an absorption, with the paper's value where it gives one.
+
+Absorber LLM (arXiv 2604.20915) fixes n = 1024, m = 2048, LoRA rank 64, AdamW lr 5e-4, an L1
+loss on the residual hidden states of every layer, and early stop at eps = 2. It leaves the rest
+open; each open choice is a field here, and its docstring says what we decided and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+OBJECTIVES = ("absorber", "ttt")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class AbsorberConfig:
+    chunk_tokens: int = 1024
+    """n: tokens absorbed per round (X). The window slides by n after each round."""
+
+    sync_tokens: int = 2048
+    """m: real continuation tokens (Y) each round synchronizes on. The raw window, and so the KV
+    cache, never holds more than n + m tokens."""
+
+    rank: int = 64
+    """LoRA rank r of the delta A·B on each target linear."""
+
+    alpha: float | None = None
+    """LoRA alpha; the delta is scaled by alpha / rank. None means alpha = rank (scale 1), so the
+    learning rate means the same thing at every rank. The paper does not state it."""
+
+    targets: tuple[str, ...] | None = None
+    """Names of the linears that get a delta, matched against the end of each module's dotted name
+    ("c_proj" matches every c_proj, "mlp.c_proj" only the MLP's). None: every attention and MLP
+    projection of the architecture (absorbed facts must be able to reach both the attention
+    pattern and the values it reads; the paper does not name its targets)."""
+
+    objective: str = "absorber"
+    """"absorber": causal synchronization (the paper). "ttt": next-token loss on the context X
+    itself, the test-time-training baseline, same delta, optimizer and step budget."""
+
+    max_steps: int = 32
+    """K: AdamW steps per round at most. The paper does not state K."""
+
+    stop_loss: float = 0.0
+    """eps: a round stops as soon as its loss is below this. Our loss is a mean over positions,
+    layers and hidden dimensions (not the paper's per-position sum), so the paper's eps = 2 does
+    not carry over; 0 never stops early."""
+
+    lr: float = 5e-4
+    """AdamW learning rate on the delta (paper: 5e-4)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay. 0 by default: decay would shrink what earlier rounds absorbed."""
+
+    grad_clip: float = 0.0
+    """Clip the delta's gradient to this global norm before each step; 0 disables."""
+
+    futures: int = 4
+    """Continuations sampled from the teacher after X and synchronized on together with the real Y,
+    in the same student pass. A round with no real Y (flush, end of input) samples at least one.
+    The measured lead in METHOD.md: the real Y alone only transfers what Y asks about."""
+
+    future_tokens: int = 64
+    """Length of each sampled continuation. At most sync_tokens so the teacher's KV (X plus a
+    future) stays within n + m tokens."""
+
+    future_temperature: float = 1.0
+    """Sampling temperature of the continuations; 1 samples the teacher's own distribution."""
+
+    future_top_p: float = 1.0
+    """Nucleus threshold when sampling continuations; 1 keeps the whole distribution."""
+
+    hidden_weight: float = 1.0
+    """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at
+    every synchronized position, averaged over positions, layers and dimensions."""
+
+    kl_weight: float = 0.0
+    """Weight of KL(teacher || student) on the next-token distributions, averaged over positions
+    (this project's addition; the paper found hidden-state matching alone better)."""
+
+    kl_temperature: float = 1.0
+    """Softmax temperature of both distributions in the KL term (the loss is scaled by T^2)."""
+
+    kl_top_k: int = 0
+    """Restrict the teacher distribution to its top-k tokens in the KL term; 0 uses the vocabulary."""
+
+    divergence_factor: float = 10.0
+    """A round whose last loss exceeds this multiple of its first is rolled back as diverged;
+    0 disables the check. NaN or inf losses are always rolled back."""
+
+    merge_for_inference: bool = False
+    """generate() and logits() use W + delta merged into a copy of each target weight (one matmul
+    instead of three per linear, at the cost of a copy of the target weights). Off by default:
+    held memory stays KV + delta."""
+
+    backend: str = "auto"
+    """"torch" (the PyTorch references: the CPU path), "triton" (the fused kernels; CUDA, or CPU
+    under TRITON_INTERPRET=1), or "auto": triton on a CUDA device when it imports, else torch."""
+
+    seed: int = 0
+    """Seeds the delta's initialisation and the sampling of continuations, round by round."""
+
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata carried into memory files (not read by the engine)."""
+
+    def __post_init__(self) -> None:
+        if self.targets is not None:
+            if isinstance(self.targets, str):
+                self.targets = (self.targets,)
+            self.targets = tuple(self.targets)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("chunk_tokens", "rank", "max_steps"):
+            v = getattr(self, name)
+            need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        for name in ("sync_tokens", "futures", "future_tokens", "kl_top_k", "seed"):
+            v = getattr(self, name)
+            need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
+                     "divergence_factor"):
+            v = getattr(self, name)
+            need(is_num(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
+        for name in ("lr", "kl_temperature", "future_temperature"):
+            v = getattr(self, name)
+            need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
+        need(is_num(self.future_top_p) and 0 < self.future_top_p <= 1,
+             f"future_top_p must be in (0, 1], got {self.future_top_p!r}")
+        need(self.alpha is None or (is_num(self.alpha) and self.alpha > 0),
+             f"alpha must be None or a finite number > 0, got {self.alpha!r}")
+        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.targets is None or (len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets)),
+             f"targets must be None or a non-empty list of module names, got {self.targets!r}")
+        if self.objective == "absorber":
+            need(self.hidden_weight > 0 or self.kl_weight > 0,
+                 "hidden_weight and kl_weight are both 0: the absorber objective would be empty")
+            need(self.future_tokens <= max(self.sync_tokens, 1) or self.futures == 0,
+                 f"future_tokens ({self.future_tokens}) must not exceed sync_tokens ({self.sync_tokens}): "
+                 "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
+            need(self.futures == 0 or self.future_tokens > 0, "future_tokens must be positive when futures > 0")
+            need(self.sync_tokens > 0 or self.futures > 0,
+                 "sync_tokens = 0 and futures = 0 leave a round nothing to synchronize on")
+        need(isinstance(self.extra, dict), "extra must be a dict")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @property
+    def window_tokens(self) -> int:
+        return self.chunk_tokens + self.sync_tokens
+
+    def replace(self, **changes) -> "AbsorberConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets) if self.targets is not None else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AbsorberConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {unknown}")
+        d = dict(d)
+        if d.get("targets") is not None:
+            d["targets"] = tuple(d["targets"])
+        return cls(**d)

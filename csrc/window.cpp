@@ -1,0 +1,113 @@
+#include "window.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace absorber {
+
+Window::Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size)
+    : n_(chunk_tokens), m_(sync_tokens), vocab_(vocab_size) {
+    if (n_ <= 0) throw std::invalid_argument("chunk_tokens must be positive, got " + std::to_string(n_));
+    if (m_ < 0) throw std::invalid_argument("sync_tokens must be >= 0, got " + std::to_string(m_));
+    if (vocab_ <= 0 || vocab_ > std::numeric_limits<std::int32_t>::max())
+        throw std::invalid_argument("vocab_size must be in [1, 2^31), got " + std::to_string(vocab_));
+    if (n_ > (std::int64_t{1} << 40) || m_ > (std::int64_t{1} << 40))
+        throw std::invalid_argument("chunk_tokens + sync_tokens is too large");
+}
+
+void Window::check_ids(const std::vector<std::int64_t>& tokens) const {
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+        const std::int64_t t = tokens[i];
+        if (t < 0 || t >= vocab_)
+            throw std::out_of_range("token id " + std::to_string(t) + " at position " + std::to_string(i) +
+                                    " is outside the vocabulary [0, " + std::to_string(vocab_) + ")");
+    }
+}
+
+void Window::feed(const std::vector<std::int64_t>& tokens) {
+    check_ids(tokens);  // before the lock and before any change: a bad id leaves the stream as it was
+    std::lock_guard<std::mutex> lock(mu_);
+    buf_.reserve(buf_.size() + tokens.size());
+    for (std::int64_t t : tokens) buf_.push_back(static_cast<std::int32_t>(t));
+}
+
+bool Window::plan(bool flush, Round* out) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const std::int64_t held = held_locked();
+    std::int64_t x = 0, y = 0;
+    if (held >= n_ + m_) {
+        x = n_;
+        y = m_;
+    } else if (flush && held > 0) {
+        x = std::min(n_, held);
+        y = std::min(m_, held - x);
+    } else {
+        return false;
+    }
+    const auto first = buf_.begin() + static_cast<std::ptrdiff_t>(head_);
+    out->id = next_id_++;
+    out->x.assign(first, first + x);
+    out->y.assign(first + x, first + x + y);
+    planned_id_ = out->id;
+    planned_x_ = x;
+    return true;
+}
+
+void Window::commit(std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (planned_id_ == 0 || id != planned_id_)
+        throw std::invalid_argument("round " + std::to_string(id) +
+                                    " is not the planned round (stale, already committed or never planned)");
+    head_ += static_cast<std::size_t>(planned_x_);
+    absorbed_ += planned_x_;
+    rounds_ += 1;
+    planned_id_ = 0;
+    planned_x_ = 0;
+    compact_locked();
+}
+
+void Window::compact_locked() {
+    // Move the live tail to the front once the dead prefix dominates: O(1) amortized per token.
+    if (head_ > 4096 && head_ * 2 > buf_.size()) {
+        buf_.erase(buf_.begin(), buf_.begin() + static_cast<std::ptrdiff_t>(head_));
+        head_ = 0;
+    }
+}
+
+std::vector<std::int64_t> Window::window() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    const std::int64_t len = std::min(held_locked(), n_ + m_);
+    const auto first = buf_.begin() + static_cast<std::ptrdiff_t>(head_);
+    return std::vector<std::int64_t>(first, first + len);
+}
+
+void Window::restore(const std::vector<std::int64_t>& tokens, std::int64_t absorbed, std::int64_t rounds) {
+    if (absorbed < 0 || rounds < 0) throw std::invalid_argument("absorbed and rounds must be >= 0");
+    check_ids(tokens);
+    std::lock_guard<std::mutex> lock(mu_);
+    buf_.assign(tokens.begin(), tokens.end());
+    head_ = 0;
+    absorbed_ = absorbed;
+    rounds_ = rounds;
+    planned_id_ = 0;
+    planned_x_ = 0;
+}
+
+void Window::clear() { restore({}, 0, 0); }
+
+std::int64_t Window::held() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return held_locked();
+}
+std::int64_t Window::absorbed() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return absorbed_;
+}
+std::int64_t Window::rounds() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return rounds_;
+}
+
+}  // namespace absorber

@@ -1,0 +1,64 @@
+// The raw-token window of one stream and where it is cut (Algorithm 2 of Absorber LLM).
+//
+// Tokens fed to a stream wait in order. The window is the first n + m of them, n = chunk_tokens
+// (X, what the next round absorbs) and m = sync_tokens (Y, the real continuation the round
+// synchronizes on). A round is planned only when the window is full, or on flush; committing a
+// round drops its X from the front, so the window slides by n and never holds more than n + m
+// tokens' worth of KV on the Python side.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+namespace absorber {
+
+struct Round {
+    std::uint64_t id = 0;          // matches the commit to the plan it came from
+    std::vector<std::int64_t> x;   // tokens to absorb (n, or fewer on flush)
+    std::vector<std::int64_t> y;   // real continuation after X (m, fewer on flush, may be empty)
+};
+
+class Window {
+public:
+    Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size);
+
+    // Appends tokens; all or nothing: one id outside [0, vocab_size) rejects the whole call.
+    void feed(const std::vector<std::int64_t>& tokens);
+
+    // The next round to absorb, or false when there is none yet. With flush, whatever is held
+    // is absorbed in rounds of at most n, the last one possibly without a real Y.
+    bool plan(bool flush, Round* out);
+
+    // Drops the X of the planned round `id`; any other id is refused (stale or never planned).
+    void commit(std::uint64_t id);
+
+    // The first min(held, n + m) tokens: what generate() and logits() attend to.
+    std::vector<std::int64_t> window() const;
+
+    // Replaces the whole state, as when a saved memory is loaded.
+    void restore(const std::vector<std::int64_t>& tokens, std::int64_t absorbed, std::int64_t rounds);
+    void clear();
+
+    std::int64_t held() const;
+    std::int64_t absorbed() const;
+    std::int64_t rounds() const;
+    std::int64_t chunk_tokens() const { return n_; }
+    std::int64_t sync_tokens() const { return m_; }
+    std::int64_t vocab_size() const { return vocab_; }
+
+private:
+    std::int64_t held_locked() const { return static_cast<std::int64_t>(buf_.size() - head_); }
+    void check_ids(const std::vector<std::int64_t>& tokens) const;
+    void compact_locked();
+
+    const std::int64_t n_, m_, vocab_;
+    std::vector<std::int32_t> buf_;   // int32: a vocabulary never needs more, and it halves the buffer
+    std::size_t head_ = 0;            // first live token; compacted lazily so commit is O(1) amortized
+    std::int64_t absorbed_ = 0, rounds_ = 0;
+    std::uint64_t next_id_ = 1, planned_id_ = 0;
+    std::int64_t planned_x_ = 0;
+    mutable std::mutex mu_;
+};
+
+}  // namespace absorber

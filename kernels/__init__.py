@@ -1,0 +1,9 @@
+"""absorber_kernels: the engine's compute kernels, each a PyTorch reference (the CPU path) and,
+where Triton is available, a fused Triton kernel beside it in the same file."""
+
+from .attention import attention_ref
+from .hidden_sync import hidden_l1_ref
+from .linear_kl import linear_kl_ref
+from .lowrank_linear import lowrank_linear_ref
+
+__all__ = ["attention_ref", "hidden_l1_ref", "linear_kl_ref", "lowrank_linear_ref"]
