@@ -5,5 +5,6 @@ from .attention import attention_ref
 from .hidden_sync import hidden_l1_ref
 from .linear_kl import linear_kl_ref
 from .lowrank_linear import lowrank_linear_ref
+from .ops import Ops, get_ops
 
-__all__ = ["attention_ref", "hidden_l1_ref", "linear_kl_ref", "lowrank_linear_ref"]
+__all__ = ["Ops", "attention_ref", "get_ops", "hidden_l1_ref", "linear_kl_ref", "lowrank_linear_ref"]
