@@ -1,0 +1,161 @@
+"""The absorbed memory: a low-rank delta A·B·(alpha/r) on chosen linears of a frozen model.
+
+`LowRankDelta` owns the tensors (A: in × r, B: r × out, fp32 for the optimizer). `DeltaLinear`
+wraps one target linear in place and adds the delta on the fly; the base module is kept as it
+is, its weights frozen and never written. B starts at zero, so a fresh delta changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import ConfigError, UnsupportedModelError
+
+
+class DeltaLinear(nn.Module):
+    """A frozen linear (nn.Linear, or GPT-2's Conv1D) plus an optional low-rank delta."""
+
+    def __init__(self, base: nn.Module, op):
+        super().__init__()
+        self.base = base
+        if isinstance(base, Conv1D):
+            self.layout = "conv1d"
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.layout = "linear"
+            self.out_features, self.in_features = base.weight.shape
+        self.op = op                      # lowrank_linear of the engine's backend
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+        self.scale = 1.0
+        self.merged_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.A is None:
+            return self.base(x)
+        if self.merged_weight is not None and not torch.is_grad_enabled():
+            return _plain_linear(x, self.merged_weight, self.base.bias, self.layout)
+        return self.op(x, self.base.weight, self.base.bias, self.A, self.B, self.scale, self.layout)
+
+    def merge(self) -> None:
+        """Keeps W + scale·A·B in a copy of the weight (same layout), for inference only."""
+        with torch.no_grad():
+            d = (self.A.float() @ self.B.float()) * self.scale                  # (in, out)
+            w = self.base.weight.float() + (d.t() if self.layout == "linear" else d)
+            self.merged_weight = w.to(self.base.weight.dtype)
+
+    def unmerge(self) -> None:
+        self.merged_weight = None
+
+    def extra_repr(self) -> str:
+        return f"{self.layout}, in={self.in_features}, out={self.out_features}"
+
+
+def _plain_linear(x, weight, bias, layout):
+    if layout == "linear":
+        return nn.functional.linear(x, weight, bias)
+    y = torch.matmul(x, weight)
+    return y + bias if bias is not None else y
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def attach(model: nn.Module, targets: tuple[str, ...], op) -> dict[str, DeltaLinear]:
+    """Wraps every linear whose dotted name matches a target; returns them by original name."""
+    if any(isinstance(m, DeltaLinear) for m in model.modules()):
+        raise ConfigError("this model already carries an engine's deltas; call close() on that engine first "
+                          "(several streams on one model: use engine sessions)")
+    found: dict[str, DeltaLinear] = {}
+    for name, module in list(model.named_modules()):
+        if not _matches(name, targets):
+            continue
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise UnsupportedModelError(f"target {name!r} is a {type(module).__name__}, not a linear layer")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = DeltaLinear(module, op)
+        setattr(parent, child, wrapper)
+        found[name] = wrapper
+    if not found:
+        raise ConfigError(f"no linear layer of the model matches targets {list(targets)}")
+    return found
+
+
+def detach(model: nn.Module, wrappers: dict[str, DeltaLinear]) -> None:
+    """Puts the original modules back, leaving the model exactly as it was given."""
+    for name, wrapper in wrappers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapper.base)
+
+
+class LowRankDelta:
+    """A and B for each target, all trained together; Δ_name = scale · A_name · B_name."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, scale: float,
+                 device: torch.device, seed: int = 0):
+        self.shapes, self.rank, self.scale, self.device, self.seed = dict(shapes), rank, scale, device, seed
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to Δ = 0: B zero, A drawn again from the seed (the same A every time)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        for name, (n_in, n_out) in self.shapes.items():
+            # Kaiming-uniform bound as for a linear of fan-in n_in, as LoRA does.
+            bound = 1.0 / math.sqrt(n_in)
+            a = (torch.rand(n_in, self.rank, generator=gen) * 2 - 1) * bound
+            self.A[name] = a.to(self.device).requires_grad_(True)
+            self.B[name] = torch.zeros(self.rank, n_out, device=self.device).requires_grad_(True)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for name in self.shapes for t in (self.A[name], self.B[name])]
+
+    def bind(self, wrappers: dict[str, DeltaLinear]) -> None:
+        for name, w in wrappers.items():
+            w.A, w.B, w.scale = self.A[name], self.B[name], self.scale
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.shapes:
+            out[f"{name}.A"] = self.A[name].detach().clone()
+            out[f"{name}.B"] = self.B[name].detach().clone()
+        return out
+
+    def check_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Raises ValueError unless `state` has exactly this delta's names, shapes and finite values."""
+        expected = {f"{n}.A": (i, self.rank) for n, (i, o) in self.shapes.items()}
+        expected.update({f"{n}.B": (self.rank, o) for n, (i, o) in self.shapes.items()})
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ValueError(f"delta tensors differ: missing {missing[:4]}, unexpected {extra[:4]}")
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected {shape}")
+            if not torch.isfinite(state[key]).all():
+                raise ValueError(f"{key} holds NaN or inf")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_state(state)
+        with torch.no_grad():
+            for name in self.shapes:
+                self.A[name].copy_(state[f"{name}.A"])
+                self.B[name].copy_(state[f"{name}.B"])
+
+    snapshot = state_dict
+    restore = load_state_dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parameters())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())

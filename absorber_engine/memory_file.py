@@ -1,0 +1,129 @@
+"""Memory files: the delta and the raw window of a stream, as safetensors with metadata.
+
+safetensors holds only tensors and a string → string header, so loading a file never runs code.
+The header names the format and version, the base model it was made for (a fingerprint of its
+config, parameter names and shapes, and a sample of each weight's values), the engine config and
+the stream's counters. A file is written to a temporary name and renamed, so a crash never leaves
+a half-written memory under the real name. Loading checks everything before touching the engine,
+so a refused file leaves the memory held before intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import AbsorberConfig
+from .errors import ConfigError, MemoryFileError
+
+FORMAT = "absorber-memory"
+VERSION = 1
+# Config keys that say nothing about the weights (paths, versions, the dtype it was loaded in).
+_VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                  "_attn_implementation", "_attn_implementation_autoset", "architectures", "use_cache"}
+
+
+def model_fingerprint(parts) -> str:
+    """A hash that changes when the base model's architecture, shapes or weights change."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in parts.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in _base_parameters(parts.model):
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        # A few values per tensor, rounded to bf16 so one checkpoint loaded in fp32 or bf16 agrees.
+        sample = p.detach().reshape(-1)[:64].to(torch.bfloat16).view(torch.int16).cpu()
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _base_parameters(model):
+    # Parameter names as the model had them before deltas were attached (".base." is ours).
+    for name, p in model.named_parameters():
+        yield name.replace(".base.", "."), p
+
+
+def save_memory(engine, path) -> None:
+    path = os.fspath(path)
+    tensors = {f"delta.{k}": v.cpu().contiguous() for k, v in engine.delta.state_dict().items()}
+    tensors["window"] = torch.tensor(engine.window.window(), dtype=torch.int64)
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "model_fingerprint": model_fingerprint(engine.parts),
+        "model_type": engine.parts.model_type,
+        "config": engine.config.to_json(),
+        "tokens_absorbed": str(engine.window.absorbed),
+        "rounds": str(engine.window.rounds),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MemoryFileError(f"memory file {path!r} does not exist")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MemoryFileError(f"{path} is not a readable memory file (truncated or corrupt?): {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise MemoryFileError(f"{path} is not an absorber memory file (format {meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise MemoryFileError(f"{path} has memory format version {meta.get('version')!r}; "
+                              f"this engine reads version {VERSION}")
+    return tensors, meta
+
+
+def load_memory(engine, path) -> None:
+    tensors, meta = read_memory(path)
+    if meta.get("model_fingerprint") != model_fingerprint(engine.parts):
+        raise MemoryFileError(f"{path} was made for another base model "
+                              f"({meta.get('model_type')!r}, different config or weights)")
+    try:
+        saved = AbsorberConfig.from_dict(json.loads(meta["config"]))
+        absorbed, rounds = int(meta["tokens_absorbed"]), int(meta["rounds"])
+    except (KeyError, ValueError, ConfigError) as exc:
+        raise MemoryFileError(f"{path} has a corrupt header: {exc}") from exc
+    mine = engine.config
+    if (saved.rank, saved.scale) != (mine.rank, mine.scale):
+        raise MemoryFileError(f"{path} holds a rank-{saved.rank} delta (scale {saved.scale}); this engine "
+                              f"uses rank {mine.rank} (scale {mine.scale})")
+    delta = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
+    window = tensors.get("window")
+    try:
+        engine.delta.check_state(delta)
+    except ValueError as exc:
+        raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
+    if window is None or window.dim() != 1 or window.dtype != torch.int64:
+        raise MemoryFileError(f"{path} has no valid window tensor")
+    if window.numel() > mine.window_tokens:
+        raise MemoryFileError(f"{path} holds a window of {window.numel()} tokens; this engine's window "
+                              f"is {mine.window_tokens}")
+    if absorbed < 0 or rounds < 0:
+        raise MemoryFileError(f"{path} has negative counters")
+    # Everything checked: only now change the engine (the window first; it validates the ids).
+    try:
+        engine.window.restore(window.tolist(), absorbed, rounds)
+    except (IndexError, ValueError) as exc:
+        raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
+    engine.delta.load_state_dict(delta)
