@@ -9,11 +9,15 @@ namespace absorber {
 
 Window::Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size)
     : n_(chunk_tokens), m_(sync_tokens), vocab_(vocab_size) {
-    if (n_ <= 0) throw std::invalid_argument("chunk_tokens must be positive, got " + std::to_string(n_));
-    if (m_ < 0) throw std::invalid_argument("sync_tokens must be >= 0, got " + std::to_string(m_));
-    if (vocab_ <= 0 || vocab_ > std::numeric_limits<std::int32_t>::max())
-        throw std::invalid_argument("vocab_size must be in [1, 2^31), got " + std::to_string(vocab_));
-    if (n_ > (std::int64_t{1} << 40) || m_ > (std::int64_t{1} << 40))
+    check_sizes(n_, m_, vocab_);
+}
+
+void Window::check_sizes(std::int64_t n, std::int64_t m, std::int64_t vocab) {
+    if (n <= 0) throw std::invalid_argument("chunk_tokens must be positive, got " + std::to_string(n));
+    if (m < 0) throw std::invalid_argument("sync_tokens must be >= 0, got " + std::to_string(m));
+    if (vocab <= 0 || vocab > std::numeric_limits<std::int32_t>::max())
+        throw std::invalid_argument("vocab_size must be in [1, 2^31), got " + std::to_string(vocab));
+    if (n > (std::int64_t{1} << 40) || m > (std::int64_t{1} << 40))
         throw std::invalid_argument("chunk_tokens + sync_tokens is too large");
 }
 
@@ -33,19 +37,29 @@ void Window::feed(const std::vector<std::int64_t>& tokens) {
     for (std::int64_t t : tokens) buf_.push_back(static_cast<std::int32_t>(t));
 }
 
-bool Window::plan(bool flush, Round* out) {
-    std::lock_guard<std::mutex> lock(mu_);
+bool Window::shape_locked(bool flush, std::int64_t* x, std::int64_t* y) const {
     const std::int64_t held = held_locked();
-    std::int64_t x = 0, y = 0;
     if (held >= n_ + m_) {
-        x = n_;
-        y = m_;
+        *x = n_;
+        *y = m_;
     } else if (flush && held > 0) {
-        x = std::min(n_, held);
-        y = std::min(m_, held - x);
+        *x = std::min(n_, held);
+        *y = std::min(m_, held - *x);
     } else {
         return false;
     }
+    return true;
+}
+
+bool Window::peek(bool flush, std::int64_t* x, std::int64_t* y) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return shape_locked(flush, x, y);
+}
+
+bool Window::plan(bool flush, Round* out) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::int64_t x = 0, y = 0;
+    if (!shape_locked(flush, &x, &y)) return false;
     const auto first = buf_.begin() + static_cast<std::ptrdiff_t>(head_);
     out->id = next_id_++;
     out->x.assign(first, first + x);
@@ -66,6 +80,15 @@ void Window::commit(std::uint64_t id) {
     planned_id_ = 0;
     planned_x_ = 0;
     compact_locked();
+}
+
+void Window::abort(std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (planned_id_ == 0 || id != planned_id_)
+        throw std::invalid_argument("round " + std::to_string(id) +
+                                    " is not the planned round (stale, already committed or never planned)");
+    planned_id_ = 0;
+    planned_x_ = 0;
 }
 
 void Window::compact_locked() {

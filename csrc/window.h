@@ -23,6 +23,9 @@ class Window {
 public:
     Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size);
 
+    // Throws std::invalid_argument unless the sizes are ones a Window accepts.
+    static void check_sizes(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size);
+
     // Appends tokens; all or nothing: one id outside [0, vocab_size) rejects the whole call.
     void feed(const std::vector<std::int64_t>& tokens);
 
@@ -32,6 +35,13 @@ public:
 
     // Drops the X of the planned round `id`; any other id is refused (stale or never planned).
     void commit(std::uint64_t id);
+
+    // C++ only (the Scheduler's abort): forgets the planned round `id` without sliding, so its
+    // tokens stay and the next plan() returns them again. Any other id is refused.
+    void abort(std::uint64_t id);
+
+    // C++ only: the (|X|, |Y|) plan(flush) would return now, without planning; false if none.
+    bool peek(bool flush, std::int64_t* x, std::int64_t* y) const;
 
     // The first min(held, n + m) tokens: what generate() and logits() attend to.
     std::vector<std::int64_t> window() const;
@@ -50,6 +60,7 @@ public:
 private:
     std::int64_t held_locked() const { return static_cast<std::int64_t>(buf_.size() - head_); }
     void check_ids(const std::vector<std::int64_t>& tokens) const;
+    bool shape_locked(bool flush, std::int64_t* x, std::int64_t* y) const;
     void compact_locked();
 
     const std::int64_t n_, m_, vocab_;
