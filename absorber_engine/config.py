@@ -66,9 +66,10 @@ class AbsorberConfig:
     in the same student pass. A round with no real Y (flush, end of input) samples at least one.
     The measured lead in METHOD.md: the real Y alone only transfers what Y asks about."""
 
-    future_tokens: int = 64
-    """Length of each sampled continuation. At most sync_tokens so the teacher's KV (X plus a
-    future) stays within n + m tokens."""
+    future_tokens: int | None = None
+    """Length of each sampled continuation. None: min(64, sync_tokens). At most sync_tokens, so the
+    teacher's KV over X plus a future stays within n + m tokens (with sync_tokens = 0, the bound
+    is n + future_tokens)."""
 
     future_temperature: float = 1.0
     """Sampling temperature of the continuations; 1 samples the teacher's own distribution."""
@@ -130,7 +131,7 @@ class AbsorberConfig:
         for name in ("chunk_tokens", "rank", "max_steps"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        for name in ("sync_tokens", "futures", "future_tokens", "kl_top_k", "seed"):
+        for name in ("sync_tokens", "futures", "kl_top_k", "seed"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
         for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
@@ -142,6 +143,8 @@ class AbsorberConfig:
             need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
         need(is_num(self.future_top_p) and 0 < self.future_top_p <= 1,
              f"future_top_p must be in (0, 1], got {self.future_top_p!r}")
+        need(self.future_tokens is None or (is_int(self.future_tokens) and self.future_tokens > 0),
+             f"future_tokens must be None or a positive integer, got {self.future_tokens!r}")
         need(self.alpha is None or (is_num(self.alpha) and self.alpha > 0),
              f"alpha must be None or a finite number > 0, got {self.alpha!r}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
@@ -151,10 +154,9 @@ class AbsorberConfig:
         if self.objective == "absorber":
             need(self.hidden_weight > 0 or self.kl_weight > 0,
                  "hidden_weight and kl_weight are both 0: the absorber objective would be empty")
-            need(self.future_tokens <= max(self.sync_tokens, 1) or self.futures == 0,
+            need(self.future_tokens is None or self.sync_tokens == 0 or self.future_tokens <= self.sync_tokens,
                  f"future_tokens ({self.future_tokens}) must not exceed sync_tokens ({self.sync_tokens}): "
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
-            need(self.futures == 0 or self.future_tokens > 0, "future_tokens must be positive when futures > 0")
             need(self.sync_tokens > 0 or self.futures > 0,
                  "sync_tokens = 0 and futures = 0 leave a round nothing to synchronize on")
         need(isinstance(self.extra, dict), "extra must be a dict")
@@ -162,6 +164,12 @@ class AbsorberConfig:
     @property
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @property
+    def future_length(self) -> int:
+        if self.future_tokens is not None:
+            return self.future_tokens
+        return min(64, self.sync_tokens) if self.sync_tokens > 0 else 64
 
     @property
     def window_tokens(self) -> int:

@@ -71,19 +71,19 @@ def attach(model: nn.Module, targets: tuple[str, ...], op) -> dict[str, DeltaLin
     if any(isinstance(m, DeltaLinear) for m in model.modules()):
         raise ConfigError("this model already carries an engine's deltas; call close() on that engine first "
                           "(several streams on one model: use engine sessions)")
-    found: dict[str, DeltaLinear] = {}
-    for name, module in list(model.named_modules()):
-        if not _matches(name, targets):
-            continue
+    chosen = [(name, module) for name, module in model.named_modules() if _matches(name, targets)]
+    if not chosen:
+        raise ConfigError(f"no linear layer of the model matches targets {list(targets)}")
+    for name, module in chosen:        # all checked before any is wrapped: a refusal changes nothing
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise UnsupportedModelError(f"target {name!r} is a {type(module).__name__}, not a linear layer")
+    found: dict[str, DeltaLinear] = {}
+    for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapper = DeltaLinear(module, op)
         setattr(parent, child, wrapper)
         found[name] = wrapper
-    if not found:
-        raise ConfigError(f"no linear layer of the model matches targets {list(targets)}")
     return found
 
 

@@ -49,7 +49,7 @@ class AbsorberEngine:
         cfg.validate()
         self.config, self.tokenizer = cfg, tokenizer
         self.parts: ModelParts = inspect_model(model)
-        if self.parts.max_positions is not None and cfg.window_tokens > self.parts.max_positions:
+        if self.parts.absolute_positions and cfg.window_tokens > self.parts.max_positions:
             raise ConfigError(
                 f"chunk_tokens + sync_tokens = {cfg.window_tokens} exceeds the {self.parts.max_positions} "
                 f"positions {self.parts.model_type} has")
@@ -166,6 +166,7 @@ class AbsorberEngine:
         """Next-token logits (len(ids), V) at each position of `ids`, read after the memory and
         the raw window. Nothing is absorbed."""
         ids = self._to_ids(ids)
+        self._check_span(len(ids), f"{len(ids)} query tokens")
         cache, _ = self._window_cache()
         final, _ = self.parts.forward(self._tensor(ids), cache)
         return self.parts.logits(final[0])
@@ -186,11 +187,7 @@ class AbsorberEngine:
             raise InputError(f"temperature must be >= 0, got {temperature!r}")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-        limit = self.parts.max_positions
-        total = self.window.held + len(ids) + max_new_tokens
-        if limit is not None and total > limit:
-            raise InputError(f"window ({self.window.held}) + prompt ({len(ids)}) + max_new_tokens "
-                             f"({max_new_tokens}) = {total} exceeds the model's {limit} positions")
+        self._check_span(len(ids) + max_new_tokens, f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens})")
         stops = self._stop_ids(stop)
         cache, last = self._window_cache()
         if ids:
@@ -212,6 +209,14 @@ class AbsorberEngine:
         if as_text:
             return self.tokenizer.decode(out)
         return out
+
+    def _check_span(self, extra: int, what: str) -> None:
+        """Queries read the window plus what they add, in full attention. Past the model's positions
+        (or the window, if larger) that is no longer bounded memory: absorb long inputs instead."""
+        limit = max(self.parts.max_positions, self.config.window_tokens)
+        if self.window.held + extra > limit:
+            raise InputError(f"window ({self.window.held}) + {what} = {self.window.held + extra} tokens "
+                             f"exceeds the model's {limit} positions; absorb() long inputs first")
 
     def _window_cache(self):
         """A fresh cache over the raw window (built once per window and delta) and its last state."""

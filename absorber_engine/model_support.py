@@ -29,7 +29,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
 }
 # Models whose positions are a learned table: a sequence longer than it cannot run at all.
-_ABSOLUTE_POSITIONS = {"gpt2": "n_positions"}
+_ABSOLUTE_POSITIONS = {"gpt2"}
 
 
 @dataclass
@@ -50,7 +50,8 @@ class ModelParts:
     model_type: str
     vocab_size: int
     hidden_size: int
-    max_positions: int | None       # a hard limit only for learned absolute positions
+    max_positions: int              # positions the model declares (max_position_embeddings, n_positions)
+    absolute_positions: bool        # a learned position table: nothing can run past max_positions
     stats: RunStats = field(default_factory=RunStats)
 
     @property
@@ -117,11 +118,13 @@ def inspect_model(model) -> ModelParts:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UnsupportedModelError(f"could not find the decoder layers of {type(model).__name__}")
     embed = model.get_input_embeddings()
-    limit_key = _ABSOLUTE_POSITIONS.get(model_type)
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(max_positions, int) or max_positions <= 0:
+        raise UnsupportedModelError(f"{type(model).__name__}'s config declares no positive max_position_embeddings")
     return ModelParts(
         model=model, base=base, layers=layers, head=head, model_type=model_type,
         vocab_size=int(embed.num_embeddings), hidden_size=int(head.weight.shape[1]),
-        max_positions=int(getattr(config, limit_key)) if limit_key else None,
+        max_positions=max_positions, absolute_positions=model_type in _ABSOLUTE_POSITIONS,
     )
 
 

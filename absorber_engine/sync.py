@@ -80,14 +80,14 @@ def _sample_futures(parts, x_kv, first_logits, count, cfg, generator, need_final
     cache = parts.make_cache(x_kv, repeat=count)
     logits = first_logits.expand(count, -1)
     tokens, hidden_steps, final_steps = [], [], []
-    for step in range(cfg.future_tokens):
+    for step in range(cfg.future_length):
         tok = sample_next(logits, cfg.future_temperature, cfg.future_top_p, generator)    # (count,)
         tokens.append(tok)
         with ResidualCapture(parts.layers) as cap:
             final, cache = parts.forward(tok[:, None], cache, use_cache=True)           # (count, 1, D)
         hidden_steps.append(cap.states)
         final_steps.append(final)
-        if step + 1 < cfg.future_tokens:
+        if step + 1 < cfg.future_length:
             logits = parts.logits(final[:, -1])
     ids = torch.stack(tokens, dim=1)                                                     # (count, T)
     hidden = [torch.cat([s[layer] for s in hidden_steps], dim=1) for layer in range(parts.num_states)]

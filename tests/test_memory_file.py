@@ -1,0 +1,127 @@
+"""Memory files: identical logits after a round trip, and every bad file refused with the memory
+held before left intact."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from absorber_engine import AbsorberConfig, AbsorberEngine, MemoryFileError
+from tiny_models import make_model, random_ids
+
+CFG = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, max_steps=3, future_tokens=4, lr=1e-2)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    eng.absorb(random_ids(50, seed=1))
+    path = tmp_path / "mem.safetensors"
+    eng.save_memory(path)
+    return eng, path
+
+
+def _state(eng):
+    return eng.delta.state_dict(), eng.window.window(), eng.absorbed_tokens
+
+
+def _same_state(eng, state):
+    delta, window, absorbed = state
+    for k, v in eng.delta.state_dict().items():
+        assert torch.equal(v, delta[k]), k
+    assert eng.window.window() == window and eng.absorbed_tokens == absorbed
+
+
+def test_round_trip_gives_identical_logits(trained):
+    eng, path = trained
+    probe = random_ids(9, seed=2)
+    expected = eng.logits(probe)
+    fresh = AbsorberEngine(make_model("llama"), config=CFG)
+    assert not torch.equal(fresh.logits(probe), expected)
+    fresh.load_memory(path)
+    assert torch.equal(fresh.logits(probe), expected)
+    assert fresh.absorbed_tokens == eng.absorbed_tokens and fresh.held_tokens == eng.held_tokens
+    # The stream goes on from where it was saved, to the same memory.
+    more = random_ids(20, seed=3)
+    eng.absorb(more)
+    fresh.absorb(more)
+    for k, v in eng.delta.state_dict().items():
+        torch.testing.assert_close(fresh.delta.state_dict()[k], v)
+
+
+def test_save_is_atomic_and_leaves_no_temporaries(trained, tmp_path):
+    eng, path = trained
+    eng.save_memory(path)                                    # overwrite in place
+    assert sorted(os.listdir(tmp_path)) == ["mem.safetensors"]
+
+
+def _rewrite(path, out, tensors=None, meta_changes=None):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = tensors if tensors is not None else load_file(str(path))
+    meta.update(meta_changes or {})
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def test_bad_files_are_refused_and_memory_kept(trained, tmp_path):
+    eng, path = trained
+    other = AbsorberEngine(make_model("llama"), config=CFG)
+    other.absorb(random_ids(40, seed=9))
+    state = _state(other)
+    raw = path.read_bytes()
+    cases = {
+        "truncated": raw[: len(raw) // 2],
+        "garbage": b"\x00\x01not a safetensors file at all",
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(data)
+        with pytest.raises(MemoryFileError, match="not a readable memory file"):
+            other.load_memory(bad)
+        _same_state(other, state)
+    t = load_file(str(path))
+    first_delta = next(k for k in t if k.startswith("delta."))
+    variants = {
+        "version": (_rewrite(path, tmp_path / "v.st", meta_changes={"version": "99"}), "version"),
+        "format": (_rewrite(path, tmp_path / "f.st", meta_changes={"format": "other"}), "not an absorber memory"),
+        "nan": (_rewrite(path, tmp_path / "n.st", tensors={**t, first_delta: torch.full_like(t[first_delta], float("nan"))}), "NaN"),
+        "missing": (_rewrite(path, tmp_path / "m.st", tensors={k: v for k, v in t.items() if k != "window"}), "window"),
+        "bad ids": (_rewrite(path, tmp_path / "i.st", tensors={**t, "window": torch.tensor([10**6])}), "vocabulary"),
+        "header": (_rewrite(path, tmp_path / "h.st", meta_changes={"config": "{not json"}), "corrupt header"),
+    }
+    for name, (bad, msg) in variants.items():
+        with pytest.raises(MemoryFileError, match=msg):
+            other.load_memory(bad)
+        _same_state(other, state)
+    with pytest.raises(MemoryFileError, match="does not exist"):
+        other.load_memory(tmp_path / "nope.safetensors")
+
+
+def test_memory_of_another_model_or_shape_is_refused(trained):
+    eng, path = trained
+    different_weights = AbsorberEngine(make_model("llama", seed=1), config=CFG)
+    with pytest.raises(MemoryFileError, match="another base model"):
+        different_weights.load_memory(path)
+    different_arch = AbsorberEngine(make_model("qwen2"), config=CFG)
+    with pytest.raises(MemoryFileError, match="another base model"):
+        different_arch.load_memory(path)
+    other_rank = AbsorberEngine(make_model("llama"), config=CFG.replace(rank=8))
+    with pytest.raises(MemoryFileError, match="rank"):
+        other_rank.load_memory(path)
+    other_targets = AbsorberEngine(make_model("llama"), config=CFG.replace(targets=("q_proj",)))
+    with pytest.raises(MemoryFileError, match="targets"):
+        other_targets.load_memory(path)
+
+
+def test_loading_a_model_in_another_dtype_still_matches(trained):
+    eng, path = trained
+    model = make_model("llama")
+    model.to(torch.bfloat16).to(torch.float32)   # same checkpoint, round-tripped through bf16
+    # bf16-rounded values differ in the weights' low bits, the fingerprint samples bf16 values.
+    AbsorberEngine(model, config=CFG).load_memory(path)

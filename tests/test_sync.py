@@ -1,0 +1,108 @@
+"""The synchronization objective: the teacher's cached states are a plain forward over X·future,
+and a round moves the contextless model toward the model that reads the context."""
+
+import pytest
+import torch
+
+from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine.model_support import ResidualCapture
+from absorber_engine.sync import student_loss, teacher_targets
+from tiny_models import ARCHS, make_model, random_ids
+
+
+def _final_norm(parts):
+    return parts.base.ln_f if parts.model_type == "gpt2" else parts.base.norm
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_teacher_states_equal_a_plain_forward(arch):
+    model = make_model(arch)
+    eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=12, sync_tokens=7, rank=2, futures=3,
+                                                      future_tokens=5, kl_weight=1.0))
+    x = torch.tensor(random_ids(12, seed=3))
+    y = torch.tensor(random_ids(7, seed=4))
+    gen = torch.Generator().manual_seed(0)
+    targets = teacher_targets(eng.parts, x, y, eng.config, gen)
+    real, sampled = targets.groups
+    assert targets.positions == 7 + 3 * 5
+    assert real.ids.tolist() == [y.tolist()] and sampled.ids.shape == (3, 5)
+    L = eng.parts.num_states - 1
+    for group in (real, sampled):
+        for b in range(group.ids.shape[0]):
+            seq = torch.cat([x, group.ids[b]])[None]
+            with torch.no_grad():
+                out = model(seq, output_hidden_states=True)
+            t = group.ids.shape[1]
+            # transformers' hidden_states: h^0..h^{L-1} as they are, the last one after the final norm.
+            for layer in range(L):
+                torch.testing.assert_close(group.hidden[layer][b], out.hidden_states[layer][0, -t:],
+                                           rtol=1e-4, atol=1e-4)
+            with torch.no_grad():
+                normed = _final_norm(eng.parts)(group.hidden[L][b])
+            torch.testing.assert_close(normed, out.hidden_states[L][0, -t:], rtol=1e-4, atol=1e-4)
+            final = group.final.view(group.ids.shape[0], t, -1)[b]
+            torch.testing.assert_close(final, out.hidden_states[L][0, -t:], rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_futures_follow_the_teacher_distribution():
+    # Greedy futures are exactly the teacher's greedy continuation of X.
+    model = make_model("llama")
+    cfg = AbsorberConfig(chunk_tokens=10, sync_tokens=6, rank=2, futures=2, future_tokens=6,
+                         future_temperature=1e-6)
+    eng = AbsorberEngine(model, config=cfg)
+    x = torch.tensor(random_ids(10, seed=5))
+    targets = teacher_targets(eng.parts, x, torch.tensor([], dtype=torch.long), cfg, torch.Generator().manual_seed(0))
+    (group,) = targets.groups
+    seq = x.tolist()
+    for _ in range(6):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert group.ids[0].tolist() == seq[10:]
+    assert group.ids[1].tolist() == seq[10:]
+
+
+def _kl_to_teacher(model, eng, x, y):
+    """KL(teacher with X in context || engine without X) on Y's next-token distributions."""
+    with torch.no_grad():
+        teacher = model(torch.tensor([x + y])).logits[0, len(x):].float()
+    student = eng.logits(y)
+    return torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                      reduction="batchmean").item()
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 1.0])
+def test_one_round_lowers_the_loss_and_moves_logits_toward_the_teacher(kl_weight):
+    model = make_model("llama")
+    cfg = AbsorberConfig(chunk_tokens=24, sync_tokens=16, rank=8, futures=2, future_tokens=8,
+                         max_steps=40, lr=1e-2, kl_weight=kl_weight)
+    eng = AbsorberEngine(model, config=cfg)
+    x, y = random_ids(24, seed=7), random_ids(16, seed=8)
+    kl_before = _kl_to_teacher(model, eng, x, y)
+    targets = teacher_targets(eng.parts, torch.tensor(x), torch.tensor(y), cfg, torch.Generator().manual_seed(0))
+    loss_before = student_loss(eng.parts, targets, cfg, eng.ops, backward=False)
+    report = eng.absorb(x + y)
+    assert report.rounds == 1 and report.steps == 40 and report.held_tokens == 16
+    loss_after = student_loss(eng.parts, targets, cfg, eng.ops, backward=False)
+    kl_after = _kl_to_teacher(model, eng, x, y)
+    assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
+    assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
+
+
+def test_ttt_objective_trains_on_the_context():
+    model = make_model("llama")
+    cfg = AbsorberConfig(chunk_tokens=24, sync_tokens=8, rank=8, objective="ttt", max_steps=30, lr=1e-2)
+    eng = AbsorberEngine(model, config=cfg)
+    x = random_ids(24, seed=9)
+    ce = lambda: torch.nn.functional.cross_entropy(eng.logits(x)[:-1], torch.tensor(x[1:])).item()
+    before = ce()
+    report = eng.absorb(x, flush=True)          # nothing stays in the window: logits read X alone
+    assert report.rounds == 1 and report.steps == 30 and report.held_tokens == 0
+    assert ce() < 0.5 * before
+
+
+def test_early_stop_at_stop_loss():
+    model = make_model("llama")
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, futures=0, max_steps=50, lr=1e-2, stop_loss=1e9)
+    eng = AbsorberEngine(model, config=cfg)
+    report = eng.absorb(random_ids(24))
+    assert report.rounds == 1 and report.steps == 0      # the first loss is already below eps
