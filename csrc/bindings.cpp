@@ -22,7 +22,12 @@ SessionKey to_key(py::handle h) {
         if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
         return static_cast<std::int64_t>(v);
     }
-    if (PyUnicode_Check(o)) return h.cast<std::string>();
+    if (PyUnicode_Check(o)) {
+        Py_ssize_t size = 0;
+        const char* utf8 = PyUnicode_AsUTF8AndSize(o, &size);   // a lone surrogate: UnicodeEncodeError
+        if (!utf8) throw py::error_already_set();
+        return std::string(utf8, static_cast<std::size_t>(size));
+    }
     throw py::type_error("session must be a str or an int, got " + std::string(Py_TYPE(o)->tp_name));
 }
 

@@ -193,6 +193,9 @@ def test_sessions_open_close_and_keys():
         s.open(None)
     with pytest.raises(ValueError, match="64 bits"):
         s.open(2**64)
+    with pytest.raises(ValueError):  # UnicodeEncodeError: a lone surrogate is not UTF-8
+        s.open("\udcff")
+    assert 2**64 not in s and "\udcff" not in s
     with pytest.raises(ValueError, match="priority"):
         s.open("p", priority=-1)
     with pytest.raises(ValueError, match="priority"):
