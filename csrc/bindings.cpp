@@ -322,6 +322,8 @@ PYBIND11_MODULE(_scheduler, m) {
                      return s.contains(to_key(session));
                  } catch (const py::value_error&) {   // an int beyond 64 bits names no session
                      return false;
+                 } catch (const py::error_already_set&) {   // nor does a str that is not valid UTF-8
+                     return false;
                  }
              })
         .def_property_readonly("vocab_size", &Scheduler::vocab_size)
