@@ -5,9 +5,10 @@ from .config import AbsorberConfig
 from .engine import AbsorbReport, AbsorberEngine
 from .errors import (AbsorberError, AbsorptionError, ConfigError, InputError, MemoryFileError,
                      UnsupportedModelError)
+from .interop import AbsorbingModel, wrap
 
 __all__ = [
-    "AbsorbReport", "AbsorberConfig", "AbsorberEngine", "AbsorberError", "AbsorptionError", "ConfigError",
-    "InputError", "MemoryFileError", "UnsupportedModelError",
+    "AbsorbReport", "AbsorberConfig", "AbsorberEngine", "AbsorberError", "AbsorbingModel", "AbsorptionError",
+    "ConfigError", "InputError", "MemoryFileError", "UnsupportedModelError", "wrap",
 ]
 __version__ = "0.1.0"

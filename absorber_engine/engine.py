@@ -32,6 +32,7 @@ from .sync import ROUNDS
 @dataclass
 class AbsorbReport:
     tokens: int = 0             # tokens taken from this call's input
+    absorbed: int = 0           # tokens this call absorbed into the memory (earlier held ones included)
     rounds: int = 0             # rounds absorbed by this call
     steps: int = 0              # optimizer steps taken by this call
     final_loss: float = float("nan")   # last loss of the last round (nan when no round ran)
@@ -129,6 +130,7 @@ class AbsorberEngine:
             self.window.commit(rnd.id)
             self._window_kv = None
             report.rounds += 1
+            report.absorbed += len(rnd.x)
             report.steps += result.steps
             report.round_losses.append(result.final_loss)
             if progress is not None:
@@ -151,7 +153,9 @@ class AbsorberEngine:
         snapshot = self.delta.snapshot()
         self._unmerge()
         try:
-            return ROUNDS[self.config.objective](self.parts, self.delta, x, y, self.config, self.ops, gen)
+            # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
+            with torch.inference_mode(False), torch.enable_grad():
+                return ROUNDS[self.config.objective](self.parts, self.delta, x, y, self.config, self.ops, gen)
         except FloatingPointError as exc:
             self.delta.restore(snapshot)
             raise AbsorptionError(f"round {self.window.rounds + 1} rolled back, memory unchanged: {exc}") from exc

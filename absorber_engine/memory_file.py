@@ -94,6 +94,15 @@ def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
+def read_memory_config(path) -> AbsorberConfig:
+    """The engine config a memory file was made with (to rebuild a matching engine)."""
+    _, meta = read_memory(path)
+    try:
+        return AbsorberConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, ValueError, ConfigError) as exc:
+        raise MemoryFileError(f"{path} has a corrupt header: {exc}") from exc
+
+
 def load_memory(engine, path) -> None:
     tensors, meta = read_memory(path)
     if meta.get("model_fingerprint") != model_fingerprint(engine.parts):

@@ -155,3 +155,13 @@ def test_generate_greedy_sampling_and_stops():
     assert cut == greedy[:greedy.index(greedy[3])]
     assert eng.generate(prompt, max_new_tokens=0) == []
     assert len(eng.generate(None, max_new_tokens=3)) == 3    # continues the window itself
+
+
+def test_absorb_inside_no_grad_and_inference_mode():
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2,
+                                                                     max_steps=2, future_tokens=4, lr=1e-2))
+    with torch.no_grad():
+        assert eng.absorb(random_ids(24, seed=1)).steps == 2
+    with torch.inference_mode():
+        assert eng.absorb(random_ids(16, seed=2)).steps == 2
+    assert any(float(b.abs().max()) > 0 for b in eng.delta.B.values())

@@ -1,0 +1,260 @@
+"""The `absorber` command line.
+
+Exit codes (stable, for scripts):
+  0   success
+  1   an unexpected internal error (a bug: the traceback is printed)
+  2   bad arguments or bad input (empty input, token ids outside the vocabulary, bad config values)
+  3   the model directory is missing or the model is not supported
+  4   a memory file is missing, corrupt, of another version or made for another model
+  5   an absorption round failed (NaN/inf or divergence); the memory up to the last good round is saved
+  130 interrupted; the memory up to the last completed round is saved
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_MODEL, EXIT_MEMORY, EXIT_ABSORB, EXIT_INTERRUPT = 0, 1, 2, 3, 4, 5, 130
+
+# The small model the repository trains and ships (model/README.md).
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model" / "absorber-tiny"
+
+# Config flags the command line exposes directly; anything else comes from --config FILE.json.
+_CONFIG_FLAGS = {
+    "chunk_tokens": (int, "n: tokens absorbed per round"),
+    "sync_tokens": (int, "m: real continuation tokens each round synchronizes on"),
+    "rank": (int, "LoRA rank of the delta"),
+    "objective": (str, "'absorber' (causal synchronization) or 'ttt' (next-token baseline)"),
+    "max_steps": (int, "AdamW steps per round at most"),
+    "stop_loss": (float, "stop a round once its loss is below this (0: never)"),
+    "lr": (float, "AdamW learning rate on the delta"),
+    "futures": (int, "continuations sampled after X and synchronized on with the real Y"),
+    "future_tokens": (int, "length of each sampled continuation"),
+    "hidden_weight": (float, "weight of the hidden-state L1 term"),
+    "kl_weight": (float, "weight of the KL term on next-token distributions"),
+    "backend": (str, "'auto', 'torch' or 'triton'"),
+    "seed": (int, "seed of the delta's init and of sampled continuations"),
+}
+
+
+def default_model() -> str | None:
+    env = os.environ.get("ABSORBER_MODEL")
+    if env:
+        return env
+    return str(SHIPPED_MODEL) if SHIPPED_MODEL.is_dir() else None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=default_model(),
+                   help="local Hugging Face causal LM directory (default: $ABSORBER_MODEL, else the shipped model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; only the final summary and errors")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.json", help="an AbsorberConfig as JSON; the flags below override it")
+    for name, (typ, text) in _CONFIG_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="absorber", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("absorb", help="absorb a text (or token ids) into a memory file")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--input", required=True, help="text file to absorb, or - for standard input")
+    p.add_argument("--ids", action="store_true", help="the input is whitespace-separated token ids, not text")
+    p.add_argument("--memory", required=True, help="memory file to write (safetensors)")
+    p.add_argument("--resume", metavar="MEMORY", help="continue the stream held in this memory file")
+    p.add_argument("--keep-window", action="store_true",
+                   help="keep the last tokens raw in the window (streaming) instead of absorbing everything")
+
+    p = sub.add_parser("generate", help="generate with a memory file")
+    _add_model_args(p)
+    p.add_argument("--memory", help="memory file (omit to generate with the bare model)")
+    p.add_argument("--prompt", required=True, help="prompt text (or token ids with --ids)")
+    p.add_argument("--ids", action="store_true", help="the prompt is whitespace-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("export-peft", help="write a memory as a standard PEFT LoRA adapter directory")
+    _add_model_args(p)
+    p.add_argument("--memory", required=True)
+    p.add_argument("--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
+
+    p = sub.add_parser("absorb-many", help="absorb many streams, spread over processes with torch.distributed")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--inputs", nargs="+", required=True, help="text files, one stream each")
+    p.add_argument("--out-dir", required=True, help="one memory file per input is written here")
+    p.add_argument("--nproc", type=int, default=1, help="processes to spread the streams over (gloo on CPU, nccl on GPUs)")
+    return parser
+
+
+def _config_from_args(args, base=None):
+    from .config import AbsorberConfig
+
+    values = dict(base.to_dict()) if base is not None else {}
+    if getattr(args, "config", None):
+        with open(args.config) as f:
+            values.update(json.load(f))
+    for name in _CONFIG_FLAGS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return AbsorberConfig.from_dict(values)
+
+
+def _load_engine(args, config=None, memory: str | None = None):
+    from .engine import AbsorberEngine
+    from .memory_file import read_memory_config
+
+    if not args.model:
+        from .errors import InputError
+
+        raise InputError("no model: pass --model DIR (or set $ABSORBER_MODEL)")
+    if memory is not None and config is None:
+        config = read_memory_config(memory)
+    eng = AbsorberEngine.from_pretrained(args.model, config=config, dtype=args.dtype, device=args.device)
+    if memory is not None:
+        eng.load_memory(memory)
+    return eng
+
+
+def _read_input(path: str, as_ids: bool):
+    data = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    if as_ids:
+        try:
+            return [int(t) for t in data.split()]
+        except ValueError as exc:
+            from .errors import InputError
+
+            raise InputError(f"--ids input must be whitespace-separated integers: {exc}") from exc
+    return data
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="tok", desc=desc, file=sys.stderr, dynamic_ncols=True)
+    return bar, bar.update
+
+
+def _summary(report, eng, seconds: float) -> str:
+    held = eng.held_bytes()
+    return "\n".join([
+        f"tokens absorbed : {report.absorbed} of {report.tokens} read ({eng.absorbed_tokens} in the stream so far)",
+        f"rounds / steps  : {report.rounds} / {report.steps}",
+        f"final loss      : {report.final_loss:.6g}",
+        f"time            : {seconds:.2f} s",
+        f"held memory     : delta {held['delta'] / 2**20:.2f} MiB + window {eng.held_tokens} tokens",
+    ])
+
+
+def cmd_absorb(args) -> int:
+    from .errors import AbsorptionError
+
+    config = _config_from_args(args)
+    eng = _load_engine(args, config=config)
+    if args.resume:
+        eng.load_memory(args.resume)
+    data = _read_input(args.input, args.ids)
+    n_tokens = len(data) if args.ids else len(eng._to_ids(data, allow_empty=True))
+    bar, update = _progress(n_tokens, args.quiet, "absorbing")
+    start = time.perf_counter()
+    code = EXIT_OK
+    try:
+        report = eng.absorb(data, flush=not args.keep_window, progress=update)
+    except AbsorptionError as exc:
+        print(f"absorber: {exc}; saving the memory absorbed before it to {args.memory}", file=sys.stderr)
+        eng.save_memory(args.memory)
+        return EXIT_ABSORB
+    except KeyboardInterrupt:
+        print(f"absorber: interrupted; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
+        eng.save_memory(args.memory)
+        return EXIT_INTERRUPT
+    finally:
+        if bar is not None:
+            bar.close()
+    eng.save_memory(args.memory)
+    print(_summary(report, eng, time.perf_counter() - start))
+    print(f"memory written  : {args.memory}")
+    return code
+
+
+def cmd_generate(args) -> int:
+    eng = _load_engine(args, memory=args.memory)
+    prompt = [int(t) for t in args.prompt.split()] if args.ids else args.prompt
+    out = eng.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed)
+    print(" ".join(map(str, out)) if args.ids else out)
+    return EXIT_OK
+
+
+def cmd_export_peft(args) -> int:
+    eng = _load_engine(args, memory=args.memory)
+    eng.export_peft(args.out)
+    if not args.quiet:
+        print(f"PEFT LoRA adapter written to {args.out} (rank {eng.config.rank}, {len(eng.delta.shapes)} modules); "
+              f"load it with peft.PeftModel.from_pretrained(base_model, {args.out!r})")
+    return EXIT_OK
+
+
+def cmd_absorb_many(args) -> int:
+    from .distributed import absorb_many_processes
+
+    config = _config_from_args(args)
+    reports = absorb_many_processes(args.model, args.inputs, args.out_dir, config, nproc=args.nproc,
+                                    dtype=args.dtype, device=args.device)
+    for path, rep in sorted(reports.items()):
+        print(f"{path}: {rep['tokens']} tokens, {rep['rounds']} rounds, final loss {rep['final_loss']:.6g} "
+              f"-> {rep['memory']}")
+    return EXIT_OK
+
+
+COMMANDS = {"absorb": cmd_absorb, "generate": cmd_generate, "export-peft": cmd_export_peft,
+            "absorb-many": cmd_absorb_many}
+
+
+def main(argv=None) -> int:
+    from .errors import (AbsorptionError, ConfigError, InputError, MemoryFileError, UnsupportedModelError)
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (InputError, ConfigError) as exc:
+        print(f"absorber: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except UnsupportedModelError as exc:
+        print(f"absorber: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except MemoryFileError as exc:
+        print(f"absorber: {exc}", file=sys.stderr)
+        return EXIT_MEMORY
+    except AbsorptionError as exc:
+        print(f"absorber: {exc}", file=sys.stderr)
+        return EXIT_ABSORB
+    except FileNotFoundError as exc:
+        print(f"absorber: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("absorber: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Many independent streams spread over processes with torch.distributed.
+
+Each rank loads the model once, takes every world_size-th stream, absorbs each from a clean memory
+and writes its memory file; the ranks then gather their reports. Streams never interact, so the
+result is the same whatever the number of ranks (each stream's rounds are seeded by the config
+seed and the round's index, not by which rank runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import AbsorberConfig
+from .errors import InputError
+
+
+def memory_paths(inputs: list[str], out_dir: str) -> dict[str, str]:
+    """One memory file per input, named after it; two inputs with the same name are refused."""
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for path in inputs:
+        name = Path(path).stem + ".safetensors"
+        if name in seen:
+            raise InputError(f"inputs {seen[name]!r} and {path!r} would write the same memory file {name}")
+        seen[name] = path
+        out[path] = str(Path(out_dir) / name)
+    return out
+
+
+def absorb_streams(engine, inputs: list[str], targets: dict[str, str]) -> dict[str, dict]:
+    """Absorbs each input file as its own stream (flushed) with `engine`; returns a report per input."""
+    reports = {}
+    for path in inputs:
+        engine.reset()
+        report = engine.absorb(Path(path).read_text(encoding="utf-8"), flush=True)
+        engine.save_memory(targets[path])
+        reports[path] = {"tokens": report.tokens, "rounds": report.rounds, "steps": report.steps,
+                         "final_loss": report.final_loss, "seconds": report.seconds, "memory": targets[path]}
+    return reports
+
+
+def absorb_many(engine, inputs: list[str], out_dir: str) -> dict[str, dict]:
+    """The streams this rank owns (all of them without a process group), and everyone's reports."""
+    targets = memory_paths(inputs, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = absorb_streams(engine, inputs[rank::world], targets)
+    if world == 1:
+        return mine
+    gathered: list[dict] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, result_file):
+    from .engine import AbsorberEngine
+
+    use_cuda = device is not None and str(device).startswith("cuda")
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dev = f"cuda:{rank % torch.cuda.device_count()}" if use_cuda else device
+        eng = AbsorberEngine.from_pretrained(model_dir, config=AbsorberConfig.from_dict(config_dict), dtype=dtype,
+                                             device=dev)
+        reports = absorb_many(eng, inputs, out_dir)
+        if rank == 0:
+            Path(result_file).write_text(json.dumps(reports))
+    finally:
+        dist.destroy_process_group()
+
+
+def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, config: AbsorberConfig,
+                          nproc: int = 1, dtype=None, device=None) -> dict[str, dict]:
+    """Starts `nproc` ranks on this machine (gloo on CPU, nccl on GPUs) and absorbs `inputs` over them."""
+    from .engine import AbsorberEngine
+
+    if not isinstance(nproc, int) or nproc < 1:
+        raise InputError(f"nproc must be a positive integer, got {nproc!r}")
+    missing = [p for p in inputs if not os.path.isfile(p)]
+    if missing:
+        raise InputError(f"input files not found: {missing}")
+    memory_paths(inputs, out_dir)                   # refuse clashing names before starting anything
+    nproc = min(nproc, len(inputs))
+    if nproc == 1:
+        eng = AbsorberEngine.from_pretrained(model_dir, config=config, dtype=dtype, device=device)
+        return absorb_many(eng, inputs, out_dir)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(nproc, init_file, model_dir, list(inputs), out_dir, config.to_dict(), dtype, device,
+                                result_file), nprocs=nproc, join=True)
+        return json.loads(Path(result_file).read_text())

@@ -1,0 +1,79 @@
+"""A drop-in for code that already calls a transformers model's generate().
+
+    model = absorber_engine.wrap(model, tokenizer=tok, config=cfg)
+    out = model.generate(input_ids, max_new_tokens=32)      # input_ids may be far past the window
+
+Each generate() call starts from an empty memory, absorbs all of the input but its last tokens
+(streaming, so the memory and KV stay bounded however long the input), and generates after the
+tokens left raw in the window plus the tail. The result has the shape transformers gives:
+(batch, input length + new tokens), padded with pad_token_id where rows stop early.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import AbsorberConfig
+from .engine import AbsorberEngine
+from .errors import InputError
+
+_SUPPORTED_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_p", "eos_token_id", "pad_token_id",
+                     "attention_mask"}
+
+
+class AbsorbingModel:
+    """The wrapped model: generate() absorbs; everything else is the model's own (with the memory of
+    the last generate() call attached)."""
+
+    def __init__(self, model, tokenizer=None, config: AbsorberConfig | None = None, tail_tokens: int | None = None):
+        self.engine = AbsorberEngine(model, tokenizer=tokenizer, config=config)
+        self.model = model
+        # The last tokens stay raw (the question usually sits at the end of a long input).
+        self.tail_tokens = tail_tokens if tail_tokens is not None else self.engine.config.sync_tokens
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        unknown = set(kwargs) - _SUPPORTED_KWARGS
+        if unknown:
+            raise InputError(f"generate() of an absorbing model does not take {sorted(unknown)}")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            raise InputError("padded batches are not supported: pass rows without padding")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise InputError("input_ids must be a (batch, length) tensor")
+        sample = bool(kwargs.get("do_sample", False))
+        temperature = float(kwargs.get("temperature", 1.0)) if sample else 0.0
+        top_p = float(kwargs.get("top_p", 1.0)) if sample else 1.0
+        eos = kwargs.get("eos_token_id", getattr(self.model.config, "eos_token_id", None))
+        pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))
+        rows = [self._generate_row(row.tolist(), max_new_tokens, temperature, top_p, eos) for row in input_ids]
+        width = max(len(r) for r in rows)
+        if any(len(r) < width for r in rows) and pad is None:
+            pad = eos[0] if isinstance(eos, list) else eos
+        out = torch.full((len(rows), width), pad if pad is not None else 0, dtype=input_ids.dtype)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r, dtype=input_ids.dtype)
+        return out.to(input_ids.device)
+
+    def _generate_row(self, ids: list[int], max_new_tokens, temperature, top_p, eos) -> list[int]:
+        eng = self.engine
+        eng.reset()
+        split = max(len(ids) - self.tail_tokens, 0)
+        if split:
+            eng.absorb(ids[:split])
+        stop = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        new = eng.generate(ids[split:], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           stop=stop)
+        if len(new) < max_new_tokens and stop:
+            new = new + [stop[0]]      # transformers keeps the eos it stopped on
+        return ids + new
+
+
+def wrap(model, tokenizer=None, config: AbsorberConfig | None = None, tail_tokens: int | None = None) -> AbsorbingModel:
+    """`model` with a generate() that absorbs inputs longer than the engine's window as it reads them."""
+    return AbsorbingModel(model, tokenizer=tokenizer, config=config, tail_tokens=tail_tokens)

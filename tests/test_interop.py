@@ -1,0 +1,63 @@
+"""Interop: a wrapped model's generate() takes inputs far past its window; the memory exports as
+a PEFT adapter that PEFT loads and runs to the engine's logits."""
+
+import copy
+
+import pytest
+import torch
+
+from absorber_engine import AbsorberConfig, AbsorberEngine, InputError, wrap
+from tiny_models import VOCAB, make_model, random_ids
+from test_stream import SpanSpy
+
+
+def _short_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_wrapped_generate_reads_ten_times_its_window():
+    model = _short_gpt2()
+    ids = torch.tensor([random_ids(640, seed=1)])                 # 10x the model's 64 positions
+    with pytest.raises(Exception):
+        model.generate(ids, max_new_tokens=5, do_sample=False)    # the plain model cannot run it at all
+    cfg = AbsorberConfig(chunk_tokens=32, sync_tokens=16, rank=2, max_steps=1, future_tokens=8)
+    wrapped = wrap(model, config=cfg, tail_tokens=8)
+    spy = SpanSpy(wrapped.engine.parts.base)
+    out = wrapped.generate(ids, max_new_tokens=5, eos_token_id=None)
+    assert out.shape == (1, 645) and torch.equal(out[0, :640], ids[0])
+    assert spy.max_span <= 48 + 8 + 5                             # window + tail + new tokens, never 640
+    assert wrapped.engine.absorbed_tokens > 560                   # the overflow went into the memory
+    # A batch of two rows, greedy: each row equals its own single-row call.
+    batch = torch.tensor([random_ids(200, seed=2), random_ids(200, seed=3)])
+    both = wrapped.generate(batch, max_new_tokens=4, eos_token_id=None)
+    assert torch.equal(both[1], wrapped.generate(batch[1:], max_new_tokens=4, eos_token_id=None)[0])
+    # The wrapped model still behaves as the model for everything else.
+    assert wrapped.config is model.config
+    with pytest.raises(InputError, match="does not take"):
+        wrapped.generate(ids, max_new_tokens=2, num_beams=4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_peft_adapter_reproduces_engine_logits(arch, tmp_path):
+    from peft import PeftModel
+
+    model = make_model(arch)
+    base = copy.deepcopy(model)
+    eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, alpha=8.0,
+                                                      max_steps=5, lr=1e-2, future_tokens=4))
+    eng.absorb(random_ids(40, seed=4), flush=True)                # no raw window: the adapter is all of it
+    eng.export_peft(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    probe = random_ids(11, seed=5)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor([probe])).logits[0].float()
+    ours = eng.logits(probe)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    with peft_model.disable_adapter(), torch.no_grad():
+        bare = peft_model(torch.tensor([probe])).logits[0].float()
+    assert (bare - ours).abs().max() > 1e-3                      # the adapter carries the memory
