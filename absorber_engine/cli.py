@@ -84,20 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="memory file (omit to generate with the bare model)")
     p.add_argument("--prompt", required=True, help="prompt text (or token ids with --ids)")
     p.add_argument("--ids", action="store_true", help="the prompt is whitespace-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the memory's config seed)")
 
     p = sub.add_parser("export-peft", help="write a memory as a standard PEFT LoRA adapter directory")
     _add_model_args(p)
-    p.add_argument("--memory", required=True)
+    p.add_argument("--memory", required=True, help="memory file to export")
     p.add_argument("--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
 
     p = sub.add_parser("absorb-many", help="absorb many streams, spread over processes with torch.distributed")
     _add_model_args(p)
     _add_config_args(p)
     p.add_argument("--inputs", nargs="+", required=True, help="text files, one stream each")
+    p.add_argument("--ids", action="store_true", help="the inputs are whitespace-separated token ids, not text")
     p.add_argument("--out-dir", required=True, help="one memory file per input is written here")
     p.add_argument("--nproc", type=int, default=1, help="processes to spread the streams over (gloo on CPU, nccl on GPUs)")
     return parser
@@ -133,18 +134,6 @@ def _load_engine(args, config=None, memory: str | None = None):
     return eng
 
 
-def _read_input(path: str, as_ids: bool):
-    data = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    if as_ids:
-        try:
-            return [int(t) for t in data.split()]
-        except ValueError as exc:
-            from .errors import InputError
-
-            raise InputError(f"--ids input must be whitespace-separated integers: {exc}") from exc
-    return data
-
-
 def _progress(total: int, quiet: bool, desc: str):
     if quiet:
         return None, None
@@ -172,7 +161,9 @@ def cmd_absorb(args) -> int:
     eng = _load_engine(args, config=config)
     if args.resume:
         eng.load_memory(args.resume)
-    data = _read_input(args.input, args.ids)
+    from .distributed import read_stream
+
+    data = read_stream(args.input, args.ids)
     n_tokens = len(data) if args.ids else len(eng._to_ids(data, allow_empty=True))
     bar, update = _progress(n_tokens, args.quiet, "absorbing")
     start = time.perf_counter()
@@ -219,7 +210,7 @@ def cmd_absorb_many(args) -> int:
 
     config = _config_from_args(args)
     reports = absorb_many_processes(args.model, args.inputs, args.out_dir, config, nproc=args.nproc,
-                                    dtype=args.dtype, device=args.device)
+                                    dtype=args.dtype, device=args.device, as_ids=args.ids)
     for path, rep in sorted(reports.items()):
         print(f"{path}: {rep['tokens']} tokens, {rep['rounds']} rounds, final loss {rep['final_loss']:.6g} "
               f"-> {rep['memory']}")

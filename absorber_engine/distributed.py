@@ -33,24 +33,37 @@ def memory_paths(inputs: list[str], out_dir: str) -> dict[str, str]:
     return out
 
 
-def absorb_streams(engine, inputs: list[str], targets: dict[str, str]) -> dict[str, dict]:
+def read_stream(path: str, as_ids: bool = False):
+    """A text file (or stdin for "-"), or with as_ids its whitespace-separated token ids."""
+    import sys
+
+    data = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    if not as_ids:
+        return data
+    try:
+        return [int(t) for t in data.split()]
+    except ValueError as exc:
+        raise InputError(f"{path}: token-id input must be whitespace-separated integers ({exc})") from exc
+
+
+def absorb_streams(engine, inputs: list[str], targets: dict[str, str], as_ids: bool = False) -> dict[str, dict]:
     """Absorbs each input file as its own stream (flushed) with `engine`; returns a report per input."""
     reports = {}
     for path in inputs:
         engine.reset()
-        report = engine.absorb(Path(path).read_text(encoding="utf-8"), flush=True)
+        report = engine.absorb(read_stream(path, as_ids), flush=True)
         engine.save_memory(targets[path])
         reports[path] = {"tokens": report.tokens, "rounds": report.rounds, "steps": report.steps,
                          "final_loss": report.final_loss, "seconds": report.seconds, "memory": targets[path]}
     return reports
 
 
-def absorb_many(engine, inputs: list[str], out_dir: str) -> dict[str, dict]:
+def absorb_many(engine, inputs: list[str], out_dir: str, as_ids: bool = False) -> dict[str, dict]:
     """The streams this rank owns (all of them without a process group), and everyone's reports."""
     targets = memory_paths(inputs, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = absorb_streams(engine, inputs[rank::world], targets)
+    mine = absorb_streams(engine, inputs[rank::world], targets, as_ids)
     if world == 1:
         return mine
     gathered: list[dict] = [None] * world
@@ -58,7 +71,7 @@ def absorb_many(engine, inputs: list[str], out_dir: str) -> dict[str, dict]:
     return {k: v for part in gathered for k, v in part.items()}
 
 
-def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, result_file):
+def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, as_ids, result_file):
     from .engine import AbsorberEngine
 
     use_cuda = device is not None and str(device).startswith("cuda")
@@ -69,7 +82,7 @@ def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dty
         dev = f"cuda:{rank % torch.cuda.device_count()}" if use_cuda else device
         eng = AbsorberEngine.from_pretrained(model_dir, config=AbsorberConfig.from_dict(config_dict), dtype=dtype,
                                              device=dev)
-        reports = absorb_many(eng, inputs, out_dir)
+        reports = absorb_many(eng, inputs, out_dir, as_ids)
         if rank == 0:
             Path(result_file).write_text(json.dumps(reports))
     finally:
@@ -77,7 +90,7 @@ def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dty
 
 
 def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, config: AbsorberConfig,
-                          nproc: int = 1, dtype=None, device=None) -> dict[str, dict]:
+                          nproc: int = 1, dtype=None, device=None, as_ids: bool = False) -> dict[str, dict]:
     """Starts `nproc` ranks on this machine (gloo on CPU, nccl on GPUs) and absorbs `inputs` over them."""
     from .engine import AbsorberEngine
 
@@ -90,11 +103,11 @@ def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, confi
     nproc = min(nproc, len(inputs))
     if nproc == 1:
         eng = AbsorberEngine.from_pretrained(model_dir, config=config, dtype=dtype, device=device)
-        return absorb_many(eng, inputs, out_dir)
+        return absorb_many(eng, inputs, out_dir, as_ids)
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result.json")
         mp.spawn(_worker, args=(nproc, init_file, model_dir, list(inputs), out_dir, config.to_dict(), dtype, device,
-                                result_file), nprocs=nproc, join=True)
+                                as_ids, result_file), nprocs=nproc, join=True)
         return json.loads(Path(result_file).read_text())

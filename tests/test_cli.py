@@ -1,0 +1,109 @@
+"""The command line: a user's session from absorbing to an exported adapter, and exit codes that
+scripts can rely on."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from absorber_engine.cli import main
+from tiny_models import make_model, random_ids
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    make_model("llama").save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def ids_file(tmp_path):
+    f = tmp_path / "stream.txt"
+    f.write_text(" ".join(map(str, random_ids(70, seed=1))))
+    return f
+
+
+SMALL = ["--chunk-tokens", "16", "--sync-tokens", "8", "--rank", "2", "--max-steps", "2", "--future-tokens", "4"]
+
+
+def test_absorb_generate_export_session(model_dir, ids_file, tmp_path, capsys):
+    mem = tmp_path / "mem.safetensors"
+    assert main(["absorb", "--model", str(model_dir), "--input", str(ids_file), "--ids", "--memory", str(mem),
+                 "--quiet", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "tokens absorbed : 70 of 70" in out and "rounds / steps" in out and mem.exists()
+    assert main(["generate", "--model", str(model_dir), "--memory", str(mem), "--ids", "--prompt", "5 6 7",
+                 "--max-new-tokens", "4"]) == 0
+    generated = capsys.readouterr().out.split()
+    assert len(generated) == 4 and all(t.isdigit() for t in generated)
+    # The CLI's answer is the engine's own greedy continuation of that memory.
+    from absorber_engine import AbsorberEngine
+    from absorber_engine.memory_file import read_memory_config
+
+    eng = AbsorberEngine.from_pretrained(model_dir, config=read_memory_config(mem))
+    eng.load_memory(mem)
+    assert eng.generate([5, 6, 7], max_new_tokens=4) == [int(t) for t in generated]
+    adapter = tmp_path / "adapter"
+    assert main(["export-peft", "--model", str(model_dir), "--memory", str(mem), "--out", str(adapter)]) == 0
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2
+
+
+def test_resume_continues_the_stream(model_dir, ids_file, tmp_path, capsys):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["absorb", "--model", str(model_dir), "--input", str(ids_file), "--ids", "--memory", str(first),
+                 "--keep-window", "--quiet", *SMALL]) == 0
+    assert main(["absorb", "--model", str(model_dir), "--input", str(ids_file), "--ids", "--memory", str(second),
+                 "--resume", str(first), "--quiet", *SMALL]) == 0
+    assert "140 in the stream so far" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["absorb", "--input", "{ids}", "--ids", "--memory", "{tmp}/m", "--chunk-tokens", "0"], 2, "chunk_tokens"),
+    (["absorb", "--input", "{empty}", "--ids", "--memory", "{tmp}/m"], 2, "empty"),
+    (["absorb", "--input", "{badids}", "--ids", "--memory", "{tmp}/m"], 2, "outside the vocabulary"),
+    (["absorb", "--input", "{tmp}/missing.txt", "--ids", "--memory", "{tmp}/m"], 2, "missing.txt"),
+    (["absorb", "--input", "{ids}", "--memory", "{tmp}/m"], 2, "no tokenizer"),
+    (["generate", "--memory", "{tmp}/nope.safetensors", "--prompt", "1"], 4, "does not exist"),
+    (["generate", "--memory", "{garbage}", "--prompt", "1"], 4, "not a readable memory file"),
+], ids=["bad config", "empty input", "bad ids", "missing input", "text without tokenizer", "missing memory",
+        "corrupt memory"])
+def test_exit_codes(model_dir, ids_file, tmp_path, capsys, argv, code, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.txt").write_text("1 2 100000")
+    (tmp_path / "garbage.safetensors").write_bytes(b"garbage")
+    subs = {"ids": ids_file, "tmp": tmp_path, "empty": tmp_path / "empty.txt", "badids": tmp_path / "bad.txt",
+            "garbage": tmp_path / "garbage.safetensors"}
+    argv = [a.format(**subs) for a in argv] + ["--model", str(model_dir)]
+    assert main(argv) == code
+    assert message in capsys.readouterr().err
+
+
+def test_unsupported_model_exit_code(tmp_path, ids_file, capsys):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    assert main(["absorb", "--model", str(tmp_path), "--input", str(ids_file), "--ids", "--memory",
+                 str(tmp_path / "m")]) == 3
+    assert "not supported" in capsys.readouterr().err
+    assert main(["absorb", "--model", str(tmp_path / "none"), "--input", str(ids_file), "--ids", "--memory",
+                 str(tmp_path / "m")]) == 2
+
+
+def test_help_explains_every_option():
+    import argparse
+
+    from absorber_engine.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"absorb", "generate", "export-peft", "absorb-many"}
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+    out = subprocess.run([sys.executable, "-m", "absorber_engine.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "Exit codes" in out and "130" in out
