@@ -1,7 +1,11 @@
 """Unit tests of the C++ chunk scheduler: Window (one stream) and Scheduler (many streams)."""
 
+import os
 import random
+import shutil
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -580,7 +584,7 @@ def test_threads_feeders_and_a_planner_account_for_every_token():
             pos = {k: 0 for k in keys[i * per:(i + 1) * per]}
             while pos:
                 k = r.choice(list(pos))
-                n = r.randrange(1, 60)
+                n = r.randrange(1, 12)
                 s.feed(k, streams[k][pos[k]:pos[k] + n])
                 pos[k] += n
                 if pos[k] >= len(streams[k]):
@@ -617,16 +621,34 @@ def test_threads_feeders_and_a_planner_account_for_every_token():
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
+    def churn():  # the session table grows and shrinks under the feeders (no tokens: accounting unchanged)
+        try:
+            i = 0
+            while not done.is_set():
+                s.open(10_000 + i % 64)
+                if i >= 32:
+                    s.session_stats(10_000 + (i - 32) % 64)
+                    s.close(10_000 + (i - 32) % 64)
+                i += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
     threads = [threading.Thread(target=feeder, args=(i,)) for i in range(feeders)]
     plan_thread = threading.Thread(target=planner)
+    churn_thread = threading.Thread(target=churn)
     plan_thread.start()
+    churn_thread.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     done.set()
+    churn_thread.join()
     plan_thread.join()
     assert not errors, errors
+    for k in s.sessions():
+        if isinstance(k, int):
+            s.close(k)
     for k in keys:
         assert absorbed[k] == streams[k], k  # every token absorbed once, in order
         st = s.session_stats(k)
@@ -674,3 +696,29 @@ def test_threads_feeding_one_session_lose_nothing():
     assert sorted(got) == sorted(i for i in range(6) for _ in range(per_thread))
     # each feed() is atomic: runs of 50 from one thread are never interleaved
     assert all(len(set(got[j:j + 50])) == 1 for j in range(0, len(got), 50))
+
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def test_cpp_stress_under_thread_sanitizer(tmp_path):
+    """csrc/stress/scheduler_stress.cpp drives the Scheduler from feeder, planner, churn and
+    observer threads with no GIL in the way; built with -fsanitize=thread, any data race fails it
+    (TSan exits 66), and it checks every stream was absorbed exactly, in order."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "stress"
+    sources = [CSRC / "stress" / "scheduler_stress.cpp"] + [CSRC / f for f in ("window.cpp", "residency.cpp", "scheduler.cpp")]
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{CSRC}",
+                            *map(str, sources), "-o", str(exe)], capture_output=True, text=True, timeout=240)
+    if build.returncode != 0:
+        if "tsan" in build.stderr.lower() or "sanitize" in build.stderr.lower():
+            pytest.skip("no ThreadSanitizer runtime: " + build.stderr[-200:])
+        pytest.fail(build.stderr[-3000:])
+    env = dict(os.environ, TSAN_OPTIONS="exitcode=66 halt_on_error=1")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=240, env=env)
+    if run.returncode != 0 and "FATAL: ThreadSanitizer" in run.stderr:
+        pytest.skip("ThreadSanitizer cannot run here: " + run.stderr[-200:])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-6000:]
+    assert run.stdout.startswith("OK")
