@@ -66,6 +66,14 @@ def num_sms(device: torch.device) -> int:
     return 2
 
 
+def cuda_arch(device: torch.device) -> int | None:
+    """Compute capability as 80, 90, ...; None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision: fp32 operands use 3xTF32 (about fp32 accuracy on tensor cores);
     16-bit operands ignore it."""

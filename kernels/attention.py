@@ -33,7 +33,8 @@ def attention_ref(
         rows = torch.arange(t, device=q.device)[:, None] + (s - t)
         cols = torch.arange(s, device=q.device)[None, :]
         scores = scores.masked_fill(cols > rows, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    acc = torch.promote_types(scores.dtype, torch.float32)            # fp32 softmax; float64 stays float64
+    return torch.matmul(torch.softmax(scores.to(acc), dim=-1).to(v.dtype), v)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,12 @@ def hidden_l1_ref(
     first = student[0]
     n_pos = denom if denom is not None else first.shape[0] * first.shape[1]
     norm = weight / (n_pos * len(student) * first.shape[-1])
-    total = first.new_zeros((), dtype=torch.float32)
+    acc = torch.promote_types(first.dtype, torch.float32)     # fp32 for 16-bit states, float64 stays float64
+    total = first.new_zeros((), dtype=acc)
     for s, t in zip(student, teacher):
         if s.shape != t.shape:
             raise ValueError(f"student states {tuple(s.shape)} and teacher states {tuple(t.shape)} differ")
-        total = total + (s.float() - t.float()).abs().sum()
+        total = total + (s.to(acc) - t.to(acc)).abs().sum()
     return total * norm
 
 
@@ -74,7 +75,9 @@ if HAS_TRITON:
         s_off = bi.to(tl.int64) * sb + ti * st
         t_off = bi.to(tl.int64) * tb + ti * tt
         g_off = (layer.to(tl.int64) * R + rows) * D
-        if ALIGNED:   # every row starts on a 16-byte boundary: lets the compiler use vector loads
+        if ALIGNED:   # every row starts on a 16-byte boundary: lets the compiler use 16-byte loads
+            s_base = tl.multiple_of(s_base, 16)
+            t_base = tl.multiple_of(t_base, 16)
             s_off = tl.multiple_of(s_off, 8)
             t_off = tl.multiple_of(t_off, 8)
             g_off = tl.multiple_of(g_off, 8)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, LN2, LOG2E, check_tensors, dot_precision, next_pow2, num_sms
+from ._common import HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, next_pow2, num_sms
 
 
 def _kl_chunk(hs, ht, weight, bias, temperature, top_k):
-    zs = torch.matmul(hs.float(), weight.float().t())
-    zt = torch.matmul(ht.float(), weight.float().t())
+    acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
+    zs = torch.matmul(hs.to(acc), weight.to(acc).t())
+    zt = torch.matmul(ht.to(acc), weight.to(acc).t())
     if bias is not None:
-        zs = zs + bias.float()
-        zt = zt + bias.float()
+        zs = zs + bias.to(acc)
+        zt = zt + bias.to(acc)
     zs = zs / temperature
     zt = zt / temperature
     if top_k and top_k < zt.shape[-1]:
@@ -45,13 +46,13 @@ class LinearKLRef(torch.autograd.Function):
     def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk):
         n = hs.shape[0]
         coef = temperature * temperature / denom
-        total = torch.zeros((), dtype=torch.float32, device=hs.device)
+        total = torch.zeros((), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
         grad = torch.empty_like(hs) if hs.requires_grad else None
         for i in range(0, n, chunk):
             kl, dz = _kl_chunk(hs[i:i + chunk], ht[i:i + chunk], weight, bias, temperature, top_k)
             total += kl.sum()
             if grad is not None:
-                grad[i:i + chunk] = (torch.matmul(dz, weight.float()) * (coef / temperature)).to(hs.dtype)
+                grad[i:i + chunk] = (torch.matmul(dz, weight.to(dz.dtype)) * (coef / temperature)).to(hs.dtype)
         ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
         return total * coef
 
@@ -129,7 +130,7 @@ if HAS_TRITON:
                      stride_hs_n, stride_hs_d, stride_ht_n, stride_ht_d, stride_wv, stride_wd, c2,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-        """Both logit tiles (BLOCK_N, BLOCK_V), in base-2 units ((h·Wᵀ + b)·log2e/T); entries past V are −inf."""
+        """Both logit tiles (BLOCK_N, BLOCK_V), in base-2 units ((h·Wᵀ + b)·log2e/T); entries past V are −1e30."""
         row_ok = rows < N
         col_ok = cols < V
         zs = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -150,8 +151,10 @@ if HAS_TRITON:
             bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             zs += bias[None, :]
             zt += bias[None, :]
-        zs = tl.where(col_ok[None, :], zs * c2, float("-inf"))
-        zt = tl.where(col_ok[None, :], zt * c2, float("-inf"))
+        # columns past V get a finite −1e30, not −inf: 2^(−1e30 − m) is 0 all the same, and z_t − z_s
+        # stays finite (0) there, so no −inf − −inf = NaN needs masking later
+        zs = tl.where(col_ok[None, :], zs * c2, -1.0e30)
+        zt = tl.where(col_ok[None, :], zt * c2, -1.0e30)
         return zs, zt
 
     @triton.jit
@@ -196,13 +199,14 @@ if HAS_TRITON:
                 keep = col_ok[None, :]
                 if USE_TAU:
                     keep = keep & (zt >= tau[:, None])
+                # the kept set may be empty in a tile (τ), so the teacher side does use −inf
                 ztk = tl.where(keep, zt, float("-inf"))
                 mt_new = tl.maximum(m_t, tl.max(ztk, axis=1))
                 mt_ref = tl.where(mt_new == float("-inf"), 0.0, mt_new)   # no kept entry yet: avoid −inf − −inf
                 alpha = tl.exp2(m_t - mt_ref)
                 e = tl.exp2(ztk - mt_ref[:, None])
                 l_t = l_t * alpha + tl.sum(e, axis=1)
-                a_t = a_t * alpha + tl.sum(tl.where(keep, e * (zt - zs), 0.0), axis=1)
+                a_t = a_t * alpha + tl.sum(e * (zt - zs), axis=1)             # e = 0 off the kept set
                 m_t = mt_new
             else:
                 key = _order_key(zt.to(tl.int32, bitcast=True)).to(tl.int64)
@@ -250,23 +254,25 @@ if HAS_TRITON:
 
 
 # Tile sizes. GPU: 64 rows × 128 vocabulary × 64 hidden per step, 8 warps: two fp32 (64, 128)
-# accumulators are 64 registers a thread; the top-k variant also holds a (64, 128) int64 key tile
-# and the sort network, so it takes 32 rows. The interpreter runs small tiles (its cost is per
-# program and per op), which also makes the tests cross many tile edges.
+# accumulators are 64 registers a thread. The top-k variant also holds a (64, 128) int64 key tile
+# and the sort network: on sm_90 it still compiles without spills at 64 rows (64-row tiles keep the
+# dots on wgmma, which works on 64 rows per warp group); on sm_80 it spills at 64 rows and takes 32
+# (kernels/aot.py checks both). The interpreter runs small tiles (its cost is per program and per
+# op), which also makes the tests cross many tile edges.
 KL_CONFIG_GPU = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-KL_CONFIG_GPU_TOPK = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-KL_CONFIG_GRAD_GPU = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+KL_CONFIG_GPU_TOPK_SM80 = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 KL_CONFIG_INTERPRET = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
 MAX_FUSED_TOPK = 128
 
 
-def kl_configs(top_k: int, interpret: bool) -> tuple[dict, dict]:
-    """(pass-1 config, pass-2 config) for this top_k. Both passes must use the same BLOCK_V and
-    BLOCK_D so that they compute bitwise the same logits (the threshold fallback relies on it)."""
-    if interpret:
+def kl_configs(top_k: int, arch: int | None) -> tuple[dict, dict]:
+    """(pass-1 config, pass-2 config) for this top_k on compute capability `arch` (None: the
+    interpreter). Both passes must use the same BLOCK_V and BLOCK_D so that they compute bitwise the
+    same logits (the threshold fallback relies on it)."""
+    if arch is None:
         return KL_CONFIG_INTERPRET, KL_CONFIG_INTERPRET
-    fwd = KL_CONFIG_GPU_TOPK if 0 < top_k <= MAX_FUSED_TOPK else KL_CONFIG_GPU
-    return fwd, KL_CONFIG_GRAD_GPU
+    fused_topk = 0 < top_k <= MAX_FUSED_TOPK
+    return (KL_CONFIG_GPU_TOPK_SM80 if fused_topk and arch < 90 else KL_CONFIG_GPU), KL_CONFIG_GPU
 
 
 def _decode_keys(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +296,7 @@ def linear_kl_stats(hs, ht, weight, bias=None, temperature=1.0, top_k=0, config=
     n, d = hs.shape
     v = weight.shape[0]
     interp = hs.device.type != "cuda"
-    cfg, grad_cfg = kl_configs(top_k, interp)
+    cfg, grad_cfg = kl_configs(top_k, cuda_arch(hs.device))
     cfg = config or cfg
     grad_cfg = config or grad_cfg
     bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
@@ -358,7 +364,7 @@ def linear_kl_grad(hs, ht, weight, bias, temperature, lse_s, lse_t, tau, coef, c
     """dloss/dh_s = coef/T · (softmax(z_s) − p_t)·W, `chunk` rows at a time."""
     n, d = hs.shape
     v = weight.shape[0]
-    cfg = config or kl_configs(0, hs.device.type != "cuda")[1]
+    cfg = config or kl_configs(0, cuda_arch(hs.device))[1]
     bn = cfg["BLOCK_N"]
     chunk = max(bn, triton.cdiv(min(chunk, n), bn) * bn)
     grad = torch.empty_like(hs)
@@ -416,6 +422,8 @@ def linear_kl_triton(
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {student_h.shape[1]}")
     check_tensors("linear_kl", student_h, teacher_h, head_weight, head_bias)
     denom = denom if denom is not None else student_h.shape[0]
+    if student_h.shape[0] == 0:
+        return student_h.float().sum() * 0.0
     return LinearKLTriton.apply(student_h, teacher_h.detach(), head_weight.detach(),
                                 None if head_bias is None else head_bias.detach(),
                                 float(temperature), int(top_k), int(denom), int(chunk))

@@ -276,5 +276,7 @@ def lowrank_linear_triton(
                          "them: call weight.requires_grad_(False) (and the bias), or use backend='torch'")
     check_tensors("lowrank_linear", x, weight, bias, A, B)
     lead = x.shape[:-1]
+    if x.numel() == 0:
+        return lowrank_linear_ref(x, weight, bias, A, B, scale, weight_layout)
     y = LowRankLinearTriton.apply(x.reshape(-1, n_in), weight, bias, A, B, float(scale), weight_layout)
     return y.reshape(*lead, n_out)

@@ -9,6 +9,7 @@ from typing import Callable
 from .attention import attention_ref
 from .hidden_sync import hidden_l1_ref
 from .linear_kl import linear_kl_ref
+from .lowrank_batched import lowrank_linear_batched_ref
 from .lowrank_linear import lowrank_linear_ref
 
 
@@ -19,9 +20,10 @@ class Ops:
     hidden_l1: Callable
     linear_kl: Callable
     attention: Callable
+    lowrank_linear_batched: Callable
 
 
-TORCH_OPS = Ops("torch", lowrank_linear_ref, hidden_l1_ref, linear_kl_ref, attention_ref)
+TORCH_OPS = Ops("torch", lowrank_linear_ref, hidden_l1_ref, linear_kl_ref, attention_ref, lowrank_linear_batched_ref)
 
 
 def get_ops(backend: str) -> Ops:
