@@ -13,13 +13,19 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from absorber_kernels.lowrank_batched import base_linear
+
 from .errors import ConfigError, UnsupportedModelError
 
 
 class DeltaLinear(nn.Module):
-    """A frozen linear (nn.Linear, or GPT-2's Conv1D) plus an optional low-rank delta."""
+    """A frozen linear (nn.Linear, or GPT-2's Conv1D) plus an optional low-rank delta.
 
-    def __init__(self, base: nn.Module, op):
+    Bound to one stream, A is (in, r) and B (r, out). Bound to a batch of S streams, A is
+    (S, in, r), B (S, r, out), and `index` maps each row of the input batch to its stream.
+    """
+
+    def __init__(self, base: nn.Module, ops):
         super().__init__()
         self.base = base
         if isinstance(base, Conv1D):
@@ -28,18 +34,22 @@ class DeltaLinear(nn.Module):
         else:
             self.layout = "linear"
             self.out_features, self.in_features = base.weight.shape
-        self.op = op                      # lowrank_linear of the engine's backend
+        self.ops = ops                    # the engine backend's op table
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
         self.scale = 1.0
         self.merged_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.A is None:
             return self.base(x)
+        if self.A.dim() == 3:
+            return self.ops.lowrank_linear_batched(x, self.base.weight, self.base.bias, self.A, self.B, self.index,
+                                                   self.scale, self.layout)
         if self.merged_weight is not None and not torch.is_grad_enabled():
-            return _plain_linear(x, self.merged_weight, self.base.bias, self.layout)
-        return self.op(x, self.base.weight, self.base.bias, self.A, self.B, self.scale, self.layout)
+            return base_linear(x, self.merged_weight, self.base.bias, self.layout)
+        return self.ops.lowrank_linear(x, self.base.weight, self.base.bias, self.A, self.B, self.scale, self.layout)
 
     def merge(self) -> None:
         """Keeps W + scale·A·B in a copy of the weight (same layout), for inference only."""
@@ -55,18 +65,38 @@ class DeltaLinear(nn.Module):
         return f"{self.layout}, in={self.in_features}, out={self.out_features}"
 
 
-def _plain_linear(x, weight, bias, layout):
-    if layout == "linear":
-        return nn.functional.linear(x, weight, bias)
-    y = torch.matmul(x, weight)
-    return y + bias if bias is not None else y
+def bind(wrappers: dict[str, DeltaLinear], deltas: list["LowRankDelta"]) -> None:
+    """Points every wrapper at `deltas`: one stream's tensors as they are, several stacked.
+
+    Stacking copies the current values (through autograd, so gradients reach each stream's own
+    tensors): bind again after every optimizer step.
+    """
+    if not deltas:
+        raise ValueError("bind() needs at least one delta")
+    for name, w in wrappers.items():
+        w.unmerge()
+        w.scale = deltas[0].scale
+        if len(deltas) == 1:
+            w.A, w.B, w.index = deltas[0].A[name], deltas[0].B[name], None
+        else:
+            w.A = torch.stack([d.A[name] for d in deltas])
+            w.B = torch.stack([d.B[name] for d in deltas])
+
+
+def set_rows(wrappers: dict[str, DeltaLinear], streams: int, rows_per_stream: int, device) -> None:
+    """The next forward's batch holds `rows_per_stream` consecutive rows of each stream in turn."""
+    if streams == 1:
+        return
+    index = torch.arange(streams, device=device).repeat_interleave(rows_per_stream)
+    for w in wrappers.values():
+        w.index = index
 
 
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def attach(model: nn.Module, targets: tuple[str, ...], op) -> dict[str, DeltaLinear]:
+def attach(model: nn.Module, targets: tuple[str, ...], ops) -> dict[str, DeltaLinear]:
     """Wraps every linear whose dotted name matches a target; returns them by original name."""
     if any(isinstance(m, DeltaLinear) for m in model.modules()):
         raise ConfigError("this model already carries an engine's deltas; call close() on that engine first "
@@ -81,7 +111,7 @@ def attach(model: nn.Module, targets: tuple[str, ...], op) -> dict[str, DeltaLin
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = DeltaLinear(module, op)
+        wrapper = DeltaLinear(module, ops)
         setattr(parent, child, wrapper)
         found[name] = wrapper
     return found
@@ -117,10 +147,6 @@ class LowRankDelta:
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for name in self.shapes for t in (self.A[name], self.B[name])]
-
-    def bind(self, wrappers: dict[str, DeltaLinear]) -> None:
-        for name, w in wrappers.items():
-            w.A, w.B, w.scale = self.A[name], self.B[name], self.scale
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}

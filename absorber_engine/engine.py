@@ -22,11 +22,11 @@ from absorber_kernels import get_ops
 
 from . import _scheduler
 from .config import AbsorberConfig
-from .delta import LowRankDelta, attach, detach
+from .delta import LowRankDelta, attach, bind, detach
 from .errors import AbsorptionError, ConfigError, InputError
 from .model_support import DEFAULT_TARGETS, ModelParts, cache_tensors, inspect_model
 from .sampling import sample_next
-from .sync import ROUNDS
+from .sync import ROUNDS, StreamRound
 
 
 @dataclass
@@ -59,10 +59,10 @@ class AbsorberEngine:
         self.backend = resolve_backend(cfg.backend, self.parts.device)
         self.ops = get_ops(self.backend)
         targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[self.parts.model_type]
-        self.wrappers = attach(model, targets, self.ops.lowrank_linear)
+        self.wrappers = attach(model, targets, self.ops)
         shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
         self.delta = LowRankDelta(shapes, cfg.rank, cfg.scale, self.parts.device, seed=cfg.seed)
-        self.delta.bind(self.wrappers)
+        bind(self.wrappers, [self.delta])
         self.window = _scheduler.Window(cfg.chunk_tokens, cfg.sync_tokens, self.parts.vocab_size)
         self._window_kv = None          # (tokens, kv per layer, last final state) for the current delta
 
@@ -146,22 +146,24 @@ class AbsorberEngine:
 
     def _run_round(self, rnd):
         device = self.parts.device
-        x = torch.tensor(rnd.x, dtype=torch.long, device=device)
-        y = torch.tensor(rnd.y, dtype=torch.long, device=device)
         # Seeded by the round's index in the stream: the same stream absorbs to the same memory.
         gen = torch.Generator(device=device).manual_seed(self.config.seed * 1_000_003 + self.window.rounds)
+        stream = StreamRound(self.delta, torch.tensor(rnd.x, dtype=torch.long, device=device),
+                             torch.tensor(rnd.y, dtype=torch.long, device=device), gen)
         snapshot = self.delta.snapshot()
-        self._unmerge()
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
             with torch.inference_mode(False), torch.enable_grad():
-                return ROUNDS[self.config.objective](self.parts, self.delta, x, y, self.config, self.ops, gen)
-        except FloatingPointError as exc:
-            self.delta.restore(snapshot)
-            raise AbsorptionError(f"round {self.window.rounds + 1} rolled back, memory unchanged: {exc}") from exc
+                (result,) = ROUNDS[self.config.objective](self.parts, self.wrappers, [stream], self.config, self.ops)
         except BaseException:
             self.delta.restore(snapshot)
             raise
+        finally:
+            bind(self.wrappers, [self.delta])
+        if result.error is not None:
+            self.delta.restore(snapshot)
+            raise AbsorptionError(f"round {self.window.rounds + 1} rolled back, memory unchanged: {result.error}")
+        return result
 
     # ------------------------------------------------------------------ inference
 
@@ -252,7 +254,7 @@ class AbsorberEngine:
     def reset(self) -> None:
         """Forgets everything: Δ = 0 and an empty window."""
         self.delta.reset()
-        self.delta.bind(self.wrappers)
+        bind(self.wrappers, [self.delta])
         self.window.clear()
         self._window_kv = None
         self._unmerge()

@@ -78,10 +78,10 @@ class ModelParts:
         return self.head(final_states).float()
 
     def make_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None, repeat: int = 1) -> DynamicCache | None:
-        """A fresh cache holding copies of `kv` (per layer (1, H, S, Dh)), repeated over the batch."""
+        """A fresh cache holding copies of `kv` (per layer (B, H, S, Dh)), each row repeated `repeat` times."""
         if not kv:
             return None
-        data = [(k.expand(repeat, -1, -1, -1), v.expand(repeat, -1, -1, -1)) for k, v in kv]
+        data = [(k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)) for k, v in kv]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
 

@@ -1,4 +1,5 @@
-"""One absorption round: causal synchronization (Algorithm 1 of Absorber LLM), and the TTT baseline.
+"""One absorption round: causal synchronization (Algorithm 1 of Absorber LLM), and the TTT baseline,
+for one stream or a batch of streams of the same shape, each with its own delta.
 
 Teacher (no grad, once per round): the current model, W plus the delta absorbed so far, reads
 X followed by each future, and its residual states h^0..h^L at the futures' positions are kept
@@ -13,8 +14,10 @@ trained so its states match the teacher's:
     L = hidden_weight · mean_{positions, layers, dims} |h_student − h_teacher|
       + kl_weight · mean_{positions} KL(p_teacher || p_student)
 
-Futures of one length go through the student as one batch; each group's graph is freed by its
-own backward before the next group runs, so peak memory is one group's activations.
+Futures of one length go through the student as one batch (all streams' rows together, each row
+reading its own stream's delta); each group's graph is freed by its own backward before the next
+group runs. Every stream has its own AdamW, its own early stop and its own failure: a stream whose
+loss turns NaN/inf or diverges leaves the batch with an error and the others go on.
 """
 
 from __future__ import annotations
@@ -26,8 +29,19 @@ import torch
 import torch.nn.functional as F
 
 from .config import AbsorberConfig
+from .delta import LowRankDelta, bind, set_rows
 from .model_support import ModelParts, ResidualCapture, cache_tensors
 from .sampling import sample_next
+
+
+@dataclass
+class StreamRound:
+    """One stream's part of a round."""
+
+    delta: LowRankDelta
+    x: torch.Tensor                   # (n,) tokens to absorb
+    y: torch.Tensor                   # (m,) real continuation, may be empty
+    generator: torch.Generator        # samples this stream's futures
 
 
 @dataclass
@@ -45,8 +59,9 @@ class SyncTargets:
 
 @dataclass
 class RoundResult:
-    steps: int
+    steps: int = 0
     losses: list[float] = field(default_factory=list)
+    error: str | None = None          # why the round failed; the caller restores the delta
 
     @property
     def final_loss(self) -> float:
@@ -54,114 +69,161 @@ class RoundResult:
 
 
 @torch.no_grad()
-def teacher_targets(parts: ModelParts, x: torch.Tensor, y: torch.Tensor, cfg: AbsorberConfig,
-                    generator: torch.Generator) -> SyncTargets:
-    """x (n,), y (m,) token ids (y may be empty) -> what the student must reproduce."""
-    n, m = x.numel(), y.numel()
+def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg: AbsorberConfig) -> list[SyncTargets]:
+    """What each stream's student must reproduce. All rounds share |X| and |Y|."""
+    S, n, m = len(rounds), rounds[0].x.numel(), rounds[0].y.numel()
     need_final = cfg.kl_weight > 0
     n_futures = cfg.futures if m > 0 else max(cfg.futures, 1)   # no real Y: sample at least one
-    groups: list[FutureGroup] = []
+    per_stream: list[list[FutureGroup]] = [[] for _ in rounds]
 
-    xy = torch.cat([x, y])[None]                                           # (1, n + m)
+    bind(wrappers, [r.delta for r in rounds])
+    set_rows(wrappers, S, 1, parts.device)
+    xy = torch.stack([torch.cat([r.x, r.y]) for r in rounds])                      # (S, n + m)
     with ResidualCapture(parts.layers, start=n) as cap:
         final, cache = parts.forward(xy, use_cache=n_futures > 0)
     if m > 0:
-        groups.append(FutureGroup(y[None], cap.states, final[0, n:] if need_final else None))
+        for s, r in enumerate(rounds):
+            per_stream[s].append(FutureGroup(r.y[None], [h[s:s + 1] for h in cap.states],
+                                             final[s, n:] if need_final else None))
     if n_futures > 0:
         x_kv = cache_tensors(cache, keep=n)
-        first_logits = parts.logits(final[:, n - 1])                      # (1, V)
+        first_logits = parts.logits(final[:, n - 1])                               # (S, V)
         del cache, cap, final
-        groups.append(_sample_futures(parts, x_kv, first_logits, n_futures, cfg, generator, need_final))
-    return SyncTargets(groups, sum(g.ids.numel() for g in groups))
+        sampled = _sample_futures(parts, wrappers, x_kv, first_logits, n_futures, cfg,
+                                  [r.generator for r in rounds], need_final)
+        for s in range(S):
+            rows = slice(s * n_futures, (s + 1) * n_futures)
+            per_stream[s].append(FutureGroup(sampled.ids[rows], [h[rows] for h in sampled.hidden],
+                                             sampled.final.view(S * n_futures, -1, parts.hidden_size)[rows]
+                                             .reshape(-1, parts.hidden_size) if need_final else None))
+    return [SyncTargets(groups, sum(g.ids.numel() for g in groups)) for groups in per_stream]
 
 
-def _sample_futures(parts, x_kv, first_logits, count, cfg, generator, need_final) -> FutureGroup:
-    """`count` continuations of X sampled by the teacher, batched, with its states at each token."""
+def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, generators, need_final) -> FutureGroup:
+    """`count` continuations of each stream's X sampled by its teacher, all streams in one batch,
+    with the teacher's states at every sampled token. Rows are stream-major."""
+    S = len(generators)
+    set_rows(wrappers, S, count, parts.device)
     cache = parts.make_cache(x_kv, repeat=count)
-    logits = first_logits.expand(count, -1)
+    logits = first_logits.repeat_interleave(count, dim=0)                            # (S·count, V)
     tokens, hidden_steps, final_steps = [], [], []
     for step in range(cfg.future_length):
-        tok = sample_next(logits, cfg.future_temperature, cfg.future_top_p, generator)    # (count,)
+        tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], cfg.future_temperature, cfg.future_top_p, g)
+                         for s, g in enumerate(generators)])                          # (S·count,)
         tokens.append(tok)
         with ResidualCapture(parts.layers) as cap:
-            final, cache = parts.forward(tok[:, None], cache, use_cache=True)           # (count, 1, D)
+            final, cache = parts.forward(tok[:, None], cache, use_cache=True)        # (S·count, 1, D)
         hidden_steps.append(cap.states)
         final_steps.append(final)
         if step + 1 < cfg.future_length:
             logits = parts.logits(final[:, -1])
-    ids = torch.stack(tokens, dim=1)                                                     # (count, T)
+    ids = torch.stack(tokens, dim=1)                                                 # (S·count, T)
     hidden = [torch.cat([s[layer] for s in hidden_steps], dim=1) for layer in range(parts.num_states)]
     final = torch.cat(final_steps, dim=1).reshape(-1, parts.hidden_size) if need_final else None
     return FutureGroup(ids, hidden, final)
 
 
-def student_loss(parts: ModelParts, targets: SyncTargets, cfg: AbsorberConfig, ops, backward: bool) -> float:
-    """The sync loss of the current delta on every future (and its gradient when `backward`)."""
-    total = 0.0
-    for g in targets.groups:
+def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targets: list[SyncTargets],
+                   cfg: AbsorberConfig, ops, backward: bool) -> list[float]:
+    """Each stream's sync loss under its current delta (and the gradient, when `backward`)."""
+    S = len(deltas)
+    bind(wrappers, deltas)
+    losses = [0.0] * S
+    for g in range(len(targets[0].groups)):
+        groups = [t.groups[g] for t in targets]
+        rows = groups[0].ids.shape[0]
+        set_rows(wrappers, S, rows, parts.device)
         with ResidualCapture(parts.layers) as cap:
-            final, _ = parts.forward(g.ids)                                             # (b, t, D)
-        loss = final.new_zeros((), dtype=torch.float32)
-        if cfg.hidden_weight > 0:
-            loss = loss + ops.hidden_l1(cap.states, g.hidden, weight=cfg.hidden_weight, denom=targets.positions)
-        if cfg.kl_weight > 0:
-            kl = ops.linear_kl(final.reshape(-1, parts.hidden_size), g.final, parts.head.weight, parts.head.bias,
-                               temperature=cfg.kl_temperature, top_k=cfg.kl_top_k, denom=targets.positions)
-            loss = loss + cfg.kl_weight * kl
+            final, _ = parts.forward(torch.cat([grp.ids for grp in groups]))         # (S·rows, t, D)
+        total = final.new_zeros((), dtype=torch.float32)
+        for s, (grp, tgt) in enumerate(zip(groups, targets)):
+            sl = slice(s * rows, (s + 1) * rows)
+            loss = final.new_zeros((), dtype=torch.float32)
+            if cfg.hidden_weight > 0:
+                loss = loss + ops.hidden_l1([h[sl] for h in cap.states], grp.hidden, weight=cfg.hidden_weight,
+                                            denom=tgt.positions)
+            if cfg.kl_weight > 0:
+                kl = ops.linear_kl(final[sl].reshape(-1, parts.hidden_size), grp.final, parts.head.weight,
+                                   parts.head.bias, temperature=cfg.kl_temperature, top_k=cfg.kl_top_k,
+                                   denom=tgt.positions)
+                loss = loss + cfg.kl_weight * kl
+            losses[s] += float(loss.detach())
+            total = total + loss
         if backward:
-            loss.backward()
-        total += float(loss.detach())
-    return total
+            total.backward()
+    return losses
 
 
-def train_delta(delta_params: list[torch.Tensor], loss_fn, cfg: AbsorberConfig) -> RoundResult:
-    """Algorithm 1's loop: evaluate, stop below eps, else one AdamW step; at most max_steps steps.
-
-    loss_fn() computes the loss and accumulates its gradient into the delta. A round whose loss
-    is NaN/inf, or ends above divergence_factor × its first loss, raises FloatingPointError; the
-    caller restores the delta it held before the round.
-    """
-    opt = torch.optim.AdamW(delta_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    result = RoundResult(steps=0)
+def train_deltas(deltas: list[LowRankDelta], loss_fn, cfg: AbsorberConfig) -> list[RoundResult]:
+    """Algorithm 1's loop for each stream: evaluate, stop below eps, else one AdamW step; at most
+    max_steps steps. loss_fn(active) computes the losses of the streams `active` (indices) and
+    accumulates their gradients. A stream whose loss is NaN/inf, or ends above divergence_factor ×
+    its first loss, gets an error and leaves the batch; the caller restores its delta."""
+    opts = [torch.optim.AdamW(d.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for d in deltas]
+    results = [RoundResult() for _ in deltas]
+    active = list(range(len(deltas)))
     for _ in range(cfg.max_steps):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        result.losses.append(loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the sync loss became {loss} at step {result.steps}")
-        if loss < cfg.stop_loss:
+        if not active:
             break
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(delta_params, cfg.grad_clip)
-        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in delta_params):
-            raise FloatingPointError(f"the delta's gradient became NaN or inf at step {result.steps}")
-        opt.step()
-        result.steps += 1
-    opt.zero_grad(set_to_none=True)
-    first, last = result.losses[0], result.losses[-1]
-    if cfg.divergence_factor > 0 and first > 0 and last > cfg.divergence_factor * first:
-        raise FloatingPointError(f"the round diverged: loss went from {first:.4g} to {last:.4g}")
-    return result
+        for i in active:
+            opts[i].zero_grad(set_to_none=True)
+        losses = loss_fn(active)
+        still = []
+        for i, loss in zip(active, losses):
+            res, params = results[i], deltas[i].parameters()
+            res.losses.append(loss)
+            if not math.isfinite(loss):
+                res.error = f"the sync loss became {loss} at step {res.steps}"
+                continue
+            if loss < cfg.stop_loss:
+                continue
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+                res.error = f"the delta's gradient became NaN or inf at step {res.steps}"
+                continue
+            opts[i].step()
+            res.steps += 1
+            still.append(i)
+        active = still
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    for res in results:
+        first, last = (res.losses[0], res.losses[-1]) if res.losses else (0.0, 0.0)
+        if res.error is None and cfg.divergence_factor > 0 and first > 0 and last > cfg.divergence_factor * first:
+            res.error = f"the round diverged: loss went from {first:.4g} to {last:.4g}"
+    return results
 
 
-def absorber_round(parts, delta, x, y, cfg, ops, generator) -> RoundResult:
-    targets = teacher_targets(parts, x, y, cfg, generator)
-    return train_delta(delta.parameters(), lambda: student_loss(parts, targets, cfg, ops, backward=True), cfg)
+def absorber_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[RoundResult]:
+    targets = teacher_targets(parts, wrappers, rounds, cfg)
+    deltas = [r.delta for r in rounds]
+
+    def loss_fn(active):
+        return student_losses(parts, wrappers, [deltas[i] for i in active], [targets[i] for i in active], cfg, ops,
+                              backward=True)
+
+    return train_deltas(deltas, loss_fn, cfg)
 
 
-def ttt_round(parts, delta, x, y, cfg, ops, generator) -> RoundResult:
+def ttt_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[RoundResult]:
     """The baseline: next-token cross-entropy of the contextless model on X itself (Temp-LoRA)."""
-    if x.numel() < 2:
-        return RoundResult(steps=0)
-    ids = x[None]
+    if rounds[0].x.numel() < 2:
+        return [RoundResult() for _ in rounds]
+    deltas = [r.delta for r in rounds]
+    xs = torch.stack([r.x for r in rounds])                                         # (S, n)
 
-    def loss_fn() -> float:
+    def loss_fn(active):
+        bind(wrappers, [deltas[i] for i in active])
+        set_rows(wrappers, len(active), 1, parts.device)
+        ids = xs[active]
         final, _ = parts.forward(ids[:, :-1])
-        loss = F.cross_entropy(parts.logits(final[0]), ids[0, 1:])
-        loss.backward()
-        return float(loss.detach())
+        logits = parts.logits(final)                                                # (S, n - 1, V)
+        per_stream = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+        per_stream.sum().backward()
+        return per_stream.detach().tolist()
 
-    return train_delta(delta.parameters(), loss_fn, cfg)
+    return train_deltas(deltas, loss_fn, cfg)
 
 
 ROUNDS = {"absorber": absorber_round, "ttt": ttt_round}

@@ -6,8 +6,17 @@ import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine.model_support import ResidualCapture
-from absorber_engine.sync import student_loss, teacher_targets
+from absorber_engine.sync import StreamRound, student_losses, teacher_targets
 from tiny_models import ARCHS, make_model, random_ids
+
+
+def _round(eng, x, y, seed=0):
+    return StreamRound(eng.delta, x, y, torch.Generator().manual_seed(seed))
+
+
+def _loss(eng, targets):
+    (loss,) = student_losses(eng.parts, eng.wrappers, [eng.delta], [targets], eng.config, eng.ops, backward=False)
+    return loss
 
 
 def _final_norm(parts):
@@ -21,8 +30,7 @@ def test_teacher_states_equal_a_plain_forward(arch):
                                                       future_tokens=5, kl_weight=1.0))
     x = torch.tensor(random_ids(12, seed=3))
     y = torch.tensor(random_ids(7, seed=4))
-    gen = torch.Generator().manual_seed(0)
-    targets = teacher_targets(eng.parts, x, y, eng.config, gen)
+    (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, x, y)], eng.config)
     real, sampled = targets.groups
     assert targets.positions == 7 + 3 * 5
     assert real.ids.tolist() == [y.tolist()] and sampled.ids.shape == (3, 5)
@@ -51,7 +59,7 @@ def test_sampled_futures_follow_the_teacher_distribution():
                          future_temperature=1e-6)
     eng = AbsorberEngine(model, config=cfg)
     x = torch.tensor(random_ids(10, seed=5))
-    targets = teacher_targets(eng.parts, x, torch.tensor([], dtype=torch.long), cfg, torch.Generator().manual_seed(0))
+    (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, x, torch.tensor([], dtype=torch.long))], cfg)
     (group,) = targets.groups
     seq = x.tolist()
     for _ in range(6):
@@ -78,11 +86,11 @@ def test_one_round_lowers_the_loss_and_moves_logits_toward_the_teacher(kl_weight
     eng = AbsorberEngine(model, config=cfg)
     x, y = random_ids(24, seed=7), random_ids(16, seed=8)
     kl_before = _kl_to_teacher(model, eng, x, y)
-    targets = teacher_targets(eng.parts, torch.tensor(x), torch.tensor(y), cfg, torch.Generator().manual_seed(0))
-    loss_before = student_loss(eng.parts, targets, cfg, eng.ops, backward=False)
+    (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, torch.tensor(x), torch.tensor(y))], cfg)
+    loss_before = _loss(eng, targets)
     report = eng.absorb(x + y)
     assert report.rounds == 1 and report.steps == 40 and report.held_tokens == 16
-    loss_after = student_loss(eng.parts, targets, cfg, eng.ops, backward=False)
+    loss_after = _loss(eng, targets)
     kl_after = _kl_to_teacher(model, eng, x, y)
     assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
     assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
