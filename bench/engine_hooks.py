@@ -20,7 +20,9 @@ def record_round_losses(objective: str = "absorber"):
 
     def recording(*args, **kwargs):
         result = real(*args, **kwargs)
-        rounds.append(list(result.losses))
+        # One RoundResult per round, or a list of them (one per stream) when rounds are batched.
+        for r in result if isinstance(result, (list, tuple)) else [result]:
+            rounds.append(list(r.losses))
         return result
 
     sync.ROUNDS[objective] = recording
