@@ -228,6 +228,8 @@ def compile_all(archs=ARCHS, dtypes=DTYPES, workers: int | None = None) -> list[
 
 
 def markdown_table(results: list[AotResult]) -> str:
+    order = {name: i for i, name in enumerate(dict.fromkeys(r.kernel for r in results))}
+    results = sorted(results, key=lambda r: (order[r.kernel], r.arch, r.dtype))
     lines = ["| kernel | arch | dtype | registers | spills (stack+local B) | shared (B) | mma.sync | wgmma | warps |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
