@@ -114,11 +114,13 @@ def linear_kl_ref(
 #     end the buffer holds the teacher's top k with their student logits, which is all the teacher
 #     side of KL needs; the student's log-sum-exp runs online over the whole vocabulary as usual.
 #     The merged top k gives the threshold τ (the k-th largest teacher logit) for pass 2.
-#   top_k > 128 (threshold fallback): τ per row from teacher logits written for `chunk` rows by the
-#     pass-2 kernel (same tiles, same arithmetic, so the same values as pass 1 recomputes) and
-#     torch.topk; pass 1 then keeps z_t ≥ τ.
-#   Ties at τ: every entry equal to τ is kept (the reference keeps exactly k, choosing among ties);
-#   with real-valued logits ties have probability ~0.
+#   top_k > 128 (threshold fallback): τ per row from teacher logits written 256 rows at a time by
+#     the pass-2 kernel (same tiles and arithmetic as pass 1) and torch.topk; pass 1 then keeps
+#     z_t ≥ τ. Only this fallback holds a 256 × V fp32 buffer.
+#   Ties at τ: pass 2 (and the fallback's pass 1) keep z_t ≥ τ − 2⁻²⁰·max(1, |τ|), so that a last-bit
+#     difference between two kernels' recomputation of the same logit cannot drop the k-th entry;
+#     entries that close to τ count as ties and are all kept (the reference keeps exactly k, choosing
+#     among ties). With real-valued logits that has probability ~0.
 # ---------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
@@ -282,6 +284,11 @@ def _decode_keys(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi.view(torch.float32), packed.to(torch.int32).view(torch.float32)
 
 
+def _relax(tau: torch.Tensor) -> torch.Tensor:
+    """τ lowered by 2⁻²⁰·max(1, |τ|): rounding-level differences between kernels count as ties."""
+    return tau - torch.ldexp(tau.abs().clamp(min=1.0), torch.tensor(-20, device=tau.device))
+
+
 def _merge_lse(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """log2 Σ_splits l·2^m over the last axis; splits with nothing kept (m = −inf) weigh 0."""
     mx = m.max(dim=-1).values
@@ -324,6 +331,7 @@ def linear_kl_stats(hs, ht, weight, bias=None, temperature=1.0, top_k=0, config=
                 HAS_BIAS=bias is not None, WRITE_TEACHER=True, BLOCK_N=grad_cfg["BLOCK_N"], BLOCK_V=bv,
                 BLOCK_D=bd, PREC=prec, num_warps=grad_cfg["num_warps"], num_stages=grad_cfg["num_stages"])
             tau[r0:r1] = torch.topk(buf[:r1 - r0], top_k, dim=-1).values[:, -1]
+        tau = _relax(tau)
 
     n_tiles = triton.cdiv(v, bv)
     row_blocks = triton.cdiv(n, bn)
@@ -347,7 +355,7 @@ def linear_kl_stats(hs, ht, weight, bias=None, temperature=1.0, top_k=0, config=
         lse_t = torch.logsumexp(zt_sel * LN2, dim=-1) / LN2
         p = torch.exp2(zt_sel - lse_t[:, None])
         kl2 = (p * (zt_sel - zs_sel)).sum(-1) - lse_t + lse_s
-        tau = zt_sel[:, -1].contiguous()
+        tau = _relax(zt_sel[:, -1]).contiguous()
     else:
         m_t, l_t, a_t = stats[..., 2], stats[..., 3], stats[..., 4]
         mx = m_t.max(dim=-1).values
