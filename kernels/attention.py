@@ -58,6 +58,9 @@ def attention_ref(
 #           (dS = P∘(dP − δ) is the softmax Jacobian: δ_i = Σ_j P_ij dP_ij = Σ_d dO_id O_id.)
 #           The two kinds share one launch so the dQ programs fill the GPU beside the dK/dV ones;
 #           δ needs all of O·dO before any of them starts, hence its own (tiny) launch.
+# Decoding (T = 1) runs the same forward: correct, but one program per (batch, head) streams the
+# whole cache, with 1 of its BLOCK_M query rows used; a split-S (flash-decoding) variant would fill
+# the GPU better for generate(). Not done: absorption, the hot path, runs T = m queries.
 # ---------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
