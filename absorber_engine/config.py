@@ -95,10 +95,11 @@ class AbsorberConfig:
     """A round whose last loss exceeds this multiple of its first is rolled back as diverged;
     0 disables the check. NaN or inf losses are always rolled back."""
 
-    merge_for_inference: bool = False
-    """generate() and logits() use W + delta merged into a copy of each target weight (one matmul
-    instead of three per linear, at the cost of a copy of the target weights). Off by default:
-    held memory stays KV + delta."""
+    max_batch: int = 16
+    """Sessions whose rounds one batched student pass may take at most (same shapes only)."""
+
+    max_resident: int = 64
+    """Sessions' deltas kept on the device at most; the scheduler moves the rest to host memory."""
 
     backend: str = "auto"
     """"torch" (the PyTorch references: the CPU path), "triton" (the fused kernels; CUDA, or CPU
@@ -128,7 +129,7 @@ class AbsorberConfig:
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for name in ("chunk_tokens", "rank", "max_steps"):
+        for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
         for name in ("sync_tokens", "futures", "kl_top_k", "seed"):

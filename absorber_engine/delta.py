@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from absorber_kernels.lowrank_batched import base_linear
 
 from .errors import ConfigError, UnsupportedModelError
 
@@ -39,7 +38,6 @@ class DeltaLinear(nn.Module):
         self.B: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.scale = 1.0
-        self.merged_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.A is None:
@@ -47,19 +45,14 @@ class DeltaLinear(nn.Module):
         if self.A.dim() == 3:
             return self.ops.lowrank_linear_batched(x, self.base.weight, self.base.bias, self.A, self.B, self.index,
                                                    self.scale, self.layout)
-        if self.merged_weight is not None and not torch.is_grad_enabled():
-            return base_linear(x, self.merged_weight, self.base.bias, self.layout)
         return self.ops.lowrank_linear(x, self.base.weight, self.base.bias, self.A, self.B, self.scale, self.layout)
 
-    def merge(self) -> None:
-        """Keeps W + scale·A·B in a copy of the weight (same layout), for inference only."""
+    def merged_weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """W + scale·A·B in W's own layout and dtype (the base weight itself is not touched)."""
         with torch.no_grad():
-            d = (self.A.float() @ self.B.float()) * self.scale                  # (in, out)
+            d = (A.float() @ B.float()) * self.scale                             # (in, out)
             w = self.base.weight.float() + (d.t() if self.layout == "linear" else d)
-            self.merged_weight = w.to(self.base.weight.dtype)
-
-    def unmerge(self) -> None:
-        self.merged_weight = None
+            return w.to(self.base.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.layout}, in={self.in_features}, out={self.out_features}"
@@ -74,7 +67,6 @@ def bind(wrappers: dict[str, DeltaLinear], deltas: list["LowRankDelta"]) -> None
     if not deltas:
         raise ValueError("bind() needs at least one delta")
     for name, w in wrappers.items():
-        w.unmerge()
         w.scale = deltas[0].scale
         if len(deltas) == 1:
             w.A, w.B, w.index = deltas[0].A[name], deltas[0].B[name], None
@@ -107,22 +99,26 @@ def attach(model: nn.Module, targets: tuple[str, ...], ops) -> dict[str, DeltaLi
     for name, module in chosen:        # all checked before any is wrapped: a refusal changes nothing
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise UnsupportedModelError(f"target {name!r} is a {type(module).__name__}, not a linear layer")
-    found: dict[str, DeltaLinear] = {}
-    for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = DeltaLinear(module, ops)
-        setattr(parent, child, wrapper)
-        found[name] = wrapper
+    found = {name: DeltaLinear(module, ops) for name, module in chosen}
+    reattach(model, found)
     return found
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def detach(model: nn.Module, wrappers: dict[str, DeltaLinear]) -> None:
     """Puts the original modules back, leaving the model exactly as it was given."""
     for name, wrapper in wrappers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrapper.base)
+        _set_module(model, name, wrapper.base)
+
+
+def reattach(model: nn.Module, wrappers: dict[str, DeltaLinear]) -> None:
+    """Puts the wrappers (back) in place of their base modules."""
+    for name, wrapper in wrappers.items():
+        _set_module(model, name, wrapper)
 
 
 class LowRankDelta:
@@ -174,6 +170,16 @@ class LowRankDelta:
             for name in self.shapes:
                 self.A[name].copy_(state[f"{name}.A"])
                 self.B[name].copy_(state[f"{name}.B"])
+
+    def to(self, device) -> None:
+        """Moves the tensors (the scheduler's residency decisions); a no-op where they already are."""
+        device = torch.device(device)
+        if device == self.device:
+            return
+        for name in self.shapes:
+            self.A[name] = self.A[name].detach().to(device).requires_grad_(True)
+            self.B[name] = self.B[name].detach().to(device).requires_grad_(True)
+        self.device = device
 
     snapshot = state_dict
     restore = load_state_dict

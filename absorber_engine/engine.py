@@ -1,19 +1,23 @@
 """AbsorberEngine: streaming absorption (Algorithm 2 of Absorber LLM) over a Hugging Face causal LM.
 
-State of one stream: the delta (the absorbed memory) and a raw window of at most n + m tokens,
-owned by the C++ scheduler, which also decides where each round cuts X and Y. Every round's
-teacher is the model as it is at the start of that round (W plus everything absorbed before), so
-each round adds to the memory instead of replacing it. The window's KV is rebuilt lazily, and only
-after the delta or the window changed, so generation after absorption pays one prefill.
+One engine holds one frozen base model, the delta wrappers on its target linears, and any number
+of sessions (streams), each with its own delta and raw window. The C++ scheduler owns the windows:
+it decides where each round cuts X and Y, which sessions' rounds run together (same shapes), in
+what order (priority and waiting time), and whose deltas stay on the device. The engine carries out
+its decisions: one batched teacher pass and one batched student pass per batch of rounds.
 
-A round either completes or leaves the memory exactly as it was before it: the delta is restored
-from a snapshot on any failure, NaN losses and KeyboardInterrupt included.
+Every round's teacher is the session's model as it is at the start of that round (W plus
+everything the session absorbed before), so each round adds to the memory. A round either
+completes or leaves its session's memory exactly as before: the delta is restored from a snapshot
+on any failure (NaN/inf, divergence, KeyboardInterrupt) and the scheduler keeps its tokens.
+
+The single-stream API (absorb, logits, generate, save_memory, ...) is the engine's default session.
 """
 
 from __future__ import annotations
 
 import os
-import time
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -22,11 +26,14 @@ from absorber_kernels import get_ops
 
 from . import _scheduler
 from .config import AbsorberConfig
-from .delta import LowRankDelta, attach, bind, detach
-from .errors import AbsorptionError, ConfigError, InputError
+from .delta import attach, bind, detach, set_rows
+from .errors import ConfigError, InputError, UnsupportedModelError
 from .model_support import DEFAULT_TARGETS, ModelParts, cache_tensors, inspect_model
 from .sampling import sample_next
-from .sync import ROUNDS, StreamRound
+from .session import Session
+from .sync import ROUNDS, RoundResult, StreamRound
+
+DEFAULT_SESSION = "default"
 
 
 @dataclass
@@ -40,6 +47,14 @@ class AbsorbReport:
     held_tokens: int = 0        # raw tokens in the window afterwards
     absorbed_tokens: int = 0    # tokens absorbed into the memory since the last reset, in total
     round_losses: list[float] = field(default_factory=list)   # final loss of each round
+    errors: list[str] = field(default_factory=list)            # rounds rolled back (engine.run() only)
+
+    def add_round(self, x_len: int, result: RoundResult) -> None:
+        self.rounds += 1
+        self.absorbed += x_len
+        self.steps += result.steps
+        self.round_losses.append(result.final_loss)
+        self.final_loss = result.final_loss
 
 
 class AbsorberEngine:
@@ -50,21 +65,20 @@ class AbsorberEngine:
         cfg.validate()
         self.config, self.tokenizer = cfg, tokenizer
         self.parts: ModelParts = inspect_model(model)
-        if self.parts.absolute_positions and cfg.window_tokens > self.parts.max_positions:
-            raise ConfigError(
-                f"chunk_tokens + sync_tokens = {cfg.window_tokens} exceeds the {self.parts.max_positions} "
-                f"positions {self.parts.model_type} has")
+        self._check_window(cfg.window_tokens)
         model.requires_grad_(False)
         model.eval()
         self.backend = resolve_backend(cfg.backend, self.parts.device)
         self.ops = get_ops(self.backend)
         targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[self.parts.model_type]
         self.wrappers = attach(model, targets, self.ops)
-        shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
-        self.delta = LowRankDelta(shapes, cfg.rank, cfg.scale, self.parts.device, seed=cfg.seed)
-        bind(self.wrappers, [self.delta])
-        self.window = _scheduler.Window(cfg.chunk_tokens, cfg.sync_tokens, self.parts.vocab_size)
-        self._window_kv = None          # (tokens, kv per layer, last final state) for the current delta
+        self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
+        self.scheduler = _scheduler.Scheduler(self.parts.vocab_size, cfg.max_resident, cfg.chunk_tokens,
+                                              cfg.sync_tokens)
+        self.sessions: dict = {}
+        self._lock = threading.RLock()     # one model: absorption and generation take turns
+        self.default = self.session(DEFAULT_SESSION)
+        self._rest()
 
     @classmethod
     def from_pretrained(cls, path, config: AbsorberConfig | None = None, dtype=None, device=None,
@@ -72,17 +86,13 @@ class AbsorberEngine:
         """Loads a local Hugging Face causal LM directory (never a hub download)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from .model_support import DEFAULT_TARGETS as supported
-
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise InputError(f"model directory {path!r} does not exist")
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if hf_config.model_type not in supported:
-            from .errors import UnsupportedModelError
-
+        if hf_config.model_type not in DEFAULT_TARGETS:
             raise UnsupportedModelError(f"model type {hf_config.model_type!r} in {path} is not supported; "
-                                        f"supported: {sorted(supported)}")
+                                        f"supported: {sorted(DEFAULT_TARGETS)}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -97,143 +107,242 @@ class AbsorberEngine:
                 tok = None    # a model without a tokenizer still works on token ids
         return cls(model, tokenizer=tok, config=config)
 
-    # ------------------------------------------------------------------ absorption
+    # ------------------------------------------------------------------ sessions
 
-    def absorb(self, text_or_ids, flush: bool = False, progress=None) -> AbsorbReport:
-        """Feeds the stream and absorbs every round the window allows (all of it with flush).
+    def session(self, name=DEFAULT_SESSION, priority: int = 1, chunk_tokens: int | None = None,
+                sync_tokens: int | None = None) -> Session:
+        """The session `name` (an int or a str), opened on first use with its own empty memory.
+        chunk_tokens and sync_tokens default to the engine config's."""
+        if name in self.sessions:
+            return self.sessions[name]
+        if chunk_tokens is not None or sync_tokens is not None:
+            self._check_window((chunk_tokens or self.config.chunk_tokens) + (sync_tokens or self.config.sync_tokens))
+        try:
+            self.scheduler.open(name, priority, chunk_tokens, sync_tokens)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"cannot open session {name!r}: {exc}") from exc
+        sess = Session(self, name, seed=self.config.seed)
+        self.sessions[name] = sess
+        return sess
 
-        If a round fails, the memory stays as it was before that round, the window keeps the
-        tokens not absorbed yet, and AbsorptionError says how many of this call's tokens were taken
-        (`err.tokens_taken`), so the caller can resume from there.
-        """
-        ids = self._to_ids(text_or_ids, allow_empty=flush)
-        if not ids and self.window.held == 0:
-            raise InputError("nothing to absorb: the input is empty and the window holds no tokens")
-        start = time.perf_counter()
-        report = AbsorbReport()
-        capacity = self.config.window_tokens
-        pos = 0
-        while True:
-            take = min(len(ids) - pos, max(capacity - self.window.held, 0))
-            if take:
-                self.window.feed(ids[pos:pos + take])
-                pos += take
-                self._window_kv = None
-            rnd = self.window.plan(flush and pos == len(ids))
-            if rnd is None:
-                break
-            try:
-                result = self._run_round(rnd)
-            except AbsorptionError as err:
-                err.tokens_taken = pos
-                raise
-            self.window.commit(rnd.id)
-            self._window_kv = None
-            report.rounds += 1
-            report.absorbed += len(rnd.x)
-            report.steps += result.steps
-            report.round_losses.append(result.final_loss)
-            if progress is not None:
-                progress(len(rnd.x))
-        report.tokens = pos
-        report.final_loss = report.round_losses[-1] if report.round_losses else float("nan")
-        report.seconds = time.perf_counter() - start
-        report.held_tokens = self.window.held
-        report.absorbed_tokens = self.window.absorbed
-        if self.config.merge_for_inference:
-            self._merge()
-        return report
+    def _close_session(self, sess: Session) -> None:
+        with self._lock:
+            self.scheduler.close(sess.key)
+            del self.sessions[sess.key]
 
-    def _run_round(self, rnd):
+    def run(self, flush: bool = False) -> dict:
+        """Absorbs every round that is ready in any session, in batches; with flush, everything
+        every session holds. Returns an AbsorbReport per session that ran; a failed round is rolled
+        back, its tokens stay queued, and the report's `errors` says why."""
+        reports: dict = {}
+        with self._lock:
+            if flush:
+                for key, sess in self.sessions.items():
+                    if sess.held_tokens:
+                        self.scheduler.flush(key)
+            while True:
+                results = self._run_ready()
+                if not results:
+                    break
+                for key, (rnd, res) in results.items():
+                    rep = reports.setdefault(key, AbsorbReport())
+                    if res.error is None:
+                        rep.add_round(len(rnd.x), res)
+                    else:
+                        rep.errors.append(res.error)
+                if all(res.error is not None for _, res in results.values()):
+                    break       # nothing but failures: retrying now would fail the same way
+            self._rest()
+        for key, rep in reports.items():
+            rep.held_tokens = self.sessions[key].held_tokens
+            rep.absorbed_tokens = self.sessions[key].absorbed_tokens
+        return reports
+
+    def _run_ready(self) -> dict:
+        """Runs the scheduler's next batch; {session: (round, RoundResult)}, empty when none is ready."""
+        batch = self.scheduler.next_batch(self.config.max_batch)
+        if batch is None:
+            return {}
+        for key, kind in batch.moves:
+            self.sessions[key]._move(kind)
         device = self.parts.device
-        # Seeded by the round's index in the stream: the same stream absorbs to the same memory.
-        gen = torch.Generator(device=device).manual_seed(self.config.seed * 1_000_003 + self.window.rounds)
-        stream = StreamRound(self.delta, torch.tensor(rnd.x, dtype=torch.long, device=device),
-                             torch.tensor(rnd.y, dtype=torch.long, device=device), gen)
-        snapshot = self.delta.snapshot()
+        sessions = [self.sessions[r.session] for r in batch.rounds]
+        streams = []
+        for rnd, sess in zip(batch.rounds, sessions):
+            # Seeded by the round's index in its stream: the same stream absorbs to the same memory,
+            # alone or batched with others.
+            gen = torch.Generator(device=device).manual_seed(sess.seed * 1_000_003 + sess.rounds)
+            streams.append(StreamRound(sess.delta, torch.tensor(rnd.x, dtype=torch.long, device=device),
+                                       torch.tensor(rnd.y, dtype=torch.long, device=device), gen))
+        snapshots = [s.delta.snapshot() for s in sessions]
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
             with torch.inference_mode(False), torch.enable_grad():
-                (result,) = ROUNDS[self.config.objective](self.parts, self.wrappers, [stream], self.config, self.ops)
+                results = ROUNDS[self.config.objective](self.parts, self.wrappers, streams, self.config, self.ops)
         except BaseException:
-            self.delta.restore(snapshot)
+            for rnd, sess, snap in zip(batch.rounds, sessions, snapshots):
+                sess.delta.restore(snap)
+                self.scheduler.abort(rnd.session, rnd.id)
             raise
-        finally:
-            bind(self.wrappers, [self.delta])
-        if result.error is not None:
-            self.delta.restore(snapshot)
-            raise AbsorptionError(f"round {self.window.rounds + 1} rolled back, memory unchanged: {result.error}")
-        return result
+        out = {}
+        for rnd, sess, snap, res in zip(batch.rounds, sessions, snapshots, results):
+            if res.error is None:
+                self.scheduler.commit(rnd.session, rnd.id)
+                sess.last_error = None
+            else:
+                sess.delta.restore(snap)
+                self.scheduler.abort(rnd.session, rnd.id)
+                sess.last_error = res.error
+            sess._kv = None
+            out[rnd.session] = (rnd, res)
+        return out
 
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def logits(self, ids) -> torch.Tensor:
-        """Next-token logits (len(ids), V) at each position of `ids`, read after the memory and
-        the raw window. Nothing is absorbed."""
-        ids = self._to_ids(ids)
-        self._check_span(len(ids), f"{len(ids)} query tokens")
-        cache, _ = self._window_cache()
-        final, _ = self.parts.forward(self._tensor(ids), cache)
-        return self.parts.logits(final[0])
+    def _logits(self, sess: Session, ids: list[int]) -> torch.Tensor:
+        self._check_span(sess, len(ids), f"{len(ids)} query tokens")
+        with self._lock:
+            self._acquire(sess)
+            try:
+                _, kv, _ = self._window_state(sess)
+                self._bind_for_inference([sess])
+                final, _ = self.parts.forward(self._tensor(ids), self.parts.make_cache(kv))
+                return self.parts.logits(final[0])
+            finally:
+                self.scheduler.release(sess.key)
+                self._rest()
 
     @torch.no_grad()
-    def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop=None, seed: int | None = None):
-        """Continues the window (and `prompt`, if any) with the memory; nothing is absorbed.
+    def generate_batch(self, prompts: dict, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       stop=None, seed: int | None = None) -> dict:
+        """Generates for several sessions in one batch, each row with its own delta and window.
 
-        Returns text when the prompt is text, else a list of token ids. Stops at max_new_tokens or
-        at a stop token (default: the tokenizer's eos).
+        prompts maps a session name to its prompt (text, token ids, or None to continue the window
+        alone). Returns, per session, text when its prompt was text, else a list of token ids.
+        Rows are padded on the left of the window and of the prompt, with positions counted from
+        each row's own start, so every row reads exactly what it would read alone.
         """
-        as_text = isinstance(prompt, str)
-        ids = self._to_ids(prompt if prompt is not None else [], allow_empty=True)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0):
-            raise InputError(f"temperature must be >= 0, got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-        self._check_span(len(ids) + max_new_tokens, f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens})")
+        _check_sampling(max_new_tokens, temperature, top_p)
+        if not prompts:
+            raise InputError("generate_batch() needs at least one session")
+        sessions = [self._session_for(name) for name in prompts]
+        ids = [self._to_ids(p if p is not None else [], allow_empty=True) for p in prompts.values()]
+        for sess, p in zip(sessions, ids):
+            self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
         stops = self._stop_ids(stop)
-        cache, last = self._window_cache()
-        if ids:
-            final, cache = self.parts.forward(self._tensor(ids), cache, use_cache=True)
-            last = final[:, -1]
-        if last is None:
-            raise InputError("generate() needs a prompt when the window holds no tokens")
-        gen = torch.Generator(device=self.parts.device).manual_seed(self.config.seed if seed is None else seed)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            tok = int(sample_next(self.parts.logits(last), temperature, top_p, gen)[0])
-            if tok in stops:
+        with self._lock:
+            for sess in sessions:
+                self._acquire(sess)
+            try:
+                new = self._generate(sessions, ids, max_new_tokens, temperature, top_p, stops, seed)
+            finally:
+                for sess in sessions:
+                    self.scheduler.release(sess.key)
+                self._rest()
+        return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
+                for (name, p), out in zip(prompts.items(), new)}
+
+    def _generate(self, sessions, prompts, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
+        S, device = len(sessions), self.parts.device
+        states = [self._window_state(s) for s in sessions]
+        windows = [len(st[0]) for st in states]
+        lens = [len(p) for p in prompts]
+        W, P = max(windows), max(lens)
+        for s, (w, p) in enumerate(zip(windows, lens)):
+            if w + p == 0:
+                raise InputError(f"session {sessions[s].key!r}: generate() needs a prompt when the window holds no tokens")
+        padded = any(w != W for w in windows) or any(p != P for p in lens)
+        # Cache: each row's window KV, left-padded to W. mask: 1 where a row has a real token.
+        kv = _left_padded_kv([st[1] for st in states], windows, W)
+        mask = torch.zeros(S, W + P, dtype=torch.long, device=device)
+        ids = torch.zeros(S, P, dtype=torch.long, device=device)
+        pos = torch.zeros(S, P, dtype=torch.long, device=device)
+        for s, (w, p) in enumerate(zip(windows, lens)):
+            mask[s, W - w:W] = 1
+            mask[s, W + P - p:] = 1
+            if p:
+                ids[s, P - p:] = torch.tensor(prompts[s], device=device)
+                pos[s, P - p:] = torch.arange(w, w + p, device=device)
+        self._bind_for_inference(sessions)
+        cache = self.parts.make_cache(kv)
+        last = torch.stack([st[2] if st[0] else torch.zeros(self.parts.hidden_size, device=device) for st in states])
+        if P:
+            final, cache = self.parts.forward(ids, cache, use_cache=True, attention_mask=mask if padded else None,
+                                              position_ids=pos if padded else None)
+            has_prompt = torch.tensor([p > 0 for p in lens], device=device)[:, None]
+            last = torch.where(has_prompt, final[:, -1], last)
+        gen = torch.Generator(device=device).manual_seed(self.config.seed if seed is None else seed)
+        next_pos = torch.tensor([w + p for w, p in zip(windows, lens)], device=device)
+        out: list[list[int]] = [[] for _ in sessions]
+        done = [False] * S
+        for step in range(max_new_tokens):
+            tok = sample_next(self.parts.logits(last), temperature, top_p, gen)        # (S,)
+            for s in range(S):
+                if not done[s]:
+                    t = int(tok[s])
+                    if t in stops:
+                        done[s] = True
+                    else:
+                        out[s].append(t)
+            if all(done) or step + 1 == max_new_tokens:
                 break
-            out.append(tok)
-            if len(out) == max_new_tokens:
-                break
-            final, cache = self.parts.forward(self._tensor([tok]), cache, use_cache=True)
+            if padded:
+                mask = torch.cat([mask, torch.ones(S, 1, dtype=torch.long, device=device)], dim=1)
+            final, cache = self.parts.forward(tok[:, None], cache, use_cache=True,
+                                              attention_mask=mask if padded else None,
+                                              position_ids=next_pos[:, None] if padded else None)
+            next_pos = next_pos + 1
             last = final[:, -1]
-        if as_text:
-            return self.tokenizer.decode(out)
         return out
 
-    def _check_span(self, extra: int, what: str) -> None:
+    def _window_state(self, sess: Session):
+        """The session's window tokens, their KV under its delta and the last final state; built once
+        per window and delta, then reused by every query."""
+        tokens = sess.window_tokens()
+        if sess._kv is None or sess._kv[0] != tokens:
+            if not tokens:
+                sess._kv = (tokens, [], None)
+            else:
+                bind(self.wrappers, [sess.delta])
+                final, cache = self.parts.forward(self._tensor(tokens), use_cache=True)
+                sess._kv = (tokens, cache_tensors(cache), final[0, -1])
+        return sess._kv
+
+    def _rest(self) -> None:
+        """Between calls the model carries the default session's memory, so calling the model itself
+        (or a wrapper around it) reads that memory."""
+        if self.wrappers:
+            bind(self.wrappers, [self.default.delta])
+
+    def _bind_for_inference(self, sessions: list[Session]) -> None:
+        bind(self.wrappers, [s.delta for s in sessions])
+        set_rows(self.wrappers, len(sessions), 1, self.parts.device)
+
+    def _acquire(self, sess: Session) -> None:
+        for key, kind in self.scheduler.acquire(sess.key):
+            self.sessions[key]._move(kind)
+
+    def _session_for(self, name) -> Session:
+        if isinstance(name, Session):
+            return name
+        if name not in self.sessions:
+            raise InputError(f"unknown session {name!r}")
+        return self.sessions[name]
+
+    def _check_window(self, window_tokens: int) -> None:
+        if self.parts.absolute_positions and window_tokens > self.parts.max_positions:
+            raise ConfigError(f"chunk_tokens + sync_tokens = {window_tokens} exceeds the {self.parts.max_positions} "
+                              f"positions {self.parts.model_type} has")
+
+    def _check_span(self, sess: Session, extra: int, what: str) -> None:
         """Queries read the window plus what they add, in full attention. Past the model's positions
         (or the window, if larger) that is no longer bounded memory: absorb long inputs instead."""
+        held = len(sess.window_tokens())
         limit = max(self.parts.max_positions, self.config.window_tokens)
-        if self.window.held + extra > limit:
-            raise InputError(f"window ({self.window.held}) + {what} = {self.window.held + extra} tokens "
-                             f"exceeds the model's {limit} positions; absorb() long inputs first")
-
-    def _window_cache(self):
-        """A fresh cache over the raw window (built once per window and delta) and its last state."""
-        tokens = self.window.window()
-        if not tokens:
-            return None, None
-        if self._window_kv is None or self._window_kv[0] != tokens:
-            final, cache = self.parts.forward(self._tensor(tokens), use_cache=True)
-            self._window_kv = (tokens, cache_tensors(cache), final[:, -1])
-        _, kv, last = self._window_kv
-        return self.parts.make_cache(kv), last
+        if held + extra > limit:
+            raise InputError(f"window ({held}) + {what} = {held + extra} tokens exceeds the model's {limit} "
+                             "positions; absorb() long inputs first")
 
     def _stop_ids(self, stop) -> set[int]:
         if stop is None:
@@ -249,64 +358,58 @@ class AbsorberEngine:
                 out.add(int(s))
         return out
 
-    # ------------------------------------------------------------------ memory
+    # ------------------------------------------------------------------ the default session
+
+    def absorb(self, text_or_ids, flush: bool = False, progress=None) -> AbsorbReport:
+        """Feeds the default stream and absorbs every round its window allows (all of it with flush)."""
+        return self.default.absorb(text_or_ids, flush=flush, progress=progress)
+
+    def logits(self, ids) -> torch.Tensor:
+        """Next-token logits (len(ids), V) at each position of `ids`, after the memory and the window."""
+        return self.default.logits(ids)
+
+    def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop=None, seed: int | None = None):
+        """Continues the default stream's window (and `prompt`) with its memory; nothing is absorbed."""
+        return self.default.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     stop=stop, seed=seed)
 
     def reset(self) -> None:
-        """Forgets everything: Δ = 0 and an empty window."""
-        self.delta.reset()
-        bind(self.wrappers, [self.delta])
-        self.window.clear()
-        self._window_kv = None
-        self._unmerge()
+        self.default.reset()
 
     def save_memory(self, path) -> None:
-        from .memory_file import save_memory
-
-        save_memory(self, path)
+        self.default.save_memory(path)
 
     def load_memory(self, path) -> None:
-        from .memory_file import load_memory
-
-        load_memory(self, path)
-        self._window_kv = None
-        self._unmerge()
-        if self.config.merge_for_inference:
-            self._merge()
+        self.default.load_memory(path)
 
     def export_peft(self, directory) -> None:
-        from .peft_export import export_peft
+        self.default.export_peft(directory)
 
-        export_peft(self, directory)
+    @property
+    def delta(self):
+        return self.default.delta
+
+    @property
+    def held_tokens(self) -> int:
+        return self.default.held_tokens
+
+    @property
+    def absorbed_tokens(self) -> int:
+        return self.default.absorbed_tokens
+
+    def window_tokens(self) -> list[int]:
+        return self.default.window_tokens()
+
+    def held_bytes(self) -> dict[str, int]:
+        return self.default.held_bytes()
 
     def close(self) -> None:
         """Detaches the deltas: the model is left exactly as it was given."""
         detach(self.parts.model, self.wrappers)
         self.wrappers = {}
 
-    @property
-    def held_tokens(self) -> int:
-        return self.window.held
-
-    @property
-    def absorbed_tokens(self) -> int:
-        return self.window.absorbed
-
-    def held_bytes(self) -> dict[str, int]:
-        """Bytes of what the engine holds for this stream: the delta and the window's KV."""
-        kv = 0
-        if self._window_kv is not None:
-            kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._window_kv[1])
-        return {"delta": self.delta.nbytes, "kv": kv, "tokens": 8 * self.window.held}
-
     # ------------------------------------------------------------------ helpers
-
-    def _merge(self) -> None:
-        for w in self.wrappers.values():
-            w.merge()
-
-    def _unmerge(self) -> None:
-        for w in self.wrappers.values():
-            w.unmerge()
 
     def _tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.parts.device)
@@ -328,6 +431,32 @@ class AbsorberEngine:
         return ids
 
 
+def _left_padded_kv(per_row: list[list], lengths: list[int], width: int) -> list:
+    """Per layer (keys, values) of all rows, each row's (1, H, len, Dh) left-padded with zeros to `width`."""
+    if width == 0:
+        return []
+    ref = per_row[lengths.index(max(lengths))]
+    out = []
+    for layer, (k_ref, v_ref) in enumerate(ref):
+        ks, vs = [], []
+        for kv, n in zip(per_row, lengths):
+            pad_k = k_ref.new_zeros(1, k_ref.shape[1], width - n, k_ref.shape[3])
+            pad_v = v_ref.new_zeros(1, v_ref.shape[1], width - n, v_ref.shape[3])
+            ks.append(torch.cat([pad_k, kv[layer][0]], dim=2) if n else pad_k)
+            vs.append(torch.cat([pad_v, kv[layer][1]], dim=2) if n else pad_v)
+        out.append((torch.cat(ks), torch.cat(vs)))
+    return out
+
+
+def _check_sampling(max_new_tokens, temperature, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise InputError(f"temperature must be >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def _as_id_list(value) -> list[int]:
     if value is None:
         raise InputError("expected text or token ids, got None")
@@ -345,12 +474,9 @@ def _as_id_list(value) -> list[int]:
         raise InputError(f"expected text or a sequence of token ids, got {type(value).__name__}")
     out = []
     for i, t in enumerate(value):
-        if isinstance(t, bool) or not isinstance(t, int):
-            if hasattr(t, "__index__") and not isinstance(t, bool):
-                t = t.__index__()
-            else:
-                raise InputError(f"token ids must be integers; item {i} is {type(t).__name__} {t!r}")
-        out.append(int(t))
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise InputError(f"token ids must be integers; item {i} is {type(t).__name__} {t!r}")
+        out.append(int(t.__index__()))
     return out
 
 

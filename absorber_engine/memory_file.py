@@ -48,18 +48,18 @@ def _base_parameters(model):
         yield name.replace(".base.", "."), p
 
 
-def save_memory(engine, path) -> None:
+def save_memory(session, path) -> None:
     path = os.fspath(path)
-    tensors = {f"delta.{k}": v.cpu().contiguous() for k, v in engine.delta.state_dict().items()}
-    tensors["window"] = torch.tensor(engine.window.window(), dtype=torch.int64)
+    tensors = {f"delta.{k}": v.cpu().contiguous() for k, v in session.delta.state_dict().items()}
+    tensors["window"] = torch.tensor(session.window_tokens(), dtype=torch.int64)
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
-        "model_fingerprint": model_fingerprint(engine.parts),
-        "model_type": engine.parts.model_type,
-        "config": engine.config.to_json(),
-        "tokens_absorbed": str(engine.window.absorbed),
-        "rounds": str(engine.window.rounds),
+        "model_fingerprint": model_fingerprint(session.parts),
+        "model_type": session.parts.model_type,
+        "config": session.config.to_json(),
+        "tokens_absorbed": str(session.absorbed_tokens),
+        "rounds": str(session.rounds),
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -103,9 +103,9 @@ def read_memory_config(path) -> AbsorberConfig:
         raise MemoryFileError(f"{path} has a corrupt header: {exc}") from exc
 
 
-def load_memory(engine, path) -> None:
+def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
-    if meta.get("model_fingerprint") != model_fingerprint(engine.parts):
+    if meta.get("model_fingerprint") != model_fingerprint(session.parts):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:
@@ -113,26 +113,27 @@ def load_memory(engine, path) -> None:
         absorbed, rounds = int(meta["tokens_absorbed"]), int(meta["rounds"])
     except (KeyError, ValueError, ConfigError) as exc:
         raise MemoryFileError(f"{path} has a corrupt header: {exc}") from exc
-    mine = engine.config
+    mine = session.config
     if (saved.rank, saved.scale) != (mine.rank, mine.scale):
         raise MemoryFileError(f"{path} holds a rank-{saved.rank} delta (scale {saved.scale}); this engine "
                               f"uses rank {mine.rank} (scale {mine.scale})")
     delta = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
     window = tensors.get("window")
     try:
-        engine.delta.check_state(delta)
+        session.delta.check_state(delta)
     except ValueError as exc:
         raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
     if window is None or window.dim() != 1 or window.dtype != torch.int64:
         raise MemoryFileError(f"{path} has no valid window tensor")
-    if window.numel() > mine.window_tokens:
-        raise MemoryFileError(f"{path} holds a window of {window.numel()} tokens; this engine's window "
-                              f"is {mine.window_tokens}")
+    capacity = session._capacity()
+    if window.numel() > capacity:
+        raise MemoryFileError(f"{path} holds a window of {window.numel()} tokens; this session's window "
+                              f"is {capacity}")
     if absorbed < 0 or rounds < 0:
         raise MemoryFileError(f"{path} has negative counters")
     # Everything checked: only now change the engine (the window first; it validates the ids).
     try:
-        engine.window.restore(window.tolist(), absorbed, rounds)
+        session.restore_window(window.tolist(), absorbed, rounds)
     except (IndexError, ValueError) as exc:
         raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
-    engine.delta.load_state_dict(delta)
+    session.delta.load_state_dict(delta)

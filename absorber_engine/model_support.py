@@ -66,12 +66,15 @@ class ModelParts:
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype
 
-    def forward(self, ids: torch.Tensor, cache: DynamicCache | None = None, use_cache: bool = False):
-        """The decoder over `ids` (B, T) after `cache`; returns (final normed states (B, T, D), cache)."""
+    def forward(self, ids: torch.Tensor, cache: DynamicCache | None = None, use_cache: bool = False,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """The decoder over `ids` (B, T) after `cache`; returns (final normed states (B, T, D), cache).
+        attention_mask (B, cached + T) and position_ids (B, T) only where rows are padded."""
         past = cache.get_seq_length() if cache is not None else 0
         self.stats.max_span = max(self.stats.max_span, past + ids.shape[1])
         self.stats.forwards += 1
-        out = self.base(input_ids=ids, past_key_values=cache, use_cache=use_cache)
+        out = self.base(input_ids=ids, past_key_values=cache, use_cache=use_cache, attention_mask=attention_mask,
+                        position_ids=position_ids)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
 
     def logits(self, final_states: torch.Tensor) -> torch.Tensor:

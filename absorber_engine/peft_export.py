@@ -14,17 +14,17 @@ import os
 from safetensors.torch import save_file
 
 
-def export_peft(engine, directory) -> None:
+def export_peft(session, directory) -> None:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    cfg = engine.config
+    cfg = session.config
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
     tensors = {}
-    for name in engine.delta.shapes:
+    for name in session.delta.shapes:
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = engine.delta.A[name].detach().t().contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = engine.delta.B[name].detach().t().contiguous().cpu()
-    model_cfg = engine.parts.model.config
+        tensors[f"{prefix}.lora_A.weight"] = session.delta.A[name].detach().t().contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = session.delta.B[name].detach().t().contiguous().cpu()
+    model_cfg = session.parts.model.config
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -34,9 +34,9 @@ def export_peft(engine, directory) -> None:
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
-        "fan_in_fan_out": engine.parts.model_type == "gpt2",
+        "fan_in_fan_out": session.parts.model_type == "gpt2",
         # Full dotted names: PEFT matches them exactly, so no other module picks up the adapter.
-        "target_modules": sorted(engine.delta.shapes),
+        "target_modules": sorted(session.delta.shapes),
         "base_model_name_or_path": getattr(model_cfg, "_name_or_path", "") or None,
         "inference_mode": True,
     }

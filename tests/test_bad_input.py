@@ -50,12 +50,12 @@ ENGINE_CASES = [
 @pytest.mark.parametrize("row, call, error, message", ENGINE_CASES, ids=[c[0] for c in ENGINE_CASES])
 def test_bad_engine_input(eng, row, call, error, message):
     before = eng.delta.state_dict()
-    window, absorbed = eng.window.window(), eng.absorbed_tokens
+    window, absorbed = eng.window_tokens(), eng.absorbed_tokens
     with pytest.raises(error, match=message):
         call(eng)
     for k, v in eng.delta.state_dict().items():
         assert torch.equal(v, before[k])
-    assert eng.window.window() == window and eng.absorbed_tokens == absorbed
+    assert eng.window_tokens() == window and eng.absorbed_tokens == absorbed
 
 
 CONFIG_CASES = [

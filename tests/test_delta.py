@@ -38,12 +38,13 @@ def test_delta_adds_scaled_low_rank_product_and_leaves_weights(arch):
     bias = wrapper.base.bias if wrapper.base.bias is not None else 0.0
     expected = x @ dense + bias + 2.0 * (x @ eng.delta.A[name]) @ eng.delta.B[name]
     torch.testing.assert_close(wrapper(x), expected, rtol=1e-5, atol=1e-5)
-    # Merged (inference) and unmerged agree.
+    # Merged into a standalone copy and unmerged agree; the engine's model is left as it was.
     ids = random_ids(19, seed=1)
     unmerged = eng.logits(ids)
-    eng._merge()
-    torch.testing.assert_close(eng.logits(ids), unmerged, rtol=1e-4, atol=1e-4)
-    eng._unmerge()
+    merged_model = eng.default.merged_model()
+    assert not any(isinstance(m, type(wrapper)) for m in merged_model.modules())
+    torch.testing.assert_close(_base_logits(merged_model, ids), unmerged, rtol=1e-4, atol=1e-4)
+    assert eng.wrappers[name] is wrapper and eng.parts.model.get_submodule(name) is wrapper
     # The base weights were never written; detaching gives the original model back.
     eng.close()
     after = model.state_dict()

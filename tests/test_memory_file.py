@@ -24,14 +24,14 @@ def trained(tmp_path):
 
 
 def _state(eng):
-    return eng.delta.state_dict(), eng.window.window(), eng.absorbed_tokens
+    return eng.delta.state_dict(), eng.window_tokens(), eng.absorbed_tokens
 
 
 def _same_state(eng, state):
     delta, window, absorbed = state
     for k, v in eng.delta.state_dict().items():
         assert torch.equal(v, delta[k]), k
-    assert eng.window.window() == window and eng.absorbed_tokens == absorbed
+    assert eng.window_tokens() == window and eng.absorbed_tokens == absorbed
 
 
 def test_round_trip_gives_identical_logits(trained):

@@ -91,7 +91,7 @@ def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
                                                                      max_steps=3, future_tokens=4, lr=1e-2))
     eng.absorb(random_ids(24, seed=1))                      # one good round first
     before = eng.delta.state_dict()
-    window_before, absorbed_before = eng.window.window(), eng.absorbed_tokens
+    window_before, absorbed_before = eng.window_tokens(), eng.absorbed_tokens
     calls = {"n": 0}
     real = sync.student_losses
 
@@ -110,7 +110,7 @@ def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
     for k, v in eng.delta.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert eng.absorbed_tokens == absorbed_before
-    assert eng.window.window()[:len(window_before)] == window_before
+    assert eng.window_tokens()[:len(window_before)] == window_before
     monkeypatch.setattr(sync, "student_losses", real)
     report = eng.absorb(random_ids(14, seed=2)[:14])        # the engine goes on
     assert report.rounds >= 1
