@@ -39,13 +39,21 @@ SIZES = {
     "llama-56m": dict(chunk_tokens=256, sync_tokens=512, rank=32, max_steps=4, rounds=2),
 }
 # The configurations of issue 6: (a) the paper's objective, (b) + full-vocabulary KL, (c) to the
-# baseline's final loss with early stop, (d) (a) with sampled futures as well as the real Y.
+# baseline's final loss with early stop: the engine's stop_loss is the final loss the baseline reached
+# in (a) while the baseline runs its K steps (c), or both stop at that loss (c2); (d) (a) with
+# sampled futures as well as the real Y; and what bf16 compute buys on a CPU with AVX512-BF16:
+# (e) the engine on bf16 weights against the fp32 baseline users run by default, (f) both in bf16.
 CONFIGS = {
     "a_hidden_l1": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
     "b_hidden_l1_kl": dict(hidden_weight=1.0, kl_weight=1.0, futures=0),
     "c_early_stop": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
+    "c2_early_stop_both": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
     "d_futures": dict(hidden_weight=1.0, kl_weight=0.0, futures=4, future_tokens=32),
+    "e_bf16_engine": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
+    "f_bf16_both": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
 }
+# (engine dtype, baseline dtype) of the model weights and activations; fp32 unless named here.
+DTYPES = {"e_bf16_engine": ("bfloat16", "float32"), "f_bf16_both": ("bfloat16", "bfloat16")}
 
 
 def make_config(size: str, config: str, **changes) -> tuple[AbsorberConfig, int]:
@@ -79,17 +87,23 @@ def _run(impl: str, model, cfg: AbsorberConfig, stream: list[int]) -> dict:
                 absorbed=rep.rounds * cfg.chunk_tokens, step_losses=rep.step_losses)
 
 
+def _model(name: str, dtype: str):
+    model = build_model(name)
+    return model if dtype == "float32" else model.to(getattr(torch, dtype))
+
+
 def job_time(job: dict) -> dict:
     cfg = AbsorberConfig.from_dict(job["config"])
     stream = token_stream(job["rounds"] * cfg.chunk_tokens + cfg.sync_tokens, job["vocab"], seed=1)
-    pristine = build_model(job["model"])
-    _warm(pristine)
+    pristine = {impl: _model(job["model"], job["dtypes"][impl]) for impl in ("engine", "baseline")}
+    for model in pristine.values():
+        _warm(model)
     configs = {"engine": cfg, "baseline": AbsorberConfig.from_dict(job.get("baseline_config", job["config"]))}
     runs = {"engine": [], "baseline": []}
     for rep in range(job["reps"]):
         order = ("engine", "baseline") if rep % 2 == 0 else ("baseline", "engine")
         for impl in order:
-            model = copy.deepcopy(pristine)
+            model = copy.deepcopy(pristine[impl])
             runs[impl].append(_run(impl, model, configs[impl], stream))
             del model
             gc.collect()
@@ -101,7 +115,7 @@ def job_time(job: dict) -> dict:
 def job_memory(job: dict) -> dict:
     cfg = AbsorberConfig.from_dict(job["config"]).replace(max_steps=2, stop_loss=0.0)
     stream = token_stream(cfg.chunk_tokens + cfg.sync_tokens, job["vocab"], seed=1)
-    model = build_model(job["model"])
+    model = _model(job["model"], job["dtype"])
     _warm(model)
     pristine = copy.deepcopy(model)
     gc.collect()
@@ -142,12 +156,14 @@ def _loss_gap(engine_runs: list[dict], baseline_runs: list[dict]) -> float | Non
 
 
 def compare(size: str, config: str, reps: int, memory: bool = True, engine_changes: dict | None = None,
-            progress=None) -> dict:
+            baseline_changes: dict | None = None, progress=None) -> dict:
     """One configuration, engine vs baseline: timings interleaved in one process, memory in fresh ones."""
     cfg, rounds = make_config(size, config)
     engine_cfg = cfg.replace(**(engine_changes or {}))
+    cfg = cfg.replace(**(baseline_changes or {}))
     vocab = build_vocab(size)
-    job = dict(kind="time", name=config, model=size, vocab=vocab, rounds=rounds, reps=reps,
+    dtypes = dict(zip(("engine", "baseline"), DTYPES.get(config, ("float32", "float32"))))
+    job = dict(kind="time", name=config, model=size, vocab=vocab, rounds=rounds, reps=reps, dtypes=dtypes,
                config=engine_cfg.to_dict(), baseline_config=cfg.to_dict())
     t0 = time.perf_counter()
     runs = run_job(job)
@@ -160,7 +176,8 @@ def compare(size: str, config: str, reps: int, memory: bool = True, engine_chang
                            rounds=rounds, tokens_absorbed=tokens, futures=cfg.futures,
                            future_tokens=cfg.future_length if cfg.futures else 0, hidden_weight=cfg.hidden_weight,
                            kl_weight=cfg.kl_weight, lr=cfg.lr, engine_stop_loss=engine_cfg.stop_loss,
-                           baseline_stop_loss=cfg.stop_loss, reps=reps),
+                           baseline_stop_loss=cfg.stop_loss, reps=reps, engine_dtype=dtypes["engine"],
+                           baseline_dtype=dtypes["baseline"]),
     }
     for impl in ("engine", "baseline"):
         rs = runs[impl]
@@ -173,12 +190,17 @@ def compare(size: str, config: str, reps: int, memory: bool = True, engine_chang
     out["throughput_ratio"] = dict(median=out["baseline"]["seconds"]["median"] / out["engine"]["seconds"]["median"],
                                    best=out["baseline"]["seconds"]["min"] / out["engine"]["seconds"]["min"],
                                    per_rep=per_rep)
-    out["loss_gap_rel"] = _loss_gap(runs["engine"], runs["baseline"]) if cfg.futures == 0 else None
+    same = cfg.futures == 0 and dtypes["engine"] == dtypes["baseline"] and engine_cfg.stop_loss == cfg.stop_loss
+    out["loss_gap_rel"] = _loss_gap(runs["engine"], runs["baseline"]) if same else None
+    for impl, c in (("engine", engine_cfg), ("baseline", cfg)):
+        out[impl]["round_final_losses"] = [r[-1] for r in out[impl]["step_losses"]]
+        if c.stop_loss > 0:   # did every round (and so the last one) get below the stop loss?
+            out[impl]["reached_stop_loss"] = all(r[-1] < c.stop_loss for r in out[impl]["step_losses"])
     if memory:
         for impl in ("engine", "baseline"):
             mem_cfg = engine_cfg if impl == "engine" else cfg
             out[impl]["memory"] = run_job(dict(kind="memory", impl=impl, model=size, vocab=vocab,
-                                               config=mem_cfg.to_dict()))
+                                               dtype=dtypes[impl], config=mem_cfg.to_dict()))
             if progress:
                 progress()
         e, b = out["engine"]["memory"], out["baseline"]["memory"]

@@ -1,0 +1,69 @@
+"""The benchmark suite as one command.
+
+    python -m absorber_bench.run            # everything, ~15 min on a 2-core CPU
+    python -m absorber_bench.run --quick    # the ~2 minute version (tiny model, shorter streams)
+    python -m absorber_bench.run --threads 1 --only e2e,kernels
+
+Runs pytest-benchmark over bench/bench_*.py, then writes into the results directory (bench/results,
+or bench/results/quick): pytest-benchmark.json (raw), results.json (every number with machine,
+versions and conditions), SUMMARY.md (tables and the goals) and streaming.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SECTIONS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py", "streaming": "bench_streaming.py"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the ~2 minute version")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own, one per core)")
+    ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--results", help="results directory (default bench/results[/quick])")
+    ap.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
+    args = ap.parse_args(argv)
+
+    here = Path(__file__).resolve().parent
+    results = Path(args.results) if args.results else here / "results" / ("quick" if args.quick else "")
+    results.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ABSORBER_BENCH_RESULTS=str(results), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["ABSORBER_BENCH_QUICK"] = "1" if args.quick else "0"
+    if args.threads:
+        env["ABSORBER_BENCH_THREADS"] = str(args.threads)
+    env.pop("TRITON_INTERPRET", None)          # never time the interpreter
+    sections = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    cmd = [sys.executable, "-m", "pytest", *[str(here / SECTIONS[s]) for s in sections],
+           "-o", "python_files=bench_*.py", "-o", "addopts=", "-p", "no:cacheprovider", "-s", "-q",
+           f"--rootdir={here.parent}", f"--benchmark-json={results / 'pytest-benchmark.json'}",
+           "--benchmark-columns=min,median,max,rounds", "--benchmark-sort=name", *args.pytest_args]
+    command = "python -m absorber_bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    start = time.perf_counter()
+    rc = subprocess.call(cmd, env=env, cwd=here.parent)
+    wall = time.perf_counter() - start
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    if not (results / "pytest-benchmark.json").exists():
+        print("no benchmark results were written", file=sys.stderr)
+        return rc or 1
+    from .report import build
+
+    build(results, command.strip(), wall, dict(load_before=load_before, load_after=load_after,
+                                                threads_requested=args.threads, sections=sections))
+    print(f"\nwrote {results / 'results.json'} and {results / 'SUMMARY.md'} ({wall / 60:.1f} min)")
+    print((results / "SUMMARY.md").read_text())
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
