@@ -194,8 +194,8 @@ def compare(size: str, config: str, reps: int, memory: bool = True, engine_chang
     out["loss_gap_rel"] = _loss_gap(runs["engine"], runs["baseline"]) if same else None
     for impl, c in (("engine", engine_cfg), ("baseline", cfg)):
         out[impl]["round_final_losses"] = [r[-1] for r in out[impl]["step_losses"]]
-        if c.stop_loss > 0:   # did every round (and so the last one) get below the stop loss?
-            out[impl]["reached_stop_loss"] = all(r[-1] < c.stop_loss for r in out[impl]["step_losses"])
+        if c.stop_loss > 0:   # did the last round end below the stop loss (the final sync loss reached)?
+            out[impl]["reached_stop_loss"] = out[impl]["step_losses"][-1][-1] < c.stop_loss
     if memory:
         for impl in ("engine", "baseline"):
             mem_cfg = engine_cfg if impl == "engine" else cfg
