@@ -72,6 +72,14 @@ class AbsorberEngine:
         self.ops = get_ops(self.backend)
         targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[self.parts.model_type]
         self.wrappers = attach(model, targets, self.ops)
+        self._attn_before = None
+        if self.backend == "triton":
+            # The teacher, the student and generation all run through the flash-attention kernel.
+            from absorber_kernels.attention import register_hf_attention
+
+            self._attn_before = model.config._attn_implementation
+            self._attn_kernel = register_hf_attention()
+            model.set_attn_implementation(self._attn_kernel)
         self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
         self.scheduler = _scheduler.Scheduler(self.parts.vocab_size, cfg.max_resident, cfg.chunk_tokens,
                                               cfg.sync_tokens)
@@ -244,18 +252,31 @@ class AbsorberEngine:
                 for (name, p), out in zip(prompts.items(), new)}
 
     def _generate(self, sessions, prompts, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
-        S, device = len(sessions), self.parts.device
         states = [self._window_state(s) for s in sessions]
-        windows = [len(st[0]) for st in states]
-        lens = [len(p) for p in prompts]
+        for sess, st, p in zip(sessions, states, prompts):
+            if not st[0] and not p:
+                raise InputError(f"session {sess.key!r}: generate() needs a prompt when the window holds no tokens")
+        self._bind_for_inference(sessions)
+        padded = len({len(st[0]) for st in states}) > 1 or len({len(p) for p in prompts}) > 1
+        # Padded rows need a padding mask, which the flash kernel does not take; sdpa does.
+        switch = padded and self._attn_before is not None
+        if switch:
+            self.parts.model.set_attn_implementation("sdpa")
+        try:
+            rows = self._prefill(states, prompts, padded)
+            return self._decode(rows, max_new_tokens, temperature, top_p, stops, seed)
+        finally:
+            if switch:
+                self.parts.model.set_attn_implementation(self._attn_kernel)
+
+    def _prefill(self, states, prompts, padded: bool) -> "_Rows":
+        """One row per session: its window's KV left-padded to the longest window, then its prompt
+        left-padded to the longest prompt, run in one forward. Positions count from each row's own
+        first token, so a row reads exactly what it would read alone."""
+        S, device = len(states), self.parts.device
+        windows, lens = [len(st[0]) for st in states], [len(p) for p in prompts]
         W, P = max(windows), max(lens)
-        for s, (w, p) in enumerate(zip(windows, lens)):
-            if w + p == 0:
-                raise InputError(f"session {sessions[s].key!r}: generate() needs a prompt when the window holds no tokens")
-        padded = any(w != W for w in windows) or any(p != P for p in lens)
-        # Cache: each row's window KV, left-padded to W. mask: 1 where a row has a real token.
-        kv = _left_padded_kv([st[1] for st in states], windows, W)
-        mask = torch.zeros(S, W + P, dtype=torch.long, device=device)
+        mask = torch.zeros(S, W + P, dtype=torch.long, device=device)       # 1 where a row has a real token
         ids = torch.zeros(S, P, dtype=torch.long, device=device)
         pos = torch.zeros(S, P, dtype=torch.long, device=device)
         for s, (w, p) in enumerate(zip(windows, lens)):
@@ -264,34 +285,38 @@ class AbsorberEngine:
             if p:
                 ids[s, P - p:] = torch.tensor(prompts[s], device=device)
                 pos[s, P - p:] = torch.arange(w, w + p, device=device)
-        self._bind_for_inference(sessions)
-        cache = self.parts.make_cache(kv)
-        last = torch.stack([st[2] if st[0] else torch.zeros(self.parts.hidden_size, device=device) for st in states])
+        cache = self.parts.make_cache(_left_padded_kv([st[1] for st in states], windows, W))
+        zero = torch.zeros(self.parts.hidden_size, device=device)
+        last = torch.stack([st[2] if st[0] else zero for st in states])               # (S, D)
         if P:
             final, cache = self.parts.forward(ids, cache, use_cache=True, attention_mask=mask if padded else None,
                                               position_ids=pos if padded else None)
-            has_prompt = torch.tensor([p > 0 for p in lens], device=device)[:, None]
+            has_prompt = torch.tensor(lens, device=device)[:, None] > 0
             last = torch.where(has_prompt, final[:, -1], last)
-        gen = torch.Generator(device=device).manual_seed(self.config.seed if seed is None else seed)
         next_pos = torch.tensor([w + p for w, p in zip(windows, lens)], device=device)
-        out: list[list[int]] = [[] for _ in sessions]
+        return _Rows(cache, last, mask if padded else None, next_pos)
+
+    def _decode(self, rows: "_Rows", max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
+        S, device = rows.last.shape[0], self.parts.device
+        gen = torch.Generator(device=device).manual_seed(self.config.seed if seed is None else seed)
+        cache, last, mask, next_pos = rows.cache, rows.last, rows.mask, rows.next_pos
+        out: list[list[int]] = [[] for _ in range(S)]
         done = [False] * S
         for step in range(max_new_tokens):
             tok = sample_next(self.parts.logits(last), temperature, top_p, gen)        # (S,)
-            for s in range(S):
-                if not done[s]:
-                    t = int(tok[s])
-                    if t in stops:
-                        done[s] = True
-                    else:
-                        out[s].append(t)
+            for s, t in enumerate(tok.tolist()):
+                if done[s]:
+                    continue
+                if t in stops:
+                    done[s] = True
+                else:
+                    out[s].append(t)
             if all(done) or step + 1 == max_new_tokens:
                 break
-            if padded:
+            if mask is not None:
                 mask = torch.cat([mask, torch.ones(S, 1, dtype=torch.long, device=device)], dim=1)
-            final, cache = self.parts.forward(tok[:, None], cache, use_cache=True,
-                                              attention_mask=mask if padded else None,
-                                              position_ids=next_pos[:, None] if padded else None)
+            final, cache = self.parts.forward(tok[:, None], cache, use_cache=True, attention_mask=mask,
+                                              position_ids=next_pos[:, None] if mask is not None else None)
             next_pos = next_pos + 1
             last = final[:, -1]
         return out
@@ -408,6 +433,9 @@ class AbsorberEngine:
         """Detaches the deltas: the model is left exactly as it was given."""
         detach(self.parts.model, self.wrappers)
         self.wrappers = {}
+        if self._attn_before is not None:
+            self.parts.model.set_attn_implementation(self._attn_before)
+            self._attn_before = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -429,6 +457,16 @@ class AbsorberEngine:
             if t < 0 or t >= vocab:
                 raise InputError(f"token id {t} at position {i} is outside the vocabulary [0, {vocab})")
         return ids
+
+
+@dataclass
+class _Rows:
+    """A batch of generation rows after the prefill."""
+
+    cache: object                      # DynamicCache over windows and prompts
+    last: torch.Tensor                 # (S, D) final state of each row's last real token
+    mask: torch.Tensor | None          # (S, cached) 1 on real tokens; None when no row is padded
+    next_pos: torch.Tensor             # (S,) position of each row's next token
 
 
 def _left_padded_kv(per_row: list[list], lengths: list[int], width: int) -> list:
