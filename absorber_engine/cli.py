@@ -101,7 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="the inputs are whitespace-separated token ids, not text")
     p.add_argument("--out-dir", required=True, help="one memory file per input is written here")
     p.add_argument("--nproc", type=int, default=1, help="processes to spread the streams over (gloo on CPU, nccl on GPUs)")
+    for name, text in _DELEGATED.items():
+        p = sub.add_parser(name, help=text[1], add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER, help=f"options of {name} (see absorber {name} --help)")
     return parser
+
+
+# Commands whose options live with their code (bench/): `absorber NAME --help` shows them.
+_DELEGATED = {
+    "eval": ("absorber_bench.evaluate", "the long-context evaluation: every method x task x length"),
+    "bench": ("absorber_bench.run", "the microbenchmark suite (engine vs a plain PEFT implementation)"),
+    "demo": ("absorber_bench.demo", "stream a long document into the shipped model and ask about its start"),
+}
 
 
 def _config_from_args(args, base=None):
@@ -224,6 +235,11 @@ COMMANDS = {"absorb": cmd_absorb, "generate": cmd_generate, "export-peft": cmd_e
 def main(argv=None) -> int:
     from .errors import (AbsorptionError, ConfigError, InputError, MemoryFileError, UnsupportedModelError)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        return importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -1,0 +1,217 @@
+"""The long-context evaluation: every method × task × length on the shipped model.
+
+    absorber eval                 # the full table (about an hour on a 2-core CPU)
+    absorber eval --quick         # under 5 minutes: fewer tasks, lengths and examples
+
+Lengths are multiples of the model's trained context. For each cell: accuracy (retrieval tasks,
+greedy decoding) or LM loss (doc_lm), the bytes the method holds when it answers (KV, plus the
+delta for engine methods), the time spent absorbing, and generation latency per token. Writes
+RESULTS.md (tables), results.json (every example) and two plots to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from absorber_engine import AbsorberConfig
+from absorber_engine.cli import default_model
+
+from .methods import EngineMethod, WindowMethod
+from .tasks import RETRIEVAL_TASKS, TASKS, answer_text, make_example, score
+
+HERE = Path(__file__).resolve().parent
+ALL_METHODS = ("full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures")
+
+
+def engine_config(ctx: int, **changes) -> AbsorberConfig:
+    """The absorption budget every engine method shares: n = ctx/2, m = ctx/4, so the raw window
+    (3/4 of the trained context) plus a query fits where the model was trained."""
+    base = dict(chunk_tokens=ctx // 2, sync_tokens=ctx // 4, rank=16, max_steps=30, lr=5e-3, futures=0,
+                future_tokens=min(64, ctx // 4), seed=0)
+    base.update(changes)
+    return AbsorberConfig(**base)
+
+
+def build_methods(names, model_dir: str, ctx: int):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    window = engine_config(ctx).window_tokens
+    factories = {
+        "full": lambda: WindowMethod("full", model, tok, max_positions=model.config.max_position_embeddings),
+        "truncate": lambda: WindowMethod("truncate", model, tok, window=window),
+        "sinks": lambda: WindowMethod("sinks", model, tok, window=window, sinks=4),
+        "ttt": lambda: EngineMethod("ttt", model_dir, engine_config(ctx, objective="ttt")),
+        "absorber": lambda: EngineMethod("absorber", model_dir, engine_config(ctx)),
+        "absorber+kl": lambda: EngineMethod("absorber+kl", model_dir, engine_config(ctx, kl_weight=1.0)),
+        "absorber+futures": lambda: EngineMethod("absorber+futures", model_dir, engine_config(ctx, futures=4)),
+    }
+    return tok, [factories[n]() for n in names]
+
+
+def trained_context(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    ctx = getattr(cfg, "absorber_trained_context", None)
+    if not isinstance(ctx, int):
+        raise SystemExit(f"{model_dir}/config.json has no absorber_trained_context: pass --context")
+    return ctx
+
+
+def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | None, seed: int, out: Path,
+        quiet: bool = False) -> dict:
+    ctx = ctx or trained_context(model_dir)
+    tok, built = build_methods(methods, model_dir, ctx)
+    rows = []
+    cells = [(t, k, i) for k in multiples for t in tasks for i in range(examples)]
+    bar = tqdm(total=len(cells) * len(built), desc="eval", disable=quiet, file=sys.stderr)
+    for task, mult, i in cells:
+        ex = make_example(task, ctx * mult, tok, seed=seed + i)
+        context = tok.encode(ex.context, add_special_tokens=False)
+        query = tok.encode(ex.query, add_special_tokens=False)
+        target = tok.encode(ex.target, add_special_tokens=False) if ex.target else []
+        max_new = len(tok.encode(answer_text(ex.answers), add_special_tokens=False)) + 2
+        for m in built:
+            bar.set_postfix_str(f"{task} {mult}x {m.name}")
+            row = {"task": task, "multiple": mult, "tokens": len(context) + len(query) + len(target),
+                   "example": i, "method": m.name}
+            if not m.fits(row["tokens"]):
+                row["skipped"] = "does not fit"
+            else:
+                o = m.run(context, query, target, max_new)
+                row.update(generated=o.generated, held_bytes=o.held_bytes, absorb_seconds=o.absorb_seconds,
+                           token_seconds=o.token_seconds, target_loss=o.target_loss)
+                if task != "doc_lm":
+                    row["score"] = score(ex, o.generated)
+            rows.append(row)
+            bar.update()
+    bar.close()
+    result = {"model": model_dir, "trained_context": ctx, "tasks": list(tasks), "multiples": list(multiples),
+              "examples_per_cell": examples, "seed": seed, "methods": list(methods),
+              "engine_config": engine_config(ctx).to_dict(), "machine": _machine(), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "RESULTS.md").write_text(render(result))
+    plot(result, out)
+    return result
+
+
+def _cell(rows, method, mult, key, tasks=None):
+    vals = [r[key] for r in rows if r["method"] == method and r["multiple"] == mult and key in r
+            and (tasks is None or r["task"] in tasks) and not (isinstance(r[key], float) and math.isnan(r[key]))]
+    return statistics.fmean(vals) if vals else None
+
+
+def render(result: dict) -> str:
+    rows, mults, methods = result["rows"], result["multiples"], result["methods"]
+    ctx = result["trained_context"]
+    retrieval = [t for t in result["tasks"] if t in RETRIEVAL_TASKS]
+    head = "| method | " + " | ".join(f"{m}× ({m * ctx})" for m in mults) + " |\n|---|" + "---|" * len(mults) + "\n"
+
+    def table(title, key, fmt, tasks=None):
+        lines = [f"### {title}\n", head]
+        for meth in methods:
+            vals = [_cell(rows, meth, m, key, tasks) for m in mults]
+            lines.append(f"| {meth} | " + " | ".join("n/a" if v is None else fmt(v) for v in vals) + " |\n")
+        return "".join(lines) + "\n"
+
+    out = [f"# Long-context evaluation\n\nModel `{result['model']}`, trained context {ctx} tokens; "
+           f"{result['examples_per_cell']} examples per task and length, seed {result['seed']}; engine budget "
+           f"`{json.dumps({k: result['engine_config'][k] for k in ('chunk_tokens', 'sync_tokens', 'rank', 'max_steps', 'lr')})}`."
+           f" Machine: {result['machine']['cpu']} ({result['machine']['threads']} threads), torch "
+           f"{result['machine']['torch']}.\n\n"]
+    if retrieval:
+        out.append(table(f"Accuracy, mean over {', '.join(retrieval)}", "score", lambda v: f"{100 * v:.1f}%", retrieval))
+        for t in retrieval:
+            out.append(table(f"Accuracy: {t}", "score", lambda v: f"{100 * v:.0f}%", [t]))
+    if "doc_lm" in result["tasks"]:
+        out.append(table("doc_lm: LM loss on the later part (nats/token, lower is better)", "target_loss",
+                         lambda v: f"{v:.3f}", ["doc_lm"]))
+    out.append(table("Held memory when answering (KV + delta)", "held_bytes", lambda v: f"{v / 2**20:.2f} MiB"))
+    out.append(table("Absorption time per example", "absorb_seconds", lambda v: f"{v:.1f} s"))
+    out.append(table("Generation latency per token", "token_seconds", lambda v: f"{1000 * v:.1f} ms"))
+    return "".join(out)
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, mults, methods = result["rows"], result["multiples"], result["methods"]
+    retrieval = [t for t in result["tasks"] if t in RETRIEVAL_TASKS]
+    x = [m * result["trained_context"] for m in mults]
+    for key, name, ylabel, scale in (("score", "accuracy.png", "accuracy (retrieval tasks)", 100.0),
+                                     ("held_bytes", "memory.png", "held memory (MiB)", 1 / 2**20)):
+        if key == "score" and not retrieval:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for meth in methods:
+            ys = [_cell(rows, meth, m, key, retrieval if key == "score" else None) for m in mults]
+            pts = [(a, b * scale) for a, b in zip(x, ys) if b is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=meth)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def _machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+QUICK = dict(tasks=("passkey", "kv_recall"), multiples=(1, 4), examples=3,
+             methods=("truncate", "ttt", "absorber+futures"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="absorber eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=default_model(), help="model directory (default: the shipped model)")
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    ap.add_argument("--lengths", default="1,2,4,8,16", help="multiples of the trained context")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {','.join(ALL_METHODS)}")
+    ap.add_argument("--examples", type=int, default=10, help="examples per task and length")
+    ap.add_argument("--context", type=int, default=None, help="trained context (default: from the model config)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
+    ap.add_argument("--out", default=str(HERE / "results" / "eval"), help="output directory")
+    ap.add_argument("--quick", action="store_true", help="a reduced run that finishes in minutes")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.quick:
+        tasks, mults, examples, methods = QUICK["tasks"], QUICK["multiples"], QUICK["examples"], QUICK["methods"]
+        out = Path(args.out) / "quick" if args.out == str(HERE / "results" / "eval") else Path(args.out)
+    else:
+        tasks, mults = args.tasks.split(","), [int(m) for m in args.lengths.split(",")]
+        examples, methods, out = args.examples, args.methods.split(","), Path(args.out)
+    bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        ap.error(f"unknown tasks or methods: {bad}")
+    if not args.model:
+        ap.error("no model: pass --model DIR")
+    result = run(args.model, methods, tasks, mults, examples, args.context, args.seed, out, quiet=args.quiet)
+    print(render(result))
+    print(f"written to {out}/ (RESULTS.md, results.json, accuracy.png, memory.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The methods the evaluation compares, all on the same model: what each keeps of a long context
+and how it answers the query that follows.
+
+- full: the whole context in the KV cache (grows with the context).
+- truncate: only the last `window` tokens of context + query.
+- sinks: StreamingLLM's window, the first `sinks` tokens plus the last `window - sinks` ones.
+- engine methods (TTT and the Absorber variants): the context streamed through absorb(), so
+  everything but the last raw window is in the delta; the query is asked after the window.
+
+Every method sees the same token ids: the context and the query are tokenized separately and
+concatenated, so no method gets a different tokenization of the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from absorber_engine import AbsorberConfig, AbsorberEngine
+
+
+@dataclass
+class Outcome:
+    generated: str = ""               # greedy continuation of the query (retrieval tasks)
+    target_loss: float = math.nan     # doc_lm: mean next-token CE over the target
+    held_bytes: int = 0               # what the method holds when it answers: KV (+ delta)
+    absorb_seconds: float = 0.0       # time spent absorbing the context (engine methods)
+    token_seconds: float = math.nan   # generation latency per new token
+
+
+def kv_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values for `tokens` positions across every layer."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * tokens * torch.tensor([], dtype=dtype).element_size()
+
+
+class WindowMethod:
+    """full / truncate / sinks: a plain model reading (part of) the context in its KV cache."""
+
+    def __init__(self, name: str, model, tokenizer, window: int | None = None, sinks: int = 0,
+                 max_positions: int | None = None):
+        self.name, self.model, self.tok = name, model, tokenizer
+        self.window, self.sinks, self.max_positions = window, sinks, max_positions
+
+    def fits(self, n_tokens: int) -> bool:
+        return self.window is not None or self.max_positions is None or n_tokens <= self.max_positions
+
+    def _keep(self, ids: list[int]) -> list[int]:
+        if self.window is None or len(ids) <= self.window:
+            return ids
+        return ids[:self.sinks] + ids[len(ids) - (self.window - self.sinks):]
+
+    @torch.no_grad()
+    def run(self, context: list[int], query: list[int], target: list[int], max_new_tokens: int) -> Outcome:
+        if target:
+            ids = self._keep(context + target)
+            logits = self.model(torch.tensor([ids])).logits[0, -len(target):-1]
+            loss = F.cross_entropy(logits.float(), torch.tensor(target[1:])).item()
+            return Outcome(target_loss=loss, held_bytes=kv_bytes(self.model.config, len(ids), self.model.dtype))
+        ids = self._keep(context + query)
+        start = time.perf_counter()
+        out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tok.pad_token_id or 0)
+        new = out[0, len(ids):].tolist()
+        seconds = time.perf_counter() - start
+        return Outcome(generated=self.tok.decode(new), token_seconds=seconds / max(len(new), 1),
+                       held_bytes=kv_bytes(self.model.config, len(ids) + len(new), self.model.dtype))
+
+
+class EngineMethod:
+    """TTT or an Absorber variant: the context absorbed as a stream, the query asked after it."""
+
+    def __init__(self, name: str, model_dir: str, config: AbsorberConfig):
+        self.name = name
+        self.engine = AbsorberEngine.from_pretrained(model_dir, config=config)
+        self.tok = self.engine.tokenizer
+
+    def fits(self, n_tokens: int) -> bool:
+        return True
+
+    def run(self, context: list[int], query: list[int], target: list[int], max_new_tokens: int) -> Outcome:
+        eng = self.engine
+        eng.reset()
+        report = eng.absorb(context)
+        out = Outcome(absorb_seconds=report.seconds)
+        model_cfg, dtype = eng.parts.model.config, eng.parts.dtype
+        if target:
+            logits = eng.logits(target)[:-1]
+            out.target_loss = F.cross_entropy(logits, torch.tensor(target[1:])).item()
+            out.held_bytes = eng.delta.nbytes + kv_bytes(model_cfg, eng.held_tokens + len(target), dtype)
+            return out
+        start = time.perf_counter()
+        new = eng.generate(query, max_new_tokens=max_new_tokens)
+        out.token_seconds = (time.perf_counter() - start) / max(len(new), 1)
+        out.generated = self.tok.decode(new)
+        out.held_bytes = eng.delta.nbytes + kv_bytes(model_cfg, eng.held_tokens + len(query) + len(new), dtype)
+        return out
