@@ -30,6 +30,7 @@ import torch
 from . import attention as _attn
 from . import hidden_sync as _hid
 from . import linear_kl as _kl
+from . import lowrank_batched as _blora
 from . import lowrank_linear as _lora
 from ._common import HAS_TRITON, dot_precision, next_pow2
 
@@ -41,6 +42,7 @@ _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # representative sizes
 N_TOK, D_MODEL, VOCAB, RANK, D_FF = 2048, 4096, 32000, 64, 11008
 HQ, HKV, HEAD_DIM = 32, 8, 128
+BATCH_STREAMS = 8      # the batched low-rank delta: streams sharing the N_TOK tokens
 
 
 @dataclass
@@ -63,6 +65,10 @@ class AotResult:
     @property
     def spills(self) -> int:
         return self.stack + self.local
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _spec(fn, args: dict, constexprs: dict):
@@ -149,6 +155,40 @@ def specs(dtype: str, arch: int = 90):
                      s_xm=n_out, s_xk=1, s_wk=k_in, s_wn=1, s_um=r, s_ur=1, s_br=1, s_bn=r, s_ym=k_in, s_yn=1,
                      n_aux=32, ax_ptr=p, ay_ptr=p, ac_ptr="*fp32", AP=k_in, AQ=r, s_axm=k_in, s_axp=1,
                      s_aym=r, s_ayq=1, s_acp=r, s_acq=1), main_c, mc["num_warps"], mc["num_stages"]))
+
+    # --- batched low-rank linear: the same layer, the 2048 tokens as 8 streams × 1 row × 256 tokens ---
+    n_s, t_row = BATCH_STREAMS, N_TOK // BATCH_STREAMS
+    sc, mc = _blora.BLORA_CONFIG_GPU["shrink"], _blora.BLORA_CONFIG_GPU["main"]
+    shrink_c = dict(BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], BLOCK_R=br, AUX_P=sc["AUX_P"],
+                    AUX_Q=sc["AUX_Q"], AUX_M=sc["AUX_M"], PREC=prec)
+    seg_aux = dict(n_aux=0, aux_per_stream=1, ax_ptr=p, ay_ptr=p, ac_ptr=p, AP=1, AQ=1, s_axm=0, s_axp=0,
+                   s_aym=0, s_ayq=0, s_acs=0, s_acp=0, s_acq=0)
+    out.append(("lowrank_batched.shrink (fwd)", _blora._blora_shrink_kernel,
+                dict(x_ptr=p, a_ptr="*fp32", u_ptr=p, tiles_ptr="*i32", seg_ptr="*i32", K=k_in, R=r, s_xm=k_in,
+                     s_xk=1, s_as=k_in * r, s_ak=r, s_ar=1, s_um=r, s_ur=1, scale=2.0, **seg_aux),
+                shrink_c, sc["num_warps"], sc["num_stages"]))
+    per_db = _cdiv(r, sc["AUX_P"]) * _cdiv(n_out, sc["AUX_Q"])
+    out.append(("lowrank_batched.shrink+dB (bwd)", _blora._blora_shrink_kernel,
+                dict(x_ptr=p, a_ptr="*fp32", u_ptr=p, tiles_ptr="*i32", seg_ptr="*i32", K=n_out, R=r, s_xm=n_out,
+                     s_xk=1, s_as=r * n_out, s_ak=1, s_ar=n_out, s_um=r, s_ur=1, scale=2.0,
+                     n_aux=n_s * per_db, aux_per_stream=per_db, ax_ptr=p, ay_ptr=p, ac_ptr="*fp32", AP=r, AQ=n_out,
+                     s_axm=r, s_axp=1, s_aym=n_out, s_ayq=1, s_acs=r * n_out, s_acp=n_out, s_acq=1),
+                shrink_c, sc["num_warps"], sc["num_stages"]))
+    main_c = dict(HAS_BIAS=False, BLOCK_M=mc["BLOCK_M"], BLOCK_N=mc["BLOCK_N"], BLOCK_K=mc["BLOCK_K"],
+                  BLOCK_R=_lora._block_r(r, 32), GROUP_M=mc["GROUP_M"], AUX_P=mc["AUX_P"], AUX_Q=mc["AUX_Q"],
+                  AUX_M=mc["AUX_M"], PREC=prec)
+    out.append(("lowrank_batched.main (fwd)", _blora._blora_main_kernel,
+                dict(x_ptr=p, w_ptr=p, u_ptr=p, b_ptr="*fp32", bias_ptr=p, y_ptr=p, stream_ptr="*i32", T=t_row, M=m,
+                     N=n_out, K=k_in, R=r, s_xm=k_in, s_xk=1, s_wk=1, s_wn=k_in, s_um=r, s_ur=1, s_bs=r * n_out,
+                     s_br=n_out, s_bn=1, s_ym=n_out, s_yn=1, seg_ptr="*i32", **seg_aux),
+                main_c, mc["num_warps"], mc["num_stages"]))
+    per_da = _cdiv(k_in, mc["AUX_P"]) * _cdiv(r, mc["AUX_Q"])
+    out.append(("lowrank_batched.main+dA (bwd)", _blora._blora_main_kernel,
+                dict(x_ptr=p, w_ptr=p, u_ptr=p, b_ptr="*fp32", bias_ptr=p, y_ptr=p, stream_ptr="*i32", T=t_row, M=m,
+                     N=k_in, K=n_out, R=r, s_xm=n_out, s_xk=1, s_wk=k_in, s_wn=1, s_um=r, s_ur=1, s_bs=k_in * r,
+                     s_br=1, s_bn=r, s_ym=k_in, s_yn=1, n_aux=n_s * per_da, aux_per_stream=per_da, seg_ptr="*i32",
+                     ax_ptr=p, ay_ptr=p, ac_ptr="*fp32", AP=k_in, AQ=r, s_axm=k_in, s_axp=1, s_aym=r, s_ayq=1,
+                     s_acs=k_in * r, s_acp=r, s_acq=1), main_c, mc["num_warps"], mc["num_stages"]))
 
     # --- attention: 32 query heads, 8 KV heads, head dim 128; the (B, T, H, D) layout of HF's projections ---
     t, s, hd = N_TOK, N_TOK + 1024, HEAD_DIM

@@ -17,12 +17,11 @@ except ImportError as e:  # pragma: no cover - only where triton is absent
 from .attention import attention_triton
 from .hidden_sync import hidden_l1_triton
 from .linear_kl import linear_kl_triton
-from .lowrank_batched import lowrank_linear_batched_ref
+from .lowrank_batched import lowrank_linear_batched_triton
 from .lowrank_linear import lowrank_linear_triton
 from .ops import Ops
 
-# The batched (per-stream) delta has no Triton kernel yet: its reference runs on any device.
 TRITON_OPS = Ops("triton", lowrank_linear_triton, hidden_l1_triton, linear_kl_triton, attention_triton,
-                 lowrank_linear_batched_ref)
+                 lowrank_linear_batched_triton)
 
 __all__ = ["TRITON_OPS"]
