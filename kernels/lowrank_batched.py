@@ -58,10 +58,9 @@ class _Streams:
         if ih.numel() and (int(ih.min()) < 0 or int(ih.max()) >= S):
             bad = ih[(ih < 0) | (ih >= S)]
             raise ValueError(f"index values must lie in [0, {S}) (one per stacked delta), got {bad[:8].tolist()}")
-        self.S, self.rows, self.device = S, ih.numel(), index.device
+        self.S, self.device = S, index.device
         self.sorted = bool((ih[1:] >= ih[:-1]).all())
         counts = torch.bincount(ih, minlength=S)                             # rows of each stream
-        self.counts = counts
         self.seg_rows = torch.cat([counts.new_zeros(1), counts.cumsum(0)])   # (S + 1,) first row of each stream
         self.max_rows = int(counts.max()) if S else 0
         # rows in stream order: the kernels see x permuted by `perm` (identity when index is sorted)
@@ -70,22 +69,27 @@ class _Streams:
             perm = torch.argsort(ih, stable=True)
             self.perm, self.inv = perm.to(self.device), torch.argsort(perm).to(self.device)
         self.row_stream = torch.repeat_interleave(torch.arange(S), counts).to(self.device, torch.int32)
-        self._tables: dict = {}
+        self._seg: dict = {}
+        self._tiles: dict = {}
 
-    def tables(self, T: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """seg (S + 1,) int32: first token of each stream (and M); tiles (n, 3) int32: one row per
-        segment tile (stream, first token, end of that stream's tokens), BLOCK_M tokens of one stream each."""
+    def seg(self, T: int) -> torch.Tensor:
+        """(S + 1,) int32: the first token of each stream's segment, then M (rows of T tokens)."""
+        if T not in self._seg:
+            self._seg[T] = (self.seg_rows * T).to(self.device, torch.int32)
+        return self._seg[T]
+
+    def tiles(self, T: int, block_m: int) -> torch.Tensor:
+        """(n, 3) int32, one row per segment tile: (stream, first token, end of the stream's tokens);
+        a tile is at most block_m tokens of one stream, and a stream without rows has none."""
         key = (T, block_m)
-        if key not in self._tables:
+        if key not in self._tiles:
             seg = self.seg_rows * T
-            ntok = seg[1:] - seg[:-1]
-            ntile = (ntok + block_m - 1) // block_m
+            ntile = (seg[1:] - seg[:-1] + block_m - 1) // block_m
             stream = torch.repeat_interleave(torch.arange(self.S), ntile)
-            first = torch.cumsum(ntile, 0) - ntile
-            j = torch.arange(stream.numel()) - first[stream]
+            j = torch.arange(stream.numel()) - (torch.cumsum(ntile, 0) - ntile)[stream]
             tiles = torch.stack([stream, seg[stream] + j * block_m, seg[stream + 1]], 1)
-            self._tables[key] = (seg.to(self.device, torch.int32), tiles.to(self.device, torch.int32).contiguous())
-        return self._tables[key]
+            self._tiles[key] = tiles.to(self.device, torch.int32).contiguous()
+        return self._tiles[key]
 
 
 _LAST: list = [None]   # (weakref to index, its _version, S, _Streams): the index of the current forward
@@ -120,27 +124,27 @@ def lowrank_linear_batched_ref(
 
 # ---------------------------------------------------------------------------------------------
 # Triton: four launches in all, two forward and two backward, as for the single delta
-# (lowrank_linear.py, whose _mm_acc and _wgrad_tile are reused). x is flattened to M = rows·T token
-# rows, in stream order (index sorted; otherwise the wrapper permutes the rows first), so each stream
-# s owns one contiguous segment of tokens [seg[s], seg[s+1]), possibly empty.
+# (lowrank_linear.py, whose _mm_acc and _wgrad_tile are reused). s is the scale, k a stream. x is
+# flattened to M = rows·T token rows in stream order (index sorted; otherwise the wrapper permutes the
+# rows first), so each stream k owns one contiguous segment of tokens [seg[k], seg[k+1]), maybe empty.
 #
-# forward   1. shrink   u = s·(x·A[s])                   (M, r)    grid: segment tiles × r blocks
-#                       (SGMV: a tile is BLOCK_M tokens of one stream, so it reads one A[s])
-#           2. main     y = x·W + u·B[s] (+ b)           (M, out)  grid: M/BLOCK_M × out/BLOCK_N tiles
+# forward   1. shrink   u = s·(x·A[k])                   (M, r)    grid: segment tiles × r blocks
+#                       (SGMV: a tile is ≤ BLOCK_M tokens of one stream k, so it reads one A[k])
+#           2. main     y = x·W + u·B[k] (+ b)           (M, out)  grid: M/BLOCK_M × out/BLOCK_N tiles
 #                       in grouped order; the tiles ignore segments so the frozen GEMM, the bulk of
 #                       the work, runs at full tile efficiency, and the expand loops over the streams
-#                       a tile spans (a contiguous range, index being sorted): one u·B[s] each, with u's
+#                       a tile spans (a contiguous range, index being sorted): one u·B[k] each, with u's
 #                       rows of other streams masked to zero. Usually 1 or 2 streams per tile.
-# backward  1. shrink   v = s·(dy·B[s]ᵀ)                 (M, r)    segment tiles, as forward
-#              + dB[s] = u_sᵀ·dy_s                       (S, r, out)  one program per (stream, tile of
-#                       dB[s]), reducing over that stream's segment: no atomics, and a stream with
+# backward  1. shrink   v = s·(dy·B[k]ᵀ)                 (M, r)    segment tiles, as forward
+#              + dB[k] = u_kᵀ·dy_k                       (S, r, out)  one program per (stream, tile of
+#                       dB[k]), reducing over that stream's segment: no atomics, and a stream with
 #                       no rows gets zeros.
-#           2. main     dx = dy·Wᵀ + v·A[s]ᵀ             (M, in)   the forward's main kernel, W and A
+#           2. main     dx = dy·Wᵀ + v·A[k]ᵀ             (M, in)   the forward's main kernel, W and A
 #                                                                   read through transposed strides
-#              + dA[s] = x_sᵀ·v_s                        (S, in, r)   per (stream, tile), as dB.
-# Gradient math (per token m of stream s, upstream dy): y_m = x_m·W + s·x_m·A_s·B_s, so
-#   dx_m = dy_m·Wᵀ + s·dy_m·B_sᵀ·A_sᵀ = dy_m·Wᵀ + v_m·A_sᵀ,
-#   dA_s = Σ_{m∈s} s·x_mᵀ·(dy_m·B_sᵀ) = x_sᵀ·v_s,   dB_s = Σ_{m∈s} (s·x_m·A_s)ᵀ·dy_m = u_sᵀ·dy_s,
+#              + dA[k] = x_kᵀ·v_k                        (S, in, r)   per (stream, tile), as dB.
+# Gradient math (token m of stream k, upstream dy): y_m = x_m·W + s·x_m·A_k·B_k, so
+#   dx_m = dy_m·Wᵀ + s·dy_m·B_kᵀ·A_kᵀ = dy_m·Wᵀ + v_m·A_kᵀ,
+#   dA_k = Σ_{m∈k} s·x_mᵀ·(dy_m·B_kᵀ) = x_kᵀ·v_k,   dB_k = Σ_{m∈k} (s·x_m·A_k)ᵀ·dy_m = u_kᵀ·dy_k,
 # and no dW (W frozen). Where the launches split, and why the weight-gradient tiles ride along with
 # the shrink and main programs: see lowrank_linear.py. dB needs u and dy, so it joins launch 1;
 # dA needs v, so it joins launch 2. u is saved for backward, in the activations' dtype.
@@ -281,7 +285,7 @@ def _shrink(x, mat, s_s, s_k, s_r, r, scale, info, T, cfg, aux=None):
     c = cfg["shrink"]
     bm = _shrink_block_m(info, T, cfg)
     br = _block_r(r)
-    seg, tiles = info.tables(T, bm)
+    seg, tiles = info.seg(T), info.tiles(T, bm)
     u = torch.empty(m, r, dtype=x.dtype, device=x.device)
     n_aux, per, aux_args = _aux_args(aux, info.S, c["AUX_P"], c["AUX_Q"], u)
     grid = (n_aux + tiles.shape[0] * triton.cdiv(r, br),)
@@ -299,7 +303,7 @@ def _main(x, w, s_wk, s_wn, n_out, u, bmat, s_bs, s_br, s_bn, bias, info, T, cfg
     m, k = x.shape
     r = u.shape[1]
     c = cfg["main"]
-    seg, _ = info.tables(T, _shrink_block_m(info, T, cfg))
+    seg = info.seg(T)
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     n_aux, per, aux_args = _aux_args(aux, info.S, c["AUX_P"], c["AUX_Q"], y)
     n_main = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n_out, c["BLOCK_N"]) if main else 0
