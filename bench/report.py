@@ -112,12 +112,20 @@ def summary_md(r: dict) -> str:
         "",
         f"Produced by `{r['command']}` in {r['wall_s'] / 60:.1f} min ({r.get('datetime')}).",
         "",
-        f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, torch threads {m.get('torch_threads')}, "
+        f"Machine: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, torch threads {m.get('torch_threads')} "
+        f"(--threads {r.get('threads_requested')}), "
         f"{_f(mib(m.get('memory_bytes')), '{:.0f}')} MiB RAM. Load average before / after: "
         f"{r.get('load_before')} / {r.get('load_after')} (other work on the machine skews absolute times; ratios "
         "come from runs interleaved in the same process).",
         f"Versions: python {v.get('python')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"peft {v.get('peft')}, pytest-benchmark {v.get('pytest_benchmark')}.",
+        "",
+        "Baseline (bench/baseline.py): the same objective written with transformers + PEFT: a LoRA adapter with the "
+        "engine's r, alpha, targets and initial A/B; the teacher (a frozen copy of the round-start adapter) recomputed "
+        "over X + future at every step; hidden states from output_hidden_states (h^L taken before the final norm, as "
+        "the engine does); full-vocabulary logits and F.kl_div for the KL; autograd; AdamW. Same rounds (window "
+        "sliding by n), same steps; with futures it samples them once per round with model.generate. "
+        "tests/test_baseline_parity.py checks that its per-step losses equal the engine's.",
         "",
         "## Goals (issue 6)",
         "",

@@ -25,7 +25,10 @@ SECTIONS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py", "streaming": "
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the ~2 minute version")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own, one per core)")
+    ap.add_argument("--threads", default="auto",
+                    help="torch intra-op threads; 'auto' (default): one per core not busy with other work "
+                         "(cores minus the 1-minute load average, at least 1): on a shared machine more threads than "
+                         "free cores make OpenMP spin and times explode")
     ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--results", help="results directory (default bench/results[/quick])")
     ap.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
@@ -36,8 +39,10 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ABSORBER_BENCH_RESULTS=str(results), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["ABSORBER_BENCH_QUICK"] = "1" if args.quick else "0"
-    if args.threads:
-        env["ABSORBER_BENCH_THREADS"] = str(args.threads)
+    threads = auto_threads() if args.threads == "auto" else int(args.threads)
+    env["ABSORBER_BENCH_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONWARNINGS"] = "ignore::FutureWarning"
     env.pop("TRITON_INTERPRET", None)          # never time the interpreter
     sections = args.only.split(",") if args.only else list(SECTIONS)
     unknown = set(sections) - set(SECTIONS)
@@ -59,10 +64,16 @@ def main(argv=None) -> int:
     from .report import build
 
     build(results, command.strip(), wall, dict(load_before=load_before, load_after=load_after,
-                                                threads_requested=args.threads, sections=sections))
+                                                threads_requested=args.threads, threads=threads,
+                                                sections=sections))
     print(f"\nwrote {results / 'results.json'} and {results / 'SUMMARY.md'} ({wall / 60:.1f} min)")
     print((results / "SUMMARY.md").read_text())
     return rc
+
+
+def auto_threads() -> int:
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, cores - round(os.getloadavg()[0])))
 
 
 if __name__ == "__main__":
