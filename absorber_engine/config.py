@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 OBJECTIVES = ("absorber", "ttt")
 BACKENDS = ("auto", "torch", "triton")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -101,6 +102,15 @@ class AbsorberConfig:
     max_resident: int = 64
     """Sessions' deltas kept on the device at most; the scheduler moves the rest to host memory."""
 
+    checkpoint_layers: bool = False
+    """Recompute each decoder layer's activations in the student's backward instead of keeping them:
+    the student's peak memory falls to about its layer inputs, for about one more forward per step."""
+
+    compute_dtype: str = "auto"
+    """dtype the matmuls of absorption run in (torch.autocast; the delta and AdamW stay fp32).
+    "auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else the model's
+    dtype. "float32", "bfloat16", "float16" force it. Generation runs in the model's dtype."""
+
     backend: str = "auto"
     """"torch" (the PyTorch references: the CPU path), "triton" (the fused kernels; CUDA, or CPU
     under TRITON_INTERPRET=1), or "auto": triton on a CUDA device when it imports, else torch."""
@@ -150,6 +160,8 @@ class AbsorberConfig:
              f"alpha must be None or a finite number > 0, got {self.alpha!r}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.compute_dtype in COMPUTE_DTYPES,
+             f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         need(self.targets is None or (len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets)),
              f"targets must be None or a non-empty list of module names, got {self.targets!r}")
         if self.objective == "absorber":

@@ -69,6 +69,7 @@ class AbsorberEngine:
         model.requires_grad_(False)
         model.eval()
         self.backend = resolve_backend(cfg.backend, self.parts.device)
+        self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.parts.device, self.parts.dtype)
         self.ops = get_ops(self.backend)
         targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[self.parts.model_type]
         self.wrappers = attach(model, targets, self.ops)
@@ -185,7 +186,7 @@ class AbsorberEngine:
         snapshots = [s.delta.snapshot() for s in sessions]
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), self._autocast():
                 results = ROUNDS[self.config.objective](self.parts, self.wrappers, streams, self.config, self.ops)
         except BaseException:
             for rnd, sess, snap in zip(batch.rounds, sessions, snapshots):
@@ -333,6 +334,11 @@ class AbsorberEngine:
                 final, cache = self.parts.forward(self._tensor(tokens), use_cache=True)
                 sess._kv = (tokens, cache_tensors(cache), final[0, -1])
         return sess._kv
+
+    def _autocast(self):
+        # No cast cache: it would keep a stale low-precision copy of the delta after each step.
+        return torch.autocast(self.parts.device.type, dtype=self.compute_dtype or torch.float32,
+                              enabled=self.compute_dtype is not None, cache_enabled=False)
 
     def _rest(self) -> None:
         """Between calls the model carries the default session's memory, so calling the model itself
@@ -516,6 +522,18 @@ def _as_id_list(value) -> list[int]:
             raise InputError(f"token ids must be integers; item {i} is {type(t).__name__} {t!r}")
         out.append(int(t.__index__()))
     return out
+
+
+def resolve_compute_dtype(requested: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of absorption, or None to run in the model's own dtype."""
+    if requested == "auto":
+        fast_bf16 = device.type == "cuda" or (
+            device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+        requested = "bfloat16" if fast_bf16 else "float32"
+    dtype = getattr(torch, requested)
+    if dtype == model_dtype or torch.finfo(dtype).bits >= torch.finfo(model_dtype).bits:
+        return None            # never "up": autocast only ever lowers precision
+    return dtype
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

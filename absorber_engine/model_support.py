@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import functools
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from .errors import UnsupportedModelError
@@ -161,3 +165,24 @@ class ResidualCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+@contextmanager
+def checkpointed(layers: nn.ModuleList, enabled: bool = True):
+    """Inside the block each decoder layer keeps only its input for backward and recomputes its
+    activations then (less memory, one more forward). The recompute calls the layer's own forward,
+    not the module, so the capture hooks see each layer once."""
+    if not enabled:
+        yield
+        return
+    patched = [(layer, layer.__dict__.get("forward")) for layer in layers]
+    try:
+        for layer, _ in patched:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        yield
+    finally:
+        for layer, own in patched:       # back to what the layer had: its class's forward, or its own
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own

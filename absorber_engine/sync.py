@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .config import AbsorberConfig
 from .delta import LowRankDelta, bind, set_rows
-from .model_support import ModelParts, ResidualCapture, cache_tensors
+from .model_support import ModelParts, ResidualCapture, cache_tensors, checkpointed
 from .sampling import sample_next
 
 
@@ -49,6 +49,7 @@ class FutureGroup:
     ids: torch.Tensor                 # (b, t) tokens the student reads with no context
     hidden: list[torch.Tensor]        # L+1 teacher states, each (b, t, D)
     final: torch.Tensor | None        # (b·t, D) teacher final states, for the KL term
+    kl_cache: dict = field(default_factory=dict)   # the teacher's distribution, built at the first step
 
 
 @dataclass
@@ -133,7 +134,7 @@ def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targ
         groups = [t.groups[g] for t in targets]
         rows = groups[0].ids.shape[0]
         set_rows(wrappers, S, rows, parts.device)
-        with ResidualCapture(parts.layers) as cap:
+        with ResidualCapture(parts.layers) as cap, checkpointed(parts.layers, cfg.checkpoint_layers):
             final, _ = parts.forward(torch.cat([grp.ids for grp in groups]))         # (S·rows, t, D)
         total = final.new_zeros((), dtype=torch.float32)
         for s, (grp, tgt) in enumerate(zip(groups, targets)):
@@ -145,7 +146,7 @@ def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targ
             if cfg.kl_weight > 0:
                 kl = ops.linear_kl(final[sl].reshape(-1, parts.hidden_size), grp.final, parts.head.weight,
                                    parts.head.bias, temperature=cfg.kl_temperature, top_k=cfg.kl_top_k,
-                                   denom=tgt.positions)
+                                   denom=tgt.positions, teacher_cache=grp.kl_cache)
                 loss = loss + cfg.kl_weight * kl
             losses[s] += float(loss.detach())
             total = total + loss
@@ -217,7 +218,8 @@ def ttt_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[Roun
         bind(wrappers, [deltas[i] for i in active])
         set_rows(wrappers, len(active), 1, parts.device)
         ids = xs[active]
-        final, _ = parts.forward(ids[:, :-1])
+        with checkpointed(parts.layers, cfg.checkpoint_layers):
+            final, _ = parts.forward(ids[:, :-1])
         logits = parts.logits(final)                                                # (S, n - 1, V)
         per_stream = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
         per_stream.sum().backward()

@@ -42,24 +42,27 @@ SIZES = {
 # baseline's final loss with early stop: the engine's stop_loss is the final loss the baseline reached
 # in (a) while the baseline runs its K steps (c), or both stop at that loss (c2); (d) (a) with
 # sampled futures as well as the real Y; and what bf16 compute buys on a CPU with AVX512-BF16:
-# (e) the engine on bf16 weights against the fp32 baseline users run by default, (f) both in bf16.
+# (e) the engine's default compute_dtype="auto" (bf16 autocast, fp32 weights, delta and AdamW)
+# against the fp32 baseline users run by default, without and with KL, (f) both on bf16 weights.
+# Configurations a-d pin the engine to fp32 so the comparison is like for like.
 CONFIGS = {
     "a_hidden_l1": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
     "b_hidden_l1_kl": dict(hidden_weight=1.0, kl_weight=1.0, futures=0),
     "c_early_stop": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
     "c2_early_stop_both": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
     "d_futures": dict(hidden_weight=1.0, kl_weight=0.0, futures=4, future_tokens=32),
-    "e_bf16_engine": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
+    "e_bf16_engine": dict(hidden_weight=1.0, kl_weight=0.0, futures=0, compute_dtype="auto"),
+    "e2_bf16_engine_kl": dict(hidden_weight=1.0, kl_weight=1.0, futures=0, compute_dtype="auto"),
     "f_bf16_both": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
 }
-# (engine dtype, baseline dtype) of the model weights and activations; fp32 unless named here.
-DTYPES = {"e_bf16_engine": ("bfloat16", "float32"), "f_bf16_both": ("bfloat16", "bfloat16")}
+# (engine dtype, baseline dtype) of the model weights; fp32 unless named here.
+DTYPES = {"f_bf16_both": ("bfloat16", "bfloat16")}
 
 
 def make_config(size: str, config: str, **changes) -> tuple[AbsorberConfig, int]:
     shape = dict(SIZES[size])
     rounds = shape.pop("rounds")
-    cfg = AbsorberConfig(**shape, **CONFIGS[config], lr=5e-4, backend="torch", seed=0)
+    cfg = AbsorberConfig(**{"compute_dtype": "float32", **shape, **CONFIGS[config]}, lr=5e-4, backend="torch", seed=0)
     return cfg.replace(**changes), rounds
 
 

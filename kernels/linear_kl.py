@@ -19,47 +19,67 @@ import torch
 from ._common import HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, next_pow2, num_sms
 
 
-def _kl_chunk(hs, ht, weight, bias, temperature, top_k):
-    acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
-    zs = torch.matmul(hs.to(acc), weight.to(acc).t())
-    zt = torch.matmul(ht.to(acc), weight.to(acc).t())
+def teacher_distribution(ht, weight, bias, temperature, top_k):
+    """p_t (rows, V) and Σ_v p_t·log p_t (rows,) of the teacher's rows: constant within a round."""
+    zt = torch.matmul(ht, weight.t())
     if bias is not None:
-        zs = zs + bias.to(acc)
-        zt = zt + bias.to(acc)
-    zs = zs / temperature
-    zt = zt / temperature
+        zt = zt + bias
+    if temperature != 1.0:
+        zt = zt / temperature
     if top_k and top_k < zt.shape[-1]:
         keep = torch.topk(zt, top_k, dim=-1).indices
-        masked = torch.full_like(zt, float("-inf"))
-        zt = masked.scatter(-1, keep, zt.gather(-1, keep))
-    log_pt = torch.log_softmax(zt, dim=-1)
-    pt = log_pt.exp()
-    log_ps = torch.log_softmax(zs, dim=-1)
-    # 0·log 0 = 0 outside the teacher's top k.
-    kl = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
-    dz = log_ps.exp() - pt
-    return kl, dz
+        zt = torch.full_like(zt, float("-inf")).scatter(-1, keep, zt.gather(-1, keep))
+    pt = torch.softmax(zt, dim=-1)
+    return pt, torch.special.xlogy(pt, pt).sum(-1)        # 0·log 0 = 0 outside the teacher's top k
 
 
 class LinearKLRef(torch.autograd.Function):
+    """Per chunk of rows, with p_t and its Σ p·log p from `teacher_cache` when the caller keeps one:
+
+        KL_row = Σ p_t·log p_t − Σ p_t·z_s + lse(z_s)        (Σ p_t = 1)
+        dz     = exp(z_s − lse(z_s)) − p_t                    (formed in place over z_s)
+
+    so a step costs one logit GEMM, one log-sum-exp, one row dot and the gradient GEMM."""
+
     @staticmethod
-    def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk):
+    def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_cache):
+        # Softmaxes over the vocabulary want fp32 logits, even inside an autocast region.
+        with torch.autocast(hs.device.type, enabled=False):
+            return LinearKLRef._forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_cache)
+
+    @staticmethod
+    def _forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_cache):
+        acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
+        w = weight.to(acc)
+        b = bias.to(acc) if bias is not None else None
         n = hs.shape[0]
         coef = temperature * temperature / denom
-        total = torch.zeros((), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
+        total = torch.zeros((), dtype=acc, device=hs.device)
         grad = torch.empty_like(hs) if hs.requires_grad else None
         for i in range(0, n, chunk):
-            kl, dz = _kl_chunk(hs[i:i + chunk], ht[i:i + chunk], weight, bias, temperature, top_k)
-            total += kl.sum()
+            if teacher_cache is not None and i in teacher_cache:
+                pt, neg_entropy = teacher_cache[i]
+            else:
+                pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
+                if teacher_cache is not None:
+                    teacher_cache[i] = (pt, neg_entropy)
+            zs = torch.matmul(hs[i:i + chunk].to(acc), w.t())
+            if b is not None:
+                zs += b
+            if temperature != 1.0:
+                zs /= temperature
+            lse = torch.logsumexp(zs, dim=-1)
+            total += (neg_entropy - torch.linalg.vecdot(pt, zs) + lse).sum()
             if grad is not None:
-                grad[i:i + chunk] = (torch.matmul(dz, weight.to(dz.dtype)) * (coef / temperature)).to(hs.dtype)
+                dz = zs.sub_(lse[:, None]).exp_().sub_(pt)
+                grad[i:i + chunk] = (torch.matmul(dz, w) * (coef / temperature)).to(hs.dtype)
         ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
         return total * coef
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 def linear_kl_ref(
@@ -70,8 +90,12 @@ def linear_kl_ref(
     temperature: float = 1.0,
     top_k: int = 0,
     denom: int | None = None,           # rows the mean is over; default N
-    chunk: int = 256,
+    chunk: int = 64,
+    teacher_cache: dict | None = None,
 ) -> torch.Tensor:                      # scalar
+    """teacher_cache: a dict the caller keeps for as long as teacher_h, the head, temperature, top_k
+    and chunk stay the same (one absorption round). The CPU path stores the teacher's distribution
+    there (N × V floats) on the first call and skips the teacher's logits on every later step."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:
@@ -79,7 +103,7 @@ def linear_kl_ref(
     denom = denom if denom is not None else student_h.shape[0]
     return LinearKLRef.apply(student_h, teacher_h.detach(), head_weight.detach(),
                              None if head_bias is None else head_bias.detach(),
-                             float(temperature), int(top_k), int(denom), int(chunk))
+                             float(temperature), int(top_k), int(denom), int(chunk), teacher_cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +446,7 @@ def linear_kl_triton(
     top_k: int = 0,
     denom: int | None = None,           # rows the mean is over; default N
     chunk: int = 256,                   # rows of the dz buffer (chunk × V) in the gradient pass
+    teacher_cache: dict | None = None,  # unused: on a GPU, recomputing the teacher beats storing N × V
 ) -> torch.Tensor:                      # scalar, fp32
     """Same function as linear_kl_ref, fused (see the comment above the kernels)."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:

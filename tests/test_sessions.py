@@ -9,7 +9,9 @@ import torch
 from absorber_engine import AbsorberConfig, AbsorberEngine, InputError
 from tiny_models import make_model, random_ids
 
-CFG = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, max_steps=4, futures=2, future_tokens=4, lr=1e-2)
+# fp32: bf16 autocast rounds a batch differently from one row, which hides what these tests check.
+CFG = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, max_steps=4, futures=2, future_tokens=4, lr=1e-2,
+                     compute_dtype="float32")
 STREAMS = {"a": random_ids(64, seed=1), "b": random_ids(64, seed=2), "c": random_ids(64, seed=3)}
 
 

@@ -114,3 +114,17 @@ def test_early_stop_at_stop_loss():
     eng = AbsorberEngine(model, config=cfg)
     report = eng.absorb(random_ids(24))
     assert report.rounds == 1 and report.steps == 0      # the first loss is already below eps
+
+
+def test_checkpointed_layers_give_the_same_round():
+    ids = random_ids(40, seed=11)
+    deltas = []
+    for ckpt in (False, True):
+        cfg = AbsorberConfig(chunk_tokens=24, sync_tokens=16, rank=4, futures=2, future_tokens=8, max_steps=5,
+                             lr=1e-2, kl_weight=0.5, checkpoint_layers=ckpt, compute_dtype="float32")
+        eng = AbsorberEngine(make_model("llama"), config=cfg)
+        report = eng.absorb(ids)
+        assert report.rounds == 1 and report.steps == 5
+        deltas.append(eng.delta.state_dict())
+    for k, v in deltas[0].items():
+        torch.testing.assert_close(deltas[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
