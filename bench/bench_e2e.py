@@ -22,7 +22,8 @@ else:
     PLAN += [("llama-56m", "a_hidden_l1", 2, True), ("llama-56m", "b_hidden_l1_kl", 2, True),
              ("llama-56m", "c_early_stop", 2, False), ("llama-56m", "c2_early_stop_both", 2, False),
              ("llama-56m", "d_futures", 2, True), ("llama-56m", "e_bf16_engine", 2, True),
-             ("llama-56m", "e2_bf16_engine_kl", 2, True), ("llama-56m", "f_bf16_both", 2, False)]
+             ("llama-56m", "e2_bf16_engine_kl", 2, True), ("llama-56m", "f_bf16_both", 2, False),
+             ("llama-56m", "g_checkpoint", 2, True)]
 
 DONE: dict = {}
 

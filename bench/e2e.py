@@ -44,7 +44,8 @@ SIZES = {
 # sampled futures as well as the real Y; and what bf16 compute buys on a CPU with AVX512-BF16:
 # (e) the engine's default compute_dtype="auto" (bf16 autocast, fp32 weights, delta and AdamW)
 # against the fp32 baseline users run by default, without and with KL, (f) both on bf16 weights.
-# Configurations a-d pin the engine to fp32 so the comparison is like for like.
+# (g) is (e) with checkpointed student layers: the memory-lean setting. Configurations a-d pin the
+# engine to fp32 so the comparison is like for like.
 CONFIGS = {
     "a_hidden_l1": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
     "b_hidden_l1_kl": dict(hidden_weight=1.0, kl_weight=1.0, futures=0),
@@ -54,6 +55,7 @@ CONFIGS = {
     "e_bf16_engine": dict(hidden_weight=1.0, kl_weight=0.0, futures=0, compute_dtype="auto"),
     "e2_bf16_engine_kl": dict(hidden_weight=1.0, kl_weight=1.0, futures=0, compute_dtype="auto"),
     "f_bf16_both": dict(hidden_weight=1.0, kl_weight=0.0, futures=0),
+    "g_checkpoint": dict(hidden_weight=1.0, kl_weight=0.0, futures=0, compute_dtype="auto", checkpoint_layers=True),
 }
 # (engine dtype, baseline dtype) of the model weights; fp32 unless named here.
 DTYPES = {"f_bf16_both": ("bfloat16", "bfloat16")}

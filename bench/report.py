@@ -10,7 +10,11 @@ from .measure import mib
 
 # Issue 6's goals. Throughput: engine / baseline tokens absorbed per second; memory: engine / baseline
 # peak tensor bytes; streaming: growth from the shortest to the longest stream.
-GOALS = {"a_hidden_l1": 4.0, "b_hidden_l1_kl": 1.5, "c_early_stop": 5.0, "c2_early_stop_both": 5.0}
+# The e/g configurations run the engine as it runs by default on this CPU (bf16 compute, and
+# checkpointed layers for g) against the fp32 baseline a user would write.
+GOALS = {"a_hidden_l1": 4.0, "b_hidden_l1_kl": 1.5, "c_early_stop": 5.0, "c2_early_stop_both": 5.0,
+         "e_bf16_engine": 4.0, "e2_bf16_engine_kl": 1.5}
+MEMORY_GOAL_CONFIGS = {"a_hidden_l1", "b_hidden_l1_kl", "e_bf16_engine", "e2_bf16_engine_kl", "g_checkpoint"}
 MEMORY_GOAL = 1 / 3
 HELD_GROWTH_GOAL = 0.05
 LATENCY_FLAT = 0.10      # what we call flat for per-token latency on a shared machine
@@ -64,7 +68,7 @@ def _goals(sec: dict) -> list[dict]:
                 met = met and bool(reached)
             goals.append(dict(goal=f"{cfg} throughput ≥ {GOALS[cfg]:g}× baseline", size=size, measured=measured,
                               met=met))
-        if "memory_ratio" in r and cfg in GOALS:
+        if "memory_ratio" in r and cfg in MEMORY_GOAL_CONFIGS:
             got = r["memory_ratio"]["tensor"]
             goals.append(dict(goal=f"{cfg} peak tensor memory ≤ 1/3 of baseline", size=size,
                               measured=f"{got:.2f} of baseline", met=got <= MEMORY_GOAL))
