@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from absorber_kernels import get_ops
 
 from . import _scheduler
 from .config import AbsorberConfig
-from .delta import attach, bind, detach, set_rows
+from .delta import attach, bind, detach, reattach, set_rows
 from .errors import ConfigError, InputError, UnsupportedModelError
 from .model_support import DEFAULT_TARGETS, ModelParts, cache_tensors, inspect_model
 from .sampling import sample_next
@@ -434,6 +435,16 @@ class AbsorberEngine:
 
     def held_bytes(self) -> dict[str, int]:
         return self.default.held_bytes()
+
+    @contextmanager
+    def detached(self):
+        """The model exactly as it was given (no deltas) for the duration of the block."""
+        with self._lock:
+            detach(self.parts.model, self.wrappers)
+            try:
+                yield self.parts.model
+            finally:
+                reattach(self.parts.model, self.wrappers)
 
     def close(self) -> None:
         """Detaches the deltas: the model is left exactly as it was given."""

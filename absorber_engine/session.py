@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .delta import LowRankDelta, detach, reattach
+from .delta import LowRankDelta
 from .errors import AbsorptionError, InputError
 
 
@@ -183,13 +183,8 @@ class Session:
         self._check_open()
         eng = self.engine
         merged = {name: w.merged_weight(self.delta.A[name], self.delta.B[name]) for name, w in eng.wrappers.items()}
-        model = eng.parts.model
-        with eng._lock:
-            detach(model, eng.wrappers)             # copy the model as it was given
-            try:
-                out = copy.deepcopy(model)
-            finally:
-                reattach(model, eng.wrappers)
+        with eng.detached() as model:
+            out = copy.deepcopy(model)
         with torch.no_grad():
             for name, weight in merged.items():
                 out.get_submodule(name).weight.copy_(weight)

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         n_new = len(tok.encode(" " + ", ".join(answers), add_special_tokens=False)) + 2
         ours = tok.decode(eng.generate(q, max_new_tokens=n_new)).strip().split("\n")[0]
         # The baseline reads the raw tail of the document with the model alone (memory detached).
-        with _bare(eng):
+        with eng.detached():
             theirs = baseline.run(ids, q, [], n_new).generated.strip().split("\n")[0]
         truth = ", ".join(answers)
         right["absorber"] += truth in ours
@@ -85,23 +85,6 @@ def main(argv=None) -> int:
         print(f"{r[0]:<{w[0]}} | {r[1]:<{w[1]}} | {r[2]:<{w[2]}} | {r[3]}")
     print(f"\ncorrect: absorber {right['absorber']}/{len(rows)}, window baseline {right['window']}/{len(rows)}")
     return 0
-
-
-class _bare:
-    """The engine's model without its deltas for the duration of a block."""
-
-    def __init__(self, eng):
-        self.eng = eng
-
-    def __enter__(self):
-        from absorber_engine.delta import detach
-
-        detach(self.eng.parts.model, self.eng.wrappers)
-
-    def __exit__(self, *exc):
-        from absorber_engine.delta import reattach
-
-        reattach(self.eng.parts.model, self.eng.wrappers)
 
 
 if __name__ == "__main__":
