@@ -30,7 +30,7 @@ from .methods import EngineMethod, WindowMethod
 from .tasks import RETRIEVAL_TASKS, TASKS, answer_text, make_example, score
 
 HERE = Path(__file__).resolve().parent
-ALL_METHODS = ("full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures")
+ALL_METHODS = ("none", "full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures")
 
 
 def engine_config(ctx: int, **changes) -> AbsorberConfig:
@@ -42,20 +42,21 @@ def engine_config(ctx: int, **changes) -> AbsorberConfig:
     return AbsorberConfig(**base)
 
 
-def build_methods(names, model_dir: str, ctx: int):
+def build_methods(names, model_dir: str, ctx: int, flush: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     window = engine_config(ctx).window_tokens
     factories = {
+        "none": lambda: WindowMethod("none", model, tok, window=0),
         "full": lambda: WindowMethod("full", model, tok, max_positions=model.config.max_position_embeddings),
         "truncate": lambda: WindowMethod("truncate", model, tok, window=window),
         "sinks": lambda: WindowMethod("sinks", model, tok, window=window, sinks=4),
-        "ttt": lambda: EngineMethod("ttt", model_dir, engine_config(ctx, objective="ttt")),
-        "absorber": lambda: EngineMethod("absorber", model_dir, engine_config(ctx)),
-        "absorber+kl": lambda: EngineMethod("absorber+kl", model_dir, engine_config(ctx, kl_weight=1.0)),
-        "absorber+futures": lambda: EngineMethod("absorber+futures", model_dir, engine_config(ctx, futures=4)),
+        "ttt": lambda: EngineMethod("ttt", model_dir, engine_config(ctx, objective="ttt"), flush),
+        "absorber": lambda: EngineMethod("absorber", model_dir, engine_config(ctx), flush),
+        "absorber+kl": lambda: EngineMethod("absorber+kl", model_dir, engine_config(ctx, kl_weight=1.0), flush),
+        "absorber+futures": lambda: EngineMethod("absorber+futures", model_dir, engine_config(ctx, futures=4), flush),
     }
     return tok, [factories[n]() for n in names]
 
@@ -71,9 +72,9 @@ def trained_context(model_dir: str) -> int:
 
 
 def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | None, seed: int, out: Path,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, flush: bool = False) -> dict:
     ctx = ctx or trained_context(model_dir)
-    tok, built = build_methods(methods, model_dir, ctx)
+    tok, built = build_methods(methods, model_dir, ctx, flush)
     rows = []
     cells = [(t, k, i) for k in multiples for t in tasks for i in range(examples)]
     bar = tqdm(total=len(cells) * len(built), desc="eval", disable=quiet, file=sys.stderr)
@@ -99,7 +100,7 @@ def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | Non
             bar.update()
     bar.close()
     result = {"model": model_dir, "trained_context": ctx, "tasks": list(tasks), "multiples": list(multiples),
-              "examples_per_cell": examples, "seed": seed, "methods": list(methods),
+              "examples_per_cell": examples, "seed": seed, "methods": list(methods), "flush": flush,
               "engine_config": engine_config(ctx).to_dict(), "machine": _machine(), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -128,7 +129,8 @@ def render(result: dict) -> str:
         return "".join(lines) + "\n"
 
     out = [f"# Long-context evaluation\n\nModel `{result['model']}`, trained context {ctx} tokens; "
-           f"{result['examples_per_cell']} examples per task and length, seed {result['seed']}; engine budget "
+           f"{result['examples_per_cell']} examples per task and length, seed {result['seed']}; "
+           f"{'context fully absorbed (flush), no raw window; ' if result.get('flush') else ''}engine budget "
            f"`{json.dumps({k: result['engine_config'][k] for k in ('chunk_tokens', 'sync_tokens', 'rank', 'max_steps', 'lr')})}`."
            f" Machine: {result['machine']['cpu']} ({result['machine']['threads']} threads), torch "
            f"{result['machine']['torch']}.\n\n"]
@@ -194,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
     ap.add_argument("--out", default=str(HERE / "results" / "eval"), help="output directory")
     ap.add_argument("--quick", action="store_true", help="a reduced run that finishes in minutes")
+    ap.add_argument("--flush", action="store_true",
+                    help="engine methods absorb the whole context (no raw window kept) before the query")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.quick:
@@ -207,7 +211,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown tasks or methods: {bad}")
     if not args.model:
         ap.error("no model: pass --model DIR")
-    result = run(args.model, methods, tasks, mults, examples, args.context, args.seed, out, quiet=args.quiet)
+    result = run(args.model, methods, tasks, mults, examples, args.context, args.seed, out, quiet=args.quiet,
+                 flush=args.flush)
     print(render(result))
     print(f"written to {out}/ (RESULTS.md, results.json, accuracy.png, memory.png)")
     return 0

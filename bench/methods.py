@@ -1,11 +1,13 @@
 """The methods the evaluation compares, all on the same model: what each keeps of a long context
 and how it answers the query that follows.
 
+- none: the query alone, no context at all (what the model knows without it).
 - full: the whole context in the KV cache (grows with the context).
 - truncate: only the last `window` tokens of context + query.
 - sinks: StreamingLLM's window, the first `sinks` tokens plus the last `window - sinks` ones.
 - engine methods (TTT and the Absorber variants): the context streamed through absorb(), so
-  everything but the last raw window is in the delta; the query is asked after the window.
+  everything but the last raw window is in the delta; the query is asked after the window. With
+  flush, all of the context goes into the delta and no raw token is kept.
 
 Every method sees the same token ids: the context and the query are tokenized separately and
 concatenated, so no method gets a different tokenization of the boundary.
@@ -51,6 +53,8 @@ class WindowMethod:
         return self.window is not None or self.max_positions is None or n_tokens <= self.max_positions
 
     def _keep(self, ids: list[int]) -> list[int]:
+        if self.window == 0:
+            return []
         if self.window is None or len(ids) <= self.window:
             return ids
         return ids[:self.sinks] + ids[len(ids) - (self.window - self.sinks):]
@@ -58,11 +62,11 @@ class WindowMethod:
     @torch.no_grad()
     def run(self, context: list[int], query: list[int], target: list[int], max_new_tokens: int) -> Outcome:
         if target:
-            ids = self._keep(context + target)
+            ids = self._keep(context) + target if self.window == 0 else self._keep(context + target)
             logits = self.model(torch.tensor([ids])).logits[0, -len(target):-1]
             loss = F.cross_entropy(logits.float(), torch.tensor(target[1:])).item()
             return Outcome(target_loss=loss, held_bytes=kv_bytes(self.model.config, len(ids), self.model.dtype))
-        ids = self._keep(context + query)
+        ids = self._keep(context) + query if self.window == 0 else self._keep(context + query)
         start = time.perf_counter()
         out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                   max_new_tokens=max_new_tokens, do_sample=False,
@@ -76,8 +80,8 @@ class WindowMethod:
 class EngineMethod:
     """TTT or an Absorber variant: the context absorbed as a stream, the query asked after it."""
 
-    def __init__(self, name: str, model_dir: str, config: AbsorberConfig):
-        self.name = name
+    def __init__(self, name: str, model_dir: str, config: AbsorberConfig, flush: bool = False):
+        self.name, self.flush = name, flush
         self.engine = AbsorberEngine.from_pretrained(model_dir, config=config)
         self.tok = self.engine.tokenizer
 
@@ -87,7 +91,7 @@ class EngineMethod:
     def run(self, context: list[int], query: list[int], target: list[int], max_new_tokens: int) -> Outcome:
         eng = self.engine
         eng.reset()
-        report = eng.absorb(context)
+        report = eng.absorb(context, flush=self.flush)
         out = Outcome(absorb_seconds=report.seconds)
         model_cfg, dtype = eng.parts.model.config, eng.parts.dtype
         if target:
