@@ -75,6 +75,7 @@ def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | Non
         quiet: bool = False, flush: bool = False) -> dict:
     ctx = ctx or trained_context(model_dir)
     tok, built = build_methods(methods, model_dir, ctx, flush)
+    _warm_up(built, tok, ctx, tasks[0])
     rows = []
     cells = [(t, k, i) for k in multiples for t in tasks for i in range(examples)]
     bar = tqdm(total=len(cells) * len(built), desc="eval", disable=quiet, file=sys.stderr)
@@ -107,6 +108,16 @@ def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | Non
     (out / "RESULTS.md").write_text(render(result))
     plot(result, out)
     return result
+
+
+def _warm_up(methods, tok, ctx: int, task: str) -> None:
+    """One untimed example per method, so first-call costs (allocator, kernel selection) stay out of
+    the tables."""
+    ex = make_example(task, ctx, tok, seed=10_000)
+    context, query = tok.encode(ex.context, add_special_tokens=False), tok.encode(ex.query, add_special_tokens=False)
+    target = tok.encode(ex.target, add_special_tokens=False) if ex.target else []
+    for m in methods:
+        m.run(context, query, target, 4)
 
 
 def _cell(rows, method, mult, key, tasks=None):
