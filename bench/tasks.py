@@ -12,7 +12,8 @@ Each task follows its published definition, with our own text:
   needles with different keys, one is asked (the rest are distractors). multivalue: up to 4
   needles with the same key, every value must be returned.
 - ``kv_recall`` (after "Lost in the Middle", Liu et al. 2023, with short word keys): a list
-  of records "key: value", the value of one key is asked. Values have 5 digits.
+  of records '"key": value', one per line, keys two quoted words ("amber falcon"); the value
+  of one key is asked. Values have 5 digits.
 - ``doc_lm``: a document that states facts early (locker codes, variable assignments, home
   towns), then essay text, then ``target``: later text that refers back to those facts. The
   metric is the LM loss on ``target``; ``answers`` are the recalled values inside it.
@@ -175,9 +176,9 @@ def _number(rng: random.Random, digits: int, taken: set[str]) -> str:
             return value
 
 
-def _word_key(rng: random.Random, taken: set[str]) -> str:
+def _word_key(rng: random.Random, taken: set[str], sep: str = "-") -> str:
     while True:
-        key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        key = f"{rng.choice(ADJECTIVES)}{sep}{rng.choice(NOUNS)}"
         if key not in taken:
             taken.add(key)
             return key
@@ -205,7 +206,7 @@ class _Filler:
         return self._units[:k]
 
 
-def _insert(units: list[str], needles: list[tuple[float, str]]) -> list[str]:
+def _insert(units: list, needles: list[tuple[float, object]]) -> list:
     """Places each (depth, needle) between filler units: depth 0 is the start, 1 the end."""
     out = list(units)
     # Insert from the deepest so earlier insertions do not shift later positions.
@@ -311,32 +312,39 @@ def _niah(task: str, n_tokens: int, count, seed: int):
     return context(k), qas, ""
 
 
+def kv_record(key: str, value: str) -> str:
+    """One kv_recall line. The key is quoted, and quoted again in the question, so its words
+    are the same tokens in both places: unquoted at the start of a line, "amber" and
+    " amber" are different tokens, and a small model then matched the noun alone (every miss
+    of our first model was the value of a key with the same noun)."""
+    return f'"{key}": {value}\n'
+
+
+def kv_question(key: str) -> str:
+    return f'What is the value of "{key}"? The value of "{key}" is'
+
+
 def _kv_recall(n_tokens: int, count, seed: int, n_queries: int):
     rng = _rng("kv_recall", seed, "records")
     keys: set[str] = set()
     values: set[str] = set()
     header = "Below is a list of records. Each line gives a key and its value.\n"
     # The asked key's record sits at a fixed depth; the other records are the filler.
-    asked_key, asked_value = _word_key(rng, keys), _number(rng, 5, values)
+    asked = (_word_key(rng, keys, " "), _number(rng, 5, values))
     depth = rng.random()
-    others = _Filler(lambda i: f"{_word_key(rng, keys)}: {_number(rng, 5, values)}\n")
-    qa = lambda key, value: (f"What is the value of {key}? The value of {key} is", [value])  # noqa: E731
-    query = qa(asked_key, asked_value)[0]
-
-    def records(k: int) -> list[str]:
-        return _insert(others.take(k), [(depth, f"{asked_key}: {asked_value}\n")])
+    others = _Filler(lambda i: (_word_key(rng, keys, " "), _number(rng, 5, values)))
+    query = kv_question(asked[0])
 
     def context(k: int) -> str:
-        return header + "".join(records(k))
+        return header + "".join(kv_record(*kv) for kv in _insert(others.take(k), [(depth, asked)]))
 
-    k = _fit(n_tokens, count, lambda k: context(k) + query, _unit_tokens(others, count, ""))
-    qas = [qa(asked_key, asked_value)]
+    unit = max(count("".join(kv_record(*kv) for kv in others.take(16))) / 16, 1.0)
+    k = _fit(n_tokens, count, lambda k: context(k) + query, unit)
+    qas = [(query, [asked[1]])]
     if n_queries > 1:  # further questions about other records of the same list
         pool = others.take(k)
         picks = _rng("kv_recall", seed, "more").sample(range(len(pool)), min(n_queries - 1, len(pool)))
-        for i in picks:
-            key, value = pool[i].strip().split(": ")
-            qas.append(qa(key, value))
+        qas += [(kv_question(pool[i][0]), [pool[i][1]]) for i in picks]
     return context(k), qas, ""
 
 

@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 try:
-    from absorber_bench.tasks import ADJECTIVES, NOUNS, make_example
+    from absorber_bench.tasks import ADJECTIVES, NOUNS, kv_question, kv_record, make_example
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.tasks import ADJECTIVES, NOUNS, make_example
+    from bench.tasks import ADJECTIVES, NOUNS, kv_question, kv_record, make_example
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -145,17 +145,17 @@ def kv_hard_text(n_tokens: int, rng: random.Random, n_queries: int, tok) -> tupl
     the asked key: these sequences make matching both words the only way to the answer."""
     adjs = rng.sample(ADJECTIVES, rng.randint(3, 8))
     nouns = rng.sample(NOUNS, rng.randint(3, 8))
-    keys = [f"{a}-{n}" for a in adjs for n in nouns]
+    keys = [f"{a} {n}" for a in adjs for n in nouns]
     rng.shuffle(keys)
     header = "Below is a list of records. Each line gives a key and its value.\n"
-    per_record = len(tok.encode(f"{keys[0]}: 12345\n", add_special_tokens=False))
+    per_record = len(tok.encode(kv_record(keys[0], "12345"), add_special_tokens=False))
     # Like bench.tasks: the records and one question fill n_tokens; further questions come on top.
     n_records = max(2, min(len(keys), (n_tokens - 40) // per_record))
     values = rng.sample(range(10000, 100000), n_records)
-    text = header + "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
+    text = header + "".join(kv_record(k, str(v)) for k, v in zip(keys, values))
     spans = []
     for i in rng.sample(range(n_records), min(n_queries, n_records)):
-        text += f"What is the value of {keys[i]}? The value of {keys[i]} is"
+        text += kv_question(keys[i])
         spans.append((len(text), len(text) + 7))  # " " + 5 digits + newline
         text += f" {values[i]}\n"
     return text, spans

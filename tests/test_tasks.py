@@ -129,7 +129,7 @@ def test_niah_variants():
 
 def test_kv_keys_unique():
     ex = make_example("kv_recall", 4096, WordTokenizer(), 5)
-    keys = re.findall(r"^(\S+): \d+$", ex.context, flags=re.M)
+    keys = re.findall(r'^"([a-z]+ [a-z]+)": \d+$', ex.context, flags=re.M)
     assert len(keys) > 100 and len(keys) == len(set(keys))
 
 
