@@ -41,6 +41,12 @@ class AbsorberConfig:
     projection of the architecture (absorbed facts must be able to reach both the attention
     pattern and the values it reads; the paper does not name its targets)."""
 
+    prefix_bos: bool = True
+    """Every sequence the engine starts reads the model's BOS token first (when the model has one):
+    the teacher reads BOS·X·Y, the student BOS·Y, the window BOS·window. Models are trained on
+    sequences that start that way and lean on it (an attention sink); without it the contextless
+    student and the window run out of distribution."""
+
     objective: str = "absorber"
     """"absorber": causal synchronization (the paper). "ttt": next-token loss on the context X
     itself, the test-time-training baseline, same delta, optimizer and step budget."""
@@ -71,6 +77,11 @@ class AbsorberConfig:
     """Length of each sampled continuation. None: min(64, sync_tokens). At most sync_tokens, so the
     teacher's KV over X plus a future stays within n + m tokens (with sync_tokens = 0, the bound
     is n + future_tokens)."""
+
+    future_replay: int = 0
+    """Tokens of X each sampled future starts with, copied from a random place in X, before the
+    teacher samples on (0: futures continue X itself, as in the paper). The teacher reads the copy
+    with X in context, so its states there carry what X says; the student learns them without X."""
 
     future_temperature: float = 1.0
     """Sampling temperature of the continuations; 1 samples the teacher's own distribution."""
@@ -142,7 +153,7 @@ class AbsorberConfig:
         for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        for name in ("sync_tokens", "futures", "kl_top_k", "seed"):
+        for name in ("sync_tokens", "futures", "future_replay", "kl_top_k", "seed"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
         for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
@@ -170,6 +181,8 @@ class AbsorberConfig:
             need(self.future_tokens is None or self.sync_tokens == 0 or self.future_tokens <= self.sync_tokens,
                  f"future_tokens ({self.future_tokens}) must not exceed sync_tokens ({self.sync_tokens}): "
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
+            need(self.future_replay < self.future_length,
+                 f"future_replay ({self.future_replay}) must be shorter than a future ({self.future_length} tokens)")
             need(self.sync_tokens > 0 or self.futures > 0,
                  "sync_tokens = 0 and futures = 0 leave a round nothing to synchronize on")
         need(isinstance(self.extra, dict), "extra must be a dict")

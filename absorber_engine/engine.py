@@ -29,7 +29,7 @@ from . import _scheduler
 from .config import AbsorberConfig
 from .delta import attach, bind, detach, reattach, set_rows
 from .errors import ConfigError, InputError, UnsupportedModelError
-from .model_support import DEFAULT_TARGETS, ModelParts, cache_tensors, inspect_model
+from .model_support import DEFAULT_TARGETS, ModelParts, bos_token, cache_tensors, inspect_model
 from .sampling import sample_next
 from .session import Session
 from .sync import ROUNDS, RoundResult, StreamRound
@@ -66,6 +66,8 @@ class AbsorberEngine:
         cfg.validate()
         self.config, self.tokenizer = cfg, tokenizer
         self.parts: ModelParts = inspect_model(model)
+        bos = bos_token(model)
+        self.parts.prefix = [bos] if cfg.prefix_bos and bos is not None else []
         self._check_window(cfg.window_tokens)
         model.requires_grad_(False)
         model.eval()
@@ -256,7 +258,7 @@ class AbsorberEngine:
     def _generate(self, sessions, prompts, max_new_tokens, temperature, top_p, stops, seed) -> list[list[int]]:
         states = [self._window_state(s) for s in sessions]
         for sess, st, p in zip(sessions, states, prompts):
-            if not st[0] and not p:
+            if len(st[0]) == len(self.parts.prefix) and not p:
                 raise InputError(f"session {sess.key!r}: generate() needs a prompt when the window holds no tokens")
         self._bind_for_inference(sessions)
         padded = len({len(st[0]) for st in states}) > 1 or len({len(p) for p in prompts}) > 1
@@ -324,9 +326,9 @@ class AbsorberEngine:
         return out
 
     def _window_state(self, sess: Session):
-        """The session's window tokens, their KV under its delta and the last final state; built once
-        per window and delta, then reused by every query."""
-        tokens = sess.window_tokens()
+        """The session's window tokens (after the prefix), their KV under its delta and the last final
+        state; built once per window and delta, then reused by every query."""
+        tokens = self.parts.prefix + sess.window_tokens()
         if sess._kv is None or sess._kv[0] != tokens:
             if not tokens:
                 sess._kv = (tokens, [], None)
@@ -363,14 +365,15 @@ class AbsorberEngine:
         return self.sessions[name]
 
     def _check_window(self, window_tokens: int) -> None:
+        window_tokens += len(self.parts.prefix)
         if self.parts.absolute_positions and window_tokens > self.parts.max_positions:
-            raise ConfigError(f"chunk_tokens + sync_tokens = {window_tokens} exceeds the {self.parts.max_positions} "
-                              f"positions {self.parts.model_type} has")
+            raise ConfigError(f"chunk_tokens + sync_tokens (+ the BOS prefix) = {window_tokens} exceeds the "
+                              f"{self.parts.max_positions} positions {self.parts.model_type} has")
 
     def _check_span(self, sess: Session, extra: int, what: str) -> None:
         """Queries read the window plus what they add, in full attention. Past the model's positions
         (or the window, if larger) that is no longer bounded memory: absorb long inputs instead."""
-        held = len(sess.window_tokens())
+        held = len(self.parts.prefix) + len(sess.window_tokens())
         limit = max(self.parts.max_positions, self.config.window_tokens)
         if held + extra > limit:
             raise InputError(f"window ({held}) + {what} = {held + extra} tokens exceeds the model's {limit} "

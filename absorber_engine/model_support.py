@@ -57,6 +57,14 @@ class ModelParts:
     max_positions: int              # positions the model declares (max_position_embeddings, n_positions)
     absolute_positions: bool        # a learned position table: nothing can run past max_positions
     stats: RunStats = field(default_factory=RunStats)
+    prefix: list[int] = field(default_factory=list)   # tokens every sequence starts with (BOS), see config
+
+    def with_prefix(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, P + T) with the prefix in front of every row."""
+        if not self.prefix:
+            return ids
+        pre = torch.tensor(self.prefix, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
+        return torch.cat([pre, ids], dim=1)
 
     @property
     def num_states(self) -> int:
@@ -101,6 +109,15 @@ def cache_tensors(cache: DynamicCache, keep: int | None = None) -> list[tuple[to
             k, v = k[..., :keep, :], v[..., :keep, :]
         out.append((k, v))
     return out
+
+
+def bos_token(model) -> int | None:
+    """The model's BOS id, when its config names one inside the vocabulary."""
+    bos = getattr(model.config, "bos_token_id", None)
+    if isinstance(bos, list):
+        bos = bos[0] if bos else None
+    n = model.get_input_embeddings().num_embeddings
+    return bos if isinstance(bos, int) and 0 <= bos < n else None
 
 
 def inspect_model(model) -> ModelParts:

@@ -79,19 +79,19 @@ def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg:
 
     bind(wrappers, [r.delta for r in rounds])
     set_rows(wrappers, S, 1, parts.device)
-    xy = torch.stack([torch.cat([r.x, r.y]) for r in rounds])                      # (S, n + m)
-    with ResidualCapture(parts.layers, start=n) as cap:
+    P = len(parts.prefix)
+    xy = parts.with_prefix(torch.stack([torch.cat([r.x, r.y]) for r in rounds]))     # (S, P + n + m)
+    with ResidualCapture(parts.layers, start=P + n) as cap:
         final, cache = parts.forward(xy, use_cache=n_futures > 0)
     if m > 0:
         for s, r in enumerate(rounds):
             per_stream[s].append(FutureGroup(r.y[None], [h[s:s + 1] for h in cap.states],
-                                             final[s, n:] if need_final else None))
+                                             final[s, P + n:] if need_final else None))
     if n_futures > 0:
-        x_kv = cache_tensors(cache, keep=n)
-        first_logits = parts.logits(final[:, n - 1])                               # (S, V)
+        x_kv = cache_tensors(cache, keep=P + n)
+        first_logits = parts.logits(final[:, P + n - 1])                           # (S, V)
         del cache, cap, final
-        sampled = _sample_futures(parts, wrappers, x_kv, first_logits, n_futures, cfg,
-                                  [r.generator for r in rounds], need_final)
+        sampled = _sample_futures(parts, wrappers, x_kv, first_logits, n_futures, cfg, rounds, need_final)
         for s in range(S):
             rows = slice(s * n_futures, (s + 1) * n_futures)
             per_stream[s].append(FutureGroup(sampled.ids[rows], [h[rows] for h in sampled.hidden],
@@ -100,27 +100,44 @@ def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg:
     return [SyncTargets(groups, sum(g.ids.numel() for g in groups)) for groups in per_stream]
 
 
-def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, generators, need_final) -> FutureGroup:
+def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, need_final) -> FutureGroup:
     """`count` continuations of each stream's X sampled by its teacher, all streams in one batch,
-    with the teacher's states at every sampled token. Rows are stream-major."""
-    S = len(generators)
+    with the teacher's states at every token. Rows are stream-major.
+
+    With future_replay = p > 0, each future first re-reads p tokens copied from a random place in X
+    (one batched forward), and the teacher samples on from there. The teacher reads that span with X
+    in its context, so its states there carry what X says about it (a record's value after its
+    key); a plain continuation of X only exercises what the model happens to bring up."""
+    S = len(rounds)
     set_rows(wrappers, S, count, parts.device)
     cache = parts.make_cache(x_kv, repeat=count)
-    logits = first_logits.repeat_interleave(count, dim=0)                            # (S·count, V)
-    tokens, hidden_steps, final_steps = [], [], []
-    for step in range(cfg.future_length):
-        tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], cfg.future_temperature, cfg.future_top_p, g)
-                         for s, g in enumerate(generators)])                          # (S·count,)
-        tokens.append(tok)
+    parts_ids, hidden_parts, final_parts = [], [], []
+    p = min(cfg.future_replay, rounds[0].x.numel())
+    if p:
+        starts = [torch.randint(0, r.x.numel() - p + 1, (count,), generator=r.generator, device=r.x.device)
+                  for r in rounds]
+        forced = torch.stack([r.x[int(st):int(st) + p] for r, sts in zip(rounds, starts) for st in sts])
+        with ResidualCapture(parts.layers) as cap:
+            final, cache = parts.forward(forced, cache, use_cache=True)              # (S·count, p, D)
+        parts_ids.append(forced)
+        hidden_parts.append(cap.states)
+        final_parts.append(final)
+        logits = parts.logits(final[:, -1])
+    else:
+        logits = first_logits.repeat_interleave(count, dim=0)                        # (S·count, V)
+    for step in range(cfg.future_length - p):
+        tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], cfg.future_temperature, cfg.future_top_p,
+                                     r.generator) for s, r in enumerate(rounds)])    # (S·count,)
         with ResidualCapture(parts.layers) as cap:
             final, cache = parts.forward(tok[:, None], cache, use_cache=True)        # (S·count, 1, D)
-        hidden_steps.append(cap.states)
-        final_steps.append(final)
-        if step + 1 < cfg.future_length:
+        parts_ids.append(tok[:, None])
+        hidden_parts.append(cap.states)
+        final_parts.append(final)
+        if step + 1 < cfg.future_length - p:
             logits = parts.logits(final[:, -1])
-    ids = torch.stack(tokens, dim=1)                                                 # (S·count, T)
-    hidden = [torch.cat([s[layer] for s in hidden_steps], dim=1) for layer in range(parts.num_states)]
-    final = torch.cat(final_steps, dim=1).reshape(-1, parts.hidden_size) if need_final else None
+    ids = torch.cat(parts_ids, dim=1)                                                # (S·count, T)
+    hidden = [torch.cat([h[layer] for h in hidden_parts], dim=1) for layer in range(parts.num_states)]
+    final = torch.cat(final_parts, dim=1).reshape(-1, parts.hidden_size) if need_final else None
     return FutureGroup(ids, hidden, final)
 
 
@@ -130,12 +147,15 @@ def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targ
     S = len(deltas)
     bind(wrappers, deltas)
     losses = [0.0] * S
+    P = len(parts.prefix)
     for g in range(len(targets[0].groups)):
         groups = [t.groups[g] for t in targets]
         rows = groups[0].ids.shape[0]
         set_rows(wrappers, S, rows, parts.device)
-        with ResidualCapture(parts.layers) as cap, checkpointed(parts.layers, cfg.checkpoint_layers):
-            final, _ = parts.forward(torch.cat([grp.ids for grp in groups]))         # (S·rows, t, D)
+        ids = parts.with_prefix(torch.cat([grp.ids for grp in groups]))             # (S·rows, P + t)
+        with ResidualCapture(parts.layers, start=P) as cap, checkpointed(parts.layers, cfg.checkpoint_layers):
+            final, _ = parts.forward(ids)
+        final = final[:, P:]                                                        # (S·rows, t, D)
         total = final.new_zeros((), dtype=torch.float32)
         for s, (grp, tgt) in enumerate(zip(groups, targets)):
             sl = slice(s * rows, (s + 1) * rows)
@@ -209,7 +229,7 @@ def absorber_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list
 
 def ttt_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[RoundResult]:
     """The baseline: next-token cross-entropy of the contextless model on X itself (Temp-LoRA)."""
-    if rounds[0].x.numel() < 2:
+    if rounds[0].x.numel() + len(parts.prefix) < 2:
         return [RoundResult() for _ in rounds]
     deltas = [r.delta for r in rounds]
     xs = torch.stack([r.x for r in rounds])                                         # (S, n)
@@ -217,7 +237,7 @@ def ttt_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[Roun
     def loss_fn(active):
         bind(wrappers, [deltas[i] for i in active])
         set_rows(wrappers, len(active), 1, parts.device)
-        ids = xs[active]
+        ids = parts.with_prefix(xs[active])
         with checkpointed(parts.layers, cfg.checkpoint_layers):
             final, _ = parts.forward(ids[:, :-1])
         logits = parts.logits(final)                                                # (S, n - 1, V)

@@ -64,7 +64,9 @@ DTYPES = {"f_bf16_both": ("bfloat16", "bfloat16")}
 def make_config(size: str, config: str, **changes) -> tuple[AbsorberConfig, int]:
     shape = dict(SIZES[size])
     rounds = shape.pop("rounds")
-    cfg = AbsorberConfig(**{"compute_dtype": "float32", **shape, **CONFIGS[config]}, lr=5e-4, backend="torch", seed=0)
+    # prefix_bos off: the baseline reads X·Y as a user's loop would, so both compute the same losses.
+    cfg = AbsorberConfig(**{"compute_dtype": "float32", **shape, **CONFIGS[config]}, lr=5e-4, backend="torch", seed=0,
+                         prefix_bos=False)
     return cfg.replace(**changes), rounds
 
 

@@ -10,6 +10,7 @@ from absorber_engine import AbsorberConfig, AbsorberEngine, InputError, wrap
 from tiny_models import VOCAB, make_model, random_ids
 from test_stream import SpanSpy
 
+BOS = 1
 
 def _short_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -29,7 +30,7 @@ def test_wrapped_generate_reads_ten_times_its_window():
     spy = SpanSpy(wrapped.engine.parts.base)
     out = wrapped.generate(ids, max_new_tokens=5, eos_token_id=None)
     assert out.shape == (1, 645) and torch.equal(out[0, :640], ids[0])
-    assert spy.max_span <= 48 + 8 + 5                             # window + tail + new tokens, never 640
+    assert spy.max_span <= 1 + 48 + 8 + 5                         # BOS + window + tail + new tokens, never 640
     assert wrapped.engine.absorbed_tokens > 560                   # the overflow went into the memory
     # A batch of two rows, greedy: each row equals its own single-row call.
     batch = torch.tensor([random_ids(200, seed=2), random_ids(200, seed=3)])
@@ -55,9 +56,9 @@ def test_peft_adapter_reproduces_engine_logits(arch, tmp_path):
     probe = random_ids(11, seed=5)
     peft_model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
     with torch.no_grad():
-        theirs = peft_model(torch.tensor([probe])).logits[0].float()
+        theirs = peft_model(torch.tensor([[BOS] + probe])).logits[0, 1:].float()     # the engine reads BOS first
     ours = eng.logits(probe)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     with peft_model.disable_adapter(), torch.no_grad():
-        bare = peft_model(torch.tensor([probe])).logits[0].float()
+        bare = peft_model(torch.tensor([[BOS] + probe])).logits[0, 1:].float()
     assert (bare - ours).abs().max() > 1e-3                      # the adapter carries the memory

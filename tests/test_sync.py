@@ -9,6 +9,8 @@ from absorber_engine.model_support import ResidualCapture
 from absorber_engine.sync import StreamRound, student_losses, teacher_targets
 from tiny_models import ARCHS, make_model, random_ids
 
+BOS = 1      # the tiny models' bos_token_id: every sequence the engine starts reads it first
+
 
 def _round(eng, x, y, seed=0):
     return StreamRound(eng.delta, x, y, torch.Generator().manual_seed(seed))
@@ -37,7 +39,7 @@ def test_teacher_states_equal_a_plain_forward(arch):
     L = eng.parts.num_states - 1
     for group in (real, sampled):
         for b in range(group.ids.shape[0]):
-            seq = torch.cat([x, group.ids[b]])[None]
+            seq = torch.cat([torch.tensor([BOS]), x, group.ids[b]])[None]          # the engine starts at BOS
             with torch.no_grad():
                 out = model(seq, output_hidden_states=True)
             t = group.ids.shape[1]
@@ -61,18 +63,18 @@ def test_sampled_futures_follow_the_teacher_distribution():
     x = torch.tensor(random_ids(10, seed=5))
     (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, x, torch.tensor([], dtype=torch.long))], cfg)
     (group,) = targets.groups
-    seq = x.tolist()
+    seq = [BOS] + x.tolist()
     for _ in range(6):
         with torch.no_grad():
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    assert group.ids[0].tolist() == seq[10:]
-    assert group.ids[1].tolist() == seq[10:]
+    assert group.ids[0].tolist() == seq[11:]
+    assert group.ids[1].tolist() == seq[11:]
 
 
 def _kl_to_teacher(model, eng, x, y):
     """KL(teacher with X in context || engine without X) on Y's next-token distributions."""
     with torch.no_grad():
-        teacher = model(torch.tensor([x + y])).logits[0, len(x):].float()
+        teacher = model(torch.tensor([[BOS] + x + y])).logits[0, 1 + len(x):].float()
     student = eng.logits(y)
     return torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
                                       reduction="batchmean").item()

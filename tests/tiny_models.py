@@ -36,3 +36,10 @@ def make_model(arch: str = "llama", seed: int = 0):
 def random_ids(n: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def base_logits(model, ids: list[int]) -> torch.Tensor:
+    """The bare model's next-token logits at each of `ids`, read after its BOS token, as the
+    engine reads every sequence it starts (AbsorberConfig.prefix_bos)."""
+    with torch.no_grad():
+        return model(torch.tensor([[model.config.bos_token_id] + list(ids)])).logits[0, 1:].float()
