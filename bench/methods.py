@@ -10,7 +10,8 @@ and how it answers the query that follows.
   flush, all of the context goes into the delta and no raw token is kept.
 
 Every method sees the same token ids: the context and the query are tokenized separately and
-concatenated, so no method gets a different tokenization of the boundary.
+concatenated, so no method gets a different tokenization of the boundary; every sequence starts with
+the model's BOS token, as the engine's do (AbsorberConfig.prefix_bos).
 """
 
 from __future__ import annotations
@@ -48,16 +49,20 @@ class WindowMethod:
                  max_positions: int | None = None):
         self.name, self.model, self.tok = name, model, tokenizer
         self.window, self.sinks, self.max_positions = window, sinks, max_positions
+        bos = model.config.bos_token_id
+        self.prefix = [bos] if isinstance(bos, int) else []
 
     def fits(self, n_tokens: int) -> bool:
         return self.window is not None or self.max_positions is None or n_tokens <= self.max_positions
 
     def _keep(self, ids: list[int]) -> list[int]:
+        """BOS, then what the method keeps of `ids` (the BOS counts as one of the sinks)."""
         if self.window == 0:
-            return []
+            return list(self.prefix)
         if self.window is None or len(ids) <= self.window:
-            return ids
-        return ids[:self.sinks] + ids[len(ids) - (self.window - self.sinks):]
+            return self.prefix + ids
+        sinks = max(self.sinks - len(self.prefix), 0)
+        return self.prefix + ids[:sinks] + ids[len(ids) - (self.window - sinks):]
 
     @torch.no_grad()
     def run(self, context: list[int], query: list[int], target: list[int], max_new_tokens: int) -> Outcome:
