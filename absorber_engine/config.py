@@ -78,10 +78,10 @@ class AbsorberConfig:
     teacher's KV over X plus a future stays within n + m tokens (with sync_tokens = 0, the bound
     is n + future_tokens)."""
 
-    future_replay: int = 0
-    """Tokens of X each sampled future starts with, copied from a random place in X, before the
-    teacher samples on (0: futures continue X itself, as in the paper). The teacher reads the copy
-    with X in context, so its states there carry what X says; the student learns them without X."""
+    future_prompt: str | tuple[int, ...] = ""
+    """Text (or token ids) every sampled future starts with, read by the teacher right after X, as
+    Cartridges' and LIFT's seed prompts: e.g. an opener of questions, so the futures ask and answer
+    about what X says. "" (default): the futures continue X itself, as in the paper."""
 
     future_temperature: float = 1.0
     """Sampling temperature of the continuations; 1 samples the teacher's own distribution."""
@@ -133,6 +133,8 @@ class AbsorberConfig:
     """Free-form metadata carried into memory files (not read by the engine)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.future_prompt, str):
+            self.future_prompt = tuple(self.future_prompt)
         if self.targets is not None:
             if isinstance(self.targets, str):
                 self.targets = (self.targets,)
@@ -153,7 +155,7 @@ class AbsorberConfig:
         for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        for name in ("sync_tokens", "futures", "future_replay", "kl_top_k", "seed"):
+        for name in ("sync_tokens", "futures", "kl_top_k", "seed"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
         for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
@@ -181,11 +183,11 @@ class AbsorberConfig:
             need(self.future_tokens is None or self.sync_tokens == 0 or self.future_tokens <= self.sync_tokens,
                  f"future_tokens ({self.future_tokens}) must not exceed sync_tokens ({self.sync_tokens}): "
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
-            need(self.future_replay < self.future_length,
-                 f"future_replay ({self.future_replay}) must be shorter than a future ({self.future_length} tokens)")
             need(self.sync_tokens > 0 or self.futures > 0,
                  "sync_tokens = 0 and futures = 0 leave a round nothing to synchronize on")
         need(isinstance(self.extra, dict), "extra must be a dict")
+        need(isinstance(self.future_prompt, str) or all(is_int(t) and t >= 0 for t in self.future_prompt),
+             f"future_prompt must be text or token ids, got {self.future_prompt!r}")
 
     @property
     def scale(self) -> float:
@@ -207,6 +209,8 @@ class AbsorberConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if self.targets is not None else None
+        if not isinstance(self.future_prompt, str):
+            d["future_prompt"] = list(self.future_prompt)
         return d
 
     def to_json(self) -> str:

@@ -87,6 +87,7 @@ class AbsorberEngine:
         self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
         self.scheduler = _scheduler.Scheduler(self.parts.vocab_size, cfg.max_resident, cfg.chunk_tokens,
                                               cfg.sync_tokens)
+        self._prompt = self._prompt_ids(cfg.future_prompt)
         self.sessions: dict = {}
         self._lock = threading.RLock()     # one model: absorption and generation take turns
         self.default = self.session(DEFAULT_SESSION)
@@ -185,7 +186,7 @@ class AbsorberEngine:
             # alone or batched with others.
             gen = torch.Generator(device=device).manual_seed(sess.seed * 1_000_003 + sess.rounds)
             streams.append(StreamRound(sess.delta, torch.tensor(rnd.x, dtype=torch.long, device=device),
-                                       torch.tensor(rnd.y, dtype=torch.long, device=device), gen))
+                                       torch.tensor(rnd.y, dtype=torch.long, device=device), gen, self._prompt))
         snapshots = [s.delta.snapshot() for s in sessions]
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
@@ -363,6 +364,14 @@ class AbsorberEngine:
         if name not in self.sessions:
             raise InputError(f"unknown session {name!r}")
         return self.sessions[name]
+
+    def _prompt_ids(self, prompt) -> torch.Tensor | None:
+        if not prompt:
+            return None
+        ids = self._to_ids(prompt if isinstance(prompt, str) else list(prompt))
+        if len(ids) >= self.config.future_length:
+            raise ConfigError(f"future_prompt is {len(ids)} tokens; futures are {self.config.future_length}")
+        return torch.tensor(ids, dtype=torch.long, device=self.parts.device)
 
     def _check_window(self, window_tokens: int) -> None:
         window_tokens += len(self.parts.prefix)

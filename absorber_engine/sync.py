@@ -42,6 +42,7 @@ class StreamRound:
     x: torch.Tensor                   # (n,) tokens to absorb
     y: torch.Tensor                   # (m,) real continuation, may be empty
     generator: torch.Generator        # samples this stream's futures
+    prompt: torch.Tensor | None = None   # (k,) tokens every sampled future starts with (future_prompt)
 
 
 @dataclass
@@ -104,19 +105,17 @@ def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, nee
     """`count` continuations of each stream's X sampled by its teacher, all streams in one batch,
     with the teacher's states at every token. Rows are stream-major.
 
-    With future_replay = p > 0, each future first re-reads p tokens copied from a random place in X
-    (one batched forward), and the teacher samples on from there. The teacher reads that span with X
-    in its context, so its states there carry what X says about it (a record's value after its
-    key); a plain continuation of X only exercises what the model happens to bring up."""
+    With a prompt (future_prompt), every future starts with it (one batched forward) and the teacher
+    samples on from there, e.g. after a question opener, so the futures ask about X rather than
+    continue it; a plain continuation only exercises what the model happens to bring up next."""
     S = len(rounds)
     set_rows(wrappers, S, count, parts.device)
     cache = parts.make_cache(x_kv, repeat=count)
     parts_ids, hidden_parts, final_parts = [], [], []
-    p = min(cfg.future_replay, rounds[0].x.numel())
+    prompt = rounds[0].prompt
+    p = 0 if prompt is None else prompt.numel()
     if p:
-        starts = [torch.randint(0, r.x.numel() - p + 1, (count,), generator=r.generator, device=r.x.device)
-                  for r in rounds]
-        forced = torch.stack([r.x[int(st):int(st) + p] for r, sts in zip(rounds, starts) for st in sts])
+        forced = prompt.expand(S * count, -1)                                        # (S·count, p)
         with ResidualCapture(parts.layers) as cap:
             final, cache = parts.forward(forced, cache, use_cache=True)              # (S·count, p, D)
         parts_ids.append(forced)

@@ -130,3 +130,23 @@ def test_checkpointed_layers_give_the_same_round():
         deltas.append(eng.delta.state_dict())
     for k, v in deltas[0].items():
         torch.testing.assert_close(deltas[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_prompted_futures_start_with_the_prompt_and_keep_teacher_states():
+    model = make_model("llama")
+    cfg = AbsorberConfig(chunk_tokens=12, sync_tokens=8, rank=2, futures=3, future_tokens=7, future_prompt=(5, 6, 7),
+                         compute_dtype="float32")
+    eng = AbsorberEngine(model, config=cfg)
+    x = torch.tensor(random_ids(12, seed=3))
+    rnd = StreamRound(eng.delta, x, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(0),
+                      eng._prompt)
+    (targets,) = teacher_targets(eng.parts, eng.wrappers, [rnd], cfg)
+    (group,) = targets.groups
+    assert group.ids.shape == (3, 7) and group.ids[:, :3].tolist() == [[5, 6, 7]] * 3
+    seq = torch.cat([torch.tensor([BOS]), x, group.ids[1]])[None]
+    with torch.no_grad():
+        out = model(seq, output_hidden_states=True)
+    for layer in range(eng.parts.num_states - 1):
+        torch.testing.assert_close(group.hidden[layer][1], out.hidden_states[layer][0, -7:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="future_prompt"):
+        AbsorberEngine(make_model("llama"), config=cfg.replace(future_prompt=tuple(range(3, 10))))
