@@ -313,6 +313,8 @@ def train(cfg: TrainConfig, out: Path, eval_n: int) -> dict:
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    # The evaluation harness reads this to scale its lengths (1x, 2x, ... the trained context).
+    model.config.absorber_trained_context = cfg.ctx
     model.save_pretrained(out, safe_serialization=True)
     summary = {
         "config": asdict(cfg), "parameters": n_params, "steps_done": step, "tokens_seen": tokens,
