@@ -78,6 +78,11 @@ class AbsorberConfig:
     teacher's KV over X plus a future stays within n + m tokens (with sync_tokens = 0, the bound
     is n + future_tokens)."""
 
+    futures_follow_y: bool = True
+    """Sampled futures continue X·Y and the student reads Y·future (the teacher X·Y·future): what
+    generate() does later, reading the window (which starts with Y) and then a prompt. Off: futures
+    continue X and the student reads them alone. The teacher's KV then spans n + m + future_tokens."""
+
     future_prompt: str | tuple[int, ...] = ""
     """Text (or token ids) every sampled future starts with, read by the teacher right after X, as
     Cartridges' and LIFT's seed prompts: e.g. an opener of questions, so the futures ask and answer

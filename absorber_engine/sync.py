@@ -50,6 +50,7 @@ class FutureGroup:
     ids: torch.Tensor                 # (b, t) tokens the student reads with no context
     hidden: list[torch.Tensor]        # L+1 teacher states, each (b, t, D)
     final: torch.Tensor | None        # (b·t, D) teacher final states, for the KL term
+    lead: torch.Tensor | None = None  # (b, l) tokens the student reads before `ids`, outside the loss
     kl_cache: dict = field(default_factory=dict)   # the teacher's distribution, built at the first step
 
 
@@ -89,15 +90,20 @@ def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg:
             per_stream[s].append(FutureGroup(r.y[None], [h[s:s + 1] for h in cap.states],
                                              final[s, P + n:] if need_final else None))
     if n_futures > 0:
-        x_kv = cache_tensors(cache, keep=P + n)
-        first_logits = parts.logits(final[:, P + n - 1])                           # (S, V)
+        # Futures follow X·Y (the student then reads Y before them, as generate() reads the window
+        # before a prompt), or X alone when futures_follow_y is off or there is no Y.
+        after_y = cfg.futures_follow_y and m > 0
+        keep = P + n + (m if after_y else 0)
+        x_kv = cache_tensors(cache, keep=keep)
+        first_logits = parts.logits(final[:, keep - 1])                            # (S, V)
         del cache, cap, final
         sampled = _sample_futures(parts, wrappers, x_kv, first_logits, n_futures, cfg, rounds, need_final)
-        for s in range(S):
+        for s, r in enumerate(rounds):
             rows = slice(s * n_futures, (s + 1) * n_futures)
             per_stream[s].append(FutureGroup(sampled.ids[rows], [h[rows] for h in sampled.hidden],
                                              sampled.final.view(S * n_futures, -1, parts.hidden_size)[rows]
-                                             .reshape(-1, parts.hidden_size) if need_final else None))
+                                             .reshape(-1, parts.hidden_size) if need_final else None,
+                                             lead=r.y[None].expand(n_futures, -1) if after_y else None))
     return [SyncTargets(groups, sum(g.ids.numel() for g in groups)) for groups in per_stream]
 
 
@@ -151,10 +157,15 @@ def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targ
         groups = [t.groups[g] for t in targets]
         rows = groups[0].ids.shape[0]
         set_rows(wrappers, S, rows, parts.device)
-        ids = parts.with_prefix(torch.cat([grp.ids for grp in groups]))             # (S·rows, P + t)
-        with ResidualCapture(parts.layers, start=P) as cap, checkpointed(parts.layers, cfg.checkpoint_layers):
+        ids = torch.cat([grp.ids for grp in groups])
+        lead = 0
+        if groups[0].lead is not None:
+            lead = groups[0].lead.shape[1]
+            ids = torch.cat([torch.cat([grp.lead for grp in groups]), ids], dim=1)
+        ids = parts.with_prefix(ids)                                                # (S·rows, P + lead + t)
+        with ResidualCapture(parts.layers, start=P + lead) as cap, checkpointed(parts.layers, cfg.checkpoint_layers):
             final, _ = parts.forward(ids)
-        final = final[:, P:]                                                        # (S·rows, t, D)
+        final = final[:, P + lead:]                                                 # (S·rows, t, D)
         total = final.new_zeros((), dtype=torch.float32)
         for s, (grp, tgt) in enumerate(zip(groups, targets)):
             sl = slice(s * rows, (s + 1) * rows)
