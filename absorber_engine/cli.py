@@ -35,6 +35,7 @@ _CONFIG_FLAGS = {
     "lr": (float, "AdamW learning rate on the delta"),
     "futures": (int, "continuations sampled after X and synchronized on with the real Y"),
     "future_tokens": (int, "length of each sampled continuation"),
+    "future_prompt": (str, "text every sampled continuation starts with, e.g. a question opener such as 'What is'"),
     "hidden_weight": (float, "weight of the hidden-state L1 term"),
     "kl_weight": (float, "weight of the KL term on next-token distributions"),
     "backend": (str, "'auto', 'torch' or 'triton'"),

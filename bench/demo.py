@@ -19,7 +19,7 @@ from tqdm import tqdm
 from absorber_engine import AbsorberEngine
 from absorber_engine.cli import default_model
 
-from .evaluate import engine_config, trained_context
+from .evaluate import FUTURE_PROMPT, engine_config, trained_context
 from .methods import WindowMethod, kv_bytes
 from .tasks import make_example
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         ap.error("no model: pass --model DIR")
     torch.manual_seed(0)
     ctx = trained_context(args.model)
-    cfg = engine_config(ctx, futures=4)
+    cfg = engine_config(ctx, futures=4, future_prompt=FUTURE_PROMPT)
     eng = AbsorberEngine.from_pretrained(args.model, config=cfg)
     tok = eng.tokenizer
     text, questions = build_document(tok, ctx, args.multiple, args.seed)

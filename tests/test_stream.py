@@ -117,6 +117,18 @@ def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
     assert report.rounds >= 1
 
 
+def test_diverging_round_is_rolled_back():
+    # A learning rate far too high: the loss ends many times above where the round started.
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2,
+                                                                     max_steps=6, future_tokens=4, lr=1.0))
+    before = eng.delta.state_dict()
+    with pytest.raises(AbsorptionError, match="rolled back.*diverged"):
+        eng.absorb(random_ids(24, seed=1))
+    for k, v in eng.delta.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert eng.absorbed_tokens == 0
+
+
 def test_keyboard_interrupt_mid_round_keeps_memory():
     eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2,
                                                                      max_steps=5, future_tokens=4, lr=1e-2))
