@@ -21,14 +21,14 @@ LATENCY_FLAT = 0.10      # what we call flat for per-token latency on a shared m
 
 
 def _sections(raw: dict) -> dict:
-    out = {"e2e": [], "streaming": None, "kernels": []}
+    out = {"e2e": [], "streaming": None, "sessions": None, "kernels": []}
     for b in raw.get("benchmarks", []):
         info = b.get("extra_info", {})
         sec = info.get("section")
         if sec == "e2e":
             out["e2e"].append({k: v for k, v in info.items() if k != "section"})
-        elif sec == "streaming":
-            out["streaming"] = {k: v for k, v in info.items() if k != "section"}
+        elif sec in ("streaming", "sessions"):
+            out[sec] = {k: v for k, v in info.items() if k != "section"}
         elif sec == "kernels":
             st = b["stats"]
             out["kernels"].append(dict(info, min_s=st["min"], median_s=st["median"], mean_s=st["mean"],
@@ -97,7 +97,7 @@ def build(results_dir: Path, command: str, wall_s: float, extra: dict) -> dict:
     result = {
         "command": command, "wall_s": wall_s, "datetime": raw.get("datetime"),
         "machine": info.get("machine"), "versions": info.get("versions"), "quick": info.get("quick"), **extra,
-        "e2e": sec["e2e"], "streaming": sec["streaming"], "kernels": _kernel_pairs(sec["kernels"]),
+        "e2e": sec["e2e"], "streaming": sec["streaming"], "sessions": sec["sessions"], "kernels": _kernel_pairs(sec["kernels"]),
         "goals": _goals(sec),
     }
     (results_dir / "results.json").write_text(json.dumps(result, indent=1))
@@ -199,6 +199,26 @@ def summary_md(r: dict) -> str:
         skipped = [row["skipped"] for row in s["rows"]["full_kv"] if "skipped" in row]
         if skipped:
             lines += ["", f"Full KV skipped: {skipped[0]}."]
+    ss = r.get("sessions")
+    if ss:
+        c = ss["config"]
+        lines += [
+            "",
+            "## Many streams: batched versus one after another",
+            "",
+            f"Model `{ss['model']}`; each stream {ss['rounds_per_stream']} rounds of n={c['chunk_tokens']}, "
+            f"m={c['sync_tokens']}, rank {c['rank']}, {c['max_steps']} steps, fp32. Batched: all sessions fed, then "
+            "engine.run() absorbs their rounds in shared student passes (each row its own delta). Sequential: "
+            f"session.absorb() one stream after another. Median of {ss['reps']} interleaved runs; ratio = sequential "
+            "time / batched time. Peak: live tensor bytes during the whole absorption (torch.profiler).",
+            "",
+            "| streams | tokens absorbed | batched tok/s | sequential tok/s | ratio | peak tensors MiB (batched / sequential) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in ss["rows"]:
+            lines.append(f"| {row['streams']} | {row['tokens']} | {row['batched_tok_s']:.0f} | "
+                         f"{row['sequential_tok_s']:.0f} | **{row['ratio']:.2f}×** | "
+                         f"{mib(row['batched_peak_bytes']):.1f} / {mib(row['sequential_peak_bytes']):.1f} |")
     if r.get("kernels"):
         lines += [
             "",

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py", "streaming": "bench_streaming.py"}
+SECTIONS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py", "streaming": "bench_streaming.py",
+            "sessions": "bench_sessions.py"}
 
 
 def main(argv=None) -> int:
