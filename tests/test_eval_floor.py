@@ -5,10 +5,11 @@ so every digit the engine answers comes from the delta). The evaluation's budget
 n = 256, m = 128, rank 16, 80 steps per round, lr 5e-3; Absorber with 4 prompted futures, TTT
 (next-token loss on the context, same LoRA, same steps) as the baseline.
 
-Measured when the floor was set (seeds 0-3 of this test): Absorber 4/4, TTT 0/4, the model with no
-context 0/4 (a 5-digit key is 1 in 10^5 by chance). The floor, 3 of 4 and more than TTT, leaves one
-miss of slack for library versions that round differently, and still fails if absorption stops
-carrying the key.
+Measured when the floor was set (seeds 0-7 of this test, torch 2.13 CPU): Absorber 6/8, TTT 3/8, the
+model with no context 0/8 (it answers 55555; a 5-digit key is 1 in 10^5 by chance). Absorber's misses
+are near-misses (11163 for 11631, 66666 for 66466). The floor, 5 of 8 and more than TTT, leaves one
+miss of slack for library versions that round differently, and fails if absorption stops carrying
+the key or falls to the baseline's level.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from absorber_bench.evaluate import build_methods, trained_context
 from absorber_bench.tasks import answer_text, make_example, score
 
 MODEL = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
-EXAMPLES = 4
+EXAMPLES = 8
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (MODEL / "model.safetensors").exists(), reason="model/absorber-tiny not built")]
@@ -45,5 +46,5 @@ def test_absorbed_passkeys_come_back_and_beat_ttt():
     tok, (absorber, ttt, none) = build_methods(["absorber+futures", "ttt", "none"], str(MODEL), ctx, flush=True)
     got = {m.name: correct(m, tok, ctx) for m in (absorber, ttt, none)}
     assert sum(got["none"]) == 0, f"the model alone must not know the keys: {got}"
-    assert sum(got["absorber+futures"]) >= 3, f"absorption fell below the floor (3/{EXAMPLES}): {got}"
+    assert sum(got["absorber+futures"]) >= 5, f"absorption fell below the floor (5/{EXAMPLES}): {got}"
     assert sum(got["absorber+futures"]) > sum(got["ttt"]), f"absorber must beat TTT at the same budget: {got}"
