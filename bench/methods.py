@@ -66,12 +66,14 @@ class WindowMethod:
 
     @torch.no_grad()
     def run(self, context: list[int], query: list[int], target: list[int], max_new_tokens: int) -> Outcome:
+        # The window bounds what is kept of the context; the query or target is always read whole
+        # (as the engine reads it after its window).
         if target:
-            ids = self._keep(context) + target if self.window == 0 else self._keep(context + target)
+            ids = self._keep(context) + target
             logits = self.model(torch.tensor([ids])).logits[0, -len(target):-1]
             loss = F.cross_entropy(logits.float(), torch.tensor(target[1:])).item()
             return Outcome(target_loss=loss, held_bytes=kv_bytes(self.model.config, len(ids), self.model.dtype))
-        ids = self._keep(context) + query if self.window == 0 else self._keep(context + query)
+        ids = self._keep(context) + query
         start = time.perf_counter()
         out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                   max_new_tokens=max_new_tokens, do_sample=False,

@@ -50,13 +50,16 @@ def test_20k_token_stream_keeps_kv_within_the_window_and_delta_constant():
     assert eng.absorbed_tokens + eng.held_tokens == 20_000
 
 
-def test_absorption_alone_never_exceeds_n_plus_m():
-    n, m = 40, 24
+@pytest.mark.parametrize("follow_y", [False, True])
+def test_absorption_alone_never_exceeds_its_bound(follow_y):
+    n, m, t = 40, 24, 16
     eng = AbsorberEngine(make_model("qwen2"), config=AbsorberConfig(chunk_tokens=n, sync_tokens=m, rank=2,
-                                                                     futures=3, future_tokens=24, max_steps=1))
+                                                                     futures=3, future_tokens=t, max_steps=1,
+                                                                     futures_follow_y=follow_y))
     spy = SpanSpy(eng.parts.base)
     eng.absorb(random_ids(1_000, seed=13), flush=True)
-    assert spy.max_span == 1 + n + m            # BOS, X and Y: the KV never holds more
+    # BOS, X and Y (futures after X fit in Y's place); futures after X·Y add their own length.
+    assert spy.max_span == 1 + n + m + (t if follow_y else 0)
     assert eng.held_tokens == 0 and eng.absorbed_tokens == 1_000
 
 

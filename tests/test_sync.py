@@ -25,11 +25,11 @@ def _final_norm(parts):
     return parts.base.ln_f if parts.model_type == "gpt2" else parts.base.norm
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_teacher_states_equal_a_plain_forward(arch):
+@pytest.mark.parametrize("arch, follow_y", [(a, False) for a in ARCHS] + [("llama", True)])
+def test_teacher_states_equal_a_plain_forward(arch, follow_y):
     model = make_model(arch)
     eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=12, sync_tokens=7, rank=2, futures=3,
-                                                      future_tokens=5, kl_weight=1.0))
+                                                      future_tokens=5, kl_weight=1.0, futures_follow_y=follow_y))
     x = torch.tensor(random_ids(12, seed=3))
     y = torch.tensor(random_ids(7, seed=4))
     (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, x, y)], eng.config)
@@ -39,7 +39,9 @@ def test_teacher_states_equal_a_plain_forward(arch):
     L = eng.parts.num_states - 1
     for group in (real, sampled):
         for b in range(group.ids.shape[0]):
-            seq = torch.cat([torch.tensor([BOS]), x, group.ids[b]])[None]          # the engine starts at BOS
+            # The engine starts at BOS; with futures_follow_y the sampled futures continue X·Y.
+            lead = [x, y] if follow_y and group is sampled else [x]
+            seq = torch.cat([torch.tensor([BOS]), *lead, group.ids[b]])[None]
             with torch.no_grad():
                 out = model(seq, output_hidden_states=True)
             t = group.ids.shape[1]
