@@ -8,10 +8,10 @@ n = 256, m = 128, rank 16, 80 steps per round, lr 5e-3; Absorber with 4 prompted
 Measured when the floor was set (seeds 0-7 of this test, torch 2.13 CPU, default targets v/o + MLP):
 Absorber 5/8, TTT 5/8, the model with no context 0/8 (it answers 55555; a 5-digit key is 1 in 10^5
 by chance). Absorber's misses are near-misses (888935 for 88935, 788888 for 78672). With q/k in the
-targets too it was Absorber 6/8, TTT 3/8 (README, "How a round runs", says why q/k are out). The
-floor, 4 of 8, leaves one miss of slack for library versions that round differently and fails if
-absorption stops carrying the key. At this length and budget Absorber and TTT are level, so the test
-does not rank them (the evaluation tables compare them at every length).
+targets too (and futures after X·Y) it was Absorber 6/8, TTT 3/8; the README says why q/k are out.
+The floor, 4 of 8, leaves one miss of slack for library versions that round differently and fails
+if absorption stops carrying the key. At this length and budget Absorber and TTT are level, so the
+test does not rank them (the evaluation tables compare them at every length).
 """
 
 from __future__ import annotations
