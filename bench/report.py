@@ -146,9 +146,9 @@ def summary_md(r: dict) -> str:
         "Throughput: tokens absorbed (rounds × n) per second, median of the repetitions; ratio = baseline time / "
         "engine time (median; best-of in parentheses). Memory: peak of live tensor bytes during one round above what "
         "was resident before (torch.profiler), and peak RSS above the RSS before (sampled every 2 ms), each in a fresh "
-        "process. Loss gap: largest relative difference of the per-step losses (deterministic configurations).",
+        "process. Loss gap: largest relative difference of the per-step losses (deterministic configurations). Configurations a-d run the engine in fp32; e, e2 and g in its default compute_dtype=\"auto\" (bf16 autocast on this CPU, fp32 weights, delta and AdamW); f loads both in bf16.",
         "",
-        "| model | config | n / m / r / K / R | dtype (engine / baseline) | engine tok/s | baseline tok/s | ratio | "
+        "| model | config | n / m / r / K / R | weights (engine / baseline) | engine tok/s | baseline tok/s | ratio | "
         "engine steps / final loss | baseline steps / final loss | peak tensors MiB (engine / baseline) | "
         "peak RSS MiB (engine / baseline) | loss gap |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
