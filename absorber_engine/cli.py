@@ -117,8 +117,10 @@ _DELEGATED = {
 
 
 def _config_from_args(args, base=None):
-    from .config import AbsorberConfig
+    from .config import AbsorberConfig, recommended_config
 
+    if base is None and getattr(args, "model", None):
+        base = recommended_config(args.model)        # the model's own measured budget, if it ships one
     values = dict(base.to_dict()) if base is not None else {}
     if getattr(args, "config", None):
         with open(args.config) as f:
@@ -138,6 +140,10 @@ def _load_engine(args, config=None, memory: str | None = None):
         from .errors import InputError
 
         raise InputError("no model: pass --model DIR (or set $ABSORBER_MODEL)")
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()          # transformers' own weight-loading bar
     if memory is not None and config is None:
         config = read_memory_config(memory)
     eng = AbsorberEngine.from_pretrained(args.model, config=config, dtype=args.dtype, device=args.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -236,3 +237,24 @@ class AbsorberConfig:
         if d.get("targets") is not None:
             d["targets"] = tuple(d["targets"])
         return cls(**d)
+
+
+MODEL_CONFIG_FILE = "absorber_config.json"
+
+
+def recommended_config(model_dir) -> AbsorberConfig | None:
+    """The config a model directory recommends for itself (absorber_config.json beside its weights:
+    a budget measured on that model), or None when it has none. from_pretrained() and the command
+    line start from it when no config is given."""
+    path = os.path.join(os.fspath(model_dir), MODEL_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable JSON config: {e}") from None
+    try:
+        return AbsorberConfig.from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -26,7 +26,7 @@ import torch
 from absorber_kernels import get_ops
 
 from . import _scheduler
-from .config import AbsorberConfig
+from .config import AbsorberConfig, recommended_config
 from .delta import attach, bind, detach, reattach, set_rows
 from .errors import ConfigError, InputError, UnsupportedModelError
 from .model_support import DEFAULT_TARGETS, ModelParts, bos_token, cache_tensors, inspect_model
@@ -96,7 +96,8 @@ class AbsorberEngine:
     @classmethod
     def from_pretrained(cls, path, config: AbsorberConfig | None = None, dtype=None, device=None,
                         tokenizer: bool = True) -> "AbsorberEngine":
-        """Loads a local Hugging Face causal LM directory (never a hub download)."""
+        """Loads a local Hugging Face causal LM directory (never a hub download). With no config,
+        the directory's own absorber_config.json is used if it has one, else the defaults."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path = os.fspath(path)
@@ -118,7 +119,7 @@ class AbsorberEngine:
                 tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError):
                 tok = None    # a model without a tokenizer still works on token ids
-        return cls(model, tokenizer=tok, config=config)
+        return cls(model, tokenizer=tok, config=config if config is not None else recommended_config(path))
 
     # ------------------------------------------------------------------ sessions
 

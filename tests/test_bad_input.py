@@ -146,3 +146,18 @@ def test_targets_matching_nothing_or_non_linear():
     with pytest.raises(UnsupportedModelError, match="not a linear"):
         AbsorberEngine(model, config=AbsorberConfig(**CFG, targets=("q_proj", "mlp")))
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear      # nothing was wrapped
+
+
+def test_model_directory_config_is_used_and_checked(tmp_path):
+    from absorber_engine.config import MODEL_CONFIG_FILE
+
+    make_model("llama").save_pretrained(tmp_path)
+    (tmp_path / MODEL_CONFIG_FILE).write_text('{"chunk_tokens": 24, "sync_tokens": 8, "rank": 3}')
+    assert AbsorberEngine.from_pretrained(tmp_path, tokenizer=False).config.rank == 3
+    given = AbsorberConfig(**CFG)
+    assert AbsorberEngine.from_pretrained(tmp_path, config=given, tokenizer=False).config == given
+    for text, message in (("{not json", "not a readable JSON config"), ('{"chunk_size": 4}', "unknown config fields"),
+                          ('{"rank": 0}', "rank")):
+        (tmp_path / MODEL_CONFIG_FILE).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            AbsorberEngine.from_pretrained(tmp_path, tokenizer=False)

@@ -76,3 +76,11 @@ def test_in_context_recall(loaded):
             ex = make_example(task, n_tokens, tok, seed)
             scores.append(score(ex, evaluate_recall.answer_example(model, tok, ex, stop)))
     assert sum(scores) / len(scores) >= 0.9, scores
+
+
+def test_recommended_config_fits_the_trained_context():
+    from absorber_engine.config import recommended_config
+
+    cfg = recommended_config(MODEL)
+    assert cfg is not None
+    assert cfg.window_tokens < trained_ctx()          # the raw window plus a question fit where it was trained
