@@ -81,6 +81,10 @@ def test_in_context_recall(loaded):
 def test_recommended_config_fits_the_trained_context():
     from absorber_engine.config import recommended_config
 
+    from absorber_bench.evaluate import FUTURE_PROMPT, engine_config
+
     cfg = recommended_config(MODEL)
     assert cfg is not None
     assert cfg.window_tokens < trained_ctx()          # the raw window plus a question fit where it was trained
+    # The budget the model ships is the one its evaluation measured (absorber+futures): one source of numbers.
+    assert cfg == engine_config(trained_ctx(), futures=4, future_prompt=FUTURE_PROMPT)
