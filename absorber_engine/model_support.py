@@ -116,13 +116,25 @@ def cache_tensors(cache: DynamicCache, keep: int | None = None) -> list[tuple[to
     return out
 
 
-def bos_token(model) -> int | None:
-    """The model's BOS id, when its config names one inside the vocabulary."""
+def bos_token(model, tokenizer=None) -> int | None:
+    """The model's BOS id, when its config names one inside the vocabulary and the tokenizer (if
+    any) puts it in front of what it encodes: a model reads BOS first only if it was trained that
+    way. SmolLM2's config names <|im_start|> as BOS, which its tokenizer never adds; a sequence of
+    that model starts with its own first token, which serves as the attention sink."""
     bos = getattr(model.config, "bos_token_id", None)
     if isinstance(bos, list):
         bos = bos[0] if bos else None
     n = model.get_input_embeddings().num_embeddings
-    return bos if isinstance(bos, int) and 0 <= bos < n else None
+    if not (isinstance(bos, int) and 0 <= bos < n):
+        return None
+    if tokenizer is not None:
+        try:
+            first = tokenizer("a")["input_ids"][:1]
+        except Exception:        # a tokenizer that cannot encode plain text says nothing about BOS
+            return bos
+        if first != [bos]:
+            return None
+    return bos
 
 
 def inspect_model(model) -> ModelParts:

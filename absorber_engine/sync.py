@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .config import AbsorberConfig
 from .delta import LowRankDelta, bind, set_rows
 from .model_support import ModelParts, ResidualCapture, cache_tensors, checkpointed
+from .probes import ProbeFrame, answer_mask, kinds_per_round
 from .sampling import sample_next
 
 
@@ -51,6 +52,7 @@ class FutureGroup:
     hidden: list[torch.Tensor]        # L+1 teacher states, each (b, t, D)
     final: torch.Tensor | None        # (b·t, D) teacher final states, for the KL term
     lead: torch.Tensor | None = None  # (b, l) tokens the student reads before `ids`, outside the loss
+    mask: torch.Tensor | None = None  # (b, t) bool, False on positions outside the loss (after a probe's end)
     kl_cache: dict = field(default_factory=dict)   # the teacher's distribution, built at the first step
 
 
@@ -58,6 +60,7 @@ class FutureGroup:
 class SyncTargets:
     groups: list[FutureGroup]
     positions: int                    # synchronized positions in all groups: the mean's denominator
+    layer_scale: list[float] | None = None   # per state h^l, 1 / the teacher's mean |h^l| (hidden_norm)
 
 
 @dataclass
@@ -72,11 +75,13 @@ class RoundResult:
 
 
 @torch.no_grad()
-def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg: AbsorberConfig) -> list[SyncTargets]:
+def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg: AbsorberConfig,
+                    frame: ProbeFrame | None = None) -> list[SyncTargets]:
     """What each stream's student must reproduce. All rounds share |X| and |Y|."""
     S, n, m = len(rounds), rounds[0].x.numel(), rounds[0].y.numel()
     need_final = cfg.kl_weight > 0
-    n_futures = cfg.futures if m > 0 else max(cfg.futures, 1)   # no real Y: sample at least one
+    probing = frame is not None and cfg.probes > 0
+    n_futures = cfg.futures if (m > 0 or probing) else max(cfg.futures, 1)   # something to sync on
     per_stream: list[list[FutureGroup]] = [[] for _ in rounds]
 
     bind(wrappers, [r.delta for r in rounds])
@@ -97,17 +102,79 @@ def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg:
         x_kv = cache_tensors(cache, keep=keep)
         first_logits = parts.logits(final[:, keep - 1])                            # (S, V)
         del cache, cap, final
-        sampled = _sample_futures(parts, wrappers, x_kv, first_logits, n_futures, cfg, rounds, need_final)
+        sampled = _sample_futures(parts, wrappers, x_kv, first_logits, n_futures, cfg, rounds, need_final,
+                                  rounds[0].prompt, cfg.future_length, cfg.future_temperature, cfg.future_top_p)
         for s, r in enumerate(rounds):
             rows = slice(s * n_futures, (s + 1) * n_futures)
             per_stream[s].append(FutureGroup(sampled.ids[rows], [h[rows] for h in sampled.hidden],
                                              sampled.final.view(S * n_futures, -1, parts.hidden_size)[rows]
                                              .reshape(-1, parts.hidden_size) if need_final else None,
                                              lead=r.y[None].expand(n_futures, -1) if after_y else None))
-    return [SyncTargets(groups, sum(g.ids.numel() for g in groups)) for groups in per_stream]
+    else:
+        del cache, cap, final
+    if probing:
+        for s, group in enumerate(_self_study(parts, wrappers, rounds, cfg, frame, need_final)):
+            per_stream[s].extend(group)
+    out = [SyncTargets(groups, sum(int(g.mask.sum()) if g.mask is not None else g.ids.numel() for g in groups))
+           for groups in per_stream]
+    if cfg.hidden_norm:
+        for t in out:
+            _normalize_layers(t)
+    return out
 
 
-def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, need_final) -> FutureGroup:
+def _normalize_layers(t: SyncTargets) -> None:
+    """Deep Context Distillation's per-layer normalization: each state's L1 is divided by the
+    teacher's mean |h^l| over the synchronized positions, so every layer weighs the same in the
+    loss; unnormalized, the few late layers with large activations dominate it. The teacher's
+    states are scaled here once; the student's by the same factors at every step."""
+    L = len(t.groups[0].hidden)
+    sums = [0.0] * L
+    for g in t.groups:
+        for layer in range(L):
+            sums[layer] += float(g.hidden[layer].float().abs().sum())   # masked positions are zero
+    dim = t.groups[0].hidden[0].shape[-1]
+    t.layer_scale = [t.positions * dim / max(total, 1e-12) for total in sums]
+    for g in t.groups:
+        g.hidden = [h * scale for h, scale in zip(g.hidden, t.layer_scale)]
+
+
+def _self_study(parts, wrappers, rounds, cfg, frame: ProbeFrame, need_final) -> list[list[FutureGroup]]:
+    """Self-study probes: the teacher reads X in its frame (a system message for chat models), then
+    for each kind its seed instruction, and answers it; the answers are sampled for all streams and
+    all probes of a kind in one batch, recording the teacher's states as they go. The student reads
+    the seed and the answer after its own opening (frame.student_open), without X."""
+    S = len(rounds)
+    bind(wrappers, [r.delta for r in rounds])
+    set_rows(wrappers, S, 1, parts.device)
+    dev = parts.device
+    opened = [torch.tensor(frame.context_open, dtype=torch.long, device=dev),
+              None, torch.tensor(frame.context_close, dtype=torch.long, device=dev)]
+    ctx = parts.with_prefix(torch.stack([torch.cat([opened[0], r.x, opened[2]]) for r in rounds]))
+    _, cache = parts.forward(ctx, use_cache=True)
+    x_kv = cache_tensors(cache)
+    del cache
+    lead = torch.tensor(frame.student_open, dtype=torch.long, device=dev)
+    out: list[list[FutureGroup]] = [[] for _ in rounds]
+    for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
+        seed = torch.tensor(frame.seeds[kind], dtype=torch.long, device=dev)
+        g = _sample_futures(parts, wrappers, x_kv, None, count, cfg, rounds, need_final, seed,
+                            seed.numel() + cfg.probe_tokens, cfg.probe_temperature, cfg.probe_top_p)
+        mask = answer_mask(g.ids, seed.numel(), frame.stop)                           # (S·count, t)
+        for s in range(S):
+            rows = slice(s * count, (s + 1) * count)
+            m = mask[rows]
+            hidden = [h[rows] * m[..., None] for h in g.hidden]      # padded positions: zero, out of the loss
+            final = None
+            if need_final:
+                final = g.final.view(S * count, -1, parts.hidden_size)[rows][m]      # (real positions, D)
+            out[s].append(FutureGroup(g.ids[rows], hidden, final, lead=lead.expand(count, -1) if lead.numel() else None,
+                                      mask=m))
+    return out
+
+
+def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, need_final, prompt, length,
+                    temperature, top_p) -> FutureGroup:
     """`count` continuations of each stream's X sampled by its teacher, all streams in one batch,
     with the teacher's states at every token. Rows are stream-major.
 
@@ -118,7 +185,6 @@ def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, nee
     set_rows(wrappers, S, count, parts.device)
     cache = parts.make_cache(x_kv, repeat=count)
     parts_ids, hidden_parts, final_parts = [], [], []
-    prompt = rounds[0].prompt
     p = 0 if prompt is None else prompt.numel()
     if p:
         forced = prompt.expand(S * count, -1)                                        # (S·count, p)
@@ -130,15 +196,15 @@ def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, nee
         logits = parts.logits(final[:, -1])
     else:
         logits = first_logits.repeat_interleave(count, dim=0)                        # (S·count, V)
-    for step in range(cfg.future_length - p):
-        tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], cfg.future_temperature, cfg.future_top_p,
+    for step in range(length - p):
+        tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], temperature, top_p,
                                      r.generator) for s, r in enumerate(rounds)])    # (S·count,)
         with ResidualCapture(parts.layers) as cap:
             final, cache = parts.forward(tok[:, None], cache, use_cache=True)        # (S·count, 1, D)
         parts_ids.append(tok[:, None])
         hidden_parts.append(cap.states)
         final_parts.append(final)
-        if step + 1 < cfg.future_length - p:
+        if step + 1 < length - p:
             logits = parts.logits(final[:, -1])
     ids = torch.cat(parts_ids, dim=1)                                                # (S·count, T)
     hidden = [torch.cat([h[layer] for h in hidden_parts], dim=1) for layer in range(parts.num_states)]
@@ -147,7 +213,7 @@ def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, nee
 
 
 def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targets: list[SyncTargets],
-                   cfg: AbsorberConfig, ops, backward: bool) -> list[float]:
+                   cfg: AbsorberConfig, ops, backward: bool, xs: torch.Tensor | None = None) -> list[float]:
     """Each stream's sync loss under its current delta (and the gradient, when `backward`)."""
     S = len(deltas)
     bind(wrappers, deltas)
@@ -170,11 +236,15 @@ def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targ
         for s, (grp, tgt) in enumerate(zip(groups, targets)):
             sl = slice(s * rows, (s + 1) * rows)
             loss = final.new_zeros((), dtype=torch.float32)
+            keep = grp.mask[..., None] if grp.mask is not None else None              # (rows, t, 1)
             if cfg.hidden_weight > 0:
-                loss = loss + ops.hidden_l1([h[sl] for h in cap.states], grp.hidden, weight=cfg.hidden_weight,
-                                            denom=tgt.positions)
+                states = [h[sl] if keep is None else h[sl] * keep for h in cap.states]
+                if tgt.layer_scale is not None:
+                    states = [h * scale for h, scale in zip(states, tgt.layer_scale)]
+                loss = loss + ops.hidden_l1(states, grp.hidden, weight=cfg.hidden_weight, denom=tgt.positions)
             if cfg.kl_weight > 0:
-                kl = ops.linear_kl(final[sl].reshape(-1, parts.hidden_size), grp.final, parts.head.weight,
+                student = final[sl] if grp.mask is None else final[sl][grp.mask]
+                kl = ops.linear_kl(student.reshape(-1, parts.hidden_size), grp.final, parts.head.weight,
                                    parts.head.bias, temperature=cfg.kl_temperature, top_k=cfg.kl_top_k,
                                    denom=tgt.positions, teacher_cache=grp.kl_cache)
                 loss = loss + cfg.kl_weight * kl
@@ -182,7 +252,25 @@ def student_losses(parts: ModelParts, wrappers, deltas: list[LowRankDelta], targ
             total = total + loss
         if backward:
             total.backward()
+    if cfg.ntp_weight > 0 and xs is not None:
+        for s, ce in enumerate(next_token_losses(parts, wrappers, deltas, xs, cfg, cfg.ntp_weight, backward)):
+            losses[s] += ce
     return losses
+
+
+def next_token_losses(parts, wrappers, deltas, xs: torch.Tensor, cfg, weight: float, backward: bool) -> list[float]:
+    """weight × the contextless model's next-token cross-entropy on each stream's X (S, n): TTT's
+    loss, alone (objective "ttt") or beside synchronization (ntp_weight)."""
+    bind(wrappers, deltas)
+    set_rows(wrappers, len(deltas), 1, parts.device)
+    ids = parts.with_prefix(xs)
+    with checkpointed(parts.layers, cfg.checkpoint_layers):
+        final, _ = parts.forward(ids[:, :-1])
+    logits = parts.logits(final)                                                    # (S, n - 1, V)
+    per_stream = weight * F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+    if backward:
+        per_stream.sum().backward()
+    return per_stream.detach().tolist()
 
 
 def train_deltas(deltas: list[LowRankDelta], loss_fn, cfg: AbsorberConfig) -> list[RoundResult]:
@@ -226,18 +314,19 @@ def train_deltas(deltas: list[LowRankDelta], loss_fn, cfg: AbsorberConfig) -> li
     return results
 
 
-def absorber_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[RoundResult]:
-    targets = teacher_targets(parts, wrappers, rounds, cfg)
+def absorber_round(parts, wrappers, rounds: list[StreamRound], cfg, ops, frame=None) -> list[RoundResult]:
+    targets = teacher_targets(parts, wrappers, rounds, cfg, frame)
     deltas = [r.delta for r in rounds]
+    xs = torch.stack([r.x for r in rounds]) if rounds[0].x.numel() + len(parts.prefix) >= 2 else None   # (S, n)
 
     def loss_fn(active):
         return student_losses(parts, wrappers, [deltas[i] for i in active], [targets[i] for i in active], cfg, ops,
-                              backward=True)
+                              backward=True, xs=xs[active] if xs is not None else None)
 
     return train_deltas(deltas, loss_fn, cfg)
 
 
-def ttt_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[RoundResult]:
+def ttt_round(parts, wrappers, rounds: list[StreamRound], cfg, ops, frame=None) -> list[RoundResult]:
     """The baseline: next-token cross-entropy of the contextless model on X itself (Temp-LoRA)."""
     if rounds[0].x.numel() + len(parts.prefix) < 2:
         return [RoundResult() for _ in rounds]
@@ -245,15 +334,7 @@ def ttt_round(parts, wrappers, rounds: list[StreamRound], cfg, ops) -> list[Roun
     xs = torch.stack([r.x for r in rounds])                                         # (S, n)
 
     def loss_fn(active):
-        bind(wrappers, [deltas[i] for i in active])
-        set_rows(wrappers, len(active), 1, parts.device)
-        ids = parts.with_prefix(xs[active])
-        with checkpointed(parts.layers, cfg.checkpoint_layers):
-            final, _ = parts.forward(ids[:, :-1])
-        logits = parts.logits(final)                                                # (S, n - 1, V)
-        per_stream = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
-        per_stream.sum().backward()
-        return per_stream.detach().tolist()
+        return next_token_losses(parts, wrappers, [deltas[i] for i in active], xs[active], cfg, 1.0, backward=True)
 
     return train_deltas(deltas, loss_fn, cfg)
 

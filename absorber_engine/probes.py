@@ -1,0 +1,114 @@
+"""Probes: what the student is synchronized on, written so that the teacher must use X.
+
+Synchronizing on plain continuations of X transfers almost nothing on a real model: the teacher
+rarely needs X to continue it (SmolLM2-135M, invented facts: 0/4 recalled). Self-study probes
+(Cartridges) fix that: the teacher, reading X, is asked a seed instruction (a question about a
+detail, a summary, a list of the facts, a use, a creative rewrite) and answers it; the student then
+reads the same exchange without X and must produce the teacher's states on it.
+
+`ProbeFrame` holds the token ids that wrap X and the probes, built once per engine from the
+tokenizer's chat template when it has one (X as a system message, each probe a user turn with the
+seed and an assistant turn with the teacher's answer; the student reads the template's own default
+opening, what a plain chat with the model starts with), else plain text ("\n" between X and the
+seed). The seed stays in the probe: a kind's rows then share one prompt, so they are sampled in
+lockstep with no padding, and the student learns to produce X's content when asked about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+from .config import PROBE_KINDS
+
+# One seed instruction per kind; a kind's probes differ by sampling (probe_temperature).
+SEED_PROMPTS = {
+    "question": "Ask a question about one specific detail of the text you were given, then answer it.",
+    "facts": "List every name, place and number in the text you were given, each with what it refers to.",
+    "summary": "Summarize the text you were given in a few sentences, keeping every name and number.",
+    "use": "What should someone who read the text you were given remember? Give the details.",
+    "creative": "Retell the text you were given as a short story, keeping its details exact.",
+}
+
+_MARK = "\x00ABSORBER\x00"
+
+
+@dataclass
+class ProbeFrame:
+    context_open: list[int]      # teacher: before X
+    context_close: list[int]     # teacher: after X, before the probe
+    student_open: list[int]      # student: before the probe
+    seeds: dict[str, list[int]] = field(default_factory=dict)   # kind -> the probe's forced opening
+    stop: list[int] = field(default_factory=list)               # tokens that end an answer
+    chat: bool = False
+
+
+def build_frame(tokenizer, kinds, use_chat: bool = True) -> ProbeFrame:
+    """The frame for `kinds` under `tokenizer` (None: a model without one gets plain-text seeds
+    it cannot read, so probes need a tokenizer; callers check)."""
+    enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))       # noqa: E731
+    template = getattr(tokenizer, "chat_template", None)
+    if use_chat and template:
+        def render(messages):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+        before_ctx, rest = render([{"role": "system", "content": _MARK}, {"role": "user", "content": _MARK}]).split(_MARK, 1)
+        between, after_user = rest.split(_MARK, 1)
+        student_before = render([{"role": "user", "content": _MARK}]).split(_MARK, 1)[0]
+        # The probe starts where both sequences agree: the opening of the user turn (and whatever
+        # closes the message before it), so teacher and student read the probe token for token.
+        turn = _common_tail(between, student_before)
+        frame = ProbeFrame(enc(before_ctx), enc(between[:len(between) - len(turn)]),
+                           enc(student_before[:len(student_before) - len(turn)]), chat=True)
+        for kind in kinds:
+            frame.seeds[kind] = enc(turn + SEED_PROMPTS[kind] + after_user)
+        frame.stop = _stop_ids(tokenizer, template)
+        return frame
+    frame = ProbeFrame([], enc("\n"), [], chat=False)
+    for kind in kinds:
+        frame.seeds[kind] = enc(SEED_PROMPTS[kind] + "\n")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    frame.stop = [eos] if isinstance(eos, int) else []
+    return frame
+
+
+def _common_tail(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+def _stop_ids(tokenizer, template: str) -> list[int]:
+    out = set()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        out.add(eos)
+    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if name in template:
+            tid = tokenizer.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
+                out.add(tid)
+    return sorted(out)
+
+
+def kinds_per_round(kinds, count: int) -> list[tuple[str, int]]:
+    """`count` probes spread over `kinds` round-robin: [(kind, how many)], kinds with none dropped."""
+    out = [(k, count // len(kinds) + (1 if i < count % len(kinds) else 0)) for i, k in enumerate(kinds)]
+    return [(k, c) for k, c in out if c > 0]
+
+
+def answer_mask(ids: torch.Tensor, forced: int, stop: list[int]) -> torch.Tensor:
+    """(b, t) bool: the positions of each probe up to and including its first stop token after the
+    forced opening; what a row sampled after it is not part of the probe."""
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    if not stop:
+        return mask
+    sampled = ids[:, forced:]
+    is_stop = torch.isin(sampled, torch.tensor(stop, device=ids.device))
+    # Positions strictly after the first stop: a cumulative count of stops seen before them > 0.
+    after = (is_stop.long().cumsum(dim=1) - is_stop.long()) > 0
+    mask[:, forced:] = ~after
+    return mask

@@ -1,0 +1,109 @@
+"""Seeded documents that state invented facts, and questions that ask them back in other words:
+the recall evaluation of a real (instruction-tuned) model.
+
+A document has a genre (note, memo, log, rules, recipe, itinerary), a title line, filler lines of
+its genre, and `facts` statements at random places. Every fact's answer is invented (a made-up
+name, place, word or a number of several digits), so a model that did not read the document
+cannot know it: no-context accuracy is ~0. The question never repeats the statement's wording:
+"The spare key is kept with Orlena Vask." is asked as "Who holds the spare key?".
+
+Scoring (`score`): the answer must appear as a whole word in the model's reply, case-insensitive.
+Everything depends only on (seed, index): the same seed gives the same documents on any machine.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+GENRES = ("note", "memo", "log", "rules", "recipe", "itinerary")
+
+_SYL = ["ka", "lo", "mir", "ven", "tas", "rul", "bex", "no", "ria", "dun", "sel", "qua", "tor", "fen", "ilo",
+        "mar", "zet", "pol", "ush", "gri", "dal", "om", "ter", "vy", "sha", "bri", "nek", "hol", "ari", "cus"]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(syllables)).capitalize()
+
+
+def _name(rng):
+    return f"{_word(rng, 2)} {_word(rng, 2)}"
+
+
+def _place(rng):
+    return _word(rng, 3)
+
+
+def _number(rng):
+    return str(rng.randint(1000, 9999))
+
+
+# Each fact: (answer maker, statement template, question). {a} is the answer.
+_FACTS = [
+    (_name, "The spare key is kept by {a}.", "Who holds the spare key?"),
+    (_name, "{a} is in charge of the budget.", "Which person is responsible for the budget?"),
+    (_name, "The delivery will be signed for by {a}.", "Who signs for the delivery?"),
+    (_place, "The team meets every Friday in {a}.", "In which town does the team gather on Fridays?"),
+    (_place, "The old lighthouse stands near {a}.", "Near which place is the old lighthouse?"),
+    (_place, "Our supplier ships everything from {a}.", "Where does the supplier send its goods from?"),
+    (_number, "The code for the storage room is {a}.", "What number opens the storage room?"),
+    (_number, "The guest wifi password is {a}.", "What is the password for the wifi used by guests?"),
+    (_number, "The invoice number for the repair is {a}.", "Which invoice number belongs to the repair?"),
+    (lambda r: _word(r, 3).lower(), "The secret ingredient is a spice called {a}.", "What is the name of the special spice?"),
+    (lambda r: _word(r, 2), "The cat is named {a}.", "What do they call the cat?"),
+    (lambda r: _word(r, 3), "The boat is called the {a}.", "What is the name of the boat?"),
+]
+
+_FILLER = {
+    "note": ["Remember to water the plants on the balcony.", "The kettle is still broken, so use the small pot.",
+             "Lunch is usually around one.", "Please close the windows when it rains.",
+             "The neighbours are friendly but quiet."],
+    "memo": ["All staff should read this before the next meeting.", "Expenses must be filed within two weeks.",
+             "The printer on the second floor is being replaced.", "Questions can go to the front desk.",
+             "Thank you for your patience during the move."],
+    "log": ["08:00 systems checked, nothing unusual.", "09:30 weather clear, light wind from the west.",
+            "11:15 routine inspection completed.", "13:40 radio contact confirmed.", "15:05 supplies counted."],
+    "rules": ["Shoes stay at the door.", "Quiet hours start at ten in the evening.", "Guests must sign in.",
+              "Food is not allowed in the reading room.", "Report any damage the same day."],
+    "recipe": ["Chop two onions finely.", "Warm the oil in a heavy pan.", "Stir gently for five minutes.",
+               "Season with salt and pepper to taste.", "Let it rest before serving."],
+    "itinerary": ["Breakfast is served at half past seven.", "The bus leaves from the main square.",
+                  "Bring comfortable shoes for the walk.", "The afternoon is free for shopping.",
+                  "Dinner is booked at a small family restaurant."],
+}
+_TITLES = {"note": "Note for the house-sitter", "memo": "Memo to all staff", "log": "Station log",
+           "rules": "House rules", "recipe": "Family stew recipe", "itinerary": "Trip itinerary"}
+
+
+@dataclass
+class FactDocument:
+    genre: str
+    text: str
+    questions: list[str]
+    answers: list[str]
+
+
+def make_document(seed: int, index: int, facts: int = 4, filler_lines: int = 4) -> FactDocument:
+    """Document `index` of the set drawn with `seed`: `facts` invented facts among filler lines."""
+    rng = random.Random(f"facts/{seed}/{index}")
+    genre = GENRES[index % len(GENRES)]
+    chosen = rng.sample(_FACTS, facts)
+    answers, statements, questions = [], [], []
+    for make, statement, question in chosen:
+        a = make(rng)
+        while a in answers:
+            a = make(rng)
+        answers.append(a)
+        statements.append(statement.format(a=a))
+        questions.append(question)
+    lines = rng.sample(_FILLER[genre], min(filler_lines, len(_FILLER[genre])))
+    for s in statements:
+        lines.insert(rng.randint(0, len(lines)), s)
+    text = _TITLES[genre] + "\n" + "\n".join(lines) + "\n"
+    return FactDocument(genre, text, questions, answers)
+
+
+def score(reply: str, answer: str) -> bool:
+    """The answer as a whole word of the reply, case-insensitive."""
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", reply, flags=re.IGNORECASE) is not None
