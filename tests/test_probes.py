@@ -1,0 +1,130 @@
+"""Self-study probes: the frame around X and the probes, the teacher's states on them, the mask
+that keeps what a row sampled after its end out of the loss, and rounds that learn from them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError
+from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round
+from absorber_engine.sync import StreamRound, student_losses, teacher_targets
+
+TINY = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}"
+                  "{% endif %}") + CHATML
+
+pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="model/absorber-tiny not built")
+
+
+def _tokenizer(template=None):
+    tok = AutoTokenizer.from_pretrained(TINY)
+    if template is not None:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = template
+    return tok
+
+
+def _engine(tok, **cfg):
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok))
+    base = dict(chunk_tokens=32, sync_tokens=0, rank=4, futures=0, probes=3, probe_tokens=6,
+                compute_dtype="float32", max_steps=3)
+    return AbsorberEngine(model, tokenizer=tok, config=AbsorberConfig(**{**base, **cfg}))
+
+
+def test_answer_mask_keeps_the_stop_and_drops_what_follows():
+    ids = torch.tensor([[9, 9, 4, 5, 2, 7, 2], [9, 9, 4, 4, 4, 4, 4], [9, 2, 2, 5, 5, 5, 5]])
+    mask = answer_mask(ids, forced=2, stop=[2])
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7, [1, 1, 1, 0, 0, 0, 0]]
+    # A stop token inside the forced opening does not end the probe.
+    assert answer_mask(ids, forced=2, stop=[])[0].all()
+
+
+def test_kinds_are_spread_round_robin():
+    assert kinds_per_round(("a", "b", "c"), 7) == [("a", 3), ("b", 2), ("c", 2)]
+    assert kinds_per_round(("a", "b", "c"), 2) == [("a", 1), ("b", 1)]
+
+
+@pytest.mark.parametrize("template", [CHATML, DEFAULT_SYSTEM])
+def test_chat_frame_reads_like_the_template(template):
+    tok = _tokenizer(template)
+    frame = build_frame(tok, ("question", "summary"))
+    assert frame.chat and tok.convert_tokens_to_ids("<|im_end|>") in frame.stop
+    x = tok.encode("Some notes.", add_special_tokens=False)
+    # Teacher: X as a system message, then the seed as a user turn and the assistant's opening.
+    teacher = frame.context_open + x + frame.context_close + frame.seeds["question"]
+    want = tok.apply_chat_template([{"role": "system", "content": "Some notes."},
+                                    {"role": "user", "content": SEED_PROMPTS["question"]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert tok.decode(teacher) == want
+    # Student: what a plain chat with the model starts with (its default system turn, if any).
+    student = frame.student_open + frame.seeds["question"]
+    plain = tok.apply_chat_template([{"role": "user", "content": SEED_PROMPTS["question"]}], tokenize=False,
+                                    add_generation_prompt=True)
+    assert tok.decode(student) == plain
+
+
+def test_probe_targets_are_a_plain_forward_of_the_teacher_reading_x():
+    tok = _tokenizer(CHATML)
+    eng = _engine(tok)
+    model, frame = eng.parts.model, eng.frame
+    x = torch.tensor(tok.encode("The pass key is 12345. Remember it.", add_special_tokens=False))
+    rnd = StreamRound(eng.delta, x, x[:0], torch.Generator().manual_seed(0))
+    (targets,) = teacher_targets(eng.parts, eng.wrappers, [rnd], eng.config, frame)
+    assert [g.ids.shape[0] for g in targets.groups] == [1, 1, 1]         # 3 probes over 3 kinds
+    assert targets.positions == sum(int(g.mask.sum()) for g in targets.groups)
+    prefix = eng.parts.prefix
+    for g, kind in zip(targets.groups, eng.config.probe_kinds):
+        seed = frame.seeds[kind]
+        assert g.ids[0, :len(seed)].tolist() == seed
+        assert g.ids.shape[1] == len(seed) + 6
+        assert g.lead is None or g.lead[0].tolist() == frame.student_open
+        seq = torch.tensor([prefix + frame.context_open + x.tolist() + frame.context_close + g.ids[0].tolist()])
+        with torch.no_grad():
+            out = model(seq, output_hidden_states=True)
+        t, m = g.ids.shape[1], g.mask[0]
+        for layer in range(eng.parts.num_states - 1):
+            want = out.hidden_states[layer][0, -t:] * m[:, None]
+            torch.testing.assert_close(g.hidden[layer][0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_round_on_probes_lowers_their_loss_and_hidden_norm_weighs_layers_equally():
+    tok = _tokenizer(CHATML)
+    eng = _engine(tok, max_steps=20, lr=1e-2, hidden_norm=True, kl_weight=0.5, ntp_weight=0.5)
+    x = torch.tensor(tok.encode("Orlena keeps the spare key. The code is 4821.", add_special_tokens=False))
+    rnd = StreamRound(eng.delta, x, x[:0], torch.Generator().manual_seed(0))
+    (targets,) = teacher_targets(eng.parts, eng.wrappers, [rnd], eng.config, eng.frame)
+    # Normalized: the teacher's mean |h^l| over the synchronized positions is 1 at every layer.
+    dim = eng.parts.hidden_size
+    for layer in range(eng.parts.num_states):
+        total = sum(float(g.hidden[layer].abs().sum()) for g in targets.groups)
+        assert total / (targets.positions * dim) == pytest.approx(1.0, rel=1e-4)
+
+    def loss():
+        (value,) = student_losses(eng.parts, eng.wrappers, [eng.delta], [targets], eng.config, eng.ops,
+                                  backward=False, xs=x[None])
+        return value
+
+    before = loss()
+    report = eng.absorb(x.tolist(), flush=True)
+    assert report.rounds == 1 and report.steps == 20
+    assert loss() < 0.7 * before
+
+
+def test_probes_config_is_checked_and_a_model_without_tokenizer_skips_them():
+    for bad in (dict(probes=-1), dict(probe_tokens=0), dict(probe_kinds=("nonsense",)), dict(probe_kinds=()),
+                dict(probe_temperature=0.0), dict(probe_top_p=1.5), dict(ntp_weight=-1.0), dict(hidden_norm=1)):
+        with pytest.raises(ConfigError):
+            AbsorberConfig(**bad)
+    tok = _tokenizer()                                   # no chat template: plain-text frame
+    frame = build_frame(tok, ("facts",))
+    assert not frame.chat and frame.context_open == [] and frame.seeds["facts"][-1:] == tok.encode("\n", add_special_tokens=False)[-1:]
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    eng = AbsorberEngine(model, tokenizer=None, config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2,
+                                                                      probes=2, futures=1, max_steps=1))
+    assert eng.frame is None
+    assert eng.absorb(list(range(5, 40)), flush=True).rounds >= 1
