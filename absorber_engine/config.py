@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-PROBE_KINDS = ("question", "facts", "summary", "use", "creative")
+PROBE_KINDS = ("question", "facts", "summary", "use", "creative", "recite")
 
 OBJECTIVES = ("absorber", "ttt")
 BACKENDS = ("auto", "torch", "triton")

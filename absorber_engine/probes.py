@@ -30,7 +30,12 @@ SEED_PROMPTS = {
     "summary": "Summarize the text you were given in a few sentences, keeping every name and number.",
     "use": "What should someone who read the text you were given remember? Give the details.",
     "creative": "Retell the text you were given as a short story, keeping its details exact.",
+    "recite": "Repeat the text you were given, word for word.",
 }
+# Kinds whose answer is X itself, read by the teacher rather than sampled: the teacher copies X from
+# its context, and the student must produce it from the delta alone (TTT's target, with the
+# teacher's states on it, in the frame questions are asked in).
+FORCED_KINDS = ("recite",)
 
 _MARK = "\x00ABSORBER\x00"
 

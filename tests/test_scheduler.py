@@ -50,20 +50,19 @@ def test_window_plans_only_when_full_and_slides_by_n():
     assert w.plan() is None  # 5 < n + m
 
 
-def test_window_flush_drains_in_rounds_of_at_most_n():
+def test_window_flush_drains_the_last_window_in_one_round():
     w = Window(4, 3, 100)
     w.feed(list(range(10)))
-    r = w.plan(flush=True)  # 10 >= 7: a full round even on flush
+    r = w.plan(flush=True)  # 10 > 7: a full round even on flush
     assert (r.x, r.y) == ([0, 1, 2, 3], [4, 5, 6])
     w.commit(r.id)
-    r = w.plan(flush=True)  # 6 held: x = 4, y = 2
-    assert (r.x, r.y) == ([4, 5, 6, 7], [8, 9])
-    w.commit(r.id)
-    r = w.plan(flush=True)  # 2 held: x = 2, no Y
-    assert (r.x, r.y) == ([8, 9], [])
+    r = w.plan(flush=True)  # 6 held <= n + m: all of it is X, no Y (nothing stays raw)
+    assert (r.x, r.y) == ([4, 5, 6, 7, 8, 9], [])
     w.commit(r.id)
     assert w.plan(flush=True) is None
-    assert (w.held, w.absorbed, w.rounds) == (0, 10, 3)
+    assert (w.held, w.absorbed, w.rounds) == (0, 10, 2)
+    w.feed(list(range(8)))  # n + m + 1: one full round, then a round of 1
+    assert w.plan(flush=True).x == [0, 1, 2, 3]
 
 
 def test_window_commit_rules():
@@ -386,7 +385,7 @@ def test_flush_one_session_and_flush_all():
         assert b.sessions == ["a"]
         got.append((b.rounds[0].x, b.rounds[0].y))
         run_batch(s, b)
-    assert got == [([0, 1, 2, 3], [4, 5]), ([4, 5, 6, 7], [8]), ([8], [])]
+    assert got == [([0, 1, 2, 3], [4, 5]), ([4, 5, 6, 7, 8], [])]   # the last n + m or less: one round
     assert s.session_stats("a")["held"] == 0 and not s.session_stats("a")["draining"]
     s.feed("a", [1, 2])  # a new feed after the drain is held again, not flushed
     assert s.next_batch(4) is None

@@ -40,11 +40,10 @@ class ModelWindow:
 
     def shape(self, flush):
         held = len(self.tokens)
+        if flush and 0 < held <= self.n + self.m:
+            return held, 0          # draining keeps no raw window: the rest is one round, all X
         if held >= self.n + self.m:
             return self.n, self.m
-        if flush and held > 0:
-            x = min(self.n, held)
-            return x, min(self.m, held - x)
         return None
 
     def plan(self, flush):

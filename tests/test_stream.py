@@ -69,8 +69,8 @@ def test_flush_absorbs_everything_and_keeps_no_window():
     r = eng.absorb(random_ids(10, seed=1))
     assert r.rounds == 0 and r.held_tokens == 10 and r.tokens == 10
     r = eng.absorb(random_ids(30, seed=2), flush=True)
-    # 40 tokens: one full round (16 + 8 real), then 16 with 8 real, then the last 8 with sampled futures only.
-    assert r.rounds == 3 and r.held_tokens == 0 and eng.absorbed_tokens == 40
+    # 40 tokens: one full round (16 + 8 real), then the last 24 (<= n + m) as one round with futures only.
+    assert r.rounds == 2 and r.held_tokens == 0 and eng.absorbed_tokens == 40
     eng.absorb(random_ids(5, seed=3))
     r = eng.absorb([], flush=True)                           # flushes what the window holds
     assert r.rounds == 1 and r.tokens == 0 and eng.held_tokens == 0 and eng.absorbed_tokens == 45
