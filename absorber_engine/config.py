@@ -126,6 +126,13 @@ class AbsorberConfig:
     ntp_weight: float = 0.0
     """Weight of TTT's next-token cross-entropy on X itself, added to the synchronization loss."""
 
+    replay_rounds: int = 0
+    """Streams: each round also replays the recite probes of this many earlier rounds (their token
+    ids only, a bounded buffer kept with the session and in its memory file), synchronized to the
+    round-start model reading them without context: what the memory answered about earlier rounds
+    it must keep answering (Dark Experience Replay with the round-start model as the teacher).
+    Costs one student pass over replay_rounds × (n + ~30) more tokens per step. 0: off."""
+
     hidden_weight: float = 1.0
     """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at
     every synchronized position, averaged over positions, layers and dimensions."""
@@ -199,7 +206,7 @@ class AbsorberConfig:
         for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes"):
+        for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes", "replay_rounds"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
         for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",

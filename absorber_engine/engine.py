@@ -90,7 +90,9 @@ class AbsorberEngine:
                                               cfg.sync_tokens)
         self._prompt = self._prompt_ids(cfg.future_prompt)
         # Self-study probes are text: a model without a tokenizer synchronizes on Y and futures only.
-        self.frame = build_frame(tokenizer, cfg.probe_kinds, cfg.chat_probes) if cfg.probes and tokenizer else None
+        kinds = tuple(dict.fromkeys(cfg.probe_kinds + (("recite",) if cfg.replay_rounds else ())))
+        uses_frame = (cfg.probes or cfg.replay_rounds) and tokenizer is not None
+        self.frame = build_frame(tokenizer, kinds, cfg.chat_probes) if uses_frame else None
         self.sessions: dict = {}
         self._lock = threading.RLock()     # one model: absorption and generation take turns
         self.default = self.session(DEFAULT_SESSION)
@@ -191,7 +193,8 @@ class AbsorberEngine:
             # alone or batched with others.
             gen = torch.Generator(device=device).manual_seed(sess.seed * 1_000_003 + sess.rounds)
             streams.append(StreamRound(sess.delta, torch.tensor(rnd.x, dtype=torch.long, device=device),
-                                       torch.tensor(rnd.y, dtype=torch.long, device=device), gen, self._prompt))
+                                       torch.tensor(rnd.y, dtype=torch.long, device=device), gen, self._prompt,
+                                       [q.to(device) for q in sess.replay]))
         snapshots = [s.delta.snapshot() for s in sessions]
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
@@ -208,6 +211,8 @@ class AbsorberEngine:
             if res.error is None:
                 self.scheduler.commit(rnd.session, rnd.id)
                 sess.last_error = None
+                if self.config.replay_rounds:
+                    sess.replay.append(self._replay_probe(rnd.x))
             else:
                 sess.delta.restore(snap)
                 self.scheduler.abort(rnd.session, rnd.id)
@@ -370,6 +375,14 @@ class AbsorberEngine:
         if name not in self.sessions:
             raise InputError(f"unknown session {name!r}")
         return self.sessions[name]
+
+    def _replay_probe(self, x: list[int]) -> torch.Tensor:
+        """What a later round replays of this one (replay_rounds): the student's recite exchange of
+        X (its opening, the recite seed, X, the end of turn), or X itself without a tokenizer."""
+        if self.frame is None:
+            return torch.tensor(x, dtype=torch.long)
+        end = self.frame.stop[:1]
+        return torch.tensor(self.frame.student_open + self.frame.seeds["recite"] + list(x) + end, dtype=torch.long)
 
     def _prompt_ids(self, prompt) -> torch.Tensor | None:
         if not prompt:

@@ -52,6 +52,8 @@ def save_memory(session, path) -> None:
     path = os.fspath(path)
     tensors = {f"delta.{k}": v.cpu().contiguous() for k, v in session.delta.state_dict().items()}
     tensors["window"] = torch.tensor(session.window_tokens(), dtype=torch.int64)
+    for i, q in enumerate(session.replay):           # replay_rounds: earlier rounds' probes, in order
+        tensors[f"replay.{i}"] = q.cpu().to(torch.int64).contiguous()
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -131,9 +133,17 @@ def load_memory(session, path) -> None:
                               f"is {capacity}")
     if absorbed < 0 or rounds < 0:
         raise MemoryFileError(f"{path} has negative counters")
+    replay = [tensors[f"replay.{i}"] for i in range(len(tensors)) if f"replay.{i}" in tensors]
+    vocab = session.parts.vocab_size
+    for q in replay:
+        if q.dim() != 1 or q.dtype != torch.int64 or q.numel() == 0 or int(q.min()) < 0 or int(q.max()) >= vocab:
+            raise MemoryFileError(f"{path} has a corrupt replay buffer")
     # Everything checked: only now change the engine (the window first; it validates the ids).
     try:
         session.restore_window(window.tolist(), absorbed, rounds)
     except (IndexError, ValueError) as exc:
         raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
     session.delta.load_state_dict(delta)
+    session.replay.clear()
+    if session.config.replay_rounds:
+        session.replay.extend(replay[-session.replay.maxlen:])

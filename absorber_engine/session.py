@@ -8,6 +8,7 @@ same shape, one student pass takes them all, each row reading its own session's 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -21,6 +22,8 @@ class Session:
         cfg = engine.config
         self.delta = LowRankDelta(engine.shapes, cfg.rank, cfg.scale, engine.parts.device, seed=seed)
         self.last_error: str | None = None      # the last failed round of this session, if any
+        # Earlier rounds' probes that each round replays (replay_rounds): bounded, so held memory stays flat.
+        self.replay: deque[torch.Tensor] = deque(maxlen=max(cfg.replay_rounds, 1))
         self._kv = None                          # (window tokens, kv per layer, last final state)
         self._closed = False
 
@@ -52,7 +55,8 @@ class Session:
         kv = 0
         if self._kv is not None:
             kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._kv[1])
-        return {"delta": self.delta.nbytes, "kv": kv, "tokens": 8 * self.held_tokens}
+        return {"delta": self.delta.nbytes, "kv": kv, "tokens": 8 * self.held_tokens,
+                "replay": sum(8 * q.numel() for q in self.replay)}
 
     def _has_round(self) -> bool:
         st = self._stats()
@@ -147,6 +151,7 @@ class Session:
         with self.engine._lock:
             self.engine.scheduler.clear(self.key)
             self.delta.reset()
+            self.replay.clear()
             self._kv = None
             self.last_error = None
 

@@ -44,6 +44,7 @@ class StreamRound:
     y: torch.Tensor                   # (m,) real continuation, may be empty
     generator: torch.Generator        # samples this stream's futures
     prompt: torch.Tensor | None = None   # (k,) tokens every sampled future starts with (future_prompt)
+    replay: list[torch.Tensor] = field(default_factory=list)   # earlier rounds' probes (1-D ids), replay_rounds
 
 
 @dataclass
@@ -115,6 +116,9 @@ def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg:
     if probing:
         for s, group in enumerate(_self_study(parts, wrappers, rounds, cfg, frame, need_final)):
             per_stream[s].extend(group)
+    if any(r.replay for r in rounds):
+        for s, group in enumerate(_replay(parts, wrappers, rounds, cfg, frame, need_final)):
+            per_stream[s].append(group)
     out = [SyncTargets(groups, sum(int(g.mask.sum()) if g.mask is not None else g.ids.numel() for g in groups))
            for groups in per_stream]
     if cfg.hidden_norm:
@@ -179,6 +183,35 @@ def _self_study(parts, wrappers, rounds, cfg, frame: ProbeFrame, need_final) -> 
                 final = g.final.view(S * count, -1, parts.hidden_size)[rows][m]      # (real positions, D)
             out[s].append(FutureGroup(g.ids[rows], hidden, final, lead=lead.expand(count, -1) if lead.numel() else None,
                                       mask=m))
+    return out
+
+
+def _replay(parts, wrappers, rounds, cfg, frame, need_final) -> list[FutureGroup]:
+    """Earlier rounds' probes, each stream's right-padded to one (rows, t) shape for the batch; the
+    targets are the round-start model's own states on them, read without any context (the memory
+    as it is must be kept). Rows a stream lacks, padding and the student's opening are masked out."""
+    S, dev = len(rounds), parts.device
+    rows = max(len(r.replay) for r in rounds)
+    t = max(len(q) for r in rounds for q in r.replay)
+    ids = torch.zeros(S * rows, t, dtype=torch.long, device=dev)
+    mask = torch.zeros(S * rows, t, dtype=torch.bool, device=dev)
+    skip = len(frame.student_open) if frame is not None else 0
+    for s, r in enumerate(rounds):
+        for i, q in enumerate(r.replay):
+            ids[s * rows + i, :len(q)] = q
+            mask[s * rows + i, skip:len(q)] = True
+    bind(wrappers, [r.delta for r in rounds])
+    set_rows(wrappers, S, rows, dev)
+    P = len(parts.prefix)
+    with ResidualCapture(parts.layers, start=P) as cap:
+        final, _ = parts.forward(parts.with_prefix(ids))
+    out = []
+    for s in range(S):
+        sl = slice(s * rows, (s + 1) * rows)
+        m = mask[sl]
+        hidden = [h[sl] * m[..., None] for h in cap.states]
+        fin = final[sl, P:][m] if need_final else None
+        out.append(FutureGroup(ids[sl], hidden, fin, mask=m))
     return out
 
 

@@ -94,6 +94,69 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
                         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}}
 
 
+def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False) -> dict:
+    """A stream of `docs` documents fed one after another through the engine's window (n + m tokens,
+    about two documents); then every fact of every document that has left the window entirely is
+    asked, after the window, and scored by how many rounds ago its document was absorbed.
+    window: the raw window alone (no memory); full: the whole stream in the prompt."""
+    path = resolve(model)
+    base = recommended_config(path)
+    configs = {"absorber": base.replace(**overrides), "ttt": base.replace(objective="ttt", **overrides)}
+    rows = []
+    for name in methods:
+        eng = AbsorberEngine.from_pretrained(path, config=configs["ttt" if name == "ttt" else "absorber"])
+        tok = eng.tokenizer
+        texts = [make_document(seed, i) for i in range(docs)]
+        stream, ends, absorbed_at = [], [], []
+        start = time.perf_counter()
+        for d in texts:
+            ids = tok.encode(d.text + "\n", add_special_tokens=False)
+            stream += ids
+            ends.append(len(stream))
+            if name in ("ttt", "absorber"):
+                eng.absorb(ids)
+            absorbed_at.append(None)
+            rounds = eng.default.rounds if name in ("ttt", "absorber") else 0
+            for j, e in enumerate(ends):       # the round that absorbed a document's last token
+                if absorbed_at[j] is None and name in ("ttt", "absorber") and eng.absorbed_tokens >= e:
+                    absorbed_at[j] = rounds
+        seconds = time.perf_counter() - start
+        total_rounds = eng.default.rounds
+        # What the engine keeps raw after the stream (rounds of n while n + m are held): every method
+        # is asked about the same documents, those entirely out of that window.
+        n, m = eng.config.chunk_tokens, eng.config.sync_tokens
+        rounds_run = (len(stream) - (n + m)) // n + 1 if len(stream) >= n + m else 0
+        window = len(stream) - rounds_run * n
+        for j, d in enumerate(texts):
+            if ends[j] > rounds_run * n:              # still (partly) in the window: not a memory question
+                continue
+            ago = (total_rounds - absorbed_at[j]) if absorbed_at[j] is not None else None
+            for q, a in zip(d.questions, d.answers):
+                msgs = [{"role": "user", "content": q}]
+                if name in ("ttt", "absorber"):
+                    reply = eng.generate(chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
+                else:
+                    kept = stream if name == "full" else stream[len(stream) - window:]
+                    eng.reset()
+                    reply = eng.generate(kept + chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
+                reply = tok.decode(reply)
+                rows.append({"method": name, "doc": j, "rounds_ago": ago, "question": q, "answer": a,
+                             "reply": reply, "correct": score(reply, a)})
+        if not quiet:
+            got = [r for r in rows if r["method"] == name]
+            print(f"{name}: {sum(r['correct'] for r in got)}/{len(got)} ({seconds:.0f} s, {total_rounds} rounds)",
+                  flush=True)
+        eng.close()
+    summary = {}
+    for name in methods:
+        got = [r for r in rows if r["method"] == name]
+        hits = sum(r["correct"] for r in got)
+        summary[name] = {"accuracy": hits / max(len(got), 1), "hits": hits, "n": len(got),
+                         "ci95": list(wilson(hits, len(got))), "absorb_seconds_per_doc": 0.0}
+    return {"model": model, "docs": docs, "seed": seed, "stream": True,
+            "configs": {k: v.to_dict() for k, v in configs.items()}, "summary": summary, "rows": rows}
+
+
 def render(result: dict) -> str:
     s = result["summary"]
     lines = [f"Facts recall on {result['model']}: {result['docs']} documents x 4 questions, seed {result['seed']}",
@@ -117,14 +180,21 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="{}", help="JSON of AbsorberConfig fields overriding the model's own")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="output directory (default: bench/results/recall/MODEL)")
+    ap.add_argument("--stream", action="store_true",
+                    help="stream the documents through the window instead of flushing each one "
+                         "(methods: window, full, ttt, absorber)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
-    if any(m not in METHODS for m in methods):
+    if any(m not in METHODS + ("window",) for m in methods):
         ap.error(f"unknown methods in {methods}; expected some of {METHODS}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
+    if args.stream:
+        methods = [{"none": "window"}.get(m, m) for m in methods]
+        result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
+    else:
+        result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
     out = Path(args.out) if args.out else HERE / "results" / "recall" / Path(str(args.model)).name
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")

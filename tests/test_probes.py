@@ -128,3 +128,42 @@ def test_probes_config_is_checked_and_a_model_without_tokenizer_skips_them():
                                                                       probes=2, futures=1, max_steps=1))
     assert eng.frame is None
     assert eng.absorb(list(range(5, 40)), flush=True).rounds >= 1
+
+
+def test_replay_keeps_a_bounded_buffer_of_earlier_rounds_and_survives_a_memory_file(tmp_path):
+    from tiny_models import make_model, random_ids
+
+    cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=1, future_tokens=3, max_steps=2,
+                         replay_rounds=2, compute_dtype="float32")
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    ids = random_ids(8 * 4 + 4, seed=3)
+    seen = []
+    from absorber_engine import sync
+
+    real = sync.teacher_targets
+
+    def spy(parts, wrappers, rounds, cfg, frame=None):
+        seen.append([q.tolist() for q in rounds[0].replay])
+        targets = real(parts, wrappers, rounds, cfg, frame)
+        if rounds[0].replay:
+            # The replay group's targets are the round-start model reading the probes alone.
+            group = targets[0].groups[-1]
+            for i, q in enumerate(rounds[0].replay):
+                with torch.no_grad():
+                    out = parts.model(torch.tensor([parts.prefix + q.tolist()]), output_hidden_states=True)
+                torch.testing.assert_close(group.hidden[1][i, :len(q)], out.hidden_states[1][0, len(parts.prefix):],
+                                           rtol=1e-4, atol=1e-4)
+        return targets
+
+    sync.teacher_targets, saved = spy, sync.teacher_targets
+    try:
+        eng.absorb(ids)
+    finally:
+        sync.teacher_targets = saved
+    chunks = [ids[i * 8:(i + 1) * 8] for i in range(4)]
+    assert seen == [[], [chunks[0]], chunks[:2], chunks[1:3]]          # at most replay_rounds, oldest dropped
+    assert eng.held_bytes()["replay"] == 8 * 16
+    eng.save_memory(tmp_path / "m.absorber")
+    other = AbsorberEngine(make_model("llama"), config=cfg)
+    other.load_memory(tmp_path / "m.absorber")
+    assert [q.tolist() for q in other.default.replay] == chunks[2:4]
