@@ -83,6 +83,9 @@ setup(
         "peft>=0.14",
         "numpy>=1.24",
         "matplotlib>=3.7",
+        # GGUF files (and the named real model, which ships as one) are dequantized by transformers.
+        "gguf>=0.10",
+        "accelerate>=1.0",
     ],
     extras_require={
         # Triton is what runs the kernels on CUDA and under TRITON_INTERPRET=1 on CPU.

@@ -14,6 +14,12 @@ trained so its states match the teacher's:
     L = hidden_weight · mean_{positions, layers, dims} |h_student − h_teacher|
       + kl_weight · mean_{positions} KL(p_teacher || p_student)
 
+Self-study probes (probes.py, `probes`) are the lever on real models: the teacher reads X framed as
+the model's chat template frames a system message and answers seed instructions about it (or, for
+"recite", re-reads X in its answer); the student reads the exchange without X. Replayed probes of
+earlier rounds (`replay_rounds`) are synchronized to the round-start model itself, so new rounds do
+not wear out old ones. `ntp_weight` adds TTT's next-token loss on X.
+
 Futures of one length go through the student as one batch (all streams' rows together, each row
 reading its own stream's delta); each group's graph is freed by its own backward before the next
 group runs. Every stream has its own AdamW, its own early stop and its own failure: a stream whose

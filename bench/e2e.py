@@ -27,6 +27,7 @@ import time
 import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine.config import PAPER_OBJECTIVE
 
 from .baseline import PeftSyncBaseline, engine_initial_delta
 from .engine_hooks import record_round_losses
@@ -65,8 +66,8 @@ def make_config(size: str, config: str, **changes) -> tuple[AbsorberConfig, int]
     shape = dict(SIZES[size])
     rounds = shape.pop("rounds")
     # prefix_bos off: the baseline reads X·Y as a user's loop would, so both compute the same losses.
-    cfg = AbsorberConfig(**{"compute_dtype": "float32", **shape, **CONFIGS[config]}, lr=5e-4, backend="torch", seed=0,
-                         prefix_bos=False)
+    cfg = AbsorberConfig(**{"compute_dtype": "float32", **PAPER_OBJECTIVE, **shape, **CONFIGS[config]}, lr=5e-4,
+                         backend="torch", seed=0, prefix_bos=False)
     return cfg.replace(**changes), rounds
 
 

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from absorber_engine import AbsorberConfig
+from absorber_engine.config import PAPER_OBJECTIVE
 from absorber_engine.cli import default_model
 from absorber_engine.model_store import NAMED_MODELS
 
@@ -42,7 +43,7 @@ def engine_config(ctx: int, **changes) -> AbsorberConfig:
     (3/4 of the trained context) plus a query fits where the model was trained. 80 steps: on the
     shipped model, a flushed 512-token passkey (prompted futures) came back 4/4 at 80 steps per round, 2/8 at 30."""
     base = dict(chunk_tokens=ctx // 2, sync_tokens=ctx // 4, rank=16, max_steps=80, lr=5e-3, futures=0,
-                future_tokens=min(64, ctx // 4), seed=0)
+                future_tokens=min(64, ctx // 4), seed=0, **PAPER_OBJECTIVE)
     base.update(changes)
     return AbsorberConfig(**base)
 

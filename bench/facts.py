@@ -7,7 +7,8 @@ name, place, word or a number of several digits), so a model that did not read t
 cannot know it: no-context accuracy is ~0. The question never repeats the statement's wording:
 "The spare key is kept with Orlena Vask." is asked as "Who holds the spare key?".
 
-Scoring (`score`): the answer must appear as a whole word in the model's reply, case-insensitive.
+Scoring (`score`): the answer must appear as a whole word in the first sentence of the model's
+reply, case-insensitive.
 Everything depends only on (seed, index): the same seed gives the same documents on any machine.
 """
 
@@ -105,5 +106,8 @@ def make_document(seed: int, index: int, facts: int = 4, filler_lines: int = 4) 
 
 
 def score(reply: str, answer: str) -> bool:
-    """The answer as a whole word of the reply, case-insensitive."""
-    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", reply, flags=re.IGNORECASE) is not None
+    """The answer as a whole word of the reply's first sentence, case-insensitive. Only the first
+    sentence: a model that recites a memorized document after its answer must not get credit for a
+    fact it happened to name further on."""
+    first = re.split(r"(?<=[.!?])\s|\n", reply.strip(), maxsplit=1)[0]
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", first, flags=re.IGNORECASE) is not None

@@ -81,15 +81,8 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
                 done = [r for r in rows if r["method"] == name]
                 print(f"{name}: doc {i + 1}/{docs}, {sum(r['correct'] for r in done)}/{len(done)}", flush=True)
         eng.close()
-    summary = {}
-    for name in methods:
-        got = [r for r in rows if r["method"] == name]
-        hits = sum(r["correct"] for r in got)
-        lo, hi = wilson(hits, len(got))
-        summary[name] = {"accuracy": hits / len(got), "hits": hits, "n": len(got), "ci95": [lo, hi],
-                         "absorb_seconds_per_doc": sum(r["absorb_seconds"] for r in got) / docs}
     return {"model": model, "docs": docs, "seed": seed, "configs": {k: v.to_dict() for k, v in configs.items()},
-            "summary": summary, "rows": rows,
+            "summary": summarize(rows, methods, docs), "rows": rows,
             "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}}
 
@@ -147,14 +140,30 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             print(f"{name}: {sum(r['correct'] for r in got)}/{len(got)} ({seconds:.0f} s, {total_rounds} rounds)",
                   flush=True)
         eng.close()
+    return {"model": model, "docs": docs, "seed": seed, "stream": True,
+            "configs": {k: v.to_dict() for k, v in configs.items()}, "summary": summarize(rows, methods, docs),
+            "rows": rows}
+
+
+def summarize(rows: list[dict], methods, docs: int) -> dict:
+    """Accuracy per method with its 95% interval, scored again from the stored replies (so a saved
+    result can be re-read under the current scorer: --rescore). Streams add accuracy by how many
+    rounds ago the document was absorbed."""
     summary = {}
     for name in methods:
         got = [r for r in rows if r["method"] == name]
+        for r in got:
+            r["correct"] = score(r["reply"], r["answer"])
         hits = sum(r["correct"] for r in got)
         summary[name] = {"accuracy": hits / max(len(got), 1), "hits": hits, "n": len(got),
-                         "ci95": list(wilson(hits, len(got))), "absorb_seconds_per_doc": 0.0}
-    return {"model": model, "docs": docs, "seed": seed, "stream": True,
-            "configs": {k: v.to_dict() for k, v in configs.items()}, "summary": summary, "rows": rows}
+                         "ci95": list(wilson(hits, len(got))),
+                         "absorb_seconds_per_doc": sum(r.get("absorb_seconds", 0.0) for r in got) / max(docs, 1)}
+        ago = sorted({r["rounds_ago"] for r in got if r.get("rounds_ago") is not None})
+        if ago:
+            summary[name]["by_rounds_ago"] = {
+                str(a): [sum(r["correct"] for r in got if r["rounds_ago"] == a),
+                         sum(1 for r in got if r["rounds_ago"] == a)] for a in ago}
+    return summary
 
 
 def render(result: dict) -> str:
@@ -165,6 +174,10 @@ def render(result: dict) -> str:
         lo, hi = v["ci95"]
         lines.append(f"| {name} | {v['accuracy']:.1%} | {lo:.1%} - {hi:.1%} | {v['hits']} / {v['n']} | "
                      f"{v['absorb_seconds_per_doc']:.1f} |")
+    for name, v in s.items():
+        if "by_rounds_ago" in v:
+            cells = ", ".join(f"{a} ago {h}/{n}" for a, (h, n) in v["by_rounds_ago"].items())
+            lines.append(f"\n{name} by rounds since absorbed: {cells}")
     if "full" in s and "absorber" in s and s["full"]["accuracy"] > 0:
         lines += ["", f"absorber / full: {s['absorber']['accuracy'] / s['full']['accuracy']:.2f}"]
     return "\n".join(lines) + "\n"
@@ -183,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stream", action="store_true",
                     help="stream the documents through the window instead of flushing each one "
                          "(methods: window, full, ttt, absorber)")
+    ap.add_argument("--rescore", metavar="RESULTS.json", help="score a saved run again (no model is run)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
@@ -190,7 +204,11 @@ def main(argv=None) -> int:
         ap.error(f"unknown methods in {methods}; expected some of {METHODS}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.stream:
+    if args.rescore:
+        result = json.loads(Path(args.rescore).read_text())
+        result["summary"] = summarize(result["rows"], list(result["summary"]), result["docs"])
+        args.out = args.out or str(Path(args.rescore).parent)
+    elif args.stream:
         methods = [{"none": "window"}.get(m, m) for m in methods]
         result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
     else:

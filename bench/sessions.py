@@ -14,6 +14,7 @@ import time
 import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine.config import PAPER_OBJECTIVE
 
 from .measure import peak_tensor_bytes
 from .models import build_model, model_config, token_stream
@@ -23,7 +24,7 @@ STREAMS_QUICK = (1, 4)
 MODEL = "tiny"
 # A round shape where per-call overheads matter, as they do for the many small streams of a server.
 CONFIG = dict(chunk_tokens=64, sync_tokens=64, rank=8, max_steps=4, lr=5e-4, futures=0, backend="torch",
-              compute_dtype="float32", max_batch=16, seed=0)
+              compute_dtype="float32", max_batch=16, seed=0, **PAPER_OBJECTIVE)
 ROUNDS = 3
 
 

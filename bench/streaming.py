@@ -25,6 +25,7 @@ import time
 import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine.config import PAPER_OBJECTIVE
 
 from .measure import mib
 from .models import SPECS, build_model, token_stream
@@ -37,7 +38,7 @@ SINKS = 4
 def engine_config(quick: bool) -> AbsorberConfig:
     # Few steps per round (the point is memory and latency, not absorption quality).
     return AbsorberConfig(chunk_tokens=512, sync_tokens=512, rank=8, futures=0, max_steps=1, lr=5e-4,
-                          backend="torch", seed=0)
+                          backend="torch", seed=0, **PAPER_OBJECTIVE)
 
 
 def kv_bytes(cache) -> int:
