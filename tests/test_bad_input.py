@@ -68,7 +68,7 @@ CONFIG_CASES = [
     ("NaN learning rate", dict(lr=math.nan), "lr"),
     ("futures longer than Y", dict(sync_tokens=8, future_tokens=9), "future_tokens"),
     ("empty objective", dict(hidden_weight=0.0, kl_weight=0.0), "empty"),
-    ("nothing to synchronize on", dict(sync_tokens=0, futures=0), "nothing to synchronize"),
+    ("nothing to synchronize on", dict(sync_tokens=0, futures=0, probes=0), "nothing to synchronize"),
     ("top_p out of range", dict(future_top_p=1.5), "future_top_p"),
 ]
 

@@ -8,6 +8,7 @@ import torch
 from absorber_bench.baseline import PeftSyncBaseline
 from absorber_bench.engine_hooks import record_round_losses
 from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine.config import PAPER_OBJECTIVE
 from tiny_models import make_model, random_ids
 
 N, M, ROUNDS, STEPS = 24, 16, 2, 6
@@ -15,7 +16,7 @@ N, M, ROUNDS, STEPS = 24, 16, 2, 6
 
 def _run_both(**overrides):
     cfg = AbsorberConfig(chunk_tokens=N, sync_tokens=M, rank=4, futures=0, max_steps=STEPS, lr=1e-2, compute_dtype="float32", prefix_bos=False,
-                         **overrides)
+                         **{**PAPER_OBJECTIVE, **overrides})
     stream = random_ids(ROUNDS * N + M, seed=21)
     engine = AbsorberEngine(make_model("llama"), config=cfg)
     initial = engine.delta.state_dict()
@@ -53,7 +54,7 @@ def test_baseline_early_stop_matches_engine():
 
 
 def test_baseline_samples_futures_once_per_round():
-    cfg = AbsorberConfig(chunk_tokens=N, sync_tokens=M, rank=4, futures=3, future_tokens=5, max_steps=2, lr=1e-2, compute_dtype="float32", prefix_bos=False)
+    cfg = AbsorberConfig(**PAPER_OBJECTIVE, chunk_tokens=N, sync_tokens=M, rank=4, futures=3, future_tokens=5, max_steps=2, lr=1e-2, compute_dtype="float32", prefix_bos=False)
     baseline = PeftSyncBaseline(make_model("llama"), cfg)
     calls = []
     real = baseline._sample_futures

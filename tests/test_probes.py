@@ -32,7 +32,8 @@ def _engine(tok, **cfg):
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
     model.resize_token_embeddings(len(tok))
     base = dict(chunk_tokens=32, sync_tokens=0, rank=4, futures=0, probes=3, probe_tokens=6,
-                compute_dtype="float32", max_steps=3)
+                compute_dtype="float32", max_steps=3, hidden_norm=False,
+                probe_kinds=("question", "facts", "summary", "use", "creative"))
     return AbsorberEngine(model, tokenizer=tok, config=AbsorberConfig(**{**base, **cfg}))
 
 
@@ -134,7 +135,7 @@ def test_replay_keeps_a_bounded_buffer_of_earlier_rounds_and_survives_a_memory_f
     from tiny_models import make_model, random_ids
 
     cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=1, future_tokens=3, max_steps=2,
-                         replay_rounds=2, compute_dtype="float32")
+                         replay_rounds=2, compute_dtype="float32", hidden_norm=False)
     eng = AbsorberEngine(make_model("llama"), config=cfg)
     ids = random_ids(8 * 4 + 4, seed=3)
     seen = []

@@ -28,7 +28,7 @@ def _final_norm(parts):
 @pytest.mark.parametrize("arch, follow_y", [(a, False) for a in ARCHS] + [("llama", True)])
 def test_teacher_states_equal_a_plain_forward(arch, follow_y):
     model = make_model(arch)
-    eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=12, sync_tokens=7, rank=2, futures=3,
+    eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=12, sync_tokens=7, rank=2, futures=3, hidden_norm=False,
                                                       future_tokens=5, kl_weight=1.0, futures_follow_y=follow_y))
     x = torch.tensor(random_ids(12, seed=3))
     y = torch.tensor(random_ids(7, seed=4))
@@ -85,7 +85,7 @@ def _kl_to_teacher(model, eng, x, y):
 @pytest.mark.parametrize("kl_weight", [0.0, 1.0])
 def test_one_round_lowers_the_loss_and_moves_logits_toward_the_teacher(kl_weight):
     model = make_model("llama")
-    cfg = AbsorberConfig(chunk_tokens=24, sync_tokens=16, rank=8, futures=2, future_tokens=8,
+    cfg = AbsorberConfig(chunk_tokens=24, sync_tokens=16, rank=8, futures=2, future_tokens=8, ntp_weight=0.0, hidden_norm=False,
                          max_steps=40, lr=1e-2, kl_weight=kl_weight)
     eng = AbsorberEngine(model, config=cfg)
     x, y = random_ids(24, seed=7), random_ids(16, seed=8)
@@ -137,6 +137,7 @@ def test_checkpointed_layers_give_the_same_round():
 def test_prompted_futures_start_with_the_prompt_and_keep_teacher_states():
     model = make_model("llama")
     cfg = AbsorberConfig(chunk_tokens=12, sync_tokens=8, rank=2, futures=3, future_tokens=7, future_prompt=(5, 6, 7),
+                         hidden_norm=False,
                          compute_dtype="float32")
     eng = AbsorberEngine(model, config=cfg)
     x = torch.tensor(random_ids(12, seed=3))
