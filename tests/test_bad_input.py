@@ -161,3 +161,18 @@ def test_model_directory_config_is_used_and_checked(tmp_path):
         (tmp_path / MODEL_CONFIG_FILE).write_text(text)
         with pytest.raises(ConfigError, match=message):
             AbsorberEngine.from_pretrained(tmp_path, tokenizer=False)
+
+
+def test_bad_gguf_files_and_unknown_model_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABSORBER_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="does not exist"):
+        AbsorberEngine.from_pretrained(tmp_path / "missing.gguf")
+    with pytest.raises(InputError, match="named model"):
+        AbsorberEngine.from_pretrained("no-such-model-135m")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + bytes(range(256)) * 4)      # the magic, then nonsense: a file cut short
+    with pytest.raises(UnsupportedModelError, match="not a GGUF causal LM"):
+        AbsorberEngine.from_pretrained(garbage)
+    # Nothing half-converted is left behind to be mistaken for a model later.
+    leftovers = [p for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []

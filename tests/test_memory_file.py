@@ -125,3 +125,25 @@ def test_loading_a_model_in_another_dtype_still_matches(trained):
     model.to(torch.bfloat16).to(torch.float32)   # same checkpoint, round-tripped through bf16
     # bf16-rounded values differ in the weights' low bits, the fingerprint samples bf16 values.
     AbsorberEngine(model, config=CFG).load_memory(path)
+
+
+def test_corrupt_replay_buffer_is_refused(tmp_path):
+    cfg = CFG.replace(replay_rounds=2)
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    eng.absorb(random_ids(50, seed=1))
+    assert len(eng.default.replay) == 2
+    path = tmp_path / "mem.safetensors"
+    eng.save_memory(path)
+    other = AbsorberEngine(make_model("llama"), config=cfg)
+    other.absorb(random_ids(40, seed=9))
+    state = _state(other)
+    replay = [q.clone() for q in other.default.replay]
+    t = load_file(str(path))
+    for name, value in {"ids": torch.tensor([10**6]), "dtype": torch.tensor([1.5]), "empty": torch.tensor([], dtype=torch.int64)}.items():
+        bad = _rewrite(path, tmp_path / f"{name}.st", tensors={**t, "replay.0": value})
+        with pytest.raises(MemoryFileError, match="replay"):
+            other.load_memory(bad)
+        _same_state(other, state)
+        assert [q.tolist() for q in other.default.replay] == [q.tolist() for q in replay]
+    other.load_memory(path)
+    assert [q.tolist() for q in other.default.replay] == [q.tolist() for q in eng.default.replay]
