@@ -106,7 +106,7 @@ def chat_demo(model: str, docs: int, seed: int, quiet: bool) -> int:
     cfg = recommended_config(path).replace(chunk_tokens=128, sync_tokens=128)
     eng = AbsorberEngine.from_pretrained(path, config=cfg)
     tok, model_cfg, dtype = eng.tokenizer, eng.parts.model.config, eng.parts.dtype
-    documents = [make_document(seed, i) for i in range(docs)]
+    documents = [make_document(seed, i, place=True) for i in range(docs)]
     print(f"Streaming {docs} documents into {model} through a window of {cfg.window_tokens} tokens "
           f"(n={cfg.chunk_tokens}, m={cfg.sync_tokens}, rank {cfg.rank}).")
     print(f"{'tokens streamed':>16} | {'held (delta + window KV)':>24} | {'a full KV cache':>15}")

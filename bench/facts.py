@@ -85,9 +85,17 @@ class FactDocument:
     answers: list[str]
 
 
-def make_document(seed: int, index: int, facts: int = 4, filler_lines: int = 4) -> FactDocument:
-    """Document `index` of the set drawn with `seed`: `facts` invented facts among filler lines."""
+def make_document(seed: int, index: int, facts: int = 4, filler_lines: int = 4,
+                  place: bool = False) -> FactDocument:
+    """Document `index` of the set drawn with `seed`: `facts` invented facts among filler lines.
+
+    place: the document is about one invented place, named in its title, in every statement and in
+    every question ("At Dunomvy, the code for the storage room is 9007." / "At Dunomvy, what number
+    opens the storage room?"). Streams need it: documents of a stream share fact kinds, and a
+    question must say which document it asks about. The place is drawn apart from the facts, so a
+    document's facts are the same with or without it."""
     rng = random.Random(f"facts/{seed}/{index}")
+    where = _word(random.Random(f"facts/{seed}/{index}/place"), 3) if place else None
     genre = GENRES[index % len(GENRES)]
     chosen = rng.sample(_FACTS, facts)
     answers, statements, questions = [], [], []
@@ -96,12 +104,18 @@ def make_document(seed: int, index: int, facts: int = 4, filler_lines: int = 4) 
         while a in answers:
             a = make(rng)
         answers.append(a)
-        statements.append(statement.format(a=a))
+        names_first = statement.startswith("{a}")            # a name keeps its capital
+        statement = statement.format(a=a)
+        if where:
+            statement = f"At {where}, {statement if names_first else statement[0].lower() + statement[1:]}"
+            question = f"At {where}, {question[0].lower()}{question[1:]}"
+        statements.append(statement)
         questions.append(question)
     lines = rng.sample(_FILLER[genre], min(filler_lines, len(_FILLER[genre])))
     for s in statements:
         lines.insert(rng.randint(0, len(lines)), s)
-    text = _TITLES[genre] + "\n" + "\n".join(lines) + "\n"
+    title = _TITLES[genre] + (f" ({where})" if where else "")
+    text = title + "\n" + "\n".join(lines) + "\n"
     return FactDocument(genre, text, questions, answers)
 
 

@@ -99,7 +99,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     for name in methods:
         eng = AbsorberEngine.from_pretrained(path, config=configs["ttt" if name == "ttt" else "absorber"])
         tok = eng.tokenizer
-        texts = [make_document(seed, i) for i in range(docs)]
+        texts = [make_document(seed, i, place=True) for i in range(docs)]
         stream, ends, absorbed_at = [], [], []
         start = time.perf_counter()
         for d in texts:
