@@ -91,6 +91,25 @@ def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg:
     n_futures = cfg.futures if (m > 0 or probing) else max(cfg.futures, 1)   # something to sync on
     per_stream: list[list[FutureGroup]] = [[] for _ in rounds]
 
+    if m > 0 or n_futures > 0:        # with probes alone, the teacher reads X in the probes' frame only
+        _y_and_futures(parts, wrappers, rounds, cfg, n_futures, need_final, per_stream)
+    if probing:
+        for s, group in enumerate(_self_study(parts, wrappers, rounds, cfg, frame, need_final)):
+            per_stream[s].extend(group)
+    if any(r.replay for r in rounds):
+        for s, group in enumerate(_replay(parts, wrappers, rounds, cfg, frame, need_final)):
+            per_stream[s].append(group)
+    out = [SyncTargets(groups, sum(int(g.mask.sum()) if g.mask is not None else g.ids.numel() for g in groups))
+           for groups in per_stream]
+    if cfg.hidden_norm:
+        for t in out:
+            _normalize_layers(t)
+    return out
+
+
+def _y_and_futures(parts, wrappers, rounds, cfg, n_futures, need_final, per_stream) -> None:
+    """The real Y's group (teacher over X·Y) and the sampled futures' group of every stream."""
+    S, n, m = len(rounds), rounds[0].x.numel(), rounds[0].y.numel()
     bind(wrappers, [r.delta for r in rounds])
     set_rows(wrappers, S, 1, parts.device)
     P = len(parts.prefix)
@@ -117,20 +136,6 @@ def teacher_targets(parts: ModelParts, wrappers, rounds: list[StreamRound], cfg:
                                              sampled.final.view(S * n_futures, -1, parts.hidden_size)[rows]
                                              .reshape(-1, parts.hidden_size) if need_final else None,
                                              lead=r.y[None].expand(n_futures, -1) if after_y else None))
-    else:
-        del cache, cap, final
-    if probing:
-        for s, group in enumerate(_self_study(parts, wrappers, rounds, cfg, frame, need_final)):
-            per_stream[s].extend(group)
-    if any(r.replay for r in rounds):
-        for s, group in enumerate(_replay(parts, wrappers, rounds, cfg, frame, need_final)):
-            per_stream[s].append(group)
-    out = [SyncTargets(groups, sum(int(g.mask.sum()) if g.mask is not None else g.ids.numel() for g in groups))
-           for groups in per_stream]
-    if cfg.hidden_norm:
-        for t in out:
-            _normalize_layers(t)
-    return out
 
 
 def _normalize_layers(t: SyncTargets) -> None:
@@ -158,9 +163,9 @@ def _self_study(parts, wrappers, rounds, cfg, frame: ProbeFrame, need_final) -> 
     bind(wrappers, [r.delta for r in rounds])
     set_rows(wrappers, S, 1, parts.device)
     dev = parts.device
-    opened = [torch.tensor(frame.context_open, dtype=torch.long, device=dev),
-              None, torch.tensor(frame.context_close, dtype=torch.long, device=dev)]
-    ctx = parts.with_prefix(torch.stack([torch.cat([opened[0], r.x, opened[2]]) for r in rounds]))
+    before = torch.tensor(frame.context_open, dtype=torch.long, device=dev)
+    after = torch.tensor(frame.context_close, dtype=torch.long, device=dev)
+    ctx = parts.with_prefix(torch.stack([torch.cat([before, r.x, after]) for r in rounds]))     # (S, P + o + n + c)
     _, cache = parts.forward(ctx, use_cache=True)
     x_kv = cache_tensors(cache)
     del cache
