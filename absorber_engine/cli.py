@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--input", required=True, help="text file to absorb, or - for standard input")
     p.add_argument("--ids", action="store_true", help="the input is whitespace-separated token ids, not text")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the input (default: utf-8)")
     p.add_argument("--memory", required=True, help="memory file to write (safetensors)")
     p.add_argument("--resume", metavar="MEMORY", help="continue the stream held in this memory file")
     p.add_argument("--keep-window", action="store_true",
@@ -184,7 +185,7 @@ def cmd_absorb(args) -> int:
         eng.load_memory(args.resume)
     from .distributed import read_stream
 
-    data = read_stream(args.input, args.ids)
+    data = read_stream(args.input, args.ids, args.encoding)
     n_tokens = len(data) if args.ids else len(eng._to_ids(data, allow_empty=True))
     bar, update = _progress(n_tokens, args.quiet, "absorbing")
     start = time.perf_counter()

@@ -33,11 +33,22 @@ def memory_paths(inputs: list[str], out_dir: str) -> dict[str, str]:
     return out
 
 
-def read_stream(path: str, as_ids: bool = False):
-    """A text file (or stdin for "-"), or with as_ids its whitespace-separated token ids."""
+def read_stream(path: str, as_ids: bool = False, encoding: str = "utf-8"):
+    """A text file (or stdin for "-"), or with as_ids its whitespace-separated token ids. Bytes that
+    are not valid `encoding` are an InputError naming the byte offset, never a crash."""
+    import codecs
     import sys
 
-    data = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise InputError(f"unknown text encoding {encoding!r}") from None
+    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        data = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid {encoding} at byte offset {exc.start} "
+                         f"(byte 0x{raw[exc.start]:02x}); pass --encoding for other text encodings") from None
     if not as_ids:
         return data
     try:

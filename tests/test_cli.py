@@ -107,3 +107,22 @@ def test_help_explains_every_option():
     out = subprocess.run([sys.executable, "-m", "absorber_engine.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "Exit codes" in out and "130" in out
+
+
+def test_text_input_is_decoded_with_a_clear_error(tmp_path, capsys):
+    from absorber_engine.cli import SHIPPED_MODEL
+
+    if not (SHIPPED_MODEL / "model.safetensors").exists():
+        pytest.skip("model/absorber-tiny not built")
+    binary = tmp_path / "file.bin"
+    binary.write_bytes(b"The pass key is 1234.\n" + bytes([0xB9, 0x00, 0xFF]) * 1000)
+    args = ["absorb", "--model", str(SHIPPED_MODEL), "--input", str(binary), "--memory", str(tmp_path / "m")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not valid utf-8 at byte offset 22" in err and "0xb9" in err and "Traceback" not in err
+    assert main(args + ["--encoding", "no-such-codec"]) == 2
+    assert "unknown text encoding" in capsys.readouterr().err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Café notes: the code is 4821.\n".encode("latin-1"))
+    assert main(["absorb", "--model", str(SHIPPED_MODEL), "--input", str(latin), "--encoding", "latin-1",
+                 "--memory", str(tmp_path / "m2"), "--quiet", "--max-steps", "1"]) == 0
