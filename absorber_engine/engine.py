@@ -210,13 +210,11 @@ class AbsorberEngine:
         for rnd, sess, snap, res in zip(batch.rounds, sessions, snapshots, results):
             if res.error is None:
                 self.scheduler.commit(rnd.session, rnd.id)
-                sess.last_error = None
                 if self.config.replay_rounds:
                     sess.replay.append(self._replay_probe(rnd.x))
             else:
                 sess.delta.restore(snap)
                 self.scheduler.abort(rnd.session, rnd.id)
-                sess.last_error = res.error
             sess._kv = None
             out[rnd.session] = (rnd, res)
         return out

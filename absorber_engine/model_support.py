@@ -47,7 +47,6 @@ class RunStats:
     had (cached tokens plus new ones), i.e. the most KV the engine ever held for one sequence."""
 
     max_span: int = 0
-    forwards: int = 0
 
 
 @dataclass
@@ -89,7 +88,6 @@ class ModelParts:
         attention_mask (B, cached + T) and position_ids (B, T) only where rows are padded."""
         past = cache.get_seq_length() if cache is not None else 0
         self.stats.max_span = max(self.stats.max_span, past + ids.shape[1])
-        self.stats.forwards += 1
         out = self.base(input_ids=ids, past_key_values=cache, use_cache=use_cache, attention_mask=attention_mask,
                         position_ids=position_ids)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)

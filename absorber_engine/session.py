@@ -21,7 +21,6 @@ class Session:
         self.engine, self.key, self.seed = engine, key, seed
         cfg = engine.config
         self.delta = LowRankDelta(engine.shapes, cfg.rank, cfg.scale, engine.parts.device, seed=seed)
-        self.last_error: str | None = None      # the last failed round of this session, if any
         # Earlier rounds' probes that each round replays (replay_rounds): bounded, so held memory stays flat.
         self.replay: deque[torch.Tensor] = deque(maxlen=max(cfg.replay_rounds, 1))
         self._kv = None                          # (window tokens, kv per layer, last final state)
@@ -153,7 +152,6 @@ class Session:
             self.delta.reset()
             self.replay.clear()
             self._kv = None
-            self.last_error = None
 
     def restore_window(self, tokens: list[int], absorbed: int, rounds: int) -> None:
         self.engine.scheduler.restore(self.key, tokens, absorbed, rounds)
