@@ -168,3 +168,20 @@ def test_replay_keeps_a_bounded_buffer_of_earlier_rounds_and_survives_a_memory_f
     other = AbsorberEngine(make_model("llama"), config=cfg)
     other.load_memory(tmp_path / "m.absorber")
     assert [q.tolist() for q in other.default.replay] == chunks[2:4]
+
+
+def test_a_batch_mixing_sessions_with_and_without_replay_equals_each_alone():
+    from tiny_models import make_model, random_ids
+
+    cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, max_steps=2, replay_rounds=2, kl_weight=1.0,
+                         futures=0, compute_dtype="float32")
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    eng.session("a").absorb(random_ids(12, seed=1))                       # a now has one round to replay
+    eng.session("a").feed(random_ids(8, seed=2))
+    eng.session("b").feed(random_ids(12, seed=3))
+    reports = eng.run()
+    assert reports["a"].rounds == reports["b"].rounds == 1 and not reports["a"].errors + reports["b"].errors
+    alone = AbsorberEngine(make_model("llama"), config=cfg)
+    alone.session("b").absorb(random_ids(12, seed=3))
+    for k, v in alone.session("b").delta.state_dict().items():
+        torch.testing.assert_close(eng.session("b").delta.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
