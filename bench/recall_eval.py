@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from absorber_engine import AbsorberEngine
+from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine.config import recommended_config
 from absorber_engine.model_store import resolve
 
@@ -49,14 +49,15 @@ def chat_ids(tok, messages) -> list[int]:
     return list(out["input_ids"] if not isinstance(out, list) else out)
 
 
+def _configs(path: str, overrides: dict) -> dict[str, AbsorberConfig]:
+    """The absorber's config (the model's own, changed by `overrides`) and TTT's: the same budget."""
+    base = (recommended_config(path) or AbsorberConfig()).replace(**overrides)
+    return {"absorber": base, "ttt": base.replace(objective="ttt")}
+
+
 def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False) -> dict:
     path = resolve(model)
-    base = recommended_config(path)
-    if base is None:
-        from absorber_engine import AbsorberConfig
-        base = AbsorberConfig()
-    configs = {"absorber": base.replace(**overrides),
-               "ttt": base.replace(objective="ttt", **overrides)}
+    configs = _configs(path, overrides)
     rows = []
     for name in methods:
         # One engine per method, closed after it: the model is loaded from the converted directory.
@@ -93,12 +94,11 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     asked, after the window, and scored by how many rounds ago its document was absorbed.
     window: the raw window alone (no memory); full: the whole stream in the prompt."""
     path = resolve(model)
-    base = recommended_config(path)
-    configs = {"absorber": base.replace(**overrides), "ttt": base.replace(objective="ttt", **overrides)}
+    configs = _configs(path, overrides)
     rows = []
     for name in methods:
         eng = AbsorberEngine.from_pretrained(path, config=configs["ttt" if name == "ttt" else "absorber"])
-        tok = eng.tokenizer
+        tok, absorbs = eng.tokenizer, name in ("ttt", "absorber")
         texts = [make_document(seed, i, place=True) for i in range(docs)]
         stream, ends, absorbed_at = [], [], []
         start = time.perf_counter()
@@ -106,13 +106,12 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             ids = tok.encode(d.text + "\n", add_special_tokens=False)
             stream += ids
             ends.append(len(stream))
-            if name in ("ttt", "absorber"):
-                eng.absorb(ids)
             absorbed_at.append(None)
-            rounds = eng.default.rounds if name in ("ttt", "absorber") else 0
-            for j, e in enumerate(ends):       # the round that absorbed a document's last token
-                if absorbed_at[j] is None and name in ("ttt", "absorber") and eng.absorbed_tokens >= e:
-                    absorbed_at[j] = rounds
+            if absorbs:
+                eng.absorb(ids)
+                for j, e in enumerate(ends):       # the round that absorbed a document's last token
+                    if absorbed_at[j] is None and eng.absorbed_tokens >= e:
+                        absorbed_at[j] = eng.default.rounds
         seconds = time.perf_counter() - start
         total_rounds = eng.default.rounds
         # What the engine keeps raw after the stream (rounds of n while n + m are held): every method
@@ -126,7 +125,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             ago = (total_rounds - absorbed_at[j]) if absorbed_at[j] is not None else None
             for q, a in zip(d.questions, d.answers):
                 msgs = [{"role": "user", "content": q}]
-                if name in ("ttt", "absorber"):
+                if absorbs:
                     reply = eng.generate(chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
                 else:
                     kept = stream if name == "full" else stream[len(stream) - window:]
@@ -135,8 +134,10 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                 reply = tok.decode(reply)
                 rows.append({"method": name, "doc": j, "rounds_ago": ago, "question": q, "answer": a,
                              "reply": reply, "correct": score(reply, a)})
+        got = [r for r in rows if r["method"] == name]
+        if got:
+            got[0]["absorb_seconds"] = seconds      # the whole stream's absorption, counted once
         if not quiet:
-            got = [r for r in rows if r["method"] == name]
             print(f"{name}: {sum(r['correct'] for r in got)}/{len(got)} ({seconds:.0f} s, {total_rounds} rounds)",
                   flush=True)
         eng.close()
