@@ -1,0 +1,37 @@
+"""The recall evaluation's documents and scorer (bench/facts.py, bench/recall_eval.py)."""
+
+from absorber_bench.facts import GENRES, make_document, score
+from absorber_bench.recall_eval import summarize, wilson
+
+
+def test_documents_are_seeded_state_their_facts_and_ask_them_in_other_words():
+    a, b = make_document(1, 5), make_document(1, 5)
+    assert a == b and make_document(2, 5) != a
+    assert {make_document(0, i).genre for i in range(len(GENRES))} == set(GENRES)
+    for i in range(12):
+        d = make_document(0, i)
+        assert len(d.questions) == len(d.answers) == 4 and len(set(d.answers)) == 4
+        for q, ans in zip(d.questions, d.answers):
+            assert ans in d.text and ans not in q
+        placed = make_document(0, i, place=True)
+        assert placed.answers == d.answers                       # the same facts, now about a place
+        where = placed.text.split("(", 1)[1].split(")", 1)[0]
+        assert all(q.startswith(f"At {where}, ") for q in placed.questions)
+        assert sum(line.startswith(f"At {where}, ") for line in placed.text.splitlines()) == 4
+
+
+def test_score_reads_the_first_sentence_only():
+    assert score("The code is 9007.", "9007") and score("the boat is the MARNEKKA", "Marnekka")
+    assert not score("The code is 90071.", "9007")                   # whole words only
+    assert not score("I do not know. The code is 9007.", "9007")    # a recited document earns nothing
+    assert score("Kept by Orlena Vask\nmore text", "Orlena Vask")
+
+
+def test_summary_intervals_and_rounds_ago():
+    rows = [{"method": "m", "reply": r, "answer": "42", "rounds_ago": ago}
+            for r, ago in [("It is 42.", 0), ("No.", 0), ("42", 3), ("x", 3)]]
+    s = summarize(rows, ["m"], docs=1)["m"]
+    assert (s["hits"], s["n"]) == (2, 4) and s["by_rounds_ago"] == {"0": [1, 2], "3": [1, 2]}
+    lo, hi = wilson(2, 4)
+    assert 0 < lo < 0.5 < hi < 1 and s["ci95"] == [lo, hi]
+    assert wilson(0, 48)[0] == 0.0 and round(wilson(0, 48)[1], 3) == 0.074
