@@ -96,6 +96,9 @@ def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dty
         reports = absorb_many(eng, inputs, out_dir, as_ids)
         if rank == 0:
             Path(result_file).write_text(json.dumps(reports))
+        # Every rank past its last collective before any tears the group down: a rank that exits
+        # while a peer's gloo threads still talk to it aborted (SIGABRT) now and then in the suite.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
