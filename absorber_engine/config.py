@@ -131,7 +131,8 @@ class AbsorberConfig:
     ntp_weight: float = 1.0
     """Weight of TTT's next-token cross-entropy on X itself, added to the synchronization loss. 1 by
     default: on SmolLM2-135M synchronization alone recalled 0-50% of facts where next-token training
-    recalled 62%; the two together are never worse than TTT at the same steps (README)."""
+    recalled 62% (seed 0, 24 questions); together, on held-out documents (seed 1, 48 questions), 72.9%
+    against TTT's 52.1% at the same rank, steps and learning rate (README)."""
 
     replay_rounds: int = 0
     """Streams: each round also replays the recite probes of this many earlier rounds (their token
@@ -192,9 +193,8 @@ class AbsorberConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.future_prompt, str):
             self.future_prompt = tuple(self.future_prompt)
-        if isinstance(self.probe_kinds, str):
-            self.probe_kinds = (self.probe_kinds,)
-        self.probe_kinds = tuple(self.probe_kinds) if isinstance(self.probe_kinds, (list, tuple)) else self.probe_kinds
+        if isinstance(self.probe_kinds, (str, list)):
+            self.probe_kinds = (self.probe_kinds,) if isinstance(self.probe_kinds, str) else tuple(self.probe_kinds)
         if self.targets is not None:
             if isinstance(self.targets, str):
                 self.targets = (self.targets,)

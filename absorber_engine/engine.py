@@ -30,8 +30,8 @@ from .config import AbsorberConfig, recommended_config
 from .delta import attach, bind, detach, reattach, set_rows
 from .errors import ConfigError, InputError, UnsupportedModelError
 from .model_support import DEFAULT_TARGETS, ModelParts, bos_token, cache_tensors, inspect_model
-from .sampling import sample_next
 from .probes import build_frame
+from .sampling import sample_next
 from .session import Session
 from .sync import ROUNDS, RoundResult, StreamRound
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 
-from .config import PROBE_KINDS
-
 # One seed instruction per kind; a kind's probes differ by sampling (probe_temperature).
 SEED_PROMPTS = {
     "question": "Ask a question about one specific detail of the text you were given, then answer it.",

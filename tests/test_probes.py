@@ -45,6 +45,12 @@ def test_answer_mask_keeps_the_stop_and_drops_what_follows():
     assert answer_mask(ids, forced=2, stop=[])[0].all()
 
 
+def test_every_kind_the_config_accepts_has_a_seed():
+    from absorber_engine.config import PROBE_KINDS
+
+    assert set(SEED_PROMPTS) == set(PROBE_KINDS)
+
+
 def test_kinds_are_spread_round_robin():
     assert kinds_per_round(("a", "b", "c"), 7) == [("a", 3), ("b", 2), ("c", 2)]
     assert kinds_per_round(("a", "b", "c"), 2) == [("a", 1), ("b", 1)]
