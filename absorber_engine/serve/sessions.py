@@ -1,0 +1,125 @@
+"""Conversations: what each named session has taken in, how a resent history is matched against it,
+and when its memory is written to the state directory.
+
+A session holds a constant amount: the engine's delta and raw window, plus a token count and a
+digest of the conversation ids it has taken in. It never keeps the history itself; a request's
+history extends the session when the digest of its first `consumed` ids equals the session's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from array import array
+from dataclasses import dataclass
+
+from ..errors import MemoryFileError
+from .state import StateDir
+
+log = logging.getLogger("absorber.serve")
+
+EMPTY_DIGEST = hashlib.sha256().hexdigest()
+
+
+def hasher(ids: list[int]):
+    h = hashlib.sha256()
+    if ids:
+        h.update(array("q", ids).tobytes())
+    return h
+
+
+@dataclass
+class Conversation:
+    id: str
+    key: str                   # the engine's session name
+    consumed: int = 0          # conversation tokens taken in (documents fed by /absorb not counted)
+    digest: str = EMPTY_DIGEST
+    generation: int = 0        # of its file in the state directory
+    dirty: bool = False
+    changed_at: float = 0.0
+
+    def changed(self) -> None:
+        self.dirty, self.changed_at = True, time.monotonic()
+
+
+class SessionTable:
+    """Owned by the engine worker: every call here runs on its thread."""
+
+    def __init__(self, engine, state: StateDir | None, idle_save_s: float):
+        self.engine, self.state, self.idle_save_s = engine, state, idle_save_s
+        self.convs: dict[str, Conversation] = {}
+
+    def load(self) -> int:
+        """Opens every session saved in the state directory; returns how many."""
+        if self.state is None:
+            return 0
+        for saved in self.state.load_all():
+            conv = Conversation(saved.session_id, _key(saved.session_id), saved.consumed, saved.digest,
+                                saved.generation)
+            sess = self.engine.session(conv.key)
+            try:
+                sess.load_memory(saved.memory)
+            except MemoryFileError as exc:
+                # Made for another model or config: left on disk untouched, not served.
+                log.warning("state: not loading session %r: %s", saved.session_id, exc)
+                sess.close()
+                continue
+            self.convs[conv.id] = conv
+        return len(self.convs)
+
+    def get(self, session_id: str) -> Conversation | None:
+        return self.convs.get(session_id)
+
+    def open(self, session_id: str) -> Conversation:
+        conv = self.convs.get(session_id)
+        if conv is None:
+            conv = self.convs[session_id] = Conversation(session_id, _key(session_id))
+            self.engine.session(conv.key)
+        return conv
+
+    def session(self, conv: Conversation):
+        return self.engine.session(conv.key)
+
+    def reset(self, conv: Conversation) -> None:
+        self.session(conv).reset()
+        conv.consumed, conv.digest = 0, EMPTY_DIGEST
+        conv.changed()
+
+    def delete(self, session_id: str) -> None:
+        conv = self.convs.pop(session_id)
+        self.session(conv).close()
+        if self.state is not None:
+            self.state.delete(session_id)
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, conv: Conversation) -> None:
+        if self.state is None:
+            conv.dirty = False
+            return
+        conv.generation += 1
+        self.state.save(self.session(conv), conv.id, conv.consumed, conv.digest, conv.generation)
+        conv.dirty = False
+
+    def save_idle(self) -> None:
+        now = time.monotonic()
+        for conv in list(self.convs.values()):
+            if conv.dirty and now - conv.changed_at >= self.idle_save_s:
+                self._save_logged(conv)
+
+    def save_all(self) -> None:
+        for conv in list(self.convs.values()):
+            if conv.dirty:
+                self._save_logged(conv)
+
+    def _save_logged(self, conv: Conversation) -> None:
+        try:
+            self.save(conv)
+        except OSError as exc:       # a full disk must not take the server down; retried next time
+            log.error("state: could not save session %r: %s", conv.id, exc)
+
+
+def _key(session_id: str) -> str:
+    # A prefix keeps client ids apart from the server's own sessions (the blank rows of stateless requests).
+    return "u:" + session_id

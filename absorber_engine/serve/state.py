@@ -1,0 +1,94 @@
+"""The state directory: every session's memory as a memory file, so a restarted server has it back.
+
+Per session (files named by a hash of its id, which may hold any character):
+  <stem>.<generation>.absorber   the memory file (delta, raw window, counters), written atomically
+  <stem>.json                    which generation is current, the session id, and the conversation
+                                 it has taken in (token count and digest)
+
+The JSON is replaced atomically after its memory file is complete, and older generations are removed
+only after that, so whatever moment the server is killed at, <stem>.json names a whole memory file
+whose window and counters agree with the conversation record beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("absorber.serve")
+
+FORMAT = "absorber-serve-session"
+VERSION = 1
+
+
+@dataclass
+class Saved:
+    session_id: str
+    memory: Path
+    consumed: int
+    digest: str
+    generation: int
+
+
+def stem(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()[:32]
+
+
+class StateDir:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for tmp in self.path.glob(".*.tmp"):          # writes a killed server left half done
+            tmp.unlink(missing_ok=True)
+
+    def save(self, session, session_id: str, consumed: int, digest: str, generation: int) -> None:
+        s = stem(session_id)
+        memory = self.path / f"{s}.{generation}.absorber"
+        session.save_memory(memory)
+        record = {"format": FORMAT, "version": VERSION, "session": session_id, "memory": memory.name,
+                  "generation": generation, "consumed": consumed, "digest": digest}
+        _write_atomic(self.path / f"{s}.json", json.dumps(record).encode())
+        for old in self.path.glob(f"{s}.*.absorber"):
+            if old != memory:
+                old.unlink(missing_ok=True)
+
+    def delete(self, session_id: str) -> None:
+        s = stem(session_id)
+        (self.path / f"{s}.json").unlink(missing_ok=True)      # first: from here on the session is gone
+        for old in self.path.glob(f"{s}.*.absorber"):
+            old.unlink(missing_ok=True)
+
+    def load_all(self) -> list[Saved]:
+        out = []
+        for record in sorted(self.path.glob("*.json")):
+            try:
+                d = json.loads(record.read_text())
+                if d.get("format") != FORMAT or d.get("version") != VERSION:
+                    raise ValueError(f"format {d.get('format')!r} version {d.get('version')!r}")
+                saved = Saved(str(d["session"]), self.path / str(d["memory"]), int(d["consumed"]), str(d["digest"]),
+                              int(d["generation"]))
+                if record.stem != stem(saved.session_id) or not saved.memory.is_file():
+                    raise ValueError("it does not match its memory file")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("state: skipping %s: %s", record.name, exc)
+                continue
+            out.append(saved)
+        return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,409 @@
+"""The engine's one owner: a thread that takes jobs from a bounded queue and runs them on the model.
+
+The engine is not thread-safe, so every engine call happens here. Each turn of the loop takes the
+next job and, if it generates, the generation jobs queued behind it (one per session, up to
+max_batch): their new tokens are fed together and every ready round of all of them is absorbed by
+the engine's scheduler in shared batches, then the greedy ones decode in one generate_batch. A
+sampled request decodes alone, so its tokens depend on its seed only, never on what it was
+batched with.
+
+A session takes in a history piece by piece, at most a window's worth at a time, so each round is
+absorbed as soon as it is ready and the session is written to the state directory after it: a
+killed server loses at most the round in flight (and raw tokens not yet saved, which the client's
+next resent history feeds again).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from array import array
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from ..errors import AbsorberError, InputError
+from .errors import APIError, bad_request, not_found, overloaded, server_error, timed_out
+from .prompts import Prompt, PromptBuilder, cut_at_stop, safe_length
+from .sessions import Conversation, SessionTable, hasher
+
+log = logging.getLogger("absorber.serve")
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stops: list[str]
+
+
+@dataclass
+class Job:
+    kind: str                          # "generate", "absorb", "info", "delete"
+    session_id: str | None = None
+    prompt: Prompt | None = None       # generate
+    sampling: Sampling | None = None   # generate
+    sink: object | None = None         # generate with stream: a StreamSink
+    document: list[int] | None = None  # absorb
+    flush: bool = False                # absorb
+    timeout: float = 600.0
+    future: Future = field(default_factory=Future)
+    deadline: float = 0.0
+
+    def fail(self, err: APIError) -> None:
+        if not self.future.done():
+            self.future.set_exception(err)
+        elif self.sink is not None:
+            self.sink.put("error", err)
+
+    def done(self, value) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+
+@dataclass
+class _Plan:
+    """A job's share of one turn: what its session takes in, and what it generates from."""
+
+    job: Job
+    conv: Conversation | None          # None: a stateless request, on a blank session
+    key: str                           # the engine session it reads
+    feed: list[int]
+    prompt: list[int]                  # the generation prompt
+    hasher: object | None = None       # running digest of the conversation taken in (None: a document)
+    pos: int = 0
+    reset: bool = False
+    error: APIError | None = None
+
+
+class Worker:
+    def __init__(self, engine, table: SessionTable, prompts: PromptBuilder, max_positions: int | None,
+                 max_queue: int, max_batch: int, stream_block: int):
+        self.engine, self.table, self.prompts = engine, table, prompts
+        self.max_batch, self.stream_block = max_batch, stream_block
+        cfg = engine.config
+        self.window = cfg.chunk_tokens + cfg.sync_tokens
+        self.limit = max(max_positions, cfg.window_tokens) if max_positions else None
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._held: Job | None = None       # taken from the queue, did not fit the last batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="absorber-engine", daemon=True)
+
+    # ------------------------------------------------------------------ the other threads' side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finishes the job in flight, refuses the queued ones, saves every session."""
+        self._stop.set()
+        self._thread.join()
+
+    def submit(self, job: Job) -> Future:
+        if self._stop.is_set():
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        job.deadline = time.monotonic() + job.timeout
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise overloaded(f"the server's queue is full ({self.queue.maxsize} requests waiting); retry later") from None
+        return job.future
+
+    def check_span(self, prompt: Prompt, max_tokens: int, stateless: bool) -> None:
+        """Refuses, before any session is touched, a request whose answer cannot fit the model's
+        positions: the BOS, the raw window (or a stateless prompt), the generation prompt, max_tokens."""
+        if self.limit is None:
+            return
+        read = 1 + (min(len(prompt.ids), self.window) if stateless else self.window + prompt.hold)
+        if read + max_tokens > self.limit:
+            raise bad_request(f"max_tokens ({max_tokens}) + the {read} tokens the model reads exceed its "
+                              f"{self.limit} positions", param="max_tokens", code="context_length_exceeded")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self._take(timeout=0.2)
+            if job is not None:
+                jobs = [job]
+                if job.kind == "generate":
+                    seen = {job.session_id}
+                    while len(jobs) < self.max_batch:
+                        nxt = self._take(timeout=None)
+                        if nxt is None:
+                            break
+                        if nxt.kind != "generate" or (nxt.session_id is not None and nxt.session_id in seen):
+                            self._held = nxt
+                            break
+                        jobs.append(nxt)
+                        seen.add(nxt.session_id)
+                self._run(jobs)
+            self.table.save_idle()
+        for job in ([self._held] if self._held else []) + _drain(self.queue):
+            job.fail(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+        self.table.save_all()
+
+    def _take(self, timeout: float | None) -> Job | None:
+        if self._held is not None:
+            job, self._held = self._held, None
+            return job
+        try:
+            return self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _run(self, jobs: list[Job]) -> None:
+        live = []
+        for job in jobs:
+            if job.future.cancelled():
+                continue                            # its route timed out and answered already
+            if time.monotonic() > job.deadline or (job.sink is not None and job.sink.closed):
+                job.fail(timed_out(job.timeout))     # answered already by its route; nothing was done
+            else:
+                live.append(job)
+        if not live:
+            return
+        try:
+            if live[0].kind == "generate":
+                self._generate(live)
+            elif live[0].kind == "absorb":
+                self._absorb(live[0])
+            elif live[0].kind == "info":
+                live[0].done(self._info(live[0].session_id))
+            elif live[0].kind == "delete":
+                self._delete(live[0].session_id)
+                live[0].done({"id": live[0].session_id, "object": "session", "deleted": True})
+        except APIError as err:
+            for job in live:
+                job.fail(err)
+        except Exception as exc:        # a bug: logged with its traceback, answered without one
+            log.exception("engine worker: %s", exc)
+            for job in live:
+                job.fail(server_error(f"internal error: {type(exc).__name__}"))
+
+    # ------------------------------------------------------------------ jobs
+
+    def _info(self, session_id: str) -> dict:
+        conv = self._known(session_id)
+        sess = self.table.session(conv)
+        held = sess.held_bytes()
+        return {"id": conv.id, "object": "session", "absorbed_tokens": sess.absorbed_tokens,
+                "held_tokens": sess.held_tokens, "held_bytes": dict(held, total=sum(held.values())),
+                "rounds": sess.rounds, "conversation_tokens": conv.consumed}
+
+    def _delete(self, session_id: str) -> None:
+        self._known(session_id)
+        self.table.delete(session_id)
+
+    def _known(self, session_id: str) -> Conversation:
+        conv = self.table.get(session_id)
+        if conv is None:
+            raise not_found(f"no session {session_id!r}", param="session", code="session_not_found")
+        return conv
+
+    def _absorb(self, job: Job) -> None:
+        conv = self.table.open(job.session_id)
+        sess = self.table.session(conv)
+        before = sess.rounds
+        plan = _Plan(job, conv, conv.key, job.document, [])
+        self._take_in([plan])
+        if plan.error is not None:
+            raise plan.error
+        report = None
+        if job.flush and sess.held_tokens:
+            report = sess.absorb([], flush=True)
+            conv.changed()
+            self.table.save(conv)
+        job.done({"id": conv.id, "object": "session.absorb", "tokens": len(job.document),
+                  "rounds": sess.rounds - before, "absorbed_tokens": sess.absorbed_tokens,
+                  "held_tokens": sess.held_tokens,
+                  "final_loss": None if report is None or report.rounds == 0 else report.final_loss})
+
+    def _generate(self, jobs: list[Job]) -> None:
+        plans, blanks = [], 0
+        for job in jobs:
+            try:
+                if job.session_id is None:
+                    plans.append(_Plan(job, None, f"blank:{blanks}", [], job.prompt.ids[-self.window:]))
+                    self.engine.session(f"blank:{blanks}")
+                    blanks += 1
+                else:
+                    plans.append(self._plan(job))
+            except APIError as err:
+                job.fail(err)
+        self._take_in([p for p in plans if p.feed])
+        for p in plans:
+            if p.error is not None:
+                p.job.fail(p.error)
+        plans = [p for p in plans if p.error is None]
+        greedy = [p for p in plans if p.job.sampling.temperature == 0 and p.job.sink is None]
+        if greedy:
+            self._decode_together(greedy)
+        for p in plans:
+            if p not in greedy:
+                if time.monotonic() > p.job.deadline:
+                    p.job.fail(timed_out(p.job.timeout))
+                elif p.job.sink is not None:
+                    self._stream(p)
+                else:
+                    self._decode_alone(p)
+
+    def _plan(self, job: Job) -> _Plan:
+        """Matches the request's history against its session: what is new is fed; a history that
+        does not extend what the session holds starts it over."""
+        conv = self.table.open(job.session_id)
+        ids, target = job.prompt.ids, len(job.prompt.ids) - job.prompt.hold
+        h = hasher(ids[:conv.consumed]) if conv.consumed <= target else None
+        reset = h is None or h.hexdigest() != conv.digest
+        if reset:
+            self.table.reset(conv)
+            h = hasher([])
+        return _Plan(job, conv, conv.key, ids[conv.consumed:target], ids[target:], h, reset=reset)
+
+    def _take_in(self, plans: list[_Plan]) -> None:
+        """Feeds every plan's new tokens, a window's worth at a time, absorbing the rounds they make
+        ready (all sessions' together) and saving each session after a round."""
+        pending = list(plans)
+        by_key = {p.key: p for p in plans}
+        while pending:
+            progress = False
+            for p in pending:
+                sess = self.table.session(p.conv)
+                take = min(len(p.feed) - p.pos, self.window - sess.held_tokens)
+                if take <= 0:
+                    continue
+                piece = p.feed[p.pos:p.pos + take]
+                sess.feed(piece)
+                p.pos += take
+                if p.hasher is not None:
+                    p.hasher.update(array("q", piece).tobytes())
+                    p.conv.consumed += take
+                    p.conv.digest = p.hasher.hexdigest()
+                p.conv.changed()
+                progress = True
+            reports = self.engine.run()
+            for key, rep in reports.items():
+                p = by_key.get(key)
+                if p is None:
+                    continue
+                if rep.rounds:
+                    progress = True
+                    self.table.save(p.conv)
+                if rep.errors:
+                    p.error = server_error(f"absorbing session {p.conv.id!r} failed: {rep.errors[-1]}; its memory "
+                                           "is kept as before that round")
+            pending = [p for p in pending if p.pos < len(p.feed) and p.error is None]
+            if not progress:
+                for p in pending:
+                    p.error = server_error(f"session {p.conv.id!r} cannot take in more tokens")
+                break
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode_together(self, plans: list[_Plan]) -> None:
+        groups: dict = {}
+        for p in plans:
+            groups.setdefault(frozenset(p.job.prompt.stop_ids), []).append(p)
+        for stop_ids, group in groups.items():
+            longest = max(p.job.sampling.max_tokens for p in group)
+            rows = [p for p in group if self._fits(p, longest)]
+            for p in group:
+                if p not in rows:
+                    self._decode_alone(p)
+            if not rows:
+                continue
+            try:
+                out = self.engine.generate_batch({p.key: p.prompt for p in rows}, max_new_tokens=longest,
+                                                 temperature=0.0, stop=sorted(stop_ids))
+            except InputError as exc:
+                for p in rows:
+                    p.job.fail(bad_request(str(exc)))
+                continue
+            for p in rows:
+                self._finish(p, out[p.key])
+
+    def _fits(self, p: _Plan, max_tokens: int) -> bool:
+        if self.limit is None:
+            return True
+        held = self.engine.session(p.key).held_tokens
+        return 1 + held + len(p.prompt) + max_tokens <= self.limit
+
+    def _decode_alone(self, p: _Plan) -> None:
+        s = p.job.sampling
+        try:
+            out = self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
+                                             top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed=_seed(s))
+        except InputError as exc:
+            p.job.fail(bad_request(str(exc)))
+            return
+        self._finish(p, out[p.key])
+
+    def _finish(self, p: _Plan, ids: list[int]) -> None:
+        s = p.job.sampling
+        finish = "length" if len(ids) >= s.max_tokens else "stop"
+        ids = ids[:s.max_tokens]
+        text, hit = cut_at_stop(self.prompts.decode(ids), s.stops)
+        p.job.done({"text": text, "finish_reason": "stop" if hit else finish, "prompt_tokens": len(p.job.prompt.ids),
+                    "completion_tokens": len(ids), **self._meta(p)})
+
+    def _meta(self, p: _Plan) -> dict:
+        return {"session": p.conv.id if p.conv else None, "reset": p.reset, "fed": len(p.feed)}
+
+    def _stream(self, p: _Plan) -> None:
+        """Decodes in blocks of stream_block tokens, each block a generate call that reads what the
+        earlier blocks wrote, and sends each block's text as soon as it is decoded."""
+        s, sink = p.job.sampling, p.job.sink
+        p.job.done(self._meta(p))
+        seed = _seed(s)
+        out: list[int] = []
+        sent, finish = 0, "length"
+        block = 0
+        while len(out) < s.max_tokens:
+            n = min(self.stream_block, s.max_tokens - len(out))
+            try:
+                new = self.engine.generate_batch({p.key: p.prompt + out}, max_new_tokens=n, temperature=s.temperature,
+                                                 top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids),
+                                                 seed=None if seed is None else seed + block)[p.key]
+            except (InputError, AbsorberError) as exc:
+                sink.put("error", bad_request(str(exc)))
+                return
+            block += 1
+            out += new
+            text = self.prompts.decode(out)
+            cut, hit = cut_at_stop(text, s.stops)
+            if hit or len(new) < n:
+                sink.put("text", cut[sent:])
+                sent, finish = len(cut), "stop"
+                break
+            safe = safe_length(text, s.stops)
+            if safe > sent:
+                sink.put("text", text[sent:safe])
+                sent = safe
+            if sink.closed or time.monotonic() > p.job.deadline:
+                break
+        else:
+            text = self.prompts.decode(out)
+            if len(text) > sent:
+                sink.put("text", text[sent:])
+        sink.put("end", {"finish_reason": finish, "prompt_tokens": len(p.job.prompt.ids),
+                         "completion_tokens": len(out)})
+
+
+def _seed(s: Sampling) -> int | None:
+    if s.temperature == 0:
+        return None
+    # Without a seed, sampling differs from request to request, as OpenAI's does.
+    return s.seed if s.seed is not None else random.randrange(2**31)
+
+
+def _drain(q: queue.Queue) -> list[Job]:
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
