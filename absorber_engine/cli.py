@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="the inputs are whitespace-separated token ids, not text")
     p.add_argument("--out-dir", required=True, help="one memory file per input is written here")
     p.add_argument("--nproc", type=int, default=1, help="processes to spread the streams over (gloo on CPU, nccl on GPUs)")
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server whose sessions absorb what leaves their window")
+    _add_model_args(p)
+    _add_config_args(p)
+    from .serve.options import add_arguments as _add_serve_args
+
+    _add_serve_args(p)
     for name, text in _DELEGATED.items():
         p = sub.add_parser(name, help=text[1], add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER, help=f"options of {name} (see absorber {name} --help)")
@@ -242,8 +248,14 @@ def cmd_absorb_many(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from .serve.launch import serve
+
+    return serve(args, _config_from_args(args), _load_engine)
+
+
 COMMANDS = {"absorb": cmd_absorb, "generate": cmd_generate, "export-peft": cmd_export_peft,
-            "absorb-many": cmd_absorb_many}
+            "absorb-many": cmd_absorb_many, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:
