@@ -70,7 +70,7 @@ setup(
     version="0.1.0",
     description="Test-time context absorption by causal synchronization (Absorber LLM) for Hugging Face causal LMs",
     python_requires=">=3.10",
-    packages=["absorber_engine", "absorber_kernels", "absorber_bench"],
+    packages=["absorber_engine", "absorber_engine.serve", "absorber_kernels", "absorber_bench"],
     package_dir={"absorber_engine": "absorber_engine", "absorber_kernels": "kernels", "absorber_bench": "bench"},
     ext_modules=[Extension("absorber_engine._scheduler", sources=SOURCES, depends=HEADERS)],
     cmdclass={"build_ext": NinjaBuildExt},
@@ -86,10 +86,13 @@ setup(
         # GGUF files (and the named real model, which ships as one) are dequantized by transformers.
         "gguf>=0.10",
         "accelerate>=1.0",
+        # `absorber serve`: the OpenAI-compatible server.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         # Triton is what runs the kernels on CUDA and under TRITON_INTERPRET=1 on CPU.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "openai>=1.30", "httpx>=0.27"],
         "triton": ["triton>=3.2"],
     },
     entry_points={"console_scripts": ["absorber=absorber_engine.cli:main"]},
