@@ -2,7 +2,8 @@
 causal synchronization (Absorber LLM), so generation runs in constant memory."""
 
 from .config import AbsorberConfig
-from .engine import AbsorbReport, AbsorberEngine
+from .engine import AbsorberEngine
+from .session import AbsorbReport
 from .errors import (AbsorberError, AbsorptionError, ConfigError, InputError, MemoryFileError,
                      UnsupportedModelError)
 from .interop import AbsorbingModel, wrap

@@ -195,7 +195,7 @@ def cmd_absorb(args) -> int:
     from .distributed import read_stream
 
     data = read_stream(args.input, args.ids, args.encoding)
-    n_tokens = len(data) if args.ids else len(eng._to_ids(data, allow_empty=True))
+    n_tokens = len(data) if args.ids else len(eng.to_ids(data, allow_empty=True))
     bar, update = _progress(n_tokens, args.quiet, "absorbing")
     start = time.perf_counter()
     code = EXIT_OK

@@ -174,3 +174,31 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def load_pretrained(path, dtype=None, device=None, tokenizer: bool = True):
+    """(model, tokenizer or None, local directory) for a directory, a .gguf file or a named model;
+    bf16 on CUDA and fp32 elsewhere unless `dtype` says otherwise."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model import DEFAULT_TARGETS
+
+    path = resolve(path)
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hf_config.model_type not in DEFAULT_TARGETS:
+        raise UnsupportedModelError(f"model type {hf_config.model_type!r} in {path} is not supported; "
+                                    f"supported: {sorted(DEFAULT_TARGETS)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            tok = None    # a model without a tokenizer still works on token ids
+    return model, tok, path

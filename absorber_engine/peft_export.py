@@ -24,7 +24,7 @@ def export_peft(session, directory) -> None:
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = session.delta.A[name].detach().t().contiguous().cpu()
         tensors[f"{prefix}.lora_B.weight"] = session.delta.B[name].detach().t().contiguous().cpu()
-    model_cfg = session.parts.model.config
+    model_cfg = session.runner.model.config
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -34,7 +34,7 @@ def export_peft(session, directory) -> None:
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
-        "fan_in_fan_out": session.parts.model_type == "gpt2",
+        "fan_in_fan_out": session.runner.model_type == "gpt2",
         # Full dotted names: PEFT matches them exactly, so no other module picks up the adapter.
         "target_modules": sorted(session.delta.shapes),
         "base_model_name_or_path": getattr(model_cfg, "_name_or_path", "") or None,

@@ -77,6 +77,15 @@ def build_frame(tokenizer, kinds, use_chat: bool = True) -> ProbeFrame:
     return frame
 
 
+def frame_for(tokenizer, cfg) -> ProbeFrame | None:
+    """The engine's frame for `cfg`'s probes and replay, or None when there are none. Probes are
+    text: a model without a tokenizer synchronizes on Y and futures only."""
+    if not (cfg.probes or cfg.replay_rounds) or tokenizer is None:
+        return None
+    kinds = tuple(dict.fromkeys(cfg.probe_kinds + (("recite",) if cfg.replay_rounds else ())))
+    return build_frame(tokenizer, kinds, cfg.chat_probes)
+
+
 def _common_tail(a: str, b: str) -> str:
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
@@ -115,3 +124,11 @@ def answer_mask(ids: torch.Tensor, forced: int, stop: list[int]) -> torch.Tensor
     after = (is_stop.long().cumsum(dim=1) - is_stop.long()) > 0
     mask[:, forced:] = ~after
     return mask
+
+
+def replay_probe(frame: ProbeFrame | None, x: list[int]) -> torch.Tensor:
+    """What later rounds replay of a round that absorbed X (replay_rounds): the student's recite
+    exchange of X (its opening, the recite seed, X, the end of turn), or X itself without a frame."""
+    if frame is None:
+        return torch.tensor(x, dtype=torch.long)
+    return torch.tensor(frame.student_open + frame.seeds["recite"] + list(x) + frame.stop[:1], dtype=torch.long)

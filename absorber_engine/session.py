@@ -1,220 +1,147 @@
-"""Session: one stream of an engine. Its own delta (the absorbed memory) and its own raw window
-(held by the engine's C++ scheduler); the base model, the targets and the config are the engine's.
+"""Session: one stream of an engine, and the report of an absorption.
 
-Sessions of one engine absorb together: whenever rounds of several sessions are ready with the
-same shape, one student pass takes them all, each row reading its own session's delta.
+A session holds its memory: its own delta and the probes its later rounds replay. Its raw window
+is held by the engine's C++ scheduler, the base model and the config are the engine's, and every
+method is the engine's own, applied to this session (`engine.absorb(x, session=key)`).
 """
 
 from __future__ import annotations
 
-import time
+import copy
 from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
-from .delta import LowRankDelta
-from .errors import AbsorptionError, InputError
+from .errors import InputError
+from .lora import LowRankDelta
+
+
+@dataclass
+class AbsorbReport:
+    tokens: int = 0             # tokens taken from this call's input
+    absorbed: int = 0           # tokens this call absorbed into the memory (earlier held ones included)
+    rounds: int = 0             # rounds absorbed by this call
+    steps: int = 0              # optimizer steps taken by this call
+    final_loss: float = float("nan")   # last loss of the last round (nan when no round ran)
+    seconds: float = 0.0
+    held_tokens: int = 0        # raw tokens in the window afterwards
+    absorbed_tokens: int = 0    # tokens absorbed into the memory since the last reset, in total
+    round_losses: list[float] = field(default_factory=list)   # final loss of each round
+    errors: list[str] = field(default_factory=list)            # rounds rolled back (engine.run() only)
+
+    def add_round(self, x_len: int, result) -> None:
+        self.rounds += 1
+        self.absorbed += x_len
+        self.steps += result.steps
+        self.round_losses.append(result.final_loss)
+        self.final_loss = result.final_loss
 
 
 class Session:
     def __init__(self, engine, key, seed: int):
         self.engine, self.key, self.seed = engine, key, seed
-        cfg = engine.config
-        self.delta = LowRankDelta(engine.shapes, cfg.rank, cfg.scale, engine.parts.device, seed=seed)
+        cfg, runner = engine.config, engine.runner
+        self.delta = LowRankDelta(runner.shapes, cfg.rank, cfg.scale, runner.device, seed=seed)
         # Earlier rounds' probes that each round replays (replay_rounds): bounded, so held memory stays flat.
         self.replay: deque[torch.Tensor] = deque(maxlen=max(cfg.replay_rounds, 1))
-        self._kv = None                          # (window tokens, kv per layer, last final state)
-        self._closed = False
+        self.closed = False
 
-    # ------------------------------------------------------------------ stream state
-
-    def _stats(self) -> dict:
-        self._check_open()
-        return self.engine.scheduler.session_stats(self.key)
-
-    def window_tokens(self) -> list[int]:
-        """The raw tokens generate() and logits() read after the memory (at most n + m)."""
-        self._check_open()
-        return list(self.engine.scheduler.window(self.key))
-
-    @property
-    def held_tokens(self) -> int:
-        return self._stats()["held"]
-
-    @property
-    def absorbed_tokens(self) -> int:
-        return self._stats()["absorbed"]
-
-    @property
-    def rounds(self) -> int:
-        return self._stats()["rounds"]
-
-    def held_bytes(self) -> dict[str, int]:
-        """Bytes this stream holds: its delta, its window's KV (when built) and its raw tokens."""
-        kv = 0
-        if self._kv is not None:
-            kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._kv[1])
-        return {"delta": self.delta.nbytes, "kv": kv, "tokens": 8 * self.held_tokens,
-                "replay": sum(8 * q.numel() for q in self.replay)}
-
-    def _has_round(self) -> bool:
-        st = self._stats()
-        full = st["held"] >= st["chunk_tokens"] + st["sync_tokens"]
-        return st["in_flight"] is None and (full or (st["draining"] and st["held"] > 0))
-
-    # ------------------------------------------------------------------ absorption
+    # ------------------------------------------------------------------ the engine's API, on this stream
 
     def feed(self, text_or_ids) -> int:
-        """Queues tokens without absorbing them (thread-safe); engine.run() absorbs what is ready.
-        Returns how many tokens were queued."""
-        self._check_open()
-        ids = self.engine._to_ids(text_or_ids)
-        self.engine.scheduler.feed(self.key, ids)
-        return len(ids)
+        """Queues tokens without absorbing them (thread-safe); engine.run() absorbs what is ready."""
+        return self.engine.feed(text_or_ids, session=self)
 
-    def absorb(self, text_or_ids, flush: bool = False, progress=None):
-        """Feeds the stream and absorbs every round its window allows (all of it with flush).
-
-        Ready rounds of other sessions with the same shape are absorbed in the same batches. If one
-        of this session's rounds fails, its memory stays as it was before that round, the window
-        keeps the tokens not absorbed yet, and AbsorptionError says how many of this call's tokens
-        were taken (`err.tokens_taken`), so the caller can resume from there.
-        """
-        from .engine import AbsorbReport
-
-        self._check_open()
-        eng = self.engine
-        ids = eng._to_ids(text_or_ids, allow_empty=flush)
-        if not ids and self.held_tokens == 0:
-            raise InputError("nothing to absorb: the input is empty and the window holds no tokens")
-        start = time.perf_counter()
-        report = AbsorbReport()
-        capacity = self._capacity()
-        pos, flushed = 0, False
-        with eng._lock:
-            while True:
-                # Fed only as far as the window needs: a failed round never leaves more than
-                # n + m tokens queued behind it.
-                take = min(len(ids) - pos, max(capacity - self.held_tokens, 0))
-                if take:
-                    eng.scheduler.feed(self.key, ids[pos:pos + take])
-                    pos += take
-                if flush and pos == len(ids) and not flushed:
-                    eng.scheduler.flush(self.key)
-                    flushed = True
-                if not self._has_round():
-                    break
-                results = eng._run_ready()
-                if self.key not in results:
-                    break
-                rnd, res = results[self.key]
-                if res.error is not None:
-                    err = AbsorptionError(f"round {self.rounds + 1} rolled back, memory unchanged: {res.error}")
-                    err.tokens_taken = pos
-                    raise err
-                report.add_round(len(rnd.x), res)
-                if progress is not None:
-                    progress(len(rnd.x))
-            eng._rest()
-        report.tokens = pos
-        report.seconds = time.perf_counter() - start
-        report.held_tokens = self.held_tokens
-        report.absorbed_tokens = self.absorbed_tokens
-        return report
-
-    def _capacity(self) -> int:
-        st = self._stats()
-        return st["chunk_tokens"] + st["sync_tokens"]
-
-    # ------------------------------------------------------------------ inference
+    def absorb(self, text_or_ids, flush: bool = False, progress=None) -> AbsorbReport:
+        """Feeds the stream and absorbs every round its window allows (all of it with flush); see
+        AbsorberEngine.absorb."""
+        return self.engine.absorb(text_or_ids, flush=flush, progress=progress, session=self)
 
     def logits(self, ids) -> torch.Tensor:
-        """Next-token logits (len(ids), V) at each position of `ids`, read after the memory and
-        the raw window. Nothing is absorbed."""
-        self._check_open()
-        return self.engine._logits(self, self.engine._to_ids(ids))
+        """Next-token logits (len(ids), V) at each position of `ids`, after the memory and the window."""
+        return self.engine.logits(ids, session=self)
 
     def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop=None, seed: int | None = None):
-        """Continues the window (and `prompt`, if any) with the memory; nothing is absorbed.
-        Returns text when the prompt is text, else a list of token ids."""
-        self._check_open()
-        return self.engine.generate_batch({self.key: prompt}, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, stop=stop, seed=seed)[self.key]
-
-    # ------------------------------------------------------------------ memory
+        """Continues the window (and `prompt`, if any) with the memory; nothing is absorbed."""
+        return self.engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    stop=stop, seed=seed, session=self)
 
     def reset(self) -> None:
         """Forgets everything: Δ = 0 and an empty window."""
-        self._check_open()
-        with self.engine._lock:
-            self.engine.scheduler.clear(self.key)
-            self.delta.reset()
-            self.replay.clear()
-            self._kv = None
-
-    def restore_window(self, tokens: list[int], absorbed: int, rounds: int) -> None:
-        self.engine.scheduler.restore(self.key, tokens, absorbed, rounds)
-        self._kv = None
+        self.engine.reset(session=self)
 
     def save_memory(self, path) -> None:
-        from .memory_file import save_memory
-
-        self._check_open()
-        save_memory(self, path)
+        self.engine.save_memory(path, session=self)
 
     def load_memory(self, path) -> None:
-        from .memory_file import load_memory
-
-        self._check_open()
-        with self.engine._lock:
-            load_memory(self, path)
-            self._kv = None
+        self.engine.load_memory(path, session=self)
 
     def export_peft(self, directory) -> None:
-        from .peft_export import export_peft
+        self.engine.export_peft(directory, session=self)
 
-        self._check_open()
-        export_peft(self, directory)
+    def window_tokens(self) -> list[int]:
+        """The raw tokens generate() and logits() read after the memory (at most n + m)."""
+        return self.engine.window_tokens(session=self)
+
+    def held_bytes(self) -> dict[str, int]:
+        return self.engine.held_bytes(session=self)
+
+    def close(self) -> None:
+        """Ends the stream: its window and delta are dropped."""
+        if not self.closed:
+            self.engine.close_session(self)
+
+    # ------------------------------------------------------------------ state
+
+    def stats(self) -> dict:
+        """The scheduler's view: held, absorbed, rounds, chunk_tokens, sync_tokens, ..."""
+        self.check_open()
+        return self.engine.scheduler.session_stats(self.key)
+
+    @property
+    def held_tokens(self) -> int:
+        return self.stats()["held"]
+
+    @property
+    def absorbed_tokens(self) -> int:
+        return self.stats()["absorbed"]
+
+    @property
+    def rounds(self) -> int:
+        return self.stats()["rounds"]
+
+    @property
+    def runner(self):
+        return self.engine.runner
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    def restore_window(self, tokens: list[int], absorbed: int, rounds: int) -> None:
+        """Puts a saved window back (memory files)."""
+        self.engine.scheduler.restore(self.key, tokens, absorbed, rounds)
 
     def merged_model(self):
         """A standalone copy of the base model with this session's delta merged into its weights
         (W + scale·A·B): plain weights for stacks that take no adapters. The raw window is not
         part of it."""
-        import copy
-
-        self._check_open()
-        eng = self.engine
-        merged = {name: w.merged_weight(self.delta.A[name], self.delta.B[name]) for name, w in eng.wrappers.items()}
-        with eng.detached() as model:
+        self.check_open()
+        d = self.delta
+        merged = {name: w.merged_weight(d.A[name], d.B[name], d.scale) for name, w in self.runner.wrappers.items()}
+        with self.engine.detached() as model:
             out = copy.deepcopy(model)
         with torch.no_grad():
             for name, weight in merged.items():
                 out.get_submodule(name).weight.copy_(weight)
         return out
 
-    def close(self) -> None:
-        """Ends the stream: its window and delta are dropped."""
-        if not self._closed:
-            self.engine._close_session(self)
-            self._closed = True
-
-    def _move(self, kind: str) -> None:
-        """Carries out the scheduler's residency decision for this session's delta."""
-        self.delta.to(self.engine.parts.device if kind == "to_device" else torch.device("cpu"))
-
-    def _check_open(self) -> None:
-        if self._closed:
+    def check_open(self) -> None:
+        if self.closed:
             raise InputError(f"session {self.key!r} is closed")
 
-    @property
-    def parts(self):
-        return self.engine.parts
-
-    @property
-    def config(self):
-        return self.engine.config
-
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"held={self.held_tokens}, absorbed={self.absorbed_tokens}"
+        state = "closed" if self.closed else f"held={self.held_tokens}, absorbed={self.absorbed_tokens}"
         return f"Session({self.key!r}, {state})"

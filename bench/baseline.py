@@ -1,6 +1,6 @@
 """The baseline to beat: the engine's objective written the way a user would, with transformers + PEFT.
 
-Same objective, same rounds, same steps as AbsorberEngine (absorber_engine/sync.py), none of its
+Same objective, same rounds, same steps as AbsorberEngine (absorber_engine/round.py), none of its
 shortcuts:
 
 - the delta is a PEFT LoRA adapter ("default": LoraConfig with the engine's r, alpha and target
@@ -41,8 +41,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from absorber_engine.config import AbsorberConfig
-from absorber_engine.delta import LowRankDelta
-from absorber_engine.model_support import DEFAULT_TARGETS
+from absorber_engine.lora import LowRankDelta
+from absorber_engine.model import DEFAULT_TARGETS
 
 TEACHER = "teacher"
 STUDENT = "default"

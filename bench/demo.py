@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     tok = eng.tokenizer
     text, questions = build_document(tok, ctx, args.multiple, args.seed)
     ids = tok.encode(text, add_special_tokens=False)
-    model_cfg, dtype = eng.parts.model.config, eng.parts.dtype
+    model_cfg, dtype = eng.runner.model.config, eng.runner.dtype
     print(f"Streaming a {len(ids):,}-token document ({len(ids) / ctx:.0f}x the model's {ctx}-token trained context) "
           f"into memory: n={cfg.chunk_tokens}, m={cfg.sync_tokens}, rank {cfg.rank}, {cfg.futures} sampled futures.")
     piece = max(len(ids) // 8, cfg.chunk_tokens)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     for n, held, full in marks:
         print(f"{n:>16,} | {held / 2**20:>20.2f} MiB | {full / 2**20:>11.2f} MiB")
 
-    baseline = WindowMethod("window", eng.parts.model, tok, window=cfg.window_tokens)
+    baseline = WindowMethod("window", eng.runner.model, tok, window=cfg.window_tokens)
     print(f"\nQuestions about the document (the window baseline keeps the last {cfg.window_tokens} tokens):")
     rows, right = [], {"absorber": 0, "window": 0}
     for query, answers in questions:
@@ -105,7 +105,7 @@ def chat_demo(model: str, docs: int, seed: int, quiet: bool) -> int:
     path = resolve(model)
     cfg = recommended_config(path).replace(chunk_tokens=128, sync_tokens=128)
     eng = AbsorberEngine.from_pretrained(path, config=cfg)
-    tok, model_cfg, dtype = eng.tokenizer, eng.parts.model.config, eng.parts.dtype
+    tok, model_cfg, dtype = eng.tokenizer, eng.runner.model.config, eng.runner.dtype
     documents = [make_document(seed, i, place=True) for i in range(docs)]
     print(f"Streaming {docs} documents into {model} through a window of {cfg.window_tokens} tokens "
           f"(n={cfg.chunk_tokens}, m={cfg.sync_tokens}, rank {cfg.rank}).")

@@ -1,7 +1,7 @@
 """Reads what the engine does per step without changing it: the losses of every round.
 
 AbsorbReport has only each round's final loss; the benchmarks and the parity test also want every
-step's loss. The engine looks its round function up in `absorber_engine.sync.ROUNDS` at every
+step's loss. The engine looks its round function up in `absorber_engine.round.ROUNDS` at every
 round, so wrapping that entry for the duration of a `with` block records each RoundResult.
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 
-from absorber_engine import sync
+from absorber_engine.round import ROUNDS
 
 
 @contextlib.contextmanager
 def record_round_losses(objective: str = "absorber"):
     """Yields a list that receives, per round run inside the block, the list of its step losses."""
     rounds: list[list[float]] = []
-    real = sync.ROUNDS[objective]
+    real = ROUNDS[objective]
 
     def recording(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -25,8 +25,8 @@ def record_round_losses(objective: str = "absorber"):
             rounds.append(list(r.losses))
         return result
 
-    sync.ROUNDS[objective] = recording
+    ROUNDS[objective] = recording
     try:
         yield rounds
     finally:
-        sync.ROUNDS[objective] = real
+        ROUNDS[objective] = real

@@ -100,7 +100,7 @@ class EngineMethod:
         eng.reset()
         report = eng.absorb(context, flush=self.flush)
         out = Outcome(absorb_seconds=report.seconds)
-        model_cfg, dtype = eng.parts.model.config, eng.parts.dtype
+        model_cfg, dtype = eng.runner.model.config, eng.runner.dtype
         if target:
             logits = eng.logits(target)[:-1]
             out.target_loss = F.cross_entropy(logits, torch.tensor(target[1:])).item()

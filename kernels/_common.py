@@ -3,7 +3,6 @@ launch helpers. Nothing here needs a GPU, and nothing here needs Triton to impor
 
 from __future__ import annotations
 
-import os
 
 import torch
 

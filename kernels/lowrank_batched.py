@@ -11,8 +11,6 @@ gather, and reduces dA and dB per stream without atomics.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
@@ -48,12 +46,19 @@ def _check_shapes(x, weight, bias, A, B, index, weight_layout) -> tuple[int, int
     return S, n_in, r, n_out
 
 
-class _Streams:
-    """What the kernels need to know about `index`, found with one device → host copy of it (rows
-    numbers): that it is in range, whether it is sorted, and each stream's rows. The engine passes the
-    same index tensor to every layer of a forward, so this is built once per forward (see _streams)."""
+class RowLayout:
+    """Which stream each row of a batch belongs to, and what the kernels derive from it with one
+    device → host copy of `index` (rows numbers): that it is in range, whether it is sorted, each
+    stream's rows. The engine builds one per forward and every layer's op reads it (as vLLM's LoRA
+    ops take one metadata object per forward); an op given a bare index tensor builds its own."""
 
     def __init__(self, index: torch.Tensor, S: int):
+        if not isinstance(index, torch.Tensor) or index.dim() != 1:
+            raise ValueError(f"index must be a 1-D tensor, got {type(index).__name__} "
+                             f"{tuple(index.shape) if isinstance(index, torch.Tensor) else ''}")
+        if index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"index must be an integer tensor (torch.long), got {index.dtype}")
+        self.index = index
         ih = index.detach().to("cpu", torch.int64)
         if ih.numel() and (int(ih.min()) < 0 or int(ih.max()) >= S):
             bad = ih[(ih < 0) | (ih >= S)]
@@ -92,16 +97,13 @@ class _Streams:
         return self._tiles[key]
 
 
-_LAST: list = [None]   # (weakref to index, its _version, S, _Streams): the index of the current forward
-
-
-def _streams(index: torch.Tensor, S: int) -> _Streams:
-    last = _LAST[0]
-    if last is not None and last[0]() is index and last[1] == index._version and last[2] == S:
-        return last[3]
-    info = _Streams(index, S)
-    _LAST[0] = (weakref.ref(index), index._version, S, info)
-    return info
+def row_layout(index, S: int) -> RowLayout:
+    """`index` as a RowLayout over S stacked deltas (a RowLayout passes through, checked)."""
+    if isinstance(index, RowLayout):
+        if index.S != S:
+            raise ValueError(f"the row layout is for {index.S} streams, but {S} deltas are stacked")
+        return index
+    return RowLayout(index, S)
 
 
 def lowrank_linear_batched_ref(
@@ -110,12 +112,12 @@ def lowrank_linear_batched_ref(
     bias: torch.Tensor | None,    # (out,)
     A: torch.Tensor,              # (S, in, r)
     B: torch.Tensor,              # (S, r, out)
-    index: torch.Tensor,          # (rows,) long, in [0, S)
+    index,                        # (rows,) long tensor in [0, S), or a RowLayout of one
     scale: float,
     weight_layout: str = "linear",
 ) -> torch.Tensor:                # (rows, T, out)
+    index = row_layout(index, A.shape[0]).index                # range-checked once per layout
     _check_shapes(x, weight, bias, A, B, index, weight_layout)
-    _streams(index, A.shape[0])                                # range check, once per index tensor
     y = base_linear(x, weight, bias, weight_layout)
     a = A.index_select(0, index).to(x.dtype)                   # (rows, in, r)
     b = B.index_select(0, index).to(x.dtype)                   # (rows, r, out)
@@ -263,7 +265,7 @@ BLORA_CONFIG_INTERPRET = dict(
 )
 
 
-def _shrink_block_m(info: _Streams, T: int, cfg) -> int:
+def _shrink_block_m(info: RowLayout, T: int, cfg) -> int:
     return min(cfg["shrink"]["BLOCK_M"], max(16, next_pow2(info.max_rows * T)))
 
 
@@ -361,11 +363,13 @@ def lowrank_linear_batched_triton(
     bias: torch.Tensor | None,    # (out,), frozen
     A: torch.Tensor,              # (S, in, r)
     B: torch.Tensor,              # (S, r, out)
-    index: torch.Tensor,          # (rows,) long, in [0, S); sorted (stream-major) is the fast case
+    index,                        # (rows,) long in [0, S), or a RowLayout; sorted (stream-major) is the fast case
     scale: float,
     weight_layout: str = "linear",
 ) -> torch.Tensor:                # (rows, T, out)
     """Same function as lowrank_linear_batched_ref (see the comment above the kernels for the launches)."""
+    info = row_layout(index, A.shape[0])
+    index = info.index
     S, n_in, r, n_out = _check_shapes(x, weight, bias, A, B, index, weight_layout)
     if x.dtype not in _FLOAT or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"lowrank_linear_batched (triton): x, weight and bias must share one of fp32/fp16/bf16, got "
@@ -376,10 +380,9 @@ def lowrank_linear_batched_triton(
         raise ValueError("lowrank_linear_batched (triton) treats W and its bias as frozen and computes no gradient "
                          "for them: call weight.requires_grad_(False) (and the bias), or use backend='torch'")
     check_tensors("lowrank_linear_batched", x, weight, bias, A, B, index)
-    info = _streams(index, S)
     rows, T = x.shape[:2]
     if x.numel() == 0 or r == 0 or n_out == 0:
-        return lowrank_linear_batched_ref(x, weight, bias, A, B, index, scale, weight_layout)
+        return lowrank_linear_batched_ref(x, weight, bias, A, B, info, scale, weight_layout)
     xs = x if info.sorted else x.index_select(0, info.perm)      # rows in stream order
     y = LowRankLinearBatchedTriton.apply(xs.reshape(rows * T, n_in), weight, bias, A, B, float(scale),
                                          weight_layout, info, T)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from absorber_engine.cli import main
 from tiny_models import make_model, random_ids

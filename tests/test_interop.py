@@ -27,7 +27,7 @@ def test_wrapped_generate_reads_ten_times_its_window():
         model.generate(ids, max_new_tokens=5, do_sample=False)    # the plain model cannot run it at all
     cfg = AbsorberConfig(chunk_tokens=32, sync_tokens=16, rank=2, max_steps=1, future_tokens=8)
     wrapped = wrap(model, config=cfg, tail_tokens=8)
-    spy = SpanSpy(wrapped.engine.parts.base)
+    spy = SpanSpy(wrapped.engine.runner.base)
     out = wrapped.generate(ids, max_new_tokens=5, eos_token_id=None)
     assert out.shape == (1, 645) and torch.equal(out[0, :640], ids[0])
     assert spy.max_span <= 1 + 48 + 8 + 5                         # BOS + window + tail + new tokens, never 640

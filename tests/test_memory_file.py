@@ -1,7 +1,6 @@
 """Memory files: identical logits after a round trip, and every bad file refused with the memory
 held before left intact."""
 
-import json
 import os
 
 import pytest

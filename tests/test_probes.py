@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError
 from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round
-from absorber_engine.sync import StreamRound, student_losses, teacher_targets
+from absorber_engine.round import student_losses
+from absorber_engine.teacher import RoundBatch, teacher_targets
 
 TINY = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -78,13 +79,13 @@ def test_chat_frame_reads_like_the_template(template):
 def test_probe_targets_are_a_plain_forward_of_the_teacher_reading_x():
     tok = _tokenizer(CHATML)
     eng = _engine(tok)
-    model, frame = eng.parts.model, eng.frame
+    model, frame = eng.runner.model, eng.frame
     x = torch.tensor(tok.encode("The pass key is 12345. Remember it.", add_special_tokens=False))
-    rnd = StreamRound(eng.delta, x, x[:0], torch.Generator().manual_seed(0))
-    (targets,) = teacher_targets(eng.parts, eng.wrappers, [rnd], eng.config, frame)
+    batch = RoundBatch([eng.delta], x[None], x[None, :0], [torch.Generator().manual_seed(0)], frame=frame)
+    (targets,) = teacher_targets(eng.runner, batch, eng.config)
     assert [g.ids.shape[0] for g in targets.groups] == [1, 1, 1]         # 3 probes over 3 kinds
     assert targets.positions == sum(int(g.mask.sum()) for g in targets.groups)
-    prefix = eng.parts.prefix
+    prefix = eng.runner.prefix
     for g, kind in zip(targets.groups, eng.config.probe_kinds):
         seed = frame.seeds[kind]
         assert g.ids[0, :len(seed)].tolist() == seed
@@ -94,7 +95,7 @@ def test_probe_targets_are_a_plain_forward_of_the_teacher_reading_x():
         with torch.no_grad():
             out = model(seq, output_hidden_states=True)
         t, m = g.ids.shape[1], g.mask[0]
-        for layer in range(eng.parts.num_states - 1):
+        for layer in range(eng.runner.num_states - 1):
             want = out.hidden_states[layer][0, -t:] * m[:, None]
             torch.testing.assert_close(g.hidden[layer][0], want, rtol=1e-4, atol=1e-4)
 
@@ -103,17 +104,16 @@ def test_a_round_on_probes_lowers_their_loss_and_hidden_norm_weighs_layers_equal
     tok = _tokenizer(CHATML)
     eng = _engine(tok, max_steps=20, lr=1e-2, hidden_norm=True, kl_weight=0.5, ntp_weight=0.5)
     x = torch.tensor(tok.encode("Orlena keeps the spare key. The code is 4821.", add_special_tokens=False))
-    rnd = StreamRound(eng.delta, x, x[:0], torch.Generator().manual_seed(0))
-    (targets,) = teacher_targets(eng.parts, eng.wrappers, [rnd], eng.config, eng.frame)
+    batch = RoundBatch([eng.delta], x[None], x[None, :0], [torch.Generator().manual_seed(0)], frame=eng.frame)
+    (targets,) = teacher_targets(eng.runner, batch, eng.config)
     # Normalized: the teacher's mean |h^l| over the synchronized positions is 1 at every layer.
-    dim = eng.parts.hidden_size
-    for layer in range(eng.parts.num_states):
+    dim = eng.runner.hidden_size
+    for layer in range(eng.runner.num_states):
         total = sum(float(g.hidden[layer].abs().sum()) for g in targets.groups)
         assert total / (targets.positions * dim) == pytest.approx(1.0, rel=1e-4)
 
     def loss():
-        (value,) = student_losses(eng.parts, eng.wrappers, [eng.delta], [targets], eng.config, eng.ops,
-                                  backward=False, xs=x[None])
+        (value,) = student_losses(eng.runner, [eng.delta], [targets], eng.config, backward=False, xs=x[None])
         return value
 
     before = loss()
@@ -145,28 +145,28 @@ def test_replay_keeps_a_bounded_buffer_of_earlier_rounds_and_survives_a_memory_f
     eng = AbsorberEngine(make_model("llama"), config=cfg)
     ids = random_ids(8 * 4 + 4, seed=3)
     seen = []
-    from absorber_engine import sync
+    from absorber_engine import round as rounds
 
-    real = sync.teacher_targets
+    real = rounds.teacher_targets
 
-    def spy(parts, wrappers, rounds, cfg, frame=None):
-        seen.append([q.tolist() for q in rounds[0].replay])
-        targets = real(parts, wrappers, rounds, cfg, frame)
-        if rounds[0].replay:
+    def spy(runner, batch, cfg):
+        seen.append([q.tolist() for q in batch.replay[0]])
+        targets = real(runner, batch, cfg)
+        if batch.replay[0]:
             # The replay group's targets are the round-start model reading the probes alone.
             group = targets[0].groups[-1]
-            for i, q in enumerate(rounds[0].replay):
+            for i, q in enumerate(batch.replay[0]):
                 with torch.no_grad():
-                    out = parts.model(torch.tensor([parts.prefix + q.tolist()]), output_hidden_states=True)
-                torch.testing.assert_close(group.hidden[1][i, :len(q)], out.hidden_states[1][0, len(parts.prefix):],
+                    out = runner.model(torch.tensor([runner.prefix + q.tolist()]), output_hidden_states=True)
+                torch.testing.assert_close(group.hidden[1][i, :len(q)], out.hidden_states[1][0, len(runner.prefix):],
                                            rtol=1e-4, atol=1e-4)
         return targets
 
-    sync.teacher_targets, saved = spy, sync.teacher_targets
+    rounds.teacher_targets, saved = spy, rounds.teacher_targets
     try:
         eng.absorb(ids)
     finally:
-        sync.teacher_targets = saved
+        rounds.teacher_targets = saved
     chunks = [ids[i * 8:(i + 1) * 8] for i in range(4)]
     assert seen == [[], [chunks[0]], chunks[:2], chunks[1:3]]          # at most replay_rounds, oldest dropped
     assert eng.held_bytes()["replay"] == 8 * 16

@@ -36,8 +36,8 @@ def _ask(eng, question):
 def test_smollm2_absorbs_a_note_and_answers_from_memory():
     torch.manual_seed(0)
     eng = AbsorberEngine.from_pretrained("smollm2-135m")
-    assert eng.parts.model_type == "llama" and len(eng.parts.layers) == 30
-    assert eng.parts.prefix == []           # its tokenizer adds no BOS, so the engine reads none
+    assert eng.runner.model_type == "llama" and len(eng.runner.layers) == 30
+    assert eng.runner.prefix == []           # its tokenizer adds no BOS, so the engine reads none
     absorbed, bare = [], []
     for i in range(DOCS):
         doc = make_document(7, i)

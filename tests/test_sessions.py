@@ -63,20 +63,20 @@ def test_batched_generation_equals_one_by_one():
 
 
 def test_a_failing_session_does_not_touch_the_others(monkeypatch):
-    from absorber_engine import sync
+    from absorber_engine import round as rounds
 
     eng = AbsorberEngine(make_model("llama"), config=CFG.replace(futures=0))
     for name, ids in STREAMS.items():
         eng.session(name).feed(ids[:24])
     before = _deltas(eng, STREAMS)
-    real = sync.student_losses
+    real = rounds.student_losses
 
-    def poison_b(parts, wrappers, deltas, targets, cfg, ops, backward, **kw):
-        losses = real(parts, wrappers, deltas, targets, cfg, ops, backward, **kw)
+    def poison_b(runner, deltas, targets, cfg, backward, **kw):
+        losses = real(runner, deltas, targets, cfg, backward, **kw)
         b = eng.session("b").delta
         return [float("nan") if d is b else x for d, x in zip(deltas, losses)]
 
-    monkeypatch.setattr(sync, "student_losses", poison_b)
+    monkeypatch.setattr(rounds, "student_losses", poison_b)
     reports = eng.run()
     assert reports["b"].rounds == 0 and "nan" in reports["b"].errors[0]
     assert reports["a"].rounds == reports["c"].rounds == 1
@@ -85,7 +85,7 @@ def test_a_failing_session_does_not_touch_the_others(monkeypatch):
         assert torch.equal(after["b"][k], v)                      # b rolled back exactly
     assert any(not torch.equal(after["a"][k], before["a"][k]) for k in before["a"])
     assert eng.session("b").held_tokens == 24 and eng.session("b").absorbed_tokens == 0   # its tokens wait
-    monkeypatch.setattr(sync, "student_losses", real)
+    monkeypatch.setattr(rounds, "student_losses", real)
     assert eng.run()["b"].rounds == 1                             # and are absorbed on the next run
 
 

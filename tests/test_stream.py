@@ -29,7 +29,7 @@ def test_20k_token_stream_keeps_kv_within_the_window_and_delta_constant():
     model = make_model("llama")
     cfg = AbsorberConfig(chunk_tokens=n, sync_tokens=m, rank=4, futures=2, future_tokens=16, max_steps=1)
     eng = AbsorberEngine(model, config=cfg)
-    spy = SpanSpy(eng.parts.base)
+    spy = SpanSpy(eng.runner.base)
     shapes = {k: tuple(v.shape) for k, v in eng.delta.state_dict().items()}
     delta_bytes = eng.delta.nbytes
     stream = random_ids(20_000, seed=11)
@@ -42,7 +42,7 @@ def test_20k_token_stream_keeps_kv_within_the_window_and_delta_constant():
         assert {k: tuple(v.shape) for k, v in eng.delta.state_dict().items()} == shapes
     eng.generate(random_ids(5, seed=12), max_new_tokens=4)
     # BOS + window + the prompt and new tokens of generate(); the window itself never passed n + m.
-    assert spy.max_span <= 1 + n + m + 5 + 4 - 1 and eng.parts.stats.max_span == spy.max_span
+    assert spy.max_span <= 1 + n + m + 5 + 4 - 1 and eng.runner.stats.max_span == spy.max_span
     # During absorption alone the span never passed n + m (generate adds the prompt on top).
     assert max(held) < n + m
     assert total_rounds == (20_000 - m) // n
@@ -56,7 +56,7 @@ def test_absorption_alone_never_exceeds_its_bound(follow_y):
     eng = AbsorberEngine(make_model("qwen2"), config=AbsorberConfig(chunk_tokens=n, sync_tokens=m, rank=2,
                                                                      futures=3, future_tokens=t, max_steps=1,
                                                                      futures_follow_y=follow_y))
-    spy = SpanSpy(eng.parts.base)
+    spy = SpanSpy(eng.runner.base)
     eng.absorb(random_ids(1_000, seed=13), flush=True)
     # BOS, X and Y (futures after X fit in Y's place); futures after X·Y add their own length.
     assert spy.max_span == 1 + n + m + (t if follow_y else 0)
@@ -89,7 +89,7 @@ def test_same_stream_same_memory():
 
 
 def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
-    from absorber_engine import sync
+    from absorber_engine import round as rounds
 
     eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2,
                                                                      max_steps=3, future_tokens=4, lr=1e-2))
@@ -97,7 +97,7 @@ def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
     before = eng.delta.state_dict()
     window_before, absorbed_before = eng.window_tokens(), eng.absorbed_tokens
     calls = {"n": 0}
-    real = sync.student_losses
+    real = rounds.student_losses
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
@@ -107,7 +107,7 @@ def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
             return [float("nan")]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sync, "student_losses", poisoned)
+    monkeypatch.setattr(rounds, "student_losses", poisoned)
     with pytest.raises(AbsorptionError, match="rolled back") as info:
         eng.absorb(random_ids(30, seed=2))
     assert info.value.tokens_taken == 16                    # fills the window to n + m, then fails
@@ -115,7 +115,7 @@ def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
         assert torch.equal(v, before[k]), k
     assert eng.absorbed_tokens == absorbed_before
     assert eng.window_tokens()[:len(window_before)] == window_before
-    monkeypatch.setattr(sync, "student_losses", real)
+    monkeypatch.setattr(rounds, "student_losses", real)
     report = eng.absorb(random_ids(14, seed=2)[:14])        # the engine goes on
     assert report.rounds >= 1
 
@@ -145,7 +145,7 @@ def test_keyboard_interrupt_mid_round_keeps_memory():
             if steps["n"] == 3:
                 raise KeyboardInterrupt
 
-    handle = eng.parts.layers[0].register_forward_hook(interrupt)
+    handle = eng.runner.layers[0].register_forward_hook(interrupt)
     with pytest.raises(KeyboardInterrupt):
         eng.absorb(random_ids(16, seed=2))
     handle.remove()

@@ -5,24 +5,24 @@ import pytest
 import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
-from absorber_engine.model_support import ResidualCapture
-from absorber_engine.sync import StreamRound, student_losses, teacher_targets
+from absorber_engine.round import student_losses
+from absorber_engine.teacher import RoundBatch, teacher_targets
 from tiny_models import ARCHS, make_model, random_ids
 
 BOS = 1      # the tiny models' bos_token_id: every sequence the engine starts reads it first
 
 
 def _round(eng, x, y, seed=0):
-    return StreamRound(eng.delta, x, y, torch.Generator().manual_seed(seed))
+    return RoundBatch([eng.delta], x[None], y[None], [torch.Generator().manual_seed(seed)], prompt=eng._prompt)
 
 
 def _loss(eng, targets):
-    (loss,) = student_losses(eng.parts, eng.wrappers, [eng.delta], [targets], eng.config, eng.ops, backward=False)
+    (loss,) = student_losses(eng.runner, [eng.delta], [targets], eng.config, backward=False)
     return loss
 
 
-def _final_norm(parts):
-    return parts.base.ln_f if parts.model_type == "gpt2" else parts.base.norm
+def _final_norm(runner):
+    return runner.base.ln_f if runner.model_type == "gpt2" else runner.base.norm
 
 
 @pytest.mark.parametrize("arch, follow_y", [(a, False) for a in ARCHS] + [("llama", True)])
@@ -32,11 +32,11 @@ def test_teacher_states_equal_a_plain_forward(arch, follow_y):
                                                       future_tokens=5, kl_weight=1.0, futures_follow_y=follow_y))
     x = torch.tensor(random_ids(12, seed=3))
     y = torch.tensor(random_ids(7, seed=4))
-    (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, x, y)], eng.config)
+    (targets,) = teacher_targets(eng.runner, _round(eng, x, y), eng.config)
     real, sampled = targets.groups
     assert targets.positions == 7 + 3 * 5
     assert real.ids.tolist() == [y.tolist()] and sampled.ids.shape == (3, 5)
-    L = eng.parts.num_states - 1
+    L = eng.runner.num_states - 1
     for group in (real, sampled):
         for b in range(group.ids.shape[0]):
             # The engine starts at BOS; with futures_follow_y the sampled futures continue X·Y.
@@ -50,7 +50,7 @@ def test_teacher_states_equal_a_plain_forward(arch, follow_y):
                 torch.testing.assert_close(group.hidden[layer][b], out.hidden_states[layer][0, -t:],
                                            rtol=1e-4, atol=1e-4)
             with torch.no_grad():
-                normed = _final_norm(eng.parts)(group.hidden[L][b])
+                normed = _final_norm(eng.runner)(group.hidden[L][b])
             torch.testing.assert_close(normed, out.hidden_states[L][0, -t:], rtol=1e-4, atol=1e-4)
             final = group.final.view(group.ids.shape[0], t, -1)[b]
             torch.testing.assert_close(final, out.hidden_states[L][0, -t:], rtol=1e-4, atol=1e-4)
@@ -63,7 +63,7 @@ def test_sampled_futures_follow_the_teacher_distribution():
                          future_temperature=1e-6)
     eng = AbsorberEngine(model, config=cfg)
     x = torch.tensor(random_ids(10, seed=5))
-    (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, x, torch.tensor([], dtype=torch.long))], cfg)
+    (targets,) = teacher_targets(eng.runner, _round(eng, x, torch.tensor([], dtype=torch.long)), cfg)
     (group,) = targets.groups
     seq = [BOS] + x.tolist()
     for _ in range(6):
@@ -90,7 +90,7 @@ def test_one_round_lowers_the_loss_and_moves_logits_toward_the_teacher(kl_weight
     eng = AbsorberEngine(model, config=cfg)
     x, y = random_ids(24, seed=7), random_ids(16, seed=8)
     kl_before = _kl_to_teacher(model, eng, x, y)
-    (targets,) = teacher_targets(eng.parts, eng.wrappers, [_round(eng, torch.tensor(x), torch.tensor(y))], cfg)
+    (targets,) = teacher_targets(eng.runner, _round(eng, torch.tensor(x), torch.tensor(y)), cfg)
     loss_before = _loss(eng, targets)
     report = eng.absorb(x + y)
     assert report.rounds == 1 and report.steps == 40 and report.held_tokens == 16
@@ -141,15 +141,13 @@ def test_prompted_futures_start_with_the_prompt_and_keep_teacher_states():
                          compute_dtype="float32")
     eng = AbsorberEngine(model, config=cfg)
     x = torch.tensor(random_ids(12, seed=3))
-    rnd = StreamRound(eng.delta, x, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(0),
-                      eng._prompt)
-    (targets,) = teacher_targets(eng.parts, eng.wrappers, [rnd], cfg)
+    (targets,) = teacher_targets(eng.runner, _round(eng, x, torch.tensor([], dtype=torch.long)), cfg)
     (group,) = targets.groups
     assert group.ids.shape == (3, 7) and group.ids[:, :3].tolist() == [[5, 6, 7]] * 3
     seq = torch.cat([torch.tensor([BOS]), x, group.ids[1]])[None]
     with torch.no_grad():
         out = model(seq, output_hidden_states=True)
-    for layer in range(eng.parts.num_states - 1):
+    for layer in range(eng.runner.num_states - 1):
         torch.testing.assert_close(group.hidden[layer][1], out.hidden_states[layer][0, -7:], rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception, match="future_prompt"):
         AbsorberEngine(make_model("llama"), config=cfg.replace(future_prompt=tuple(range(3, 10))))

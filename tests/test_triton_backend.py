@@ -22,12 +22,12 @@ def test_triton_round_equals_torch_round(kl_weight):
     engines = {}
     for backend in ("torch", "triton"):
         eng = AbsorberEngine(make_model("llama"), config=cfg.replace(backend=backend))
-        assert eng.backend == backend
+        assert eng.runner.backend == backend
         report = eng.absorb(ids)
         assert report.rounds == 1 and report.steps == 3
         engines[backend] = (eng, report)
     (t_eng, t_rep), (k_eng, k_rep) = engines["torch"], engines["triton"]
-    assert k_eng.parts.model.config._attn_implementation == "absorber_triton"
+    assert k_eng.runner.model.config._attn_implementation == "absorber_triton"
     for k, v in t_eng.delta.state_dict().items():
         torch.testing.assert_close(k_eng.delta.state_dict()[k], v, rtol=1e-3, atol=1e-4, msg=k)
     assert abs(k_rep.final_loss - t_rep.final_loss) < 1e-4 * max(1.0, abs(t_rep.final_loss))
@@ -35,4 +35,4 @@ def test_triton_round_equals_torch_round(kl_weight):
     torch.testing.assert_close(k_eng.logits(probe), t_eng.logits(probe), rtol=1e-4, atol=1e-4)
     assert k_eng.generate(probe, max_new_tokens=3) == t_eng.generate(probe, max_new_tokens=3)
     k_eng.close()
-    assert k_eng.parts.model.config._attn_implementation != "absorber_triton"
+    assert k_eng.runner.model.config._attn_implementation != "absorber_triton"

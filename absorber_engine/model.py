@@ -1,4 +1,6 @@
-"""What the engine needs to know about a Hugging Face causal LM, and the few ways it runs one.
+"""The model runner: what the engine needs to know about a Hugging Face causal LM, and the one
+place that decides how it runs: which backend's ops, which attention, which autocast dtype, and
+which deltas each row of a forward reads.
 
 Supported: the Llama family (Llama, Mistral, Qwen2, Qwen3: rotary positions, grouped-query
 attention, nn.Linear projections) and GPT-2 (learned positions, fused Conv1D projections).
@@ -11,17 +13,21 @@ architecture and does not depend on how a transformers version fills `hidden_sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import functools
+import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from .errors import UnsupportedModelError
+from absorber_kernels import get_ops
+from absorber_kernels.lowrank_batched import RowLayout
+
+from .errors import ConfigError, UnsupportedModelError
+from .lora import Binding, attach, detach, reattach
 
 # Per architecture: the linears a delta goes on by default: the attention's values and output and
 # the MLP, not the queries and keys. Why: a delta on q/k moves where the model attends, and memory
@@ -49,26 +55,44 @@ class RunStats:
     max_span: int = 0
 
 
-@dataclass
-class ModelParts:
-    model: nn.Module
-    base: nn.Module                 # the decoder stack without the LM head
-    layers: nn.ModuleList
-    head: nn.Linear                 # the frozen LM head (V, D)
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    max_positions: int              # positions the model declares (max_position_embeddings, n_positions)
-    absolute_positions: bool        # a learned position table: nothing can run past max_positions
-    stats: RunStats = field(default_factory=RunStats)
-    prefix: list[int] = field(default_factory=list)   # tokens every sequence starts with (BOS), see config
+class ModelRunner:
+    """One frozen causal LM with delta wrappers on its target linears, and the ways the engine runs
+    it. Everything that depends on the backend is chosen here, once, at construction."""
 
-    def with_prefix(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, P + T) with the prefix in front of every row."""
-        if not self.prefix:
-            return ids
-        pre = torch.tensor(self.prefix, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
-        return torch.cat([pre, ids], dim=1)
+    def __init__(self, model, tokenizer, cfg):
+        inspect_model(model)
+        model.requires_grad_(False)
+        model.eval()
+        self.model, self.model_type = model, model.config.model_type
+        self.base = model.base_model
+        self.layers = self.base.h if self.model_type == "gpt2" else self.base.layers
+        self.head = model.get_output_embeddings()
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.hidden_size = int(self.head.weight.shape[1])
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+        self.absolute_positions = self.model_type in _ABSOLUTE_POSITIONS
+        self.stats = RunStats()
+        bos = bos_token(model, tokenizer)
+        self.prefix = [bos] if cfg.prefix_bos and bos is not None else []    # tokens every sequence starts with
+
+        self.backend = resolve_backend(cfg.backend, self.device)
+        self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.device, self.dtype)
+        self.binding = Binding(get_ops(self.backend))
+        targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[self.model_type]
+        self.wrappers = attach(model, targets, self.binding)
+        self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
+        self._attn_before = self._attn_kernel = None
+        if self.backend == "triton":
+            # The teacher, the student and generation all run through the flash-attention kernel.
+            from absorber_kernels.attention import register_hf_attention
+
+            self._attn_before = model.config._attn_implementation
+            self._attn_kernel = register_hf_attention()
+            model.set_attn_implementation(self._attn_kernel)
+
+    @property
+    def ops(self):
+        return self.binding.ops
 
     @property
     def num_states(self) -> int:
@@ -81,6 +105,62 @@ class ModelParts:
     @property
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype
+
+    def check_window(self, window_tokens: int) -> None:
+        """A window of chunk + sync tokens must fit a model with a learned position table."""
+        window_tokens += len(self.prefix)
+        if self.absolute_positions and window_tokens > self.max_positions:
+            raise ConfigError(f"chunk_tokens + sync_tokens (+ the BOS prefix) = {window_tokens} exceeds the "
+                              f"{self.max_positions} positions {self.model_type} has")
+
+    # ------------------------------------------------------------------ deltas
+
+    def bind(self, deltas: list, rows_per_stream: int = 1) -> None:
+        """The next forwards read `deltas`: one as it is, several stacked, the batch then holding
+        `rows_per_stream` consecutive rows of each delta's stream in turn (one row layout, built
+        here, read by every layer). Stacking copies the values through autograd, so gradients
+        reach each stream's own tensors: bind again after every optimizer step."""
+        if not deltas:
+            raise ValueError("bind() needs at least one delta")
+        self.binding.scale = deltas[0].scale
+        single = len(deltas) == 1
+        for name, w in self.wrappers.items():
+            if single:
+                w.A, w.B = deltas[0].A[name], deltas[0].B[name]
+            else:
+                w.A = torch.stack([d.A[name] for d in deltas])
+                w.B = torch.stack([d.B[name] for d in deltas])
+        self.binding.rows = None if single else RowLayout(
+            torch.arange(len(deltas), device=self.device).repeat_interleave(rows_per_stream), len(deltas))
+
+    def set_rows(self, rows_per_stream: int) -> None:
+        """Keeps the bound deltas, for a batch of `rows_per_stream` rows per stream."""
+        if self.binding.rows is not None:
+            S = self.binding.rows.S
+            self.binding.rows = RowLayout(torch.arange(S, device=self.device).repeat_interleave(rows_per_stream), S)
+
+    def detach(self) -> None:
+        """The model exactly as it was given (no wrappers); reattach() puts them back."""
+        detach(self.model, self.wrappers)
+
+    def reattach(self) -> None:
+        reattach(self.model, self.wrappers)
+
+    def close(self) -> None:
+        self.detach()
+        self.wrappers = {}
+        if self._attn_before is not None:
+            self.model.set_attn_implementation(self._attn_before)
+            self._attn_before = None
+
+    # ------------------------------------------------------------------ running
+
+    def with_prefix(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, P + T) with the prefix in front of every row."""
+        if not self.prefix:
+            return ids
+        pre = torch.tensor(self.prefix, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
+        return torch.cat([pre, ids], dim=1)
 
     def forward(self, ids: torch.Tensor, cache: DynamicCache | None = None, use_cache: bool = False,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
@@ -101,6 +181,29 @@ class ModelParts:
             return None
         data = [(k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)) for k, v in kv]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+    def capture(self, start: int = 0) -> "ResidualCapture":
+        return ResidualCapture(self.layers, start)
+
+    def checkpointed(self, enabled: bool = True):
+        return checkpointed(self.layers, enabled)
+
+    def autocast(self):
+        # No cast cache: it would keep a stale low-precision copy of the delta after each step.
+        return torch.autocast(self.device.type, dtype=self.compute_dtype or torch.float32,
+                              enabled=self.compute_dtype is not None, cache_enabled=False)
+
+    @contextmanager
+    def padded_attention(self, padded: bool):
+        """Padded rows need a padding mask, which the flash kernel does not take; sdpa does."""
+        switch = padded and self._attn_kernel is not None
+        if switch:
+            self.model.set_attn_implementation("sdpa")
+        try:
+            yield
+        finally:
+            if switch:
+                self.model.set_attn_implementation(self._attn_kernel)
 
 
 def cache_tensors(cache: DynamicCache, keep: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -135,8 +238,8 @@ def bos_token(model, tokenizer=None) -> int | None:
     return bos
 
 
-def inspect_model(model) -> ModelParts:
-    """Checks that `model` is a causal LM the engine supports and finds its parts."""
+def inspect_model(model) -> None:
+    """Raises UnsupportedModelError unless `model` is a causal LM the engine supports."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a Hugging Face causal LM (torch.nn.Module), got {type(model).__name__}")
     config = getattr(model, "config", None)
@@ -156,15 +259,9 @@ def inspect_model(model) -> ModelParts:
     layers = getattr(base, "layers", None) if model_type != "gpt2" else getattr(base, "h", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UnsupportedModelError(f"could not find the decoder layers of {type(model).__name__}")
-    embed = model.get_input_embeddings()
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(max_positions, int) or max_positions <= 0:
         raise UnsupportedModelError(f"{type(model).__name__}'s config declares no positive max_position_embeddings")
-    return ModelParts(
-        model=model, base=base, layers=layers, head=head, model_type=model_type,
-        vocab_size=int(embed.num_embeddings), hidden_size=int(head.weight.shape[1]),
-        max_positions=max_positions, absolute_positions=model_type in _ABSOLUTE_POSITIONS,
-    )
 
 
 class ResidualCapture:
@@ -218,3 +315,32 @@ def checkpointed(layers: nn.ModuleList, enabled: bool = True):
                 del layer.forward
             else:
                 layer.forward = own
+
+
+def resolve_compute_dtype(requested: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of absorption, or None to run in the model's own dtype."""
+    if requested == "auto":
+        fast_bf16 = device.type == "cuda" or (
+            device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+        requested = "bfloat16" if fast_bf16 else "float32"
+    dtype = getattr(torch, requested)
+    if dtype == model_dtype or torch.finfo(dtype).bits >= torch.finfo(model_dtype).bits:
+        return None            # never "up": autocast only ever lowers precision
+    return dtype
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    if requested == "torch":
+        return "torch"
+    if requested == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 set before "
+                              "triton is imported to run the kernels on CPU")
+        return "triton"
+    if device.type == "cuda":
+        try:
+            get_ops("triton")
+            return "triton"
+        except ImportError:
+            return "torch"
+    return "torch"

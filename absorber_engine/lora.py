@@ -3,28 +3,41 @@
 `LowRankDelta` owns the tensors (A: in × r, B: r × out, fp32 for the optimizer). `DeltaLinear`
 wraps one target linear in place and adds the delta on the fly; the base module is kept as it
 is, its weights frozen and never written. B starts at zero, so a fresh delta changes nothing.
+
+Every wrapper of a model shares one `Binding`, set by the model runner (model.py) before each
+forward: the backend's op table, the scale, and the row layout of a batch of streams. The wrappers
+hold only their own A and B.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
 from .errors import ConfigError, UnsupportedModelError
+
+
+@dataclass
+class Binding:
+    """What every wrapper of one model reads at each forward, set once for all of them."""
+
+    ops: object                       # the backend's op table (absorber_kernels.Ops)
+    scale: float = 1.0
+    rows: object = None               # absorber_kernels RowLayout when A and B are stacked, else None
 
 
 class DeltaLinear(nn.Module):
     """A frozen linear (nn.Linear, or GPT-2's Conv1D) plus an optional low-rank delta.
 
     Bound to one stream, A is (in, r) and B (r, out). Bound to a batch of S streams, A is
-    (S, in, r), B (S, r, out), and `index` maps each row of the input batch to its stream.
+    (S, in, r), B (S, r, out), and the binding's row layout maps each row of the input to its stream.
     """
 
-    def __init__(self, base: nn.Module, ops):
+    def __init__(self, base: nn.Module, binding: Binding):
         super().__init__()
         self.base = base
         if isinstance(base, Conv1D):
@@ -33,24 +46,23 @@ class DeltaLinear(nn.Module):
         else:
             self.layout = "linear"
             self.out_features, self.in_features = base.weight.shape
-        self.ops = ops                    # the engine backend's op table
+        self.binding = binding
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
-        self.index: torch.Tensor | None = None
-        self.scale = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.A is None:
             return self.base(x)
+        b = self.binding
         if self.A.dim() == 3:
-            return self.ops.lowrank_linear_batched(x, self.base.weight, self.base.bias, self.A, self.B, self.index,
-                                                   self.scale, self.layout)
-        return self.ops.lowrank_linear(x, self.base.weight, self.base.bias, self.A, self.B, self.scale, self.layout)
+            return b.ops.lowrank_linear_batched(x, self.base.weight, self.base.bias, self.A, self.B, b.rows, b.scale,
+                                                self.layout)
+        return b.ops.lowrank_linear(x, self.base.weight, self.base.bias, self.A, self.B, b.scale, self.layout)
 
-    def merged_weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """W + scale·A·B in W's own layout and dtype (the base weight itself is not touched)."""
         with torch.no_grad():
-            d = (A.float() @ B.float()) * self.scale                             # (in, out)
+            d = (A.float() @ B.float()) * scale                                  # (in, out)
             w = self.base.weight.float() + (d.t() if self.layout == "linear" else d)
             return w.to(self.base.weight.dtype)
 
@@ -58,37 +70,11 @@ class DeltaLinear(nn.Module):
         return f"{self.layout}, in={self.in_features}, out={self.out_features}"
 
 
-def bind(wrappers: dict[str, DeltaLinear], deltas: list["LowRankDelta"]) -> None:
-    """Points every wrapper at `deltas`: one stream's tensors as they are, several stacked.
-
-    Stacking copies the current values (through autograd, so gradients reach each stream's own
-    tensors): bind again after every optimizer step.
-    """
-    if not deltas:
-        raise ValueError("bind() needs at least one delta")
-    for name, w in wrappers.items():
-        w.scale = deltas[0].scale
-        if len(deltas) == 1:
-            w.A, w.B, w.index = deltas[0].A[name], deltas[0].B[name], None
-        else:
-            w.A = torch.stack([d.A[name] for d in deltas])
-            w.B = torch.stack([d.B[name] for d in deltas])
-
-
-def set_rows(wrappers: dict[str, DeltaLinear], streams: int, rows_per_stream: int, device) -> None:
-    """The next forward's batch holds `rows_per_stream` consecutive rows of each stream in turn."""
-    if streams == 1:
-        return
-    index = torch.arange(streams, device=device).repeat_interleave(rows_per_stream)
-    for w in wrappers.values():
-        w.index = index
-
-
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def attach(model: nn.Module, targets: tuple[str, ...], ops) -> dict[str, DeltaLinear]:
+def attach(model: nn.Module, targets: tuple[str, ...], binding: Binding) -> dict[str, DeltaLinear]:
     """Wraps every linear whose dotted name matches a target; returns them by original name."""
     if any(isinstance(m, DeltaLinear) for m in model.modules()):
         raise ConfigError("this model already carries an engine's deltas; call close() on that engine first "
@@ -99,7 +85,7 @@ def attach(model: nn.Module, targets: tuple[str, ...], ops) -> dict[str, DeltaLi
     for name, module in chosen:        # all checked before any is wrapped: a refusal changes nothing
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise UnsupportedModelError(f"target {name!r} is a {type(module).__name__}, not a linear layer")
-    found = {name: DeltaLinear(module, ops) for name, module in chosen}
+    found = {name: DeltaLinear(module, binding) for name, module in chosen}
     reattach(model, found)
     return found
 

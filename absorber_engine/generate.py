@@ -1,0 +1,171 @@
+"""Generation with a memory: each row reads its session's delta, its raw window and its prompt.
+
+    WindowCache      each window's KV under its delta, built once per window and delta
+    prefill(...)     all rows' windows and prompts in one forward, left-padded to one width
+    decode(...)      one token per row per step until max_new_tokens or a stop token
+
+Rows of different lengths are padded on the left, with positions counted from each row's own first
+token, so every row reads exactly what it would read alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .model import ModelRunner, cache_tensors
+
+
+@dataclass
+class WindowKV:
+    tokens: list[int]                  # the prefix and the window, as the KV was built over them
+    kv: list                           # per layer (keys, values), each (1, H, len, Dh); [] when empty
+    last: torch.Tensor | None          # (D,) final state of the last token; None when empty
+
+
+@dataclass
+class Rows:
+    """A batch of generation rows after the prefill."""
+
+    cache: object                      # DynamicCache over windows and prompts
+    last: torch.Tensor                 # (S, D) final state of each row's last real token
+    mask: torch.Tensor | None          # (S, cached) 1 on real tokens; None when no row is padded
+    next_pos: torch.Tensor             # (S,) position of each row's next token
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_p < 1 samples the nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class WindowCache:
+    """Each session's window KV, built once per window and delta and reused by every query; the
+    engine drops a session's entry whenever its delta changes."""
+
+    def __init__(self):
+        self._kv: dict = {}
+
+    def get(self, runner: ModelRunner, key, delta, tokens: list[int]) -> WindowKV:
+        win = self._kv.get(key)
+        if win is None or win.tokens != tokens:
+            win = self._kv[key] = _window_kv(runner, delta, tokens)
+        return win
+
+    def drop(self, key) -> None:
+        self._kv.pop(key, None)
+
+    def nbytes(self, key) -> int:
+        win = self._kv.get(key)
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in win.kv) if win else 0
+
+
+def _window_kv(runner: ModelRunner, delta, tokens: list[int]) -> WindowKV:
+    """The KV of `tokens` (prefix and window) read under `delta`, and the last final state."""
+    if not tokens:
+        return WindowKV(tokens, [], None)
+    runner.bind([delta])
+    final, cache = runner.forward(torch.tensor([tokens], dtype=torch.long, device=runner.device), use_cache=True)
+    return WindowKV(tokens, cache_tensors(cache), final[0, -1])
+
+
+def logits_after(runner: ModelRunner, delta, window: WindowKV, ids: list[int]) -> torch.Tensor:
+    """Next-token logits (len(ids), V) of `ids` read after the window, under `delta`."""
+    runner.bind([delta])
+    final, _ = runner.forward(torch.tensor([ids], device=runner.device), runner.make_cache(window.kv))
+    return runner.logits(final[0])
+
+
+def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], prompts: list[list[int]],
+                  max_new_tokens: int, temperature: float, top_p: float, stops: set[int],
+                  generator: torch.Generator) -> list[list[int]]:
+    """New tokens of each row (stop tokens excluded), every row with its own delta and window."""
+    for row, (w, p) in enumerate(zip(windows, prompts)):
+        if len(w.tokens) == len(runner.prefix) and not p:
+            raise InputError(f"generate() needs a prompt when the window holds no tokens (row {row} of the batch)")
+    runner.bind(deltas)
+    padded = len({len(w.tokens) for w in windows}) > 1 or len({len(p) for p in prompts}) > 1
+    with runner.padded_attention(padded):
+        rows = prefill(runner, windows, prompts, padded)
+        return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generator)
+
+
+def prefill(runner: ModelRunner, windows: list[WindowKV], prompts: list[list[int]], padded: bool) -> Rows:
+    """Each row's window KV left-padded to the longest window, then its prompt left-padded to the
+    longest prompt, run in one forward."""
+    S, device = len(windows), runner.device
+    lens_w, lens_p = [len(w.tokens) for w in windows], [len(p) for p in prompts]
+    W, P = max(lens_w), max(lens_p)
+    mask = torch.zeros(S, W + P, dtype=torch.long, device=device)       # 1 where a row has a real token
+    ids = torch.zeros(S, P, dtype=torch.long, device=device)
+    pos = torch.zeros(S, P, dtype=torch.long, device=device)
+    for s, (w, p) in enumerate(zip(lens_w, lens_p)):
+        mask[s, W - w:W] = 1
+        mask[s, W + P - p:] = 1
+        if p:
+            ids[s, P - p:] = torch.tensor(prompts[s], device=device)
+            pos[s, P - p:] = torch.arange(w, w + p, device=device)
+    cache = runner.make_cache(_left_padded_kv([w.kv for w in windows], lens_w, W))
+    zero = torch.zeros(runner.hidden_size, device=device)
+    last = torch.stack([w.last if w.tokens else zero for w in windows])              # (S, D)
+    if P:
+        final, cache = runner.forward(ids, cache, use_cache=True, attention_mask=mask if padded else None,
+                                      position_ids=pos if padded else None)
+        has_prompt = torch.tensor(lens_p, device=device)[:, None] > 0
+        last = torch.where(has_prompt, final[:, -1], last)
+    next_pos = torch.tensor([w + p for w, p in zip(lens_w, lens_p)], device=device)
+    return Rows(cache, last, mask if padded else None, next_pos)
+
+
+def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: float, top_p: float,
+           stops: set[int], generator: torch.Generator) -> list[list[int]]:
+    S, device = rows.last.shape[0], runner.device
+    cache, last, mask, next_pos = rows.cache, rows.last, rows.mask, rows.next_pos
+    out: list[list[int]] = [[] for _ in range(S)]
+    done = [False] * S
+    for step in range(max_new_tokens):
+        tok = sample_next(runner.logits(last), temperature, top_p, generator)         # (S,)
+        for s, t in enumerate(tok.tolist()):
+            if done[s]:
+                continue
+            if t in stops:
+                done[s] = True
+            else:
+                out[s].append(t)
+        if all(done) or step + 1 == max_new_tokens:
+            break
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(S, 1, dtype=torch.long, device=device)], dim=1)
+        final, cache = runner.forward(tok[:, None], cache, use_cache=True, attention_mask=mask,
+                                      position_ids=next_pos[:, None] if mask is not None else None)
+        next_pos = next_pos + 1
+        last = final[:, -1]
+    return out
+
+
+def _left_padded_kv(per_row: list[list], lengths: list[int], width: int) -> list:
+    """Per layer (keys, values) of all rows, each row's (1, H, len, Dh) left-padded with zeros to `width`."""
+    if width == 0:
+        return []
+    ref = per_row[lengths.index(max(lengths))]
+    out = []
+    for layer, (k_ref, v_ref) in enumerate(ref):
+        ks, vs = [], []
+        for kv, n in zip(per_row, lengths):
+            pad_k = k_ref.new_zeros(1, k_ref.shape[1], width - n, k_ref.shape[3])
+            pad_v = v_ref.new_zeros(1, v_ref.shape[1], width - n, v_ref.shape[3])
+            ks.append(torch.cat([pad_k, kv[layer][0]], dim=2) if n else pad_k)
+            vs.append(torch.cat([pad_v, kv[layer][1]], dim=2) if n else pad_v)
+        out.append((torch.cat(ks), torch.cat(vs)))
+    return out

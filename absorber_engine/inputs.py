@@ -1,0 +1,87 @@
+"""What callers pass in, checked and turned into token ids, or refused with an InputError that
+says what was wrong and where."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError, InputError
+
+
+def to_ids(value, tokenizer, vocab_size: int, allow_empty: bool = False) -> list[int]:
+    """Text (with a tokenizer) or token ids (list, tuple, 1-D tensor or array) -> checked ids."""
+    if isinstance(value, str):
+        if tokenizer is None:
+            raise InputError("this engine has no tokenizer: pass token ids instead of text")
+        ids = list(tokenizer.encode(value, add_special_tokens=False))
+    else:
+        ids = as_id_list(value)
+    if not ids and not allow_empty:
+        raise InputError("the input is empty")
+    for i, t in enumerate(ids):
+        if t < 0 or t >= vocab_size:
+            raise InputError(f"token id {t} at position {i} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def as_id_list(value) -> list[int]:
+    if value is None:
+        raise InputError("expected text or token ids, got None")
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 2 and value.shape[0] == 1:
+            value = value[0]
+        if value.dim() != 1:
+            raise InputError(f"token ids must be 1-D (or (1, T)), got a tensor of shape {tuple(value.shape)}")
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise InputError(f"token ids must be integers, got a {value.dtype} tensor")
+        return [int(t) for t in value.tolist()]
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):       # numpy arrays
+        return as_id_list(torch.as_tensor(value))
+    if isinstance(value, (bytes, bytearray, dict, set)) or not hasattr(value, "__iter__"):
+        raise InputError(f"expected text or a sequence of token ids, got {type(value).__name__}")
+    out = []
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise InputError(f"token ids must be integers; item {i} is {type(t).__name__} {t!r}")
+        out.append(int(t.__index__()))
+    return out
+
+
+def check_sampling(max_new_tokens, temperature, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise InputError(f"temperature must be >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def stop_ids(stop, tokenizer, vocab_size: int) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS by default; else ids, or texts whose
+    tokens all stop it."""
+    if stop is None:
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        return {eos} if isinstance(eos, int) else set()
+    if isinstance(stop, (int, str)):
+        stop = [stop]
+    out = set()
+    for s in stop:
+        if isinstance(s, str):
+            out.update(to_ids(s, tokenizer, vocab_size))
+        else:
+            out.update(as_id_list([s]))
+    return out
+
+
+def check_span(held: int, extra: int, what: str, limit: int) -> None:
+    """Queries read the window plus what they add, in full attention. Past the model's positions
+    (or the window, if larger) that is no longer bounded memory: absorb long inputs instead."""
+    if held + extra > limit:
+        raise InputError(f"window ({held}) + {what} = {held + extra} tokens exceeds the model's {limit} "
+                         "positions; absorb() long inputs first")
+
+
+def future_prompt(ids: list[int], future_length: int, device) -> torch.Tensor:
+    if len(ids) >= future_length:
+        raise ConfigError(f"future_prompt is {len(ids)} tokens; futures are {future_length}")
+    return torch.tensor(ids, dtype=torch.long, device=device)

@@ -1,0 +1,237 @@
+"""The teacher's half of a round: what each stream's student must reproduce.
+
+The teacher is the model as it is at the start of the round (W plus everything the stream absorbed
+before), reading X. It runs without gradients, once per round, and leaves, per stream, a list of
+`FutureGroup`s: token rows the student will read without X, with the teacher's residual states
+h^0..h^L on them (and its final states when the KL term is on). The groups come from:
+
+- the real continuation Y (teacher over X·Y), when the stream has one;
+- `futures` continuations the teacher samples after X (or after `future_prompt`);
+- self-study probes (probes.py): X framed as the chat template frames a system message, a seed
+  instruction per kind, and the teacher's answer; "recite" re-reads X itself;
+- replayed probes of earlier rounds (`replay_rounds`), read without X: the memory as it is.
+
+Sampled rows reuse X's KV cache, and the teacher's states are recorded while they are sampled, so
+no sampled row costs a second teacher pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import AbsorberConfig
+from .generate import sample_next
+from .model import ModelRunner, cache_tensors
+from .probes import FORCED_KINDS, ProbeFrame, answer_mask, kinds_per_round
+
+
+@dataclass
+class RoundBatch:
+    """The rounds of one batch, all streams with the same |X| and |Y|, built once per batch."""
+
+    deltas: list                      # each stream's LowRankDelta, trained in place
+    x: torch.Tensor                   # (S, n) tokens to absorb
+    y: torch.Tensor                   # (S, m) real continuations, m may be 0
+    generators: list[torch.Generator]    # each stream's sampler, seeded by the round's index in its stream
+    prompt: torch.Tensor | None = None   # (k,) tokens every sampled future starts with (future_prompt)
+    replay: list[list[torch.Tensor]] = field(default_factory=list)   # per stream, earlier rounds' probes
+    frame: ProbeFrame | None = None   # how probes are framed; None: no probes
+
+    @property
+    def streams(self) -> int:
+        return len(self.deltas)
+
+
+@dataclass
+class FutureGroup:
+    ids: torch.Tensor                 # (b, t) tokens the student reads with no context
+    hidden: list[torch.Tensor]        # L+1 teacher states, each (b, t, D)
+    final: torch.Tensor | None        # (b·t, D) teacher final states, for the KL term
+    lead: torch.Tensor | None = None  # (b, l) tokens the student reads before `ids`, outside the loss
+    mask: torch.Tensor | None = None  # (b, t) bool, False on positions outside the loss (after a probe's end)
+    kl_cache: dict = field(default_factory=dict)   # the teacher's distribution, built at the first step
+
+
+@dataclass
+class SyncTargets:
+    groups: list[FutureGroup]
+    positions: int                    # synchronized positions in all groups: the mean's denominator
+    layer_scale: list[float] | None = None   # per state h^l, 1 / the teacher's mean |h^l| (hidden_norm)
+
+
+@torch.no_grad()
+def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[SyncTargets]:
+    """What each stream's student must reproduce, per stream."""
+    m = batch.y.shape[1]
+    need_final = cfg.kl_weight > 0
+    probing = batch.frame is not None and cfg.probes > 0
+    n_futures = cfg.futures if (m > 0 or probing) else max(cfg.futures, 1)   # something to sync on
+    per_stream: list[list[FutureGroup]] = [[] for _ in range(batch.streams)]
+
+    if m > 0 or n_futures > 0:        # with probes alone, the teacher reads X in the probes' frame only
+        _y_and_futures(runner, batch, cfg, n_futures, need_final, per_stream)
+    if probing:
+        for s, groups in enumerate(_self_study(runner, batch, cfg, need_final)):
+            per_stream[s].extend(groups)
+    if any(batch.replay):
+        for s, group in enumerate(_replay(runner, batch, need_final)):
+            per_stream[s].append(group)
+    out = [SyncTargets(groups, sum(int(g.mask.sum()) if g.mask is not None else g.ids.numel() for g in groups))
+           for groups in per_stream]
+    if cfg.hidden_norm:
+        for t in out:
+            _normalize_layers(t)
+    return out
+
+
+def _y_and_futures(runner, batch: RoundBatch, cfg, n_futures, need_final, per_stream) -> None:
+    """The real Y's group (teacher over X·Y) and the sampled futures' group of every stream."""
+    S, n, m = batch.streams, batch.x.shape[1], batch.y.shape[1]
+    runner.bind(batch.deltas)
+    P = len(runner.prefix)
+    xy = runner.with_prefix(torch.cat([batch.x, batch.y], dim=1))                   # (S, P + n + m)
+    with runner.capture(P + n) as cap:
+        final, cache = runner.forward(xy, use_cache=n_futures > 0)
+    if m > 0:
+        for s in range(S):
+            per_stream[s].append(FutureGroup(batch.y[s:s + 1], [h[s:s + 1] for h in cap.states],
+                                             final[s, P + n:] if need_final else None))
+    if n_futures > 0:
+        # Futures follow X·Y (the student then reads Y before them, as generate() reads the window
+        # before a prompt), or X alone when futures_follow_y is off or there is no Y.
+        after_y = cfg.futures_follow_y and m > 0
+        keep = P + n + (m if after_y else 0)
+        x_kv = cache_tensors(cache, keep=keep)
+        first_logits = runner.logits(final[:, keep - 1])                            # (S, V)
+        del cache, cap, final
+        sampled = sample_with_states(runner, batch, x_kv, first_logits, n_futures, need_final, batch.prompt,
+                                     cfg.future_length, cfg.future_temperature, cfg.future_top_p)
+        for s in range(S):
+            rows = slice(s * n_futures, (s + 1) * n_futures)
+            per_stream[s].append(FutureGroup(sampled.ids[rows], [h[rows] for h in sampled.hidden],
+                                             sampled.final.view(S * n_futures, -1, runner.hidden_size)[rows]
+                                             .reshape(-1, runner.hidden_size) if need_final else None,
+                                             lead=batch.y[s:s + 1].expand(n_futures, -1) if after_y else None))
+
+
+def _normalize_layers(t: SyncTargets) -> None:
+    """Deep Context Distillation's per-layer normalization: each state's L1 is divided by the
+    teacher's mean |h^l| over the synchronized positions, so every layer weighs the same in the
+    loss; unnormalized, the few late layers with large activations dominate it. The teacher's
+    states are scaled here once; the student's by the same factors at every step."""
+    L = len(t.groups[0].hidden)
+    sums = [0.0] * L
+    for g in t.groups:
+        for layer in range(L):
+            sums[layer] += float(g.hidden[layer].float().abs().sum())   # masked positions are zero
+    dim = t.groups[0].hidden[0].shape[-1]
+    t.layer_scale = [t.positions * dim / max(total, 1e-12) for total in sums]
+    for g in t.groups:
+        g.hidden = [h * scale for h, scale in zip(g.hidden, t.layer_scale)]
+
+
+def _self_study(runner, batch: RoundBatch, cfg, need_final) -> list[list[FutureGroup]]:
+    """Self-study probes: the teacher reads X in its frame (a system message for chat models), then
+    for each kind its seed instruction, and answers it; the answers are sampled for all streams and
+    all probes of a kind in one batch, recording the teacher's states as they go. The student reads
+    the seed and the answer after its own opening (frame.student_open), without X."""
+    S, dev, frame = batch.streams, runner.device, batch.frame
+    runner.bind(batch.deltas)
+    ids = lambda t: torch.tensor(t, dtype=torch.long, device=dev)                  # noqa: E731
+    before, after = ids(frame.context_open).expand(S, -1), ids(frame.context_close).expand(S, -1)
+    _, cache = runner.forward(runner.with_prefix(torch.cat([before, batch.x, after], dim=1)), use_cache=True)
+    x_kv = cache_tensors(cache)
+    del cache
+    lead = ids(frame.student_open)
+    out: list[list[FutureGroup]] = [[] for _ in range(S)]
+    for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
+        seed = ids(frame.seeds[kind])
+        if kind in FORCED_KINDS:
+            # Every row of a stream would read the same: one row per stream, all of it forced.
+            count = 1
+            forced = torch.cat([seed.expand(S, -1), batch.x, ids(frame.stop[:1]).expand(S, -1)], dim=1)   # (S, t)
+            g = sample_with_states(runner, batch, x_kv, None, 1, need_final, forced, forced.shape[1], 1.0, 1.0)
+            mask = torch.ones_like(g.ids, dtype=torch.bool)
+        else:
+            g = sample_with_states(runner, batch, x_kv, None, count, need_final, seed, seed.numel() + cfg.probe_tokens,
+                                   cfg.probe_temperature, cfg.probe_top_p)
+            mask = answer_mask(g.ids, seed.numel(), frame.stop)                       # (S·count, t)
+        for s in range(S):
+            rows = slice(s * count, (s + 1) * count)
+            m = mask[rows]
+            hidden = [h[rows] * m[..., None] for h in g.hidden]      # padded positions: zero, out of the loss
+            final = None
+            if need_final:
+                final = g.final.view(S * count, -1, runner.hidden_size)[rows][m]      # (real positions, D)
+            out[s].append(FutureGroup(g.ids[rows], hidden, final, lead=lead.expand(count, -1) if lead.numel() else None,
+                                      mask=m))
+    return out
+
+
+def _replay(runner, batch: RoundBatch, need_final) -> list[FutureGroup]:
+    """Earlier rounds' probes, each stream's right-padded to one (rows, t) shape for the batch; the
+    targets are the round-start model's own states on them, read without any context (the memory
+    as it is must be kept). Rows a stream lacks, padding and the student's opening are masked out."""
+    S, dev = batch.streams, runner.device
+    rows = max(len(r) for r in batch.replay)
+    t = max(len(q) for r in batch.replay for q in r)
+    ids = torch.zeros(S * rows, t, dtype=torch.long, device=dev)
+    mask = torch.zeros(S * rows, t, dtype=torch.bool, device=dev)
+    skip = len(batch.frame.student_open) if batch.frame is not None else 0
+    for s, probes in enumerate(batch.replay):
+        for i, q in enumerate(probes):
+            ids[s * rows + i, :len(q)] = q
+            mask[s * rows + i, skip:len(q)] = True
+    runner.bind(batch.deltas, rows)
+    P = len(runner.prefix)
+    with runner.capture(P) as cap:
+        final, _ = runner.forward(runner.with_prefix(ids))
+    out = []
+    for s in range(S):
+        sl = slice(s * rows, (s + 1) * rows)
+        m = mask[sl]
+        hidden = [h[sl] * m[..., None] for h in cap.states]
+        fin = final[sl, P:][m] if need_final else None
+        out.append(FutureGroup(ids[sl], hidden, fin, mask=m))
+    return out
+
+
+def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, need_final, prompt, length,
+                       temperature, top_p) -> FutureGroup:
+    """`count` continuations of each stream's X sampled by its teacher, all streams in one batch,
+    with the teacher's states at every token. Rows are stream-major.
+
+    With a prompt, every row starts with it (one batched forward) and the teacher samples on from
+    there: a future_prompt (k,) shared by all rows, e.g. a question opener, so the futures ask about
+    X rather than continue it; or one per stream (S, k), a probe forced whole."""
+    S = batch.streams
+    runner.bind(batch.deltas, count)
+    cache = runner.make_cache(x_kv, repeat=count)
+    parts_ids, hidden_parts, final_parts = [], [], []
+    p = 0 if prompt is None else prompt.shape[-1]
+    if p:
+        forced = prompt.expand(S * count, -1) if prompt.dim() == 1 else prompt.repeat_interleave(count, dim=0)
+        with runner.capture() as cap:
+            final, cache = runner.forward(forced, cache, use_cache=True)              # (S·count, p, D)
+        parts_ids.append(forced)
+        hidden_parts.append(cap.states)
+        final_parts.append(final)
+        logits = runner.logits(final[:, -1])
+    else:
+        logits = first_logits.repeat_interleave(count, dim=0)                        # (S·count, V)
+    for step in range(length - p):
+        tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], temperature, top_p, gen)
+                         for s, gen in enumerate(batch.generators)])                # (S·count,)
+        with runner.capture() as cap:
+            final, cache = runner.forward(tok[:, None], cache, use_cache=True)        # (S·count, 1, D)
+        parts_ids.append(tok[:, None])
+        hidden_parts.append(cap.states)
+        final_parts.append(final)
+        if step + 1 < length - p:
+            logits = runner.logits(final[:, -1])
+    ids = torch.cat(parts_ids, dim=1)                                                # (S·count, T)
+    hidden = [torch.cat([h[layer] for h in hidden_parts], dim=1) for layer in range(runner.num_states)]
+    final = torch.cat(final_parts, dim=1).reshape(-1, runner.hidden_size) if need_final else None
+    return FutureGroup(ids, hidden, final)
