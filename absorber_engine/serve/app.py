@@ -209,7 +209,7 @@ def create_app(engine, cfg: ServeConfig, max_positions: int | None = None, vocab
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": worker.queue.qsize()}
+        return {"status": "ok", "queued": worker.queue.qsize(), "largest_batch": worker.largest_batch}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

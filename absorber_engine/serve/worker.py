@@ -90,6 +90,7 @@ class Worker:
         self.limit = max(max_positions, cfg.window_tokens) if max_positions else None
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._held: Job | None = None       # taken from the queue, did not fit the last batch
+        self.largest_batch = 0              # most generation requests run together so far (health, tests)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="absorber-engine", daemon=True)
 
@@ -167,6 +168,7 @@ class Worker:
                 live.append(job)
         if not live:
             return
+        self.largest_batch = max(self.largest_batch, len(live))
         try:
             if live[0].kind == "generate":
                 self._generate(live)
