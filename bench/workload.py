@@ -1,0 +1,613 @@
+"""The real workload: one engine round with the engine's default objective, against the same round
+written by hand with transformers + PEFT.
+
+What a round of the default objective does (absorber_engine/teacher.py, round.py), and so what the
+hand-written loop below does too:
+
+- Y group: the teacher reads X·Y, the student reads Y; loss on Y's positions;
+- probes: the teacher reads X framed as a system message of the chat template, then a seed
+  instruction, then its answer. "recite" (the default, one probe) answers with X itself,
+  teacher-forced; the sampled kinds ("question", "facts", ...) answer with `probe_tokens` tokens
+  sampled from the teacher (a row's tokens after its end-of-turn are masked out of the loss). The
+  student reads the seed and the answer after the template's own opening, without X;
+- loss = hidden L1 over h^0..h^L (each layer divided by the teacher's mean |h^l|) + full-vocabulary
+  KL(teacher || student) on every synchronized position + next-token cross-entropy on X;
+- AdamW on the delta, K steps.
+
+The loop is written the way a user would: a PEFT LoRA ("default") with the engine's rank, targets
+and initial A/B, a frozen copy ("teacher") taken at the round's start, the teacher recomputed with
+`output_hidden_states=True` at every step, full logits (`F.kl_div`, `F.cross_entropy`), one
+backward, torch AdamW. Sampled probes come from `model.generate` (teacher adapter on, prompt =
+framed X + seed, the engine's temperature and top-p, every probe `probe_tokens` long as the engine
+writes them), once per round before the steps. The token ids of the frame are the engine's own
+(probes.build_frame splits the chat template around X), so both read exactly the same sequences.
+
+Workloads (`WORKLOADS`): "recite" (the default: Y + one recite probe + next-token loss),
+"probes4" (Y + four sampled probes: question, facts, summary, use + next-token loss), "y_only"
+(Y + next-token loss, no probes). Models (`MODELS`): a random Llama (d 512, 4 layers, 8 heads,
+vocab 32000; n = m = 256) and SmolLM2-135M-Instruct (its recommended config, fewer steps).
+
+Measured, per model and workload, in one process, runs alternating (engine first on even
+repetitions): absorbed tokens per second (rounds·n / wall time of the whole absorption), generated
+probe tokens per second (sampled probe tokens / time spent reading X and writing the probes), and
+the peak of live tensor bytes of one round (measure.peak_tensor_bytes, its own run). Plus, per
+model, one decode step of probe sampling against the matmuls of that step alone, and the engine's
+round broken down by phase (`profile_round`).
+
+    python -m absorber_bench.workload [--quick] [--models llama-4l,smollm2-135m] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine.model import DEFAULT_TARGETS
+from absorber_engine.probes import FORCED_KINDS, answer_mask, build_frame, kinds_per_round
+
+from .baseline import engine_initial_delta
+from .engine_hooks import record_round_losses
+from .measure import machine, peak_tensor_bytes, set_threads, summarize, versions
+from .models import SPECS, token_stream
+
+TEACHER, STUDENT = "teacher", "default"
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKLOADS = {
+    "recite": dict(),
+    "probes4": dict(probes=4, probe_kinds=("question", "facts", "summary", "use")),
+    "y_only": dict(probes=0),
+}
+# Per model: the config the engine would use on it, and the rounds of the timed stream.
+MODELS = {
+    "llama-4l": dict(config=dict(chunk_tokens=256, sync_tokens=256, max_steps=4), rounds=2),
+    "smollm2-135m": dict(config=dict(max_steps=4), rounds=1),
+}
+QUICK = {"llama-4l": dict(config=dict(chunk_tokens=64, sync_tokens=64, max_steps=2, probe_tokens=16), rounds=1)}
+
+CHATML = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+          "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+# ---------------------------------------------------------------------------------------- models
+
+def load_model(name: str):
+    """(model, tokenizer). The random Llama borrows the shipped model's
+    tokenizer (its ids all lie inside the 32000-token vocabulary) with a ChatML template whose
+    default system turn mirrors SmolLM2's, so probes are framed as on a chat model."""
+    if name == "smollm2-135m":
+        from absorber_engine.model_store import load_pretrained
+
+        model, tok, _ = load_pretrained(name)
+        return model.eval(), tok
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "model" / "absorber-tiny")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    spec = dict(SPECS["llama-56m"], num_hidden_layers=4)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**spec, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                         tie_word_embeddings=False)).eval()
+    return model, tok
+
+
+def engine_config(name: str, workload: str, quick: bool = False, **changes) -> tuple[AbsorberConfig, int]:
+    """The config the engine would run on `name` (a named model's recommended one, else the
+    defaults), cut to the plan's shape and steps, with the workload's probes."""
+    from absorber_engine.model_store import NAMED_MODELS
+
+    base = AbsorberConfig.from_dict(NAMED_MODELS[name].config) if name in NAMED_MODELS else AbsorberConfig()
+    plan = (QUICK if quick else MODELS)[name]
+    cfg = base.replace(**{**plan["config"], **WORKLOADS[workload], "seed": 0, **changes})
+    return cfg, plan["rounds"]
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+class HandWrittenLoop:
+    """The engine's default objective with transformers + PEFT, recomputing the teacher every step."""
+
+    def __init__(self, model, tokenizer, cfg: AbsorberConfig, init: dict[str, torch.Tensor]):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        targets = list(cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[model.config.model_type])
+        model.requires_grad_(False)
+        lora = dict(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, target_modules=targets,
+                    lora_dropout=0.0, bias="none")
+        self.model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        self.model.add_adapter(TEACHER, LoraConfig(task_type="CAUSAL_LM", **lora))
+        self.inner = self.model.base_model.model
+        self.lora_layers = {}
+        with torch.no_grad():
+            for name in sorted({k.rsplit(".", 1)[0] for k in init}):
+                layer = self.inner.get_submodule(name)
+                # engine: A (in, r), B (r, out); PEFT: lora_A.weight (r, in), lora_B.weight (out, r)
+                layer.lora_A[STUDENT].weight.copy_(init[f"{name}.A"].t())
+                layer.lora_B[STUDENT].weight.copy_(init[f"{name}.B"].t())
+                self.lora_layers[name] = layer
+        self.model.set_adapter(STUDENT)
+        # A sequence starts with BOS when the tokenizer puts one in front of what it encodes.
+        bos = model.config.bos_token_id
+        self.prefix = [bos] if cfg.prefix_bos and tokenizer("a")["input_ids"][:1] == [bos] else []
+        self.frame = build_frame(tokenizer, cfg.probe_kinds, cfg.chat_probes) if cfg.probes else None
+        self.probe_seconds = 0.0
+        self.probe_tokens = 0
+
+    def parameters(self):
+        return [p for layer in self.lora_layers.values()
+                for p in (layer.lora_A[STUDENT].weight, layer.lora_B[STUDENT].weight)]
+
+    def _states(self, ids: list[int] | torch.Tensor, t: int):
+        """Forward of the active adapter: (h^0..h^L, logits) at the last t positions, (b, t, D) / (b, t, V).
+        transformers' last hidden state is after the final norm; h^L is taken before it."""
+        ids = torch.as_tensor(ids)
+        ids = ids[None] if ids.dim() == 1 else ids
+        seen = {}
+        hook = self.inner.model.norm.register_forward_pre_hook(lambda mod, args: seen.__setitem__("h", args[0]))
+        try:
+            out = self.model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=t)
+        finally:
+            hook.remove()
+        hidden = [h[:, -t:] for h in list(out.hidden_states[:-1]) + [seen["h"]]]
+        return hidden, out.logits
+
+    def _probes(self, x: list[int], round_index: int) -> list[tuple[list, list, torch.Tensor]]:
+        """(teacher ids, student ids (rows, t) tail, mask (rows, t)) of each probe kind."""
+        f, cfg = self.frame, self.cfg
+        context = self.prefix + f.context_open + x + f.context_close
+        out = []
+        for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
+            seed = f.seeds[kind]
+            if kind in FORCED_KINDS:
+                answer = torch.tensor([seed + x + f.stop[:1]])                                 # (1, t)
+                out.append((answer, torch.ones_like(answer, dtype=torch.bool)))
+                continue
+            torch.manual_seed(cfg.seed * 1_000_003 + round_index)
+            gen = GenerationConfig(do_sample=True, temperature=cfg.probe_temperature, top_p=cfg.probe_top_p, top_k=0,
+                                   max_new_tokens=cfg.probe_tokens, num_return_sequences=count, eos_token_id=None,
+                                   pad_token_id=0)
+            prompt = torch.tensor([context + seed])
+            start = time.perf_counter()
+            self.model.set_adapter(TEACHER, inference_mode=True)
+            try:
+                sampled = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                              generation_config=gen)[:, prompt.shape[1]:]   # (count, probe_tokens)
+            finally:
+                self.model.set_adapter(STUDENT)
+            self.probe_seconds += time.perf_counter() - start
+            self.probe_tokens += sampled.numel()
+            answer = torch.cat([torch.tensor(seed).expand(count, -1), sampled], dim=1)
+            out.append((answer, answer_mask(answer, len(seed), f.stop)))
+        return [(torch.cat([torch.tensor(context).expand(a.shape[0], -1), a], dim=1),
+                 torch.cat([torch.tensor(self.prefix + f.student_open).expand(a.shape[0], -1), a], dim=1), m)
+                for a, m in out]
+
+    def loss(self, x: list[int], groups) -> torch.Tensor:
+        """The round's loss under the current delta, the teacher recomputed for every group."""
+        cfg = self.cfg
+        teachers, students = [], []
+        self.model.set_adapter(TEACHER, inference_mode=True)
+        try:
+            with torch.no_grad():
+                for t_ids, s_ids, mask in groups:
+                    teachers.append(self._states(t_ids, mask.shape[1]))
+        finally:
+            self.model.set_adapter(STUDENT)
+        positions = sum(int(m.sum()) for _, _, m in groups)
+        L1 = len(teachers[0][0])
+        D = teachers[0][0][0].shape[-1]
+        # Each layer's L1 divided by the teacher's mean |h^l| over the synchronized positions.
+        scale = [positions * D / sum(float((h[l] * m[..., None]).abs().sum()) for (h, _), (_, _, m) in zip(teachers, groups))
+                 for l in range(L1)]
+        loss = torch.zeros(())
+        for (t_hidden, t_logits), (_, s_ids, mask) in zip(teachers, groups):
+            s_hidden, s_logits = self._states(s_ids, mask.shape[1])
+            if cfg.hidden_weight > 0:
+                keep = mask[..., None]
+                l1 = sum(((s - t) * keep).abs().sum() * c for s, t, c in zip(s_hidden, t_hidden, scale))
+                loss = loss + cfg.hidden_weight * l1 / (positions * L1 * D)
+            if cfg.kl_weight > 0:
+                T = cfg.kl_temperature
+                log_pt = F.log_softmax(t_logits[mask].float() / T, dim=-1)
+                log_ps = F.log_softmax(s_logits[mask].float() / T, dim=-1)
+                kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="sum")
+                loss = loss + cfg.kl_weight * T * T * kl / positions
+        if cfg.ntp_weight > 0:
+            ids = torch.tensor([self.prefix + x])
+            logits = self.model(input_ids=ids[:, :-1], use_cache=False).logits
+            loss = loss + cfg.ntp_weight * F.cross_entropy(logits[0].float(), ids[0, 1:])
+        return loss
+
+    def absorb_round(self, x: list[int], y: list[int], round_index: int) -> list[float]:
+        cfg = self.cfg
+        with torch.no_grad():
+            for layer in self.lora_layers.values():
+                layer.lora_A[TEACHER].weight.copy_(layer.lora_A[STUDENT].weight)
+                layer.lora_B[TEACHER].weight.copy_(layer.lora_B[STUDENT].weight)
+        groups = []
+        if y:
+            yt = torch.tensor([y])
+            groups.append((self.prefix + x + y, self.prefix + y, torch.ones_like(yt, dtype=torch.bool)))
+        if self.frame is not None:
+            groups += self._probes(x, round_index)
+        params = self.parameters()
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        losses = []
+        for _ in range(cfg.max_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss(x, groups)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]) or losses[-1] < cfg.stop_loss:
+                break
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return losses
+
+    def absorb(self, stream: list[int]) -> dict:
+        """Every full window of n + m tokens, sliding by n, as the engine does without flush."""
+        n, m = self.cfg.chunk_tokens, self.cfg.sync_tokens
+        start, rounds, step_losses = time.perf_counter(), 0, []
+        while len(stream) - rounds * n >= n + m:
+            w = stream[rounds * n:rounds * n + n + m]
+            step_losses.append(self.absorb_round(w[:n], w[n:], rounds))
+            rounds += 1
+        return dict(seconds=time.perf_counter() - start, rounds=rounds, absorbed=rounds * n, step_losses=step_losses,
+                    probe_seconds=self.probe_seconds, probe_tokens=self.probe_tokens)
+
+
+# ---------------------------------------------------------------------------------------- the engine, timed
+
+@contextlib.contextmanager
+def _timed_self_study(record: dict):
+    """Time the engine spends reading X in the probes' frame and writing the probes."""
+    from absorber_engine import teacher
+
+    real = teacher._self_study
+
+    def timed(runner, batch, cfg, need_final):
+        start = time.perf_counter()
+        out = real(runner, batch, cfg, need_final)
+        record["seconds"] += time.perf_counter() - start
+        sampled = sum(c for k, c in kinds_per_round(cfg.probe_kinds, cfg.probes) if k not in FORCED_KINDS)
+        record["tokens"] += batch.streams * sampled * cfg.probe_tokens
+        return out
+
+    teacher._self_study = timed
+    try:
+        yield record
+    finally:
+        teacher._self_study = real
+
+
+def run_engine(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
+    engine = AbsorberEngine(model, tokenizer=tok, config=cfg)
+    with record_round_losses() as losses, _timed_self_study(dict(seconds=0.0, tokens=0)) as probes:
+        rep = engine.absorb(stream)
+    engine.close()
+    return dict(seconds=rep.seconds, rounds=rep.rounds, absorbed=rep.absorbed_tokens, step_losses=losses,
+                probe_seconds=probes["seconds"], probe_tokens=probes["tokens"])
+
+
+def run_loop(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
+    loop = HandWrittenLoop(model, tok, cfg, engine_initial_delta(model, cfg))
+    return loop.absorb(stream)
+
+
+RUNNERS = {"engine": run_engine, "loop": run_loop}
+
+
+def _warm(model) -> None:
+    with torch.enable_grad():
+        emb = model.get_input_embeddings()(torch.arange(3, 35)[None]).detach().requires_grad_(True)
+        model.model(inputs_embeds=emb).last_hidden_state.sum().backward()
+
+
+def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bool = True,
+            model_and_tok=None, log=print) -> dict:
+    """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it)."""
+    model, tok = model_and_tok or load_model(name)
+    cfg, rounds = engine_config(name, workload, quick)
+    stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
+    _warm(model)
+    runs = {"engine": [], "loop": []}
+    for rep in range(reps):
+        for impl in (("engine", "loop") if rep % 2 == 0 else ("loop", "engine")):
+            work = copy.deepcopy(model)
+            runs[impl].append(RUNNERS[impl](work, tok, cfg, stream))
+            del work
+            gc.collect()
+            log(f"  {name} {workload} rep {rep} {impl}: {runs[impl][-1]['seconds']:.1f}s")
+    tokens = rounds * cfg.chunk_tokens
+    out = dict(model=name, workload=workload, conditions=dict(
+        n=cfg.chunk_tokens, m=cfg.sync_tokens, rank=cfg.rank, steps_per_round=cfg.max_steps, rounds=rounds,
+        probes=cfg.probes, probe_kinds=list(cfg.probe_kinds) if cfg.probes else [], probe_tokens=cfg.probe_tokens,
+        hidden_norm=cfg.hidden_norm, kl_weight=cfg.kl_weight, ntp_weight=cfg.ntp_weight, lr=cfg.lr, reps=reps,
+        engine_compute_dtype=_engine_dtype(cfg), loop_dtype="float32", threads=torch.get_num_threads()))
+    for impl, rs in runs.items():
+        secs = summarize([r["seconds"] for r in rs])
+        assert all(r["absorbed"] == tokens for r in rs), f"{impl} absorbed {[r['absorbed'] for r in rs]}, not {tokens}"
+        probe = [r["probe_tokens"] / r["probe_seconds"] for r in rs if r["probe_tokens"]]
+        out[impl] = dict(seconds=secs, tokens_per_s=tokens / secs["median"],
+                         probe_tokens=rs[0]["probe_tokens"], probe_seconds=[r["probe_seconds"] for r in rs],
+                         probe_tokens_per_s=sorted(probe)[len(probe) // 2] if probe else None,
+                         first_loss=rs[0]["step_losses"][0][0], step_losses=rs[0]["step_losses"])
+    out["throughput_ratio"] = out["loop"]["seconds"]["median"] / out["engine"]["seconds"]["median"]
+    out["per_rep_ratio"] = [b["seconds"] / e["seconds"] for e, b in zip(runs["engine"], runs["loop"])]
+    if out["loop"]["probe_tokens_per_s"]:
+        out["probe_ratio"] = out["engine"]["probe_tokens_per_s"] / out["loop"]["probe_tokens_per_s"]
+    e0, l0 = out["engine"]["first_loss"], out["loop"]["first_loss"]
+    out["first_loss_gap_rel"] = abs(e0 - l0) / max(abs(l0), 1e-12)
+    if memory:
+        one = cfg.replace(max_steps=1)
+        one_stream = stream[:cfg.chunk_tokens + cfg.sync_tokens]
+        for impl in ("engine", "loop"):
+            work = copy.deepcopy(model)
+            gc.collect()
+            peak, _ = peak_tensor_bytes(lambda: RUNNERS[impl](work, tok, one, one_stream))
+            out[impl]["peak_tensor_bytes"] = peak
+            del work
+            gc.collect()
+        out["memory_ratio"] = out["engine"]["peak_tensor_bytes"] / max(out["loop"]["peak_tensor_bytes"], 1)
+    return out
+
+
+def _engine_dtype(cfg) -> str:
+    from absorber_engine.model import resolve_compute_dtype
+
+    d = resolve_compute_dtype(cfg.compute_dtype, torch.device("cpu"), torch.float32)
+    return "float32" if d is None else str(d).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------- decode step
+
+def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) -> dict:
+    """One batched decode step of probe sampling (as teacher.sample_with_states runs it: the engine's
+    autocast, residual capture, the LM head, sampling) against the matmuls of the same step alone:
+    every linear at `rows` tokens (base weight, plus x·A·B on the targets), q·Kᵀ and p·V over the
+    cached context, and the LM head, run back to back on tensors prepared beforehand."""
+    from absorber_engine.generate import sample_next
+    from absorber_engine.model import cache_tensors
+
+    model, tok = model_and_tok or load_model(name)
+    cfg, _ = engine_config(name, "probes4")
+    out = dict(model=name, rows=rows, context=cfg.chunk_tokens)
+    for dtype_name in ("auto", "float32"):
+        engine = AbsorberEngine(copy.deepcopy(model), tokenizer=tok, config=cfg.replace(compute_dtype=dtype_name))
+        runner = engine.runner
+        gen = torch.Generator().manual_seed(0)
+        ctx = torch.tensor([engine.frame.context_open + token_stream(cfg.chunk_tokens, 2000, 3) + engine.frame.context_close])
+        with torch.no_grad(), runner.autocast():
+            runner.bind([engine.delta])
+            final, cache = runner.forward(ctx, use_cache=True)
+            kv = cache_tensors(cache)
+            runner.bind([engine.delta], rows)
+            cache = runner.make_cache(kv, repeat=rows)
+            logits = runner.logits(final[:, -1]).repeat(rows, 1)
+            times = []
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                tok_ = sample_next(logits, 1.0, 1.0, gen)
+                with runner.capture() as cap:
+                    final, cache = runner.forward(tok_[:, None], cache, use_cache=True)
+                logits = runner.logits(final[:, -1])
+                times.append(time.perf_counter() - t0)
+                del cap
+        step = sorted(times[2:])[len(times[2:]) // 2]
+        mm_dtype = runner.compute_dtype or torch.float32
+        mm = _matmul_time(runner, engine.delta, rows, ctx.shape[1] + steps // 2, mm_dtype)
+        engine.close()
+        out[dtype_name] = dict(compute_dtype=str(mm_dtype).replace("torch.", ""), step_ms=1e3 * step,
+                               matmul_ms=1e3 * mm, ratio=step / mm)
+    return out
+
+
+def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5) -> float:
+    model = runner.model
+    cfgm = model.config
+    heads = cfgm.num_attention_heads
+    head_dim = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // heads
+    work = []
+    inside = {name + ".base" for name in runner.wrappers}         # a wrapper's frozen linear: counted with it
+    for name, module in model.named_modules():
+        if name in inside:
+            continue
+        lin = module.base if name in runner.wrappers else module
+        if not isinstance(lin, torch.nn.Linear):
+            continue
+        w = lin.weight.detach().to(dtype)
+        work.append((torch.randn(rows, w.shape[1], dtype=dtype), w.t()))
+        if name in runner.wrappers:
+            a, b = delta.A[name].detach().to(dtype), delta.B[name].detach().to(dtype)
+            work.append((torch.randn(rows, a.shape[0], dtype=dtype), a))
+            work.append((torch.randn(rows, a.shape[1], dtype=dtype), b))
+    for _ in range(len(runner.layers)):
+        q = torch.randn(rows * heads, 1, head_dim, dtype=dtype)
+        k = torch.randn(rows * heads, head_dim, context, dtype=dtype)
+        p = torch.randn(rows * heads, 1, context, dtype=dtype)
+        v = torch.randn(rows * heads, context, head_dim, dtype=dtype)
+        work.append((q, k))
+        work.append((p, v))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x, w in work:
+            torch.matmul(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ---------------------------------------------------------------------------------------- profile
+
+class PhaseTimer:
+    """Exclusive wall time per phase: a phase nested in another is subtracted from its parent."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.stack: list[list] = []
+
+    @contextlib.contextmanager
+    def phase(self, label: str):
+        self.stack.append([label, time.perf_counter(), 0.0])
+        try:
+            yield
+        finally:
+            lab, start, inner = self.stack.pop()
+            spent = time.perf_counter() - start
+            self.total[lab] = self.total.get(lab, 0.0) + spent - inner
+            self.calls[lab] = self.calls.get(lab, 0) + 1
+            if self.stack:
+                self.stack[-1][2] += spent
+
+    def inside(self, label: str) -> bool:
+        return any(f[0] == label for f in self.stack)
+
+
+def profile_round(name: str = "smollm2-135m", workload: str = "recite", steps: int = 4, model_and_tok=None) -> dict:
+    """One engine round (the model's config, `steps` steps) split into phases by wrapping the round's
+    functions from outside: teacher over X·Y, probes (teacher reads X in the frame and writes or
+    re-reads the probe), student forward / sync loss (hidden L1 + KL, whose gradient the CPU path
+    computes in its forward) / backward, next-token loss forward / logits + CE / backward, AdamW,
+    and what is left (the engine's own Python: binding, bookkeeping, checks)."""
+    from absorber_engine import model as model_mod
+    from absorber_engine import round as round_mod
+    from absorber_engine import teacher as teacher_mod
+
+    model, tok = model_and_tok or load_model(name)
+    cfg, _ = engine_config(name, workload, max_steps=steps)
+    stream = token_stream(cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
+    timer = PhaseTimer()
+    patches = []
+
+    def wrap(owner, attr, label_fn):
+        real = getattr(owner, attr)
+
+        def wrapped(*args, **kwargs):
+            label = label_fn()
+            if label is None:
+                return real(*args, **kwargs)
+            with timer.phase(label):
+                return real(*args, **kwargs)
+
+        patches.append((owner, attr, real))
+        setattr(owner, attr, wrapped)
+
+    def student_or_ntp(kind):
+        # The teacher's forwards stay in their own phases.
+        return lambda: (f"next-token loss: {kind}" if timer.inside("next-token loss: logits + CE")
+                        else None if timer.inside("teacher: X·Y forward") or timer.inside("probes: teacher")
+                        else f"student: {kind}")
+
+    wrap(teacher_mod, "_y_and_futures", lambda: "teacher: X·Y forward")
+    wrap(teacher_mod, "_self_study", lambda: "probes: teacher")
+    wrap(teacher_mod, "_normalize_layers", lambda: "teacher: layer normalization")
+    wrap(round_mod, "_sync_loss", lambda: "student: sync loss (L1 + KL, KL grad included)")
+    wrap(round_mod, "next_token_losses", lambda: "next-token loss: logits + CE")
+    wrap(model_mod.ModelRunner, "forward", student_or_ntp("forward"))
+    wrap(torch.Tensor, "backward", student_or_ntp("backward"))
+    wrap(torch.optim.AdamW, "step", lambda: "AdamW step")
+    engine = AbsorberEngine(copy.deepcopy(model), tokenizer=tok, config=cfg)
+    real_batch = engine._run_batch
+
+    def whole():
+        with timer.phase("engine Python (binding, bookkeeping, checks)"):
+            return real_batch()
+
+    engine._run_batch = whole
+    try:
+        rep = engine.absorb(stream)
+    finally:
+        for owner, attr, real in reversed(patches):
+            setattr(owner, attr, real)
+    engine.close()
+    total = sum(timer.total.values())
+    rows = sorted(({"phase": k, "seconds": v, "share": v / total, "calls": timer.calls[k]}
+                   for k, v in timer.total.items()), key=lambda r: -r["seconds"])
+    return dict(model=name, workload=workload, steps=rep.steps, round_seconds=total, absorb_seconds=rep.seconds,
+                compute_dtype=_engine_dtype(cfg), threads=torch.get_num_threads(), phases=rows)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | workload | engine tok/s | loop tok/s | ratio | engine probe tok/s | loop probe tok/s | "
+             "peak MiB (engine / loop) | memory ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        e, lp = r["engine"], r["loop"]
+        probe = lambda v: f"{v:.1f}" if v else "—"   # noqa: E731
+        mem = (f"{e['peak_tensor_bytes'] / 2**20:.0f} / {lp['peak_tensor_bytes'] / 2**20:.0f}"
+               if "peak_tensor_bytes" in e else "—")
+        lines.append(f"| {r['model']} | {r['workload']} | {e['tokens_per_s']:.1f} | {lp['tokens_per_s']:.1f} | "
+                     f"**{r['throughput_ratio']:.2f}×** | {probe(e['probe_tokens_per_s'])} | "
+                     f"{probe(lp['probe_tokens_per_s'])} | {mem} | {r.get('memory_ratio', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def run(models: list[str], quick: bool, reps: int, out_dir: Path | None, memory: bool = True,
+        profile: bool = True, log=print) -> dict:
+    started = time.strftime("%Y-%m-%d %H:%M")
+    results, decodes, profiles = [], [], []
+    for name in models:
+        loaded = load_model(name)
+        for workload in WORKLOADS:
+            results.append(compare(name, workload, reps, quick=quick and name in QUICK, memory=memory,
+                                   model_and_tok=loaded, log=log))
+            if out_dir is not None:
+                _write(out_dir, started, results, decodes, profiles)
+        if not quick:
+            decodes.append(decode_step(name, model_and_tok=loaded))
+            log(f"  {name} decode: {decodes[-1]}")
+        if profile and not quick and name == "smollm2-135m":
+            profiles.append(profile_round(name, model_and_tok=loaded))
+        if out_dir is not None:
+            _write(out_dir, started, results, decodes, profiles)
+        del loaded
+        gc.collect()
+    return _write(out_dir, started, results, decodes, profiles) if out_dir is not None else \
+        dict(results=results, decode=decodes, profiles=profiles)
+
+
+def _write(out_dir: Path, started: str, results, decodes, profiles) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = dict(started=started, machine=machine(), versions=versions(), results=results, decode=decodes,
+               profiles=profiles)
+    (out_dir / "workload.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / "TABLE.md").write_text(table(results) + "\n")
+    return doc
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama-4l,smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="the random Llama only, small rounds")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
+    args = ap.parse_args(argv)
+    set_threads()
+    models = ["llama-4l"] if args.quick else args.models.split(",")
+    out = Path(args.out) / ("quick" if args.quick else "")
+    doc = run(models, args.quick, args.reps, out, memory=not args.no_memory,
+              log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(table(doc["results"]))
+
+
+if __name__ == "__main__":
+    main()
