@@ -21,13 +21,13 @@ LATENCY_FLAT = 0.10      # what we call flat for per-token latency on a shared m
 
 
 def _sections(raw: dict) -> dict:
-    out = {"e2e": [], "streaming": None, "sessions": None, "kernels": []}
+    out = {"e2e": [], "streaming": None, "sessions": None, "serving": None, "kernels": []}
     for b in raw.get("benchmarks", []):
         info = b.get("extra_info", {})
         sec = info.get("section")
         if sec == "e2e":
             out["e2e"].append({k: v for k, v in info.items() if k != "section"})
-        elif sec in ("streaming", "sessions"):
+        elif sec in ("streaming", "sessions", "serving"):
             out[sec] = {k: v for k, v in info.items() if k != "section"}
         elif sec == "kernels":
             st = b["stats"]
@@ -97,7 +97,7 @@ def build(results_dir: Path, command: str, wall_s: float, extra: dict) -> dict:
     result = {
         "command": command, "wall_s": wall_s, "datetime": raw.get("datetime"),
         "machine": info.get("machine"), "versions": info.get("versions"), "quick": info.get("quick"), **extra,
-        "e2e": sec["e2e"], "streaming": sec["streaming"], "sessions": sec["sessions"], "kernels": _kernel_pairs(sec["kernels"]),
+        "e2e": sec["e2e"], "streaming": sec["streaming"], "sessions": sec["sessions"], "serving": sec["serving"], "kernels": _kernel_pairs(sec["kernels"]),
         "goals": _goals(sec),
     }
     (results_dir / "results.json").write_text(json.dumps(result, indent=1))
@@ -219,6 +219,27 @@ def summary_md(r: dict) -> str:
             lines.append(f"| {row['streams']} | {row['tokens']} | {row['batched_tok_s']:.0f} | "
                          f"{row['sequential_tok_s']:.0f} | **{row['ratio']:.2f}×** | "
                          f"{mib(row['batched_peak_bytes']):.1f} / {mib(row['sequential_peak_bytes']):.1f} |")
+    sv = r.get("serving")
+    if sv:
+        c = sv["config"]
+        lines += [
+            "",
+            "## Serving: absorber serve at 1, 4 and 16 concurrent sessions",
+            "",
+            f"Model `{sv['model']}`; n={c['chunk_tokens']}, m={c['sync_tokens']}, rank {c['rank']}, {c['max_steps']} "
+            f"steps per round; each session one client chatting through the openai package, the history resent "
+            f"every turn, {sv['max_tokens']} greedy tokens per answer. Latency: per request, queueing, absorption "
+            "and decoding included. Held: what each session holds afterwards (delta + window KV + raw tokens).",
+            "",
+            "| sessions | requests | req/s | p50 s | p95 s | held MiB per session (mean / max) | conversation tokens "
+            "per session | absorbed per session | largest batch |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in sv["rows"]:
+            lines.append(f"| {row['sessions']} | {row['requests']} | {row['requests_per_s']:.1f} | {row['p50_s']:.3f} | "
+                         f"{row['p95_s']:.3f} | {mib(row['held_bytes_mean']):.2f} / {mib(row['held_bytes_max']):.2f} | "
+                         f"{row['conversation_tokens_mean']:.0f} | {row['absorbed_tokens_mean']:.0f} | "
+                         f"{row['largest_batch']} |")
     if r.get("kernels"):
         lines += [
             "",

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 SECTIONS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py", "streaming": "bench_streaming.py",
-            "sessions": "bench_sessions.py"}
+            "sessions": "bench_sessions.py", "serving": "bench_serving.py"}
 
 
 def main(argv=None) -> int:
