@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
@@ -20,6 +20,22 @@ PROBE_KINDS = ("question", "facts", "summary", "use", "creative", "recite")
 OBJECTIVES = ("absorber", "ttt")
 BACKENDS = ("auto", "torch", "triton")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Upper bounds far past any real use, so every accepted value fits the C++ scheduler's int64 (the
+# window n + m included), torch's seeds, and allocations the engine sizes from it.
+_MAX_TOKENS = 2**24
+_INT_LIMITS = {"chunk_tokens": _MAX_TOKENS, "sync_tokens": _MAX_TOKENS, "rank": 2**16, "max_steps": 2**31 - 1,
+               "max_batch": 2**20, "max_resident": 2**20, "futures": 2**16, "kl_top_k": 2**31 - 1,
+               "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16}
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def _json_round_trips(value) -> bool:
+    """Memory files carry the config as JSON: what would not come back equal is refused up front."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError, RecursionError):
+        return False
 
 
 @dataclass
@@ -41,13 +57,13 @@ class AbsorberConfig:
     targets: tuple[str, ...] | None = None
     """Names of the linears that get a delta, matched against the end of each module's dotted name
     ("c_proj" matches every c_proj, "mlp.c_proj" only the MLP's). None: the architecture's default
-    (model.DEFAULT_TARGETS): for Llama-family models the attention's v/o and the MLP, not
+    (model_support.DEFAULT_TARGETS): for Llama-family models the attention's v/o and the MLP, not
     q/k, which measured far better in streaming (why, and the numbers, beside the table); the
     paper does not name its targets."""
 
     prefix_bos: bool = True
     """Every sequence the engine starts reads the model's BOS token first, when the model has one
-    and its tokenizer puts it in front of what it encodes (model.bos_token): the teacher
+    and its tokenizer puts it in front of what it encodes (model_support.bos_token): the teacher
     reads BOS·X·Y, the student BOS·Y, the window BOS·window. Models trained that way lean on it (an
     attention sink). SmolLM2's config names a BOS its tokenizer never adds: no prefix there."""
 
@@ -78,7 +94,7 @@ class AbsorberConfig:
     one. 0 by default: on SmolLM2-135M, continuations (and sampled self-study answers) added nothing
     measurable to recall of facts over the recite probe and the next-token loss (6 documents, 24
     questions: 4 sampled probes + ntp 62.5%, recite probe + ntp 58%, ntp alone 62.5%), for 2-4x the
-    time. On the shipped 3.4M model they helped; its config keeps 4."""
+    time. On a small recall model they helped (METHOD.md); the shipped model's config keeps 4."""
 
     future_tokens: int | None = None
     """Length of each sampled continuation. None: min(64, sync_tokens). At most sync_tokens, so the
@@ -187,15 +203,18 @@ class AbsorberConfig:
     seed: int = 0
     """Seeds the delta's initialisation and the sampling of continuations, round by round."""
 
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata carried into memory files (not read by the engine)."""
+
     def __post_init__(self) -> None:
-        if not isinstance(self.future_prompt, str):
+        # Only shapes a user means are coerced (a name for a list, a list for a tuple); anything else
+        # is left as given for validate() to refuse with the field's name.
+        if isinstance(self.future_prompt, (list, tuple)):
             self.future_prompt = tuple(self.future_prompt)
         if isinstance(self.probe_kinds, (str, list)):
             self.probe_kinds = (self.probe_kinds,) if isinstance(self.probe_kinds, str) else tuple(self.probe_kinds)
-        if self.targets is not None:
-            if isinstance(self.targets, str):
-                self.targets = (self.targets,)
-            self.targets = tuple(self.targets)
+        if isinstance(self.targets, (str, list)):
+            self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         self.validate()
 
     def validate(self) -> None:
@@ -207,14 +226,18 @@ class AbsorberConfig:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            # float(v) first: an int past float's range (10**400) makes math.isfinite raise.
+            return (isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT_MAX
+                    and math.isfinite(float(v)))
 
         for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident"):
             v = getattr(self, name)
-            need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(is_int(v) and 0 < v <= _INT_LIMITS[name], f"{name} must be a positive integer "
+                 f"(at most {_INT_LIMITS[name]}), got {v!r}")
         for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes", "replay_rounds"):
             v = getattr(self, name)
-            need(is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+            need(is_int(v) and 0 <= v <= _INT_LIMITS[name], f"{name} must be a non-negative integer "
+                 f"(at most {_INT_LIMITS[name]}), got {v!r}")
         for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
                      "divergence_factor", "ntp_weight"):
             v = getattr(self, name)
@@ -222,8 +245,14 @@ class AbsorberConfig:
         for name in ("lr", "kl_temperature", "future_temperature", "probe_temperature"):
             v = getattr(self, name)
             need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
-        need(is_int(self.probe_tokens) and self.probe_tokens > 0,
-             f"probe_tokens must be a positive integer, got {self.probe_tokens!r}")
+        for name in ("prefix_bos", "futures_follow_y", "checkpoint_layers"):
+            v = getattr(self, name)
+            need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
+        # Before the checks below iterate them: a number or None there would be a TypeError.
+        need(isinstance(self.probe_kinds, tuple) and all(isinstance(k, str) for k in self.probe_kinds),
+             f"probe_kinds must be a non-empty list of {PROBE_KINDS}, got {self.probe_kinds!r}")
+        need(is_int(self.probe_tokens) and 0 < self.probe_tokens <= _MAX_TOKENS,
+             f"probe_tokens must be a positive integer (at most {_MAX_TOKENS}), got {self.probe_tokens!r}")
         need(is_num(self.probe_top_p) and 0 < self.probe_top_p <= 1,
              f"probe_top_p must be in (0, 1], got {self.probe_top_p!r}")
         need(len(self.probe_kinds) > 0 and all(k in PROBE_KINDS for k in self.probe_kinds),
@@ -232,15 +261,18 @@ class AbsorberConfig:
         need(isinstance(self.chat_probes, bool), f"chat_probes must be true or false, got {self.chat_probes!r}")
         need(is_num(self.future_top_p) and 0 < self.future_top_p <= 1,
              f"future_top_p must be in (0, 1], got {self.future_top_p!r}")
-        need(self.future_tokens is None or (is_int(self.future_tokens) and self.future_tokens > 0),
-             f"future_tokens must be None or a positive integer, got {self.future_tokens!r}")
+        need(self.future_tokens is None or (is_int(self.future_tokens) and 0 < self.future_tokens <= _MAX_TOKENS),
+             f"future_tokens must be None or a positive integer (at most {_MAX_TOKENS}), got {self.future_tokens!r}")
         need(self.alpha is None or (is_num(self.alpha) and self.alpha > 0),
              f"alpha must be None or a finite number > 0, got {self.alpha!r}")
-        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(self.compute_dtype in COMPUTE_DTYPES,
+        need(isinstance(self.objective, str) and self.objective in OBJECTIVES,
+             f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(isinstance(self.backend, str) and self.backend in BACKENDS,
+             f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(isinstance(self.compute_dtype, str) and self.compute_dtype in COMPUTE_DTYPES,
              f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
-        need(self.targets is None or (len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets)),
+        need(self.targets is None or (isinstance(self.targets, tuple) and len(self.targets) > 0
+                                      and all(isinstance(t, str) and t for t in self.targets)),
              f"targets must be None or a non-empty list of module names, got {self.targets!r}")
         if self.objective == "absorber":
             need(self.hidden_weight > 0 or self.kl_weight > 0,
@@ -250,7 +282,10 @@ class AbsorberConfig:
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
             need(self.sync_tokens > 0 or self.futures > 0 or self.probes > 0,
                  "sync_tokens = 0, futures = 0 and probes = 0 leave a round nothing to synchronize on")
-        need(isinstance(self.future_prompt, str) or all(is_int(t) and t >= 0 for t in self.future_prompt),
+        need(isinstance(self.extra, dict) and _json_round_trips(self.extra),
+             "extra must be a dict that JSON keeps as it is (string keys; strings, finite numbers, lists, dicts)")
+        need(isinstance(self.future_prompt, str)
+             or (isinstance(self.future_prompt, tuple) and all(is_int(t) and 0 <= t < 2**63 for t in self.future_prompt)),
              f"future_prompt must be text or token ids, got {self.future_prompt!r}")
 
     @property
@@ -286,7 +321,7 @@ class AbsorberConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(repr(k) if not isinstance(k, str) else k for k in set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config fields: {unknown}")
         d = dict(d)
@@ -310,11 +345,26 @@ def recommended_config(model_dir) -> AbsorberConfig | None:
     path = os.path.join(os.fspath(model_dir), MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         return None
+    return load_config_file(path)
+
+
+def read_config_json(path) -> dict:
+    """The JSON object in a config file (UTF-8), or ConfigError naming the file and what is wrong."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = json.load(f)
-    except (OSError, ValueError) as e:
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    # RecursionError: JSON nested thousands deep.
+    except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"{path} is not a readable JSON config: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a JSON object of config fields, got {type(values).__name__}")
+    return values
+
+
+def load_config_file(path) -> AbsorberConfig:
+    values = read_config_json(path)
     try:
         return AbsorberConfig.from_dict(values)
     except ConfigError as e:

@@ -29,12 +29,12 @@ _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype
                   "_attn_implementation", "_attn_implementation_autoset", "architectures", "use_cache"}
 
 
-def model_fingerprint(runner) -> str:
+def model_fingerprint(parts) -> str:
     """A hash that changes when the base model's architecture, shapes or weights change."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in runner.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+    cfg = {k: v for k, v in parts.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, p in _base_parameters(runner.model):
+    for name, p in _base_parameters(parts.model):
         h.update(f"{name}:{tuple(p.shape)};".encode())
         # A few values per tensor, rounded to bf16 so one checkpoint loaded in fp32 or bf16 agrees.
         sample = p.detach().reshape(-1)[:64].to(torch.bfloat16).view(torch.int16).cpu()
@@ -57,8 +57,8 @@ def save_memory(session, path) -> None:
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
-        "model_fingerprint": model_fingerprint(session.runner),
-        "model_type": session.runner.model_type,
+        "model_fingerprint": model_fingerprint(session.parts),
+        "model_type": session.parts.model_type,
         "config": session.config.to_json(),
         "tokens_absorbed": str(session.absorbed_tokens),
         "rounds": str(session.rounds),
@@ -107,7 +107,7 @@ def read_memory_config(path) -> AbsorberConfig:
 
 def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
-    if meta.get("model_fingerprint") != model_fingerprint(session.runner):
+    if meta.get("model_fingerprint") != model_fingerprint(session.parts):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:
@@ -120,6 +120,10 @@ def load_memory(session, path) -> None:
         raise MemoryFileError(f"{path} holds a rank-{saved.rank} delta (scale {saved.scale}); this engine "
                               f"uses rank {mine.rank} (scale {mine.scale})")
     delta = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
+    bad = sorted(k for k, v in delta.items() if not v.dtype.is_floating_point)
+    if bad:
+        # A copy into the fp32 delta would drop an imaginary part or read 0/1 as weights without a word.
+        raise MemoryFileError(f"{path} holds delta tensors that are not floating point: {bad[:4]}")
     window = tensors.get("window")
     try:
         session.delta.check_state(delta)
@@ -127,15 +131,14 @@ def load_memory(session, path) -> None:
         raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
     if window is None or window.dim() != 1 or window.dtype != torch.int64:
         raise MemoryFileError(f"{path} has no valid window tensor")
-    st = session.stats()
-    capacity = st["chunk_tokens"] + st["sync_tokens"]
+    capacity = session._capacity()
     if window.numel() > capacity:
         raise MemoryFileError(f"{path} holds a window of {window.numel()} tokens; this session's window "
                               f"is {capacity}")
-    if absorbed < 0 or rounds < 0:
-        raise MemoryFileError(f"{path} has negative counters")
+    if not (0 <= absorbed < 2**63 and 0 <= rounds < 2**63):       # the scheduler counts in int64
+        raise MemoryFileError(f"{path} has counters out of range (tokens_absorbed {absorbed}, rounds {rounds})")
     replay = [tensors[f"replay.{i}"] for i in range(len(tensors)) if f"replay.{i}" in tensors]
-    vocab = session.runner.vocab_size
+    vocab = session.parts.vocab_size
     for q in replay:
         if q.dim() != 1 or q.dtype != torch.int64 or q.numel() == 0 or int(q.min()) < 0 or int(q.max()) >= vocab:
             raise MemoryFileError(f"{path} has a corrupt replay buffer")

@@ -1,0 +1,210 @@
+"""What every harness asserts, and the pieces they share: memory snapshots, a byte reader that turns
+a fuzzer's raw bytes into structured choices, and the list of crashes known but not fixed yet."""
+
+from __future__ import annotations
+
+import re
+import struct
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+
+class ContractViolation(AssertionError):
+    """A call broke the contract without crashing: wrong error type, memory changed, engine unusable."""
+
+
+# ---------------------------------------------------------------------------- memory snapshots
+
+def snapshot(session) -> tuple:
+    """The memory a session holds: every delta tensor's bytes, the window and the counters."""
+    delta = {k: (v.dtype, tuple(v.shape), v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+             for k, v in session.delta.state_dict().items()}
+    return delta, list(session.window_tokens()), session.absorbed_tokens
+
+
+def violate(message: str):
+    """Raises the violation, or KnownCrash when it is one of KNOWN."""
+    exc = ContractViolation(message)
+    entry = known(exc)
+    raise (KnownCrash(entry, exc) if entry else exc)
+
+
+def assert_unchanged(session, before: tuple, what: str) -> None:
+    after = snapshot(session)
+    if after[0] != before[0]:
+        changed = sorted(k for k in before[0] if after[0].get(k) != before[0][k])
+        violate(f"{what}: the delta changed ({changed[:3]})")
+    if after[1] != before[1]:
+        violate(f"{what}: the window changed ({len(before[1])} -> {len(after[1])} tokens)")
+    if after[2] != before[2]:
+        violate(f"{what}: absorbed_tokens changed ({before[2]} -> {after[2]})")
+
+
+def assert_usable(engine, probe: list[int], expected: torch.Tensor | None, what: str) -> torch.Tensor:
+    """The engine still answers; with `expected`, exactly as before the call."""
+    got = engine.logits(probe)
+    if expected is not None and not torch.equal(got, expected):
+        violate(f"{what}: logits of the probe changed")
+    return got
+
+
+# ---------------------------------------------------------------------------- raw bytes -> choices
+
+class Reader:
+    """Consumes a byte string into choices; when the bytes run out every draw returns its smallest
+    choice, so any input (the empty one too) decodes to something."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = bytes(data), 0
+
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def int_in(self, lo: int, hi: int) -> int:
+        span = hi - lo + 1
+        nbytes = max(1, (span.bit_length() + 7) // 8)
+        v = 0
+        for _ in range(nbytes):
+            v = (v << 8) | self.byte()
+        return lo + v % span
+
+    def choice(self, options):
+        return options[self.int_in(0, len(options) - 1)]
+
+    def bool(self) -> bool:
+        return self.byte() & 1 == 1
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def blob(self, limit: int) -> bytes:
+        return self.take(self.int_in(0, limit))
+
+    def rest(self) -> bytes:
+        return self.take(self.remaining())
+
+    def float(self) -> float:
+        return struct.unpack("<d", self.take(8).ljust(8, b"\0"))[0]
+
+    def text(self, limit: int) -> str:
+        return self.blob(limit).decode("utf-8", "replace")
+
+    def int_any(self) -> int:
+        """Small ints mostly, the edges of every integer width sometimes."""
+        kind = self.int_in(0, 3)
+        if kind == 0:
+            return self.int_in(-4, 40)
+        if kind == 1:
+            return self.int_in(0, 5000)
+        return self.choice(EDGE_INTS)
+
+
+EDGE_INTS = (0, 1, -1, 2**31 - 1, 2**31, -2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, -2**63, -2**63 - 1,
+             2**64, 2**70, 10**30, -10**30, 10**400)
+EDGE_FLOATS = (0.0, -0.0, 1.0, 0.5, 1e-300, 5e-324, 1e300, float("inf"), float("-inf"), float("nan"), -1.0, 1.5)
+
+
+# ---------------------------------------------------------------------------- crashes known, not fixed here
+
+@dataclass(frozen=True)
+class Known:
+    """A crash whose cause lies in code this harness's owner may not change (the regression test in
+    tests/test_bad_input.py is an xfail, strict); matched on the exception type, the file and function
+    of the innermost frame of the project, and the message."""
+
+    name: str
+    exc: type
+    file: str
+    function: str
+    message: str
+    fix: str
+
+    def matches(self, exc: BaseException) -> bool:
+        if not isinstance(exc, self.exc) or not re.search(self.message, str(exc)):
+            return False
+        if self.exc is ContractViolation:          # raised by a harness: the message says it all
+            return True
+        frame = project_frame(exc)
+        return frame is not None and frame[0].endswith(self.file) and frame[1] == self.function
+
+
+# Each has an xfail(strict=True) regression test in tests/test_bad_input.py; whoever fixes one
+# deletes its entry here, so the fuzzers hold the fix.
+KNOWN: list[Known] = [
+    Known("seed that is not an int64", (RuntimeError, ValueError, TypeError, OverflowError), "engine.py", "_decode",
+          r"manual_seed|Overflow|long", "engine._check_sampling: check seed like max_new_tokens"),
+    Known("stop that is not ids or text", (TypeError, ValueError, OverflowError), "engine.py", "_stop_ids",
+          r"not iterable|int\(\) argument|invalid literal|cannot convert|too (large|big)",
+          "engine._stop_ids: check stop's type and items, InputError"),
+    Known("numpy array of strings, objects or foreign byte order", (TypeError, ValueError), "engine.py",
+          "_as_id_list", r"can't convert np.ndarray|byte order",
+          "engine._as_id_list: refuse non-integer numpy dtypes before torch.as_tensor, InputError"),
+    Known("text with lone surrogates", TypeError, "engine.py", "_to_ids", r"TextEncodeInput",
+          "engine._to_ids: text that is not encodable (lone surrogates) is an InputError"),
+    Known("progress that is not callable", TypeError, "session.py", "absorb", r"not callable",
+          "Session.absorb: check callable(progress) before feeding anything"),
+    Known("temperature or top_p so extreme that sampling has no distribution left",
+          (RuntimeError, OverflowError), "sampling.py", "sample_next",
+          r"probability tensor|multinomial distribution|int too big|Overflow",
+          "engine._check_sampling (temperature finite and within float range, top_p above float32's "
+          "smallest) and sampling.sample_next (divide after subtracting the max logit; keep the top token)"),
+    Known("an engine refused after attaching its deltas leaves them on the model", ContractViolation, "", "",
+          r"keeps modules the engine attached",
+          "AbsorberEngine.__init__: check future_prompt and build the scheduler before attach(), or detach on "
+          "any failure"),
+]
+
+
+def project_frame(exc: BaseException):
+    """(file, function, line) of the innermost frame inside absorber_engine, or None."""
+    found = None
+    for fs in traceback.extract_tb(exc.__traceback__):
+        if "/absorber_engine/" in fs.filename.replace("\\", "/"):
+            found = (fs.filename.replace("\\", "/"), fs.name, fs.lineno)
+    return found
+
+
+def known(exc: BaseException) -> Known | None:
+    return next((k for k in KNOWN if k.matches(exc)), None)
+
+
+def signature(exc: BaseException) -> str:
+    """One line per distinct crash: the type and where in the project it was raised."""
+    frame = project_frame(exc)
+    where = f"{frame[0].rsplit('/', 1)[-1]}:{frame[1]}" if frame else "outside absorber_engine"
+    return f"{type(exc).__name__} at {where}"
+
+
+class KnownCrash(Exception):
+    """Raised by a harness in place of a crash listed in KNOWN: drivers count it apart, and the
+    rest of that input's checks are skipped."""
+
+    def __init__(self, entry: Known, exc: BaseException):
+        super().__init__(f"known: {entry.name} ({type(exc).__name__}: {exc})")
+        self.entry, self.exc = entry, exc
+
+
+def attempt(call, allowed=None):
+    """('ok', result) or ('refused', the typed error); a listed crash becomes KnownCrash, any other
+    exception propagates as the crash it is."""
+    from absorber_engine.errors import AbsorberError
+
+    try:
+        return "ok", call()
+    except (allowed or AbsorberError) as exc:
+        return "refused", exc
+    except Exception as exc:
+        entry = known(exc)
+        if entry is None:
+            raise
+        raise KnownCrash(entry, exc) from exc
