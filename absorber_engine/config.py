@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -28,14 +28,6 @@ _INT_LIMITS = {"chunk_tokens": _MAX_TOKENS, "sync_tokens": _MAX_TOKENS, "rank": 
                "max_batch": 2**20, "max_resident": 2**20, "futures": 2**16, "kl_top_k": 2**31 - 1,
                "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16}
 _FLOAT_MAX = 1.7976931348623157e308
-
-
-def _json_round_trips(value) -> bool:
-    """Memory files carry the config as JSON: what would not come back equal is refused up front."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False)) == value
-    except (TypeError, ValueError, RecursionError):
-        return False
 
 
 @dataclass
@@ -57,13 +49,13 @@ class AbsorberConfig:
     targets: tuple[str, ...] | None = None
     """Names of the linears that get a delta, matched against the end of each module's dotted name
     ("c_proj" matches every c_proj, "mlp.c_proj" only the MLP's). None: the architecture's default
-    (model_support.DEFAULT_TARGETS): for Llama-family models the attention's v/o and the MLP, not
+    (model.DEFAULT_TARGETS): for Llama-family models the attention's v/o and the MLP, not
     q/k, which measured far better in streaming (why, and the numbers, beside the table); the
     paper does not name its targets."""
 
     prefix_bos: bool = True
     """Every sequence the engine starts reads the model's BOS token first, when the model has one
-    and its tokenizer puts it in front of what it encodes (model_support.bos_token): the teacher
+    and its tokenizer puts it in front of what it encodes (model.bos_token): the teacher
     reads BOS·X·Y, the student BOS·Y, the window BOS·window. Models trained that way lean on it (an
     attention sink). SmolLM2's config names a BOS its tokenizer never adds: no prefix there."""
 
@@ -94,7 +86,7 @@ class AbsorberConfig:
     one. 0 by default: on SmolLM2-135M, continuations (and sampled self-study answers) added nothing
     measurable to recall of facts over the recite probe and the next-token loss (6 documents, 24
     questions: 4 sampled probes + ntp 62.5%, recite probe + ntp 58%, ntp alone 62.5%), for 2-4x the
-    time. On a small recall model they helped (METHOD.md); the shipped model's config keeps 4."""
+    time. On the shipped 3.4M model they helped; its config keeps 4."""
 
     future_tokens: int | None = None
     """Length of each sampled continuation. None: min(64, sync_tokens). At most sync_tokens, so the
@@ -203,9 +195,6 @@ class AbsorberConfig:
     seed: int = 0
     """Seeds the delta's initialisation and the sampling of continuations, round by round."""
 
-    extra: dict = field(default_factory=dict)
-    """Free-form metadata carried into memory files (not read by the engine)."""
-
     def __post_init__(self) -> None:
         # Only shapes a user means are coerced (a name for a list, a list for a tuple); anything else
         # is left as given for validate() to refuse with the field's name.
@@ -282,8 +271,6 @@ class AbsorberConfig:
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
             need(self.sync_tokens > 0 or self.futures > 0 or self.probes > 0,
                  "sync_tokens = 0, futures = 0 and probes = 0 leave a round nothing to synchronize on")
-        need(isinstance(self.extra, dict) and _json_round_trips(self.extra),
-             "extra must be a dict that JSON keeps as it is (string keys; strings, finite numbers, lists, dicts)")
         need(isinstance(self.future_prompt, str)
              or (isinstance(self.future_prompt, tuple) and all(is_int(t) and 0 <= t < 2**63 for t in self.future_prompt)),
              f"future_prompt must be text or token ids, got {self.future_prompt!r}")

@@ -29,12 +29,12 @@ _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype
                   "_attn_implementation", "_attn_implementation_autoset", "architectures", "use_cache"}
 
 
-def model_fingerprint(parts) -> str:
+def model_fingerprint(runner) -> str:
     """A hash that changes when the base model's architecture, shapes or weights change."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in parts.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+    cfg = {k: v for k, v in runner.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, p in _base_parameters(parts.model):
+    for name, p in _base_parameters(runner.model):
         h.update(f"{name}:{tuple(p.shape)};".encode())
         # A few values per tensor, rounded to bf16 so one checkpoint loaded in fp32 or bf16 agrees.
         sample = p.detach().reshape(-1)[:64].to(torch.bfloat16).view(torch.int16).cpu()
@@ -57,8 +57,8 @@ def save_memory(session, path) -> None:
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
-        "model_fingerprint": model_fingerprint(session.parts),
-        "model_type": session.parts.model_type,
+        "model_fingerprint": model_fingerprint(session.runner),
+        "model_type": session.runner.model_type,
         "config": session.config.to_json(),
         "tokens_absorbed": str(session.absorbed_tokens),
         "rounds": str(session.rounds),
@@ -107,7 +107,7 @@ def read_memory_config(path) -> AbsorberConfig:
 
 def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
-    if meta.get("model_fingerprint") != model_fingerprint(session.parts):
+    if meta.get("model_fingerprint") != model_fingerprint(session.runner):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:
@@ -131,14 +131,15 @@ def load_memory(session, path) -> None:
         raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
     if window is None or window.dim() != 1 or window.dtype != torch.int64:
         raise MemoryFileError(f"{path} has no valid window tensor")
-    capacity = session._capacity()
+    st = session.stats()
+    capacity = st["chunk_tokens"] + st["sync_tokens"]
     if window.numel() > capacity:
         raise MemoryFileError(f"{path} holds a window of {window.numel()} tokens; this session's window "
                               f"is {capacity}")
     if not (0 <= absorbed < 2**63 and 0 <= rounds < 2**63):       # the scheduler counts in int64
         raise MemoryFileError(f"{path} has counters out of range (tokens_absorbed {absorbed}, rounds {rounds})")
     replay = [tensors[f"replay.{i}"] for i in range(len(tensors)) if f"replay.{i}" in tensors]
-    vocab = session.parts.vocab_size
+    vocab = session.runner.vocab_size
     for q in replay:
         if q.dim() != 1 or q.dtype != torch.int64 or q.numel() == 0 or int(q.min()) < 0 or int(q.max()) >= vocab:
             raise MemoryFileError(f"{path} has a corrupt replay buffer")
