@@ -47,6 +47,15 @@ def _conversation(client, session: str, turns: int, latencies: list) -> None:
         messages.append({"role": "assistant", "content": r.choices[0].message.content})
 
 
+def _client(args) -> None:
+    client, session, turns, barrier, lock, latencies = args
+    mine: list[float] = []
+    barrier.wait()                     # all sessions start together
+    _conversation(client, session, turns, mine)
+    with lock:
+        latencies.extend(mine)
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     k = (len(xs) - 1) * q
@@ -70,16 +79,9 @@ def run(quick: bool) -> dict:
             lock = threading.Lock()
             barrier = threading.Barrier(n)
 
-            def client_run(i):
-                mine: list[float] = []
-                barrier.wait()
-                _conversation(client, f"s{i}", turns, mine)
-                with lock:
-                    latencies.extend(mine)
-
             start = time.perf_counter()
             with ThreadPoolExecutor(n) as pool:
-                list(pool.map(client_run, range(n)))
+                list(pool.map(_client, [(client, f"s{i}", turns, barrier, lock, latencies) for i in range(n)]))
             wall = time.perf_counter() - start
             infos = [httpx.get(f"{url}/v1/sessions/s{i}").json() for i in range(n)]
             largest_batch = httpx.get(f"{url}/health").json()["largest_batch"]

@@ -8,7 +8,7 @@ OpenAI-compatible servers commonly do; a used field of the wrong type or out of 
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -28,15 +28,15 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = None
-    user: Optional[str] = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    user: str | None = None
 
     @field_validator("n")
     @classmethod
@@ -61,7 +61,7 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     # One prompt: text or token ids (OpenAI also takes a one-element list of either).
-    prompt: Union[str, list[int], list[str], list[list[int]]]
+    prompt: str | list[int] | list[str] | list[list[int]]
 
     @field_validator("prompt")
     @classmethod
@@ -82,7 +82,7 @@ class TextPart(_Body):
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -94,12 +94,12 @@ class Message(_Body):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 class AbsorbRequest(_Body):
-    text: Optional[str] = None
-    tokens: Optional[list[int]] = None
+    text: str | None = None
+    tokens: list[int] | None = None
     flush: bool = False
 
     def payload(self):

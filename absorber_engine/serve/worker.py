@@ -183,7 +183,7 @@ class Worker:
             for job in live:
                 job.fail(err)
         except Exception as exc:        # a bug: logged with its traceback, answered without one
-            log.exception("engine worker: %s", exc)
+            log.exception("engine worker: a job failed")
             for job in live:
                 job.fail(server_error(f"internal error: {type(exc).__name__}"))
 
