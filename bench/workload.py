@@ -74,10 +74,10 @@ WORKLOADS = {
 }
 # Per model: the config the engine would use on it, and the rounds of the timed stream.
 MODELS = {
-    "llama-4l": dict(config=dict(chunk_tokens=256, sync_tokens=256, max_steps=4), rounds=2),
-    "smollm2-135m": dict(config=dict(max_steps=4), rounds=1),
+    "llama-4l": dict(config=dict(chunk_tokens=256, sync_tokens=256, max_steps=4), rounds=2, reps=2),
+    "smollm2-135m": dict(config=dict(max_steps=4), rounds=1, reps=1),
 }
-QUICK = {"llama-4l": dict(config=dict(chunk_tokens=64, sync_tokens=64, max_steps=2, probe_tokens=16), rounds=1)}
+QUICK = {"llama-4l": dict(config=dict(chunk_tokens=64, sync_tokens=64, max_steps=2, probe_tokens=16), rounds=1, reps=1)}
 
 CHATML = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
           "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -560,14 +560,15 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(models: list[str], quick: bool, reps: int, out_dir: Path | None, memory: bool = True,
+def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
         profile: bool = True, log=print) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
         loaded = load_model(name)
         for workload in WORKLOADS:
-            results.append(compare(name, workload, reps, quick=quick and name in QUICK, memory=memory,
+            plan = (QUICK if quick else MODELS)[name]
+            results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
                                    model_and_tok=loaded, log=log))
             if out_dir is not None:
                 _write(out_dir, started, results, decodes, profiles)
@@ -597,7 +598,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama-4l,smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="the random Llama only, small rounds")
-    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--reps", type=int, help="repetitions per implementation (default: the model's plan)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
