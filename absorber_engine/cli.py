@@ -13,7 +13,6 @@ Exit codes (stable, for scripts):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -136,8 +135,9 @@ def _config_from_args(args, base=None):
         base = recommended_config(resolve(args.model))   # the model's own measured budget, if it ships one
     values = dict(base.to_dict()) if base is not None else {}
     if getattr(args, "config", None):
-        with open(args.config) as f:
-            values.update(json.load(f))
+        from .config import read_config_json
+
+        values.update(read_config_json(args.config))
     for name in _CONFIG_FLAGS:
         v = getattr(args, name, None)
         if v is not None:
@@ -220,7 +220,9 @@ def cmd_absorb(args) -> int:
 
 def cmd_generate(args) -> int:
     eng = _load_engine(args, memory=args.memory)
-    prompt = [int(t) for t in args.prompt.split()] if args.ids else args.prompt
+    from .distributed import parse_ids
+
+    prompt = parse_ids(args.prompt, "--prompt") if args.ids else args.prompt
     out = eng.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed)
     print(" ".join(map(str, out)) if args.ids else out)

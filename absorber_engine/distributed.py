@@ -40,21 +40,49 @@ def read_stream(path: str, as_ids: bool = False, encoding: str = "utf-8"):
     import sys
 
     try:
-        codecs.lookup(encoding)
-    except LookupError:
+        info = codecs.lookup(encoding)
+    except (LookupError, TypeError, ValueError):
         raise InputError(f"unknown text encoding {encoding!r}") from None
-    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    # Codecs such as base64, rot13 or zlib are registered but turn bytes into bytes, not text.
+    if not getattr(info, "_is_text_encoding", True):
+        raise InputError(f"{encoding!r} is not a text encoding")
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"input file {path} does not exist") from None
+    except (OSError, ValueError) as exc:             # a directory, no permission, a NUL in the name
+        raise InputError(f"cannot read input {path!r}: {exc}") from None
     try:
         data = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not valid {encoding} at byte offset {exc.start} "
                          f"(byte 0x{raw[exc.start]:02x}); pass --encoding for other text encodings") from None
+    except UnicodeError as exc:                       # codecs such as punycode raise the base class
+        raise InputError(f"{path}: not valid {encoding}: {exc}") from None
+    try:
+        # Escape codecs (unicode_escape, raw_unicode_escape) can produce lone surrogates, which no
+        # tokenizer encodes: refuse them here, naming where they are.
+        data.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{path}: decoding as {encoding} gives a lone surrogate at character {exc.start}") from None
     if not as_ids:
         return data
-    try:
-        return [int(t) for t in data.split()]
-    except ValueError as exc:
-        raise InputError(f"{path}: token-id input must be whitespace-separated integers ({exc})") from exc
+    return parse_ids(data, path)
+
+
+def parse_ids(text: str, where: str) -> list[int]:
+    """Whitespace-separated token ids written in ASCII digits (what int() also accepts, Unicode
+    digits and underscores, would pass typos through as ids)."""
+    ids = []
+    for i, word in enumerate(text.split()):
+        digits = word[1:] if word[:1] in "+-" else word
+        if not (digits.isascii() and digits.isdigit()):
+            raise InputError(f"{where}: token-id input must be whitespace-separated integers; "
+                             f"item {i} is {word[:40]!r}")
+        if len(digits) > 18:                          # past int64, and past int()'s digit limit further on
+            raise InputError(f"{where}: item {i} ({word[:24]}...) is no token id: {len(digits)} digits")
+        ids.append(int(word))
+    return ids
 
 
 def absorb_streams(engine, inputs: list[str], targets: dict[str, str], as_ids: bool = False) -> dict[str, dict]:
