@@ -142,6 +142,10 @@ class AbsorberConfig:
     recalled 62% (seed 0, 24 questions); together, on held-out documents (seed 1, 48 questions), 72.9%
     against TTT's 52.1% at the same rank, steps and learning rate (README)."""
 
+    ntp_in_recite: bool = False
+    """Read the next-token loss off the recite probe's pass (the student reading the recite seed,
+    then X) instead of a pass of its own over X alone: one student pass per step fewer."""
+
     replay_rounds: int = 0
     """Streams: each round also replays the recite probes of this many earlier rounds (their token
     ids only, a bounded buffer kept with the session and in its memory file), synchronized to the
@@ -247,6 +251,7 @@ class AbsorberConfig:
         need(len(self.probe_kinds) > 0 and all(k in PROBE_KINDS for k in self.probe_kinds),
              f"probe_kinds must be a non-empty list of {PROBE_KINDS}, got {self.probe_kinds!r}")
         need(isinstance(self.hidden_norm, bool), f"hidden_norm must be true or false, got {self.hidden_norm!r}")
+        need(isinstance(self.ntp_in_recite, bool), f"ntp_in_recite must be true or false, got {self.ntp_in_recite!r}")
         need(isinstance(self.chat_probes, bool), f"chat_probes must be true or false, got {self.chat_probes!r}")
         need(is_num(self.future_top_p) and 0 < self.future_top_p <= 1,
              f"future_top_p must be in (0, 1], got {self.future_top_p!r}")

@@ -247,11 +247,13 @@ class AbsorberEngine:
 
     @torch.no_grad()
     def generate_batch(self, prompts: dict, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       stop=None, seed: int | None = None) -> dict:
+                       stop=None, seed: int | dict | None = None) -> dict:
         """Generates for several sessions in one batch, each row with its own delta and window.
 
         prompts maps a session name to its prompt (text, token ids, or None to continue the window
         alone). Returns, per session, text when its prompt was text, else a list of token ids.
+        seed: one for every row, or {session: seed}; each row samples with its own generator, so its
+        tokens are those it would get alone with the same seed.
         """
         inputs.check_sampling(max_new_tokens, temperature, top_p)
         if not prompts:
@@ -261,11 +263,12 @@ class AbsorberEngine:
         for sess, p in zip(sessions, ids):
             self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
         stops = inputs.stop_ids(stop, self.tokenizer, self.runner.vocab_size)
-        gen = torch.Generator(device=self.runner.device).manual_seed(self.config.seed if seed is None else seed)
+        seeds = [inputs.seed_of(seed, name, self.config.seed) for name in prompts]
+        gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
         with self._resident(sessions):
             windows = [self._window(s) for s in sessions]
             new = generate_rows(self.runner, [s.delta for s in sessions], windows, ids, max_new_tokens, temperature,
-                                top_p, stops, gen)
+                                top_p, stops, gens)
         return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
                 for (name, p), out in zip(prompts.items(), new)}
 
@@ -295,6 +298,16 @@ class AbsorberEngine:
             sess.delta.reset()
             sess.replay.clear()
             self._windows.drop(sess.key)
+
+    def discard_window(self, session=DEFAULT_SESSION) -> int:
+        """Drops the raw tokens the window holds (and any queued), keeping the absorbed memory and its
+        counters: the way past a round that keeps failing on the same tokens. Returns how many."""
+        sess = self._get(session)
+        with self._lock:
+            st = sess.stats()
+            self.scheduler.restore(sess.key, [], st["absorbed"], st["rounds"])
+            self._windows.drop(sess.key)
+            return st["held"]
 
     def save_memory(self, path, session=DEFAULT_SESSION) -> None:
         save_memory(self._get(session), path)

@@ -89,7 +89,7 @@ def logits_after(runner: ModelRunner, delta, window: WindowKV, ids: list[int]) -
 
 def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], prompts: list[list[int]],
                   max_new_tokens: int, temperature: float, top_p: float, stops: set[int],
-                  generator: torch.Generator) -> list[list[int]]:
+                  generators: list[torch.Generator]) -> list[list[int]]:
     """New tokens of each row (stop tokens excluded), every row with its own delta and window."""
     for row, (w, p) in enumerate(zip(windows, prompts)):
         if len(w.tokens) == len(runner.prefix) and not p:
@@ -98,7 +98,7 @@ def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], pr
     padded = len({len(w.tokens) for w in windows}) > 1 or len({len(p) for p in prompts}) > 1
     with runner.padded_attention(padded):
         rows = prefill(runner, windows, prompts, padded)
-        return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generator)
+        return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generators)
 
 
 def prefill(runner: ModelRunner, windows: list[WindowKV], prompts: list[list[int]], padded: bool) -> Rows:
@@ -129,13 +129,18 @@ def prefill(runner: ModelRunner, windows: list[WindowKV], prompts: list[list[int
 
 
 def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: float, top_p: float,
-           stops: set[int], generator: torch.Generator) -> list[list[int]]:
+           stops: set[int], generators: list[torch.Generator]) -> list[list[int]]:
+    """Each row samples with its own generator, so a row draws what it would draw alone."""
     S, device = rows.last.shape[0], runner.device
     cache, last, mask, next_pos = rows.cache, rows.last, rows.mask, rows.next_pos
     out: list[list[int]] = [[] for _ in range(S)]
     done = [False] * S
     for step in range(max_new_tokens):
-        tok = sample_next(runner.logits(last), temperature, top_p, generator)         # (S,)
+        logits = runner.logits(last)
+        if temperature <= 0:
+            tok = logits.argmax(dim=-1)                                                # (S,)
+        else:
+            tok = torch.cat([sample_next(logits[s:s + 1], temperature, top_p, g) for s, g in enumerate(generators)])
         for s, t in enumerate(tok.tolist()):
             if done[s]:
                 continue

@@ -85,3 +85,14 @@ def future_prompt(ids: list[int], future_length: int, device) -> torch.Tensor:
     if len(ids) >= future_length:
         raise ConfigError(f"future_prompt is {len(ids)} tokens; futures are {future_length}")
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def seed_of(seed, name, default: int) -> int:
+    """A row's sampling seed from generate_batch's `seed`: None, one int, or {session: int}."""
+    if isinstance(seed, dict):
+        seed = seed.get(name)
+    if seed is None:
+        return default
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return seed

@@ -45,7 +45,8 @@ class RoundResult:
 
 def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
     targets = teacher_targets(runner, batch, cfg)
-    xs = batch.x if batch.x.shape[1] + len(runner.prefix) >= 2 else None             # (S, n)
+    in_recite = cfg.ntp_in_recite and any(g.x_span is not None for g in targets[0].groups)
+    xs = batch.x if batch.x.shape[1] + len(runner.prefix) >= 2 and not in_recite else None   # (S, n)
 
     def loss_fn(active):
         return student_losses(runner, [batch.deltas[i] for i in active], [targets[i] for i in active], cfg,
@@ -90,6 +91,8 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
         for s, (grp, tgt) in enumerate(zip(groups, targets)):
             sl = slice(s * rows, (s + 1) * rows)
             loss = _sync_loss(runner, [h[sl] for h in cap.states], final[sl], grp, tgt, cfg)
+            if grp.x_span is not None and cfg.ntp_in_recite and cfg.ntp_weight > 0:
+                loss = loss + cfg.ntp_weight * _recite_next_token_loss(runner, final[sl], grp)
             losses[s] += float(loss.detach())
             total = total + loss
         if backward:
@@ -117,6 +120,14 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
                                   denom=tgt.positions, teacher_cache=grp.kl_cache)
         loss = loss + cfg.kl_weight * kl
     return loss
+
+
+def _recite_next_token_loss(runner, final, grp) -> torch.Tensor:
+    """TTT's loss read off the recite probe's pass: each token of X predicted from the position
+    before it (X's first token from the seed's last)."""
+    start, n = grp.x_span
+    logits = runner.logits(final[:, start - 1:start - 1 + n])
+    return F.cross_entropy(logits.transpose(1, 2), grp.ids[:, start:start + n])
 
 
 def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, weight: float,

@@ -72,6 +72,10 @@ class Session:
         """Forgets everything: Δ = 0 and an empty window."""
         self.engine.reset(session=self)
 
+    def discard_window(self) -> int:
+        """Drops the raw window, keeping the absorbed memory (see AbsorberEngine.discard_window)."""
+        return self.engine.discard_window(session=self)
+
     def save_memory(self, path) -> None:
         self.engine.save_memory(path, session=self)
 

@@ -51,6 +51,7 @@ class FutureGroup:
     final: torch.Tensor | None        # (b·t, D) teacher final states, for the KL term
     lead: torch.Tensor | None = None  # (b, l) tokens the student reads before `ids`, outside the loss
     mask: torch.Tensor | None = None  # (b, t) bool, False on positions outside the loss (after a probe's end)
+    x_span: tuple[int, int] | None = None   # recite probes: (start, length) of X in `ids` (ntp_in_recite)
     kl_cache: dict = field(default_factory=dict)   # the teacher's distribution, built at the first step
 
 
@@ -166,7 +167,7 @@ def _self_study(runner, batch: RoundBatch, cfg, need_final) -> list[list[FutureG
             if need_final:
                 final = g.final.view(S * count, -1, runner.hidden_size)[rows][m]      # (real positions, D)
             out[s].append(FutureGroup(g.ids[rows], hidden, final, lead=lead.expand(count, -1) if lead.numel() else None,
-                                      mask=m))
+                                      mask=m, x_span=(seed.numel(), batch.x.shape[1]) if kind in FORCED_KINDS else None))
     return out
 
 

@@ -54,7 +54,7 @@ class RowLayout:
 
     def __init__(self, index: torch.Tensor, S: int):
         if not isinstance(index, torch.Tensor) or index.dim() != 1:
-            raise ValueError(f"index must be a 1-D tensor, got {type(index).__name__} "
+            raise ValueError(f"index must be a 1-D tensor (one index per row), got {type(index).__name__} "
                              f"{tuple(index.shape) if isinstance(index, torch.Tensor) else ''}")
         if index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"index must be an integer tensor (torch.long), got {index.dtype}")

@@ -191,3 +191,29 @@ def test_a_batch_mixing_sessions_with_and_without_replay_equals_each_alone():
     alone.session("b").absorb(random_ids(12, seed=3))
     for k, v in alone.session("b").delta.state_dict().items():
         torch.testing.assert_close(eng.session("b").delta.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_next_token_loss_read_off_the_recite_probe_is_the_plain_loss_of_that_sequence():
+    import torch.nn.functional as F
+
+    tok = _tokenizer(CHATML)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",), ntp_in_recite=True, ntp_weight=1.0, kl_weight=0.0,
+                  hidden_weight=1e-9, max_steps=5, lr=1e-2)
+    x = torch.tensor(tok.encode("The ferry to Quell leaves at 7:40 from pier 9.", add_special_tokens=False))
+    batch = RoundBatch([eng.delta], x[None], x[None, :0], [torch.Generator().manual_seed(0)], frame=eng.frame)
+    (targets,) = teacher_targets(eng.runner, batch, eng.config)
+    (group,) = targets.groups
+    start, n = group.x_span
+    assert group.ids[0, start:start + n].tolist() == x.tolist()
+    # The student's sequence: its opening, the recite seed, X, the end of turn. Each token of X is
+    # predicted from the one before it, the first from the seed's last.
+    seq = torch.tensor([eng.runner.prefix + eng.frame.student_open + group.ids[0].tolist()])
+    with torch.no_grad():
+        logits = eng.runner.model(seq).logits[0]
+    at = len(eng.runner.prefix) + len(eng.frame.student_open) + start
+    want = F.cross_entropy(logits[at - 1:at - 1 + n], x).item()
+    (got,) = student_losses(eng.runner, [eng.delta], [targets], eng.config, backward=False)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)      # the sync term weighs 1e-9 here
+    assert eng.absorb(x.tolist(), flush=True).steps == 5
+    (after,) = student_losses(eng.runner, [eng.delta], [targets], eng.config, backward=False)
+    assert after < 0.9 * got                                   # the round trained on that loss

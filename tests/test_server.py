@@ -160,6 +160,28 @@ def test_chat_session_feeds_only_what_is_new_and_restarts_on_an_edited_history(c
     assert after["absorbed_tokens"] + after["held_tokens"] == after["conversation_tokens"]
 
 
+def test_a_round_that_fails_answers_422_and_the_session_goes_on(server, monkeypatch):
+    from absorber_engine.round import ROUNDS, RoundResult
+
+    url, headers = f"{server}/v1/completions", {"X-Absorber-Session": "failing"}
+    body = {"model": NAME, "max_tokens": 2, "temperature": 0}
+    assert httpx.post(url, json={**body, "prompt": DOC}, headers=headers).status_code == 200
+    before = httpx.get(f"{server}/v1/sessions/failing").json()
+    # Every round now fails as a NaN loss would: the engine rolls it back and keeps its tokens.
+    monkeypatch.setitem(ROUNDS, "absorber", lambda runner, batch, cfg: [
+        RoundResult(error="the sync loss became nan at step 0") for _ in batch.deltas])
+    r = httpx.post(url, json={**body, "prompt": DOC + FILLER * 4}, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "round_rolled_back", r.text
+    assert "memory is kept" in r.json()["error"]["message"]
+    after = httpx.get(f"{server}/v1/sessions/failing").json()
+    assert after["absorbed_tokens"] == before["absorbed_tokens"] and after["rounds"] == before["rounds"]
+    monkeypatch.undo()
+    # The failed round's raw tokens were dropped, so the conversation goes on from there.
+    r = httpx.post(url, json={**body, "prompt": DOC + FILLER * 4 + "And then"}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{server}/v1/sessions/failing").json()["absorbed_tokens"] >= before["absorbed_tokens"]
+
+
 def test_session_endpoints_absorb_info_delete(client, server):
     r = httpx.post(f"{server}/v1/sessions/docs/absorb", json={"text": DOC * 3})
     assert r.status_code == 200, r.text

@@ -60,6 +60,15 @@ def test_batched_generation_equals_one_by_one():
         assert batched[name] == eng.session(name).generate(prompt, max_new_tokens=6), name
     both = eng.generate_batch({"a": None, "b": prompts["b"]}, max_new_tokens=4)
     assert both["a"] == eng.session("a").generate(None, max_new_tokens=4)
+    # Sampled: each row draws with its own seed, exactly what it draws alone.
+    seeds = {"a": 11, "b": 12, "c": 13}
+    sampled = eng.generate_batch(prompts, max_new_tokens=6, temperature=1.5, seed=seeds)
+    for name, prompt in prompts.items():
+        assert sampled[name] == eng.session(name).generate(prompt, max_new_tokens=6, temperature=1.5,
+                                                           seed=seeds[name]), name
+    assert len({tuple(v) for v in sampled.values()}) == 3
+    with pytest.raises(InputError, match="seed"):
+        eng.generate_batch(prompts, seed={"a": "x"})
 
 
 def test_a_failing_session_does_not_touch_the_others(monkeypatch):

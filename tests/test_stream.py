@@ -118,6 +118,11 @@ def test_nan_round_is_rolled_back_and_engine_goes_on(monkeypatch):
     monkeypatch.setattr(rounds, "student_losses", real)
     report = eng.absorb(random_ids(14, seed=2)[:14])        # the engine goes on
     assert report.rounds >= 1
+    # A round that keeps failing can be skipped: the raw window goes, the memory and counters stay.
+    memory, absorbed, held = eng.delta.state_dict(), eng.absorbed_tokens, eng.held_tokens
+    assert eng.discard_window() == held > 0
+    assert eng.window_tokens() == [] and eng.absorbed_tokens == absorbed
+    assert all(torch.equal(v, memory[k]) for k, v in eng.delta.state_dict().items())
 
 
 def test_diverging_round_is_rolled_back():

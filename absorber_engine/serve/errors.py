@@ -38,3 +38,8 @@ def timed_out(seconds: float) -> APIError:
 
 def server_error(message: str) -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
+
+
+def absorption_failed(message: str) -> APIError:
+    # Not a bug and not the request's form: this content could not be absorbed (NaN or divergence).
+    return APIError(422, message, type="absorption_error", code="round_rolled_back")

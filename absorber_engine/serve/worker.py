@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..errors import AbsorberError, InputError
-from .errors import APIError, bad_request, not_found, overloaded, server_error, timed_out
+from .errors import APIError, absorption_failed, bad_request, not_found, overloaded, server_error, timed_out
 from .prompts import Prompt, PromptBuilder, cut_at_stop, safe_length
 from .sessions import Conversation, SessionTable, hasher
 
@@ -296,8 +296,14 @@ class Worker:
                     progress = True
                     self.table.save(p.conv)
                 if rep.errors:
-                    p.error = server_error(f"absorbing session {p.conv.id!r} failed: {rep.errors[-1]}; its memory "
-                                           "is kept as before that round")
+                    # The round would fail the same way on every later request: its raw tokens are
+                    # dropped so the session goes on, with the memory it had before that round.
+                    dropped = self.table.session(p.conv).discard_window()
+                    p.conv.changed()
+                    self.table.save(p.conv)
+                    p.error = absorption_failed(f"absorbing session {p.conv.id!r} failed: {rep.errors[-1]}; its "
+                                                f"memory is kept as before that round, and the {dropped} raw "
+                                                "tokens of that round were dropped, so the session goes on")
             pending = [p for p in pending if p.pos < len(p.feed) and p.error is None]
             if not progress:
                 for p in pending:
