@@ -3,9 +3,9 @@
 The engine is not thread-safe, so every engine call happens here. Each turn of the loop takes the
 next job and, if it generates, the generation jobs queued behind it (one per session, up to
 max_batch): their new tokens are fed together and every ready round of all of them is absorbed by
-the engine's scheduler in shared batches, then the greedy ones decode in one generate_batch. A
-sampled request decodes alone, so its tokens depend on its seed only, never on what it was
-batched with.
+the engine's scheduler in shared batches, then those with the same temperature, top_p and stops
+decode in one generate_batch. Every row samples with its own seed, so its tokens never depend on
+what it was batched with.
 
 A session takes in a history piece by piece, at most a window's worth at a time, so each round is
 absorbed as soon as it is ready and the session is written to the state directory after it: a
@@ -242,17 +242,15 @@ class Worker:
             if p.error is not None:
                 p.job.fail(p.error)
         plans = [p for p in plans if p.error is None]
-        greedy = [p for p in plans if p.job.sampling.temperature == 0 and p.job.sink is None]
-        if greedy:
-            self._decode_together(greedy)
+        whole = [p for p in plans if p.job.sink is None]
+        if whole:
+            self._decode_together(whole)
         for p in plans:
-            if p not in greedy:
+            if p not in whole:
                 if time.monotonic() > p.job.deadline:
                     p.job.fail(timed_out(p.job.timeout))
-                elif p.job.sink is not None:
-                    self._stream(p)
                 else:
-                    self._decode_alone(p)
+                    self._stream(p)
 
     def _plan(self, job: Job) -> _Plan:
         """Matches the request's history against its session: what is new is fed; a history that
@@ -313,10 +311,13 @@ class Worker:
     # ------------------------------------------------------------------ decoding
 
     def _decode_together(self, plans: list[_Plan]) -> None:
+        # Rows sample with their own seeds (what each would draw alone), so only the settings that
+        # apply to the whole batch split it.
         groups: dict = {}
         for p in plans:
-            groups.setdefault(frozenset(p.job.prompt.stop_ids), []).append(p)
-        for stop_ids, group in groups.items():
+            s = p.job.sampling
+            groups.setdefault((frozenset(p.job.prompt.stop_ids), s.temperature, s.top_p), []).append(p)
+        for (stop_ids, temperature, top_p), group in groups.items():
             longest = max(p.job.sampling.max_tokens for p in group)
             rows = [p for p in group if self._fits(p, longest)]
             for p in group:
@@ -326,7 +327,8 @@ class Worker:
                 continue
             try:
                 out = self.engine.generate_batch({p.key: p.prompt for p in rows}, max_new_tokens=longest,
-                                                 temperature=0.0, stop=sorted(stop_ids))
+                                                 temperature=temperature, top_p=top_p, stop=sorted(stop_ids),
+                                                 seed={p.key: _seed(p.job.sampling) for p in rows})
             except InputError as exc:
                 for p in rows:
                     p.job.fail(bad_request(str(exc)))
