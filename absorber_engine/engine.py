@@ -123,39 +123,46 @@ class AbsorberEngine:
         if not ids and sess.held_tokens == 0:
             raise InputError("nothing to absorb: the input is empty and the window holds no tokens")
         start, report = time.perf_counter(), AbsorbReport()
-        pos, flushed = 0, False
         with self._lock:
-            while True:
-                st = sess.stats()
-                capacity = st["chunk_tokens"] + st["sync_tokens"]
-                # Fed only as far as the window needs: a failed round never leaves more than
-                # n + m tokens queued behind it.
-                take = min(len(ids) - pos, max(capacity - st["held"], 0))
-                if take:
-                    self.scheduler.feed(sess.key, ids[pos:pos + take])
-                    pos += take
-                if flush and pos == len(ids) and not flushed:
-                    self.scheduler.flush(sess.key)
-                    flushed = True
-                st = sess.stats()
-                ready = st["held"] >= capacity or (st["draining"] and st["held"] > 0)
-                if st["in_flight"] is not None or not ready:
-                    break
-                results = self._run_batch()
-                if sess.key not in results:
-                    break
-                rnd, res = results[sess.key]
-                if res.error is not None:
-                    err = AbsorptionError(f"round {sess.rounds + 1} rolled back, memory unchanged: {res.error}")
-                    err.tokens_taken = pos
-                    raise err
-                report.add_round(len(rnd.x), res)
-                if progress is not None:
-                    progress(len(rnd.x))
-            self._rest()
+            try:
+                pos = self._absorb_rounds(sess, ids, flush, progress, report)
+            finally:
+                self._rest()
         report.tokens, report.seconds = pos, time.perf_counter() - start
         report.held_tokens, report.absorbed_tokens = sess.held_tokens, sess.absorbed_tokens
         return report
+
+    def _absorb_rounds(self, sess: Session, ids: list[int], flush: bool, progress, report: AbsorbReport) -> int:
+        """absorb()'s loop under the lock; returns how many of `ids` were taken."""
+        pos, flushed = 0, False
+        while True:
+            st = sess.stats()
+            capacity = st["chunk_tokens"] + st["sync_tokens"]
+            # Fed only as far as the window needs: a failed round never leaves more than
+            # n + m tokens queued behind it.
+            take = min(len(ids) - pos, max(capacity - st["held"], 0))
+            if take:
+                self.scheduler.feed(sess.key, ids[pos:pos + take])
+                pos += take
+            if flush and pos == len(ids) and not flushed:
+                self.scheduler.flush(sess.key)
+                flushed = True
+            st = sess.stats()
+            ready = st["held"] >= capacity or (st["draining"] and st["held"] > 0)
+            if st["in_flight"] is not None or not ready:
+                break
+            results = self._run_batch()
+            if sess.key not in results:
+                break
+            rnd, res = results[sess.key]
+            if res.error is not None:
+                err = AbsorptionError(f"round {sess.rounds + 1} rolled back, memory unchanged: {res.error}")
+                err.tokens_taken = pos
+                raise err
+            report.add_round(len(rnd.x), res)
+            if progress is not None:
+                progress(len(rnd.x))
+        return pos
 
     def run(self, flush: bool = False) -> dict:
         """Absorbs every round that is ready in any session, in batches; with flush, everything

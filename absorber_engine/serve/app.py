@@ -21,12 +21,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, bad_request, not_found, server_error, timed_out
+from .jobs import Job, Sampling
 from .prompts import PromptBuilder
 from .schemas import AbsorbRequest, ChatRequest, CompletionRequest, parse
 from .sessions import SessionTable
 from .sse import DONE, StreamSink, event
 from .state import StateDir
-from .worker import Job, Sampling, Worker
+from .worker import Worker
 
 log = logging.getLogger("absorber.serve")
 

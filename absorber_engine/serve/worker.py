@@ -22,62 +22,22 @@ import threading
 import time
 from array import array
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 from ..errors import AbsorberError, InputError
-from .errors import APIError, absorption_failed, bad_request, not_found, overloaded, server_error, timed_out
+from .errors import (
+    APIError,
+    absorption_failed,
+    bad_request,
+    not_found,
+    overloaded,
+    server_error,
+    timed_out,
+)
+from .jobs import Job, Plan, Sampling
 from .prompts import Prompt, PromptBuilder, cut_at_stop, safe_length
 from .sessions import Conversation, SessionTable, hasher
 
 log = logging.getLogger("absorber.serve")
-
-
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stops: list[str]
-
-
-@dataclass
-class Job:
-    kind: str                          # "generate", "absorb", "info", "delete"
-    session_id: str | None = None
-    prompt: Prompt | None = None       # generate
-    sampling: Sampling | None = None   # generate
-    sink: object | None = None         # generate with stream: a StreamSink
-    document: list[int] | None = None  # absorb
-    flush: bool = False                # absorb
-    timeout: float = 600.0
-    future: Future = field(default_factory=Future)
-    deadline: float = 0.0
-
-    def fail(self, err: APIError) -> None:
-        if not self.future.done():
-            self.future.set_exception(err)
-        elif self.sink is not None:
-            self.sink.put("error", err)
-
-    def done(self, value) -> None:
-        if not self.future.done():
-            self.future.set_result(value)
-
-
-@dataclass
-class _Plan:
-    """A job's share of one turn: what its session takes in, and what it generates from."""
-
-    job: Job
-    conv: Conversation | None          # None: a stateless request, on a blank session
-    key: str                           # the engine session it reads
-    feed: list[int]
-    prompt: list[int]                  # the generation prompt
-    hasher: object | None = None       # running digest of the conversation taken in (None: a document)
-    pos: int = 0
-    reset: bool = False
-    error: APIError | None = None
 
 
 class Worker:
@@ -211,7 +171,7 @@ class Worker:
         conv = self.table.open(job.session_id)
         sess = self.table.session(conv)
         before = sess.rounds
-        plan = _Plan(job, conv, conv.key, job.document, [])
+        plan = Plan(job, conv, conv.key, job.document, [])
         self._take_in([plan])
         if plan.error is not None:
             raise plan.error
@@ -230,7 +190,7 @@ class Worker:
         for job in jobs:
             try:
                 if job.session_id is None:
-                    plans.append(_Plan(job, None, f"blank:{blanks}", [], job.prompt.ids[-self.window:]))
+                    plans.append(Plan(job, None, f"blank:{blanks}", [], job.prompt.ids[-self.window:]))
                     self.engine.session(f"blank:{blanks}")
                     blanks += 1
                 else:
@@ -252,7 +212,7 @@ class Worker:
                 else:
                     self._stream(p)
 
-    def _plan(self, job: Job) -> _Plan:
+    def _plan(self, job: Job) -> Plan:
         """Matches the request's history against its session: what is new is fed; a history that
         does not extend what the session holds starts it over."""
         conv = self.table.open(job.session_id)
@@ -262,9 +222,9 @@ class Worker:
         if reset:
             self.table.reset(conv)
             h = hasher([])
-        return _Plan(job, conv, conv.key, ids[conv.consumed:target], ids[target:], h, reset=reset)
+        return Plan(job, conv, conv.key, ids[conv.consumed:target], ids[target:], h, reset=reset)
 
-    def _take_in(self, plans: list[_Plan]) -> None:
+    def _take_in(self, plans: list[Plan]) -> None:
         """Feeds every plan's new tokens, a window's worth at a time, absorbing the rounds they make
         ready (all sessions' together) and saving each session after a round."""
         pending = list(plans)
@@ -310,7 +270,7 @@ class Worker:
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode_together(self, plans: list[_Plan]) -> None:
+    def _decode_together(self, plans: list[Plan]) -> None:
         # Rows sample with their own seeds (what each would draw alone), so only the settings that
         # apply to the whole batch split it.
         groups: dict = {}
@@ -336,13 +296,13 @@ class Worker:
             for p in rows:
                 self._finish(p, out[p.key])
 
-    def _fits(self, p: _Plan, max_tokens: int) -> bool:
+    def _fits(self, p: Plan, max_tokens: int) -> bool:
         if self.limit is None:
             return True
         held = self.engine.session(p.key).held_tokens
         return 1 + held + len(p.prompt) + max_tokens <= self.limit
 
-    def _decode_alone(self, p: _Plan) -> None:
+    def _decode_alone(self, p: Plan) -> None:
         s = p.job.sampling
         try:
             out = self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
@@ -352,7 +312,7 @@ class Worker:
             return
         self._finish(p, out[p.key])
 
-    def _finish(self, p: _Plan, ids: list[int]) -> None:
+    def _finish(self, p: Plan, ids: list[int]) -> None:
         s = p.job.sampling
         finish = "length" if len(ids) >= s.max_tokens else "stop"
         ids = ids[:s.max_tokens]
@@ -360,10 +320,10 @@ class Worker:
         p.job.done({"text": text, "finish_reason": "stop" if hit else finish, "prompt_tokens": len(p.job.prompt.ids),
                     "completion_tokens": len(ids), **self._meta(p)})
 
-    def _meta(self, p: _Plan) -> dict:
+    def _meta(self, p: Plan) -> dict:
         return {"session": p.conv.id if p.conv else None, "reset": p.reset, "fed": len(p.feed)}
 
-    def _stream(self, p: _Plan) -> None:
+    def _stream(self, p: Plan) -> None:
         """Decodes in blocks of stream_block tokens, each block a generate call that reads what the
         earlier blocks wrote, and sends each block's text as soon as it is decoded."""
         s, sink = p.job.sampling, p.job.sink
