@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 SECTIONS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py", "streaming": "bench_streaming.py",
-            "sessions": "bench_sessions.py", "serving": "bench_serving.py"}
+            "sessions": "bench_sessions.py", "serving": "bench_serving.py",
+            "workload": "bench_workload.py"}
 
 
 def main(argv=None) -> int:
