@@ -10,6 +10,7 @@ so a refused file leaves the memory held before intact.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AbsorberConfig
-from .errors import ConfigError, MemoryFileError
+from .errors import ConfigError, InputError, MemoryFileError
 
 FORMAT = "absorber-memory"
 VERSION = 1
@@ -48,8 +49,23 @@ def _base_parameters(model):
         yield name.replace(".base.", "."), p
 
 
+def output_path(path, what: str) -> str:
+    """`path` as a string, or InputError when it cannot name a file (None, a number, a NUL byte)."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InputError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path or "\0" in path:
+        raise InputError(f"{what} {path!r} is not a usable path")
+    return path
+
+
 def save_memory(session, path) -> None:
-    path = os.fspath(path)
+    path = output_path(path, "memory file")
+    if os.path.isdir(path):
+        raise InputError(f"memory file {path!r} is a directory")
     tensors = {f"delta.{k}": v.cpu().contiguous() for k, v in session.delta.state_dict().items()}
     tensors["window"] = torch.tensor(session.window_tokens(), dtype=torch.int64)
     for i, q in enumerate(session.replay):           # replay_rounds: earlier rounds' probes, in order
@@ -64,20 +80,28 @@ def save_memory(session, path) -> None:
         "rounds": str(session.rounds),
     }
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=directory)
+    except OSError as exc:            # a file where a directory should be, no permission, a name too long
+        raise InputError(f"cannot write memory file {path!r}: {exc}") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:    # a full disk is no bad argument
+            raise InputError(f"cannot write memory file {path!r}: {exc}") from None
         raise
 
 
 def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = os.fspath(path)
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise MemoryFileError(f"a memory file must be a path (str or os.PathLike), got {type(path).__name__}") from None
     if not os.path.isfile(path):
         raise MemoryFileError(f"memory file {path!r} does not exist")
     try:

@@ -156,7 +156,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except ImportError as e:
         raise UnsupportedModelError(f"loading GGUF files needs the 'gguf' package: {e}") from None
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
+    # The GGUF reader reports a file cut short with errors of every type (struct, index, overflow...).
+    except Exception as e:
         raise UnsupportedModelError(f"{gguf} is not a GGUF causal LM transformers can read: {e}") from None
     # GGUF-loaded models carry a quantization_config and refuse save_pretrained: rebuild a plain one.
     cfg_dict = loaded.config.to_dict()
@@ -179,26 +180,115 @@ def _sha256(path: Path) -> str:
 def load_pretrained(path, dtype=None, device=None, tokenizer: bool = True):
     """(model, tokenizer or None, local directory) for a directory, a .gguf file or a named model;
     bf16 on CUDA and fp32 elsewhere unless `dtype` says otherwise."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .model import DEFAULT_TARGETS
 
     path = resolve(path)
-    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if hf_config.model_type not in DEFAULT_TARGETS:
-        raise UnsupportedModelError(f"model type {hf_config.model_type!r} in {path} is not supported; "
+    device, dtype = _device_and_dtype(device, dtype)
+    raw = _read_model_config(path)
+    if not isinstance(raw.get("model_type"), str) or raw["model_type"] not in DEFAULT_TARGETS:
+        raise UnsupportedModelError(f"model type {raw.get('model_type')!r} in {path} is not supported; "
                                     f"supported: {sorted(DEFAULT_TARGETS)}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:           # transformers checks fields with errors of every type
+        raise UnsupportedModelError(f"{path}/config.json is not a config transformers accepts: {e}") from None
+    _check_weights(path, hf_config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    except MemoryError:
+        raise
+    except Exception as e:           # pickled weights cut short fail as EOFError, UnpicklingError, ...
+        raise UnsupportedModelError(f"{path} does not load as a {raw['model_type']} causal LM: {e}") from None
     tok = None
     if tokenizer:
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError):
-            tok = None    # a model without a tokenizer still works on token ids
+        except Exception:
+            tok = None    # a model without a (readable) tokenizer still works on token ids
     return model, tok, path
+
+
+def _device_and_dtype(device, dtype):
+    import torch
+
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} asked for, but CUDA is not available")
+    if dtype is None:
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
+    return device, dtype
+
+
+def _read_model_config(path) -> dict:
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UnsupportedModelError(f"{path} holds no config.json: not a Hugging Face model directory") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UnsupportedModelError(f"{file} is not readable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _check_weights(path, hf_config) -> None:
+    """Every parameter the config implies is in the weights with the same shape, read from the
+    safetensors headers alone; a config that asks for more (absurd sizes, extra layers) or weights
+    that are cut short are refused before anything is allocated."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(single):
+            files = ["model.safetensors"]
+        elif any(os.path.isfile(os.path.join(path, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            return                           # pickled weights: their shapes are checked by the load itself
+        else:
+            raise UnsupportedModelError(f"{path} holds no weights (model.safetensors)")
+        shapes = {}
+        for name in files:
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+    except UnsupportedModelError:
+        raise
+    except Exception as e:               # safetensors reports a short file or a bad header many ways
+        raise UnsupportedModelError(f"the weights in {path} are unreadable (cut short or corrupt?): {e}") from None
+    layers = 1 + max((int(m.group(1)) for k in shapes for m in [re.search(r"\.(\d+)\.", k)] if m), default=-1)
+    wanted = getattr(hf_config, "num_hidden_layers", None)
+    if not isinstance(wanted, int) or not 0 < wanted <= max(layers, 1):
+        raise UnsupportedModelError(f"{path}: config.json asks for {wanted!r} layers; the weights hold {layers}")
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config)
+    except Exception as e:
+        raise UnsupportedModelError(f"{path}/config.json does not describe a model transformers can build: {e}") \
+            from None
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        if name not in shapes:
+            if tied and name.endswith("lm_head.weight"):
+                continue
+            raise UnsupportedModelError(f"{path}: the weights have no {name} (config.json and weights disagree)")
+        if shapes[name] != tuple(p.shape):
+            raise UnsupportedModelError(f"{path}: {name} is {shapes[name]} in the weights, "
+                                        f"{tuple(p.shape)} by config.json")

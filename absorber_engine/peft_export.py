@@ -8,15 +8,23 @@ that takes PEFT adapters (vLLM's multi-LoRA serving among them).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 
 from safetensors.torch import save_file
 
 
 def export_peft(session, directory) -> None:
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    from .errors import InputError
+    from .memory_file import output_path
+
+    directory = output_path(directory, "adapter directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:            # a file in the way, no permission, a name too long
+        raise InputError(f"cannot create adapter directory {directory!r}: {exc}") from None
     cfg = session.config
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
     tensors = {}
@@ -40,6 +48,29 @@ def export_peft(session, directory) -> None:
         "base_model_name_or_path": getattr(model_cfg, "_name_or_path", "") or None,
         "inference_mode": True,
     }
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config, f, indent=2, sort_keys=True)
+    # Both files under temporary names first, then renamed: a failed export never leaves an adapter
+    # directory with weights from one memory and a config from another.
+    weights, config = (os.path.join(directory, n) for n in ("adapter_model.safetensors", "adapter_config.json"))
+    written = []
+    try:
+        for target in (weights, config):
+            if os.path.isdir(target):
+                raise InputError(f"cannot export to {directory!r}: {target} is a directory")
+        fd, tmp_weights = tempfile.mkstemp(prefix=".adapter-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        written.append(tmp_weights)
+        save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        fd, tmp_config = tempfile.mkstemp(prefix=".adapter-", suffix=".tmp", dir=directory)
+        written.append(tmp_config)
+        with os.fdopen(fd, "w") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+        os.replace(tmp_weights, weights)
+        os.replace(tmp_config, config)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:                 # a full disk is no bad argument
+            raise
+        raise InputError(f"cannot write the adapter to {directory!r}: {exc}") from None
+    finally:
+        for tmp in written:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
