@@ -1,5 +1,6 @@
-"""Installs absorber_engine, absorber_kernels (from kernels/) and absorber_bench (from bench/),
-and builds the C++ chunk scheduler in csrc/ with ninja.
+"""Installs absorber_engine and absorber_kernels (from kernels/), and builds the C++ chunk scheduler in
+csrc/ with ninja. The benchmarks (benchmarks/) and the evaluation (evals/) are not part of the
+installed library: they run from a clone (`absorber bench`, `absorber eval`, `absorber demo`).
 
 The extension is plain pybind11 + the C++ standard library, so building it never needs torch:
 pip's isolated build environment only fetches setuptools, pybind11 and ninja.
@@ -70,8 +71,8 @@ setup(
     version="0.1.0",
     description="Test-time context absorption by causal synchronization (Absorber LLM) for Hugging Face causal LMs",
     python_requires=">=3.10",
-    packages=["absorber_engine", "absorber_engine.serve", "absorber_kernels", "absorber_bench"],
-    package_dir={"absorber_engine": "absorber_engine", "absorber_kernels": "kernels", "absorber_bench": "bench"},
+    packages=["absorber_engine", "absorber_engine.serve", "absorber_kernels"],
+    package_dir={"absorber_engine": "absorber_engine", "absorber_kernels": "kernels"},
     ext_modules=[Extension("absorber_engine._scheduler", sources=SOURCES, depends=HEADERS)],
     cmdclass={"build_ext": NinjaBuildExt},
     install_requires=[
@@ -82,7 +83,6 @@ setup(
         "tqdm>=4.60",
         "peft>=0.14",
         "numpy>=1.24",
-        "matplotlib>=3.7",
         # GGUF files (and the named real model, which ships as one) are dequantized by transformers.
         "gguf>=0.10",
         "accelerate>=1.0",
@@ -92,7 +92,9 @@ setup(
     ],
     extras_require={
         # Triton is what runs the kernels on CUDA and under TRITON_INTERPRET=1 on CPU.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "openai>=1.30", "httpx>=0.27"],
+        # The tests, the benchmarks (matplotlib draws their plots) and the evaluation.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "openai>=1.30", "httpx>=0.27",
+                 "matplotlib>=3.7"],
         "triton": ["triton>=3.2"],
     },
     entry_points={"console_scripts": ["absorber=absorber_engine.cli:main"]},

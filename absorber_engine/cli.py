@@ -118,12 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands whose options live with their code (bench/): `absorber NAME --help` shows them.
+# Commands whose options live with their code, in the clone beside the library (benchmarks/, evals/):
+# `absorber NAME --help` shows them.
 _DELEGATED = {
-    "eval": ("absorber_bench.evaluate", "the long-context evaluation: every method x task x length"),
-    "bench": ("absorber_bench.run", "the microbenchmark suite (engine vs a plain PEFT implementation)"),
-    "demo": ("absorber_bench.demo", "stream a long document into the shipped model and ask about its start"),
+    "eval": ("evals.evaluate", "the long-context evaluation: every method x task x length"),
+    "bench": ("benchmarks.run", "the microbenchmark suite (engine vs a plain PEFT implementation)"),
+    "demo": ("evals.demo", "stream a long document into the shipped model and ask about its start"),
 }
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    import importlib
+    from pathlib import Path
+
+    module = _DELEGATED[name][0]
+    clone = Path(__file__).resolve().parents[1]
+    if not (clone / module.split(".")[0]).is_dir():
+        print(f"absorber {name} runs from a clone of the repository ({module.split('.')[0]}/ is not beside "
+              f"{Path(__file__).parent})", file=sys.stderr)
+        return EXIT_INPUT
+    if str(clone) not in sys.path:
+        sys.path.insert(0, str(clone))
+    return importlib.import_module(module).main(argv)
 
 
 def _config_from_args(args, base=None):
@@ -265,9 +281,7 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
-        import importlib
-
-        return importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:])
+        return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -1,5 +1,5 @@
 """Builds the shipped model's tokenizer offline: a byte-level BPE trained with `tokenizers` on
-text from the task generators (bench/tasks.py) plus docstrings of the Python standard library
+text from the task generators (evals/tasks.py) plus docstrings of the Python standard library
 (English prose and code that ships with every Python, so ordinary text does not fall apart
 into single bytes).
 
@@ -28,11 +28,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-try:
-    from absorber_bench.tasks import TASKS, make_example
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.tasks import TASKS, make_example
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # evals/ lives beside model/
+from evals.tasks import TASKS, make_example  # noqa: E402
 
 SPECIALS = ["<s>", "</s>", "<pad>"]
 HERE = Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
-"""In-context recall of a causal LM on the retrieval tasks of bench/tasks.py, greedy decoding.
+"""In-context recall of a causal LM on the retrieval tasks of evals/tasks.py, greedy decoding.
 
 Each example is prompted with its full context (``<s>`` + context + query) and the model
-decodes greedily until a newline or ``</s>``; ``bench.tasks.score`` grades the answer.
+decodes greedily until a newline or ``</s>``; ``evals.tasks.score`` grades the answer.
 Evaluation seeds are 0..N-1; training (model/train.py) draws its seeds from 10**6 upwards,
 so evaluation examples are never training examples.
 
@@ -17,11 +17,8 @@ from pathlib import Path
 
 import torch
 
-try:
-    from absorber_bench.tasks import RETRIEVAL_TASKS, Example, make_example, score
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.tasks import RETRIEVAL_TASKS, Example, make_example, score
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # evals/ lives beside model/
+from evals.tasks import RETRIEVAL_TASKS, Example, make_example, score  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,5 +1,5 @@
 """Trains the shipped model, model/absorber-tiny: a small Llama (grouped-query attention) trained
-from scratch on CPU on the task generators of bench/tasks.py.
+from scratch on CPU on the task generators of evals/tasks.py.
 
 What it learns, and why this way:
 - The data is almost all in-context recall (passkey, RULER-style needles, key-value records)
@@ -44,11 +44,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-try:
-    from absorber_bench.tasks import ADJECTIVES, NOUNS, kv_question, kv_record, make_example
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.tasks import ADJECTIVES, NOUNS, kv_question, kv_record, make_example
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # evals/ lives beside model/
+from evals.tasks import ADJECTIVES, NOUNS, kv_question, kv_record, make_example  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -56,7 +53,7 @@ import build_tokenizer  # noqa: E402
 import evaluate_recall  # noqa: E402
 
 # Task -> (share of sequences, questions per sequence). "copy" is a training-only warm-up
-# (see copy_sequence); the rest are bench/tasks.py generators.
+# (see copy_sequence); the rest are evals/tasks.py generators.
 MIXTURE = {
     "kv_recall": (0.20, 6),
     "kv_hard": (0.14, 6),
@@ -139,7 +136,7 @@ def copy_text(n_tokens: int, rng: random.Random) -> tuple[str, list[tuple[int, i
 
 
 def kv_hard_text(n_tokens: int, rng: random.Random, n_queries: int, tok) -> tuple[str, list[tuple[int, int]]]:
-    """kv_recall records (the format of bench.tasks) whose keys come from only 3-8 adjectives
+    """kv_recall records (the format of evals.tasks) whose keys come from only 3-8 adjectives
     and 3-8 nouns, so nearly every key shares a word with other keys. The first trained model
     missed 18% of kv_recall at 512 tokens, every miss the value of a key sharing one word with
     the asked key: these sequences make matching both words the only way to the answer."""
@@ -149,7 +146,7 @@ def kv_hard_text(n_tokens: int, rng: random.Random, n_queries: int, tok) -> tupl
     rng.shuffle(keys)
     header = "Below is a list of records. Each line gives a key and its value.\n"
     per_record = len(tok.encode(kv_record(keys[0], "12345"), add_special_tokens=False))
-    # Like bench.tasks: the records and one question fill n_tokens; further questions come on top.
+    # Like evals.tasks: the records and one question fill n_tokens; further questions come on top.
     n_records = max(2, min(len(keys), (n_tokens - 40) // per_record))
     values = rng.sample(range(10000, 100000), n_records)
     text = header + "".join(kv_record(k, str(v)) for k, v in zip(keys, values))

@@ -1,12 +1,12 @@
-"""The benchmark's baseline (bench/baseline.py: transformers + PEFT, teacher recomputed every step)
+"""The benchmark's baseline (benchmarks/baseline.py: transformers + PEFT, teacher recomputed every step)
 optimizes exactly the engine's objective: with only the real Y (futures = 0, deterministic) both
 see the same loss at every step of every round and end with the same delta."""
 
 import pytest
 import torch
 
-from absorber_bench.baseline import PeftSyncBaseline
-from absorber_bench.engine_hooks import record_round_losses
+from benchmarks.baseline import PeftSyncBaseline
+from benchmarks.engine_hooks import record_round_losses
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine.config import PAPER_OBJECTIVE
 from tiny_models import make_model, random_ids

@@ -1,7 +1,7 @@
 """A reduced evaluation on the shipped model, with a floor set from measurements.
 
 Passkeys at the model's trained length (512 tokens), absorbed whole (flush: no raw window is kept,
-so every digit the engine answers comes from the delta). The evaluation's budget (bench/evaluate.py):
+so every digit the engine answers comes from the delta). The evaluation's budget (evals/evaluate.py):
 n = 256, m = 128, rank 16, 80 steps per round, lr 5e-3; Absorber with 4 prompted futures, TTT
 (next-token loss on the context, same LoRA, same steps) as the baseline.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from absorber_bench.evaluate import build_methods, trained_context
-from absorber_bench.tasks import answer_text, make_example, score
+from evals.evaluate import build_methods, trained_context
+from evals.tasks import answer_text, make_example, score
 
 MODEL = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
 EXAMPLES = 8

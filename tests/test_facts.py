@@ -1,7 +1,7 @@
-"""The recall evaluation's documents and scorer (bench/facts.py, bench/recall_eval.py)."""
+"""The recall evaluation's documents and scorer (evals/facts.py, evals/recall_eval.py)."""
 
-from absorber_bench.facts import GENRES, make_document, score
-from absorber_bench.recall_eval import summarize, wilson
+from evals.facts import GENRES, make_document, score
+from evals.recall_eval import summarize, wilson
 
 
 def test_documents_are_seeded_state_their_facts_and_ask_them_in_other_words():

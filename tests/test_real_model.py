@@ -3,7 +3,7 @@ converted once into the cache, a short note of invented facts absorbed whole (fl
 it stays in a window), then its facts asked back in other words through the chat template.
 
 The budget is the model's own recommended config (model_store.NAMED_MODELS). The documents are
-seed 7 of bench/facts.py, used to choose nothing. Measured when the floor was set (2 threads,
+seed 7 of evals/facts.py, used to choose nothing. Measured when the floor was set (2 threads,
 91 s for the test): absorbed 6/8, the model alone 0/8 (README, recall section: 72.9% on 48
 questions of seed 1). The floor, half of the questions, fails if absorption stops carrying facts.
 
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from absorber_bench.facts import make_document, score
+from evals.facts import make_document, score
 from absorber_engine import AbsorberEngine
 
 pytestmark = [pytest.mark.slow,

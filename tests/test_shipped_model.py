@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from absorber_bench.tasks import make_example, score
+from evals.tasks import make_example, score
 
 MODEL = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
 sys.path.insert(0, str(MODEL.parent))
@@ -81,7 +81,7 @@ def test_in_context_recall(loaded):
 def test_recommended_config_fits_the_trained_context():
     from absorber_engine.config import recommended_config
 
-    from absorber_bench.evaluate import FUTURE_PROMPT, engine_config
+    from evals.evaluate import FUTURE_PROMPT, engine_config
 
     cfg = recommended_config(MODEL)
     assert cfg is not None

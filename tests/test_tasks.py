@@ -1,4 +1,4 @@
-"""bench/tasks.py: determinism, lengths, answers present in the context, scoring."""
+"""evals/tasks.py: determinism, lengths, answers present in the context, scoring."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from absorber_bench.tasks import RETRIEVAL_TASKS, TASKS, Example, answer_text, make_example, score
+from evals.tasks import RETRIEVAL_TASKS, TASKS, Example, answer_text, make_example, score
 
 SHIPPED = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
 

@@ -1,4 +1,4 @@
-"""The real-workload benchmark's hand-written loop (bench/workload.py: transformers + PEFT, teacher
+"""The real-workload benchmark's hand-written loop (benchmarks/workload.py: transformers + PEFT, teacher
 recomputed every step, full logits) does the engine's round: on the deterministic workloads (Y plus
 the recite probe, Y alone) every step's loss equals the engine's."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from absorber_bench.workload import CHATML, ROOT, WORKLOADS, run_engine, run_loop
+from benchmarks.workload import CHATML, ROOT, WORKLOADS, run_engine, run_loop
 from absorber_engine import AbsorberConfig
 from tiny_models import random_ids
 

@@ -1,4 +1,4 @@
-"""End-to-end absorption: the engine against the PEFT baseline (bench/baseline.py), same inputs.
+"""End-to-end absorption: the engine against the PEFT baseline (benchmarks/baseline.py), same inputs.
 
 What one comparison runs (`compare`):
 - timing: one fresh process builds the model once and alternates engine and baseline runs (engine
@@ -10,7 +10,7 @@ What one comparison runs (`compare`):
   peak of live tensor bytes (measure.py says how each is taken).
 Throughput is tokens absorbed (R·n) per second; ratios are engine / baseline of the same process.
 
-Run as a module, it is the worker: `python -m absorber_bench.e2e JOB_JSON OUT_JSON`.
+Run as a module, it is the worker: `python -m benchmarks.e2e JOB_JSON OUT_JSON`.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def run_job(job: dict) -> dict:
     """Runs one worker job in a fresh Python process and returns what it wrote."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        subprocess.run([sys.executable, "-m", "absorber_bench.e2e", json.dumps(job), out], check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.e2e", json.dumps(job), out], check=True)
         with open(out) as f:
             return json.load(f)
 

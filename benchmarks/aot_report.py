@@ -2,7 +2,7 @@
 sm_90 in bf16 and fp16, as a markdown table (registers, spills, shared memory, tensor-core
 instructions). The README includes its output.
 
-    python bench/aot_report.py [--out FILE]
+    python benchmarks/aot_report.py [--out FILE]
 
 Conditions: Triton's own ptxas and cuobjdump (from its wheel), GPUTarget("cuda", arch, 32), the
 launchers' GPU tile configurations, arguments specialised as the JIT would at Llama-7B-like sizes

@@ -2,14 +2,14 @@
 
 The pytest-benchmark time of each test is the wall time of the whole comparison (both
 implementations, every repetition, the memory runs); the measurements are in extra_info, written
-out by absorber_bench.run into results.json and SUMMARY.md. No timing assertions.
+out by benchmarks.run into results.json and SUMMARY.md. No timing assertions.
 """
 
 import pytest
 from tqdm import tqdm
 
-from absorber_bench.e2e import compare
-from absorber_bench.measure import quick
+from benchmarks.e2e import compare
+from benchmarks.measure import quick
 
 # (size, configuration, repetitions, measure memory). The c configurations run after a_hidden_l1 of
 # their size: their stop loss is the final loss the baseline reached there (engine only: c; both: c2).

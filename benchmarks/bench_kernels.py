@@ -4,8 +4,8 @@ and the two formulations' output difference go into extra_info. No timing assert
 
 import pytest
 
-from absorber_bench.kernel_cases import cases, check_same
-from absorber_bench.measure import peak_tensor_bytes, quick
+from benchmarks.kernel_cases import cases, check_same
+from benchmarks.measure import peak_tensor_bytes, quick
 
 SIZE = "quick" if quick() else "full"
 ROUNDS = 3 if quick() else 7

@@ -1,11 +1,11 @@
 """The benchmark suite as one command.
 
-    python -m absorber_bench.run            # everything, ~15 min on a 2-core CPU
-    python -m absorber_bench.run --quick    # the ~2 minute version (tiny model, shorter streams)
-    python -m absorber_bench.run --threads 1 --only e2e,kernels
+    python -m benchmarks.run            # everything, ~15 min on a 2-core CPU
+    python -m benchmarks.run --quick    # the ~2 minute version (tiny model, shorter streams)
+    python -m benchmarks.run --threads 1 --only e2e,kernels
 
-Runs pytest-benchmark over bench/bench_*.py, then writes into the results directory (bench/results,
-or bench/results/quick): pytest-benchmark.json (raw), results.json (every number with machine,
+Runs pytest-benchmark over benchmarks/bench_*.py, then writes into the results directory (benchmarks/results,
+or benchmarks/results/quick): pytest-benchmark.json (raw), results.json (every number with machine,
 versions and conditions), SUMMARY.md (tables and the goals) and streaming.png.
 """
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                          "(cores minus the 1-minute load average, at least 1): on a shared machine more threads than "
                          "free cores make OpenMP spin and times explode")
     ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
-    ap.add_argument("--results", help="results directory (default bench/results[/quick])")
+    ap.add_argument("--results", help="results directory (default benchmarks/results[/quick])")
     ap.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = ap.parse_args(argv)
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
            "-o", "python_files=bench_*.py", "-o", "addopts=", "-p", "no:cacheprovider", "-s", "-q",
            f"--rootdir={here.parent}", f"--benchmark-json={results / 'pytest-benchmark.json'}",
            "--benchmark-columns=min,median,max,rounds", "--benchmark-sort=name", *args.pytest_args]
-    command = "python -m absorber_bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     load_before = [round(x, 2) for x in os.getloadavg()]
     start = time.perf_counter()
     rc = subprocess.call(cmd, env=env, cwd=here.parent)

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     pre.add_argument("--model", default="")
     known, _ = pre.parse_known_args(argv)
     if known.tasks == "facts" or (not known.tasks and known.model in NAMED_MODELS):
-        # Chat models are evaluated on recall of invented facts (bench/recall_eval.py).
+        # Chat models are evaluated on recall of invented facts (evals/recall_eval.py).
         from .recall_eval import main as recall_main
         return recall_main(argv)
     ap = argparse.ArgumentParser(prog="absorber eval", description=__doc__.split("\n\n")[0])

@@ -1,7 +1,7 @@
 """Many streams: batched versus one after another (sessions.py). No timing assertions."""
 
-from absorber_bench.measure import quick
-from absorber_bench.sessions import run
+from benchmarks.measure import quick
+from benchmarks.sessions import run
 
 
 def test_sessions(benchmark):

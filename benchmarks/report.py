@@ -124,7 +124,7 @@ def summary_md(r: dict) -> str:
         f"Versions: python {v.get('python')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"peft {v.get('peft')}, pytest-benchmark {v.get('pytest_benchmark')}.",
         "",
-        "Baseline (bench/baseline.py): the same objective written with transformers + PEFT: a LoRA adapter with the "
+        "Baseline (benchmarks/baseline.py): the same objective written with transformers + PEFT: a LoRA adapter with the "
         "engine's r, alpha, targets and initial A/B; the teacher (a frozen copy of the round-start adapter) recomputed "
         "over X + future at every step; hidden states from output_hidden_states (h^L taken before the final norm, as "
         "the engine does); full-vocabulary logits and F.kl_div for the KL; autograd; AdamW. Same rounds (window "

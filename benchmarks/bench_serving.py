@@ -1,7 +1,7 @@
 """absorber serve at 1, 4 and 16 concurrent sessions (serving.py). No timing assertions."""
 
-from absorber_bench.measure import quick
-from absorber_bench.serving import run
+from benchmarks.measure import quick
+from benchmarks.serving import run
 
 
 def test_serving(benchmark):

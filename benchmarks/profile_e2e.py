@@ -1,7 +1,7 @@
 """Where the time of one absorption goes: cProfile (by Python function) and torch.profiler (by op)
-for the engine and the baseline on the same configuration as bench/e2e.py.
+for the engine and the baseline on the same configuration as benchmarks/e2e.py.
 
-    python -m absorber_bench.profile_e2e --size llama-56m --config a_hidden_l1 [--rounds 1] [--out FILE]
+    python -m benchmarks.profile_e2e --size llama-56m --config a_hidden_l1 [--rounds 1] [--out FILE]
 
 The torch.profiler table is sorted by self CPU time; the cProfile one by cumulative time, cut to
 the functions that matter (teacher, student forward, backward, optimizer, loss ops).
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     set_threads()
-    text = f"python -m absorber_bench.profile_e2e {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    text = f"python -m benchmarks.profile_e2e {' '.join(argv if argv is not None else sys.argv[1:])}\n"
     text += "".join(profile_impl(impl, args.size, args.config, args.rounds, args.top)
                    for impl in (["engine", "baseline"] if args.impl == "both" else [args.impl]))
     if args.out:

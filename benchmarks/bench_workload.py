@@ -5,8 +5,8 @@ extra_info and in workload/workload.json + TABLE.md beside the suite's results. 
 
 from tqdm import tqdm
 
-from absorber_bench.measure import quick
-from absorber_bench.workload import MODELS, WORKLOADS, run
+from benchmarks.measure import quick
+from benchmarks.workload import MODELS, WORKLOADS, run
 
 
 def test_workload(benchmark, results_dir):

@@ -3,8 +3,8 @@ vs a StreamingLLM-style window; writes streaming.png beside the results. No timi
 
 from tqdm import tqdm
 
-from absorber_bench.measure import quick
-from absorber_bench.streaming import LENGTHS_FULL, LENGTHS_QUICK, plot, run
+from benchmarks.measure import quick
+from benchmarks.streaming import LENGTHS_FULL, LENGTHS_QUICK, plot, run
 
 
 def test_streaming(benchmark, results_dir):

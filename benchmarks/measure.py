@@ -26,7 +26,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def set_threads() -> int:
-    """Applies ABSORBER_BENCH_THREADS (set by absorber_bench.run --threads) to torch; returns the count."""
+    """Applies ABSORBER_BENCH_THREADS (set by benchmarks.run --threads) to torch; returns the count."""
     n = os.environ.get("ABSORBER_BENCH_THREADS")
     if n:
         torch.set_num_threads(int(n))

@@ -1,5 +1,5 @@
 """Recall of absorbed facts on a chat model (e.g. smollm2-135m): documents of invented facts
-(bench/facts.py) absorbed whole (flush), then asked back in other words through the chat template.
+(evals/facts.py) absorbed whole (flush), then asked back in other words through the chat template.
 
 Methods, all on the same model and the same questions:
 - none: the question alone.
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the documents (the defaults were tuned on 0)")
     ap.add_argument("--config", default="{}", help="JSON of AbsorberConfig fields overriding the model's own")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default=None, help="output directory (default: bench/results/recall/MODEL)")
+    ap.add_argument("--out", default=None, help="output directory (default: evals/results/recall/MODEL)")
     ap.add_argument("--stream", action="store_true",
                     help="stream the documents through the window instead of flushing each one "
                          "(methods: window, full, ttt, absorber)")

@@ -1,8 +1,8 @@
-"""pytest setup of the benchmark suite (bench/bench_*.py; run it with `python -m absorber_bench.run`).
+"""pytest setup of the benchmark suite (benchmarks/bench_*.py; run it with `python -m benchmarks.run`).
 
-Environment (set by absorber_bench.run): ABSORBER_BENCH_QUICK=1 for the ~2 minute version,
+Environment (set by benchmarks.run): ABSORBER_BENCH_QUICK=1 for the ~2 minute version,
 ABSORBER_BENCH_THREADS for torch's intra-op threads (default: torch's own), ABSORBER_BENCH_RESULTS
-for where the plot goes (default bench/results, or bench/results/quick).
+for where the plot goes (default benchmarks/results, or benchmarks/results/quick).
 """
 
 import os
@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from absorber_bench.measure import machine, quick, set_threads, versions  # noqa: E402
+from benchmarks.measure import machine, quick, set_threads, versions  # noqa: E402
 
 set_threads()
 
