@@ -193,6 +193,10 @@ class ModelRunner:
         return torch.autocast(self.device.type, dtype=self.compute_dtype or torch.float32,
                               enabled=self.compute_dtype is not None, cache_enabled=False)
 
+    def model_dtype(self):
+        """Inside an autocast block: run in the model's own dtype again."""
+        return torch.autocast(self.device.type, enabled=False)
+
     @contextmanager
     def padded_attention(self, padded: bool):
         """Padded rows need a padding mask, which the flash kernel does not take; sdpa does."""

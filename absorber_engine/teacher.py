@@ -135,9 +135,10 @@ def _normalize_layers(t: SyncTargets) -> None:
 
 def _self_study(runner, batch: RoundBatch, cfg, need_final) -> list[list[FutureGroup]]:
     """Self-study probes: the teacher reads X in its frame (a system message for chat models), then
-    for each kind its seed instruction, and answers it; the answers are sampled for all streams and
-    all probes of a kind in one batch, recording the teacher's states as they go. The student reads
-    the seed and the answer after its own opening (frame.student_open), without X."""
+    for each kind its seed instruction, and answers it. The sampled kinds' answers are sampled for
+    all streams and all kinds in one batch (seeds left-padded to one length), recording the
+    teacher's states as they go; "recite" is forced whole. The student reads the seed and the
+    answer after its own opening (frame.student_open), without X."""
     S, dev, frame = batch.streams, runner.device, batch.frame
     runner.bind(batch.deltas)
     ids = lambda t: torch.tensor(t, dtype=torch.long, device=dev)                  # noqa: E731
@@ -145,30 +146,55 @@ def _self_study(runner, batch: RoundBatch, cfg, need_final) -> list[list[FutureG
     _, cache = runner.forward(runner.with_prefix(torch.cat([before, batch.x, after], dim=1)), use_cache=True)
     x_kv = cache_tensors(cache)
     del cache
-    lead = ids(frame.student_open)
+    kinds = kinds_per_round(cfg.probe_kinds, cfg.probes)
+    sampled = [(kind, count) for kind, count in kinds if kind not in FORCED_KINDS]
+    if sampled:
+        width = max(len(frame.seeds[kind]) for kind, _ in sampled)
+        rows = [(kind, width - len(frame.seeds[kind])) for kind, count in sampled for _ in range(count)]
+        prompts = ids([[0] * pad + frame.seeds[kind] for kind, pad in rows])          # (rows, width)
+        every = sample_with_states(runner, batch, x_kv, None, len(rows), need_final, prompts,
+                                   width + cfg.probe_tokens, cfg.probe_temperature, cfg.probe_top_p,
+                                   pads=[pad for _, pad in rows])
     out: list[list[FutureGroup]] = [[] for _ in range(S)]
-    for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
-        seed = ids(frame.seeds[kind])
+    first = 0                               # the kind's first row among each stream's sampled rows
+    for kind, count in kinds:
+        seed = frame.seeds[kind]
         if kind in FORCED_KINDS:
             # Every row of a stream would read the same: one row per stream, all of it forced.
-            count = 1
-            forced = torch.cat([seed.expand(S, -1), batch.x, ids(frame.stop[:1]).expand(S, -1)], dim=1)   # (S, t)
+            forced = torch.cat([ids(seed).expand(S, -1), batch.x, ids(frame.stop[:1]).expand(S, -1)], dim=1)
             g = sample_with_states(runner, batch, x_kv, None, 1, need_final, forced, forced.shape[1], 1.0, 1.0)
-            mask = torch.ones_like(g.ids, dtype=torch.bool)
-        else:
-            g = sample_with_states(runner, batch, x_kv, None, count, need_final, seed, seed.numel() + cfg.probe_tokens,
-                                   cfg.probe_temperature, cfg.probe_top_p)
-            mask = answer_mask(g.ids, seed.numel(), frame.stop)                       # (S·count, t)
-        for s in range(S):
-            rows = slice(s * count, (s + 1) * count)
-            m = mask[rows]
-            hidden = [h[rows] * m[..., None] for h in g.hidden]      # padded positions: zero, out of the loss
-            final = None
-            if need_final:
-                final = g.final.view(S * count, -1, runner.hidden_size)[rows][m]      # (real positions, D)
-            out[s].append(FutureGroup(g.ids[rows], hidden, final, lead=lead.expand(count, -1) if lead.numel() else None,
-                                      mask=m, x_span=(seed.numel(), batch.x.shape[1]) if kind in FORCED_KINDS else None))
+            _split(runner, g, 1, torch.ones_like(g.ids, dtype=torch.bool), out, x_span=(len(seed), batch.x.shape[1]))
+            continue
+        pad = width - len(seed)
+        picked = torch.cat([torch.arange(first, first + count) + s * len(rows) for s in range(S)]).to(dev)
+        g = _rows(runner, every, picked, pad)
+        _split(runner, g, count, answer_mask(g.ids, len(seed), frame.stop), out)
+        first += count
+    lead = ids(frame.student_open)
+    for groups in out:
+        for g in groups:
+            g.lead = lead.expand(g.ids.shape[0], -1) if lead.numel() else None
     return out
+
+
+def _rows(runner, g: FutureGroup, picked: torch.Tensor, pad: int) -> FutureGroup:
+    """Rows `picked` of a sampled group, without their first `pad` (padding) positions."""
+    final = None
+    if g.final is not None:
+        final = g.final.view(g.ids.shape[0], -1, runner.hidden_size)[picked, pad:].reshape(-1, runner.hidden_size)
+    return FutureGroup(g.ids[picked, pad:], [h[picked, pad:] for h in g.hidden], final)
+
+
+def _split(runner, g: FutureGroup, count: int, mask: torch.Tensor, out, x_span=None) -> None:
+    """A stream-major group of `count` rows per stream, cut into each stream's FutureGroup, with
+    the positions outside `mask` zeroed out of the loss."""
+    S = len(out)
+    for s in range(S):
+        rows = slice(s * count, (s + 1) * count)
+        m = mask[rows]
+        hidden = [h[rows] * m[..., None] for h in g.hidden]
+        final = g.final.view(S * count, -1, runner.hidden_size)[rows][m] if g.final is not None else None
+        out[s].append(FutureGroup(g.ids[rows], hidden, final, mask=m, x_span=x_span))
 
 
 def _replay(runner, batch: RoundBatch, need_final) -> list[FutureGroup]:
@@ -200,38 +226,60 @@ def _replay(runner, batch: RoundBatch, need_final) -> list[FutureGroup]:
 
 
 def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, need_final, prompt, length,
-                       temperature, top_p) -> FutureGroup:
+                       temperature, top_p, pads: list[int] | None = None) -> FutureGroup:
     """`count` continuations of each stream's X sampled by its teacher, all streams in one batch,
     with the teacher's states at every token. Rows are stream-major.
 
     With a prompt, every row starts with it (one batched forward) and the teacher samples on from
     there: a future_prompt (k,) shared by all rows, e.g. a question opener, so the futures ask about
-    X rather than continue it; or one per stream (S, k), a probe forced whole."""
+    X rather than continue it; one per stream (S, k), a probe forced whole; or, with `pads`, one
+    per row of a stream (count, k), each left-padded by pads[row] (masked, positions counted from
+    the row's first real token), so probes of different seeds sample in one batch."""
     S = batch.streams
     runner.bind(batch.deltas, count)
     cache = runner.make_cache(x_kv, repeat=count)
     parts_ids, hidden_parts, final_parts = [], [], []
     p = 0 if prompt is None else prompt.shape[-1]
+    mask = position = None
+    if pads is not None:
+        cached = x_kv[0][0].shape[2]
+        pad = torch.tensor(pads, device=runner.device).repeat(S)[:, None]                # (S·count, 1)
+        cols = torch.arange(p, device=runner.device)[None, :]
+        mask = torch.cat([torch.ones(S * count, cached, dtype=torch.long, device=runner.device),
+                          (cols >= pad).long()], dim=1)
+        position = (cached + cols - pad).clamp(min=0)
     if p:
-        forced = prompt.expand(S * count, -1) if prompt.dim() == 1 else prompt.repeat_interleave(count, dim=0)
-        with runner.capture() as cap:
-            final, cache = runner.forward(forced, cache, use_cache=True)              # (S·count, p, D)
+        if pads is not None:
+            forced = prompt.repeat(S, 1)
+        else:
+            forced = prompt.expand(S * count, -1) if prompt.dim() == 1 else prompt.repeat_interleave(count, dim=0)
+        with runner.capture() as cap, runner.padded_attention(mask is not None):
+            final, cache = runner.forward(forced, cache, use_cache=True, attention_mask=mask,
+                                          position_ids=position)                      # (S·count, p, D)
         parts_ids.append(forced)
         hidden_parts.append(cap.states)
         final_parts.append(final)
         logits = runner.logits(final[:, -1])
     else:
         logits = first_logits.repeat_interleave(count, dim=0)                        # (S·count, V)
-    for step in range(length - p):
-        tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], temperature, top_p, gen)
-                         for s, gen in enumerate(batch.generators)])                # (S·count,)
-        with runner.capture() as cap:
-            final, cache = runner.forward(tok[:, None], cache, use_cache=True)        # (S·count, 1, D)
-        parts_ids.append(tok[:, None])
-        hidden_parts.append(cap.states)
-        final_parts.append(final)
-        if step + 1 < length - p:
-            logits = runner.logits(final[:, -1])
+    # Decode steps run in the model's own dtype: a step of a few rows reads each weight once, and
+    # autocast would first write a low-precision copy of every weight and read that (1.7x slower
+    # per step on a CPU in bf16). The cache built under autocast is promoted as it grows.
+    with runner.model_dtype(), runner.capture() as cap, runner.padded_attention(mask is not None):
+        for step in range(length - p):
+            tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], temperature, top_p, gen)
+                             for s, gen in enumerate(batch.generators)])            # (S·count,)
+            before = len(cap.states)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(S * count, 1)], dim=1)
+                position = position[:, -1:] + 1
+            final, cache = runner.forward(tok[:, None], cache, use_cache=True, attention_mask=mask,
+                                          position_ids=position)                      # (S·count, 1, D)
+            parts_ids.append(tok[:, None])
+            hidden_parts.append(cap.states[before:])
+            final_parts.append(final)
+            if step + 1 < length - p:
+                logits = runner.logits(final[:, -1])
     ids = torch.cat(parts_ids, dim=1)                                                # (S·count, T)
     hidden = [torch.cat([h[layer] for h in hidden_parts], dim=1) for layer in range(runner.num_states)]
     final = torch.cat(final_parts, dim=1).reshape(-1, runner.hidden_size) if need_final else None
