@@ -254,13 +254,14 @@ class AbsorberEngine:
 
     @torch.no_grad()
     def generate_batch(self, prompts: dict, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       stop=None, seed: int | dict | None = None) -> dict:
+                       stop=None, seed: int | dict | None = None, on_token=None) -> dict:
         """Generates for several sessions in one batch, each row with its own delta and window.
 
         prompts maps a session name to its prompt (text, token ids, or None to continue the window
         alone). Returns, per session, text when its prompt was text, else a list of token ids.
         seed: one for every row, or {session: seed}; each row samples with its own generator, so its
-        tokens are those it would get alone with the same seed.
+        tokens are those it would get alone with the same seed. on_token(session, token), when given,
+        sees each token as it is chosen (streaming); returning False ends that row there.
         """
         inputs.check_sampling(max_new_tokens, temperature, top_p)
         if not prompts:
@@ -270,12 +271,14 @@ class AbsorberEngine:
         for sess, p in zip(sessions, ids):
             self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
         stops = inputs.stop_ids(stop, self.tokenizer, self.runner.vocab_size)
-        seeds = [inputs.seed_of(seed, name, self.config.seed) for name in prompts]
+        names = list(prompts)
+        seeds = [inputs.seed_of(seed, name, self.config.seed) for name in names]
         gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
         with self._resident(sessions):
             windows = [self._window(s) for s in sessions]
             new = generate_rows(self.runner, [s.delta for s in sessions], windows, ids, max_new_tokens, temperature,
-                                top_p, stops, gens)
+                                top_p, stops, gens, None if on_token is None else
+                                lambda row, tok: on_token(names[row], tok))
         return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
                 for (name, p), out in zip(prompts.items(), new)}
 

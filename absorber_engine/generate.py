@@ -89,8 +89,10 @@ def logits_after(runner: ModelRunner, delta, window: WindowKV, ids: list[int]) -
 
 def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], prompts: list[list[int]],
                   max_new_tokens: int, temperature: float, top_p: float, stops: set[int],
-                  generators: list[torch.Generator]) -> list[list[int]]:
-    """New tokens of each row (stop tokens excluded), every row with its own delta and window."""
+                  generators: list[torch.Generator], on_token=None) -> list[list[int]]:
+    """New tokens of each row (stop tokens excluded), every row with its own delta and window.
+    on_token(row, token), when given, sees each new token as it is chosen; returning False ends
+    that row there."""
     for row, (w, p) in enumerate(zip(windows, prompts)):
         if len(w.tokens) == len(runner.prefix) and not p:
             raise InputError(f"generate() needs a prompt when the window holds no tokens (row {row} of the batch)")
@@ -98,7 +100,7 @@ def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], pr
     padded = len({len(w.tokens) for w in windows}) > 1 or len({len(p) for p in prompts}) > 1
     with runner.padded_attention(padded):
         rows = prefill(runner, windows, prompts, padded)
-        return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generators)
+        return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generators, on_token)
 
 
 def prefill(runner: ModelRunner, windows: list[WindowKV], prompts: list[list[int]], padded: bool) -> Rows:
@@ -129,7 +131,7 @@ def prefill(runner: ModelRunner, windows: list[WindowKV], prompts: list[list[int
 
 
 def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: float, top_p: float,
-           stops: set[int], generators: list[torch.Generator]) -> list[list[int]]:
+           stops: set[int], generators: list[torch.Generator], on_token=None) -> list[list[int]]:
     """Each row samples with its own generator, so a row draws what it would draw alone."""
     S, device = rows.last.shape[0], runner.device
     cache, last, mask, next_pos = rows.cache, rows.last, rows.mask, rows.next_pos
@@ -148,6 +150,8 @@ def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: fl
                 done[s] = True
             else:
                 out[s].append(t)
+                if on_token is not None and on_token(s, t) is False:
+                    done[s] = True
         if all(done) or step + 1 == max_new_tokens:
             break
         if mask is not None:

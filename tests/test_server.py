@@ -83,11 +83,12 @@ def test_stop_sequences_and_seeded_sampling(client):
 
 
 def test_streaming_equals_the_whole_answer(client):
-    for kw in (dict(temperature=0), dict(temperature=0, stop=[" 7"])):
+    for kw in (dict(temperature=0), dict(temperature=0, stop=[" 7"]), dict(temperature=1.0, top_p=0.9, seed=5)):
         whole = client.completions.create(model=NAME, prompt=DOC + "The pass key is", max_tokens=20, **kw)
         parts = list(client.completions.create(model=NAME, prompt=DOC + "The pass key is", max_tokens=20,
                                                stream=True, **kw))
         assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+        assert len([p for p in parts if p.choices[0].text]) > 3         # token by token, not in one piece
         assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     messages = [{"role": "system", "content": DOC}, {"role": "user", "content": "Where does Anna live?"}]
     whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)

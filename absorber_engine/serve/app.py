@@ -46,7 +46,6 @@ class ServeConfig:
     timeout_s: float = 300.0           # per request, queueing included
     max_body_bytes: int = 8 * 2**20
     idle_save_s: float = 2.0           # a changed session is saved once idle this long (and at shutdown)
-    stream_block: int = 8              # tokens decoded per block of a streamed answer
     completion_max_tokens: int = 16    # OpenAI's default for /v1/completions
     chat_max_tokens: int = 128
 
@@ -55,7 +54,7 @@ def create_app(engine, cfg: ServeConfig, max_positions: int | None = None, vocab
     """The server for `engine`, which it owns from now on (one worker thread makes every call)."""
     prompts = PromptBuilder(engine.tokenizer, vocab_size or len(engine.tokenizer))
     table = SessionTable(engine, StateDir(cfg.state_dir) if cfg.state_dir else None, cfg.idle_save_s)
-    worker = Worker(engine, table, prompts, max_positions, cfg.max_queue, cfg.max_batch, cfg.stream_block)
+    worker = Worker(engine, table, prompts, max_positions, cfg.max_queue, cfg.max_batch)
 
     @asynccontextmanager
     async def lifespan(app):

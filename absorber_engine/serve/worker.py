@@ -42,9 +42,9 @@ log = logging.getLogger("absorber.serve")
 
 class Worker:
     def __init__(self, engine, table: SessionTable, prompts: PromptBuilder, max_positions: int | None,
-                 max_queue: int, max_batch: int, stream_block: int):
+                 max_queue: int, max_batch: int):
         self.engine, self.table, self.prompts = engine, table, prompts
-        self.max_batch, self.stream_block = max_batch, stream_block
+        self.max_batch = max_batch
         cfg = engine.config
         self.window = cfg.chunk_tokens + cfg.sync_tokens
         self.limit = max(max_positions, cfg.window_tokens) if max_positions else None
@@ -324,41 +324,37 @@ class Worker:
         return {"session": p.conv.id if p.conv else None, "reset": p.reset, "fed": len(p.feed)}
 
     def _stream(self, p: Plan) -> None:
-        """Decodes in blocks of stream_block tokens, each block a generate call that reads what the
-        earlier blocks wrote, and sends each block's text as soon as it is decoded."""
+        """Sends each token's text as soon as it is decoded (held back only while it may still
+        become a stop sequence); the answer is the one the request gets without streaming."""
         s, sink = p.job.sampling, p.job.sink
         p.job.done(self._meta(p))
-        seed = _seed(s)
         out: list[int] = []
-        sent, finish = 0, "length"
-        block = 0
-        while len(out) < s.max_tokens:
-            n = min(self.stream_block, s.max_tokens - len(out))
-            try:
-                new = self.engine.generate_batch({p.key: p.prompt + out}, max_new_tokens=n, temperature=s.temperature,
-                                                 top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids),
-                                                 seed=None if seed is None else seed + block)[p.key]
-            except (InputError, AbsorberError) as exc:
-                sink.put("error", bad_request(str(exc)))
-                return
-            block += 1
-            out += new
+        sent, hit = 0, False
+
+        def on_token(_key, token: int) -> bool:
+            nonlocal sent, hit
+            out.append(token)
             text = self.prompts.decode(out)
             cut, hit = cut_at_stop(text, s.stops)
-            if hit or len(new) < n:
-                sink.put("text", cut[sent:])
-                sent, finish = len(cut), "stop"
-                break
-            safe = safe_length(text, s.stops)
-            if safe > sent:
-                sink.put("text", text[sent:safe])
-                sent = safe
-            if sink.closed or time.monotonic() > p.job.deadline:
-                break
-        else:
+            end = len(cut) if hit else safe_length(text, s.stops)
+            if end > sent:
+                sink.put("text", (cut if hit else text)[sent:end])
+                sent = end
+            # A stop sequence, a client gone or the deadline ends the row.
+            return not (hit or sink.closed or time.monotonic() > p.job.deadline)
+
+        try:
+            self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
+                                       top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed={p.key: _seed(s)},
+                                       on_token=on_token)
+        except (InputError, AbsorberError) as exc:
+            sink.put("error", bad_request(str(exc)))
+            return
+        if not hit:
             text = self.prompts.decode(out)
             if len(text) > sent:
                 sink.put("text", text[sent:])
+        finish = "stop" if hit or len(out) < s.max_tokens else "length"
         sink.put("end", {"finish_reason": finish, "prompt_tokens": len(p.job.prompt.ids),
                          "completion_tokens": len(out)})
 
