@@ -94,7 +94,11 @@ setup(
         # Triton is what runs the kernels on CUDA and under TRITON_INTERPRET=1 on CPU.
         # The tests, the benchmarks (matplotlib draws their plots) and the evaluation.
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "openai>=1.30", "httpx>=0.27",
-                 "matplotlib>=3.7"],
+                 "matplotlib>=3.7",
+                 # The fuzz campaign's coverage-guided engine; wheels exist only for these platforms, and
+                 # python -m fuzz.campaign falls back to hypothesis without it.
+                 "atheris>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64' "
+                 "and python_version >= '3.11' and python_version < '3.14'"],
         "triton": ["triton>=3.2"],
     },
     entry_points={"console_scripts": ["absorber=absorber_engine.cli:main"]},

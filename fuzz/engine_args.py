@@ -70,9 +70,9 @@ def make_value(kind: str, ints: list[int], text: str, dtype, shape: tuple, odd):
     if kind == "strsub":
         return StrSub(text)
     if kind == "tensor":
-        return _tensor(dtype, shape, ints)
+        return _tensor(dtype if isinstance(dtype, torch.dtype) else torch.int64, shape, ints)
     if kind == "array":
-        return _array(dtype, shape, ints)
+        return _array(dtype if isinstance(dtype, str) else "<i8", shape, ints)
     if kind == "generator":
         return (i for i in ints)
     if kind == "range":

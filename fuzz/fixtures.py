@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).absolute().parent.parent       # not resolve(): a linked checkout fuzzes itself
 SHIPPED = ROOT / "model" / "absorber-tiny"
 
 # Rounds as cheap as a round gets: one step, a 24-token window, nothing sampled.
