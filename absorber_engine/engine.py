@@ -120,6 +120,7 @@ class AbsorberEngine:
         """
         sess = self._get(session)
         ids = self.to_ids(text_or_ids, allow_empty=flush)
+        inputs.check_callback("progress", progress)
         if not ids and sess.held_tokens == 0:
             raise InputError("nothing to absorb: the input is empty and the window holds no tokens")
         start, report = time.perf_counter(), AbsorbReport()
@@ -264,6 +265,7 @@ class AbsorberEngine:
         sees each token as it is chosen (streaming); returning False ends that row there.
         """
         inputs.check_sampling(max_new_tokens, temperature, top_p)
+        inputs.check_callback("on_token", on_token)
         if not prompts:
             raise InputError("generate_batch() needs at least one session")
         sessions = [self._get(name) for name in prompts]

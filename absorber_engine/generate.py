@@ -40,11 +40,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_p < 1 samples the nucleus."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.double() / temperature
+    if not torch.isfinite(scaled).all():      # a temperature so small that only the top token is left
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the top token.
         outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        outside[..., 0] = False
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

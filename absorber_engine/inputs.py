@@ -13,7 +13,10 @@ def to_ids(value, tokenizer, vocab_size: int, allow_empty: bool = False) -> list
     if isinstance(value, str):
         if tokenizer is None:
             raise InputError("this engine has no tokenizer: pass token ids instead of text")
-        ids = list(tokenizer.encode(value, add_special_tokens=False))
+        try:
+            ids = list(tokenizer.encode(value, add_special_tokens=False))
+        except (TypeError, ValueError, UnicodeError) as exc:     # e.g. lone surrogates, which no tokenizer takes
+            raise InputError(f"the text cannot be tokenized ({type(exc).__name__}: {exc})") from exc
     else:
         ids = as_id_list(value)
     if not ids and not allow_empty:
@@ -35,8 +38,15 @@ def as_id_list(value) -> list[int]:
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise InputError(f"token ids must be integers, got a {value.dtype} tensor")
         return [int(t) for t in value.tolist()]
-    if hasattr(value, "tolist") and hasattr(value, "dtype"):       # numpy arrays
-        return as_id_list(torch.as_tensor(value))
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):       # numpy arrays, any byte order
+        kind = getattr(value.dtype, "kind", None)
+        if kind not in ("i", "u"):
+            raise InputError(f"token ids must be integers, got an array of dtype {value.dtype}")
+        if getattr(value, "ndim", 1) == 2 and value.shape[0] == 1:
+            value = value[0]
+        if getattr(value, "ndim", 1) != 1:
+            raise InputError(f"token ids must be 1-D (or (1, T)), got an array of shape {tuple(value.shape)}")
+        return [int(t) for t in value.tolist()]
     if isinstance(value, (bytes, bytearray, dict, set)) or not hasattr(value, "__iter__"):
         raise InputError(f"expected text or a sequence of token ids, got {type(value).__name__}")
     out = []
@@ -50,8 +60,8 @@ def as_id_list(value) -> list[int]:
 def check_sampling(max_new_tokens, temperature, top_p) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise InputError(f"temperature must be >= 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < 1e30:
+        raise InputError(f"temperature must be a number in [0, 1e30), got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
 
@@ -62,14 +72,20 @@ def stop_ids(stop, tokenizer, vocab_size: int) -> set[int]:
     if stop is None:
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         return {eos} if isinstance(eos, int) else set()
-    if isinstance(stop, (int, str)):
+    if isinstance(stop, (int, str)) and not isinstance(stop, bool):
         stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise InputError(f"stop must be a token id, a text, or a list of them, got {type(stop).__name__}")
     out = set()
     for s in stop:
         if isinstance(s, str):
+            if tokenizer is None:
+                raise InputError("stop texts need a tokenizer: pass stop token ids instead")
             out.update(to_ids(s, tokenizer, vocab_size))
+        elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab_size:
+            out.add(s)
         else:
-            out.update(as_id_list([s]))
+            raise InputError(f"stop items must be token ids in [0, {vocab_size}) or texts, got {s!r}")
     return out
 
 
@@ -96,3 +112,8 @@ def seed_of(seed, name, default: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return seed
+
+
+def check_callback(name: str, fn) -> None:
+    if fn is not None and not callable(fn):
+        raise InputError(f"{name} must be a function or None, got {type(fn).__name__}")

@@ -392,13 +392,10 @@ def test_engine_refused_after_attaching_leaves_the_model_plain():
     assert type(model.model.layers[0].self_attn.v_proj) is nn.Linear
 
 
-# Crashes found by fuzzing whose cause lies in the engine's input checks and sampling (being
-# reorganised elsewhere): each asserts the contract and fails until that code is fixed. Where the
-# fix belongs: fuzz.contract.KNOWN, which the fuzzers tolerate until the entry is deleted.
-LEAD = "crash found by fuzzing; the fix belongs in the engine (fuzz.contract.KNOWN)"
+# Crashes found by fuzzing in the engine's input checks and sampling, fixed there (inputs.py,
+# generate.sample_next, engine.absorb); each is its minimized input.
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 @pytest.mark.parametrize("seed", [2**70, -2**63 - 1, "a", True, 1.5], ids=["2**70", "below int64", "str", "bool", "float"])
 def test_generate_seed_that_is_no_int64(eng, seed):
     state = _memory(eng)
@@ -407,14 +404,12 @@ def test_generate_seed_that_is_no_int64(eng, seed):
     _same_memory(eng, state)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 @pytest.mark.parametrize("stop", [3.5, [None], ["x", object()]], ids=["float", "[None]", "object"])
 def test_generate_stop_that_is_no_ids(eng, stop):
     with pytest.raises(InputError, match="stop"):
         eng.generate([3, 4], max_new_tokens=2, stop=stop)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 @pytest.mark.parametrize("value", [np.array(["1"]), np.array([1, "a"], dtype=object)], ids=["strings", "objects"])
 def test_numpy_arrays_that_are_no_ids(eng, value):
     state = _memory(eng)
@@ -423,12 +418,10 @@ def test_numpy_arrays_that_are_no_ids(eng, value):
     _same_memory(eng, state)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 def test_big_endian_numpy_ids_read_like_native_ones(eng):
     assert torch.equal(eng.logits(np.array([5, 6], dtype=">i4")), eng.logits([5, 6]))
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 def test_progress_that_is_not_callable():
     e = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**CFG))
     state = _memory(e)
@@ -437,7 +430,6 @@ def test_progress_that_is_not_callable():
     _same_memory(e, state)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 @pytest.mark.parametrize("temperature, top_p", [(1e-300, 1.0), (5e-324, 1.0), (10**400, 1.0), (2.0, 1e-300)],
                          ids=["temperature 1e-300", "subnormal temperature", "temperature 10**400", "top_p 1e-300"])
 def test_sampling_at_extremes(eng, temperature, top_p):
@@ -448,7 +440,6 @@ def test_sampling_at_extremes(eng, temperature, top_p):
     assert len(out) == 2 and all(0 <= t < VOCAB for t in out)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 def test_text_with_lone_surrogates():
     from absorber_engine.cli import SHIPPED_MODEL
 
