@@ -148,6 +148,7 @@ class HandWrittenLoop:
         self.frame = build_frame(tokenizer, cfg.probe_kinds, cfg.chat_probes) if cfg.probes else None
         self.probe_seconds = 0.0
         self.probe_tokens = 0
+        self.recite = None                 # (group, where X starts in it) of this round's recite probe
 
     def parameters(self):
         return [p for layer in self.lora_layers.values()
@@ -172,10 +173,12 @@ class HandWrittenLoop:
         f, cfg = self.frame, self.cfg
         context = self.prefix + f.context_open + x + f.context_close
         out = []
+        self.recite = None
         for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
             seed = f.seeds[kind]
             if kind in FORCED_KINDS:
                 answer = torch.tensor([seed + x + f.stop[:1]])                                 # (1, t)
+                self.recite = (len(out), len(seed))       # which probe, and where X starts in it
                 out.append((answer, torch.ones_like(answer, dtype=torch.bool)))
                 continue
             torch.manual_seed(cfg.seed * 1_000_003 + round_index)
@@ -216,8 +219,14 @@ class HandWrittenLoop:
         scale = [positions * D / sum(float((h[l] * m[..., None]).abs().sum()) for (h, _), (_, _, m) in zip(teachers, groups))
                  for l in range(L1)]
         loss = torch.zeros(())
-        for (t_hidden, t_logits), (_, s_ids, mask) in zip(teachers, groups):
+        # ntp_in_recite: the next-token loss on X is read off the recite probe's student pass.
+        in_recite = cfg.ntp_in_recite and self.recite is not None
+        for g, ((t_hidden, t_logits), (_, s_ids, mask)) in enumerate(zip(teachers, groups)):
             s_hidden, s_logits = self._states(s_ids, mask.shape[1])
+            if in_recite and g == self.recite[0] and cfg.ntp_weight > 0:
+                at = self.recite[1]
+                ce = F.cross_entropy(s_logits[0, at - 1:at - 1 + len(x)].float(), torch.tensor(x))
+                loss = loss + cfg.ntp_weight * ce
             if cfg.hidden_weight > 0:
                 keep = mask[..., None]
                 l1 = sum(((s - t) * keep).abs().sum() * c for s, t, c in zip(s_hidden, t_hidden, scale))
@@ -228,7 +237,7 @@ class HandWrittenLoop:
                 log_ps = F.log_softmax(s_logits[mask].float() / T, dim=-1)
                 kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="sum")
                 loss = loss + cfg.kl_weight * T * T * kl / positions
-        if cfg.ntp_weight > 0:
+        if cfg.ntp_weight > 0 and not in_recite:
             ids = torch.tensor([self.prefix + x])
             logits = self.model(input_ids=ids[:, :-1], use_cache=False).logits
             loss = loss + cfg.ntp_weight * F.cross_entropy(logits[0].float(), ids[0, 1:])
@@ -244,8 +253,12 @@ class HandWrittenLoop:
         if y:
             yt = torch.tensor([y])
             groups.append((self.prefix + x + y, self.prefix + y, torch.ones_like(yt, dtype=torch.bool)))
+        self.recite = None
         if self.frame is not None:
+            first = len(groups)
             groups += self._probes(x, round_index)
+            if self.recite is not None:
+                self.recite = (first + self.recite[0], self.recite[1])
         params = self.parameters()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses = []
