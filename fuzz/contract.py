@@ -204,14 +204,14 @@ FIXED = [
     {"target": "cli_input", "crash": "TypeError from the tokenizer: --encoding unicode_escape giving lone surrogates",
      "fixed_in": "distributed.read_stream", "test": "test_cli_inputs_found_by_fuzzing[lone surrogate]"},
     {"target": "cli_input", "crash": "IsADirectoryError / ValueError: --input a directory or a path with NUL",
-     "fixed_in": "distributed.read_stream", "test": "test_cli_inputs_found_by_fuzzing[input is a directory]"},
+     "fixed_in": "distributed.read_stream", "test": "test_cli_input_that_is_a_directory"},
     {"target": "cli_input", "crash": "ValueError: generate --ids --prompt with junk (int() in cli)",
-     "fixed_in": "cli.cmd_generate via distributed.parse_ids", "test": "test_cli_inputs_found_by_fuzzing[junk prompt ids]"},
+     "fixed_in": "cli.cmd_generate via distributed.parse_ids", "test": "test_cli_arguments_found_by_fuzzing[junk prompt ids]"},
     {"target": "cli_input", "crash": "ValueError: token-id file with 5000 digits (int() digit limit)",
      "fixed_in": "distributed.parse_ids", "test": "test_cli_inputs_found_by_fuzzing[huge id]"},
     {"target": "cli_input", "crash": "JSONDecodeError / UnicodeDecodeError / RecursionError / TypeError: --config "
      "not JSON, not UTF-8, nested 3000 deep, or null", "fixed_in": "config.read_config_json (used by cli)",
-     "test": "test_cli_inputs_found_by_fuzzing[config ...]"},
+     "test": "test_cli_arguments_found_by_fuzzing[config ...]"},
     {"target": "config_dict", "crash": "TypeError: from_dict with non-string keys (sorting mixed types)",
      "fixed_in": "config.AbsorberConfig.from_dict", "test": "test_configs_found_by_fuzzing[non-string key]"},
     {"target": "config_dict", "crash": "TypeError: targets / probe_kinds / future_prompt of the wrong type "
@@ -240,5 +240,23 @@ FIXED = [
     {"target": "model_dir", "crash": "14 GB allocated (then killed): config.json asking for 10**6 layers",
      "fixed_in": "model_store._check_weights", "test": "test_model_directories_found_by_fuzzing[absurd layers]"},
     {"target": "model_dir", "crash": "struct.error: GGUF file cut short", "fixed_in": "model_store._convert_gguf",
-     "test": "test_model_directories_found_by_fuzzing[gguf cut short]"},
+     "test": "test_gguf_cut_short_after_its_header"},
+    {"target": "engine_args", "crash": "RuntimeError / ValueError / TypeError from torch.manual_seed: a seed that is "
+     "no int64 (2**70, 'a', True, 1.5)", "fixed_in": "inputs.py (commit 9b7a708)",
+     "test": "test_generate_seed_that_is_no_int64"},
+    {"target": "engine_args", "crash": "TypeError: stop = 3.5, [None], [object()]", "fixed_in": "inputs.stop_ids (9b7a708)",
+     "test": "test_generate_stop_that_is_no_ids"},
+    {"target": "engine_args", "crash": "TypeError / ValueError in torch.as_tensor: numpy arrays of strings, objects or "
+     "big-endian ints", "fixed_in": "inputs.as_id_list (9b7a708)",
+     "test": "test_numpy_arrays_that_are_no_ids, test_big_endian_numpy_ids_read_like_native_ones"},
+    {"target": "engine_args", "crash": "TypeError from the tokenizer: text with lone surrogates",
+     "fixed_in": "inputs.to_ids (9b7a708)", "test": "test_text_with_lone_surrogates"},
+    {"target": "engine_args", "crash": "TypeError after a committed round (memory changed): progress = 5",
+     "fixed_in": "engine.absorb (9b7a708)", "test": "test_progress_that_is_not_callable"},
+    {"target": "engine_args", "crash": "RuntimeError in torch.multinomial / OverflowError: temperature 1e-300, 5e-324, "
+     "10**400, top_p 1e-300", "fixed_in": "inputs.check_sampling, generate.sample_next (9b7a708)",
+     "test": "test_sampling_at_extremes"},
+    {"target": "config_dict", "crash": "a refused AbsorberEngine() left its deltas on the model (future_prompt text "
+     "without a tokenizer)", "fixed_in": "the engine restructure (c1b93fc) checks before attaching",
+     "test": "test_engine_refused_after_attaching_leaves_the_model_plain"},
 ]

@@ -44,7 +44,9 @@ class _PathLike:
 
 def _target(work, inp: dict):
     """The path handed to the API (or the object), after preparing what lies there."""
-    name = "".join(c for c in inp["name"] if c not in "/\x00") or "t"
+    name = "".join(c for c in inp["name"] if c not in "/\x00")
+    if name in ("", ".", ".."):              # the work directory itself, or its parent: not a new target
+        name = "t"
     kind, api = inp["kind"], inp["api"]
     plain = str(work / name)
     if kind == "fresh":
@@ -103,7 +105,8 @@ def check(inp: dict) -> None:
     outcome, _ = attempt(lambda: getattr(eng, inp["api"])(target), allowed=InputError)
     what = f"{inp['api']}({target!r:.80}) [{inp['kind']}]"
     assert_unchanged(eng.default, before, what)
-    leftovers = [p for p in _listing(work) if os.path.basename(p).startswith((".adapter-", ".memory-"))]
+    leftovers = [p for p in _listing(work)
+                 if os.path.basename(p).startswith((".adapter-", ".memory-")) and p.endswith(".tmp")]
     if leftovers:
         violate(f"{what}: temporary files left behind: {leftovers}")
     if outcome == "refused":
