@@ -13,4 +13,4 @@ Every target module exposes the same four names, so hypothesis (tests/test_fuzz.
     check(inp)      runs one input; returns quietly, or raises (a crash or a contract violation)
 """
 
-TARGETS = ("cli_input", "engine_args", "config_dict", "model_dir", "memory_file", "export_targets")
+TARGETS = ("cli_input", "engine_args", "config_dict", "model_dir", "memory_file", "export_targets", "server_requests")

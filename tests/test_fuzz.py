@@ -21,7 +21,7 @@ from fuzz.contract import KnownCrash  # noqa: E402
 
 # Examples per target, sized so all six take about 2-3 minutes on one core.
 EXAMPLES = {"engine_args": 1200, "config_dict": 1500, "memory_file": 800, "cli_input": 300, "model_dir": 500,
-            "export_targets": 600}
+            "export_targets": 600, "server_requests": 400}
 
 
 @pytest.mark.parametrize("target", TARGETS)
