@@ -52,12 +52,12 @@ class AbsorberEngine:
             self._prompt = None if not cfg.future_prompt else inputs.future_prompt(
                 self.to_ids(cfg.future_prompt if isinstance(cfg.future_prompt, str) else list(cfg.future_prompt)),
                 cfg.future_length, self.runner.device)
+            self.frame = frame_for(tokenizer, cfg)
         except BaseException:
             self.runner.close()          # a refused engine leaves the model as it was given
             raise
         self.scheduler = _scheduler.Scheduler(self.runner.vocab_size, cfg.max_resident, cfg.chunk_tokens,
                                               cfg.sync_tokens)
-        self.frame = frame_for(tokenizer, cfg)
         self.sessions: dict = {}
         self._windows = WindowCache()
         self._lock = threading.RLock()      # one model: absorption and generation take turns
