@@ -106,10 +106,15 @@ def strategy():
 
 
 def _session_named(inp: dict) -> str | None:
-    sid = inp["headers"].get("X-Absorber-Session")
-    if sid is None and inp["path"].startswith("/v1/sessions/"):
+    """"keep" when the request acts on it: the path names the session for /v1/sessions/..., the
+    header (or the body's `user`) for the completions."""
+    if inp["path"].startswith("/v1/sessions/"):
         sid = unquote(inp["path"].split("/")[3])
-    return sid if sid == "keep" else None
+    else:
+        sid = inp["headers"].get("X-Absorber-Session")
+        if sid is None and isinstance(inp.get("json"), dict):
+            sid = inp["json"].get("user")
+    return "keep" if sid == "keep" else None
 
 
 def check(inp: dict) -> None:
