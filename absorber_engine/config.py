@@ -343,19 +343,25 @@ def recommended_config(model_dir) -> AbsorberConfig | None:
     return load_config_file(path)
 
 
-def read_config_json(path) -> dict:
-    """The JSON object in a config file (UTF-8), or ConfigError naming the file and what is wrong."""
+def read_json_object(path, error=ConfigError, missing: str | None = None, kind: str = "config") -> dict:
+    """The JSON object in a UTF-8 file, or `error` naming the file and what is wrong (`missing`:
+    the message when there is no such file)."""
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise error(missing or f"{path} does not exist") from None
     # RecursionError: JSON nested thousands deep.
     except (OSError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path} is not a readable JSON config: {e}") from None
+        raise error(f"{path} is not a readable JSON {kind}: {e}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a JSON object of config fields, got {type(values).__name__}")
+        raise error(f"{path} must hold a JSON object, got {type(values).__name__}")
     return values
+
+
+def read_config_json(path) -> dict:
+    """The JSON object of config fields in a file, or ConfigError naming the file and what is wrong."""
+    return read_json_object(path, ConfigError, f"config file {path} does not exist")
 
 
 def load_config_file(path) -> AbsorberConfig:

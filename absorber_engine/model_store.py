@@ -229,17 +229,10 @@ def _device_and_dtype(device, dtype):
 
 
 def _read_model_config(path) -> dict:
-    file = os.path.join(path, "config.json")
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise UnsupportedModelError(f"{path} holds no config.json: not a Hugging Face model directory") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise UnsupportedModelError(f"{file} is not readable JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise UnsupportedModelError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+    from .config import read_json_object
+
+    return read_json_object(os.path.join(path, "config.json"), UnsupportedModelError,
+                            f"{path} holds no config.json: not a Hugging Face model directory", kind="file")
 
 
 def _check_weights(path, hf_config) -> None:
