@@ -72,7 +72,7 @@ def run(quick: bool) -> dict:
     cfg = AbsorberConfig.from_dict({**recommended_config(MODEL).to_dict(), **CONFIG})
     for n in SESSIONS:
         engine = AbsorberEngine.from_pretrained(MODEL, config=cfg)
-        with BackgroundServer(engine, ServeConfig(NAME, max_queue=256, timeout_s=600), model=MODEL) as url:
+        with BackgroundServer(engine, ServeConfig(NAME, max_queue=256, timeout_s=600)) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
             _conversation(client, "warmup", 1, [])                     # first-call costs out of the timings
             latencies: list[float] = []

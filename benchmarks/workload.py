@@ -45,7 +45,6 @@ import copy
 import gc
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -204,7 +203,7 @@ class HandWrittenLoop:
     def loss(self, x: list[int], groups) -> torch.Tensor:
         """The round's loss under the current delta, the teacher recomputed for every group."""
         cfg = self.cfg
-        teachers, students = [], []
+        teachers = []
         self.model.set_adapter(TEACHER, inference_mode=True)
         try:
             with torch.no_grad():

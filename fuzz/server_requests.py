@@ -49,8 +49,7 @@ def server():
     from absorber_engine.serve.app import ServeConfig, create_app
 
     engine = AbsorberEngine.from_pretrained(SHIPPED, config=AbsorberConfig(**SMALL))
-    app = create_app(engine, ServeConfig(MODEL, max_body_bytes=MAX_BODY, timeout_s=60),
-                     engine.runner.max_positions, engine.runner.vocab_size)
+    app = create_app(engine, ServeConfig(MODEL, max_body_bytes=MAX_BODY, timeout_s=60))
     client = TestClient(app, raise_server_exceptions=False)
     client.__enter__()                     # starts the engine's worker
     atexit.register(_close, client)

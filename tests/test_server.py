@@ -2,7 +2,6 @@
 sessions that grow far past the window, and every kind of bad request (the README's table)."""
 
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -40,7 +39,7 @@ def small_engine(**changes) -> AbsorberEngine:
 def server(tmp_path_factory):
     cfg = ServeConfig(NAME, state_dir=str(tmp_path_factory.mktemp("state")), max_body_bytes=64 * 1024,
                       timeout_s=120)
-    with BackgroundServer(small_engine(), cfg, model=MODEL) as url:
+    with BackgroundServer(small_engine(), cfg) as url:
         yield url
 
 

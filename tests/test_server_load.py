@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 
 from absorber_engine.serve.app import ServeConfig  # noqa: E402
 from absorber_engine.serve.launch import BackgroundServer  # noqa: E402
-from test_server import DOC, FILLER, MODEL, NAME, small_engine  # noqa: E402
+from test_server import DOC, FILLER, NAME, small_engine  # noqa: E402
 
 CLIENTS, TURNS = 16, 4
 
@@ -34,7 +34,7 @@ def conversation(client, session: str, i: int) -> list[str]:
 
 
 def test_sixteen_concurrent_clients_get_what_each_would_get_alone():
-    with BackgroundServer(small_engine(), ServeConfig(NAME, max_queue=64, timeout_s=300), model=MODEL) as url:
+    with BackgroundServer(small_engine(), ServeConfig(NAME, max_queue=64, timeout_s=300)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         start = threading.Barrier(CLIENTS)
 
@@ -50,7 +50,7 @@ def test_sixteen_concurrent_clients_get_what_each_would_get_alone():
     assert all(len(a) == TURNS for a in concurrent)
     assert all(info["rounds"] >= 2 for info in infos)          # every session absorbed past its window
     # Alone: a fresh server, one session at a time, the same conversations and seeds.
-    with BackgroundServer(small_engine(), ServeConfig(NAME), model=MODEL) as url:
+    with BackgroundServer(small_engine(), ServeConfig(NAME)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         for i in range(CLIENTS):
             assert conversation(client, f"c{i}", i) == concurrent[i], f"client {i}"
@@ -59,7 +59,7 @@ def test_sixteen_concurrent_clients_get_what_each_would_get_alone():
 
 def test_full_queue_is_429_slow_request_is_504_and_the_server_serves_on():
     cfg = ServeConfig(NAME, max_queue=1, timeout_s=1.0)
-    with BackgroundServer(small_engine(), cfg, model=MODEL) as url:
+    with BackgroundServer(small_engine(), cfg) as url:
         # A long document keeps the worker busy for several seconds.
         busy = {}
         slow = threading.Thread(target=lambda: busy.update(

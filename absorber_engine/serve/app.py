@@ -50,11 +50,11 @@ class ServeConfig:
     chat_max_tokens: int = 128
 
 
-def create_app(engine, cfg: ServeConfig, max_positions: int | None = None, vocab_size: int | None = None) -> FastAPI:
+def create_app(engine, cfg: ServeConfig) -> FastAPI:
     """The server for `engine`, which it owns from now on (one worker thread makes every call)."""
-    prompts = PromptBuilder(engine.tokenizer, vocab_size or len(engine.tokenizer))
+    prompts = PromptBuilder(engine.tokenizer, engine.runner.vocab_size)
     table = SessionTable(engine, StateDir(cfg.state_dir) if cfg.state_dir else None, cfg.idle_save_s)
-    worker = Worker(engine, table, prompts, max_positions, cfg.max_queue, cfg.max_batch)
+    worker = Worker(engine, table, prompts, engine.runner.max_positions, cfg.max_queue, cfg.max_batch)
 
     @asynccontextmanager
     async def lifespan(app):

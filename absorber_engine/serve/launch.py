@@ -12,20 +12,6 @@ import time
 from .app import ServeConfig, create_app
 
 
-def model_limits(model) -> tuple[int | None, int | None]:
-    """(positions, vocabulary size) of a model directory or name, read from its config."""
-    try:
-        from transformers import AutoConfig
-
-        from ..model_store import resolve
-
-        cfg = AutoConfig.from_pretrained(resolve(model), local_files_only=True)
-    except Exception:
-        return None, None
-    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return positions, getattr(cfg, "vocab_size", None)
-
-
 def served_name(model) -> str:
     return os.path.basename(os.path.normpath(str(model)))
 
@@ -40,11 +26,10 @@ def serve(args, config, load_engine) -> int:
     if updates:
         config = AbsorberConfig.from_dict({**config.to_dict(), **updates})
     engine = load_engine(args, config=config)
-    positions, vocab = model_limits(args.model)
     cfg = ServeConfig(model_id=args.served_model_name or served_name(args.model), state_dir=args.state_dir,
                       max_queue=args.max_queue, max_batch=config.max_batch, timeout_s=args.timeout,
                       max_body_bytes=args.max_body_bytes, idle_save_s=args.idle_save)
-    app = create_app(engine, cfg, positions, vocab)
+    app = create_app(engine, cfg)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                 timeout_graceful_shutdown=5)
@@ -60,11 +45,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """A server on a thread of this process: `with BackgroundServer(engine, cfg) as url: ...`."""
 
-    def __init__(self, engine, cfg: ServeConfig, model=None, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, engine, cfg: ServeConfig, host: str = "127.0.0.1", port: int | None = None):
         import uvicorn
 
-        positions, vocab = model_limits(model) if model is not None else (None, None)
-        self.app = create_app(engine, cfg, positions, vocab)
+        self.app = create_app(engine, cfg)
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="warning",
