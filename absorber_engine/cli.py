@@ -143,7 +143,8 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 
 def _config_from_args(args, base=None):
-    from .config import AbsorberConfig, recommended_config
+    from .config import AbsorberConfig
+    from .model_store import recommended_config
 
     if base is None and getattr(args, "model", None):
         from .model_store import resolve

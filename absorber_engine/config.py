@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -241,21 +240,17 @@ class AbsorberConfig:
         for name in ("lr", "kl_temperature", "future_temperature", "probe_temperature"):
             v = getattr(self, name)
             need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("prefix_bos", "futures_follow_y", "checkpoint_layers"):
+        for name in ("prefix_bos", "futures_follow_y", "checkpoint_layers", "hidden_norm", "ntp_in_recite",
+                     "chat_probes"):
             v = getattr(self, name)
             need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
-        # Before the checks below iterate them: a number or None there would be a TypeError.
-        need(isinstance(self.probe_kinds, tuple) and all(isinstance(k, str) for k in self.probe_kinds),
-             f"probe_kinds must be a non-empty list of {PROBE_KINDS}, got {self.probe_kinds!r}")
         need(is_int(self.probe_tokens) and 0 < self.probe_tokens <= _MAX_TOKENS,
              f"probe_tokens must be a positive integer (at most {_MAX_TOKENS}), got {self.probe_tokens!r}")
         need(is_num(self.probe_top_p) and 0 < self.probe_top_p <= 1,
              f"probe_top_p must be in (0, 1], got {self.probe_top_p!r}")
-        need(len(self.probe_kinds) > 0 and all(k in PROBE_KINDS for k in self.probe_kinds),
+        need(isinstance(self.probe_kinds, tuple) and len(self.probe_kinds) > 0
+             and all(isinstance(k, str) and k in PROBE_KINDS for k in self.probe_kinds),
              f"probe_kinds must be a non-empty list of {PROBE_KINDS}, got {self.probe_kinds!r}")
-        need(isinstance(self.hidden_norm, bool), f"hidden_norm must be true or false, got {self.hidden_norm!r}")
-        need(isinstance(self.ntp_in_recite, bool), f"ntp_in_recite must be true or false, got {self.ntp_in_recite!r}")
-        need(isinstance(self.chat_probes, bool), f"chat_probes must be true or false, got {self.chat_probes!r}")
         need(is_num(self.future_top_p) and 0 < self.future_top_p <= 1,
              f"future_top_p must be in (0, 1], got {self.future_top_p!r}")
         need(self.future_tokens is None or (is_int(self.future_tokens) and 0 < self.future_tokens <= _MAX_TOKENS),
@@ -289,9 +284,7 @@ class AbsorberConfig:
 
     @property
     def future_length(self) -> int:
-        if self.future_tokens is not None:
-            return self.future_tokens
-        return min(64, self.sync_tokens) if self.sync_tokens > 0 else 64
+        return self.future_tokens if self.future_tokens is not None else min(64, self.sync_tokens) or 64
 
     @property
     def window_tokens(self) -> int:
@@ -307,9 +300,6 @@ class AbsorberConfig:
         if not isinstance(self.future_prompt, str):
             d["future_prompt"] = list(self.future_prompt)
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AbsorberConfig":
@@ -329,19 +319,6 @@ class AbsorberConfig:
 # The paper's objective alone (hidden-state L1 on Y and sampled futures, plain mean over layers):
 # what the benchmarks compare against a hand-written loop, and the shipped model's measured budget.
 PAPER_OBJECTIVE = dict(probes=0, ntp_weight=0.0, kl_weight=0.0, hidden_norm=False)
-
-MODEL_CONFIG_FILE = "absorber_config.json"
-
-
-def recommended_config(model_dir) -> AbsorberConfig | None:
-    """The config a model directory recommends for itself (absorber_config.json beside its weights:
-    a budget measured on that model), or None when it has none. from_pretrained() and the command
-    line start from it when no config is given."""
-    path = os.path.join(os.fspath(model_dir), MODEL_CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    return load_config_file(path)
-
 
 def read_json_object(path, error=ConfigError, missing: str | None = None, kind: str = "config") -> dict:
     """The JSON object in a UTF-8 file, or `error` naming the file and what is wrong (`missing`:

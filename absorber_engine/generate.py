@@ -1,5 +1,6 @@
 """Generation with a memory: each row reads its session's delta, its raw window and its prompt.
 
+    GenerationMixin  the engine's logits(), generate() and generate_batch()
     WindowCache      each window's KV under its delta, built once per window and delta
     prefill(...)     all rows' windows and prompts in one forward, left-padded to one width
     decode(...)      one token per row per step until max_new_tokens or a stop token
@@ -10,12 +11,15 @@ token, so every row reads exactly what it would read alone.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from . import inputs
 from .errors import InputError
 from .model import ModelRunner, cache_tensors
+from .session import DEFAULT_SESSION, Session
 
 
 @dataclass
@@ -182,3 +186,73 @@ def _left_padded_kv(per_row: list[list], lengths: list[int], width: int) -> list
             vs.append(torch.cat([pad_v, kv[layer][1]], dim=2) if n else pad_v)
         out.append((torch.cat(ks), torch.cat(vs)))
     return out
+
+
+class GenerationMixin:
+    """The engine's inference calls. Nothing here absorbs: each call reads the session's memory
+    and raw window, holding the engine's lock and its sessions' deltas on the device."""
+
+    @torch.no_grad()
+    def logits(self, ids, session=DEFAULT_SESSION) -> torch.Tensor:
+        """Next-token logits (len(ids), V) at each position of `ids`, read after the memory and the
+        raw window. Nothing is absorbed."""
+        sess = self._get(session)
+        ids = self.to_ids(ids)
+        self._check_span(sess, len(ids), f"{len(ids)} query tokens")
+        with self._resident([sess]):
+            return logits_after(self.runner, sess.delta, self._window(sess), ids)
+
+    def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop=None, seed: int | None = None, session=DEFAULT_SESSION):
+        """Continues the window (and `prompt`, if any) with the memory; nothing is absorbed.
+        Returns text when the prompt is text, else a list of token ids."""
+        key = self._get(session).key
+        return self.generate_batch({key: prompt}, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, stop=stop, seed=seed)[key]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: dict, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       stop=None, seed: int | dict | None = None, on_token=None) -> dict:
+        """Generates for several sessions in one batch, each row with its own delta and window.
+
+        prompts maps a session name to its prompt (text, token ids, or None to continue the window
+        alone). Returns, per session, text when its prompt was text, else a list of token ids.
+        seed: one for every row, or {session: seed}; each row samples with its own generator, so its
+        tokens are those it would get alone with the same seed. on_token(session, token), when given,
+        sees each token as it is chosen (streaming); returning False ends that row there.
+        """
+        inputs.check_sampling(max_new_tokens, temperature, top_p)
+        inputs.check_callback("on_token", on_token)
+        if not prompts:
+            raise InputError("generate_batch() needs at least one session")
+        sessions = [self._get(name) for name in prompts]
+        ids = [self.to_ids(p if p is not None else [], allow_empty=True) for p in prompts.values()]
+        for sess, p in zip(sessions, ids):
+            self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
+        stops = inputs.stop_ids(stop, self.tokenizer, self.runner.vocab_size)
+        names = list(prompts)
+        seeds = [inputs.seed_of(seed, name, self.config.seed) for name in names]
+        gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
+        with self._resident(sessions):
+            windows = [self._window(s) for s in sessions]
+            new = generate_rows(self.runner, [s.delta for s in sessions], windows, ids, max_new_tokens, temperature,
+                                top_p, stops, gens, None if on_token is None else
+                                lambda row, tok: on_token(names[row], tok))
+        return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
+                for (name, p), out in zip(prompts.items(), new)}
+
+    @contextmanager
+    def _resident(self, sessions: list[Session]):
+        """The sessions' deltas on the device for the block (the scheduler decides whose leave)."""
+        with self._lock:
+            for sess in sessions:
+                self._move(self.scheduler.acquire(sess.key))
+            try:
+                yield
+            finally:
+                for sess in sessions:
+                    self.scheduler.release(sess.key)
+                self._rest()
+
+    def _window(self, sess: Session):
+        return self._windows.get(self.runner, sess.key, sess.delta, self.runner.prefix + self.window_tokens(sess))

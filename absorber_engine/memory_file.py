@@ -75,7 +75,7 @@ def save_memory(session, path) -> None:
         "version": str(VERSION),
         "model_fingerprint": model_fingerprint(session.runner),
         "model_type": session.runner.model_type,
-        "config": session.config.to_json(),
+        "config": json.dumps(session.config.to_dict(), sort_keys=True),
         "tokens_absorbed": str(session.absorbed_tokens),
         "rounds": str(session.rounds),
     }

@@ -84,7 +84,7 @@ class ModelRunner:
         self._attn_before = self._attn_kernel = None
         if self.backend == "triton":
             # The teacher, the student and generation all run through the flash-attention kernel.
-            from absorber_kernels.attention import register_hf_attention
+            from absorber_kernels.hf_attention import register_hf_attention
 
             self._attn_before = model.config._attn_implementation
             self._attn_kernel = register_hf_attention()

@@ -26,7 +26,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import AbsorberConfig, load_config_file
 from .errors import InputError, UnsupportedModelError
+
+MODEL_CONFIG_FILE = "absorber_config.json"   # a model's measured AbsorberConfig, beside its weights
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def named_model_dir(name: str) -> Path:
 def _write_config(directory: Path, config: dict) -> None:
     """The named model's measured config beside its weights, kept equal to NAMED_MODELS (a cache
     converted by an older version gets the current one); written atomically."""
-    path = directory / "absorber_config.json"
+    path = directory / MODEL_CONFIG_FILE
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() == text:
         return
@@ -285,3 +288,13 @@ def _check_weights(path, hf_config) -> None:
         if shapes[name] != tuple(p.shape):
             raise UnsupportedModelError(f"{path}: {name} is {shapes[name]} in the weights, "
                                         f"{tuple(p.shape)} by config.json")
+
+
+def recommended_config(model_dir) -> AbsorberConfig | None:
+    """The config a model directory recommends for itself (absorber_config.json beside its weights:
+    a budget measured on that model), or None when it has none. from_pretrained() and the command
+    line start from it when no config is given."""
+    path = os.path.join(os.fspath(model_dir), MODEL_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    return load_config_file(path)

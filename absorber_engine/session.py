@@ -16,6 +16,8 @@ import torch
 from .errors import InputError
 from .lora import LowRankDelta
 
+DEFAULT_SESSION = "default"
+
 
 @dataclass
 class AbsorbReport:

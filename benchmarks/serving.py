@@ -20,7 +20,7 @@ import httpx
 import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
-from absorber_engine.config import recommended_config
+from absorber_engine.model_store import recommended_config
 from absorber_engine.serve.app import ServeConfig
 from absorber_engine.serve.launch import BackgroundServer
 

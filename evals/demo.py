@@ -96,7 +96,7 @@ def chat_demo(model: str, docs: int, seed: int, quiet: bool) -> int:
     about two of them; held memory printed as the stream grows; then the first documents' facts asked
     in the chat template, from memory (+ window) and by the window baseline (the bare model reading
     the same raw window)."""
-    from absorber_engine.config import recommended_config
+    from absorber_engine.model_store import recommended_config
     from absorber_engine.model_store import resolve
 
     from .facts import make_document, score

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
-from absorber_engine.config import recommended_config
+from absorber_engine.model_store import recommended_config
 from absorber_engine.model_store import resolve
 
 from .facts import make_document, score

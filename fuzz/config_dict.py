@@ -18,7 +18,8 @@ from .fixtures import fresh_dir, tiny_llama
 
 NAME = "config_dict"
 
-from absorber_engine.config import MODEL_CONFIG_FILE, AbsorberConfig, recommended_config  # noqa: E402
+from absorber_engine.config import AbsorberConfig  # noqa: E402
+from absorber_engine.model_store import MODEL_CONFIG_FILE, recommended_config  # noqa: E402
 from absorber_engine.errors import ConfigError  # noqa: E402
 
 FIELDS = tuple(f.name for f in dataclasses.fields(AbsorberConfig))
@@ -75,7 +76,7 @@ def check(inp: dict) -> None:
     what = f"config {inp['value']!r:.200}"
     if not isinstance(cfg, AbsorberConfig):
         violate(f"{what}: accepted as {type(cfg).__name__}")
-    again = AbsorberConfig.from_dict(json.loads(cfg.to_json()))
+    again = AbsorberConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     if again != cfg:
         violate(f"{what}: does not survive the JSON round trip")
     # Engines only where building one is cheap: a config may ask for 2**24-token windows or rank 65536.

@@ -1,7 +1,8 @@
 """absorber_kernels: the engine's compute kernels, each a PyTorch reference (the CPU path) and,
 where Triton is available, a fused Triton kernel beside it in the same file."""
 
-from .attention import HF_ATTENTION_NAME, attention_ref, register_hf_attention
+from .attention import attention_ref
+from .hf_attention import HF_ATTENTION_NAME, register_hf_attention
 from .hidden_sync import hidden_l1_ref
 from .linear_kl import linear_kl_ref
 from .lowrank_linear import lowrank_linear_ref

@@ -154,7 +154,7 @@ def test_targets_matching_nothing_or_non_linear():
 
 
 def test_model_directory_config_is_used_and_checked(tmp_path):
-    from absorber_engine.config import MODEL_CONFIG_FILE
+    from absorber_engine.model_store import MODEL_CONFIG_FILE
 
     make_model("llama").save_pretrained(tmp_path)
     (tmp_path / MODEL_CONFIG_FILE).write_text('{"chunk_tokens": 24, "sync_tokens": 8, "rank": 3}')
@@ -275,7 +275,7 @@ def test_configs_found_by_fuzzing(row, values, message):
 
 
 def test_model_config_nested_too_deep_is_a_config_error(tmp_path):
-    from absorber_engine.config import MODEL_CONFIG_FILE, recommended_config
+    from absorber_engine.model_store import MODEL_CONFIG_FILE, recommended_config
 
     (tmp_path / MODEL_CONFIG_FILE).write_bytes(b"[" * 5000)
     with pytest.raises(ConfigError, match="not a readable JSON config"):

@@ -1,5 +1,5 @@
-"""The library's shape: no import cycle inside absorber_engine/ or kernels/, no module past about
-400 lines, and importing the library pulls in neither the benchmarks, the evaluation nor a
+"""The library's shape: no import cycle inside absorber_engine/ or kernels/, no engine module past
+350 lines (a kernel's file, which holds one op whole, past 470), and importing the library pulls in neither the benchmarks, the evaluation nor a
 plotting package."""
 
 import ast
@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"absorber_engine": ROOT / "absorber_engine", "absorber_kernels": ROOT / "kernels"}
-MAX_LINES = 400
+MAX_LINES = 350          # absorber_engine: one job per module
+KERNEL_MAX_LINES = 470   # kernels: one op per file, its reference, Triton kernels and launchers together
 
 
 def _modules():
@@ -67,10 +68,11 @@ def test_no_import_cycle():
 
 
 def test_no_module_is_too_long():
-    long = {m: n for m, p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
-    # The kernels hold a reference and a Triton implementation of one op each; the engine's modules
-    # hold one job each.
-    assert not {m: n for m, n in long.items() if m.startswith("absorber_engine")}, long
+    def limit(m):
+        return KERNEL_MAX_LINES if m.startswith("absorber_kernels") else MAX_LINES
+
+    long = {m: n for m, p in _modules() if (n := len(p.read_text().splitlines())) > limit(m)}
+    assert not long, long
 
 
 def test_importing_the_library_pulls_in_no_benchmark_evaluation_or_plotting():

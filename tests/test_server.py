@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from absorber_engine import AbsorberConfig, AbsorberEngine  # noqa: E402
-from absorber_engine.config import recommended_config  # noqa: E402
+from absorber_engine.model_store import recommended_config  # noqa: E402
 from absorber_engine.serve.app import ServeConfig  # noqa: E402
 from absorber_engine.serve.launch import BackgroundServer  # noqa: E402
 from absorber_engine.serve.prompts import COMPLETION_HOLD  # noqa: E402

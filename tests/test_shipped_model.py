@@ -79,7 +79,7 @@ def test_in_context_recall(loaded):
 
 
 def test_recommended_config_fits_the_trained_context():
-    from absorber_engine.config import recommended_config
+    from absorber_engine.model_store import recommended_config
 
     from evals.evaluate import FUTURE_PROMPT, engine_config
 

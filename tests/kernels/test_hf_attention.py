@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from absorber_kernels.attention import register_hf_attention  # noqa: E402
+from absorber_kernels.hf_attention import register_hf_attention  # noqa: E402
 from absorber_kernels.testing import assert_close  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def test_refuses_padding_mask(model, name):
 
 
 def test_refuses_dropout_and_bidirectional(name):
-    from absorber_kernels.attention import hf_attention_forward
+    from absorber_kernels.hf_attention import hf_attention_forward
 
     q = torch.randn(1, 2, 4, 16)
     k = v = torch.randn(1, 2, 4, 16)

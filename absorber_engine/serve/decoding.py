@@ -1,0 +1,112 @@
+"""Decoding for the server's worker: requests whose sampling settings match run as one
+generate_batch, each row with its own seed; streamed requests run alone, sending text as it comes."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ..errors import AbsorberError, InputError
+from .errors import bad_request
+from .jobs import Plan, Sampling
+from .prompts import PromptBuilder, cut_at_stop, safe_length
+
+
+class Decoder:
+    def __init__(self, engine, prompts: PromptBuilder, limit: int | None):
+        self.engine, self.prompts, self.limit = engine, prompts, limit
+
+    def together(self, plans: list[Plan]) -> None:
+        # Rows sample with their own seeds (what each would draw alone), so only the settings that
+        # apply to the whole batch split it.
+        groups: dict = {}
+        for p in plans:
+            s = p.job.sampling
+            groups.setdefault((frozenset(p.job.prompt.stop_ids), s.temperature, s.top_p), []).append(p)
+        for (stop_ids, temperature, top_p), group in groups.items():
+            longest = max(p.job.sampling.max_tokens for p in group)
+            rows = [p for p in group if self._fits(p, longest)]
+            for p in group:
+                if p not in rows:
+                    self.alone(p)
+            if not rows:
+                continue
+            try:
+                out = self.engine.generate_batch({p.key: p.prompt for p in rows}, max_new_tokens=longest,
+                                                 temperature=temperature, top_p=top_p, stop=sorted(stop_ids),
+                                                 seed={p.key: _seed(p.job.sampling) for p in rows})
+            except InputError as exc:
+                for p in rows:
+                    p.job.fail(bad_request(str(exc)))
+                continue
+            for p in rows:
+                self._finish(p, out[p.key])
+
+    def _fits(self, p: Plan, max_tokens: int) -> bool:
+        if self.limit is None:
+            return True
+        held = self.engine.session(p.key).held_tokens
+        return 1 + held + len(p.prompt) + max_tokens <= self.limit
+
+    def alone(self, p: Plan) -> None:
+        s = p.job.sampling
+        try:
+            out = self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
+                                             top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed=_seed(s))
+        except InputError as exc:
+            p.job.fail(bad_request(str(exc)))
+            return
+        self._finish(p, out[p.key])
+
+    def _finish(self, p: Plan, ids: list[int]) -> None:
+        s = p.job.sampling
+        finish = "length" if len(ids) >= s.max_tokens else "stop"
+        ids = ids[:s.max_tokens]
+        text, hit = cut_at_stop(self.prompts.decode(ids), s.stops)
+        p.job.done({"text": text, "finish_reason": "stop" if hit else finish, "prompt_tokens": len(p.job.prompt.ids),
+                    "completion_tokens": len(ids), **self._meta(p)})
+
+    def _meta(self, p: Plan) -> dict:
+        return {"session": p.conv.id if p.conv else None, "reset": p.reset, "fed": len(p.feed)}
+
+    def stream(self, p: Plan) -> None:
+        """Sends each token's text as soon as it is decoded (held back only while it may still
+        become a stop sequence); the answer is the one the request gets without streaming."""
+        s, sink = p.job.sampling, p.job.sink
+        p.job.done(self._meta(p))
+        out: list[int] = []
+        sent, hit = 0, False
+
+        def on_token(_key, token: int) -> bool:
+            nonlocal sent, hit
+            out.append(token)
+            text = self.prompts.decode(out)
+            cut, hit = cut_at_stop(text, s.stops)
+            end = len(cut) if hit else safe_length(text, s.stops)
+            if end > sent:
+                sink.put("text", (cut if hit else text)[sent:end])
+                sent = end
+            # A stop sequence, a client gone or the deadline ends the row.
+            return not (hit or sink.closed or time.monotonic() > p.job.deadline)
+
+        try:
+            self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
+                                       top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed={p.key: _seed(s)},
+                                       on_token=on_token)
+        except (InputError, AbsorberError) as exc:
+            sink.put("error", bad_request(str(exc)))
+            return
+        if not hit:
+            text = self.prompts.decode(out)
+            if len(text) > sent:
+                sink.put("text", text[sent:])
+        finish = "stop" if hit or len(out) < s.max_tokens else "length"
+        sink.put("end", {"finish_reason": finish, "prompt_tokens": len(p.job.prompt.ids),
+                         "completion_tokens": len(out)})
+
+
+def _seed(s: Sampling) -> int | None:
+    if s.temperature == 0:
+        return None
+    # Without a seed, sampling differs from request to request, as OpenAI's does.
+    return s.seed if s.seed is not None else random.randrange(2**31)
