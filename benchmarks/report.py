@@ -129,7 +129,7 @@ def summary_md(r: dict) -> str:
         "over X + future at every step; hidden states from output_hidden_states (h^L taken before the final norm, as "
         "the engine does); full-vocabulary logits and F.kl_div for the KL; autograd; AdamW. Same rounds (window "
         "sliding by n), same steps; with futures it samples them once per round with model.generate. "
-        "tests/test_baseline_parity.py checks that its per-step losses equal the engine's.",
+        "tests/benchmarks/test_baseline_parity.py checks that its per-step losses equal the engine's.",
         "",
         "## Goals (issue 6)",
         "",

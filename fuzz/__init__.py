@@ -4,7 +4,7 @@ The contract (README, "Bad input"): a call either succeeds or raises one of the 
 errors (the CLI: one of its documented exit codes), the memory and window held before a refused
 call are unchanged (the delta's bytes compared), and the process is still usable afterwards.
 
-Every target module exposes the same four names, so hypothesis (tests/test_fuzz.py) and atheris
+Every target module exposes the same four names, so hypothesis (tests/fuzz/test_fuzz.py) and atheris
 (`python -m fuzz.campaign`) drive the same check:
 
     NAME            the target's name in statistics

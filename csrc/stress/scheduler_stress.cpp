@@ -1,5 +1,5 @@
 // Multi-threaded stress of the Scheduler without Python, meant to run under ThreadSanitizer
-// (tests/test_scheduler.py builds it with -fsanitize=thread). Not part of the extension:
+// (tests/csrc/test_scheduler.py builds it with -fsanitize=thread). Not part of the extension:
 // setup.py only compiles csrc/*.cpp.
 //
 // Feeders push known streams in small pieces, a planner runs batches (committing most rounds,

@@ -697,7 +697,7 @@ def test_threads_feeding_one_session_lose_nothing():
     assert all(len(set(got[j:j + 50])) == 1 for j in range(0, len(got), 50))
 
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 
 def test_cpp_stress_under_thread_sanitizer(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-sys.path.insert(0, str(Path(__file__).absolute().parent.parent))      # fuzz/ sits at the repo root
+sys.path.insert(0, str(Path(__file__).absolute().parents[2]))      # fuzz/ sits at the repo root
 
 from fuzz import TARGETS  # noqa: E402
 from fuzz.contract import KnownCrash  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 from evals.evaluate import build_methods, trained_context
 from evals.tasks import answer_text, make_example, score
 
-MODEL = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
+MODEL = Path(__file__).resolve().parents[2] / "model" / "absorber-tiny"
 EXAMPLES = 8
 
 pytestmark = [pytest.mark.slow,

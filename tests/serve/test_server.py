@@ -16,7 +16,7 @@ from absorber_engine.serve.app import ServeConfig  # noqa: E402
 from absorber_engine.serve.launch import BackgroundServer  # noqa: E402
 from absorber_engine.serve.prompts import COMPLETION_HOLD  # noqa: E402
 
-MODEL = str(Path(__file__).resolve().parent.parent / "model" / "absorber-tiny")
+MODEL = str(Path(__file__).resolve().parents[2] / "model" / "absorber-tiny")
 NAME = "absorber-tiny"
 # Small rounds, so a conversation passes the window many times in a few seconds on one core.
 SMALL = dict(chunk_tokens=32, sync_tokens=16, rank=4, max_steps=2, lr=5e-4, futures=0, future_tokens=None,

@@ -9,7 +9,7 @@ import pytest
 
 from evals.tasks import RETRIEVAL_TASKS, TASKS, Example, answer_text, make_example, score
 
-SHIPPED = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
+SHIPPED = Path(__file__).resolve().parents[2] / "model" / "absorber-tiny"
 
 
 class WordTokenizer:

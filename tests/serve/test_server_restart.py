@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 from absorber_engine.serve.launch import free_port  # noqa: E402
 from test_server import DOC, FILLER, MODEL, NAME, SMALL  # noqa: E402
 
-ROOT = Path(__file__).absolute().parent.parent
+ROOT = Path(__file__).absolute().parents[2]
 
 
 def start(state_dir: Path) -> tuple[subprocess.Popen, str]:
