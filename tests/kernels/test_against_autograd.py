@@ -1,13 +1,16 @@
-"""The CPU references of the sync losses against the plain torch composition they replace, forward
-and backward, with odd shapes and a non-unit upstream gradient (so a reference cannot drift from the
+"""The CPU references of every kernel (the sync losses, the low-rank linears, attention) against the
+plain torch composition they replace (F.kl_div, F.l1_loss, a dense linear, SDPA), forward and backward, with odd shapes and a non-unit upstream gradient (so a reference cannot drift from the
 function it claims to compute while its kernel keeps agreeing with it)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from absorber_kernels.attention import attention_ref
 from absorber_kernels.hidden_sync import hidden_l1_ref
 from absorber_kernels.linear_kl import linear_kl_ref
+from absorber_kernels.lowrank_batched import lowrank_linear_batched_ref
+from absorber_kernels.lowrank_linear import lowrank_linear_ref
 
 
 @pytest.mark.parametrize("temperature, chunk", [(1.0, 64), (2.0, 7), (0.7, 1000)])
@@ -45,3 +48,72 @@ def test_hidden_l1_equals_f_l1_loss():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, x in zip(grads, s):
         torch.testing.assert_close(a, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def _dense_grads(fn, inputs, upstream):
+    out = fn(*inputs)
+    out.backward(upstream)
+    grads = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    return out.detach(), grads
+
+
+def test_lowrank_linear_equals_a_dense_linear_with_the_merged_weight():
+    g = torch.Generator().manual_seed(2)
+    N, I, O, R, scale = 7, 13, 11, 3, 0.6
+    x = torch.randn(2, N, I, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(O, I, generator=g, dtype=torch.float64)
+    bias = torch.randn(O, generator=g, dtype=torch.float64)
+    A = torch.randn(I, R, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(R, O, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, N, O, generator=g, dtype=torch.float64) * 1.7
+    got, got_g = _dense_grads(lambda x, A, B: lowrank_linear_ref(x, w, bias, A, B, scale), [x, A, B], up)
+    want, want_g = _dense_grads(lambda x, A, B: F.linear(x, w + scale * (A @ B).t(), bias), [x, A, B], up)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_lowrank_batched_equals_each_rows_dense_linear():
+    g = torch.Generator().manual_seed(3)
+    rows, T, I, O, R, S, scale = 5, 6, 9, 7, 2, 3, 1.3
+    x = torch.randn(rows, T, I, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(O, I, generator=g, dtype=torch.float64)
+    A = torch.randn(S, I, R, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(S, R, O, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([2, 0, 2, 1, 0])
+    up = torch.randn(rows, T, O, generator=g, dtype=torch.float64) * -0.8
+
+    def dense(x, A, B):
+        return torch.stack([F.linear(x[i], w + scale * (A[s] @ B[s]).t()) for i, s in enumerate(index.tolist())])
+
+    got, got_g = _dense_grads(lambda x, A, B: lowrank_linear_batched_ref(x, w, None, A, B, index, scale), [x, A, B], up)
+    want, want_g = _dense_grads(dense, [x, A, B], up)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("T, S", [(5, 5), (3, 11)])
+def test_attention_equals_sdpa_over_a_cached_prefix(T, S):
+    # Grouped-query heads: each key/value head serves Hq / Hkv query heads; the T queries are the
+    # last T of the S positions, so query i sees keys 0 .. S - T + i.
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, D = 2, 6, 2, 5
+    q = torch.randn(B, Hq, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(B, Hq, T, D, generator=g, dtype=torch.float64) * 2.2
+    mask = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+
+    def plain(q, k, v):
+        rep = Hq // Hkv
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                              attn_mask=mask)
+
+    got, got_g = _dense_grads(lambda q, k, v: attention_ref(q, k, v), [q, k, v], up)
+    want, want_g = _dense_grads(plain, [q, k, v], up)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
