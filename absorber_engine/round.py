@@ -117,7 +117,7 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
         student = final if grp.mask is None else final[grp.mask]
         kl = runner.ops.linear_kl(student.reshape(-1, runner.hidden_size), grp.final, runner.head.weight,
                                   runner.head.bias, temperature=cfg.kl_temperature, top_k=cfg.kl_top_k,
-                                  denom=tgt.positions, teacher_cache=grp.kl_cache)
+                                  denom=tgt.positions)
         loss = loss + cfg.kl_weight * kl
     return loss
 

@@ -52,7 +52,6 @@ class FutureGroup:
     lead: torch.Tensor | None = None  # (b, l) tokens the student reads before `ids`, outside the loss
     mask: torch.Tensor | None = None  # (b, t) bool, False on positions outside the loss (after a probe's end)
     x_span: tuple[int, int] | None = None   # recite probes: (start, length) of X in `ids` (ntp_in_recite)
-    kl_cache: dict = field(default_factory=dict)   # the teacher's distribution, built at the first step
 
 
 @dataclass

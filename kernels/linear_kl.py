@@ -34,7 +34,8 @@ def teacher_distribution(ht, weight, bias, temperature, top_k):
 
 
 class LinearKLRef(torch.autograd.Function):
-    """Per chunk of rows, with p_t and its Σ p·log p from `teacher_cache` when the caller keeps one:
+    """Per chunk of rows, the teacher's p_t and its Σ p·log p, recomputed at every call (keeping them
+    for a round measured no faster on the CPU and held N × V floats), then:
 
         KL_row = Σ p_t·log p_t − Σ p_t·z_s + lse(z_s)        (Σ p_t = 1)
         dz     = exp(z_s − lse(z_s)) − p_t                    (formed in place over z_s)
@@ -42,13 +43,13 @@ class LinearKLRef(torch.autograd.Function):
     so a step costs one logit GEMM, one log-sum-exp, one row dot and the gradient GEMM."""
 
     @staticmethod
-    def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_cache):
+    def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk):
         # Softmaxes over the vocabulary want fp32 logits, even inside an autocast region.
         with torch.autocast(hs.device.type, enabled=False):
-            return LinearKLRef._forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_cache)
+            return LinearKLRef._forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk)
 
     @staticmethod
-    def _forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_cache):
+    def _forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk):
         acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
         w = weight.to(acc)
         b = bias.to(acc) if bias is not None else None
@@ -57,12 +58,7 @@ class LinearKLRef(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hs.device)
         grad = torch.empty_like(hs) if hs.requires_grad else None
         for i in range(0, n, chunk):
-            if teacher_cache is not None and i in teacher_cache:
-                pt, neg_entropy = teacher_cache[i]
-            else:
-                pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
-                if teacher_cache is not None:
-                    teacher_cache[i] = (pt, neg_entropy)
+            pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
             zs = torch.matmul(hs[i:i + chunk].to(acc), w.t())
             if b is not None:
                 zs += b
@@ -79,7 +75,7 @@ class LinearKLRef(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def linear_kl_ref(
@@ -91,11 +87,7 @@ def linear_kl_ref(
     top_k: int = 0,
     denom: int | None = None,           # rows the mean is over; default N
     chunk: int = 64,
-    teacher_cache: dict | None = None,
 ) -> torch.Tensor:                      # scalar
-    """teacher_cache: a dict the caller keeps for as long as teacher_h, the head, temperature, top_k
-    and chunk stay the same (one absorption round). The CPU path stores the teacher's distribution
-    there (N × V floats) on the first call and skips the teacher's logits on every later step."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:
@@ -103,7 +95,7 @@ def linear_kl_ref(
     denom = denom if denom is not None else student_h.shape[0]
     return LinearKLRef.apply(student_h, teacher_h.detach(), head_weight.detach(),
                              None if head_bias is None else head_bias.detach(),
-                             float(temperature), int(top_k), int(denom), int(chunk), teacher_cache)
+                             float(temperature), int(top_k), int(denom), int(chunk))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +438,6 @@ def linear_kl_triton(
     top_k: int = 0,
     denom: int | None = None,           # rows the mean is over; default N
     chunk: int = 256,                   # rows of the dz buffer (chunk × V) in the gradient pass
-    teacher_cache: dict | None = None,  # unused: on a GPU, recomputing the teacher beats storing N × V
 ) -> torch.Tensor:                      # scalar, fp32
     """Same function as linear_kl_ref, fused (see the comment above the kernels)."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:

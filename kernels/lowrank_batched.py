@@ -12,17 +12,9 @@ gather, and reduces dA and dB per stream without atomics.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import HAS_TRITON, check_tensors, dot_precision, next_pow2
-
-
-def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_layout: str) -> torch.Tensor:
-    """x·W (+ bias) for either weight layout, without any delta."""
-    if weight_layout == "linear":
-        return F.linear(x, weight, bias)
-    y = torch.matmul(x, weight)
-    return y + bias if bias is not None else y
+from .frozen_linear import base_linear
 
 
 def _check_shapes(x, weight, bias, A, B, index, weight_layout) -> tuple[int, int, int, int]:

@@ -11,9 +11,9 @@ Conv1D [in, out].
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import HAS_TRITON, check_tensors, dot_precision, next_pow2
+from .frozen_linear import base_linear
 
 
 def lowrank_linear_ref(
@@ -25,14 +25,7 @@ def lowrank_linear_ref(
     scale: float,
     weight_layout: str = "linear",
 ) -> torch.Tensor:                # (..., out)
-    if weight_layout == "linear":
-        y = F.linear(x, weight, bias)
-    elif weight_layout == "conv1d":
-        y = torch.matmul(x, weight)
-        if bias is not None:
-            y = y + bias
-    else:
-        raise ValueError(f"weight_layout must be 'linear' or 'conv1d', got {weight_layout!r}")
+    y = base_linear(x, weight, bias, weight_layout)
     # The delta is kept in fp32 for the optimizer; compute it in the activations' dtype.
     xa = torch.matmul(x, A.to(x.dtype))                        # (..., r)
     return y + torch.matmul(xa, B.to(x.dtype)) * scale        # (..., out)

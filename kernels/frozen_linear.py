@@ -1,0 +1,49 @@
+"""x·W (+ b) for a frozen W: the base half of every delta linear's PyTorch reference.
+
+Under autocast, F.linear casts W to the compute dtype at every call and keeps that copy alive from
+the forward to the backward (autocast caches no cast of a tensor without grad). A student pass
+over a 135M model holds one such copy of every target weight per forward, hundreds of MB that
+the backward only needs to multiply dy by. Here the cast is made in the forward and again in the
+backward, and only W itself (already resident) is saved: one more cast per backward for no copy
+held. Without autocast, or when W is already in the compute dtype, it is plain F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv1d: bool, dtype: torch.dtype):
+        ctx.save_for_backward(weight)
+        ctx.conv1d, ctx.dtype, ctx.x_dtype = conv1d, dtype, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)
+            return F.linear(x.to(dtype), w.t() if conv1d else w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        dx = torch.matmul(dy.to(ctx.dtype), w.t() if ctx.conv1d else w)
+        return dx.to(ctx.x_dtype), None, None, None, None
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_layout: str) -> torch.Tensor:
+    """x·W (+ bias) for either weight layout ("linear": [out, in]; "conv1d": [in, out]), W frozen."""
+    if weight_layout not in ("linear", "conv1d"):
+        raise ValueError(f"weight_layout must be 'linear' or 'conv1d', got {weight_layout!r}")
+    dtype = _compute_dtype(x)
+    if dtype != weight.dtype and not weight.requires_grad:
+        return FrozenLinear.apply(x, weight, bias, weight_layout == "conv1d", dtype)
+    if weight_layout == "linear":
+        return F.linear(x, weight, bias)
+    y = torch.matmul(x, weight)
+    return y + bias if bias is not None else y

@@ -1,0 +1,44 @@
+"""The frozen base linear under autocast: what autocast's F.linear computes, without a cast copy of
+the weight held from the forward to the backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from absorber_kernels.frozen_linear import base_linear
+
+
+def _saved_bytes(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_equals_autocast_linear_and_saves_no_cast_weight(layout):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 23, generator=g) if layout == "linear" else torch.randn(23, 37, generator=g)
+    b = torch.randn(37, generator=g)
+    x = torch.randn(3, 5, 23, generator=g, requires_grad=True)
+    up = torch.randn(3, 5, 37, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, saved = _saved_bytes(lambda: base_linear(x, w, b, layout))
+        want = F.linear(x, w if layout == "linear" else w.t(), b)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    # Only the stored fp32 weight is kept for the backward, no bf16 copy of it.
+    assert [t.dtype for t in saved] == [torch.float32] and saved[0].data_ptr() == w.data_ptr()
+    got.backward(up)
+    dx, x.grad = x.grad.clone(), None
+    want.backward(up)
+    assert dx.dtype == torch.float32
+    torch.testing.assert_close(dx, x.grad)
+
+
+def test_without_autocast_it_is_plain_linear():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(base_linear(x, w, b, "linear"), F.linear(x, w, b), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weight_layout"):
+        base_linear(x, w, b, "dense")
