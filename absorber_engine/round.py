@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .config import AbsorberConfig
 from .model import ModelRunner
@@ -126,8 +125,14 @@ def _recite_next_token_loss(runner, final, grp) -> torch.Tensor:
     """TTT's loss read off the recite probe's pass: each token of X predicted from the position
     before it (X's first token from the seed's last)."""
     start, n = grp.x_span
-    logits = runner.logits(final[:, start - 1:start - 1 + n])
-    return F.cross_entropy(logits.transpose(1, 2), grp.ids[:, start:start + n])
+    return _cross_entropy(runner, final[:, start - 1:start - 1 + n], grp.ids[:, start:start + n])
+
+
+def _cross_entropy(runner, final, targets) -> torch.Tensor:
+    """Mean next-token cross-entropy of final states (..., D) against targets (...), from the LM
+    head chunk by chunk: no tokens × vocabulary logits are kept for the backward."""
+    head = runner.head
+    return runner.ops.linear_ce(final.reshape(-1, runner.hidden_size), targets.reshape(-1), head.weight, head.bias)
 
 
 def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, weight: float,
@@ -138,8 +143,7 @@ def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, 
     ids = runner.with_prefix(xs)
     with runner.checkpointed(cfg.checkpoint_layers):
         final, _ = runner.forward(ids[:, :-1])
-    logits = runner.logits(final)                                                   # (S, n - 1, V)
-    per_stream = weight * F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+    per_stream = weight * torch.stack([_cross_entropy(runner, final[s], ids[s, 1:]) for s in range(len(deltas))])
     if backward:
         per_stream.sum().backward()
     return per_stream.detach().tolist()

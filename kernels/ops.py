@@ -13,6 +13,7 @@ from typing import Callable
 
 from .attention import attention_ref
 from .hidden_sync import hidden_l1_ref
+from .linear_ce import linear_ce_ref
 from .linear_kl import linear_kl_ref
 from .lowrank_batched import lowrank_linear_batched_ref
 from .lowrank_linear import lowrank_linear_ref
@@ -26,9 +27,11 @@ class Ops:
     linear_kl: Callable
     attention: Callable
     lowrank_linear_batched: Callable
+    linear_ce: Callable
 
 
-TORCH_OPS = Ops("torch", lowrank_linear_ref, hidden_l1_ref, linear_kl_ref, attention_ref, lowrank_linear_batched_ref)
+TORCH_OPS = Ops("torch", lowrank_linear_ref, hidden_l1_ref, linear_kl_ref, attention_ref, lowrank_linear_batched_ref,
+                linear_ce_ref)
 
 
 @functools.cache
@@ -46,8 +49,9 @@ def _triton_ops() -> Ops:
     from .lowrank_batched import lowrank_linear_batched_triton
     from .lowrank_linear import lowrank_linear_triton
 
+    # The cross-entropy is the chunked reference on both backends (linear_ce.py says why).
     return Ops("triton", lowrank_linear_triton, hidden_l1_triton, linear_kl_triton, attention_triton,
-               lowrank_linear_batched_triton)
+               lowrank_linear_batched_triton, linear_ce_ref)
 
 
 def get_ops(backend: str) -> Ops:

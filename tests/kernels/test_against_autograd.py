@@ -1,5 +1,5 @@
 """The CPU references of every kernel (the sync losses, the low-rank linears, attention) against the
-plain torch composition they replace (F.kl_div, F.l1_loss, a dense linear, SDPA), forward and backward, with odd shapes and a non-unit upstream gradient (so a reference cannot drift from the
+plain torch composition they replace (F.kl_div, F.cross_entropy, F.l1_loss, a dense linear, SDPA), forward and backward, with odd shapes and a non-unit upstream gradient (so a reference cannot drift from the
 function it claims to compute while its kernel keeps agreeing with it)."""
 
 import pytest
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from absorber_kernels.attention import attention_ref
 from absorber_kernels.hidden_sync import hidden_l1_ref
+from absorber_kernels.linear_ce import linear_ce_ref
 from absorber_kernels.linear_kl import linear_kl_ref
 from absorber_kernels.lowrank_batched import lowrank_linear_batched_ref
 from absorber_kernels.lowrank_linear import lowrank_linear_ref
@@ -117,3 +118,34 @@ def test_attention_equals_sdpa_over_a_cached_prefix(T, S):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [5, 128])
+def test_linear_ce_equals_f_cross_entropy(chunk):
+    g = torch.Generator().manual_seed(5)
+    N, D, V = 23, 19, 301
+    h = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.4
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    t = torch.randint(0, V, (N,), generator=g)
+    got = linear_ce_ref(h, t, w, b, denom=29, chunk=chunk)
+    (got * -0.6).backward()
+    grad, h.grad = h.grad.clone(), None
+    want = F.cross_entropy(F.linear(h, w, b), t, reduction="sum") / 29
+    (want * -0.6).backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, h.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_ce_under_autocast_matches_the_autocast_composition():
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(40, 32, generator=g, requires_grad=True)
+    w, t = torch.randn(500, 32, generator=g) * 0.2, torch.randint(0, 500, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_ce_ref(h, t, w, chunk=16)
+        want = F.cross_entropy(F.linear(h, w).float(), t)
+    got.backward()
+    grad, h.grad = h.grad.clone(), None
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad, h.grad, rtol=2e-2, atol=1e-4)
