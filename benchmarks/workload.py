@@ -24,7 +24,8 @@ writes them), once per round before the steps. The token ids of the frame are th
 
 Workloads (`WORKLOADS`): "recite" (the default: Y + one recite probe + next-token loss),
 "probes4" (Y + four sampled probes: question, facts, summary, use + next-token loss), "y_only"
-(Y + next-token loss, no probes). Models (`MODELS`): a random Llama (d 512, 4 layers, 8 heads,
+(Y + next-token loss, no probes), and the synchronization on Y alone: "y_l1" (hidden L1 only) and
+"y_l1_kl" (hidden L1 + the full-vocabulary KL). Models (`MODELS`): a random Llama (d 512, 4 layers, 8 heads,
 vocab 32000; n = m = 256) and SmolLM2-135M-Instruct (its recommended config, fewer steps).
 
 Measured, per model and workload, in one process, runs alternating (engine first on even
@@ -70,6 +71,8 @@ WORKLOADS = {
     "recite": dict(),
     "probes4": dict(probes=4, probe_kinds=("question", "facts", "summary", "use")),
     "y_only": dict(probes=0),
+    "y_l1": dict(probes=0, ntp_weight=0.0, kl_weight=0.0),
+    "y_l1_kl": dict(probes=0, ntp_weight=0.0),
 }
 # Per model: the config the engine would use on it, and the rounds of the timed stream.
 MODELS = {
