@@ -190,7 +190,9 @@ def _left_padded_kv(per_row: list[list], lengths: list[int], width: int) -> list
 
 class GenerationMixin:
     """The engine's inference calls. Nothing here absorbs: each call reads the session's memory
-    and raw window, holding the engine's lock and its sessions' deltas on the device."""
+    and raw window, holding the engine's lock and its sessions' deltas on the device. The host
+    (AbsorberEngine) provides runner, tokenizer, config, scheduler, _lock, _windows, _get, to_ids,
+    _move, _rest, _check_span and window_tokens."""
 
     @torch.no_grad()
     def logits(self, ids, session=DEFAULT_SESSION) -> torch.Tensor:
