@@ -2,7 +2,7 @@
 (unknown, non-string and missing keys, values of every type and size) and files of any bytes.
 
 Contract: a ConfigError, or a config that survives the JSON round trip memory files put it through
-(to_json, then from_dict gives it back equal) and from which an engine is built on a tiny model or
+(to_dict as JSON, then from_dict gives it back equal) and from which an engine is built on a tiny model or
 refused with an AbsorberError, leaving that model without deltas.
 """
 
