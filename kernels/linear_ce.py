@@ -60,6 +60,8 @@ def linear_ce_ref(
         raise ValueError(f"hidden must be (N, D) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     if head_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {hidden.shape[1]}")
+    if hidden.shape[0] == 0:
+        return hidden.float().sum() * 0.0                     # no rows: no loss, and a zero gradient
     denom = denom if denom is not None else hidden.shape[0]
     return LinearCERef.apply(hidden, targets, head_weight.detach(),
                              None if head_bias is None else head_bias.detach(), int(denom), int(chunk))

@@ -149,3 +149,10 @@ def test_linear_ce_under_autocast_matches_the_autocast_composition():
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(grad, h.grad, rtol=2e-2, atol=1e-4)
+
+
+def test_linear_ce_of_no_rows_is_zero_with_a_zero_gradient():
+    h = torch.zeros(0, 8, requires_grad=True)
+    loss = linear_ce_ref(h, torch.zeros(0, dtype=torch.long), torch.randn(11, 8))
+    loss.backward()
+    assert float(loss) == 0.0 and h.grad.shape == (0, 8)
