@@ -41,7 +41,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if weight_layout not in ("linear", "conv1d"):
         raise ValueError(f"weight_layout must be 'linear' or 'conv1d', got {weight_layout!r}")
     dtype = _compute_dtype(x)
-    if dtype != weight.dtype and not weight.requires_grad:
+    if dtype != weight.dtype and not weight.requires_grad and (bias is None or not bias.requires_grad):
         return FrozenLinear.apply(x, weight, bias, weight_layout == "conv1d", dtype)
     if weight_layout == "linear":
         return F.linear(x, weight, bias)
