@@ -88,11 +88,14 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
                         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}}
 
 
-def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False) -> dict:
+def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False,
+               flush_each: bool = False) -> dict:
     """A stream of `docs` documents fed one after another through the engine's window (n + m tokens,
     about two documents); then every fact of every document that has left the window entirely is
     asked, after the window, and scored by how many rounds ago its document was absorbed.
-    window: the raw window alone (no memory); full: the whole stream in the prompt."""
+    window: the raw window alone (no memory); full: the whole stream in the prompt. flush_each: each
+    document is flushed as it arrives (rounds cut at document ends, nothing kept raw), so every
+    document is asked, from memory alone."""
     path = resolve(model)
     configs = _configs(path, overrides)
     rows = []
@@ -108,7 +111,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             ends.append(len(stream))
             absorbed_at.append(None)
             if absorbs:
-                eng.absorb(ids)
+                eng.absorb(ids, flush=flush_each)
                 for j, e in enumerate(ends):       # the round that absorbed a document's last token
                     if absorbed_at[j] is None and eng.absorbed_tokens >= e:
                         absorbed_at[j] = eng.default.rounds
@@ -118,9 +121,10 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
         # is asked about the same documents, those entirely out of that window.
         n, m = eng.config.chunk_tokens, eng.config.sync_tokens
         rounds_run = (len(stream) - (n + m)) // n + 1 if len(stream) >= n + m else 0
-        window = len(stream) - rounds_run * n
+        cut = len(stream) if flush_each else rounds_run * n
+        window = len(stream) - cut
         for j, d in enumerate(texts):
-            if ends[j] > rounds_run * n:              # still (partly) in the window: not a memory question
+            if ends[j] > cut:                         # still (partly) in the window: not a memory question
                 continue
             ago = (total_rounds - absorbed_at[j]) if absorbed_at[j] is not None else None
             for q, a in zip(d.questions, d.answers):
@@ -197,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stream", action="store_true",
                     help="stream the documents through the window instead of flushing each one "
                          "(methods: window, full, ttt, absorber)")
+    ap.add_argument("--flush-each", action="store_true",
+                    help="with --stream: flush at every document's end (one round per document, nothing raw)")
     ap.add_argument("--rescore", metavar="RESULTS.json", help="score a saved run again (no model is run)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -211,7 +217,8 @@ def main(argv=None) -> int:
         args.out = args.out or str(Path(args.rescore).parent)
     elif args.stream:
         methods = [{"none": "window"}.get(m, m) for m in methods]
-        result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
+        result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
+                            flush_each=args.flush_each)
     else:
         result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
     out = Path(args.out) if args.out else HERE / "results" / "recall" / Path(str(args.model)).name
