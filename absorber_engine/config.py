@@ -25,7 +25,8 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _MAX_TOKENS = 2**24
 _INT_LIMITS = {"chunk_tokens": _MAX_TOKENS, "sync_tokens": _MAX_TOKENS, "rank": 2**16, "max_steps": 2**31 - 1,
                "max_batch": 2**20, "max_resident": 2**20, "futures": 2**16, "kl_top_k": 2**31 - 1,
-               "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16}
+               "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16,
+               "replay_batch": 2**16}
 _FLOAT_MAX = 1.7976931348623157e308
 
 
@@ -67,15 +68,14 @@ class AbsorberConfig:
 
     stop_loss: float = 0.0
     """eps: a round stops as soon as its loss is below this. Our loss is a mean over positions,
-    layers and hidden dimensions (not the paper's per-position sum), so the paper's eps = 2 does
-    not carry over; 0 never stops early."""
+    layers and hidden dimensions (not the paper's per-position sum): the paper's eps = 2 does not
+    carry over; 0 never stops early."""
 
     lr: float = 5e-4
     """AdamW learning rate on the delta (paper: 5e-4)."""
 
     weight_decay: float = 0.0
     """AdamW weight decay. 0 by default: decay would shrink what earlier rounds absorbed."""
-
     grad_clip: float = 0.0
     """Clip the delta's gradient to this global norm before each step; 0 disables."""
 
@@ -96,8 +96,7 @@ class AbsorberConfig:
     """On: sampled futures continue X·Y and the student reads Y·future (the teacher X·Y·future), as
     generate() reads the window and then a prompt; the teacher's KV then spans n + m + future_tokens,
     past the n + m bound. Off (default): futures continue X, in Y's place, and the student reads them
-    alone. Measured on the shipped model (streamed 2048-token passkeys, 6 examples): on 4/6, off 3/6,
-    within noise, so the bound wins."""
+    alone. On the shipped model (streamed 2048-token passkeys, 6 examples) on 4/6, off 3/6: noise."""
 
     future_prompt: str | tuple[int, ...] = ""
     """Text (or token ids) every sampled future starts with, read by the teacher right after X, as
@@ -106,7 +105,6 @@ class AbsorberConfig:
 
     future_temperature: float = 1.0
     """Sampling temperature of the continuations; 1 samples the teacher's own distribution."""
-
     future_top_p: float = 1.0
     """Nucleus threshold when sampling continuations; 1 keeps the whole distribution."""
 
@@ -127,7 +125,6 @@ class AbsorberConfig:
 
     probe_temperature: float = 1.0
     """Sampling temperature of the teacher's answers: its own distribution, for diverse probes."""
-
     probe_top_p: float = 1.0
     """Nucleus threshold when sampling the teacher's answers."""
 
@@ -149,11 +146,15 @@ class AbsorberConfig:
     got) with 26% less CPU time per document (41.7 s against 56.7 s, 3 documents, 1 thread)."""
 
     replay_rounds: int = 0
-    """Streams: each round also replays the recite probes of this many earlier rounds (their token
-    ids only, a bounded buffer kept with the session and in its memory file), synchronized to the
-    round-start model reading them without context: what the memory answered about earlier rounds
-    it must keep answering (Dark Experience Replay with the round-start model as the teacher).
-    Costs one student pass over replay_rounds × (n + ~30) more tokens per step. 0: off."""
+    """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a
+    bounded buffer kept with the session and its memory file) against the round-start model reading
+    them without context: what the memory answered before it must keep answering (Dark Experience
+    Replay). Costs a student pass over replay_rounds × (n + ~30) tokens more per step. 0: off."""
+
+    replay_batch: int = 0
+    """Replayed rounds read per step, in turn, weighted so a cycle weighs what the whole buffer
+    does; their targets are computed at that step from a frozen copy of the round-start delta, so
+    a long buffer costs what a short one does in time and memory. 0: all of them at every step."""
 
     hidden_weight: float = 1.0
     """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at
@@ -229,7 +230,7 @@ class AbsorberConfig:
             v = getattr(self, name)
             need(is_int(v) and 0 < v <= _INT_LIMITS[name], f"{name} must be a positive integer "
                  f"(at most {_INT_LIMITS[name]}), got {v!r}")
-        for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes", "replay_rounds"):
+        for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes", "replay_rounds", "replay_batch"):
             v = getattr(self, name)
             need(is_int(v) and 0 <= v <= _INT_LIMITS[name], f"{name} must be a non-negative integer "
                  f"(at most {_INT_LIMITS[name]}), got {v!r}")

@@ -28,7 +28,7 @@ import torch
 
 from .config import AbsorberConfig
 from .model import ModelRunner
-from .teacher import RoundBatch, SyncTargets, teacher_targets
+from .teacher import FutureGroup, RoundBatch, SyncTargets, replay_states, teacher_targets
 
 
 @dataclass
@@ -47,9 +47,11 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
     in_recite = cfg.ntp_in_recite and any(g.x_span is not None for g in targets[0].groups)
     xs = batch.x if batch.x.shape[1] + len(runner.prefix) >= 2 and not in_recite else None   # (S, n)
 
+    step = iter(range(cfg.max_steps))
+
     def loss_fn(active):
         return student_losses(runner, [batch.deltas[i] for i in active], [targets[i] for i in active], cfg,
-                              backward=True, xs=xs[active] if xs is not None else None)
+                              backward=True, xs=xs[active] if xs is not None else None, step=next(step))
 
     return train_deltas(batch.deltas, loss_fn, cfg)
 
@@ -69,13 +71,19 @@ ROUNDS = {"absorber": absorber_round, "ttt": ttt_round}
 
 
 def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets], cfg: AbsorberConfig,
-                   backward: bool, xs: torch.Tensor | None = None) -> list[float]:
-    """Each stream's loss under its current delta (and the gradient, when `backward`)."""
+                   backward: bool, xs: torch.Tensor | None = None, step: int = 0) -> list[float]:
+    """Each stream's loss under its current delta (and the gradient, when `backward`) at step
+    `step` of the round (which replayed rows it reads, with replay_batch)."""
     S, P = len(deltas), len(runner.prefix)
     losses = [0.0] * S
     runner.bind(deltas)
     for g in range(len(targets[0].groups)):
         groups = [t.groups[g] for t in targets]
+        weights = [1.0] * S
+        if groups[0].replay and not groups[0].hidden:     # replay_batch: this step's rows and their targets
+            groups, weights = zip(*[_replay_rows(grp, step, cfg.replay_batch) for grp in groups])
+            groups = replay_states(runner, list(groups), cfg.kl_weight > 0, [t.layer_scale for t in targets])
+            runner.bind(deltas)
         rows = groups[0].ids.shape[0]
         runner.set_rows(rows)
         ids = torch.cat([grp.ids for grp in groups])
@@ -89,12 +97,14 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
         total = final.new_zeros((), dtype=torch.float32)
         for s, (grp, tgt) in enumerate(zip(groups, targets)):
             sl = slice(s * rows, (s + 1) * rows)
-            loss = _sync_loss(runner, [h[sl] for h in cap.states], final[sl], grp, tgt, cfg)
+            if weights[s] == 0:
+                continue
+            loss = weights[s] * _sync_loss(runner, [h[sl] for h in cap.states], final[sl], grp, tgt, cfg)
             if grp.x_span is not None and cfg.ntp_in_recite and cfg.ntp_weight > 0:
                 loss = loss + cfg.ntp_weight * _recite_next_token_loss(runner, final[sl], grp)
             losses[s] += float(loss.detach())
             total = total + loss
-        if backward:
+        if backward and total.requires_grad:
             total.backward()
     if cfg.ntp_weight > 0 and xs is not None:
         for s, ce in enumerate(next_token_losses(runner, deltas, xs, cfg, cfg.ntp_weight, backward)):
@@ -119,6 +129,17 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
                                   denom=tgt.positions)
         loss = loss + cfg.kl_weight * kl
     return loss
+
+
+def _replay_rows(grp: FutureGroup, step: int, k: int) -> tuple[FutureGroup, float]:
+    """The k replayed rows one stream's student reads at `step` (replay_batch), taken in turn so
+    every earlier round is read as often as the others, and their weight: the stream's replayed
+    rounds / k, so that over a cycle the replay weighs what the whole buffer read at every step does."""
+    real = int(grp.mask.any(dim=1).sum())                         # the stream's earlier rounds (rows after are padding)
+    rows = torch.arange(k) if real <= k else (step * k + torch.arange(k)) % real
+    rows = rows.to(grp.ids.device)
+    sub = FutureGroup(grp.ids[rows], [], None, mask=grp.mask[rows], replay=True, source=grp.source)
+    return sub, (real / k if real > k else float(real > 0))       # 0: nothing to replay yet
 
 
 def _recite_next_token_loss(runner, final, grp) -> torch.Tensor:

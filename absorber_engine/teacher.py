@@ -52,6 +52,8 @@ class FutureGroup:
     lead: torch.Tensor | None = None  # (b, l) tokens the student reads before `ids`, outside the loss
     mask: torch.Tensor | None = None  # (b, t) bool, False on positions outside the loss (after a probe's end)
     x_span: tuple[int, int] | None = None   # recite probes: (start, length) of X in `ids` (ntp_in_recite)
+    replay: bool = False              # earlier rounds' probes (replay_rounds)
+    source: object = None             # replay_batch: the round-start delta; states are computed per step
 
 
 @dataclass
@@ -76,10 +78,9 @@ def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig)
         for s, groups in enumerate(_self_study(runner, batch, cfg, need_final)):
             per_stream[s].extend(groups)
     if any(batch.replay):
-        for s, group in enumerate(_replay(runner, batch, need_final)):
+        for s, group in enumerate(_replay(runner, batch, need_final, cfg.replay_batch)):
             per_stream[s].append(group)
-    out = [SyncTargets(groups, sum(int(g.mask.sum()) if g.mask is not None else g.ids.numel() for g in groups))
-           for groups in per_stream]
+    out = [SyncTargets(groups, sum(_positions(g) for g in groups)) for groups in per_stream]
     if cfg.hidden_norm:
         for t in out:
             _normalize_layers(t)
@@ -121,15 +122,21 @@ def _normalize_layers(t: SyncTargets) -> None:
     teacher's mean |h^l| over the synchronized positions, so every layer weighs the same in the
     loss; unnormalized, the few late layers with large activations dominate it. The teacher's
     states are scaled here once; the student's by the same factors at every step."""
-    L = len(t.groups[0].hidden)
+    held = [g for g in t.groups if g.hidden]          # replay_batch's rows get theirs, scaled, at each step
+    L = len(held[0].hidden)
     sums = [0.0] * L
-    for g in t.groups:
+    for g in held:
         for layer in range(L):
             sums[layer] += float(g.hidden[layer].float().abs().sum())   # masked positions are zero
-    dim = t.groups[0].hidden[0].shape[-1]
-    t.layer_scale = [t.positions * dim / max(total, 1e-12) for total in sums]
-    for g in t.groups:
+    positions = sum(_positions(g) for g in held)
+    dim = held[0].hidden[0].shape[-1]
+    t.layer_scale = [positions * dim / max(total, 1e-12) for total in sums]
+    for g in held:
         g.hidden = [h * scale for h, scale in zip(g.hidden, t.layer_scale)]
+
+
+def _positions(g: FutureGroup) -> int:
+    return int(g.mask.sum()) if g.mask is not None else g.ids.numel()
 
 
 def _self_study(runner, batch: RoundBatch, cfg, need_final) -> list[list[FutureGroup]]:
@@ -196,10 +203,13 @@ def _split(runner, g: FutureGroup, count: int, mask: torch.Tensor, out, x_span=N
         out[s].append(FutureGroup(g.ids[rows], hidden, final, mask=m, x_span=x_span))
 
 
-def _replay(runner, batch: RoundBatch, need_final) -> list[FutureGroup]:
+def _replay(runner, batch: RoundBatch, need_final, per_step: int) -> list[FutureGroup]:
     """Earlier rounds' probes, each stream's right-padded to one (rows, t) shape for the batch; the
     targets are the round-start model's own states on them, read without any context (the memory
-    as it is must be kept). Rows a stream lacks, padding and the student's opening are masked out."""
+    as it is must be kept). Rows a stream lacks, padding and the student's opening are masked out.
+    When the student reads only `per_step` rows a step (replay_batch) and there are more, the
+    states are left to replay_states at each step, from a frozen copy of the round-start delta, so
+    the targets held stay those of per_step rows however long the buffer."""
     S, dev = batch.streams, runner.device
     rows = max(len(r) for r in batch.replay)
     t = max(len(q) for r in batch.replay for q in r)
@@ -210,17 +220,33 @@ def _replay(runner, batch: RoundBatch, need_final) -> list[FutureGroup]:
         for i, q in enumerate(probes):
             ids[s * rows + i, :len(q)] = q
             mask[s * rows + i, skip:len(q)] = True
-    runner.bind(batch.deltas, rows)
+    groups = [FutureGroup(ids[s * rows:(s + 1) * rows], [], None, mask=mask[s * rows:(s + 1) * rows], replay=True,
+                          source=d) for s, d in enumerate(batch.deltas)]
+    if 0 < per_step < rows:
+        for g in groups:
+            g.source = g.source.frozen()
+        return groups
+    return replay_states(runner, groups, need_final)
+
+
+@torch.no_grad()
+def replay_states(runner, groups: list[FutureGroup], need_final, layer_scale=None) -> list[FutureGroup]:
+    """The replay groups of all streams (as many rows each) with their targets filled in: each
+    stream's `source` delta reading the rows alone, masked; scaled by each stream's layer_scale
+    (hidden_norm) when given. Leaves the sources bound."""
+    rows = groups[0].ids.shape[0]
+    runner.bind([g.source for g in groups], rows)
     P = len(runner.prefix)
     with runner.capture(P) as cap:
-        final, _ = runner.forward(runner.with_prefix(ids))
+        final, _ = runner.forward(runner.with_prefix(torch.cat([g.ids for g in groups])))
     out = []
-    for s in range(S):
-        sl = slice(s * rows, (s + 1) * rows)
-        m = mask[sl]
+    for s, g in enumerate(groups):
+        sl, m = slice(s * rows, (s + 1) * rows), g.mask
         hidden = [h[sl] * m[..., None] for h in cap.states]
+        if layer_scale is not None and layer_scale[s] is not None:
+            hidden = [h * scale for h, scale in zip(hidden, layer_scale[s])]
         fin = final[sl, P:][m] if need_final else None
-        out.append(FutureGroup(ids[sl], hidden, fin, mask=m))
+        out.append(FutureGroup(g.ids, hidden, fin, mask=m, replay=True, source=g.source))
     return out
 
 

@@ -176,13 +176,15 @@ def test_replay_keeps_a_bounded_buffer_of_earlier_rounds_and_survives_a_memory_f
     assert [q.tolist() for q in other.default.replay] == chunks[2:4]
 
 
-def test_a_batch_mixing_sessions_with_and_without_replay_equals_each_alone():
+@pytest.mark.parametrize("replay_batch", [0, 1])
+def test_a_batch_mixing_sessions_with_and_without_replay_equals_each_alone(replay_batch):
     from tiny_models import make_model, random_ids
 
     cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, max_steps=2, replay_rounds=2, kl_weight=1.0,
-                         futures=0, compute_dtype="float32")
+                         futures=0, compute_dtype="float32", replay_batch=replay_batch)
     eng = AbsorberEngine(make_model("llama"), config=cfg)
-    eng.session("a").absorb(random_ids(12, seed=1))                       # a now has one round to replay
+    eng.session("a").absorb(random_ids(20, seed=1))                       # a now has two rounds to replay
+    assert len(eng.session("a").replay) == 2
     eng.session("a").feed(random_ids(8, seed=2))
     eng.session("b").feed(random_ids(12, seed=3))
     reports = eng.run()
@@ -217,3 +219,44 @@ def test_next_token_loss_read_off_the_recite_probe_is_the_plain_loss_of_that_seq
     assert eng.absorb(x.tolist(), flush=True).steps == 5
     (after,) = student_losses(eng.runner, [eng.delta], [targets], eng.config, backward=False)
     assert after < 0.9 * got                                   # the round trained on that loss
+
+
+def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight():
+    from tiny_models import make_model, random_ids
+
+    from absorber_engine.teacher import replay_states
+
+    cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=0, max_steps=2, replay_rounds=4, kl_weight=1.0,
+                         compute_dtype="float32", hidden_norm=False)
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    eng.absorb(random_ids(12, seed=5))                                   # a delta that is not zero
+    replay = [torch.tensor(random_ids(n, seed=10 + n)) for n in (5, 9, 3, 7)]   # rounds of different lengths
+    batch = RoundBatch([eng.delta], torch.tensor([random_ids(8, seed=1)]), torch.tensor([random_ids(4, seed=2)]),
+                       [torch.Generator().manual_seed(0)], replay=[replay])
+    (whole,) = teacher_targets(eng.runner, batch, cfg)
+    assert whole.groups[-1].replay and whole.groups[-1].ids.shape[0] == 4 and whole.groups[-1].hidden
+
+    def loss(step, k, norm=False):
+        c = cfg.replace(replay_batch=k, hidden_norm=norm)
+        (targets,) = teacher_targets(eng.runner, batch, c)               # k < 4: no replay states held
+        assert bool(targets.groups[-1].hidden) == (k == 0 or k >= 4)
+        return student_losses(eng.runner, [eng.delta], [targets], c, backward=False, step=step)[0]
+
+    full = loss(0, 0)
+    # Two rows a step, weighted 4/2: a cycle of two steps weighs what two steps over all four do.
+    assert loss(0, 2) + loss(1, 2) == pytest.approx(2 * full, rel=1e-5)
+    assert loss(0, 1) + loss(1, 1) + loss(2, 1) + loss(3, 1) == pytest.approx(4 * full, rel=1e-5)
+    assert loss(4, 1) == pytest.approx(loss(0, 1), rel=1e-6)            # in turn: step 4 reads round 0 again
+    assert loss(0, 4) == pytest.approx(full, rel=1e-6) and loss(0, 9) == pytest.approx(full, rel=1e-6)
+    # The states computed at a step are the round-start delta's, after a step has moved the delta,
+    # scaled by the layer scales of the states held (hidden_norm).
+    (lazy,) = teacher_targets(eng.runner, batch, cfg.replace(replay_batch=2, hidden_norm=True))
+    with torch.no_grad():
+        for t in eng.delta.parameters():
+            t.add_(0.5)
+    grp = lazy.groups[-1]
+    sub = type(grp)(grp.ids[:2], [], None, mask=grp.mask[:2], replay=True, source=grp.source)
+    (got,) = replay_states(eng.runner, [sub], True, [lazy.layer_scale])
+    for h, want, scale in zip(got.hidden, whole.groups[-1].hidden, lazy.layer_scale):
+        torch.testing.assert_close(h, want[:2] * scale, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.final, whole.groups[-1].final[:int(grp.mask[:2].sum())], rtol=1e-5, atol=1e-5)
