@@ -147,7 +147,7 @@ def run(quick: bool, decode_tokens: int = 32, latency_reps: int = 5, full_kv_bud
         # --- window: sinks + the most recent tokens
         kept = stream[:SINKS] + stream[length - window_keep:length]
         cache, last = prefill(model_plain, kept)
-        lat = _latency(lambda: decode_latency(model_plain, cache, last, decode_tokens), latency_reps)
+        lat = _latency(lambda c=cache, t=last: decode_latency(model_plain, c, t, decode_tokens), latency_reps)
         rows["window"].append(dict(length=length, held_bytes=kv_bytes(cache), kv_bytes=kv_bytes(cache),
                                    raw_tokens=len(kept), **lat))
         del cache
