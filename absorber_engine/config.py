@@ -89,8 +89,7 @@ class AbsorberConfig:
 
     future_tokens: int | None = None
     """Length of each sampled continuation. None: min(64, sync_tokens). At most sync_tokens, so the
-    teacher's KV over X plus a future stays within n + m tokens (with sync_tokens = 0, the bound
-    is n + future_tokens)."""
+    teacher's KV over X and a future stays within n + m tokens (sync_tokens = 0: n + future_tokens)."""
 
     futures_follow_y: bool = False
     """On: sampled futures continue X·Y and the student reads Y·future (the teacher X·Y·future), as
@@ -148,8 +147,9 @@ class AbsorberConfig:
     replay_rounds: int = 0
     """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a
     bounded buffer kept with the session and its memory file) against the round-start model reading
-    them without context: what the memory answered before it must keep answering (Dark Experience
-    Replay). Costs a student pass over replay_rounds × (n + ~30) tokens more per step. 0: off."""
+    them without context (Dark Experience Replay). SmolLM2-135M, one round per document (12, seed 7):
+    0/48 recalled without, 8/48 with 4, every hit in the buffer. Costs a student pass over
+    replay_rounds × (n + ~30) tokens more per step (see replay_batch). 0: off."""
 
     replay_batch: int = 0
     """Replayed rounds read per step, in turn, weighted so a cycle weighs what the whole buffer
