@@ -25,14 +25,14 @@ OUT = Path(__file__).resolve().parent / "results" / "replay"
 
 
 def one(model: str, rounds: int, batch: int, steps: int) -> dict:
-    from absorber_engine import AbsorberEngine
+    from absorber_engine import AbsorberConfig, AbsorberEngine
     from absorber_engine.model_store import recommended_config, resolve
     from absorber_engine.probes import replay_probe
     from evals.facts import make_document
 
     torch.set_num_threads(1)
     path = resolve(model)
-    cfg = recommended_config(path).replace(replay_rounds=rounds, replay_batch=batch, max_steps=steps)
+    cfg = (recommended_config(path) or AbsorberConfig()).replace(replay_rounds=rounds, replay_batch=batch, max_steps=steps)
     eng = AbsorberEngine.from_pretrained(path, config=cfg)
     docs = [eng.tokenizer.encode(make_document(11, i, place=True).text + "\n", add_special_tokens=False)
             for i in range(rounds + 1)]
