@@ -19,6 +19,7 @@ PROBE_KINDS = ("question", "facts", "summary", "use", "creative", "recite")
 OBJECTIVES = ("absorber", "ttt")
 BACKENDS = ("auto", "torch", "triton")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPLAY_TARGETS = ("states", "text", "teacher")
 
 # Upper bounds far past any real use, so every accepted value fits the C++ scheduler's int64 (the
 # window n + m included), torch's seeds, and allocations the engine sizes from it.
@@ -151,6 +152,10 @@ class AbsorberConfig:
     0/48 recalled without, 8/48 with 4, every hit in the buffer. Costs a student pass over
     replay_rounds × (n + ~30) tokens more per step (see replay_batch). 0: off."""
 
+    replay_target: str = "states"
+    """What a replayed probe is trained toward: "states", the round-start model's own states on it
+    (the memory as it is); "text", the replayed X itself, token by token (no states held)."""
+
     replay_batch: int = 0
     """Replayed rounds read per step, in turn, weighted so a cycle weighs what the whole buffer
     does; their targets are computed at that step from a frozen copy of the round-start delta, so
@@ -260,6 +265,8 @@ class AbsorberConfig:
              f"alpha must be None or a finite number > 0, got {self.alpha!r}")
         need(isinstance(self.objective, str) and self.objective in OBJECTIVES,
              f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(isinstance(self.replay_target, str) and self.replay_target in REPLAY_TARGETS,
+             f"replay_target must be one of {REPLAY_TARGETS}, got {self.replay_target!r}")
         need(isinstance(self.backend, str) and self.backend in BACKENDS,
              f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(isinstance(self.compute_dtype, str) and self.compute_dtype in COMPUTE_DTYPES,

@@ -28,7 +28,7 @@ import torch
 
 from .config import AbsorberConfig
 from .model import ModelRunner
-from .teacher import FutureGroup, RoundBatch, SyncTargets, replay_states, teacher_targets
+from .teacher import FutureGroup, RoundBatch, SyncTargets, replay_groups, replay_states, teacher_targets
 
 
 @dataclass
@@ -57,12 +57,22 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
 
 
 def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
-    """The baseline: next-token cross-entropy of the contextless model on X itself (Temp-LoRA)."""
+    """The baseline: next-token cross-entropy of the contextless model on X itself (Temp-LoRA), and
+    with replay_rounds on the replayed rounds' X too (rehearsal: replay_target "text" whatever it says)."""
     if batch.x.shape[1] + len(runner.prefix) < 2:
         return [RoundResult() for _ in batch.deltas]
+    replay = None
+    if any(batch.replay):
+        replay = [SyncTargets([g], 0) for g in replay_groups(runner, batch, False, cfg.replace(replay_target="text"))]
+    step = iter(range(cfg.max_steps))
 
     def loss_fn(active):
-        return next_token_losses(runner, [batch.deltas[i] for i in active], batch.x[active], cfg, 1.0, backward=True)
+        deltas = [batch.deltas[i] for i in active]
+        losses = next_token_losses(runner, deltas, batch.x[active], cfg, 1.0, backward=True)
+        if replay is not None:
+            extra = student_losses(runner, deltas, [replay[i] for i in active], cfg, backward=True, step=next(step))
+            losses = [a + b for a, b in zip(losses, extra)]
+        return losses
 
     return train_deltas(batch.deltas, loss_fn, cfg)
 
@@ -80,7 +90,10 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
     for g in range(len(targets[0].groups)):
         groups = [t.groups[g] for t in targets]
         weights = [1.0] * S
-        if groups[0].replay and not groups[0].hidden:     # replay_batch: this step's rows and their targets
+        if groups[0].text and cfg.replay_batch:           # this step's rows; a mean, so a cycle weighs the buffer
+            groups, weights = zip(*[_replay_rows(grp, step, cfg.replay_batch) for grp in groups])
+            weights = [float(w > 0) for w in weights]
+        elif groups[0].replay and not groups[0].hidden and not groups[0].text:   # replay_batch: this step's rows and their targets
             groups, weights = zip(*[_replay_rows(grp, step, cfg.replay_batch) for grp in groups])
             groups = replay_states(runner, list(groups), cfg.kl_weight > 0, [t.layer_scale for t in targets])
             runner.bind(deltas)
@@ -99,7 +112,12 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
             sl = slice(s * rows, (s + 1) * rows)
             if weights[s] == 0:
                 continue
-            loss = weights[s] * _sync_loss(runner, [h[sl] for h in cap.states], final[sl], grp, tgt, cfg)
+            if grp.text:
+                if not grp.mask[:, 1:].any():
+                    continue
+                loss = weights[s] * _text_loss(runner, final[sl], grp)
+            else:
+                loss = weights[s] * _sync_loss(runner, [h[sl] for h in cap.states], final[sl], grp, tgt, cfg)
             if grp.x_span is not None and cfg.ntp_in_recite and cfg.ntp_weight > 0:
                 loss = loss + cfg.ntp_weight * _recite_next_token_loss(runner, final[sl], grp)
             losses[s] += float(loss.detach())
@@ -136,10 +154,17 @@ def _replay_rows(grp: FutureGroup, step: int, k: int) -> tuple[FutureGroup, floa
     every earlier round is read as often as the others, and their weight: the stream's replayed
     rounds / k, so that over a cycle the replay weighs what the whole buffer read at every step does."""
     real = int(grp.mask.any(dim=1).sum())                         # the stream's earlier rounds (rows after are padding)
-    rows = torch.arange(k) if real <= k else (step * k + torch.arange(k)) % real
+    rows = torch.arange(min(k, grp.ids.shape[0])) if real <= k else (step * k + torch.arange(k)) % real
     rows = rows.to(grp.ids.device)
-    sub = FutureGroup(grp.ids[rows], [], None, mask=grp.mask[rows], replay=True, source=grp.source)
+    sub = FutureGroup(grp.ids[rows], [], None, mask=grp.mask[rows], replay=True, source=grp.source, text=grp.text)
     return sub, (real / k if real > k else float(real > 0))       # 0: nothing to replay yet
+
+
+def _text_loss(runner, final, grp) -> torch.Tensor:
+    """Next-token cross-entropy of replayed rows on their own tokens inside the mask (replay_target
+    "text"), averaged over those tokens: each predicted from the position before it."""
+    target = grp.mask[:, 1:]
+    return _cross_entropy(runner, final[:, :-1][target], grp.ids[:, 1:][target])
 
 
 def _recite_next_token_loss(runner, final, grp) -> torch.Tensor:

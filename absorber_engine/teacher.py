@@ -54,6 +54,7 @@ class FutureGroup:
     x_span: tuple[int, int] | None = None   # recite probes: (start, length) of X in `ids` (ntp_in_recite)
     replay: bool = False              # earlier rounds' probes (replay_rounds)
     source: object = None             # replay_batch: the round-start delta; states are computed per step
+    text: bool = False                # replay_target "text": the loss is next-token CE on the masked tokens
 
 
 @dataclass
@@ -78,9 +79,9 @@ def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig)
         for s, groups in enumerate(_self_study(runner, batch, cfg, need_final)):
             per_stream[s].extend(groups)
     if any(batch.replay):
-        for s, group in enumerate(_replay(runner, batch, need_final, cfg.replay_batch)):
+        for s, group in enumerate(replay_groups(runner, batch, need_final, cfg)):
             per_stream[s].append(group)
-    out = [SyncTargets(groups, sum(_positions(g) for g in groups)) for groups in per_stream]
+    out = [SyncTargets(groups, sum(_positions(g) for g in groups if not g.text)) for groups in per_stream]
     if cfg.hidden_norm:
         for t in out:
             _normalize_layers(t)
@@ -203,30 +204,76 @@ def _split(runner, g: FutureGroup, count: int, mask: torch.Tensor, out, x_span=N
         out[s].append(FutureGroup(g.ids[rows], hidden, final, mask=m, x_span=x_span))
 
 
-def _replay(runner, batch: RoundBatch, need_final, per_step: int) -> list[FutureGroup]:
-    """Earlier rounds' probes, each stream's right-padded to one (rows, t) shape for the batch; the
-    targets are the round-start model's own states on them, read without any context (the memory
-    as it is must be kept). Rows a stream lacks, padding and the student's opening are masked out.
-    When the student reads only `per_step` rows a step (replay_batch) and there are more, the
-    states are left to replay_states at each step, from a frozen copy of the round-start delta, so
-    the targets held stay those of per_step rows however long the buffer."""
+def replay_groups(runner, batch: RoundBatch, need_final, cfg) -> list[FutureGroup]:
+    """Earlier rounds' probes, each stream's right-padded to one (rows, t) shape for the batch. Rows
+    a stream lacks, padding and the student's opening are masked out. The targets (replay_target):
+    - "states": the round-start model's own states on them, read without any context (the memory as
+      it is must be kept). When the student reads only replay_batch rows a step and there are more,
+      the states are left to replay_states at each step, from a frozen copy of the round-start
+      delta, so the targets held stay those of replay_batch rows however long the buffer.
+    - "text": none held: the student predicts each replayed X (and its end of turn) token by token,
+      the document itself being a target that no later round blurs. The mask keeps X's tokens."""
     S, dev = batch.streams, runner.device
     rows = max(len(r) for r in batch.replay)
     t = max(len(q) for r in batch.replay for q in r)
     ids = torch.zeros(S * rows, t, dtype=torch.long, device=dev)
     mask = torch.zeros(S * rows, t, dtype=torch.bool, device=dev)
     skip = len(batch.frame.student_open) if batch.frame is not None else 0
+    text = cfg.replay_target == "text"
+    if text and batch.frame is not None:
+        skip += len(batch.frame.seeds["recite"])
     for s, probes in enumerate(batch.replay):
         for i, q in enumerate(probes):
             ids[s * rows + i, :len(q)] = q
             mask[s * rows + i, skip:len(q)] = True
     groups = [FutureGroup(ids[s * rows:(s + 1) * rows], [], None, mask=mask[s * rows:(s + 1) * rows], replay=True,
-                          source=d) for s, d in enumerate(batch.deltas)]
-    if 0 < per_step < rows:
+                          source=d, text=text) for s, d in enumerate(batch.deltas)]
+    if text:
+        return groups
+    if cfg.replay_target == "teacher":
+        return [_reread_states(runner, batch, g, need_final) for g in groups]
+    if 0 < cfg.replay_batch < rows:
         for g in groups:
             g.source = g.source.frozen()
         return groups
     return replay_states(runner, groups, need_final)
+
+
+@torch.no_grad()
+def _reread_states(runner, batch: RoundBatch, g: FutureGroup, need_final) -> FutureGroup:
+    """One stream's replay rows with the targets of the round that absorbed each: the round-start
+    model reads that round's X in its frame, then the recite probe, as the absorbing round's teacher
+    did; X is cut back out of the row (opening, seed, X, end of turn)."""
+    frame = batch.frame
+    open_, close = (frame.context_open, frame.context_close) if frame is not None else ([], [])
+    skip = len(frame.student_open) if frame is not None else 0
+    head = skip + (len(frame.seeds["recite"]) if frame is not None else 0)
+    tail = 1 if frame is not None and frame.stop else 0
+    runner.bind([g.source])
+    P, L = len(runner.prefix), None
+    hidden, finals = None, []
+    for i in range(g.ids.shape[0]):
+        n = int(g.mask[i].sum())
+        if n == 0:
+            continue
+        row = g.ids[i, skip:skip + n]
+        x = g.ids[i, head:skip + n - tail] if frame is not None else row
+        before = torch.tensor(open_, dtype=torch.long, device=row.device)
+        after = torch.tensor(close, dtype=torch.long, device=row.device)
+        seq = torch.cat([before, x, after, row])[None]
+        start = P + len(open_) + len(x) + len(close)
+        with runner.capture(start) as cap:
+            final, _ = runner.forward(runner.with_prefix(seq))
+        if hidden is None:
+            L = len(cap.states)
+            hidden = [torch.zeros(*g.ids.shape, runner.hidden_size, dtype=cap.states[0].dtype, device=row.device)
+                      for _ in range(L)]
+        for layer in range(L):
+            hidden[layer][i, skip:skip + n] = cap.states[layer][0]
+        if need_final:
+            finals.append(final[0, start:])
+    fin = torch.cat(finals) if need_final and finals else None
+    return FutureGroup(g.ids, hidden or [], fin, mask=g.mask, replay=True, source=g.source)
 
 
 @torch.no_grad()
