@@ -90,13 +90,13 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
     for g in range(len(targets[0].groups)):
         groups = [t.groups[g] for t in targets]
         weights = [1.0] * S
-        if groups[0].text and cfg.replay_batch:           # this step's rows; a mean, so a cycle weighs the buffer
+        if groups[0].replay and 0 < cfg.replay_batch < groups[0].ids.shape[0]:   # this step's replayed rows
             groups, weights = zip(*[_replay_rows(grp, step, cfg.replay_batch) for grp in groups])
-            weights = [float(w > 0) for w in weights]
-        elif groups[0].replay and not groups[0].hidden and not groups[0].text:   # replay_batch: this step's rows and their targets
-            groups, weights = zip(*[_replay_rows(grp, step, cfg.replay_batch) for grp in groups])
-            groups = replay_states(runner, list(groups), cfg.kl_weight > 0, [t.layer_scale for t in targets])
-            runner.bind(deltas)
+            if groups[0].text:                            # a mean over the rows read: a cycle weighs the buffer
+                weights = [float(w > 0) for w in weights]
+            elif not groups[0].hidden:                    # "states": their targets, computed now
+                groups = replay_states(runner, list(groups), cfg.kl_weight > 0, [t.layer_scale for t in targets])
+                runner.bind(deltas)
         rows = groups[0].ids.shape[0]
         runner.set_rows(rows)
         ids = torch.cat([grp.ids for grp in groups])
@@ -154,9 +154,14 @@ def _replay_rows(grp: FutureGroup, step: int, k: int) -> tuple[FutureGroup, floa
     every earlier round is read as often as the others, and their weight: the stream's replayed
     rounds / k, so that over a cycle the replay weighs what the whole buffer read at every step does."""
     real = int(grp.mask.any(dim=1).sum())                         # the stream's earlier rounds (rows after are padding)
-    rows = torch.arange(min(k, grp.ids.shape[0])) if real <= k else (step * k + torch.arange(k)) % real
+    rows = torch.arange(k) if real <= k else (step * k + torch.arange(k)) % real
     rows = rows.to(grp.ids.device)
-    sub = FutureGroup(grp.ids[rows], [], None, mask=grp.mask[rows], replay=True, source=grp.source, text=grp.text)
+    final = None
+    if grp.final is not None:                                     # held targets ("teacher"): rows of the flat final
+        ends = grp.mask.sum(dim=1).cumsum(0).tolist()
+        final = torch.cat([grp.final[(ends[r - 1] if r else 0):ends[r]] for r in rows.tolist()])
+    sub = FutureGroup(grp.ids[rows], [h[rows] for h in grp.hidden], final, mask=grp.mask[rows], replay=True,
+                      source=grp.source, text=grp.text)
     return sub, (real / k if real > k else float(real > 0))       # 0: nothing to replay yet
 
 

@@ -221,13 +221,14 @@ def test_next_token_loss_read_off_the_recite_probe_is_the_plain_loss_of_that_seq
     assert after < 0.9 * got                                   # the round trained on that loss
 
 
-def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight():
+@pytest.mark.parametrize("target", ["states", "teacher"])
+def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight(target):
     from tiny_models import make_model, random_ids
 
     from absorber_engine.teacher import replay_states
 
     cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=0, max_steps=2, replay_rounds=4, kl_weight=1.0,
-                         compute_dtype="float32", hidden_norm=False)
+                         compute_dtype="float32", hidden_norm=False, replay_target=target)
     eng = AbsorberEngine(make_model("llama"), config=cfg)
     eng.absorb(random_ids(12, seed=5))                                   # a delta that is not zero
     replay = [torch.tensor(random_ids(n, seed=10 + n)) for n in (5, 9, 3, 7)]   # rounds of different lengths
@@ -238,8 +239,8 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
 
     def loss(step, k, norm=False):
         c = cfg.replace(replay_batch=k, hidden_norm=norm)
-        (targets,) = teacher_targets(eng.runner, batch, c)               # k < 4: no replay states held
-        assert bool(targets.groups[-1].hidden) == (k == 0 or k >= 4)
+        (targets,) = teacher_targets(eng.runner, batch, c)               # "states", k < 4: no replay states held
+        assert bool(targets.groups[-1].hidden) == (k == 0 or k >= 4 or target == "teacher")
         return student_losses(eng.runner, [eng.delta], [targets], c, backward=False, step=step)[0]
 
     full = loss(0, 0)
@@ -248,6 +249,8 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
     assert loss(0, 1) + loss(1, 1) + loss(2, 1) + loss(3, 1) == pytest.approx(4 * full, rel=1e-5)
     assert loss(4, 1) == pytest.approx(loss(0, 1), rel=1e-6)            # in turn: step 4 reads round 0 again
     assert loss(0, 4) == pytest.approx(full, rel=1e-6) and loss(0, 9) == pytest.approx(full, rel=1e-6)
+    if target == "teacher":
+        return
     # The states computed at a step are the round-start delta's, after a step has moved the delta,
     # scaled by the layer scales of the states held (hidden_norm).
     (lazy,) = teacher_targets(eng.runner, batch, cfg.replace(replay_batch=2, hidden_norm=True))
