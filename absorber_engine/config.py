@@ -26,8 +26,7 @@ REPLAY_TARGETS = ("states", "text", "teacher")
 _MAX_TOKENS = 2**24
 _INT_LIMITS = {"chunk_tokens": _MAX_TOKENS, "sync_tokens": _MAX_TOKENS, "rank": 2**16, "max_steps": 2**31 - 1,
                "max_batch": 2**20, "max_resident": 2**20, "futures": 2**16, "kl_top_k": 2**31 - 1,
-               "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16,
-               "replay_batch": 2**16}
+               "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16, "replay_batch": 2**16}
 _FLOAT_MAX = 1.7976931348623157e308
 
 
@@ -68,13 +67,11 @@ class AbsorberConfig:
     """K: AdamW steps per round at most. The paper does not state K."""
 
     stop_loss: float = 0.0
-    """eps: a round stops as soon as its loss is below this. Our loss is a mean over positions,
-    layers and hidden dimensions (not the paper's per-position sum): the paper's eps = 2 does not
-    carry over; 0 never stops early."""
+    """eps: a round stops once its loss is below this. Our loss is a mean over positions, layers and
+    hidden dimensions (not the paper's per-position sum): eps = 2 does not carry over; 0: never."""
 
     lr: float = 5e-4
     """AdamW learning rate on the delta (paper: 5e-4)."""
-
     weight_decay: float = 0.0
     """AdamW weight decay. 0 by default: decay would shrink what earlier rounds absorbed."""
     grad_clip: float = 0.0
@@ -147,19 +144,15 @@ class AbsorberConfig:
 
     replay_rounds: int = 0
     """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a
-    bounded buffer kept with the session and its memory file) against the round-start model reading
-    them without context (Dark Experience Replay). SmolLM2-135M, one round per document (12, seed 7):
-    0/48 recalled without, 8/48 with 4, every hit in the buffer. Costs a student pass over
-    replay_rounds × (n + ~30) tokens more per step (see replay_batch). 0: off."""
-
+    bounded buffer kept with the session and its memory file; replay.py). SmolLM2-135M, one round
+    per document (12, seed 7): 0/48 recalled without, 8/48 with 4, every hit in the buffer. Costs a
+    student pass over replay_rounds × (n + ~30) tokens more per step (see replay_batch). 0: off."""
     replay_target: str = "states"
-    """What a replayed probe is trained toward: "states", the round-start model's own states on it
-    (the memory as it is); "text", the replayed X itself, token by token (no states held)."""
-
+    """What replayed probes are trained toward (replay.py): "states", the round-start model's own
+    states; "teacher", those of the round that absorbed each; "text", their own tokens."""
     replay_batch: int = 0
-    """Replayed rounds read per step, in turn, weighted so a cycle weighs what the whole buffer
-    does; their targets are computed at that step from a frozen copy of the round-start delta, so
-    a long buffer costs what a short one does in time and memory. 0: all of them at every step."""
+    """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
+    whole buffer does ("states" computes their targets then). 0: all of them at every step."""
 
     hidden_weight: float = 1.0
     """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at

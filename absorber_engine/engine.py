@@ -32,10 +32,11 @@ from .generate import GenerationMixin, WindowCache
 from .memory_file import load_memory, save_memory
 from .model import ModelRunner
 from .peft_export import export_peft
-from .probes import frame_for, replay_probe
+from .probes import frame_for
+from .replay import replay_probe
 from .round import ROUNDS
 from .session import DEFAULT_SESSION, AbsorbReport, Session
-from .teacher import RoundBatch
+from .targets import RoundBatch
 
 
 class AbsorberEngine(GenerationMixin):

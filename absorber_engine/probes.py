@@ -124,11 +124,3 @@ def answer_mask(ids: torch.Tensor, forced: int, stop: list[int]) -> torch.Tensor
     after = (is_stop.long().cumsum(dim=1) - is_stop.long()) > 0
     mask[:, forced:] = ~after
     return mask
-
-
-def replay_probe(frame: ProbeFrame | None, x: list[int]) -> torch.Tensor:
-    """What later rounds replay of a round that absorbed X (replay_rounds): the student's recite
-    exchange of X (its opening, the recite seed, X, the end of turn), or X itself without a frame."""
-    if frame is None:
-        return torch.tensor(x, dtype=torch.long)
-    return torch.tensor(frame.student_open + frame.seeds["recite"] + list(x) + frame.stop[:1], dtype=torch.long)

@@ -28,7 +28,9 @@ import torch
 
 from .config import AbsorberConfig
 from .model import ModelRunner
-from .teacher import FutureGroup, RoundBatch, SyncTargets, replay_groups, replay_states, teacher_targets
+from .replay import replay_groups, replay_rows, replay_states
+from .targets import RoundBatch, SyncTargets
+from .teacher import teacher_targets
 
 
 @dataclass
@@ -91,7 +93,7 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
         groups = [t.groups[g] for t in targets]
         weights = [1.0] * S
         if groups[0].replay and 0 < cfg.replay_batch < groups[0].ids.shape[0]:   # this step's replayed rows
-            groups, weights = zip(*[_replay_rows(grp, step, cfg.replay_batch) for grp in groups])
+            groups, weights = zip(*[replay_rows(grp, step, cfg.replay_batch) for grp in groups])
             if groups[0].text:                            # a mean over the rows read: a cycle weighs the buffer
                 weights = [float(w > 0) for w in weights]
             elif not groups[0].hidden:                    # "states": their targets, computed now
@@ -147,22 +149,6 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
                                   denom=tgt.positions)
         loss = loss + cfg.kl_weight * kl
     return loss
-
-
-def _replay_rows(grp: FutureGroup, step: int, k: int) -> tuple[FutureGroup, float]:
-    """The k replayed rows one stream's student reads at `step` (replay_batch), taken in turn so
-    every earlier round is read as often as the others, and their weight: the stream's replayed
-    rounds / k, so that over a cycle the replay weighs what the whole buffer read at every step does."""
-    real = int(grp.mask.any(dim=1).sum())                         # the stream's earlier rounds (rows after are padding)
-    rows = torch.arange(k) if real <= k else (step * k + torch.arange(k)) % real
-    rows = rows.to(grp.ids.device)
-    final = None
-    if grp.final is not None:                                     # held targets ("teacher"): rows of the flat final
-        ends = grp.mask.sum(dim=1).cumsum(0).tolist()
-        final = torch.cat([grp.final[(ends[r - 1] if r else 0):ends[r]] for r in rows.tolist()])
-    sub = FutureGroup(grp.ids[rows], [h[rows] for h in grp.hidden], final, mask=grp.mask[rows], replay=True,
-                      source=grp.source, text=grp.text)
-    return sub, (real / k if real > k else float(real > 0))       # 0: nothing to replay yet
 
 
 def _text_loss(runner, final, grp) -> torch.Tensor:

@@ -9,7 +9,7 @@ h^0..h^L on them (and its final states when the KL term is on). The groups come 
 - `futures` continuations the teacher samples after X (or after `future_prompt`);
 - self-study probes (probes.py): X framed as the chat template frames a system message, a seed
   instruction per kind, and the teacher's answer; "recite" re-reads X itself;
-- replayed probes of earlier rounds (`replay_rounds`), read without X: the memory as it is.
+- replayed probes of earlier rounds (`replay_rounds`, replay.py).
 
 Sampled rows reuse X's KV cache, and the teacher's states are recorded while they are sampled, so
 no sampled row costs a second teacher pass.
@@ -17,51 +17,14 @@ no sampled row costs a second teacher pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from .config import AbsorberConfig
 from .generate import sample_next
 from .model import ModelRunner, cache_tensors
-from .probes import FORCED_KINDS, ProbeFrame, answer_mask, kinds_per_round
-
-
-@dataclass
-class RoundBatch:
-    """The rounds of one batch, all streams with the same |X| and |Y|, built once per batch."""
-
-    deltas: list                      # each stream's LowRankDelta, trained in place
-    x: torch.Tensor                   # (S, n) tokens to absorb
-    y: torch.Tensor                   # (S, m) real continuations, m may be 0
-    generators: list[torch.Generator]    # each stream's sampler, seeded by the round's index in its stream
-    prompt: torch.Tensor | None = None   # (k,) tokens every sampled future starts with (future_prompt)
-    replay: list[list[torch.Tensor]] = field(default_factory=list)   # per stream, earlier rounds' probes
-    frame: ProbeFrame | None = None   # how probes are framed; None: no probes
-
-    @property
-    def streams(self) -> int:
-        return len(self.deltas)
-
-
-@dataclass
-class FutureGroup:
-    ids: torch.Tensor                 # (b, t) tokens the student reads with no context
-    hidden: list[torch.Tensor]        # L+1 teacher states, each (b, t, D)
-    final: torch.Tensor | None        # (b·t, D) teacher final states, for the KL term
-    lead: torch.Tensor | None = None  # (b, l) tokens the student reads before `ids`, outside the loss
-    mask: torch.Tensor | None = None  # (b, t) bool, False on positions outside the loss (after a probe's end)
-    x_span: tuple[int, int] | None = None   # recite probes: (start, length) of X in `ids` (ntp_in_recite)
-    replay: bool = False              # earlier rounds' probes (replay_rounds)
-    source: object = None             # replay_batch: the round-start delta; states are computed per step
-    text: bool = False                # replay_target "text": the loss is next-token CE on the masked tokens
-
-
-@dataclass
-class SyncTargets:
-    groups: list[FutureGroup]
-    positions: int                    # synchronized positions in all groups: the mean's denominator
-    layer_scale: list[float] | None = None   # per state h^l, 1 / the teacher's mean |h^l| (hidden_norm)
+from .probes import FORCED_KINDS, answer_mask, kinds_per_round
+from .replay import replay_groups
+from .targets import FutureGroup, RoundBatch, SyncTargets, positions
 
 
 @torch.no_grad()
@@ -81,7 +44,7 @@ def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig)
     if any(batch.replay):
         for s, group in enumerate(replay_groups(runner, batch, need_final, cfg)):
             per_stream[s].append(group)
-    out = [SyncTargets(groups, sum(_positions(g) for g in groups if not g.text)) for groups in per_stream]
+    out = [SyncTargets(groups, sum(positions(g) for g in groups if not g.text)) for groups in per_stream]
     if cfg.hidden_norm:
         for t in out:
             _normalize_layers(t)
@@ -129,15 +92,11 @@ def _normalize_layers(t: SyncTargets) -> None:
     for g in held:
         for layer in range(L):
             sums[layer] += float(g.hidden[layer].float().abs().sum())   # masked positions are zero
-    positions = sum(_positions(g) for g in held)
+    count = sum(positions(g) for g in held)
     dim = held[0].hidden[0].shape[-1]
-    t.layer_scale = [positions * dim / max(total, 1e-12) for total in sums]
+    t.layer_scale = [count * dim / max(total, 1e-12) for total in sums]
     for g in held:
         g.hidden = [h * scale for h, scale in zip(g.hidden, t.layer_scale)]
-
-
-def _positions(g: FutureGroup) -> int:
-    return int(g.mask.sum()) if g.mask is not None else g.ids.numel()
 
 
 def _self_study(runner, batch: RoundBatch, cfg, need_final) -> list[list[FutureGroup]]:
@@ -202,99 +161,6 @@ def _split(runner, g: FutureGroup, count: int, mask: torch.Tensor, out, x_span=N
         hidden = [h[rows] * m[..., None] for h in g.hidden]
         final = g.final.view(S * count, -1, runner.hidden_size)[rows][m] if g.final is not None else None
         out[s].append(FutureGroup(g.ids[rows], hidden, final, mask=m, x_span=x_span))
-
-
-def replay_groups(runner, batch: RoundBatch, need_final, cfg) -> list[FutureGroup]:
-    """Earlier rounds' probes, each stream's right-padded to one (rows, t) shape for the batch. Rows
-    a stream lacks, padding and the student's opening are masked out. The targets (replay_target):
-    - "states": the round-start model's own states on them, read without any context (the memory as
-      it is must be kept). When the student reads only replay_batch rows a step and there are more,
-      the states are left to replay_states at each step, from a frozen copy of the round-start
-      delta, so the targets held stay those of replay_batch rows however long the buffer.
-    - "text": none held: the student predicts each replayed X (and its end of turn) token by token,
-      the document itself being a target that no later round blurs. The mask keeps X's tokens."""
-    S, dev = batch.streams, runner.device
-    rows = max(len(r) for r in batch.replay)
-    t = max(len(q) for r in batch.replay for q in r)
-    ids = torch.zeros(S * rows, t, dtype=torch.long, device=dev)
-    mask = torch.zeros(S * rows, t, dtype=torch.bool, device=dev)
-    skip = len(batch.frame.student_open) if batch.frame is not None else 0
-    text = cfg.replay_target == "text"
-    if text and batch.frame is not None:
-        skip += len(batch.frame.seeds["recite"])
-    for s, probes in enumerate(batch.replay):
-        for i, q in enumerate(probes):
-            ids[s * rows + i, :len(q)] = q
-            mask[s * rows + i, skip:len(q)] = True
-    groups = [FutureGroup(ids[s * rows:(s + 1) * rows], [], None, mask=mask[s * rows:(s + 1) * rows], replay=True,
-                          source=d, text=text) for s, d in enumerate(batch.deltas)]
-    if text:
-        return groups
-    if cfg.replay_target == "teacher":
-        return [_reread_states(runner, batch, g, need_final) for g in groups]
-    if 0 < cfg.replay_batch < rows:
-        for g in groups:
-            g.source = g.source.frozen()
-        return groups
-    return replay_states(runner, groups, need_final)
-
-
-@torch.no_grad()
-def _reread_states(runner, batch: RoundBatch, g: FutureGroup, need_final) -> FutureGroup:
-    """One stream's replay rows with the targets of the round that absorbed each: the round-start
-    model reads that round's X in its frame, then the recite probe, as the absorbing round's teacher
-    did; X is cut back out of the row (opening, seed, X, end of turn)."""
-    frame = batch.frame
-    open_, close = (frame.context_open, frame.context_close) if frame is not None else ([], [])
-    skip = len(frame.student_open) if frame is not None else 0
-    head = skip + (len(frame.seeds["recite"]) if frame is not None else 0)
-    tail = 1 if frame is not None and frame.stop else 0
-    runner.bind([g.source])
-    P, L = len(runner.prefix), None
-    hidden, finals = None, []
-    for i in range(g.ids.shape[0]):
-        n = int(g.mask[i].sum())
-        if n == 0:
-            continue
-        row = g.ids[i, skip:skip + n]
-        x = g.ids[i, head:skip + n - tail] if frame is not None else row
-        before = torch.tensor(open_, dtype=torch.long, device=row.device)
-        after = torch.tensor(close, dtype=torch.long, device=row.device)
-        seq = torch.cat([before, x, after, row])[None]
-        start = P + len(open_) + len(x) + len(close)
-        with runner.capture(start) as cap:
-            final, _ = runner.forward(runner.with_prefix(seq))
-        if hidden is None:
-            L = len(cap.states)
-            hidden = [torch.zeros(*g.ids.shape, runner.hidden_size, dtype=cap.states[0].dtype, device=row.device)
-                      for _ in range(L)]
-        for layer in range(L):
-            hidden[layer][i, skip:skip + n] = cap.states[layer][0]
-        if need_final:
-            finals.append(final[0, start:])
-    fin = torch.cat(finals) if need_final and finals else None
-    return FutureGroup(g.ids, hidden or [], fin, mask=g.mask, replay=True, source=g.source)
-
-
-@torch.no_grad()
-def replay_states(runner, groups: list[FutureGroup], need_final, layer_scale=None) -> list[FutureGroup]:
-    """The replay groups of all streams (as many rows each) with their targets filled in: each
-    stream's `source` delta reading the rows alone, masked; scaled by each stream's layer_scale
-    (hidden_norm) when given. Leaves the sources bound."""
-    rows = groups[0].ids.shape[0]
-    runner.bind([g.source for g in groups], rows)
-    P = len(runner.prefix)
-    with runner.capture(P) as cap:
-        final, _ = runner.forward(runner.with_prefix(torch.cat([g.ids for g in groups])))
-    out = []
-    for s, g in enumerate(groups):
-        sl, m = slice(s * rows, (s + 1) * rows), g.mask
-        hidden = [h[sl] * m[..., None] for h in cap.states]
-        if layer_scale is not None and layer_scale[s] is not None:
-            hidden = [h * scale for h, scale in zip(hidden, layer_scale[s])]
-        fin = final[sl, P:][m] if need_final else None
-        out.append(FutureGroup(g.ids, hidden, fin, mask=m, replay=True, source=g.source))
-    return out
 
 
 def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, need_final, prompt, length,

@@ -27,7 +27,7 @@ OUT = Path(__file__).resolve().parent / "results" / "replay"
 def one(model: str, rounds: int, batch: int, steps: int) -> dict:
     from absorber_engine import AbsorberConfig, AbsorberEngine
     from absorber_engine.model_store import recommended_config, resolve
-    from absorber_engine.probes import replay_probe
+    from absorber_engine.replay import replay_probe
     from evals.facts import make_document
 
     torch.set_num_threads(1)

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError
 from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round
 from absorber_engine.round import student_losses
-from absorber_engine.teacher import RoundBatch, teacher_targets
+from absorber_engine.targets import RoundBatch
+from absorber_engine.teacher import teacher_targets
 
 TINY = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -225,7 +226,7 @@ def test_next_token_loss_read_off_the_recite_probe_is_the_plain_loss_of_that_seq
 def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight(target):
     from tiny_models import make_model, random_ids
 
-    from absorber_engine.teacher import replay_states
+    from absorber_engine.replay import replay_states
 
     cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=0, max_steps=2, replay_rounds=4, kl_weight=1.0,
                          compute_dtype="float32", hidden_norm=False, replay_target=target)
@@ -266,7 +267,7 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
 
 
 def test_replay_target_teacher_gives_each_buffered_round_its_absorbing_rounds_targets():
-    from absorber_engine.probes import replay_probe
+    from absorber_engine.replay import replay_probe
 
     tok = _tokenizer(CHATML)
     eng = _engine(tok, probes=1, probe_kinds=("recite",), kl_weight=1.0, replay_rounds=2, replay_target="teacher")
@@ -302,11 +303,11 @@ def test_replay_target_text_is_the_next_token_loss_of_each_replayed_document(obj
     replay = [torch.tensor(random_ids(n, seed=10 + n)) for n in (5, 9, 3)]
     batch = RoundBatch([eng.delta], torch.tensor([random_ids(8, seed=1)]), torch.tensor([random_ids(4, seed=2)]),
                        [torch.Generator().manual_seed(0)], replay=[replay])
-    from absorber_engine.teacher import replay_groups
+    from absorber_engine.replay import replay_groups
 
     (grp,) = replay_groups(eng.runner, batch, False, cfg)
     assert grp.text and not grp.hidden
-    from absorber_engine.teacher import SyncTargets
+    from absorber_engine.targets import SyncTargets
 
     def ce(rows):          # every token of every row after its first, predicted from the one before
         import torch.nn.functional as F

@@ -6,7 +6,8 @@ import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine.round import student_losses
-from absorber_engine.teacher import RoundBatch, teacher_targets
+from absorber_engine.targets import RoundBatch
+from absorber_engine.teacher import teacher_targets
 from tiny_models import ARCHS, make_model, random_ids
 
 BOS = 1      # the tiny models' bos_token_id: every sequence the engine starts reads it first
