@@ -38,7 +38,6 @@ _CONFIG_FLAGS = {
     "probes": (int, "self-study probes per round (the default kind re-reads X; see probe_kinds in --config)"),
     "ntp_weight": (float, "weight of the next-token loss on X beside synchronization (0: synchronization alone)"),
     "replay_rounds": (int, "earlier rounds whose probes each round replays (streams; 0: off)"),
-    "replay_target": (str, "what replayed probes are trained toward: states (round-start model) or text"),
     "replay_batch": (int, "replayed rounds read per step, in turn (0: all of them)"),
     "hidden_weight": (float, "weight of the hidden-state L1 term"),
     "kl_weight": (float, "weight of the KL term on next-token distributions"),

@@ -19,7 +19,6 @@ PROBE_KINDS = ("question", "facts", "summary", "use", "creative", "recite")
 OBJECTIVES = ("absorber", "ttt")
 BACKENDS = ("auto", "torch", "triton")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-REPLAY_TARGETS = ("states", "text", "teacher")
 
 # Upper bounds far past any real use, so every accepted value fits the C++ scheduler's int64 (the
 # window n + m included), torch's seeds, and allocations the engine sizes from it.
@@ -144,15 +143,13 @@ class AbsorberConfig:
 
     replay_rounds: int = 0
     """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a
-    bounded buffer kept with the session and its memory file; replay.py). SmolLM2-135M, one round
+    bounded buffer kept with the session and its memory file), toward the round-start model's states
+    on them (TTT: toward their tokens; replay.py). SmolLM2-135M, one round
     per document (12, seed 7): 0/48 recalled without, 8/48 with 4, every hit in the buffer. Costs a
     student pass over replay_rounds × (n + ~30) tokens more per step (see replay_batch). 0: off."""
-    replay_target: str = "states"
-    """What replayed probes are trained toward (replay.py): "states", the round-start model's own
-    states; "teacher", those of the round that absorbed each; "text", their own tokens."""
     replay_batch: int = 0
     """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
-    whole buffer does ("states" computes their targets then). 0: all of them at every step."""
+    whole buffer does; their targets are computed then. 0: all of them at every step."""
 
     hidden_weight: float = 1.0
     """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at
@@ -258,8 +255,6 @@ class AbsorberConfig:
              f"alpha must be None or a finite number > 0, got {self.alpha!r}")
         need(isinstance(self.objective, str) and self.objective in OBJECTIVES,
              f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        need(isinstance(self.replay_target, str) and self.replay_target in REPLAY_TARGETS,
-             f"replay_target must be one of {REPLAY_TARGETS}, got {self.replay_target!r}")
         need(isinstance(self.backend, str) and self.backend in BACKENDS,
              f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(isinstance(self.compute_dtype, str) and self.compute_dtype in COMPUTE_DTYPES,

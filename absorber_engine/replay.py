@@ -2,11 +2,12 @@
 documents with the same kinds of facts do not overwrite each other.
 
 Each round that commits leaves its recite exchange (replay_probe) in the stream's bounded buffer.
-Later rounds read the buffered rows without context, trained toward one of (replay_target):
-- "states": the round-start model's own states on them: the memory as it is must be kept;
-- "teacher": the states of the round that absorbed each: the round-start model reads that round's
-  X in its frame, then the recite exchange, as that round's teacher did;
-- "text": the document's own tokens (next-token loss), no states held.
+Later rounds read the buffered rows without context and are trained toward:
+- the absorber: the round-start model's own states on them (Dark Experience Replay): the memory as
+  it is must be kept. Measured against the alternatives on SmolLM2-135M (README): the states of the
+  round that absorbed each row (its teacher reading that X again) collapsed every answer to one
+  statement, and the rows' own tokens recalled no more than no replay at all;
+- TTT: its own loss, next-token cross-entropy, on the replayed documents (rehearsal).
 With replay_batch = k, the student reads k buffered rows a step, in turn (replay_rows).
 """
 
@@ -26,22 +27,21 @@ def replay_probe(frame: ProbeFrame | None, x: list[int]) -> torch.Tensor:
     return torch.tensor(frame.student_open + frame.seeds["recite"] + list(x) + frame.stop[:1], dtype=torch.long)
 
 
-def replay_groups(runner, batch: RoundBatch, need_final, cfg) -> list[FutureGroup]:
+def replay_groups(runner, batch: RoundBatch, need_final, per_step: int, text: bool = False) -> list[FutureGroup]:
     """Earlier rounds' probes, each stream's right-padded to one (rows, t) shape for the batch. Rows
-    a stream lacks, padding and the student's opening are masked out. The targets (replay_target):
-    - "states": the round-start model's own states on them, read without any context (the memory as
-      it is must be kept). When the student reads only replay_batch rows a step and there are more,
-      the states are left to replay_states at each step, from a frozen copy of the round-start
-      delta, so the targets held stay those of replay_batch rows however long the buffer.
-    - "text": none held: the student predicts each replayed X (and its end of turn) token by token,
-      the document itself being a target that no later round blurs. The mask keeps X's tokens."""
+    a stream lacks, padding and the student's opening are masked out. The targets:
+    - states (the absorber): the round-start model's own states on them, read without context. When
+      the student reads only `per_step` rows a step (replay_batch) and there are more, the states
+      are left to replay_states at each step, from a frozen copy of the round-start delta, so the
+      targets held stay those of per_step rows however long the buffer.
+    - `text` (TTT): none held; the student predicts each replayed X (and its end of turn) token by
+      token. The mask then keeps X's tokens only."""
     S, dev = batch.streams, runner.device
     rows = max(len(r) for r in batch.replay)
     t = max(len(q) for r in batch.replay for q in r)
     ids = torch.zeros(S * rows, t, dtype=torch.long, device=dev)
     mask = torch.zeros(S * rows, t, dtype=torch.bool, device=dev)
     skip = len(batch.frame.student_open) if batch.frame is not None else 0
-    text = cfg.replay_target == "text"
     if text and batch.frame is not None:
         skip += len(batch.frame.seeds["recite"])
     for s, probes in enumerate(batch.replay):
@@ -52,50 +52,11 @@ def replay_groups(runner, batch: RoundBatch, need_final, cfg) -> list[FutureGrou
                           source=d, text=text) for s, d in enumerate(batch.deltas)]
     if text:
         return groups
-    if cfg.replay_target == "teacher":
-        return [_reread_states(runner, batch, g, need_final) for g in groups]
-    if 0 < cfg.replay_batch < rows:
+    if 0 < per_step < rows:
         for g in groups:
             g.source = g.source.frozen()
         return groups
     return replay_states(runner, groups, need_final)
-
-
-@torch.no_grad()
-def _reread_states(runner, batch: RoundBatch, g: FutureGroup, need_final) -> FutureGroup:
-    """One stream's replay rows with the targets of the round that absorbed each: the round-start
-    model reads that round's X in its frame, then the recite probe, as the absorbing round's teacher
-    did; X is cut back out of the row (opening, seed, X, end of turn)."""
-    frame = batch.frame
-    open_, close = (frame.context_open, frame.context_close) if frame is not None else ([], [])
-    skip = len(frame.student_open) if frame is not None else 0
-    head = skip + (len(frame.seeds["recite"]) if frame is not None else 0)
-    tail = 1 if frame is not None and frame.stop else 0
-    runner.bind([g.source])
-    P, L = len(runner.prefix), None
-    hidden, finals = None, []
-    for i in range(g.ids.shape[0]):
-        n = int(g.mask[i].sum())
-        if n == 0:
-            continue
-        row = g.ids[i, skip:skip + n]
-        x = g.ids[i, head:skip + n - tail] if frame is not None else row
-        before = torch.tensor(open_, dtype=torch.long, device=row.device)
-        after = torch.tensor(close, dtype=torch.long, device=row.device)
-        seq = torch.cat([before, x, after, row])[None]
-        start = P + len(open_) + len(x) + len(close)
-        with runner.capture(start) as cap:
-            final, _ = runner.forward(runner.with_prefix(seq))
-        if hidden is None:
-            L = len(cap.states)
-            hidden = [torch.zeros(*g.ids.shape, runner.hidden_size, dtype=cap.states[0].dtype, device=row.device)
-                      for _ in range(L)]
-        for layer in range(L):
-            hidden[layer][i, skip:skip + n] = cap.states[layer][0]
-        if need_final:
-            finals.append(final[0, start:])
-    fin = torch.cat(finals) if need_final and finals else None
-    return FutureGroup(g.ids, hidden or [], fin, mask=g.mask, replay=True, source=g.source)
 
 
 @torch.no_grad()
@@ -126,10 +87,5 @@ def replay_rows(grp: FutureGroup, step: int, k: int) -> tuple[FutureGroup, float
     real = int(grp.mask.any(dim=1).sum())                         # the stream's earlier rounds (rows after are padding)
     rows = torch.arange(k) if real <= k else (step * k + torch.arange(k)) % real
     rows = rows.to(grp.ids.device)
-    final = None
-    if grp.final is not None:                                     # held targets ("teacher"): rows of the flat final
-        ends = grp.mask.sum(dim=1).cumsum(0).tolist()
-        final = torch.cat([grp.final[(ends[r - 1] if r else 0):ends[r]] for r in rows.tolist()])
-    sub = FutureGroup(grp.ids[rows], [h[rows] for h in grp.hidden], final, mask=grp.mask[rows], replay=True,
-                      source=grp.source, text=grp.text)
+    sub = FutureGroup(grp.ids[rows], [], None, mask=grp.mask[rows], replay=True, source=grp.source, text=grp.text)
     return sub, (real / k if real > k else float(real > 0))       # 0: nothing to replay yet

@@ -60,12 +60,12 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
 
 def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
     """The baseline: next-token cross-entropy of the contextless model on X itself (Temp-LoRA), and
-    with replay_rounds on the replayed rounds' X too (rehearsal: replay_target "text" whatever it says)."""
+    with replay_rounds on the replayed rounds' X too (rehearsal)."""
     if batch.x.shape[1] + len(runner.prefix) < 2:
         return [RoundResult() for _ in batch.deltas]
     replay = None
     if any(batch.replay):
-        replay = [SyncTargets([g], 0) for g in replay_groups(runner, batch, False, cfg.replace(replay_target="text"))]
+        replay = [SyncTargets([g], 0) for g in replay_groups(runner, batch, False, cfg.replay_batch, text=True)]
     step = iter(range(cfg.max_steps))
 
     def loss_fn(active):
@@ -96,7 +96,7 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
             groups, weights = zip(*[replay_rows(grp, step, cfg.replay_batch) for grp in groups])
             if groups[0].text:                            # a mean over the rows read: a cycle weighs the buffer
                 weights = [float(w > 0) for w in weights]
-            elif not groups[0].hidden:                    # "states": their targets, computed now
+            else:                                         # the absorber's: their targets, computed now
                 groups = replay_states(runner, list(groups), cfg.kl_weight > 0, [t.layer_scale for t in targets])
                 runner.bind(deltas)
         rows = groups[0].ids.shape[0]
@@ -152,8 +152,8 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
 
 
 def _text_loss(runner, final, grp) -> torch.Tensor:
-    """Next-token cross-entropy of replayed rows on their own tokens inside the mask (replay_target
-    "text"), averaged over those tokens: each predicted from the position before it."""
+    """Next-token cross-entropy of replayed rows on their own tokens inside the mask (TTT's replay),
+    averaged over those tokens: each predicted from the position before it."""
     target = grp.mask[:, 1:]
     return _cross_entropy(runner, final[:, :-1][target], grp.ids[:, 1:][target])
 

@@ -37,7 +37,7 @@ class FutureGroup:
     x_span: tuple[int, int] | None = None   # recite probes: (start, length) of X in `ids` (ntp_in_recite)
     replay: bool = False              # earlier rounds' probes (replay_rounds)
     source: object = None             # replay_batch: the round-start delta; states are computed per step
-    text: bool = False                # replay_target "text": the loss is next-token CE on the masked tokens
+    text: bool = False                # TTT's replay: the loss is next-token CE on the masked tokens
 
 
 @dataclass

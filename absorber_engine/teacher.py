@@ -42,7 +42,7 @@ def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig)
         for s, groups in enumerate(_self_study(runner, batch, cfg, need_final)):
             per_stream[s].extend(groups)
     if any(batch.replay):
-        for s, group in enumerate(replay_groups(runner, batch, need_final, cfg)):
+        for s, group in enumerate(replay_groups(runner, batch, need_final, cfg.replay_batch)):
             per_stream[s].append(group)
     out = [SyncTargets(groups, sum(positions(g) for g in groups if not g.text)) for groups in per_stream]
     if cfg.hidden_norm:

@@ -222,14 +222,13 @@ def test_next_token_loss_read_off_the_recite_probe_is_the_plain_loss_of_that_seq
     assert after < 0.9 * got                                   # the round trained on that loss
 
 
-@pytest.mark.parametrize("target", ["states", "teacher"])
-def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight(target):
+def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight():
     from tiny_models import make_model, random_ids
 
     from absorber_engine.replay import replay_states
 
     cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=0, max_steps=2, replay_rounds=4, kl_weight=1.0,
-                         compute_dtype="float32", hidden_norm=False, replay_target=target)
+                         compute_dtype="float32", hidden_norm=False)
     eng = AbsorberEngine(make_model("llama"), config=cfg)
     eng.absorb(random_ids(12, seed=5))                                   # a delta that is not zero
     replay = [torch.tensor(random_ids(n, seed=10 + n)) for n in (5, 9, 3, 7)]   # rounds of different lengths
@@ -240,8 +239,8 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
 
     def loss(step, k, norm=False):
         c = cfg.replace(replay_batch=k, hidden_norm=norm)
-        (targets,) = teacher_targets(eng.runner, batch, c)               # "states", k < 4: no replay states held
-        assert bool(targets.groups[-1].hidden) == (k == 0 or k >= 4 or target == "teacher")
+        (targets,) = teacher_targets(eng.runner, batch, c)               # k < 4: no replay states held
+        assert bool(targets.groups[-1].hidden) == (k == 0 or k >= 4)
         return student_losses(eng.runner, [eng.delta], [targets], c, backward=False, step=step)[0]
 
     full = loss(0, 0)
@@ -250,8 +249,6 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
     assert loss(0, 1) + loss(1, 1) + loss(2, 1) + loss(3, 1) == pytest.approx(4 * full, rel=1e-5)
     assert loss(4, 1) == pytest.approx(loss(0, 1), rel=1e-6)            # in turn: step 4 reads round 0 again
     assert loss(0, 4) == pytest.approx(full, rel=1e-6) and loss(0, 9) == pytest.approx(full, rel=1e-6)
-    if target == "teacher":
-        return
     # The states computed at a step are the round-start delta's, after a step has moved the delta,
     # scaled by the layer scales of the states held (hidden_norm).
     (lazy,) = teacher_targets(eng.runner, batch, cfg.replace(replay_batch=2, hidden_norm=True))
@@ -266,52 +263,25 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
     torch.testing.assert_close(got.final, whole.groups[-1].final[:int(grp.mask[:2].sum())], rtol=1e-5, atol=1e-5)
 
 
-def test_replay_target_teacher_gives_each_buffered_round_its_absorbing_rounds_targets():
-    from absorber_engine.replay import replay_probe
-
-    tok = _tokenizer(CHATML)
-    eng = _engine(tok, probes=1, probe_kinds=("recite",), kl_weight=1.0, replay_rounds=2, replay_target="teacher")
-    enc = lambda s: torch.tensor(tok.encode(s, add_special_tokens=False))                  # noqa: E731
-    x1, x2 = enc("The ferry to Quell leaves at 7:40 from pier 9."), enc("Invoice 5591 is due at Rulshasha.")
-    eng.absorb(enc("Some earlier text to make the delta nonzero.").tolist(), flush=True)
-    gen = [torch.Generator().manual_seed(0)]
-    (alone,) = teacher_targets(eng.runner, RoundBatch([eng.delta], x1[None], x1[None, :0], gen, frame=eng.frame), eng.config)
-    batch = RoundBatch([eng.delta], x2[None], x2[None, :0], gen, replay=[[replay_probe(eng.frame, x1.tolist())]],
-                       frame=eng.frame)
-    (targets,) = teacher_targets(eng.runner, batch, eng.config)
-    recite, replay = alone.groups[0], targets.groups[-1]
-    skip = len(eng.frame.student_open)
-    assert replay.replay and replay.ids[0, skip:].tolist() == recite.ids[0].tolist()
-    assert not replay.mask[0, :skip].any() and replay.mask[0, skip:].all()
-    for got, want in zip(replay.hidden, recite.hidden):
-        torch.testing.assert_close(got[0, skip:], want[0], rtol=1e-4, atol=1e-4)
-        assert not got[0, :skip].any()
-    torch.testing.assert_close(replay.final, recite.final, rtol=1e-4, atol=1e-4)
-    # The student's loss reads them: zero for a student that is that teacher is not possible (it
-    # lacks X), so the check is that the round trains toward them without error.
-    assert not eng.absorb(x2.tolist(), flush=True).errors
-
-
-@pytest.mark.parametrize("objective", ["absorber", "ttt"])
-def test_replay_target_text_is_the_next_token_loss_of_each_replayed_document(objective):
+def test_ttt_replays_the_next_token_loss_of_each_replayed_document():
+    import torch.nn.functional as F
     from tiny_models import make_model, random_ids
 
+    from absorber_engine.replay import replay_groups
+    from absorber_engine.round import next_token_losses, ttt_round
+    from absorber_engine.targets import SyncTargets
+
     cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=0, max_steps=2, replay_rounds=4,
-                         replay_target="text", kl_weight=0.0, compute_dtype="float32", objective=objective)
+                         kl_weight=0.0, compute_dtype="float32", objective="ttt")
     eng = AbsorberEngine(make_model("llama"), config=cfg)            # no tokenizer: a replayed probe is X itself
     eng.absorb(random_ids(12, seed=5))
     replay = [torch.tensor(random_ids(n, seed=10 + n)) for n in (5, 9, 3)]
-    batch = RoundBatch([eng.delta], torch.tensor([random_ids(8, seed=1)]), torch.tensor([random_ids(4, seed=2)]),
-                       [torch.Generator().manual_seed(0)], replay=[replay])
-    from absorber_engine.replay import replay_groups
-
-    (grp,) = replay_groups(eng.runner, batch, False, cfg)
+    x = torch.tensor([random_ids(8, seed=1)])
+    batch = RoundBatch([eng.delta], x, x[:, :0], [torch.Generator().manual_seed(0)], replay=[replay])
+    (grp,) = replay_groups(eng.runner, batch, False, 0, text=True)
     assert grp.text and not grp.hidden
-    from absorber_engine.targets import SyncTargets
 
     def ce(rows):          # every token of every row after its first, predicted from the one before
-        import torch.nn.functional as F
-
         eng.runner.bind([eng.delta])
         P, total, count = len(eng.runner.prefix), 0.0, 0
         for q in rows:
@@ -326,5 +296,7 @@ def test_replay_target_text_is_the_next_token_loss_of_each_replayed_document(obj
         for step, rows in enumerate(picks):
             (got,) = student_losses(eng.runner, [eng.delta], [SyncTargets([grp], 0)], c, backward=False, step=step)
             assert got == pytest.approx(ce(rows), rel=1e-5)
-    report = eng.absorb(random_ids(24, seed=7))
-    assert report.rounds >= 2 and not report.errors and len(eng.default.replay) >= 2
+    # A TTT round's first loss is its next-token loss on X plus that of the replayed documents.
+    want = next_token_losses(eng.runner, [eng.delta], x, cfg, 1.0, backward=False)[0] + ce(replay)
+    (res,) = ttt_round(eng.runner, batch, cfg)
+    assert res.losses[0] == pytest.approx(want, rel=1e-5) and res.steps == 2
