@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .lora import LowRankDelta
 from .probes import ProbeFrame
 
 
@@ -14,7 +15,7 @@ from .probes import ProbeFrame
 class RoundBatch:
     """The rounds of one batch, all streams with the same |X| and |Y|, built once per batch."""
 
-    deltas: list                      # each stream's LowRankDelta, trained in place
+    deltas: list[LowRankDelta]        # each stream's delta, trained in place
     x: torch.Tensor                   # (S, n) tokens to absorb
     y: torch.Tensor                   # (S, m) real continuations, m may be 0
     generators: list[torch.Generator]    # each stream's sampler, seeded by the round's index in its stream
@@ -36,7 +37,7 @@ class FutureGroup:
     mask: torch.Tensor | None = None  # (b, t) bool, False on positions outside the loss (after a probe's end)
     x_span: tuple[int, int] | None = None   # recite probes: (start, length) of X in `ids` (ntp_in_recite)
     replay: bool = False              # earlier rounds' probes (replay_rounds)
-    source: object = None             # replay_batch: the round-start delta; states are computed per step
+    source: LowRankDelta | None = None   # replay: the round-start delta the states are computed from
     text: bool = False                # TTT's replay: the loss is next-token CE on the masked tokens
 
 

@@ -32,7 +32,8 @@ from .methods import EngineMethod, WindowMethod
 from .tasks import RETRIEVAL_TASKS, TASKS, answer_text, make_example, score
 
 HERE = Path(__file__).resolve().parent
-ALL_METHODS = ("none", "full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures")
+ALL_METHODS = ("none", "full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures",
+               "absorber+replay")
 
 
 FUTURE_PROMPT = "\nWhat is"
@@ -62,6 +63,9 @@ def build_methods(names, model_dir: str, ctx: int, flush: bool = False):
         "ttt": lambda: EngineMethod("ttt", model_dir, engine_config(ctx, objective="ttt"), flush),
         "absorber": lambda: EngineMethod("absorber", model_dir, engine_config(ctx), flush),
         "absorber+kl": lambda: EngineMethod("absorber+kl", model_dir, engine_config(ctx, kl_weight=1.0), flush),
+        # Replay of the last 4 rounds (replay.py): the rounds of filler after the fact must keep what
+        # the round-start model says on the fact's round.
+        "absorber+replay": lambda: EngineMethod("absorber+replay", model_dir, engine_config(ctx, replay_rounds=4), flush),
         # Prompted futures (Cartridges/LIFT-style seed prompt): a question opener, so the sampled
         # continuations ask about X and the teacher answers from it (our tasks ask "What is ...?";
         # the prompt names no task). Measured on flushed 512-token passkeys at 80 steps: 4/4.
