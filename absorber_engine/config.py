@@ -144,9 +144,10 @@ class AbsorberConfig:
     replay_rounds: int = 0
     """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a
     bounded buffer kept with the session and its memory file), toward the round-start model's states
-    on them (TTT: toward their tokens; replay.py). SmolLM2-135M, one round
-    per document (12, seed 7): 0/48 recalled without, 8/48 with 4, every hit in the buffer. Costs a
-    student pass over replay_rounds × (n + ~30) tokens more per step (see replay_batch). 0: off."""
+    on them (TTT: toward their tokens; replay.py). SmolLM2-135M, one round per document (12, seeds 7
+    and 9): 0/48 and 1/48 recalled without, 8/48 and 10/48 with 4, all but one hit in the buffer;
+    on in its recommended config. Costs a student pass over replay_rounds × (n + ~30) tokens more
+    per step (see replay_batch): about 3x the time of a round. 0: off."""
     replay_batch: int = 0
     """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
     whole buffer does; their targets are computed then. 0: all of them at every step."""
