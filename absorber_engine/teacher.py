@@ -44,7 +44,7 @@ def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig)
     if any(batch.replay):
         for s, group in enumerate(replay_groups(runner, batch, need_final, cfg.replay_batch)):
             per_stream[s].append(group)
-    out = [SyncTargets(groups, sum(positions(g) for g in groups if not g.text)) for groups in per_stream]
+    out = [SyncTargets(groups, sum(positions(g) for g in groups)) for groups in per_stream]
     if cfg.hidden_norm:
         for t in out:
             _normalize_layers(t)
