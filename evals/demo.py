@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.model:
         ap.error("no model: pass --model DIR")
+    if args.multiple is not None and args.multiple < 1:
+        ap.error(f"--multiple must be at least 1, got {args.multiple}")
     torch.manual_seed(0)
     if args.model in NAMED_MODELS or str(args.model).endswith(".gguf"):
         return chat_demo(args.model, args.multiple or 2, args.seed, args.quiet)
