@@ -150,7 +150,8 @@ class AbsorberConfig:
     per step (see replay_batch): about 3x the time of a round. 0: off."""
     replay_batch: int = 0
     """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
-    whole buffer does; their targets are computed then. 0: all of them at every step."""
+    whole buffer does; the targets of the whole buffer are computed once a round. 0: all of them at
+    every step."""
 
     hidden_weight: float = 1.0
     """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at

@@ -167,14 +167,6 @@ class LowRankDelta:
             self.B[name] = self.B[name].detach().to(device).requires_grad_(True)
         self.device = device
 
-    def frozen(self) -> "LowRankDelta":
-        """A copy that does not train: the round-start memory, read later in the round."""
-        out = LowRankDelta.__new__(LowRankDelta)
-        out.shapes, out.rank, out.scale, out.device, out.seed = self.shapes, self.rank, self.scale, self.device, self.seed
-        out.A = {name: t.detach().clone() for name, t in self.A.items()}
-        out.B = {name: t.detach().clone() for name, t in self.B.items()}
-        return out
-
     snapshot = state_dict
     restore = load_state_dict
 

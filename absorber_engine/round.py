@@ -13,8 +13,9 @@ futures, probes, replayed probes) and its delta is trained so its states match t
       + kl_weight · mean_{positions} KL(p_teacher || p_student)
       + ntp_weight · next-token cross-entropy on X                               (TTT's loss)
 
-Rows of one group go through the student as one batch (all streams together, each row reading its
-own stream's delta); each group's graph is freed by its own backward before the next group runs.
+Rows of groups of about the same length go through the student as one batch (all streams together,
+each row reading its own stream's delta; _passes); each pass's graph is freed by its own backward
+before the next pass runs.
 Every stream has its own AdamW, its own early stop and its own failure: a stream whose loss turns
 NaN/inf or diverges leaves the batch with an error and the others go on.
 """
@@ -28,8 +29,8 @@ import torch
 
 from .config import AbsorberConfig
 from .model import ModelRunner
-from .replay import replay_groups, replay_rows, replay_states
-from .targets import RoundBatch, SyncTargets
+from .replay import replay_groups, replay_rows
+from .targets import FutureGroup, RoundBatch, SyncTargets
 from .teacher import teacher_targets
 
 
@@ -65,7 +66,7 @@ def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> li
         return [RoundResult() for _ in batch.deltas]
     replay = None
     if any(batch.replay):
-        replay = [SyncTargets([g], 0) for g in replay_groups(runner, batch, False, cfg.replay_batch, text=True)]
+        replay = [SyncTargets([g], 0) for g in replay_groups(runner, batch, False, text=True)]
     step = iter(range(cfg.max_steps))
 
     def loss_fn(active):
@@ -86,50 +87,91 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
                    backward: bool, xs: torch.Tensor | None = None, step: int = 0) -> list[float]:
     """Each stream's loss under its current delta (and the gradient, when `backward`) at step
     `step` of the round (which replayed rows it reads, with replay_batch)."""
-    S, P = len(deltas), len(runner.prefix)
-    losses = [0.0] * S
+    losses = [0.0] * len(deltas)
+    read = [_read_at(t, cfg, step) for t in targets]
     runner.bind(deltas)
-    for g in range(len(targets[0].groups)):
-        groups = [t.groups[g] for t in targets]
-        weights = [1.0] * S
-        if groups[0].replay and 0 < cfg.replay_batch < groups[0].ids.shape[0]:   # this step's replayed rows
-            groups, weights = zip(*[replay_rows(grp, step, cfg.replay_batch) for grp in groups])
-            if groups[0].text:                            # a mean over the rows read: a cycle weighs the buffer
-                weights = [float(w > 0) for w in weights]
-            else:                                         # the absorber's: their targets, computed now
-                groups = replay_states(runner, list(groups), cfg.kl_weight > 0, [t.layer_scale for t in targets])
-                runner.bind(deltas)
-        rows = groups[0].ids.shape[0]
-        runner.set_rows(rows)
-        ids = torch.cat([grp.ids for grp in groups])
-        lead = 0
-        if groups[0].lead is not None:
-            lead = groups[0].lead.shape[1]
-            ids = torch.cat([torch.cat([grp.lead for grp in groups]), ids], dim=1)
-        with runner.capture(P + lead) as cap, runner.checkpointed(cfg.checkpoint_layers):
-            final, _ = runner.forward(runner.with_prefix(ids))                    # (S·rows, P + lead + t, D)
-        final = final[:, P + lead:]
-        total = final.new_zeros((), dtype=torch.float32)
-        for s, (grp, tgt) in enumerate(zip(groups, targets)):
-            sl = slice(s * rows, (s + 1) * rows)
-            if weights[s] == 0:
-                continue
-            if grp.text:
-                if not grp.mask[:, 1:].any():
-                    continue
-                loss = weights[s] * _text_loss(runner, final[sl], grp)
-            else:
-                loss = weights[s] * _sync_loss(runner, [h[sl] for h in cap.states], final[sl], grp, tgt, cfg)
-            if grp.x_span is not None and cfg.ntp_in_recite and cfg.ntp_weight > 0:
-                loss = loss + cfg.ntp_weight * _recite_next_token_loss(runner, final[sl], grp)
-            losses[s] += float(loss.detach())
-            total = total + loss
-        if backward and total.requires_grad:
-            total.backward()
+    for part in _passes([grp for grp, _ in read[0]]):
+        _student_pass(runner, [[r[i] for i in part] for r in read], targets, cfg, backward, losses)
     if cfg.ntp_weight > 0 and xs is not None:
         for s, ce in enumerate(next_token_losses(runner, deltas, xs, cfg, cfg.ntp_weight, backward)):
             losses[s] += ce
     return losses
+
+
+def _read_at(t: SyncTargets, cfg: AbsorberConfig, step: int) -> list[tuple[FutureGroup, float]]:
+    """The groups one stream's student reads at `step`, each with its weight: every group whole,
+    but a replay buffer read k rows a step (replay_batch)."""
+    out = []
+    for grp in t.groups:
+        weight = 1.0
+        if grp.replay and 0 < cfg.replay_batch < grp.ids.shape[0]:
+            grp, weight = replay_rows(grp, step, cfg.replay_batch)
+            if grp.text:                                  # a mean over the rows read: a cycle weighs the buffer
+                weight = float(weight > 0)
+        out.append((grp, weight))
+    return out
+
+
+def _passes(groups: list[FutureGroup], slack: float = 0.25) -> list[list[int]]:
+    """Which groups share a student pass: consecutive groups, their rows right-padded to the
+    longest, joined while the padding stays within `slack` of the tokens read. One pass over the
+    recite probe and a replayed row instead of two made the chat demo's rounds ...% faster."""
+    out: list[list[int]] = []
+    for i in range(len(groups)):
+        part = (out[-1] if out else []) + [i]
+        rows = [groups[j].ids.shape[0] for j in part]
+        widths = [_width(groups[j]) for j in part]
+        if out and sum(rows) * max(widths) <= (1 + slack) * sum(r * w for r, w in zip(rows, widths)):
+            out[-1] = part
+        else:
+            out.append([i])
+    return out
+
+
+def _width(grp: FutureGroup) -> int:
+    return grp.ids.shape[1] + (grp.lead.shape[1] if grp.lead is not None else 0)
+
+
+def _student_pass(runner: ModelRunner, read: list[list[tuple[FutureGroup, float]]], targets: list[SyncTargets],
+                  cfg: AbsorberConfig, backward: bool, losses: list[float]) -> None:
+    """One forward (and backward) of the student over the groups read[s] of every stream s: all
+    their rows in one batch, stream-major, each row its lead then its tokens, right-padded (causal
+    attention: the padding changes no real position); each group's loss read off its own rows and
+    positions, added to `losses`. The graph is freed by its backward before the next pass."""
+    P = len(runner.prefix)
+    first = [grp for grp, _ in read[0]]
+    leads = [_width(grp) - grp.ids.shape[1] for grp in first]
+    rows = [grp.ids.shape[0] for grp in first]
+    width = max(_width(grp) for grp in first)
+    seqs = []
+    for stream in read:
+        for grp, _ in stream:
+            seq = grp.ids if grp.lead is None else torch.cat([grp.lead, grp.ids], dim=1)
+            seqs.append(torch.nn.functional.pad(seq, (0, width - seq.shape[1])))
+    runner.set_rows(sum(rows))
+    skip = min(leads)
+    with runner.capture(P + skip) as cap, runner.checkpointed(cfg.checkpoint_layers):
+        final, _ = runner.forward(runner.with_prefix(torch.cat(seqs)))       # (S·rows, P + width, D)
+    final = final[:, P + skip:]
+    total = final.new_zeros((), dtype=torch.float32)
+    row = 0
+    for s, stream in enumerate(read):
+        for (grp, weight), lead, n in zip(stream, leads, rows):
+            sl, at = slice(row, row + n), slice(lead - skip, lead - skip + grp.ids.shape[1])
+            row += n
+            if weight == 0 or (grp.text and not grp.mask[:, 1:].any()):
+                continue
+            fin = final[sl, at]
+            if grp.text:
+                loss = weight * _text_loss(runner, fin, grp)
+            else:
+                loss = weight * _sync_loss(runner, [h[sl, at] for h in cap.states], fin, grp, targets[s], cfg)
+            if grp.x_span is not None and cfg.ntp_in_recite and cfg.ntp_weight > 0:
+                loss = loss + cfg.ntp_weight * _recite_next_token_loss(runner, fin, grp)
+            losses[s] += float(loss.detach())
+            total = total + loss
+    if backward and total.requires_grad:
+        total.backward()
 
 
 def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tensor:
@@ -146,7 +188,7 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
         student = final if grp.mask is None else final[grp.mask]
         kl = runner.ops.linear_kl(student.reshape(-1, runner.hidden_size), grp.final, runner.head.weight,
                                   runner.head.bias, temperature=cfg.kl_temperature, top_k=cfg.kl_top_k,
-                                  denom=tgt.positions)
+                                  denom=tgt.positions, teacher_p=grp.teacher_p)
         loss = loss + cfg.kl_weight * kl
     return loss
 

@@ -39,6 +39,7 @@ class FutureGroup:
     replay: bool = False              # earlier rounds' probes (replay_rounds)
     source: LowRankDelta | None = None   # replay: the round-start delta the states are computed from
     text: bool = False                # TTT's replay: the loss is next-token CE on the masked tokens
+    teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None   # the KL's teacher side of `final`, kept
 
 
 @dataclass

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from .config import AbsorberConfig
+from absorber_kernels.linear_kl import teacher_side
+
 from .generate import sample_next
 from .model import ModelRunner, cache_tensors
 from .probes import FORCED_KINDS, answer_mask, kinds_per_round
@@ -42,13 +44,38 @@ def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig)
         for s, groups in enumerate(_self_study(runner, batch, cfg, need_final)):
             per_stream[s].extend(groups)
     if any(batch.replay):
-        for s, group in enumerate(replay_groups(runner, batch, need_final, cfg.replay_batch)):
+        for s, group in enumerate(replay_groups(runner, batch, need_final)):
             per_stream[s].append(group)
     out = [SyncTargets(groups, sum(positions(g) for g in groups)) for groups in per_stream]
     if cfg.hidden_norm:
         for t in out:
-            _normalize_layers(t)
+            _normalize_layers(t, cfg.replay_batch)
+    if need_final and runner.ops.name == "torch":
+        _keep_teacher_distributions(runner, out, cfg)
     return out
+
+
+KEPT_DISTRIBUTIONS_BYTES = 256 * 2**20
+"""The teacher's next-token distributions a round keeps for the KL at most (fp32, positions ×
+vocabulary: 256 MiB is 1365 positions of SmolLM2's 49,152 tokens); groups past it recompute theirs
+at every step."""
+
+
+def _keep_teacher_distributions(runner, out: list[SyncTargets], cfg) -> None:
+    """The KL's teacher side, softmax(h_t·Wᵀ/T) on every synchronized position, computed once a
+    round instead of at every step (the PyTorch reference's path; the Triton kernel gets it for
+    free). On the chat demo it was 25 of 247 s of absorption."""
+    head, left = runner.head, KEPT_DISTRIBUTIONS_BYTES
+    for t in out:
+        for g in t.groups:
+            if g.final is None:
+                continue
+            dtype = torch.promote_types(g.final.dtype, torch.float32)
+            size = g.final.shape[0] * head.weight.shape[0] * torch.finfo(dtype).bits // 8
+            if size > left:
+                return
+            left -= size
+            g.teacher_p = teacher_side(g.final, head.weight, head.bias, cfg.kl_temperature, cfg.kl_top_k, dtype)
 
 
 def _y_and_futures(runner, batch: RoundBatch, cfg, n_futures, need_final, per_stream) -> None:
@@ -81,12 +108,14 @@ def _y_and_futures(runner, batch: RoundBatch, cfg, n_futures, need_final, per_st
                                              lead=batch.y[s:s + 1].expand(n_futures, -1) if after_y else None))
 
 
-def _normalize_layers(t: SyncTargets) -> None:
+def _normalize_layers(t: SyncTargets, replay_batch: int) -> None:
     """Deep Context Distillation's per-layer normalization: each state's L1 is divided by the
     teacher's mean |h^l| over the synchronized positions, so every layer weighs the same in the
     loss; unnormalized, the few late layers with large activations dominate it. The teacher's
     states are scaled here once; the student's by the same factors at every step."""
-    held = [g for g in t.groups if g.hidden]          # replay_batch's rows get theirs, scaled, at each step
+    # A replay buffer read a few rows a step (replay_batch) is scaled by the factors of the rows
+    # read at every step, and does not set them.
+    held = [g for g in t.groups if not (g.replay and 0 < replay_batch < g.ids.shape[0])]
     L = len(held[0].hidden)
     sums = [0.0] * L
     for g in held:
@@ -95,7 +124,7 @@ def _normalize_layers(t: SyncTargets) -> None:
     count = sum(positions(g) for g in held)
     dim = held[0].hidden[0].shape[-1]
     t.layer_scale = [count * dim / max(total, 1e-12) for total in sums]
-    for g in held:
+    for g in t.groups:
         g.hidden = [h * scale for h, scale in zip(g.hidden, t.layer_scale)]
 
 

@@ -33,23 +33,38 @@ def teacher_distribution(ht, weight, bias, temperature, top_k):
     return pt, torch.special.xlogy(pt, pt).sum(-1)        # 0·log 0 = 0 outside the teacher's top k
 
 
+def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=64):
+    """p_t (N, V) and Σ_v p_t·log p_t (N,) of all the teacher's rows, in `dtype` (the reference's
+    accumulation dtype: fp32, or float64 for float64 states), built chunk by chunk: what
+    linear_kl_ref takes as `teacher_p` to skip the teacher's half of every call."""
+    w = weight.detach().to(dtype)
+    b = bias.detach().to(dtype) if bias is not None else None
+    pt = torch.empty(ht.shape[0], w.shape[0], dtype=dtype, device=ht.device)
+    neg_entropy = torch.empty(ht.shape[0], dtype=dtype, device=ht.device)
+    for i in range(0, ht.shape[0], chunk):
+        pt[i:i + chunk], neg_entropy[i:i + chunk] = teacher_distribution(ht[i:i + chunk].to(dtype), w, b,
+                                                                         temperature, top_k)
+    return pt, neg_entropy
+
+
 class LinearKLRef(torch.autograd.Function):
-    """Per chunk of rows, the teacher's p_t and its Σ p·log p, recomputed at every call (keeping them
-    for a round measured no faster on the CPU and held N × V floats), then:
+    """Per chunk of rows, the teacher's p_t and its Σ p·log p (given, or recomputed at this call),
+    then:
 
         KL_row = Σ p_t·log p_t − Σ p_t·z_s + lse(z_s)        (Σ p_t = 1)
         dz     = exp(z_s − lse(z_s)) − p_t                    (formed in place over z_s)
 
-    so a step costs one logit GEMM, one log-sum-exp, one row dot and the gradient GEMM."""
+    so a step costs one logit GEMM, one log-sum-exp, one row dot and the gradient GEMM, plus the
+    teacher's logit GEMM and softmax when p_t is not given."""
 
     @staticmethod
-    def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk):
+    def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p):
         # Softmaxes over the vocabulary want fp32 logits, even inside an autocast region.
         with torch.autocast(hs.device.type, enabled=False):
-            return LinearKLRef._forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk)
+            return LinearKLRef._forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p)
 
     @staticmethod
-    def _forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk):
+    def _forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p):
         acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
         w = weight.to(acc)
         b = bias.to(acc) if bias is not None else None
@@ -58,7 +73,10 @@ class LinearKLRef(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hs.device)
         grad = torch.empty_like(hs) if hs.requires_grad else None
         for i in range(0, n, chunk):
-            pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
+            if teacher_p is None:
+                pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
+            else:
+                pt, neg_entropy = teacher_p[0][i:i + chunk].to(acc), teacher_p[1][i:i + chunk].to(acc)
             zs = torch.matmul(hs[i:i + chunk].to(acc), w.t())
             if b is not None:
                 zs += b
@@ -75,7 +93,7 @@ class LinearKLRef(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 def linear_kl_ref(
@@ -87,15 +105,21 @@ def linear_kl_ref(
     top_k: int = 0,
     denom: int | None = None,           # rows the mean is over; default N
     chunk: int = 64,
+    teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None,   # teacher_side(teacher_h, ...), kept
 ) -> torch.Tensor:                      # scalar
+    """With `teacher_p`, the teacher's distribution is read instead of recomputed: a round that
+    keeps it (N × V floats) skips a third of the KL's matmuls at every step."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {student_h.shape[1]}")
+    if teacher_p is not None and teacher_p[0].shape != (student_h.shape[0], head_weight.shape[0]):
+        raise ValueError(f"teacher_p holds {tuple(teacher_p[0].shape)} probabilities for {student_h.shape[0]} rows "
+                         f"of a {head_weight.shape[0]}-token vocabulary")
     denom = denom if denom is not None else student_h.shape[0]
     return LinearKLRef.apply(student_h, teacher_h.detach(), head_weight.detach(),
                              None if head_bias is None else head_bias.detach(),
-                             float(temperature), int(top_k), int(denom), int(chunk))
+                             float(temperature), int(top_k), int(denom), int(chunk), teacher_p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +462,11 @@ def linear_kl_triton(
     top_k: int = 0,
     denom: int | None = None,           # rows the mean is over; default N
     chunk: int = 256,                   # rows of the dz buffer (chunk × V) in the gradient pass
+    teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None,   # ignored: see below
 ) -> torch.Tensor:                      # scalar, fp32
-    """Same function as linear_kl_ref, fused (see the comment above the kernels)."""
+    """Same function as linear_kl_ref, fused (see the comment above the kernels). A kept teacher
+    distribution is not read: each tile of W feeds both sides' logits, so the teacher's costs no
+    extra read of W, while p_t would be N × V more reads."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:

@@ -225,7 +225,7 @@ def test_next_token_loss_read_off_the_recite_probe_is_the_plain_loss_of_that_seq
 def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight():
     from tiny_models import make_model, random_ids
 
-    from absorber_engine.replay import replay_states
+    from absorber_engine.replay import replay_rows
 
     cfg = AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=2, futures=0, max_steps=2, replay_rounds=4, kl_weight=1.0,
                          compute_dtype="float32", hidden_norm=False)
@@ -239,8 +239,8 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
 
     def loss(step, k, norm=False):
         c = cfg.replace(replay_batch=k, hidden_norm=norm)
-        (targets,) = teacher_targets(eng.runner, batch, c)               # k < 4: no replay states held
-        assert bool(targets.groups[-1].hidden) == (k == 0 or k >= 4)
+        (targets,) = teacher_targets(eng.runner, batch, c)               # the whole buffer's states, held
+        assert len(targets.groups[-1].hidden) == len(whole.groups[-1].hidden)
         return student_losses(eng.runner, [eng.delta], [targets], c, backward=False, step=step)[0]
 
     full = loss(0, 0)
@@ -249,18 +249,19 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
     assert loss(0, 1) + loss(1, 1) + loss(2, 1) + loss(3, 1) == pytest.approx(4 * full, rel=1e-5)
     assert loss(4, 1) == pytest.approx(loss(0, 1), rel=1e-6)            # in turn: step 4 reads round 0 again
     assert loss(0, 4) == pytest.approx(full, rel=1e-6) and loss(0, 9) == pytest.approx(full, rel=1e-6)
-    # The states computed at a step are the round-start delta's, after a step has moved the delta,
-    # scaled by the layer scales of the states held (hidden_norm).
-    (lazy,) = teacher_targets(eng.runner, batch, cfg.replace(replay_batch=2, hidden_norm=True))
-    with torch.no_grad():
-        for t in eng.delta.parameters():
-            t.add_(0.5)
-    grp = lazy.groups[-1]
-    sub = type(grp)(grp.ids[:2], [], None, mask=grp.mask[:2], replay=True, source=grp.source)
-    (got,) = replay_states(eng.runner, [sub], True, [lazy.layer_scale])
-    for h, want, scale in zip(got.hidden, whole.groups[-1].hidden, lazy.layer_scale):
-        torch.testing.assert_close(h, want[:2] * scale, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.final, whole.groups[-1].final[:int(grp.mask[:2].sum())], rtol=1e-5, atol=1e-5)
+    # The rows read at a step carry their own targets, cut out of the buffer's (masked positions
+    # row after row for the KL), scaled by the layer scales of the groups read whole (hidden_norm).
+    (part,) = teacher_targets(eng.runner, batch, cfg.replace(replay_batch=2, hidden_norm=True))
+    sub, weight = replay_rows(part.groups[-1], 1, 2)                     # step 1: rounds 2 and 3
+    assert weight == 2.0 and sub.ids.tolist() == whole.groups[-1].ids[2:].tolist()
+    for h, want, scale in zip(sub.hidden, whole.groups[-1].hidden, part.layer_scale):
+        torch.testing.assert_close(h, want[2:] * scale, rtol=1e-5, atol=1e-5)
+    before = int(whole.groups[-1].mask[:2].sum())
+    torch.testing.assert_close(sub.final, whole.groups[-1].final[before:], rtol=1e-5, atol=1e-5)
+    # Those scales are the round's own groups', the replay read in part setting none of them.
+    alone = RoundBatch(batch.deltas, batch.x, batch.y, [torch.Generator().manual_seed(0)])
+    (own,) = teacher_targets(eng.runner, alone, cfg.replace(hidden_norm=True))
+    assert part.layer_scale == pytest.approx(own.layer_scale, rel=1e-6)
 
 
 def test_ttt_replays_the_next_token_loss_of_each_replayed_document():
@@ -278,7 +279,7 @@ def test_ttt_replays_the_next_token_loss_of_each_replayed_document():
     replay = [torch.tensor(random_ids(n, seed=10 + n)) for n in (5, 9, 3)]
     x = torch.tensor([random_ids(8, seed=1)])
     batch = RoundBatch([eng.delta], x, x[:, :0], [torch.Generator().manual_seed(0)], replay=[replay])
-    (grp,) = replay_groups(eng.runner, batch, False, 0, text=True)
+    (grp,) = replay_groups(eng.runner, batch, False, text=True)
     assert grp.text and not grp.hidden
 
     def ce(rows):          # every token of every row after its first, predicted from the one before

@@ -152,3 +152,40 @@ def test_prompted_futures_start_with_the_prompt_and_keep_teacher_states():
         torch.testing.assert_close(group.hidden[layer][1], out.hidden_states[layer][0, -7:], rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception, match="future_prompt"):
         AbsorberEngine(make_model("llama"), config=cfg.replace(future_prompt=tuple(range(3, 10))))
+
+
+def test_groups_sharing_one_student_pass_give_each_its_own_loss_and_gradient(monkeypatch):
+    """Y (7 tokens) and three futures that read Y before them (5 tokens after a 7-token lead) go
+    through one padded pass; each stream's losses and gradients are those of one pass per group."""
+    import copy
+
+    from absorber_engine import round as round_mod
+
+    cfg = AbsorberConfig(chunk_tokens=12, sync_tokens=7, rank=2, futures=3, future_tokens=5, futures_follow_y=True,
+                         kl_weight=1.0, compute_dtype="float32")
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    eng.absorb(random_ids(20, seed=8))                                  # a delta that is not zero
+    other = copy.deepcopy(eng.delta)
+    with torch.no_grad():
+        for t in other.parameters():
+            t.mul_(-0.5)
+    deltas = [eng.delta, other]
+    x = torch.tensor([random_ids(12, seed=3), random_ids(12, seed=5)])
+    y = torch.tensor([random_ids(7, seed=4), random_ids(7, seed=6)])
+    batch = RoundBatch(deltas, x, y, [torch.Generator().manual_seed(s) for s in (0, 1)])
+    targets = teacher_targets(eng.runner, batch, cfg)
+    assert round_mod._passes([g for g in targets[0].groups]) == [[0, 1]]
+
+    def run():
+        for d in deltas:
+            for t in d.parameters():
+                t.grad = None
+        losses = student_losses(eng.runner, deltas, targets, cfg, backward=True)
+        return losses, [t.grad.clone() for d in deltas for t in d.parameters()]
+
+    joined, joined_grads = run()
+    monkeypatch.setattr(round_mod, "_passes", lambda groups: [[i] for i in range(len(groups))])
+    alone, alone_grads = run()
+    assert joined == pytest.approx(alone, rel=1e-5) and joined[0] != pytest.approx(joined[1], rel=1e-3)
+    for a, b in zip(joined_grads, alone_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

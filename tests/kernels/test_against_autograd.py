@@ -9,13 +9,16 @@ import torch.nn.functional as F
 from absorber_kernels.attention import attention_ref
 from absorber_kernels.hidden_sync import hidden_l1_ref
 from absorber_kernels.linear_ce import linear_ce_ref
-from absorber_kernels.linear_kl import linear_kl_ref
+from absorber_kernels.linear_kl import linear_kl_ref, teacher_side
 from absorber_kernels.lowrank_batched import lowrank_linear_batched_ref
 from absorber_kernels.lowrank_linear import lowrank_linear_ref
 
 
-@pytest.mark.parametrize("temperature, chunk", [(1.0, 64), (2.0, 7), (0.7, 1000)])
-def test_linear_kl_equals_f_kl_div(temperature, chunk):
+@pytest.mark.parametrize("temperature, chunk, kept", [(1.0, 64, False), (2.0, 7, False), (0.7, 1000, False),
+                                                      (2.0, 7, True), (0.7, 1000, True)])
+def test_linear_kl_equals_f_kl_div(temperature, chunk, kept):
+    """`kept`: the teacher's distribution computed once (teacher_side, in chunks of another size)
+    and read instead of recomputed."""
     g = torch.Generator().manual_seed(0)
     N, D, V = 41, 37, 401
     hs = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -23,7 +26,8 @@ def test_linear_kl_equals_f_kl_div(temperature, chunk):
     w = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.3
     b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
     denom = 53                      # the mean may be over more rows than this call holds
-    got = linear_kl_ref(hs, ht, w, b, temperature=temperature, denom=denom, chunk=chunk)
+    teacher_p = teacher_side(ht, w, b, temperature, dtype=torch.float64, chunk=10) if kept else None
+    got = linear_kl_ref(hs, ht, w, b, temperature=temperature, denom=denom, chunk=chunk, teacher_p=teacher_p)
     (got * 2.5).backward()
     grad_ref, hs.grad = hs.grad.clone(), None
     zs, zt = F.linear(hs, w, b) / temperature, F.linear(ht, w, b) / temperature

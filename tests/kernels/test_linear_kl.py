@@ -85,3 +85,10 @@ def test_linear_kl_no_grad_and_errors():
         linear_kl_triton(hs, ht[:, :8], w)
     with pytest.raises(ValueError):
         linear_kl_triton(hs, ht, w[:, :8])
+    with pytest.raises(ValueError, match="teacher_p"):                # a kept distribution of other rows
+        linear_kl_ref(hs, ht, w, teacher_p=K.teacher_side(ht[:5], w))
+    # Top-k: the kept distribution is the one the reference recomputes.
+    want = linear_kl_ref(hs.double(), ht.double(), w.double(), top_k=7)
+    got = linear_kl_ref(hs.double(), ht.double(), w.double(), top_k=7,
+                        teacher_p=K.teacher_side(ht.double(), w.double(), top_k=7, dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
