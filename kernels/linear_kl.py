@@ -34,22 +34,18 @@ def teacher_distribution(ht, weight, bias, temperature, top_k):
 
 
 def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=64):
-    """p_t (N, V) and Σ_v p_t·log p_t (N,) of all the teacher's rows, in `dtype` (the reference's
-    accumulation dtype: fp32, or float64 for float64 states), built chunk by chunk: what
-    linear_kl_ref takes as `teacher_p` to skip the teacher's half of every call."""
-    w = weight.detach().to(dtype)
-    b = bias.detach().to(dtype) if bias is not None else None
-    pt = torch.empty(ht.shape[0], w.shape[0], dtype=dtype, device=ht.device)
-    neg_entropy = torch.empty(ht.shape[0], dtype=dtype, device=ht.device)
+    """teacher_distribution of all N rows, chunk by chunk, in `dtype` (the reference's accumulation
+    dtype): what linear_kl_ref takes as `teacher_p`, to skip the teacher's half of every call."""
+    w, b = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+    pt, neg_entropy = ht.new_empty(ht.shape[0], w.shape[0], dtype=dtype), ht.new_empty(ht.shape[0], dtype=dtype)
     for i in range(0, ht.shape[0], chunk):
-        pt[i:i + chunk], neg_entropy[i:i + chunk] = teacher_distribution(ht[i:i + chunk].to(dtype), w, b,
-                                                                         temperature, top_k)
+        pt[i:i + chunk], neg_entropy[i:i + chunk] = teacher_distribution(ht[i:i + chunk].to(dtype), w, b, temperature,
+                                                                         top_k)
     return pt, neg_entropy
 
 
 class LinearKLRef(torch.autograd.Function):
-    """Per chunk of rows, the teacher's p_t and its Σ p·log p (given, or recomputed at this call),
-    then:
+    """Per chunk of rows, the teacher's p_t and its Σ p·log p (given, or recomputed here), then:
 
         KL_row = Σ p_t·log p_t − Σ p_t·z_s + lse(z_s)        (Σ p_t = 1)
         dz     = exp(z_s − lse(z_s)) − p_t                    (formed in place over z_s)
@@ -61,34 +57,30 @@ class LinearKLRef(torch.autograd.Function):
     def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p):
         # Softmaxes over the vocabulary want fp32 logits, even inside an autocast region.
         with torch.autocast(hs.device.type, enabled=False):
-            return LinearKLRef._forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p)
-
-    @staticmethod
-    def _forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p):
-        acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
-        n = hs.shape[0]
-        coef = temperature * temperature / denom
-        total = torch.zeros((), dtype=acc, device=hs.device)
-        grad = torch.empty_like(hs) if hs.requires_grad else None
-        for i in range(0, n, chunk):
-            if teacher_p is None:
-                pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
-            else:
-                pt, neg_entropy = teacher_p[0][i:i + chunk].to(acc), teacher_p[1][i:i + chunk].to(acc)
-            zs = torch.matmul(hs[i:i + chunk].to(acc), w.t())
-            if b is not None:
-                zs += b
-            if temperature != 1.0:
-                zs /= temperature
-            lse = torch.logsumexp(zs, dim=-1)
-            total += (neg_entropy - torch.linalg.vecdot(pt, zs) + lse).sum()
-            if grad is not None:
-                dz = zs.sub_(lse[:, None]).exp_().sub_(pt)
-                grad[i:i + chunk] = (torch.matmul(dz, w) * (coef / temperature)).to(hs.dtype)
-        ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
-        return total * coef
+            acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
+            w = weight.to(acc)
+            b = bias.to(acc) if bias is not None else None
+            n = hs.shape[0]
+            coef = temperature * temperature / denom
+            total = torch.zeros((), dtype=acc, device=hs.device)
+            grad = torch.empty_like(hs) if hs.requires_grad else None
+            for i in range(0, n, chunk):
+                if teacher_p is None:
+                    pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
+                else:
+                    pt, neg_entropy = teacher_p[0][i:i + chunk].to(acc), teacher_p[1][i:i + chunk].to(acc)
+                zs = torch.matmul(hs[i:i + chunk].to(acc), w.t())
+                if b is not None:
+                    zs += b
+                if temperature != 1.0:
+                    zs /= temperature
+                lse = torch.logsumexp(zs, dim=-1)
+                total += (neg_entropy - torch.linalg.vecdot(pt, zs) + lse).sum()
+                if grad is not None:
+                    dz = zs.sub_(lse[:, None]).exp_().sub_(pt)
+                    grad[i:i + chunk] = (torch.matmul(dz, w) * (coef / temperature)).to(hs.dtype)
+            ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
+            return total * coef
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -107,15 +99,13 @@ def linear_kl_ref(
     chunk: int = 64,
     teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None,   # teacher_side(teacher_h, ...), kept
 ) -> torch.Tensor:                      # scalar
-    """With `teacher_p`, the teacher's distribution is read instead of recomputed: a round that
-    keeps it (N × V floats) skips a third of the KL's matmuls at every step."""
+    """With `teacher_p` the teacher's distribution is read, not recomputed: a third fewer matmuls."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {student_h.shape[1]}")
     if teacher_p is not None and teacher_p[0].shape != (student_h.shape[0], head_weight.shape[0]):
-        raise ValueError(f"teacher_p holds {tuple(teacher_p[0].shape)} probabilities for {student_h.shape[0]} rows "
-                         f"of a {head_weight.shape[0]}-token vocabulary")
+        raise ValueError(f"teacher_p is {tuple(teacher_p[0].shape)}, not (rows, vocabulary) of this call")
     denom = denom if denom is not None else student_h.shape[0]
     return LinearKLRef.apply(student_h, teacher_h.detach(), head_weight.detach(),
                              None if head_bias is None else head_bias.detach(),
@@ -464,9 +454,8 @@ def linear_kl_triton(
     chunk: int = 256,                   # rows of the dz buffer (chunk × V) in the gradient pass
     teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None,   # ignored: see below
 ) -> torch.Tensor:                      # scalar, fp32
-    """Same function as linear_kl_ref, fused (see the comment above the kernels). A kept teacher
-    distribution is not read: each tile of W feeds both sides' logits, so the teacher's costs no
-    extra read of W, while p_t would be N × V more reads."""
+    """Same function as linear_kl_ref, fused (see the comment above the kernels). teacher_p is not
+    read: each tile of W feeds both sides' logits, so the teacher's are free and p_t N × V reads."""
     if student_h.shape != teacher_h.shape or student_h.dim() != 2:
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:
