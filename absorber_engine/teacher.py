@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import AbsorberConfig
 from absorber_kernels.linear_kl import teacher_side
 
+from .config import AbsorberConfig
 from .generate import sample_next
 from .model import ModelRunner, cache_tensors
 from .probes import FORCED_KINDS, answer_mask, kinds_per_round
