@@ -111,7 +111,8 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
     # A 128-token window holds the facts section (113-126 tokens) whole, so it is one round. Replay
     # (on in the recommended config) is what keeps it through the later rounds: without it the
     # memory answered 0/6 on seed 1, with it 3/6 (README). replay_batch=1 reads one buffered round
-    # a step: 283 s of absorption instead of 349 s on seed 1, the same six answers.
+    # a step: 283 s of absorption instead of 349 s on seed 1, the same six answers (198 s since the
+    # student's step shares passes and keeps the KL's teacher distribution).
     cfg = recommended_config(path).replace(chunk_tokens=64, sync_tokens=64, replay_batch=1)
     eng = AbsorberEngine.from_pretrained(path, config=cfg)
     tok, model_cfg, dtype = eng.tokenizer, eng.runner.model.config, eng.runner.dtype
