@@ -576,18 +576,18 @@ def table(results: list[dict]) -> str:
 
 
 def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
-        profile: bool = True, log=print) -> dict:
+        profile: bool = True, log=print, workloads: list[str] | None = None) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
         loaded = load_model(name)
-        for workload in WORKLOADS:
+        for workload in workloads or WORKLOADS:
             plan = (QUICK if quick else MODELS)[name]
             results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
                                    model_and_tok=loaded, log=log))
             if out_dir is not None:
                 _write(out_dir, started, results, decodes, profiles)
-        if not quick:
+        if profile and not quick:
             decodes.append(decode_step(name, model_and_tok=loaded))
             log(f"  {name} decode: {decodes[-1]}")
         if profile and not quick and name == "smollm2-135m":
@@ -615,13 +615,18 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="the random Llama only, small rounds")
     ap.add_argument("--reps", type=int, help="repetitions per implementation (default: the model's plan)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"a subset of {', '.join(WORKLOADS)}")
+    ap.add_argument("--no-profile", action="store_true", help="skip the decode step and the round's profile")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        ap.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     set_threads()
     models = ["llama-4l"] if args.quick else args.models.split(",")
     out = Path(args.out) / ("quick" if args.quick else "")
-    doc = run(models, args.quick, args.reps, out, memory=not args.no_memory,
-              log=lambda s: print(s, file=sys.stderr, flush=True))
+    doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
+              log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","))
     print(table(doc["results"]))
 
 

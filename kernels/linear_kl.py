@@ -15,17 +15,16 @@ chunk × V logits exist at once and backward is one multiply. It is the CPU path
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._common import HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, next_pow2, num_sms
 
 
 def teacher_distribution(ht, weight, bias, temperature, top_k):
-    """p_t (rows, V) and Σ_v p_t·log p_t (rows,) of the teacher's rows: constant within a round."""
-    zt = torch.matmul(ht, weight.t())
-    if bias is not None:
-        zt = zt + bias
-    if temperature != 1.0:
-        zt = zt / temperature
+    """p_t (rows, V) and Σ_v p_t·log p_t (rows,) of the teacher's rows: constant within a round.
+    The logits' matmul in the inputs' dtype, the softmax in fp32 at least."""
+    zt = F.linear(ht, weight, bias)
+    zt = zt.to(torch.promote_types(zt.dtype, torch.float32)) / temperature
     if top_k and top_k < zt.shape[-1]:
         keep = torch.topk(zt, top_k, dim=-1).indices
         zt = torch.full_like(zt, float("-inf")).scatter(-1, keep, zt.gather(-1, keep))
@@ -33,52 +32,56 @@ def teacher_distribution(ht, weight, bias, temperature, top_k):
     return pt, torch.special.xlogy(pt, pt).sum(-1)        # 0·log 0 = 0 outside the teacher's top k
 
 
+def _gemm_dtype(x):
+    """The autocast dtype where autocast is on (as a plain head-then-kl_div would run), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=64):
-    """teacher_distribution of all N rows, chunk by chunk, in `dtype` (the reference's accumulation
-    dtype): what linear_kl_ref takes as `teacher_p`, to skip the teacher's half of every call."""
-    w, b = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-    pt, neg_entropy = ht.new_empty(ht.shape[0], w.shape[0], dtype=dtype), ht.new_empty(ht.shape[0], dtype=dtype)
-    for i in range(0, ht.shape[0], chunk):
-        pt[i:i + chunk], neg_entropy[i:i + chunk] = teacher_distribution(ht[i:i + chunk].to(dtype), w, b, temperature,
-                                                                         top_k)
+    """teacher_distribution of all N rows, chunk by chunk, held in `dtype`, with linear_kl_ref's matmul
+    dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
+    gemm = _gemm_dtype(ht)
+    with torch.autocast(ht.device.type, enabled=False):
+        w, b = weight.detach().to(gemm), None if bias is None else bias.detach().to(gemm)
+        pt, neg_entropy = ht.new_empty(ht.shape[0], w.shape[0], dtype=dtype), ht.new_empty(ht.shape[0], dtype=dtype)
+        for i in range(0, ht.shape[0], chunk):
+            pt[i:i + chunk], neg_entropy[i:i + chunk] = teacher_distribution(ht[i:i + chunk].to(gemm), w, b,
+                                                                             temperature, top_k)
     return pt, neg_entropy
 
 
 class LinearKLRef(torch.autograd.Function):
-    """Per chunk of rows, the teacher's p_t and its Σ p·log p (given, or recomputed here), then:
-
-        KL_row = Σ p_t·log p_t − Σ p_t·z_s + lse(z_s)        (Σ p_t = 1)
-        dz     = exp(z_s − lse(z_s)) − p_t                    (formed in place over z_s)
-
-    so a step costs one logit GEMM, one log-sum-exp, one row dot and the gradient GEMM, plus the
-    teacher's logit GEMM and softmax when p_t is not given."""
+    """Per chunk of rows, p_t and Σ p_t·log p_t (given, or recomputed), KL_row = Σ p_t·log p_t −
+    Σ p_t·z_s + lse(z_s) and dz = exp(z_s − lse(z_s)) − p_t in place over z_s: a step is one logit
+    GEMM, one log-sum-exp, one row dot and the gradient GEMM (+ the teacher's GEMM and softmax)."""
 
     @staticmethod
     def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p):
-        # Softmaxes over the vocabulary want fp32 logits, even inside an autocast region.
+        # The logits' matmuls in the autocast dtype (bf16 halves their time on a CPU that has it); the
+        # softmaxes over the vocabulary, the sums and the gradient of z in fp32 at least.
+        gemm = _gemm_dtype(hs)
+        acc = torch.promote_types(gemm, torch.float32)             # fp32 for 16-bit, float64 stays float64
         with torch.autocast(hs.device.type, enabled=False):
-            acc = torch.promote_types(hs.dtype, torch.float32)     # fp32 for 16-bit inputs, float64 stays float64
-            w = weight.to(acc)
-            b = bias.to(acc) if bias is not None else None
+            w = weight.to(gemm)
+            b = bias.to(gemm) if bias is not None else None
             n = hs.shape[0]
             coef = temperature * temperature / denom
             total = torch.zeros((), dtype=acc, device=hs.device)
             grad = torch.empty_like(hs) if hs.requires_grad else None
             for i in range(0, n, chunk):
                 if teacher_p is None:
-                    pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(acc), w, b, temperature, top_k)
+                    pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(gemm), w, b, temperature, top_k)
                 else:
-                    pt, neg_entropy = teacher_p[0][i:i + chunk].to(acc), teacher_p[1][i:i + chunk].to(acc)
-                zs = torch.matmul(hs[i:i + chunk].to(acc), w.t())
-                if b is not None:
-                    zs += b
+                    pt, neg_entropy = teacher_p[0][i:i + chunk], teacher_p[1][i:i + chunk]
+                pt, neg_entropy = pt.to(acc), neg_entropy.to(acc)
+                zs = F.linear(hs[i:i + chunk].to(gemm), w, b).to(acc)
                 if temperature != 1.0:
                     zs /= temperature
                 lse = torch.logsumexp(zs, dim=-1)
                 total += (neg_entropy - torch.linalg.vecdot(pt, zs) + lse).sum()
                 if grad is not None:
                     dz = zs.sub_(lse[:, None]).exp_().sub_(pt)
-                    grad[i:i + chunk] = (torch.matmul(dz, w) * (coef / temperature)).to(hs.dtype)
+                    grad[i:i + chunk] = (torch.matmul(dz.to(gemm), w).to(acc) * (coef / temperature)).to(hs.dtype)
             ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
             return total * coef
 
@@ -129,13 +132,11 @@ def linear_kl_ref(
 #           tiles (one read of W again), forms dz = softmax(z_s) − p_t with the final log-sum-exps of
 #           pass 1, and writes dz for `chunk` rows; then grad_chunk = dz·W is one GEMM (cuBLAS).
 #
-# Why a second pass over W: the gradient needs softmax(z_s) − p_t, which is only known once the
-# whole vocabulary has been seen (the final log-sum-exps). Carrying the gradient along the online
-# softmax, as flash attention does with its output, would need a D-wide accumulator per row
-# (D = 4096: 1 MB per 64-row block), far beyond registers, so it would round-trip global memory on
-# every vocabulary tile (≈ V/BLOCK_V · 8·D bytes per row, 8 MB at Llama-7B sizes), whereas writing dz
-# once and reading it back costs 2·V·2 bytes per row (128 KB). Recomputing the two logit tiles costs
-# two extra GEMM-equivalents (ROOFLINE.md); the dz buffer is `chunk` × V, never N × V.
+# Why a second pass over W: the gradient needs softmax(z_s) − p_t, known only once the whole
+# vocabulary is seen. Carrying it along the online softmax (as flash attention carries its output)
+# needs a D-wide fp32 accumulator per row that round-trips global memory on every vocabulary tile
+# (8 MB a row at Llama-7B sizes); writing dz once and reading it back costs 2·V·2 bytes (128 KB) a
+# row. Recomputing the two logit tiles costs two GEMM-equivalents (ROOFLINE.md); dz is `chunk` × V.
 #
 # Top-k teacher (the reference keeps the teacher's k largest logits and renormalises over them):
 #   top_k ≤ 128: in pass 1 itself. Each row keeps a running top-K_PAD buffer of 64-bit keys: the high

@@ -92,3 +92,24 @@ def test_linear_kl_no_grad_and_errors():
     got = linear_kl_ref(hs.double(), ht.double(), w.double(), top_k=7,
                         teacher_p=K.teacher_side(ht.double(), w.double(), top_k=7, dtype=torch.float64))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_under_bf16_autocast_is_the_plain_composition_with_bf16_logits():
+    # Under autocast the reference's logit and gradient matmuls run in bf16, as head-then-kl_div
+    # would; the softmaxes stay fp32. fp32 matmuls would miss the plain composition's loss by 1.6e-3.
+    hs, ht, w, b = _inputs(24, 32, 300, torch.float32, bias=True, seed=6)
+    hs_r, hs_p = hs.clone().requires_grad_(), hs.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_kl_ref(hs_r, ht, w, b, temperature=2.0, chunk=10)
+        kept = linear_kl_ref(hs, ht, w, b, temperature=2.0, chunk=7, teacher_p=K.teacher_side(ht, w, b, 2.0))
+        zs, zt = torch.nn.functional.linear(hs_p, w, b), torch.nn.functional.linear(ht, w, b)
+    assert zs.dtype == torch.bfloat16
+    log_s, log_t = (torch.log_softmax(z.float() / 2.0, -1) for z in (zs, zt))
+    plain = 4.0 * torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="sum") / 24
+    loss.backward()
+    plain.backward()
+    torch.testing.assert_close(loss, plain, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(hs_r.grad, hs_p.grad, rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(kept, loss.detach(), rtol=1e-6, atol=1e-7)     # kept == recomputed
+    fp32 = float(linear_kl_ref(hs, ht, w, b, temperature=2.0))
+    assert abs(fp32 - float(plain.detach())) > 20 * 2e-5 * abs(float(plain.detach()))
