@@ -4,9 +4,9 @@ same process, variants alternating; with the teacher's distribution recomputed a
 kept for the round (teacher_side). Head shapes of SmolLM2-135M (V 49,152, D 576) and the random
 Llama of the workload benchmark (V 32,000, D 512), 256 rows (a Y of 256 tokens).
 
-    python -m benchmarks.kl_precision [--rows 256] [--repeats 3]
+    python -m benchmarks.kl_precision [--rows 256] [--repeats 3] [--out DIR]
 
-Writes benchmarks/results/kl_precision/results.json and RESULTS.md.
+Writes results.json and RESULTS.md to DIR (default benchmarks/results/kl_precision/).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     threads = set_threads()
     rows, lines = [], ["| head | teacher distribution | fp32 matmuls s | bf16 matmuls s | speed-up | loss fp32 / bf16 |",
@@ -62,11 +63,11 @@ def main(argv=None) -> int:
             lines.append(f"| {name} (V {V}, D {D}) | {'kept' if kept else 'recomputed'} | {fp32:.3f} | {bf16:.3f} | "
                          f"**{fp32 / bf16:.2f}x** | {runs[False][0][1]:.5f} / {runs[True][0][1]:.5f} |")
             print(lines[-1], flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     result = dict(when=time.strftime("%Y-%m-%d %H:%M"), threads=threads, repeats=args.repeats, machine=machine(),
                   versions=versions(), results=rows)
-    (OUT / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (OUT / "RESULTS.md").write_text(f"`python -m benchmarks.kl_precision` ({result['when']}, {threads} thread(s), "
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "RESULTS.md").write_text(f"`python -m benchmarks.kl_precision` ({result['when']}, {threads} thread(s), "
                                     f"best of {args.repeats}; {args.rows} rows, forward + backward)\n\n"
                                     + "\n".join(lines) + "\n")
     return 0
