@@ -18,7 +18,11 @@ def test_two_ranks_equal_one(tmp_path):
         f = tmp_path / f"stream{i}.txt"
         f.write_text(" ".join(map(str, random_ids(40 + 10 * i, seed=i))))
         inputs.append(str(f))
-    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=3, future_tokens=4, lr=1e-2)
+    # fp32: one rank runs with both cores' threads, two ranks with one each, and a bf16 matmul's
+    # rounding depends on how its sums are split over threads (the KL's bf16 logits then differ in
+    # their last bits); the fan-out's own equality is what this test is about.
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=3, future_tokens=4, lr=1e-2,
+                         compute_dtype="float32")
     one = absorb_many_processes(str(model_dir), inputs, str(tmp_path / "one"), cfg, nproc=1, as_ids=True)
     two = absorb_many_processes(str(model_dir), inputs, str(tmp_path / "two"), cfg, nproc=2, as_ids=True)
     assert sorted(one) == sorted(two) == sorted(inputs)
