@@ -331,8 +331,7 @@ RUNNERS = {"engine": run_engine, "loop": run_loop}
 def _warm(model, engine_dtype: str) -> None:
     """One forward and backward in fp32 (the loop's) and in the engine's autocast dtype, so neither
     implementation's first timed run pays the one-off creation of its matmul kernels."""
-    dtypes = {"float32"} | {engine_dtype}
-    for dtype in sorted(dtypes):
+    for dtype in sorted({"float32", engine_dtype}):
         with torch.enable_grad(), torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
             emb = model.get_input_embeddings()(torch.arange(3, 35)[None]).detach().requires_grad_(True)
             model.model(inputs_embeds=emb).last_hidden_state.float().sum().backward()
