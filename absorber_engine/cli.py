@@ -31,6 +31,7 @@ _CONFIG_FLAGS = {
     "objective": (str, "'absorber' (causal synchronization) or 'ttt' (next-token baseline)"),
     "max_steps": (int, "AdamW steps per round at most"),
     "stop_loss": (float, "stop a round once its loss is below this (0: never)"),
+    "surprise_gate": (float, "streams: skip a round whose first loss is below this x the median of recent ones (0: off)"),
     "lr": (float, "AdamW learning rate on the delta"),
     "futures": (int, "continuations sampled after X and synchronized on with the real Y"),
     "future_tokens": (int, "length of each sampled continuation"),

@@ -69,6 +69,11 @@ class AbsorberConfig:
     """eps: a round stops once its loss is below this. Our loss is a mean over positions, layers and
     hidden dimensions (not the paper's per-position sum): eps = 2 does not carry over; 0: never."""
 
+    surprise_gate: float = 0.0
+    """Streams: a round trains only if its first loss is ≥ this × the median first loss of the stream's
+    last 16 rounds (Titans' surprise as a gate): text the memory already predicts leaves Δ as it is.
+    A stream's first round always trains; 0: every round does. Measured: README, "Surprise gate"."""
+
     lr: float = 5e-4
     """AdamW learning rate on the delta (paper: 5e-4)."""
     weight_decay: float = 0.0
@@ -147,7 +152,7 @@ class AbsorberConfig:
     on them (TTT: toward their tokens; replay.py). SmolLM2-135M, one round per document (12, seeds 7
     and 9): 0/48 and 1/48 recalled without, 8/48 and 10/48 with 4, all but one hit in the buffer;
     on in its recommended config. Costs a student pass over replay_rounds × (n + ~30) tokens more
-    per step (see replay_batch): about 3x the time of a round. 0: off."""
+    per step (replay_batch): about 3x a round's time. 0: off. A round the surprise gate skips is not replayed."""
     replay_batch: int = 0
     """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
     whole buffer does; the targets of the whole buffer are computed once a round. 0: all of them at
@@ -231,7 +236,7 @@ class AbsorberConfig:
             v = getattr(self, name)
             need(is_int(v) and 0 <= v <= _INT_LIMITS[name], f"{name} must be a non-negative integer "
                  f"(at most {_INT_LIMITS[name]}), got {v!r}")
-        for name in ("stop_loss", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
+        for name in ("stop_loss", "surprise_gate", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
                      "divergence_factor", "ntp_weight"):
             v = getattr(self, name)
             need(is_num(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
@@ -314,8 +319,7 @@ class AbsorberConfig:
         return cls(**d)
 
 
-# The paper's objective alone (hidden-state L1 on Y and sampled futures, plain mean over layers):
-# what the benchmarks compare against a hand-written loop, and the shipped model's measured budget.
+# The paper's objective alone (hidden L1 on Y and futures, plain layer mean): benchmarks, shipped model.
 PAPER_OBJECTIVE = dict(probes=0, ntp_weight=0.0, kl_weight=0.0, hidden_norm=False)
 
 def read_json_object(path, error=ConfigError, missing: str | None = None, kind: str = "config") -> dict:
@@ -326,8 +330,7 @@ def read_json_object(path, error=ConfigError, missing: str | None = None, kind: 
             values = json.load(f)
     except FileNotFoundError:
         raise error(missing or f"{path} does not exist") from None
-    # RecursionError: JSON nested thousands deep.
-    except (OSError, ValueError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:      # RecursionError: JSON nested thousands deep
         raise error(f"{path} is not a readable JSON {kind}: {e}") from None
     if not isinstance(values, dict):
         raise error(f"{path} must hold a JSON object, got {type(values).__name__}")

@@ -209,7 +209,8 @@ class AbsorberEngine(GenerationMixin):
             # Seeded by the round's index in its stream: the same stream absorbs to the same memory,
             # alone or batched with others.
             generators=[torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + s.rounds) for s in sessions],
-            prompt=self._prompt, replay=[[q.to(device) for q in s.replay] for s in sessions], frame=self.frame)
+            prompt=self._prompt, replay=[[q.to(device) for q in s.replay] for s in sessions], frame=self.frame,
+            surprise=[list(s.surprise) for s in sessions])
         snapshots = [s.delta.snapshot() for s in sessions]
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
@@ -224,7 +225,10 @@ class AbsorberEngine(GenerationMixin):
         for rnd, sess, snap, res in zip(batch.rounds, sessions, snapshots, results):
             if res.error is None:
                 self.scheduler.commit(rnd.session, rnd.id)
-                if self.config.replay_rounds:
+                if res.losses:
+                    sess.surprise.append(res.losses[0])
+                # A gated round told the memory nothing new: it takes no place in the replay buffer.
+                if self.config.replay_rounds and not res.gated:
                     sess.replay.append(replay_probe(self.frame, rnd.x))
             else:
                 sess.delta.restore(snap)
@@ -242,6 +246,7 @@ class AbsorberEngine(GenerationMixin):
             self.scheduler.clear(sess.key)
             sess.delta.reset()
             sess.replay.clear()
+            sess.surprise.clear()
             self._windows.drop(sess.key)
 
     def discard_window(self, session=DEFAULT_SESSION) -> int:

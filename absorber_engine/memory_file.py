@@ -1,7 +1,8 @@
 """Memory files: the delta and the raw window of a stream, as safetensors with metadata.
 
 safetensors holds only tensors and a string → string header, so loading a file never runs code.
-The header names the format and version, the base model it was made for (a fingerprint of its
+The tensors are the delta, the window, the replay buffer and the surprise gate's history. The
+header names the format and version, the base model it was made for (a fingerprint of its
 config, parameter names and shapes, and a sample of each weight's values), the engine config and
 the stream's counters. A file is written to a temporary name and renamed, so a crash never leaves
 a half-written memory under the real name. Loading checks everything before touching the engine,
@@ -70,6 +71,8 @@ def save_memory(session, path) -> None:
     tensors["window"] = torch.tensor(session.window_tokens(), dtype=torch.int64)
     for i, q in enumerate(session.replay):           # replay_rounds: earlier rounds' probes, in order
         tensors[f"replay.{i}"] = q.cpu().to(torch.int64).contiguous()
+    if session.surprise:                             # surprise_gate: recent rounds' first losses
+        tensors["surprise"] = torch.tensor(list(session.surprise), dtype=torch.float64)
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -167,6 +170,10 @@ def load_memory(session, path) -> None:
     for q in replay:
         if q.dim() != 1 or q.dtype != torch.int64 or q.numel() == 0 or int(q.min()) < 0 or int(q.max()) >= vocab:
             raise MemoryFileError(f"{path} has a corrupt replay buffer")
+    surprise = tensors.get("surprise")
+    if surprise is not None and (surprise.dim() != 1 or surprise.dtype != torch.float64
+                                 or not bool(torch.isfinite(surprise).all()) or bool((surprise < 0).any())):
+        raise MemoryFileError(f"{path} has a corrupt surprise history")
     # Everything checked: only now change the engine (the window first; it validates the ids).
     try:
         session.restore_window(window.tolist(), absorbed, rounds)
@@ -176,3 +183,6 @@ def load_memory(session, path) -> None:
     session.replay.clear()
     if session.config.replay_rounds:
         session.replay.extend(replay[-session.replay.maxlen:])
+    session.surprise.clear()
+    if surprise is not None:
+        session.surprise.extend(surprise.tolist()[-session.surprise.maxlen:])

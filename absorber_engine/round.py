@@ -23,6 +23,7 @@ NaN/inf or diverges leaves the batch with an error and the others go on.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,7 @@ class RoundResult:
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     error: str | None = None          # why the round failed; the caller restores the delta
+    gated: bool = False               # the surprise gate skipped it: no step taken
 
     @property
     def final_loss(self) -> float:
@@ -56,7 +58,7 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
         return student_losses(runner, [batch.deltas[i] for i in active], [targets[i] for i in active], cfg,
                               backward=True, xs=xs[active] if xs is not None else None, step=next(step))
 
-    return train_deltas(batch.deltas, loss_fn, cfg)
+    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise)
 
 
 def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
@@ -77,7 +79,7 @@ def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> li
             losses = [a + b for a, b in zip(losses, extra)]
         return losses
 
-    return train_deltas(batch.deltas, loss_fn, cfg)
+    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise)
 
 
 ROUNDS = {"absorber": absorber_round, "ttt": ttt_round}
@@ -229,11 +231,13 @@ def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, 
     return per_stream.detach().tolist()
 
 
-def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig) -> list[RoundResult]:
+def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | None = None) -> list[RoundResult]:
     """Algorithm 1's loop for each stream: evaluate, stop below eps, else one AdamW step; at most
     max_steps steps. loss_fn(active) computes the losses of the streams `active` (indices) and
     accumulates their gradients. A stream whose loss is NaN/inf, or ends above divergence_factor ×
-    its first loss, gets an error and leaves the batch; the caller restores its delta."""
+    its first loss, gets an error and leaves the batch; the caller restores its delta. With
+    surprise_gate, a stream whose first loss is below surprise_gate × the median of surprise[i]
+    (its earlier rounds' first losses) takes no step at all."""
     opts = [torch.optim.AdamW(d.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for d in deltas]
     results = [RoundResult() for _ in deltas]
     active = list(range(len(deltas)))
@@ -251,6 +255,10 @@ def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig) -> list[RoundResult
                 res.error = f"the sync loss became {loss} at step {res.steps}"
                 continue
             if loss < cfg.stop_loss:
+                continue
+            if (cfg.surprise_gate > 0 and len(res.losses) == 1 and surprise and surprise[i]
+                    and loss < cfg.surprise_gate * statistics.median(surprise[i])):
+                res.gated = True
                 continue
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

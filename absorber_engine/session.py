@@ -1,6 +1,7 @@
 """Session: one stream of an engine, and the report of an absorption.
 
-A session holds its memory: its own delta and the probes its later rounds replay. Its raw window
+A session holds its memory: its own delta, the probes its later rounds replay and the first
+losses its surprise gate reads. Its raw window
 is held by the engine's C++ scheduler, the base model and the config are the engine's, and every
 method is the engine's own, applied to this session (`engine.absorb(x, session=key)`).
 """
@@ -17,6 +18,7 @@ from .errors import InputError
 from .lora import LowRankDelta
 
 DEFAULT_SESSION = "default"
+SURPRISE_ROUNDS = 16        # first losses a stream keeps for its surprise gate (config.surprise_gate)
 
 
 @dataclass
@@ -30,12 +32,14 @@ class AbsorbReport:
     held_tokens: int = 0        # raw tokens in the window afterwards
     absorbed_tokens: int = 0    # tokens absorbed into the memory since the last reset, in total
     round_losses: list[float] = field(default_factory=list)   # final loss of each round
+    gated: int = 0              # rounds the surprise gate skipped (no step taken)
     errors: list[str] = field(default_factory=list)            # rounds rolled back (engine.run() only)
 
     def add_round(self, x_len: int, result) -> None:
         self.rounds += 1
         self.absorbed += x_len
         self.steps += result.steps
+        self.gated += result.gated
         self.round_losses.append(result.final_loss)
         self.final_loss = result.final_loss
 
@@ -47,6 +51,8 @@ class Session:
         self.delta = LowRankDelta(runner.shapes, cfg.rank, cfg.scale, runner.device, seed=seed)
         # Earlier rounds' probes that each round replays (replay_rounds): bounded, so held memory stays flat.
         self.replay: deque[torch.Tensor] = deque(maxlen=max(cfg.replay_rounds, 1))
+        # Its recent rounds' first losses: what the surprise gate compares a round's first loss with.
+        self.surprise: deque[float] = deque(maxlen=SURPRISE_ROUNDS)
         self.closed = False
 
     # ------------------------------------------------------------------ the engine's API, on this stream

@@ -22,6 +22,7 @@ class RoundBatch:
     prompt: torch.Tensor | None = None   # (k,) tokens every sampled future starts with (future_prompt)
     replay: list[list[torch.Tensor]] = field(default_factory=list)   # per stream, earlier rounds' probes
     frame: ProbeFrame | None = None   # how probes are framed; None: no probes
+    surprise: list[list[float]] = field(default_factory=list)   # per stream, recent rounds' first losses
 
     @property
     def streams(self) -> int:

@@ -146,3 +146,30 @@ def test_corrupt_replay_buffer_is_refused(tmp_path):
         assert [q.tolist() for q in other.default.replay] == [q.tolist() for q in replay]
     other.load_memory(path)
     assert [q.tolist() for q in other.default.replay] == [q.tolist() for q in eng.default.replay]
+
+
+def test_surprise_history_round_trips_and_a_corrupt_one_is_refused(tmp_path):
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    eng.absorb(random_ids(50, seed=1))
+    assert len(eng.default.surprise) == eng.default.rounds > 0
+    path = tmp_path / "mem.safetensors"
+    eng.save_memory(path)
+    other = AbsorberEngine(make_model("llama"), config=CFG)
+    other.absorb(random_ids(40, seed=9))
+    state, history = _state(other), list(other.default.surprise)
+    t = load_file(str(path))
+    for name, value in {"nan": torch.tensor([1.0, float("nan")], dtype=torch.float64),
+                        "negative": torch.tensor([-1.0], dtype=torch.float64),
+                        "dtype": torch.tensor([1], dtype=torch.int64),
+                        "shape": torch.ones(2, 2, dtype=torch.float64)}.items():
+        bad = _rewrite(path, tmp_path / f"{name}.st", tensors={**t, "surprise": value})
+        with pytest.raises(MemoryFileError, match="surprise"):
+            other.load_memory(bad)
+        _same_state(other, state)
+        assert list(other.default.surprise) == history
+    other.load_memory(path)
+    assert list(other.default.surprise) == list(eng.default.surprise)
+    # A file written before the gate existed has no history: it loads with an empty one.
+    old = _rewrite(path, tmp_path / "old.st", tensors={k: v for k, v in t.items() if k != "surprise"})
+    other.load_memory(old)
+    assert list(other.default.surprise) == []

@@ -189,3 +189,60 @@ def test_groups_sharing_one_student_pass_give_each_its_own_loss_and_gradient(mon
     assert joined == pytest.approx(alone, rel=1e-5) and joined[0] != pytest.approx(joined[1], rel=1e-3)
     for a, b in zip(joined_grads, alone_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_surprise_gate_rule():
+    """A first loss below gate × the median of the stream's recent first losses takes no step; one
+    at or above it, or a stream with no history, trains as usual."""
+    from absorber_engine.lora import LowRankDelta
+    from absorber_engine.round import train_deltas
+
+    cfg = AbsorberConfig(max_steps=3, lr=1e-2, surprise_gate=1.5)
+    deltas = [LowRankDelta({"w": (4, 4)}, 2, 1.0, torch.device("cpu"), seed=s) for s in range(3)]
+    first = [1.4, 1.6, 0.1]             # streams 0 and 1 have history [0.5, 1.0, 9.0] (median 1.0)
+
+    def loss_fn(active):
+        out = []
+        for i in active:
+            (deltas[i].A["w"].sum() + deltas[i].B["w"].sum()).backward()
+            out.append(first[i] if len(calls[i]) == 0 else 1.0)
+            calls[i].append(1)
+        return out
+
+    calls = [[], [], []]
+    before = [d.state_dict() for d in deltas]
+    res = train_deltas(deltas, loss_fn, cfg, [[0.5, 1.0, 9.0], [0.5, 1.0, 9.0], []])
+    assert [r.gated for r in res] == [True, False, False]
+    assert [r.steps for r in res] == [0, 3, 3] and res[0].losses == [1.4]
+    for k, v in before[0].items():
+        assert torch.equal(deltas[0].state_dict()[k], v)
+    assert not torch.equal(deltas[1].state_dict()["w.B"], before[1]["w.B"])
+    # The gate off: the same first loss trains.
+    calls = [[], [], []]
+    res = train_deltas(deltas[:1], loss_fn, cfg.replace(surprise_gate=0.0), [[0.5, 1.0, 9.0]])
+    assert not res[0].gated and res[0].steps == 3
+
+
+def test_surprise_gate_skips_rounds_of_text_the_memory_predicts():
+    """A stream of one chunk repeated: after the first round, every round's first loss is no higher
+    than before, so a gate of 2 skips them all: Δ stays what the first round made, the report counts
+    them, the replay buffer holds only the round that trained, and reset forgets the history."""
+    chunk = random_ids(16, seed=4)
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=16, rank=4, max_steps=8, lr=1e-2, replay_rounds=4,
+                         surprise_gate=2.0, compute_dtype="float32")
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    first = eng.absorb(chunk * 2)
+    assert first.rounds == 1 and first.steps == 8 and first.gated == 0
+    after_first = eng.delta.state_dict()
+    report = eng.absorb(chunk * 6)
+    assert report.rounds == 6 and report.gated == 6 and report.steps == 0
+    for k, v in after_first.items():
+        assert torch.equal(eng.delta.state_dict()[k], v), k
+    assert len(eng.default.replay) == 1 and len(eng.default.surprise) == 7
+    losses = list(eng.default.surprise)
+    assert all(loss < 2.0 * losses[0] for loss in losses[1:])
+    eng.reset()
+    assert len(eng.default.surprise) == 0 and len(eng.default.replay) == 0
+    # Without the gate the same stream trains every round.
+    eng = AbsorberEngine(make_model("llama"), config=cfg.replace(surprise_gate=0.0))
+    assert eng.absorb(chunk * 8).steps == 7 * 8
