@@ -71,8 +71,8 @@ class AbsorberConfig:
 
     surprise_gate: float = 0.0
     """Streams: a round trains only if its first loss is ≥ this × the median first loss of the stream's
-    last 16 rounds (Titans' surprise as a gate): text the memory already predicts leaves Δ as it is.
-    A stream's first round always trains; 0: every round does. Measured: README, "Surprise gate"."""
+    last 16 rounds after its first (Titans' surprise as a gate): text the memory already predicts
+    leaves Δ as it is. The first two rounds always train; 0: every round does. README: "Surprise gate"."""
 
     lr: float = 5e-4
     """AdamW learning rate on the delta (paper: 5e-4)."""

@@ -225,7 +225,9 @@ class AbsorberEngine(GenerationMixin):
         for rnd, sess, snap, res in zip(batch.rounds, sessions, snapshots, results):
             if res.error is None:
                 self.scheduler.commit(rnd.session, rnd.id)
-                if res.losses:
+                # A stream's first round starts from an empty memory: everything surprises it, so
+                # its loss sets no level for the gate (it trains regardless).
+                if res.losses and sess.rounds > 1:
                     sess.surprise.append(res.losses[0])
                 # A gated round told the memory nothing new: it takes no place in the replay buffer.
                 if self.config.replay_rounds and not res.gated:

@@ -72,12 +72,14 @@ def build_methods(names, model_dir: str, ctx: int, flush: bool = False):
         # Replay of the last 4 rounds (replay.py): the rounds of filler after the fact must keep what
         # the round-start model says on the fact's round.
         "absorber+replay": lambda: EngineMethod("absorber+replay", model_dir, engine_config(ctx, replay_rounds=4), flush),
-        # The surprise gate (config.surprise_gate): rounds of filler the memory already predicts
-        # leave the delta as the surprising round made it.
-        "absorber+recite": lambda: EngineMethod("absorber+recite", model_dir, engine_config(ctx, **LIBRARY_OBJECTIVE),
-                                                flush),
-        "absorber+recite+gate": lambda: EngineMethod("absorber+recite+gate", model_dir,
-                                                     engine_config(ctx, surprise_gate=1.3, **LIBRARY_OBJECTIVE), flush),
+        # The library's objective, then with the surprise gate (config.surprise_gate): rounds of
+        # filler the memory already predicts leave the delta as the surprising round made it, and
+        # the steps they no longer take go to the rounds that train (160 rather than 80).
+        "absorber+recite": lambda: EngineMethod("absorber+recite", model_dir,
+                                                engine_config(ctx, **LIBRARY_OBJECTIVE), flush),
+        "absorber+recite+gate": lambda: EngineMethod(
+            "absorber+recite+gate", model_dir,
+            engine_config(ctx, surprise_gate=1.3, max_steps=160, **LIBRARY_OBJECTIVE), flush),
         # Prompted futures (Cartridges/LIFT-style seed prompt): a question opener, so the sampled
         # continuations ask about X and the teacher answers from it (our tasks ask "What is ...?";
         # the prompt names no task). Measured on flushed 512-token passkeys at 80 steps: 4/4.
