@@ -1,9 +1,9 @@
 """Session: one stream of an engine, and the report of an absorption.
 
 A session holds its memory: its own delta, the probes its later rounds replay and the first
-losses its surprise gate reads. Its raw window
-is held by the engine's C++ scheduler, the base model and the config are the engine's, and every
-method is the engine's own, applied to this session (`engine.absorb(x, session=key)`).
+losses its surprise gate reads. Its raw window is held by the engine's C++ scheduler, the base
+model and the config are the engine's, and every method is the engine's own, applied to this
+session (`engine.absorb(x, session=key)`).
 """
 
 from __future__ import annotations

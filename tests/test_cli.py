@@ -125,3 +125,18 @@ def test_text_input_is_decoded_with_a_clear_error(tmp_path, capsys):
     latin.write_bytes("Café notes: the code is 4821.\n".encode("latin-1"))
     assert main(["absorb", "--model", str(SHIPPED_MODEL), "--input", str(latin), "--encoding", "latin-1",
                  "--memory", str(tmp_path / "m2"), "--quiet", "--max-steps", "1"]) == 0
+
+
+def test_absorb_reports_rounds_the_surprise_gate_skipped(model_dir, tmp_path, capsys):
+    """A stream of one chunk repeated: after the first two rounds nothing is new, and the summary
+    says how many rounds the gate skipped; without the gate it says nothing of it."""
+    f = tmp_path / "repeated.txt"
+    f.write_text(" ".join(map(str, random_ids(16, seed=4) * 8)))
+    args = ["absorb", "--model", str(model_dir), "--input", str(f), "--ids", "--quiet", "--memory",
+            str(tmp_path / "m.safetensors"), "--chunk-tokens", "16", "--sync-tokens", "16", "--rank", "2",
+            "--max-steps", "8", "--lr", "0.01"]
+    assert main([*args, "--surprise-gate", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds / steps  : 7 / 16 (5 rounds skipped by the surprise gate)" in out
+    assert main(args) == 0
+    assert "rounds / steps  : 7 / 56\n" in capsys.readouterr().out
