@@ -200,6 +200,7 @@ def test_surprise_gate_rule():
     cfg = AbsorberConfig(max_steps=3, lr=1e-2, surprise_gate=1.5)
     deltas = [LowRankDelta({"w": (4, 4)}, 2, 1.0, torch.device("cpu"), seed=s) for s in range(3)]
     first = [1.4, 1.6, 0.1]             # streams 0 and 1 have history [0.5, 1.0, 9.0] (median 1.0)
+    calls = [[], [], []]                # loss evaluations per stream: the first returns first[i]
 
     def loss_fn(active):
         out = []
@@ -209,7 +210,6 @@ def test_surprise_gate_rule():
             calls[i].append(1)
         return out
 
-    calls = [[], [], []]
     before = [d.state_dict() for d in deltas]
     res = train_deltas(deltas, loss_fn, cfg, [[0.5, 1.0, 9.0], [0.5, 1.0, 9.0], []])
     assert [r.gated for r in res] == [True, False, False]
@@ -218,7 +218,7 @@ def test_surprise_gate_rule():
         assert torch.equal(deltas[0].state_dict()[k], v)
     assert not torch.equal(deltas[1].state_dict()["w.B"], before[1]["w.B"])
     # The gate off: the same first loss trains.
-    calls = [[], [], []]
+    calls[0].clear()
     res = train_deltas(deltas[:1], loss_fn, cfg.replace(surprise_gate=0.0), [[0.5, 1.0, 9.0]])
     assert not res[0].gated and res[0].steps == 3
 
