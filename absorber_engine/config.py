@@ -82,12 +82,11 @@ class AbsorberConfig:
     """Clip the delta's gradient to this global norm before each step; 0 disables."""
 
     futures: int = 0
-    """Continuations sampled from the teacher after X and synchronized on together with the real Y,
-    in the same student pass. A round with nothing else to synchronize on (no Y, no probes) samples
-    one. 0 by default: on SmolLM2-135M, continuations (and sampled self-study answers) added nothing
-    measurable to recall of facts over the recite probe and the next-token loss (6 documents, 24
-    questions: 4 sampled probes + ntp 62.5%, recite probe + ntp 58%, ntp alone 62.5%), for 2-4x the
-    time. On the shipped 3.4M model they helped; its config keeps 4."""
+    """Continuations sampled from the teacher after X, synchronized on with the real Y in the same
+    student pass; a round with nothing else to synchronize on samples one. 0 by default: on
+    SmolLM2-135M they added nothing to recall over the recite probe and next-token loss (24 questions:
+    4 sampled probes + ntp 62.5%, recite + ntp 58%, ntp alone 62.5%) for 2-4x the time. The shipped
+    3.4M model, which they helped, keeps 4 in its config."""
 
     future_tokens: int | None = None
     """Length of each sampled continuation. None: min(64, sync_tokens). At most sync_tokens, so the
@@ -95,9 +94,8 @@ class AbsorberConfig:
 
     futures_follow_y: bool = False
     """On: sampled futures continue X·Y and the student reads Y·future (the teacher X·Y·future), as
-    generate() reads the window and then a prompt; the teacher's KV then spans n + m + future_tokens,
-    past the n + m bound. Off (default): futures continue X, in Y's place, and the student reads them
-    alone. On the shipped model (streamed 2048-token passkeys, 6 examples) on 4/6, off 3/6: noise."""
+    generate() reads the window and then a prompt; the teacher's KV then spans n + m + future_tokens.
+    Off (default): futures continue X, in Y's place, read alone. Shipped model, streamed passkeys: 4/6 vs 3/6."""
 
     future_prompt: str | tuple[int, ...] = ""
     """Text (or token ids) every sampled future starts with, read by the teacher right after X, as
@@ -140,11 +138,10 @@ class AbsorberConfig:
     against TTT's 52.1% at the same rank, steps and learning rate (README)."""
 
     ntp_in_recite: bool = True
-    """Read the next-token loss off the recite probe's pass (the student reading the recite seed,
-    then X: each token of X predicted from the one before it) instead of a pass of its own over X
-    alone, when a round has a recite probe. On SmolLM2-135M (12 flushed documents of seed 3, 48
-    questions) it recalled 38/48 against 39/48 for the separate pass (2 and 3 questions only one
-    got) with 26% less CPU time per document (41.7 s against 56.7 s, 3 documents, 1 thread)."""
+    """Read the next-token loss off the recite probe's pass (the student reading the recite seed, then
+    X: each token of X predicted from the one before it) instead of a pass of its own over X, when a
+    round has a recite probe. SmolLM2-135M, 12 flushed documents (seed 3): 38/48 recalled against
+    39/48 for the separate pass, with 26% less CPU time per document (41.7 s against 56.7 s)."""
 
     replay_rounds: int = 0
     """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a
@@ -191,6 +188,10 @@ class AbsorberConfig:
     checkpoint_layers: bool = False
     """Recompute each decoder layer's activations in the student's backward instead of keeping them:
     the student's peak memory falls to about its layer inputs, for about one more forward per step."""
+
+    compile_layers: bool = False
+    """Run the student's passes through torch.compile'd decoder layers (inductor; backend "torch"); the
+    first round compiles (tens of seconds; seconds from inductor's disk cache). README: "Compiled layers"."""
 
     compute_dtype: str = "auto"
     """dtype the matmuls of absorption run in (torch.autocast; the delta and AdamW stay fp32).
@@ -243,19 +244,18 @@ class AbsorberConfig:
         for name in ("lr", "kl_temperature", "future_temperature", "probe_temperature"):
             v = getattr(self, name)
             need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("prefix_bos", "futures_follow_y", "checkpoint_layers", "hidden_norm", "ntp_in_recite",
-                     "chat_probes"):
+        for name in ("prefix_bos", "futures_follow_y", "checkpoint_layers", "compile_layers", "hidden_norm",
+                     "ntp_in_recite", "chat_probes"):
             v = getattr(self, name)
             need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
         need(is_int(self.probe_tokens) and 0 < self.probe_tokens <= _MAX_TOKENS,
              f"probe_tokens must be a positive integer (at most {_MAX_TOKENS}), got {self.probe_tokens!r}")
-        need(is_num(self.probe_top_p) and 0 < self.probe_top_p <= 1,
-             f"probe_top_p must be in (0, 1], got {self.probe_top_p!r}")
+        for name in ("probe_top_p", "future_top_p"):
+            v = getattr(self, name)
+            need(is_num(v) and 0 < v <= 1, f"{name} must be in (0, 1], got {v!r}")
         need(isinstance(self.probe_kinds, tuple) and len(self.probe_kinds) > 0
              and all(isinstance(k, str) and k in PROBE_KINDS for k in self.probe_kinds),
              f"probe_kinds must be a non-empty list of {PROBE_KINDS}, got {self.probe_kinds!r}")
-        need(is_num(self.future_top_p) and 0 < self.future_top_p <= 1,
-             f"future_top_p must be in (0, 1], got {self.future_top_p!r}")
         need(self.future_tokens is None or (is_int(self.future_tokens) and 0 < self.future_tokens <= _MAX_TOKENS),
              f"future_tokens must be None or a positive integer (at most {_MAX_TOKENS}), got {self.future_tokens!r}")
         need(self.alpha is None or (is_num(self.alpha) and self.alpha > 0),

@@ -13,20 +13,19 @@ architecture and does not depend on how a transformers version fills `hidden_sta
 
 from __future__ import annotations
 
-import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from absorber_kernels import get_ops
 from absorber_kernels.lowrank_batched import RowLayout
 
 from .errors import ConfigError, UnsupportedModelError
+from .layer_forward import checkpointed, compile_layers, uncompile_layers
 from .lora import Binding, attach, detach, reattach
 
 # Per architecture: the linears a delta goes on by default: the attention's values and output and
@@ -77,10 +76,16 @@ class ModelRunner:
 
         self.backend = resolve_backend(cfg.backend, self.device)
         self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.device, self.dtype)
+        self.compiled = cfg.compile_layers
+        if self.compiled and self.backend != "torch":
+            raise ConfigError("compile_layers is for backend 'torch' (the Triton kernels are compiled code "
+                              "already); set backend to 'torch' or compile_layers to false")
         self.binding = Binding(get_ops(self.backend))
         targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[self.model_type]
         self.wrappers = attach(model, targets, self.binding)
         self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
+        if self.compiled:
+            compile_layers(self.layers)
         self._attn_before = self._attn_kernel = None
         if self.backend == "triton":
             # The teacher, the student and generation all run through the flash-attention kernel.
@@ -142,9 +147,12 @@ class ModelRunner:
     def detach(self) -> None:
         """The model exactly as it was given (no wrappers); reattach() puts them back."""
         detach(self.model, self.wrappers)
+        uncompile_layers(self.layers)
 
     def reattach(self) -> None:
         reattach(self.model, self.wrappers)
+        if self.compiled:
+            compile_layers(self.layers)
 
     def close(self) -> None:
         self.detach()
@@ -298,27 +306,6 @@ class ResidualCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-@contextmanager
-def checkpointed(layers: nn.ModuleList, enabled: bool = True):
-    """Inside the block each decoder layer keeps only its input for backward and recomputes its
-    activations then (less memory, one more forward). The recompute calls the layer's own forward,
-    not the module, so the capture hooks see each layer once."""
-    if not enabled:
-        yield
-        return
-    patched = [(layer, layer.__dict__.get("forward")) for layer in layers]
-    try:
-        for layer, _ in patched:
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        yield
-    finally:
-        for layer, own in patched:       # back to what the layer had: its class's forward, or its own
-            if own is None:
-                del layer.forward
-            else:
-                layer.forward = own
 
 
 def resolve_compute_dtype(requested: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
