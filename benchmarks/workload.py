@@ -325,7 +325,11 @@ def run_loop(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
     return loop.absorb(stream)
 
 
-RUNNERS = {"engine": run_engine, "loop": run_loop}
+def run_engine_compiled(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
+    return run_engine(model, tok, cfg.replace(compile_layers=True), stream)
+
+
+RUNNERS = {"engine": run_engine, "loop": run_loop, "engine_compiled": run_engine_compiled}
 
 
 def _warm(model, engine_dtype: str) -> None:
@@ -338,15 +342,23 @@ def _warm(model, engine_dtype: str) -> None:
 
 
 def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bool = True,
-            model_and_tok=None, log=print) -> dict:
-    """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it)."""
+            model_and_tok=None, log=print, compiled: bool = False) -> dict:
+    """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it); with
+    `compiled`, the engine with compile_layers too, after one untimed run that compiles."""
     model, tok = model_and_tok or load_model(name)
     cfg, rounds = engine_config(name, workload, quick)
     stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
     _warm(model, _engine_dtype(cfg))
-    runs = {"engine": [], "loop": []}
+    impls = ["engine", "loop"] + (["engine_compiled"] if compiled else [])
+    runs = {impl: [] for impl in impls}
+    warmup = None
+    if compiled:
+        work = copy.deepcopy(model)
+        warmup = RUNNERS["engine_compiled"](work, tok, cfg, stream)["seconds"]
+        del work
+        log(f"  {name} {workload} engine_compiled warm-up (compiles): {warmup:.1f}s")
     for rep in range(reps):
-        for impl in (("engine", "loop") if rep % 2 == 0 else ("loop", "engine")):
+        for impl in impls[rep % len(impls):] + impls[:rep % len(impls)]:
             work = copy.deepcopy(model)
             runs[impl].append(RUNNERS[impl](work, tok, cfg, stream))
             del work
@@ -367,6 +379,10 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
                          probe_tokens_per_s=sorted(probe)[len(probe) // 2] if probe else None,
                          first_loss=rs[0]["step_losses"][0][0], step_losses=rs[0]["step_losses"])
     out["throughput_ratio"] = out["loop"]["seconds"]["median"] / out["engine"]["seconds"]["median"]
+    if compiled:
+        out["engine_compiled"]["warmup_seconds"] = warmup
+        out["compiled_ratio"] = out["loop"]["seconds"]["median"] / out["engine_compiled"]["seconds"]["median"]
+        out["compile_speedup"] = out["engine"]["seconds"]["median"] / out["engine_compiled"]["seconds"]["median"]
     out["per_rep_ratio"] = [b["seconds"] / e["seconds"] for e, b in zip(runs["engine"], runs["loop"])]
     if out["loop"]["probe_tokens_per_s"]:
         out["probe_ratio"] = out["engine"]["probe_tokens_per_s"] / out["loop"]["probe_tokens_per_s"]
@@ -575,11 +591,20 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['workload']} | {e['tokens_per_s']:.1f} | {lp['tokens_per_s']:.1f} | "
                      f"**{r['throughput_ratio']:.2f}×** | {probe(e['probe_tokens_per_s'])} | "
                      f"{probe(lp['probe_tokens_per_s'])} | {mem} | {r.get('memory_ratio', float('nan')):.2f} |")
+    compiled = [r for r in results if "engine_compiled" in r]
+    if compiled:
+        lines += ["", "| model | workload | engine tok/s | engine, compile_layers tok/s | speed-up | loop tok/s | "
+                  "ratio to the loop, compiled | compiling run s |", "|---|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            c = r["engine_compiled"]
+            lines.append(f"| {r['model']} | {r['workload']} | {r['engine']['tokens_per_s']:.1f} | "
+                         f"{c['tokens_per_s']:.1f} | {r['compile_speedup']:.2f}× | {r['loop']['tokens_per_s']:.1f} | "
+                         f"**{r['compiled_ratio']:.2f}×** | {c['warmup_seconds']:.1f} |")
     return "\n".join(lines)
 
 
 def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
-        profile: bool = True, log=print, workloads: list[str] | None = None) -> dict:
+        profile: bool = True, log=print, workloads: list[str] | None = None, compiled: bool = False) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
@@ -587,7 +612,7 @@ def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, 
         for workload in workloads or WORKLOADS:
             plan = (QUICK if quick else MODELS)[name]
             results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
-                                   model_and_tok=loaded, log=log))
+                                   model_and_tok=loaded, log=log, compiled=compiled))
             if out_dir is not None:
                 _write(out_dir, started, results, decodes, profiles)
         if profile and not quick:
@@ -620,6 +645,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"a subset of {', '.join(WORKLOADS)}")
     ap.add_argument("--no-profile", action="store_true", help="skip the decode step and the round's profile")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="also time the engine with compile_layers (after one untimed run that compiles)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -629,7 +656,8 @@ def main(argv=None) -> None:
     models = ["llama-4l"] if args.quick else args.models.split(",")
     out = Path(args.out) / ("quick" if args.quick else "")
     doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
-              log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","))
+              log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","),
+              compiled=args.compile_layers)
     print(table(doc["results"]))
 
 
