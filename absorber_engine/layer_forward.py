@@ -12,7 +12,8 @@ grow their KV cache a token at a time, a new shape at every step, and stay eager
 The layers of a model share their compiled graphs (the code is the same, the weights are inputs of
 the graph, not constants), and inductor keeps what it built on disk, so a second process with
 the same shapes starts in seconds rather than the first's tens of seconds. A width it has not seen
-recompiles once, after which the dimension is treated as dynamic.
+recompiles once, after which the dimension is treated as dynamic; past torch's recompile limit
+(`torch._dynamo.config.recompile_limit`) a new variant runs eager, correct and only slower.
 """
 
 from __future__ import annotations
