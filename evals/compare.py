@@ -1,0 +1,58 @@
+"""Two recall runs on the same documents and questions, compared question by question: how many
+only one of them answered, and the exact McNemar p-value of that split (two-sided binomial test on
+the discordant pairs), the test behind every "p = ..." of the README's recall tables.
+
+    python -m evals.compare RUN_A RUN_B [--method absorber] [--method-b ttt]
+
+RUN_A and RUN_B are result directories of `absorber eval --tasks facts` (their results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from math import comb
+from pathlib import Path
+
+
+def exact_mcnemar(only_a: int, only_b: int) -> float:
+    """Two-sided exact p of only_a vs only_b discordant pairs under p = 1/2."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def verdicts(run: Path, method: str) -> dict[tuple, bool]:
+    doc = json.loads((run / "results.json").read_text())
+    out = {(r["doc"], r["question"]): bool(r["correct"]) for r in doc["rows"] if r["method"] == method}
+    if not out:
+        raise SystemExit(f"{run}: no rows of method {method!r}")
+    return out
+
+
+def compare(a: dict, b: dict) -> dict:
+    if set(a) != set(b):
+        raise SystemExit(f"the runs asked different questions ({len(set(a) ^ set(b))} differ): not paired")
+    only_a = sum(a[k] and not b[k] for k in a)
+    only_b = sum(b[k] and not a[k] for k in a)
+    return dict(asked=len(a), correct_a=sum(a.values()), correct_b=sum(b.values()), only_a=only_a, only_b=only_b,
+                p=exact_mcnemar(only_a, only_b))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_a", type=Path)
+    ap.add_argument("run_b", type=Path)
+    ap.add_argument("--method", default="absorber", help="the method read from RUN_A (and RUN_B unless --method-b)")
+    ap.add_argument("--method-b", help="the method read from RUN_B")
+    args = ap.parse_args(argv)
+    r = compare(verdicts(args.run_a, args.method), verdicts(args.run_b, args.method_b or args.method))
+    print(f"{r['correct_a']}/{r['asked']} against {r['correct_b']}/{r['asked']}: {r['only_a']} only in A, "
+          f"{r['only_b']} only in B, exact McNemar p = {r['p']:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
