@@ -35,7 +35,7 @@ the peak of live tensor bytes of one round (measure.peak_tensor_bytes, its own r
 model, one decode step of probe sampling against the matmuls of that step alone, and the engine's
 round broken down by phase (`profile_round`).
 
-    python -m benchmarks.workload [--quick] [--models llama-4l,smollm2-135m] [--out DIR]
+    python -m benchmarks.workload [--quick] [--models llama-4l,smollm2-135m] [--compile-layers] [--out DIR]
 """
 
 from __future__ import annotations
