@@ -169,8 +169,6 @@ def _student_pass(runner: ModelRunner, read: list[list[tuple[FutureGroup, float]
                 loss = weight * _text_loss(runner, fin, grp)
             else:
                 loss = weight * _sync_loss(runner, [h[sl, at] for h in cap.states], fin, grp, targets[s], cfg)
-            if grp.x_span is not None and cfg.ntp_in_recite and cfg.ntp_weight > 0:
-                loss = loss + cfg.ntp_weight * _recite_next_token_loss(runner, fin, grp)
             losses[s] += float(loss.detach())
             total = total + loss
     if backward and total.requires_grad:
@@ -179,8 +177,9 @@ def _student_pass(runner: ModelRunner, read: list[list[tuple[FutureGroup, float]
 
 def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tensor:
     """One stream's hidden L1 and KL on one group: `states` its student's h^0..h^L, `final` its
-    final states (rows, t, D)."""
+    final states (rows, t, D); on a recite probe with ntp_in_recite, plus the next-token loss on X."""
     loss = final.new_zeros((), dtype=torch.float32)
+    ntp = grp.x_span is not None and cfg.ntp_in_recite and cfg.ntp_weight > 0
     if cfg.hidden_weight > 0:
         if grp.mask is not None:
             states = [h * grp.mask[..., None] for h in states]
@@ -189,10 +188,19 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
         loss = loss + runner.ops.hidden_l1(states, grp.hidden, weight=cfg.hidden_weight, denom=tgt.positions)
     if cfg.kl_weight > 0:
         student = final if grp.mask is None else final[grp.mask]
+        if ntp and grp.teacher_p is not None and cfg.kl_temperature == 1.0 and (grp.mask is None or grp.mask.all()):
+            # Both losses from one product with the LM head: the KL on every position, the
+            # cross-entropy on those that predict X (a mean over them, weighted ntp_weight).
+            ce = runner.ops.linear_ce(student.reshape(-1, runner.hidden_size), _recite_targets(grp), runner.head.weight,
+                                      runner.head.bias, teacher_p=grp.teacher_p,
+                                      kl_weight=cfg.kl_weight / (cfg.ntp_weight * tgt.positions))
+            return loss + cfg.ntp_weight * ce
         kl = runner.ops.linear_kl(student.reshape(-1, runner.hidden_size), grp.final, runner.head.weight,
                                   runner.head.bias, temperature=cfg.kl_temperature, top_k=cfg.kl_top_k,
                                   denom=tgt.positions, teacher_p=grp.teacher_p)
         loss = loss + cfg.kl_weight * kl
+    if ntp:
+        loss = loss + cfg.ntp_weight * _recite_next_token_loss(runner, final, grp)
     return loss
 
 
@@ -208,6 +216,15 @@ def _recite_next_token_loss(runner, final, grp) -> torch.Tensor:
     before it (X's first token from the seed's last)."""
     start, n = grp.x_span
     return _cross_entropy(runner, final[:, start - 1:start - 1 + n], grp.ids[:, start:start + n])
+
+
+def _recite_targets(grp) -> torch.Tensor:
+    """_recite_next_token_loss's targets laid on the recite probe's synchronized positions: the
+    next token of X where a position predicts one, −1 (no cross-entropy) elsewhere."""
+    start, n = grp.x_span
+    out = torch.full_like(grp.ids, -1)
+    out[:, start - 1:start - 1 + n] = grp.ids[:, start:start + n]
+    return out.reshape(-1) if grp.mask is None else out[grp.mask]
 
 
 def _cross_entropy(runner, final, targets) -> torch.Tensor:

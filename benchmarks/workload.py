@@ -552,7 +552,7 @@ def profile_round(name: str = "smollm2-135m", workload: str = "recite", steps: i
     wrap(teacher_mod, "_y_and_futures", lambda: "teacher: X·Y forward")
     wrap(teacher_mod, "_self_study", lambda: "probes: teacher")
     wrap(teacher_mod, "_normalize_layers", lambda: "teacher: layer normalization")
-    wrap(round_mod, "_sync_loss", lambda: "student: sync loss (L1 + KL, KL grad included)")
+    wrap(round_mod, "_sync_loss", lambda: "student: sync loss (L1 + KL + the recite probe's CE, grads included)")
     wrap(round_mod, "next_token_losses", lambda: "next-token loss: logits + CE")
     wrap(model_mod.ModelRunner, "forward", student_or_ntp("forward"))
     wrap(torch.Tensor, "backward", student_or_ntp("backward"))

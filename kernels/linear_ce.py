@@ -1,6 +1,9 @@
-"""Next-token cross-entropy straight from final hidden states, chunked over rows.
+"""Next-token cross-entropy straight from final hidden states, chunked over rows, optionally with
+the KL to a kept teacher distribution read off the same logits.
 
-    z = h·Wᵀ (+ b),   loss = 1/denom · Σ_rows (lse(z) − z[target]),   dloss/dh = 1/denom · (softmax(z) − onehot)·W
+    z = h·Wᵀ (+ b),   loss = 1/denom · Σ_{rows with a target} (lse(z) − z[target])
+                           + kl_weight · Σ_rows KL(p_t ‖ softmax(z))                 (with teacher_p)
+    dloss/dz = (1/denom)·[target](softmax(z) − onehot) + kl_weight·(softmax(z) − p_t)
 
 The plain composition, F.cross_entropy(head(h), targets), keeps the rows × vocabulary logits and
 their log-softmax alive until the backward: 150 MB for 512 tokens of SmolLM2's 49,152-token
@@ -8,6 +11,11 @@ vocabulary (bf16 logits, fp32 log-softmax). Here the gradient is formed in the f
 of rows at a time, so at most chunk × V logits exist at once and only the (N, D) gradient is kept,
 as for linear_kl. The logits' matmuls run in the autocast dtype when autocast is on (what the
 plain composition does), the log-sum-exp and the gradient of z in fp32.
+
+With `teacher_p` (linear_kl.teacher_side of the same rows, temperature 1) it also computes
+linear_kl_ref's KL from the same product with the head: a recite probe's next-token loss on X and
+its KL to the teacher then cost one pair of head GEMMs instead of two (the engine's default round).
+A negative target leaves its row out of the cross-entropy (it takes the KL only).
 
 This is the op of both backends: the chunked reference already reads W once per chunk with no
 rows × vocabulary buffer, on a GPU as on the CPU.
@@ -21,7 +29,7 @@ import torch.nn.functional as F
 
 class LinearCERef(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, targets, weight, bias, denom, chunk):
+    def forward(ctx, h, targets, weight, bias, denom, chunk, teacher_p, kl_weight):
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         acc = torch.promote_types(dtype, torch.float32)          # fp32 for 16-bit, float64 stays float64
@@ -32,36 +40,51 @@ class LinearCERef(torch.autograd.Function):
             grad = torch.empty_like(h) if h.requires_grad else None
             for i in range(0, h.shape[0], chunk):
                 tgt = targets[i:i + chunk]
+                ce_w = (tgt >= 0).to(acc) / denom                  # each row's weight in the cross-entropy
                 z = F.linear(h[i:i + chunk].to(dtype), w, b).to(acc)
                 lse = torch.logsumexp(z, dim=-1)
-                total += (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
+                total += ((lse - z.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1)) * ce_w).sum()
+                if teacher_p is not None:
+                    pt, neg_entropy = teacher_p[0][i:i + chunk].to(acc), teacher_p[1][i:i + chunk].to(acc)
+                    total += kl_weight * (neg_entropy - torch.linalg.vecdot(pt, z) + lse).sum()
                 if grad is not None:
-                    dz = z.sub_(lse[:, None]).exp_()
-                    dz[torch.arange(len(tgt), device=h.device), tgt] -= 1.0
-                    grad[i:i + chunk] = (torch.matmul(dz.to(dtype), w).to(acc) / denom).to(h.dtype)
+                    dz = z.sub_(lse[:, None]).exp_().mul_((ce_w + kl_weight)[:, None])
+                    if teacher_p is not None:
+                        dz.sub_(pt, alpha=kl_weight)
+                    rows = (tgt >= 0).nonzero().squeeze(1)
+                    dz[rows, tgt[rows]] -= ce_w[rows]
+                    grad[i:i + chunk] = torch.matmul(dz.to(dtype), w).to(h.dtype)
         ctx.save_for_backward(grad if grad is not None else h.new_empty(0))
-        return total / denom
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def linear_ce_ref(
     hidden: torch.Tensor,               # (N, D), with grad
-    targets: torch.Tensor,              # (N,) token ids
+    targets: torch.Tensor,              # (N,) token ids; negative: no cross-entropy on that row
     head_weight: torch.Tensor,          # (V, D), frozen
     head_bias: torch.Tensor | None = None,
-    denom: int | None = None,           # rows the mean is over; default N
+    denom: float | None = None,         # the cross-entropy's mean is over this many rows; default: those with a target
     chunk: int = 128,
+    teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None,   # linear_kl.teacher_side of the N rows, T = 1
+    kl_weight: float = 0.0,             # its KL's weight: the loss adds kl_weight · Σ_rows KL
 ) -> torch.Tensor:                      # scalar, fp32 (float64 for float64 inputs)
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be (N, D) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     if head_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {hidden.shape[1]}")
+    if kl_weight and teacher_p is None:
+        raise ValueError("kl_weight needs the teacher's distribution (teacher_p)")
+    if teacher_p is not None and (teacher_p[0].shape != (hidden.shape[0], head_weight.shape[0])
+                                  or teacher_p[1].shape != hidden.shape[:1]):
+        raise ValueError(f"teacher_p is {tuple(teacher_p[0].shape)}, not (rows, vocabulary) of this call")
     if hidden.shape[0] == 0:
         return hidden.float().sum() * 0.0                     # no rows: no loss, and a zero gradient
-    denom = denom if denom is not None else hidden.shape[0]
+    denom = denom if denom is not None else max(int((targets >= 0).sum()), 1)
     return LinearCERef.apply(hidden, targets, head_weight.detach(),
-                             None if head_bias is None else head_bias.detach(), int(denom), int(chunk))
+                             None if head_bias is None else head_bias.detach(), float(denom), int(chunk),
+                             teacher_p if kl_weight else None, float(kl_weight))

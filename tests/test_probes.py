@@ -222,6 +222,41 @@ def test_next_token_loss_read_off_the_recite_probe_is_the_plain_loss_of_that_seq
     assert after < 0.9 * got                                   # the round trained on that loss
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_recite_probe_takes_its_kl_and_next_token_loss_from_one_head_product(monkeypatch, top_k):
+    """With the teacher's distribution kept (the torch backend's round), the recite probe's KL and
+    its next-token loss on X come out of one LM-head product: the same loss and delta gradient as
+    the KL and the cross-entropy computed apart (the teacher's distribution dropped)."""
+    from absorber_engine import round as round_mod
+
+    tok = _tokenizer(CHATML)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",), ntp_in_recite=True, ntp_weight=0.7, kl_weight=1.3,
+                  kl_top_k=top_k, hidden_norm=True)
+    eng.absorb(tok.encode("Mira keeps the spare key under the blue pot by the door.", add_special_tokens=False),
+               flush=True)                                                    # a delta that is not zero
+    x = torch.tensor(tok.encode("The ferry to Quell leaves at 7:40 from pier 9.", add_special_tokens=False))
+    batch = RoundBatch([eng.delta], x[None], x[None, :0], [torch.Generator().manual_seed(0)], frame=eng.frame)
+    (targets,) = teacher_targets(eng.runner, batch, eng.config)
+    (group,) = targets.groups
+    assert group.x_span is not None and group.teacher_p is not None
+
+    def run():
+        for t in eng.delta.parameters():
+            t.grad = None
+        (loss,) = student_losses(eng.runner, [eng.delta], [targets], eng.config, backward=True)
+        return loss, [t.grad.clone() for t in eng.delta.parameters()]
+
+    apart = round_mod._recite_next_token_loss
+    monkeypatch.setattr(round_mod, "_recite_next_token_loss", lambda *a: pytest.fail("the CE ran apart"))
+    fused, fused_grads = run()
+    monkeypatch.setattr(round_mod, "_recite_next_token_loss", apart)
+    group.teacher_p = None
+    plain, plain_grads = run()
+    assert fused == pytest.approx(plain, rel=1e-5)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buffers_weight():
     from tiny_models import make_model, random_ids
 

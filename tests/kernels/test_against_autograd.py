@@ -141,6 +141,57 @@ def test_linear_ce_equals_f_cross_entropy(chunk):
     torch.testing.assert_close(grad, h.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_linear_ce_leaves_out_rows_with_a_negative_target():
+    g = torch.Generator().manual_seed(7)
+    N, D, V = 23, 19, 301
+    h = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.4
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::3] = -1
+    got = linear_ce_ref(h, t, w, chunk=5)
+    (got * 1.7).backward()
+    grad, h.grad = h.grad.clone(), None
+    want = F.cross_entropy(F.linear(h, w), t, ignore_index=-1)      # the mean over rows with a target
+    (want * 1.7).backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, h.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k, chunk", [(0, 6), (0, 128), (17, 6)])
+def test_linear_ce_with_the_kept_teacher_adds_the_kl_of_the_same_logits(top_k, chunk):
+    """The recite probe's fused loss: cross-entropy on the rows with a target plus kl_weight × the
+    summed KL to the teacher's (top-k) distribution on every row, against F.cross_entropy + F.kl_div."""
+    g = torch.Generator().manual_seed(8)
+    N, D, V = 29, 21, 307
+    h = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.4
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    t = torch.randint(0, V, (N,), generator=g)
+    t[:4] = -1                                   # the seed's positions: KL only
+    kept = teacher_side(ht, w, b, top_k=top_k, dtype=torch.float64, chunk=10)
+    got = linear_ce_ref(h, t, w, b, denom=31, chunk=chunk, teacher_p=kept, kl_weight=0.3)
+    (got * -0.8).backward()
+    grad, h.grad = h.grad.clone(), None
+    zt = F.linear(ht, w, b)
+    if top_k:
+        zt = torch.full_like(zt, float("-inf")).scatter(-1, zt.topk(top_k).indices, zt.topk(top_k).values)
+    logp = F.log_softmax(F.linear(h, w, b), dim=-1)
+    want = (F.nll_loss(logp, t, ignore_index=-1, reduction="sum") / 31
+            + 0.3 * F.kl_div(logp, F.softmax(zt, dim=-1), reduction="sum"))
+    (want * -0.8).backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, h.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_ce_refuses_a_kl_weight_without_the_teacher_or_of_other_rows():
+    h, w, t = torch.randn(6, 8), torch.randn(11, 8), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match="teacher_p"):
+        linear_ce_ref(h, t, w, kl_weight=1.0)
+    with pytest.raises(ValueError, match="not \\(rows, vocabulary\\)"):
+        linear_ce_ref(h, t, w, teacher_p=teacher_side(torch.randn(5, 8), w), kl_weight=1.0)
+
+
 def test_linear_ce_under_autocast_matches_the_autocast_composition():
     g = torch.Generator().manual_seed(6)
     h = torch.randn(40, 32, generator=g, requires_grad=True)
