@@ -35,7 +35,7 @@ the peak of live tensor bytes of one round (measure.peak_tensor_bytes, its own r
 model, one decode step of probe sampling against the matmuls of that step alone, and the engine's
 round broken down by phase (`profile_round`).
 
-    python -m benchmarks.workload [--quick] [--models llama-4l,smollm2-135m] [--compile-layers] [--out DIR]
+    python -m benchmarks.workload [--quick] [--models llama-4l,smollm2-135m] [--compile-layers] [--steps N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -342,11 +342,12 @@ def _warm(model, engine_dtype: str) -> None:
 
 
 def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bool = True,
-            model_and_tok=None, log=print, compiled: bool = False) -> dict:
+            model_and_tok=None, log=print, compiled: bool = False, steps: int | None = None) -> dict:
     """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it); with
-    `compiled`, the engine with compile_layers too, after one untimed run that compiles."""
+    `compiled`, the engine with compile_layers too, after one untimed run that compiles; `steps`
+    per round instead of the plan's."""
     model, tok = model_and_tok or load_model(name)
-    cfg, rounds = engine_config(name, workload, quick)
+    cfg, rounds = engine_config(name, workload, quick, **({"max_steps": steps} if steps else {}))
     stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
     _warm(model, _engine_dtype(cfg))
     impls = ["engine", "loop"] + (["engine_compiled"] if compiled else [])
@@ -604,7 +605,8 @@ def table(results: list[dict]) -> str:
 
 
 def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
-        profile: bool = True, log=print, workloads: list[str] | None = None, compiled: bool = False) -> dict:
+        profile: bool = True, log=print, workloads: list[str] | None = None, compiled: bool = False,
+        steps: int | None = None) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
@@ -612,7 +614,7 @@ def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, 
         for workload in workloads or WORKLOADS:
             plan = (QUICK if quick else MODELS)[name]
             results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
-                                   model_and_tok=loaded, log=log, compiled=compiled))
+                                   model_and_tok=loaded, log=log, compiled=compiled, steps=steps))
             if out_dir is not None:
                 _write(out_dir, started, results, decodes, profiles)
         if profile and not quick:
@@ -647,6 +649,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-profile", action="store_true", help="skip the decode step and the round's profile")
     ap.add_argument("--compile-layers", action="store_true",
                     help="also time the engine with compile_layers (after one untimed run that compiles)")
+    ap.add_argument("--steps", type=int, help="AdamW steps per round (default: the model's plan, 4; the library's "
+                    "and SmolLM2's recommended config take 32)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -657,7 +661,7 @@ def main(argv=None) -> None:
     out = Path(args.out) / ("quick" if args.quick else "")
     doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
               log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","),
-              compiled=args.compile_layers)
+              compiled=args.compile_layers, steps=args.steps)
     print(table(doc["results"]))
 
 
