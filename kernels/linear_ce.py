@@ -40,7 +40,8 @@ class LinearCERef(torch.autograd.Function):
             grad = torch.empty_like(h) if h.requires_grad else None
             for i in range(0, h.shape[0], chunk):
                 tgt = targets[i:i + chunk]
-                ce_w = (tgt >= 0).to(acc) / denom                  # each row's weight in the cross-entropy
+                on = tgt >= 0
+                ce_w = on.to(acc) / denom                           # each row's weight in the cross-entropy
                 z = F.linear(h[i:i + chunk].to(dtype), w, b).to(acc)
                 lse = torch.logsumexp(z, dim=-1)
                 total += ((lse - z.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1)) * ce_w).sum()
@@ -51,7 +52,7 @@ class LinearCERef(torch.autograd.Function):
                     dz = z.sub_(lse[:, None]).exp_().mul_((ce_w + kl_weight)[:, None])
                     if teacher_p is not None:
                         dz.sub_(pt, alpha=kl_weight)
-                    rows = (tgt >= 0).nonzero().squeeze(1)
+                    rows = on.nonzero().squeeze(1)
                     dz[rows, tgt[rows]] -= ce_w[rows]
                     grad[i:i + chunk] = torch.matmul(dz.to(dtype), w).to(h.dtype)
         ctx.save_for_backward(grad if grad is not None else h.new_empty(0))
