@@ -87,6 +87,7 @@ class ModelRunner:
         if self.compiled:
             compile_layers(self.layers)
         self._attn_before = self._attn_kernel = None
+        self._head_cast = None
         if self.backend == "triton":
             # The teacher, the student and generation all run through the flash-attention kernel.
             from absorber_kernels.hf_attention import register_hf_attention
@@ -179,6 +180,18 @@ class ModelRunner:
         out = self.base(input_ids=ids, past_key_values=cache, use_cache=use_cache, attention_mask=attention_mask,
                         position_ids=position_ids)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight for the losses' GEMMs: under autocast on the torch backend cast to the
+        compute dtype once and kept (it is frozen), not by each call (V × D: 54 MB on SmolLM2, 9 a round)."""
+        w, dtype, dev = self.head.weight, self.compute_dtype, self.device.type
+        if (dtype in (None, w.dtype) or self.backend != "torch" or not torch.is_autocast_enabled(dev)
+                or torch.get_autocast_dtype(dev) != dtype):                # a GEMM in the model's dtype
+            return w
+        key = (w.data_ptr(), w._version, dtype)
+        if self._head_cast is None or self._head_cast[0] != key:
+            self._head_cast = (key, w.detach().to(dtype))
+        return self._head_cast[1]
 
     def logits(self, final_states: torch.Tensor) -> torch.Tensor:
         return self.head(final_states).float()

@@ -191,11 +191,11 @@ def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tenso
         if ntp and grp.teacher_p is not None and cfg.kl_temperature == 1.0 and (grp.mask is None or grp.mask.all()):
             # Both losses from one product with the LM head: the KL on every position, the
             # cross-entropy on those that predict X (a mean over them, weighted ntp_weight).
-            ce = runner.ops.linear_ce(student.reshape(-1, runner.hidden_size), _recite_targets(grp), runner.head.weight,
+            ce = runner.ops.linear_ce(student.reshape(-1, runner.hidden_size), _recite_targets(grp), runner.head_weight(),
                                       runner.head.bias, teacher_p=grp.teacher_p,
                                       kl_weight=cfg.kl_weight / (cfg.ntp_weight * tgt.positions))
             return loss + cfg.ntp_weight * ce
-        kl = runner.ops.linear_kl(student.reshape(-1, runner.hidden_size), grp.final, runner.head.weight,
+        kl = runner.ops.linear_kl(student.reshape(-1, runner.hidden_size), grp.final, runner.head_weight(),
                                   runner.head.bias, temperature=cfg.kl_temperature, top_k=cfg.kl_top_k,
                                   denom=tgt.positions, teacher_p=grp.teacher_p)
         loss = loss + cfg.kl_weight * kl
@@ -230,8 +230,8 @@ def _recite_targets(grp) -> torch.Tensor:
 def _cross_entropy(runner, final, targets) -> torch.Tensor:
     """Mean next-token cross-entropy of final states (..., D) against targets (...), from the LM
     head chunk by chunk: no tokens × vocabulary logits are kept for the backward."""
-    head = runner.head
-    return runner.ops.linear_ce(final.reshape(-1, runner.hidden_size), targets.reshape(-1), head.weight, head.bias)
+    return runner.ops.linear_ce(final.reshape(-1, runner.hidden_size), targets.reshape(-1), runner.head_weight(),
+                                runner.head.bias)
 
 
 def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, weight: float,

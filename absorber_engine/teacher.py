@@ -75,7 +75,7 @@ def _keep_teacher_distributions(runner, out: list[SyncTargets], cfg) -> None:
             if size > left:
                 return
             left -= size
-            g.teacher_p = teacher_side(g.final, head.weight, head.bias, cfg.kl_temperature, cfg.kl_top_k, dtype)
+            g.teacher_p = teacher_side(g.final, runner.head_weight(), head.bias, cfg.kl_temperature, cfg.kl_top_k, dtype)
 
 
 def _y_and_futures(runner, batch: RoundBatch, cfg, n_futures, need_final, per_stream) -> None:

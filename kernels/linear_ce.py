@@ -24,37 +24,39 @@ rows × vocabulary buffer, on a GPU as on the CPU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .head_chunks import HeadChunks, exp_rows_, gemm_dtype, row_dot
 
 
 class LinearCERef(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, targets, weight, bias, denom, chunk, teacher_p, kl_weight):
         dev = h.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        acc = torch.promote_types(dtype, torch.float32)          # fp32 for 16-bit, float64 stays float64
+        gemm = gemm_dtype(h)
         with torch.autocast(dev, enabled=False):
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
-            total = torch.zeros((), dtype=acc, device=h.device)
+            head = HeadChunks(weight, bias, gemm, min(chunk, h.shape[0]))
+            total = torch.zeros((), dtype=head.acc, device=h.device)
             grad = torch.empty_like(h) if h.requires_grad else None
             for i in range(0, h.shape[0], chunk):
                 tgt = targets[i:i + chunk]
                 on = tgt >= 0
-                ce_w = on.to(acc) / denom                           # each row's weight in the cross-entropy
-                z = F.linear(h[i:i + chunk].to(dtype), w, b).to(acc)
-                lse = torch.logsumexp(z, dim=-1)
-                total += ((lse - z.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1)) * ce_w).sum()
+                ce_w = on.to(head.acc) / denom                      # each row's weight in the cross-entropy
+                z = head.logits(h[i:i + chunk])
+                picked = z.gather(1, tgt.clamp(min=0)[:, None]).squeeze(1)
                 if teacher_p is not None:
-                    pt, neg_entropy = teacher_p[0][i:i + chunk].to(acc), teacher_p[1][i:i + chunk].to(acc)
-                    total += kl_weight * (neg_entropy - torch.linalg.vecdot(pt, z) + lse).sum()
+                    pt, neg_entropy = teacher_p[0][i:i + chunk], teacher_p[1][i:i + chunk].to(head.acc)
+                    dot = row_dot(pt, z)
+                lse, sums = exp_rows_(z)                            # z is exp(z − max) from here on
+                total += ((lse - picked) * ce_w).sum()
+                if teacher_p is not None:
+                    total += kl_weight * (neg_entropy - dot + lse).sum()
                 if grad is not None:
-                    dz = z.sub_(lse[:, None]).exp_().mul_((ce_w + kl_weight)[:, None])
+                    dz = z.mul_(((ce_w + kl_weight) / sums)[:, None])   # (ce_w + kl_weight)·softmax(z)
                     if teacher_p is not None:
                         dz.sub_(pt, alpha=kl_weight)
                     rows = on.nonzero().squeeze(1)
                     dz[rows, tgt[rows]] -= ce_w[rows]
-                    grad[i:i + chunk] = torch.matmul(dz.to(dtype), w).to(h.dtype)
+                    grad[i:i + chunk] = head.back(dz).to(h.dtype)
         ctx.save_for_backward(grad if grad is not None else h.new_empty(0))
         return total
 

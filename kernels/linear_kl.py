@@ -15,73 +15,69 @@ chunk × V logits exist at once and backward is one multiply. It is the CPU path
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
 from ._common import HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, next_pow2, num_sms
+from .head_chunks import HeadChunks, exp_rows_, gemm_dtype, row_dot
 
 
-def teacher_distribution(ht, weight, bias, temperature, top_k):
-    """p_t (rows, V) and Σ_v p_t·log p_t (rows,) of the teacher's rows: constant within a round.
-    The logits' matmul in the inputs' dtype, the softmax in fp32 at least."""
-    zt = F.linear(ht, weight, bias)
-    zt = zt.to(torch.promote_types(zt.dtype, torch.float32)) / temperature
+def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Teacher logits (rows, V) in the accumulation dtype -> p_t, in place, and returns Σ_v p_t·log p_t
+    (rows,): constant within a round."""
+    if temperature != 1.0:
+        zt /= temperature
     if top_k and top_k < zt.shape[-1]:
-        keep = torch.topk(zt, top_k, dim=-1).indices
-        zt = torch.full_like(zt, float("-inf")).scatter(-1, keep, zt.gather(-1, keep))
-    pt = torch.softmax(zt, dim=-1)
-    return pt, torch.special.xlogy(pt, pt).sum(-1)        # 0·log 0 = 0 outside the teacher's top k
-
-
-def _gemm_dtype(x):
-    """The autocast dtype where autocast is on (as a plain head-then-kl_div would run), else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        kept, where = torch.topk(zt, top_k, dim=-1)          # exactly k, ties chosen by topk
+        zt.fill_(float("-inf")).scatter_(-1, where, kept)
+    _, sums = exp_rows_(zt)
+    zt.div_(sums[:, None])
+    return torch.special.xlogy(zt, zt).sum(-1)            # 0·log 0 = 0 outside the teacher's top k
 
 
 def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=64):
-    """teacher_distribution of all N rows, chunk by chunk, held in `dtype`, with linear_kl_ref's matmul
-    dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
-    gemm = _gemm_dtype(ht)
+    """The teacher's distribution p_t of all N rows and Σ p_t·log p_t, held in `dtype`, with
+    linear_kl_ref's matmul dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
+    gemm = gemm_dtype(ht)
     with torch.autocast(ht.device.type, enabled=False):
-        w, b = weight.detach().to(gemm), None if bias is None else bias.detach().to(gemm)
-        pt, neg_entropy = ht.new_empty(ht.shape[0], w.shape[0], dtype=dtype), ht.new_empty(ht.shape[0], dtype=dtype)
+        head = HeadChunks(weight.detach(), None if bias is None else bias.detach(), gemm, min(chunk, ht.shape[0]))
+        pt, neg_entropy = ht.new_empty(ht.shape[0], weight.shape[0], dtype=dtype), ht.new_empty(ht.shape[0], dtype=dtype)
         for i in range(0, ht.shape[0], chunk):
-            pt[i:i + chunk], neg_entropy[i:i + chunk] = teacher_distribution(ht[i:i + chunk].to(gemm), w, b,
-                                                                             temperature, top_k)
+            zt = head.logits(ht[i:i + chunk])
+            neg_entropy[i:i + chunk] = teacher_distribution(zt, temperature, top_k)
+            pt[i:i + chunk] = zt
     return pt, neg_entropy
 
 
 class LinearKLRef(torch.autograd.Function):
     """Per chunk of rows, p_t and Σ p_t·log p_t (given, or recomputed), KL_row = Σ p_t·log p_t −
-    Σ p_t·z_s + lse(z_s) and dz = exp(z_s − lse(z_s)) − p_t in place over z_s: a step is one logit
-    GEMM, one log-sum-exp, one row dot and the gradient GEMM (+ the teacher's GEMM and softmax)."""
+    Σ p_t·z_s + lse(z_s) and dz = softmax(z_s) − p_t in place over z_s: a step is one logit GEMM,
+    one log-sum-exp, one row dot and the gradient GEMM (+ the teacher's GEMM and softmax)."""
 
     @staticmethod
     def forward(ctx, hs, ht, weight, bias, temperature, top_k, denom, chunk, teacher_p):
         # The logits' matmuls in the autocast dtype (bf16 halves their time on a CPU that has it); the
         # softmaxes over the vocabulary, the sums and the gradient of z in fp32 at least.
-        gemm = _gemm_dtype(hs)
-        acc = torch.promote_types(gemm, torch.float32)             # fp32 for 16-bit, float64 stays float64
+        gemm = gemm_dtype(hs)
         with torch.autocast(hs.device.type, enabled=False):
-            w = weight.to(gemm)
-            b = bias.to(gemm) if bias is not None else None
-            n = hs.shape[0]
+            head = HeadChunks(weight, bias, gemm, min(chunk, hs.shape[0]))
+            if teacher_p is None:                     # the teacher's logits get their own buffer
+                teacher = head.twin()
             coef = temperature * temperature / denom
-            total = torch.zeros((), dtype=acc, device=hs.device)
+            total = torch.zeros((), dtype=head.acc, device=hs.device)
             grad = torch.empty_like(hs) if hs.requires_grad else None
-            for i in range(0, n, chunk):
+            for i in range(0, hs.shape[0], chunk):
                 if teacher_p is None:
-                    pt, neg_entropy = teacher_distribution(ht[i:i + chunk].to(gemm), w, b, temperature, top_k)
+                    pt = teacher.logits(ht[i:i + chunk])
+                    neg_entropy = teacher_distribution(pt, temperature, top_k)
                 else:
-                    pt, neg_entropy = teacher_p[0][i:i + chunk], teacher_p[1][i:i + chunk]
-                pt, neg_entropy = pt.to(acc), neg_entropy.to(acc)
-                zs = F.linear(hs[i:i + chunk].to(gemm), w, b).to(acc)
+                    pt, neg_entropy = teacher_p[0][i:i + chunk], teacher_p[1][i:i + chunk].to(head.acc)
+                zs = head.logits(hs[i:i + chunk])
                 if temperature != 1.0:
                     zs /= temperature
-                lse = torch.logsumexp(zs, dim=-1)
-                total += (neg_entropy - torch.linalg.vecdot(pt, zs) + lse).sum()
+                dot = row_dot(pt, zs)
+                lse, sums = exp_rows_(zs)
+                total += (neg_entropy - dot + lse).sum()
                 if grad is not None:
-                    dz = zs.sub_(lse[:, None]).exp_().sub_(pt)
-                    grad[i:i + chunk] = (torch.matmul(dz.to(gemm), w).to(acc) * (coef / temperature)).to(hs.dtype)
+                    dz = zs.mul_((coef / temperature / sums)[:, None]).sub_(pt, alpha=coef / temperature)
+                    grad[i:i + chunk] = head.back(dz).to(hs.dtype)
             ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
             return total * coef
 

@@ -248,3 +248,19 @@ def test_surprise_gate_skips_rounds_of_text_the_memory_predicts():
     # Without the gate the same stream trains every round.
     eng = AbsorberEngine(make_model("llama"), config=cfg.replace(surprise_gate=0.0))
     assert eng.absorb(chunk * 8).steps == 7 * 8
+
+
+def test_the_losses_read_one_kept_cast_of_the_head_under_autocast():
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4,
+                                                                     compute_dtype="bfloat16"))
+    runner, w = eng.runner, eng.runner.head.weight
+    assert runner.head_weight() is w                         # outside autocast the GEMMs read the model's dtype
+    with runner.autocast():
+        cast = runner.head_weight()
+        assert cast.dtype == torch.bfloat16 and torch.equal(cast, w.detach().to(torch.bfloat16))
+        assert runner.head_weight() is cast                  # kept, not cast again
+        with torch.no_grad():
+            w.mul_(2.0)                                      # a changed head is cast again
+        assert torch.equal(runner.head_weight(), w.detach().to(torch.bfloat16))
+        with runner.model_dtype():
+            assert runner.head_weight() is w
