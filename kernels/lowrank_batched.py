@@ -113,7 +113,7 @@ def lowrank_linear_batched_ref(
     y = base_linear(x, weight, bias, weight_layout)
     a = A.index_select(0, index).to(x.dtype)                   # (rows, in, r)
     b = B.index_select(0, index).to(x.dtype)                   # (rows, r, out)
-    return y + torch.bmm(torch.bmm(x, a), b) * scale
+    return torch.baddbmm(y, torch.bmm(x, a).mul_(scale), b)     # as lowrank_linear_ref: s on x·a, the sum in the GEMM
 
 
 # ---------------------------------------------------------------------------------------------

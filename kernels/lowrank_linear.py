@@ -26,9 +26,12 @@ def lowrank_linear_ref(
     weight_layout: str = "linear",
 ) -> torch.Tensor:                # (..., out)
     y = base_linear(x, weight, bias, weight_layout)
-    # The delta is kept in fp32 for the optimizer; compute it in the activations' dtype.
-    xa = torch.matmul(x, A.to(x.dtype))                        # (..., r)
-    return y + torch.matmul(xa, B.to(x.dtype)) * scale        # (..., out)
+    # The delta is kept in fp32 for the optimizer; compute it in the activations' dtype. The scale goes
+    # on the r-wide x·A and the expand's sum into y happens inside its GEMM (as the kernels do): no
+    # pass over the (..., out) output beyond the GEMMs'.
+    xa = torch.matmul(x, A.to(x.dtype)).mul_(scale)            # (..., r)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.to(x.dtype))
+    return out.view(y.shape)                                    # (..., out)
 
 
 # ---------------------------------------------------------------------------------------------
