@@ -29,6 +29,7 @@ from . import _scheduler, inputs
 from .config import AbsorberConfig
 from .errors import AbsorptionError, ConfigError, InputError
 from .generate import GenerationMixin, WindowCache
+from .host_memory import keep_freed_memory
 from .memory_file import load_memory, save_memory
 from .model import ModelRunner
 from .peft_export import export_peft
@@ -47,6 +48,8 @@ class AbsorberEngine(GenerationMixin):
         cfg.validate()
         self.config, self.tokenizer = cfg, tokenizer
         self.runner = ModelRunner(model, tokenizer, cfg)
+        if self.runner.device.type == "cpu":
+            keep_freed_memory()             # process-wide; see host_memory.py
         try:
             self.runner.check_window(cfg.window_tokens)
             self._prompt = None if not cfg.future_prompt else inputs.future_prompt(

@@ -6,12 +6,37 @@ over a 135M model holds one such copy of every target weight per forward, hundre
 the backward only needs to multiply dy by. Here the cast is made in the forward and again in the
 backward, and only W itself (already resident) is saved: one more cast per backward for no copy
 held. Without autocast, or when W is already in the compute dtype, it is plain F.linear.
+
+On the CPU each cast is written into a buffer kept per weight shape and thread, not a fresh tensor:
+a fresh multi-MB tensor is fresh pages, and in a VM that hands freed pages back to its host every
+one of them is a page fault. A cast of a 1536 x 576 weight took 1.0 ms inside a SmolLM2 round
+against 0.08 ms alone (torch.profiler); a round casts about 2,000 of them. The buffer is only ever
+read by the GEMM that follows the cast, before the next cast of that shape.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
+
+_cast_buffers = threading.local()
+
+
+def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype`. On the CPU, outside autograd, the result is a per-thread buffer that the
+    next cast of the same shape and dtype overwrites: use it at once, never keep it."""
+    if weight.device.type != "cpu" or torch.is_grad_enabled():
+        return weight.to(dtype)
+    buffers = getattr(_cast_buffers, "by_shape", None)
+    if buffers is None:
+        buffers = _cast_buffers.by_shape = {}
+    key = (tuple(weight.shape), dtype)
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = torch.empty(weight.shape, dtype=dtype)
+    return buf.copy_(weight)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -25,13 +50,13 @@ class FrozenLinear(torch.autograd.Function):
         ctx.save_for_backward(weight)
         ctx.conv1d, ctx.dtype, ctx.x_dtype = conv1d, dtype, x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            w = weight.to(dtype)
+            w = cast_weight(weight, dtype)
             return F.linear(x.to(dtype), w.t() if conv1d else w, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, dy):
         (weight,) = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
+        w = cast_weight(weight, ctx.dtype)           # grad mode is off here unless create_graph
         dx = torch.matmul(dy.to(ctx.dtype), w.t() if ctx.conv1d else w)
         return dx.to(ctx.x_dtype), None, None, None, None
 

@@ -29,7 +29,9 @@ def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> to
         zt.fill_(float("-inf")).scatter_(-1, where, kept)
     _, sums = exp_rows_(zt)
     zt.div_(sums[:, None])
-    return torch.special.xlogy(zt, zt).sum(-1)            # 0·log 0 = 0 outside the teacher's top k
+    # p·log p with p = 0 outside the top k read as p·log(tiny) = 0: the same sum as xlogy, which
+    # runs unvectorized on the CPU (12.6 ms for 64 x 49,152 against 3.8 ms for this).
+    return row_dot(zt, zt.clamp_min(torch.finfo(zt.dtype).tiny).log_())
 
 
 def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=64):
