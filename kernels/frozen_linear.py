@@ -26,8 +26,9 @@ _cast_buffers = threading.local()
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in `dtype`. On the CPU, outside autograd, the result is a per-thread buffer that the
-    next cast of the same shape and dtype overwrites: use it at once, never keep it."""
-    if weight.device.type != "cpu" or torch.is_grad_enabled():
+    next cast of the same shape and dtype overwrites: use it at once, never keep it. Not in a
+    compiled graph, which may keep the cast for its backward (and fuses the cast itself)."""
+    if weight.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return weight.to(dtype)
     buffers = getattr(_cast_buffers, "by_shape", None)
     if buffers is None:

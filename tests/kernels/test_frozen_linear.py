@@ -42,3 +42,22 @@ def test_without_autocast_it_is_plain_linear():
     torch.testing.assert_close(base_linear(x, w, b, "linear"), F.linear(x, w, b), rtol=0, atol=0)
     with pytest.raises(ValueError, match="weight_layout"):
         base_linear(x, w, b, "dense")
+
+
+def test_layers_of_one_shape_share_the_cast_buffer_and_keep_their_own_gradients():
+    # Three frozen weights of one shape: every forward and backward cast writes the same CPU buffer,
+    # so a cast read after the next one overwrote it would show here as a wrong output or gradient.
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(16, 16, generator=g) / 4 for _ in range(3)]
+    x = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    grads = []
+    for chain in (lambda h, w: base_linear(h, w, None, "linear"), lambda h, w: F.linear(h, w)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = x
+            for w in ws:
+                h = torch.tanh(chain(h, w))
+        h.float().square().sum().backward()
+        grads.append((h.detach(), x.grad))
+        x.grad = None
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
