@@ -36,7 +36,8 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (tuple(weight.shape), dtype)
     buf = buffers.get(key)
     if buf is None:
-        buf = buffers[key] = torch.empty(weight.shape, dtype=dtype)
+        with torch.inference_mode(False):      # a normal tensor: writable in and out of inference mode
+            buf = buffers[key] = torch.empty(weight.shape, dtype=dtype)
     return buf.copy_(weight)
 
 

@@ -61,3 +61,18 @@ def test_layers_of_one_shape_share_the_cast_buffer_and_keep_their_own_gradients(
         x.grad = None
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+
+
+def test_a_cast_first_made_in_inference_mode_serves_training_after():
+    # A serving stack's forward under inference_mode makes the buffer first; a round after it writes
+    # the same buffer outside inference mode (an inference tensor would refuse that).
+    w = torch.randn(8, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = base_linear(torch.randn(2, 8), w, None, "linear")
+    x = torch.randn(2, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = base_linear(x, w, None, "linear")
+        want = F.linear(x, w)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().sum().backward()
+    assert x.grad.shape == (2, 8) and first.shape == (2, 8)
