@@ -46,9 +46,19 @@ def test_a_freed_block_is_reused_without_faults_once_kept():
     assert faults < 2 * 16384, f"{faults} page faults writing 5 tensors the size of one just freed"
 
 
+def _huge_pages_always() -> bool:
+    # With transparent huge pages always on, a fresh 64 MiB mapping faults in 2 MiB pages: 32, not 16,384.
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 def test_by_default_and_when_turned_off_malloc_returns_the_block():
     faults, _ = _run("", "0")               # nothing applied before the measurement
-    assert faults > 4 * 16384, f"{faults} faults: a 64 MiB block freed to the kernel faults its pages again"
+    if not _huge_pages_always():
+        assert faults > 4 * 16384, f"{faults} faults: a 64 MiB block freed to the kernel faults its pages again"
     _, on = _run("keep_freed_memory()", "0")
     assert not on
 
