@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from absorber_kernels import frozen_linear
 from absorber_kernels.frozen_linear import base_linear
 
 
@@ -66,6 +67,7 @@ def test_layers_of_one_shape_share_the_cast_buffer_and_keep_their_own_gradients(
 def test_a_cast_first_made_in_inference_mode_serves_training_after():
     # A serving stack's forward under inference_mode makes the buffer first; a round after it writes
     # the same buffer outside inference mode (an inference tensor would refuse that).
+    frozen_linear._cast_buffers.by_shape = {}   # so this test's inference-mode call makes the buffer
     w = torch.randn(8, 8)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         first = base_linear(torch.randn(2, 8), w, None, "linear")
