@@ -1,4 +1,4 @@
-"""Installs absorber_engine and absorber_kernels (from kernels/), and builds the C++ chunk scheduler in
+"""Installs absorber_engine and absorber_kernels, and builds the C++ chunk scheduler in
 csrc/ with ninja. The benchmarks (benchmarks/) and the evaluation (evals/) are not part of the
 installed library: they run from a clone (`absorber bench`, `absorber eval`, `absorber demo`).
 
@@ -72,7 +72,6 @@ setup(
     description="Test-time context absorption by causal synchronization (Absorber LLM) for Hugging Face causal LMs",
     python_requires=">=3.10",
     packages=["absorber_engine", "absorber_engine.serve", "absorber_kernels"],
-    package_dir={"absorber_engine": "absorber_engine", "absorber_kernels": "kernels"},
     ext_modules=[Extension("absorber_engine._scheduler", sources=SOURCES, depends=HEADERS)],
     cmdclass={"build_ext": NinjaBuildExt},
     install_requires=[

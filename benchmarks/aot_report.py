@@ -6,7 +6,7 @@ instructions). The README includes its output.
 
 Conditions: Triton's own ptxas and cuobjdump (from its wheel), GPUTarget("cuda", arch, 32), the
 launchers' GPU tile configurations, arguments specialised as the JIT would at Llama-7B-like sizes
-(kernels/aot.py). Spills are the STACK + LOCAL bytes cuobjdump reports; shared memory is dynamic
+(absorber_kernels/aot.py). Spills are the STACK + LOCAL bytes cuobjdump reports; shared memory is dynamic
 (the compiler's metadata) + static, against 163 KB (sm_80) and 227 KB (sm_90) per block.
 """
 

@@ -1,5 +1,5 @@
 """Each kernel's plain PyTorch formulation (what a user writes) against the engine's CPU path (the
-references in kernels/, which the torch backend runs), forward and backward, on CPU only.
+references in absorber_kernels/, which the torch backend runs), forward and backward, on CPU only.
 
 | op             | plain                                                 | engine CPU path                     |
 | -------------- | ----------------------------------------------------- | ----------------------------------- |

@@ -1,4 +1,4 @@
-"""The library's shape: no import cycle inside absorber_engine/ or kernels/, no engine module past
+"""The library's shape: no import cycle inside absorber_engine/ or absorber_kernels/, no engine module past
 350 lines (a kernel's file, which holds one op whole, past 470), and importing the library pulls in neither the benchmarks, the evaluation nor a
 plotting package."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"absorber_engine": ROOT / "absorber_engine", "absorber_kernels": ROOT / "kernels"}
+PACKAGES = {"absorber_engine": ROOT / "absorber_engine", "absorber_kernels": ROOT / "absorber_kernels"}
 MAX_LINES = 350          # absorber_engine: one job per module
 KERNEL_MAX_LINES = 470   # kernels: one op per file, its reference, Triton kernels and launchers together
 
@@ -81,3 +81,16 @@ def test_importing_the_library_pulls_in_no_benchmark_evaluation_or_plotting():
             "('absorber_bench', 'benchmarks', 'evals', 'matplotlib', 'fuzz')); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_no_folder_of_the_clone_hides_an_installed_package():
+    # Commands and tests run from the clone's root, where a folder with an __init__.py is imported
+    # before site-packages: a folder once named kernels/ hid the `kernels` package that transformers
+    # imports to load GGUF files, and the real model could not be fetched from a clone.
+    from importlib.metadata import packages_distributions
+
+    ours = {"absorber_engine", "absorber_kernels"}
+    installed = {name for name, dists in packages_distributions().items() if "absorber-engine" not in dists}
+    folders = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert ours <= folders
+    assert not folders & installed, sorted(folders & installed)

@@ -288,7 +288,7 @@ if HAS_TRITON:
 # accumulators are 64 registers a thread. The top-k variant also holds a (64, 128) int64 key tile
 # and the sort network: on sm_90 it still compiles without spills at 64 rows (64-row tiles keep the
 # dots on wgmma, which works on 64 rows per warp group); on sm_80 it spills at 64 rows and takes 32
-# (kernels/aot.py checks both). The interpreter runs small tiles (its cost is per program and per
+# (absorber_kernels/aot.py checks both). The interpreter runs small tiles (its cost is per program and per
 # op), which also makes the tests cross many tile edges.
 KL_CONFIG_GPU = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 KL_CONFIG_GPU_TOPK_SM80 = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
