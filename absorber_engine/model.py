@@ -25,6 +25,7 @@ from absorber_kernels import get_ops
 from absorber_kernels.lowrank_batched import RowLayout
 
 from .errors import ConfigError, UnsupportedModelError
+from .hf_cache import cache_keyword, returned_cache
 from .layer_forward import checkpointed, compile_layers, uncompile_layers
 from .lora import Binding, attach, detach, reattach
 
@@ -36,10 +37,7 @@ from .lora import Binding, attach, detach, reattach
 # GPT-2's c_attn fuses q, k and v, so it keeps it.
 _LLAMA_TARGETS = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": _LLAMA_TARGETS,
-    "mistral": _LLAMA_TARGETS,
-    "qwen2": _LLAMA_TARGETS,
-    "qwen3": _LLAMA_TARGETS,
+    "llama": _LLAMA_TARGETS, "mistral": _LLAMA_TARGETS, "qwen2": _LLAMA_TARGETS, "qwen3": _LLAMA_TARGETS,
     "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
 }
 # Models whose positions are a learned table: a sequence longer than it cannot run at all.
@@ -64,6 +62,7 @@ class ModelRunner:
         model.eval()
         self.model, self.model_type = model, model.config.model_type
         self.base = model.base_model
+        self.cache_keyword = cache_keyword(self.base)
         self.layers = self.base.h if self.model_type == "gpt2" else self.base.layers
         self.head = model.get_output_embeddings()
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
@@ -177,9 +176,9 @@ class ModelRunner:
         attention_mask (B, cached + T) and position_ids (B, T) only where rows are padded."""
         past = cache.get_seq_length() if cache is not None else 0
         self.stats.max_span = max(self.stats.max_span, past + ids.shape[1])
-        out = self.base(input_ids=ids, past_key_values=cache, use_cache=use_cache, attention_mask=attention_mask,
-                        position_ids=position_ids)
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        out = self.base(input_ids=ids, use_cache=use_cache, attention_mask=attention_mask, position_ids=position_ids,
+                        **{self.cache_keyword: cache})
+        return out.last_hidden_state, (returned_cache(out) if use_cache else None)
 
     def head_weight(self) -> torch.Tensor:
         """The LM head's weight for the losses' GEMMs: under autocast on the torch backend cast to the

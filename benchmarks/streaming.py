@@ -26,6 +26,7 @@ import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine.config import PAPER_OBJECTIVE
+from absorber_engine.hf_cache import cache_keyword
 
 from .measure import mib
 from .models import SPECS, build_model, token_stream
@@ -57,7 +58,7 @@ def decode_latency(model, cache, last_hidden, tokens: int) -> float:
         tok = head(last).float().argmax(-1)                                   # (1,)
         if i + 1 == tokens:
             break
-        out = model.model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
+        out = model.model(input_ids=tok[:, None], use_cache=True, **{cache_keyword(model.model): cache})
         last = out.last_hidden_state[:, -1]
     seconds = (time.perf_counter() - start) / tokens
     extra = cache.get_seq_length() - past
@@ -74,7 +75,7 @@ def prefill(model, ids: list[int], cache=None, chunk: int = 2048):
     last = None
     for i in range(0, len(ids), chunk):
         piece = torch.tensor([ids[i:i + chunk]])
-        out = model.model(input_ids=piece, past_key_values=cache, use_cache=True)
+        out = model.model(input_ids=piece, use_cache=True, **{cache_keyword(model.model): cache})
         last = out.last_hidden_state[:, -1]
     return cache, last
 

@@ -18,7 +18,7 @@ class SpanSpy:
 
     def _pre(self, module, args, kwargs):
         ids = kwargs["input_ids"]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))     # transformers 5.25 renamed it
         past = cache.get_seq_length() if cache is not None else 0
         self.max_span = max(self.max_span, past + ids.shape[1])
         self.calls += 1

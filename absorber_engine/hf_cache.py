@@ -1,0 +1,17 @@
+"""The keyword a transformers decoder takes its KV cache under, and where its output holds it:
+`past_key_values` through transformers 5.24, `cache` from 5.25 (the old name warns there and is
+to go in 5.40; setup.py allows every 5.x, so the engine asks the model rather than the version)."""
+
+from __future__ import annotations
+
+import inspect
+
+
+def cache_keyword(decoder) -> str:
+    """"cache" where `decoder.forward` names a parameter so, else "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The cache a decoder's output carries (None when it carries none)."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
