@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # evals/ lives beside model/
+from absorber_engine.hf_cache import cache_keyword, returned_cache  # noqa: E402
 from evals.tasks import RETRIEVAL_TASKS, Example, make_example, score  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +40,7 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int, stop: set[int]) ->
         if nxt in stop:
             break
         new.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[nxt]]), use_cache=True, **{cache_keyword(model): returned_cache(out)})
     return new
 
 

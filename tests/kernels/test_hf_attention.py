@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from absorber_engine.hf_cache import cache_keyword  # noqa: E402
 from absorber_kernels.hf_attention import register_hf_attention  # noqa: E402
 from absorber_kernels.testing import assert_close  # noqa: E402
 
@@ -48,14 +49,14 @@ def test_full_sequence_matches_sdpa(model, name):
 
 def test_cached_prefix_and_decode_match_sdpa(model, name):
     ids = torch.randint(0, 97, (1, 25), generator=torch.Generator().manual_seed(2))
-    out = {}
+    out, kw = {}, cache_keyword(model)
     for impl in ("sdpa", name):
         model.set_attn_implementation(impl)
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            model(ids[:, :11], past_key_values=cache, use_cache=True)          # X: the prefix
-            y = model(ids[:, 11:24], past_key_values=cache, use_cache=True).logits  # Y over X's cache (mask built)
-            step = model(ids[:, 24:25], past_key_values=cache, use_cache=True).logits  # one decode step
+            model(ids[:, :11], use_cache=True, **{kw: cache})          # X: the prefix
+            y = model(ids[:, 11:24], use_cache=True, **{kw: cache}).logits  # Y over X's cache (mask built)
+            step = model(ids[:, 24:25], use_cache=True, **{kw: cache}).logits  # one decode step
         out[impl] = (y, step)
     model.set_attn_implementation("sdpa")
     assert_close("hf llama logits (13 tokens over an 11-token cache)", out[name][0], out["sdpa"][0], torch.float32)
