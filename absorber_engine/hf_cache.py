@@ -8,7 +8,8 @@ import inspect
 
 
 def cache_keyword(decoder) -> str:
-    """"cache" where `decoder.forward` names a parameter so, else "past_key_values"."""
+    """"cache" where `decoder.forward` names a parameter so, else "past_key_values" (also for a
+    forward wrapped behind *args, **kwargs: transformers takes the old name until 5.40)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
