@@ -15,6 +15,7 @@ import torch
 
 from ._common import HAS_TRITON, check_tensors, dot_precision, next_pow2
 from .frozen_linear import base_linear
+from .lowrank_linear import LORA_CONFIG_GPU, LORA_CONFIG_INTERPRET
 
 
 def _check_shapes(x, weight, bias, A, B, index, weight_layout) -> tuple[int, int, int, int]:
@@ -245,16 +246,9 @@ if HAS_TRITON:
                      mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-# GPU tiles: as the single delta's (lowrank_linear.py); the shrink's segment tile is at most 64 tokens
+# GPU tiles: the single delta's (lowrank_linear.py); the shrink's segment tile is at most 64 tokens
 # of one stream, fewer (down to 16) when no stream has that many (decode: one token per row).
-BLORA_CONFIG_GPU = dict(
-    main=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, AUX_P=128, AUX_Q=64, AUX_M=64, num_warps=8, num_stages=3),
-    shrink=dict(BLOCK_M=64, BLOCK_K=64, AUX_P=64, AUX_Q=128, AUX_M=64, num_warps=4, num_stages=3),
-)
-BLORA_CONFIG_INTERPRET = dict(
-    main=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, AUX_P=32, AUX_Q=16, AUX_M=16, num_warps=4, num_stages=1),
-    shrink=dict(BLOCK_M=16, BLOCK_K=32, AUX_P=16, AUX_Q=32, AUX_M=16, num_warps=4, num_stages=1),
-)
+BLORA_CONFIG_GPU, BLORA_CONFIG_INTERPRET = LORA_CONFIG_GPU, LORA_CONFIG_INTERPRET
 
 
 def _shrink_block_m(info: RowLayout, T: int, cfg) -> int:
