@@ -149,7 +149,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .lowrank_linear import _block_r, _mm_acc, _w_as_in_out, _wgrad_tile
+    from .lowrank_linear import _block_r, _grouped_tile, _mm_acc, _w_as_in_out, _wgrad_tile
 
     @triton.jit
     def _seg_wgrad(pid, tiles_per_stream, seg_ptr, x_ptr, y_ptr, c_ptr, P, Q, s_xm, s_xp, s_ym, s_yq,
@@ -221,14 +221,7 @@ if HAS_TRITON:
                        s_acs, s_acp, s_acq, AUX_P, AUX_Q, AUX_M, PREC)
         else:
             pid = pid - n_aux
-            # grouped order (Triton matmul tutorial): GROUP_M row blocks share each W column block in L2
-            n_m = tl.cdiv(M, BLOCK_M)
-            n_n = tl.cdiv(N, BLOCK_N)
-            in_group = GROUP_M * n_n
-            first_m = (pid // in_group) * GROUP_M
-            group_m = tl.minimum(n_m - first_m, GROUP_M)
-            pid_m = first_m + (pid % in_group) % group_m
-            pid_n = (pid % in_group) // group_m
+            pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

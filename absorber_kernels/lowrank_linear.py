@@ -91,6 +91,17 @@ if HAS_TRITON:
                  mask=(rp < P)[:, None] & (rq < Q)[None, :])
 
     @triton.jit
+    def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, column block) of output tile `pid` in grouped order (Triton's matmul tutorial):
+        GROUP_M row blocks in turn share each W column block while it is in L2."""
+        n_m = tl.cdiv(M, BLOCK_M)
+        n_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * n_n
+        first_m = (pid // in_group) * GROUP_M
+        group_m = tl.minimum(n_m - first_m, GROUP_M)
+        return first_m + (pid % in_group) % group_m, (pid % in_group) // group_m
+
+    @triton.jit
     def _lora_shrink_kernel(
             x_ptr, a_ptr, u_ptr, M, K, R, s_xm, s_xk, s_ak, s_ar, s_um, s_ur, scale,
             # the fused weight gradient (backward only): C = Xᵀ·Y in n_aux tiles, first in the grid
@@ -127,14 +138,7 @@ if HAS_TRITON:
                         AUX_P, AUX_Q, AUX_M, PREC)
         else:
             pid = pid - n_aux
-            # grouped order (Triton matmul tutorial): GROUP_M row blocks share each W column block in L2
-            n_m = tl.cdiv(M, BLOCK_M)
-            n_n = tl.cdiv(N, BLOCK_N)
-            in_group = GROUP_M * n_n
-            first_m = (pid // in_group) * GROUP_M
-            group_m = tl.minimum(n_m - first_m, GROUP_M)
-            pid_m = first_m + (pid % in_group) % group_m
-            pid_n = (pid % in_group) // group_m
+            pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
