@@ -39,6 +39,7 @@ _CONFIG_FLAGS = {
     "probes": (int, "self-study probes per round (the default kind re-reads X; see probe_kinds in --config)"),
     "ntp_weight": (float, "weight of the next-token loss on X beside synchronization (0: synchronization alone)"),
     "replay_rounds": (int, "earlier rounds whose probes each round replays (streams; 0: off)"),
+    "memory_slots": (int, "deltas the memory keeps, one per round; a query reads the one its prompt routes to"),
     "replay_batch": (int, "replayed rounds read per step, in turn (0: all of them)"),
     "hidden_weight": (float, "weight of the hidden-state L1 term"),
     "kl_weight": (float, "weight of the KL term on next-token distributions"),
@@ -154,7 +155,7 @@ def _config_from_args(args, base=None):
         base = recommended_config(resolve(args.model))   # the model's own measured budget, if it ships one
     values = dict(base.to_dict()) if base is not None else {}
     if getattr(args, "config", None):
-        from .config import read_config_json
+        from .config_file import read_config_json
 
         values.update(read_config_json(args.config))
     for name in _CONFIG_FLAGS:

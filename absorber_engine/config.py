@@ -8,7 +8,6 @@ open; each open choice is a field here, and its docstring says what we decided a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
@@ -25,7 +24,8 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _MAX_TOKENS = 2**24
 _INT_LIMITS = {"chunk_tokens": _MAX_TOKENS, "sync_tokens": _MAX_TOKENS, "rank": 2**16, "max_steps": 2**31 - 1,
                "max_batch": 2**20, "max_resident": 2**20, "futures": 2**16, "kl_top_k": 2**31 - 1,
-               "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16, "replay_batch": 2**16}
+               "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16, "replay_batch": 2**16,
+               "memory_slots": 2**16}
 _FLOAT_MAX = 1.7976931348623157e308
 
 
@@ -126,7 +126,6 @@ class AbsorberConfig:
     """Sampling temperature of the teacher's answers: its own distribution, for diverse probes."""
     probe_top_p: float = 1.0
     """Nucleus threshold when sampling the teacher's answers."""
-
     chat_probes: bool = True
     """Frame X and the probes in the tokenizer's chat template when it has one (X as a system
     message, each probe a user turn and the teacher's answer); plain text otherwise."""
@@ -150,6 +149,14 @@ class AbsorberConfig:
     and 9): 0/48 and 1/48 recalled without, 8/48 and 10/48 with 4, all but one hit in the buffer;
     on in its recommended config. Costs a student pass over replay_rounds × (n + ~30) tokens more
     per step (replay_batch): about 3x a round's time. 0: off. A round the surprise gate skips is not replayed."""
+    memory_slots: int = 1
+    """Deltas a stream's memory keeps. 1 (the paper): every round trains the one delta. K > 1: each
+    round trains a fresh delta from the base model, kept with the K - 1 latest before it (the
+    oldest leaves); a query reads the one delta under which its prompt is least surprising (mean
+    NLL, generate.route). Rounds then never overwrite each other: SmolLM2-135M, 12 documents one
+    round each (seed 7), 26/48 recalled with 12 rank-4 slots against 8/48 for one delta with
+    replay (README, "A delta per round"). Replay needs the one delta: replay_rounds must be 0."""
+
     replay_batch: int = 0
     """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
     whole buffer does; the targets of the whole buffer are computed once a round. 0: all of them at
@@ -171,7 +178,6 @@ class AbsorberConfig:
 
     kl_temperature: float = 1.0
     """Softmax temperature of both distributions in the KL term (the loss is scaled by T^2)."""
-
     kl_top_k: int = 0
     """Restrict the teacher distribution to its top-k tokens in the KL term; 0 uses the vocabulary."""
 
@@ -181,7 +187,6 @@ class AbsorberConfig:
 
     max_batch: int = 16
     """Sessions whose rounds one batched student pass may take at most (same shapes only)."""
-
     max_resident: int = 64
     """Sessions' deltas kept on the device at most; the scheduler moves the rest to host memory."""
 
@@ -229,7 +234,7 @@ class AbsorberConfig:
             return (isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT_MAX
                     and math.isfinite(float(v)))
 
-        for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident"):
+        for name in ("chunk_tokens", "rank", "max_steps", "max_batch", "max_resident", "memory_slots"):
             v = getattr(self, name)
             need(is_int(v) and 0 < v <= _INT_LIMITS[name], f"{name} must be a positive integer "
                  f"(at most {_INT_LIMITS[name]}), got {v!r}")
@@ -277,6 +282,9 @@ class AbsorberConfig:
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
             need(self.sync_tokens > 0 or self.futures > 0 or self.probes > 0,
                  "sync_tokens = 0, futures = 0 and probes = 0 leave a round nothing to synchronize on")
+        need(self.memory_slots == 1 or self.replay_rounds == 0,
+             f"replay_rounds ({self.replay_rounds}) holds one delta to its earlier answers; with memory_slots "
+             f"({self.memory_slots}) > 1 no round changes an earlier round's delta: set replay_rounds to 0")
         need(isinstance(self.future_prompt, str)
              or (isinstance(self.future_prompt, tuple) and all(is_int(t) and 0 <= t < 2**63 for t in self.future_prompt)),
              f"future_prompt must be text or token ids, got {self.future_prompt!r}")
@@ -321,30 +329,3 @@ class AbsorberConfig:
 
 # The paper's objective alone (hidden L1 on Y and futures, plain layer mean): benchmarks, shipped model.
 PAPER_OBJECTIVE = dict(probes=0, ntp_weight=0.0, kl_weight=0.0, hidden_norm=False)
-
-def read_json_object(path, error=ConfigError, missing: str | None = None, kind: str = "config") -> dict:
-    """The JSON object in a UTF-8 file, or `error` naming the file and what is wrong (`missing`:
-    the message when there is no such file)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except FileNotFoundError:
-        raise error(missing or f"{path} does not exist") from None
-    except (OSError, ValueError, RecursionError) as e:      # RecursionError: JSON nested thousands deep
-        raise error(f"{path} is not a readable JSON {kind}: {e}") from None
-    if not isinstance(values, dict):
-        raise error(f"{path} must hold a JSON object, got {type(values).__name__}")
-    return values
-
-
-def read_config_json(path) -> dict:
-    """The JSON object of config fields in a file, or ConfigError naming the file and what is wrong."""
-    return read_json_object(path, ConfigError, f"config file {path} does not exist")
-
-
-def load_config_file(path) -> AbsorberConfig:
-    values = read_config_json(path)
-    try:
-        return AbsorberConfig.from_dict(values)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None

@@ -9,7 +9,9 @@ decisions in one loop:
     next batch (scheduler) → one round for the batch (round.py) → commit, or restore the deltas
 
 Every round's teacher is the session's model as it is at the start of that round (W plus
-everything the session absorbed before), so each round adds to the memory. A round either
+everything the session absorbed before), so each round adds to the memory; with memory_slots > 1 a
+round trains a fresh delta of its own instead, from W, and a query reads the delta its prompt
+routes to (generate.route). A round either
 completes or leaves its session's memory exactly as before: the delta is restored from a snapshot
 on any failure (NaN/inf, divergence, KeyboardInterrupt) and the scheduler keeps its tokens.
 
@@ -206,28 +208,30 @@ class AbsorberEngine(GenerationMixin):
         sessions = [self.sessions[r.session] for r in batch.rounds]
         device = self.runner.device
         tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)   # noqa: E731
+        deltas = [s.round_delta() for s in sessions]
         work = RoundBatch(
-            deltas=[s.delta for s in sessions], x=tensor([r.x for r in batch.rounds]),
+            deltas=deltas, x=tensor([r.x for r in batch.rounds]),
             y=tensor([r.y for r in batch.rounds]).view(len(sessions), -1),
             # Seeded by the round's index in its stream: the same stream absorbs to the same memory,
             # alone or batched with others.
             generators=[torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + s.rounds) for s in sessions],
             prompt=self._prompt, replay=[[q.to(device) for q in s.replay] for s in sessions], frame=self.frame,
             surprise=[list(s.surprise) for s in sessions])
-        snapshots = [s.delta.snapshot() for s in sessions]
+        snapshots = [d.snapshot() for d in deltas]
         try:
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
             with torch.inference_mode(False), torch.enable_grad(), self.runner.autocast():
                 results = ROUNDS[self.config.objective](self.runner, work, self.config)
         except BaseException:
-            for rnd, sess, snap in zip(batch.rounds, sessions, snapshots):
-                sess.delta.restore(snap)
+            for rnd, delta, snap in zip(batch.rounds, deltas, snapshots):
+                delta.restore(snap)
                 self.scheduler.abort(rnd.session, rnd.id)
             raise
         out = {}
-        for rnd, sess, snap, res in zip(batch.rounds, sessions, snapshots, results):
+        for rnd, sess, delta, snap, res in zip(batch.rounds, sessions, deltas, snapshots, results):
             if res.error is None:
                 self.scheduler.commit(rnd.session, rnd.id)
+                sess.keep(delta)
                 # A stream's first round starts from an empty memory: everything surprises it, so
                 # its loss sets no level for the gate (it trains regardless).
                 if res.losses and sess.rounds > 1:
@@ -236,7 +240,7 @@ class AbsorberEngine(GenerationMixin):
                 if self.config.replay_rounds and not res.gated:
                     sess.replay.append(replay_probe(self.frame, rnd.x))
             else:
-                sess.delta.restore(snap)
+                delta.restore(snap)
                 self.scheduler.abort(rnd.session, rnd.id)
             self._windows.drop(rnd.session)
             out[rnd.session] = (rnd, res)
@@ -245,11 +249,11 @@ class AbsorberEngine(GenerationMixin):
     # ------------------------------------------------------------------ memory
 
     def reset(self, session=DEFAULT_SESSION) -> None:
-        """Forgets everything: Δ = 0 and an empty window."""
+        """Forgets everything: one delta, Δ = 0, and an empty window."""
         sess = self._get(session)
         with self._lock:
             self.scheduler.clear(sess.key)
-            sess.delta.reset()
+            sess.clear_slots()
             sess.replay.clear()
             sess.surprise.clear()
             self._windows.drop(sess.key)
@@ -281,9 +285,9 @@ class AbsorberEngine(GenerationMixin):
         return list(self.scheduler.window(self._get(session).key))
 
     def held_bytes(self, session=DEFAULT_SESSION) -> dict[str, int]:
-        """Bytes a stream holds: its delta, its window's KV (when built), its raw tokens, its replay."""
+        """Bytes a stream holds: its deltas, its window's KV (when built), its raw tokens, its replay."""
         sess = self._get(session)
-        return {"delta": sess.delta.nbytes, "kv": self._windows.nbytes(sess.key), "tokens": 8 * sess.held_tokens,
+        return {"delta": sum(d.nbytes for d in sess.slots), "kv": self._windows.nbytes(sess.key), "tokens": 8 * sess.held_tokens,
                 "replay": sum(8 * q.numel() for q in sess.replay)}
 
     @property
@@ -328,7 +332,8 @@ class AbsorberEngine(GenerationMixin):
     def _move(self, moves) -> None:
         """Carries out the scheduler's residency decisions: [(session, "to_device" | "to_host")]."""
         for key, kind in moves:
-            self.sessions[key].delta.to(self.runner.device if kind == "to_device" else torch.device("cpu"))
+            for delta in self.sessions[key].slots:
+                delta.to(self.runner.device if kind == "to_device" else torch.device("cpu"))
 
     def _rest(self) -> None:
         """Between calls the model carries the default session's memory, so calling the model itself

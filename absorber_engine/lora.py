@@ -127,6 +127,10 @@ class LowRankDelta:
             self.A[name] = a.to(self.device).requires_grad_(True)
             self.B[name] = torch.zeros(self.rank, n_out, device=self.device).requires_grad_(True)
 
+    def is_zero(self) -> bool:
+        """Δ = 0: every B is zero (as reset leaves it)."""
+        return not any(bool(b.detach().any()) for b in self.B.values())
+
     def parameters(self) -> list[torch.Tensor]:
         return [t for name in self.shapes for t in (self.A[name], self.B[name])]
 

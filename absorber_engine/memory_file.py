@@ -1,7 +1,8 @@
-"""Memory files: the delta and the raw window of a stream, as safetensors with metadata.
+"""Memory files: the deltas and the raw window of a stream, as safetensors with metadata.
 
 safetensors holds only tensors and a string → string header, so loading a file never runs code.
-The tensors are the delta, the window, the replay buffer and the surprise gate's history. The
+The tensors are the deltas (one, or memory_slots', oldest first), the window, the replay buffer
+and the surprise gate's history. Version 1 files, which hold one delta, still load. The
 header names the format and version, the base model it was made for (a fingerprint of its
 config, parameter names and shapes, and a sample of each weight's values), the engine config and
 the stream's counters. A file is written to a temporary name and renamed, so a crash never leaves
@@ -25,7 +26,8 @@ from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
 
 FORMAT = "absorber-memory"
-VERSION = 1
+VERSION = 2
+READABLE = ("1", "2")       # version 1: one delta, as "delta.<name>.A"; version 2: "slots.<i>.<name>.A"
 # Config keys that say nothing about the weights (paths, versions, the dtype it was loaded in).
 _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
                   "_attn_implementation", "_attn_implementation_autoset", "architectures", "use_cache"}
@@ -67,7 +69,8 @@ def save_memory(session, path) -> None:
     path = output_path(path, "memory file")
     if os.path.isdir(path):
         raise InputError(f"memory file {path!r} is a directory")
-    tensors = {f"delta.{k}": v.cpu().contiguous() for k, v in session.delta.state_dict().items()}
+    tensors = {f"slots.{i}.{k}": v.cpu().contiguous()
+               for i, delta in enumerate(session.slots) for k, v in delta.state_dict().items()}
     tensors["window"] = torch.tensor(session.window_tokens(), dtype=torch.int64)
     for i, q in enumerate(session.replay):           # replay_rounds: earlier rounds' probes, in order
         tensors[f"replay.{i}"] = q.cpu().to(torch.int64).contiguous()
@@ -81,6 +84,7 @@ def save_memory(session, path) -> None:
         "config": json.dumps(session.config.to_dict(), sort_keys=True),
         "tokens_absorbed": str(session.absorbed_tokens),
         "rounds": str(session.rounds),
+        "slots": str(len(session.slots)),
     }
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -117,9 +121,9 @@ def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise MemoryFileError(f"{path} is not a readable memory file (truncated or corrupt?): {exc}") from exc
     if meta.get("format") != FORMAT:
         raise MemoryFileError(f"{path} is not an absorber memory file (format {meta.get('format')!r})")
-    if meta.get("version") != str(VERSION):
+    if meta.get("version") not in READABLE:
         raise MemoryFileError(f"{path} has memory format version {meta.get('version')!r}; "
-                              f"this engine reads version {VERSION}")
+                              f"this engine reads versions {', '.join(READABLE)}")
     return tensors, meta
 
 
@@ -146,16 +150,8 @@ def load_memory(session, path) -> None:
     if (saved.rank, saved.scale) != (mine.rank, mine.scale):
         raise MemoryFileError(f"{path} holds a rank-{saved.rank} delta (scale {saved.scale}); this engine "
                               f"uses rank {mine.rank} (scale {mine.scale})")
-    delta = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
-    bad = sorted(k for k, v in delta.items() if not v.dtype.is_floating_point)
-    if bad:
-        # A copy into the fp32 delta would drop an imaginary part or read 0/1 as weights without a word.
-        raise MemoryFileError(f"{path} holds delta tensors that are not floating point: {bad[:4]}")
+    slots = _slot_states(path, tensors, meta, session)
     window = tensors.get("window")
-    try:
-        session.delta.check_state(delta)
-    except ValueError as exc:
-        raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
     if window is None or window.dim() != 1 or window.dtype != torch.int64:
         raise MemoryFileError(f"{path} has no valid window tensor")
     st = session.stats()
@@ -179,10 +175,49 @@ def load_memory(session, path) -> None:
         session.restore_window(window.tolist(), absorbed, rounds)
     except (IndexError, ValueError) as exc:
         raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
-    session.delta.load_state_dict(delta)
+    device = session.delta.device                   # where the scheduler keeps this session's deltas now
+    session.slots.clear()
+    for state in slots:
+        delta = session.new_delta()
+        delta.to(device)
+        delta.load_state_dict(state)
+        session.slots.append(delta)
     session.replay.clear()
     if session.config.replay_rounds:
         session.replay.extend(replay[-session.replay.maxlen:])
     session.surprise.clear()
     if surprise is not None:
         session.surprise.extend(surprise.tolist()[-session.surprise.maxlen:])
+
+
+def _slot_states(path, tensors: dict, meta: dict, session) -> list[dict]:
+    """The file's deltas, oldest first, each checked against this engine's; MemoryFileError if any
+    does not fit or there are more than the session keeps (memory_slots)."""
+    if meta["version"] == "1":
+        prefixes = ["delta."]
+    else:
+        try:
+            count = int(meta["slots"])
+        except (KeyError, ValueError):
+            raise MemoryFileError(f"{path} has a corrupt header: no valid slot count") from None
+        if not 1 <= count <= session.slots.maxlen:
+            raise MemoryFileError(f"{path} holds {count} deltas; this engine keeps 1 to {session.slots.maxlen} "
+                                  "(memory_slots)")
+        prefixes = [f"slots.{i}." for i in range(count)]
+    known = [k for k in tensors if k.startswith(tuple(prefixes))]
+    stray = sorted(k for k in tensors if (k.startswith(("delta.", "slots.")) and k not in known))
+    if stray:
+        raise MemoryFileError(f"{path} holds delta tensors its header does not count: {stray[:4]}")
+    states = []
+    for prefix in prefixes:
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        bad = sorted(k for k, v in state.items() if not v.dtype.is_floating_point)
+        if bad:
+            # A copy into the fp32 delta would drop an imaginary part or read 0/1 as weights without a word.
+            raise MemoryFileError(f"{path} holds delta tensors that are not floating point: {bad[:4]}")
+        try:
+            session.delta.check_state(state)
+        except ValueError as exc:
+            raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
+        states.append(state)
+    return states

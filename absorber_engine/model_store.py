@@ -26,7 +26,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AbsorberConfig, load_config_file
+from .config import AbsorberConfig
+from .config_file import load_config_file
 from .errors import InputError, UnsupportedModelError
 
 MODEL_CONFIG_FILE = "absorber_config.json"   # a model's measured AbsorberConfig, beside its weights
@@ -232,7 +233,7 @@ def _device_and_dtype(device, dtype):
 
 
 def _read_model_config(path) -> dict:
-    from .config import read_json_object
+    from .config_file import read_json_object
 
     return read_json_object(os.path.join(path, "config.json"), UnsupportedModelError,
                             f"{path} holds no config.json: not a Hugging Face model directory", kind="file")

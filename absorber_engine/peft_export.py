@@ -20,6 +20,7 @@ def export_peft(session, directory) -> None:
     from .errors import InputError
     from .memory_file import output_path
 
+    delta = session.single_delta("a PEFT adapter")
     directory = output_path(directory, "adapter directory")
     try:
         os.makedirs(directory, exist_ok=True)
@@ -28,10 +29,10 @@ def export_peft(session, directory) -> None:
     cfg = session.config
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
     tensors = {}
-    for name in session.delta.shapes:
+    for name in delta.shapes:
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = session.delta.A[name].detach().t().contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = session.delta.B[name].detach().t().contiguous().cpu()
+        tensors[f"{prefix}.lora_A.weight"] = delta.A[name].detach().t().contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = delta.B[name].detach().t().contiguous().cpu()
     model_cfg = session.runner.model.config
     adapter_config = {
         "peft_type": "LORA",
@@ -44,7 +45,7 @@ def export_peft(session, directory) -> None:
         "use_dora": False,
         "fan_in_fan_out": session.runner.model_type == "gpt2",
         # Full dotted names: PEFT matches them exactly, so no other module picks up the adapter.
-        "target_modules": sorted(session.delta.shapes),
+        "target_modules": sorted(delta.shapes),
         "base_model_name_or_path": getattr(model_cfg, "_name_or_path", "") or None,
         "inference_mode": True,
     }

@@ -48,12 +48,44 @@ class Session:
     def __init__(self, engine, key, seed: int):
         self.engine, self.key, self.seed = engine, key, seed
         cfg, runner = engine.config, engine.runner
-        self.delta = LowRankDelta(runner.shapes, cfg.rank, cfg.scale, runner.device, seed=seed)
+        # The memory's deltas, oldest first; the last is the newest (the one delta when memory_slots = 1).
+        self.slots: deque[LowRankDelta] = deque([self.new_delta()], maxlen=cfg.memory_slots)
         # Earlier rounds' probes that each round replays (replay_rounds): bounded, so held memory stays flat.
         self.replay: deque[torch.Tensor] = deque(maxlen=max(cfg.replay_rounds, 1))
         # Its recent rounds' first losses: what the surprise gate compares a round's first loss with.
         self.surprise: deque[float] = deque(maxlen=SURPRISE_ROUNDS)
         self.closed = False
+
+    # ------------------------------------------------------------------ the memory's deltas
+
+    @property
+    def delta(self) -> LowRankDelta:
+        """The newest delta: the whole memory when memory_slots = 1."""
+        return self.slots[-1]
+
+    def new_delta(self) -> LowRankDelta:
+        cfg, runner = self.engine.config, self.engine.runner
+        return LowRankDelta(runner.shapes, cfg.rank, cfg.scale, runner.device, seed=self.seed)
+
+    def round_delta(self) -> LowRankDelta:
+        """The delta a round trains: the memory's one delta, or with memory_slots > 1 a fresh one
+        (its teacher is then the base model, and no earlier round's delta is touched)."""
+        if self.slots.maxlen == 1 or self.delta.is_zero():
+            return self.delta
+        return self.new_delta()
+
+    def keep(self, delta: LowRankDelta) -> None:
+        """A committed round's delta joins the memory (a full bank drops its oldest); a fresh delta
+        that took no step (the surprise gate) holds nothing and is not kept."""
+        if delta is not self.delta and not delta.is_zero():
+            self.slots.append(delta)
+
+    def clear_slots(self) -> None:
+        """Back to one delta, Δ = 0."""
+        newest = self.slots[-1]
+        newest.reset()
+        self.slots.clear()
+        self.slots.append(newest)
 
     # ------------------------------------------------------------------ the engine's API, on this stream
 
@@ -141,7 +173,7 @@ class Session:
         (W + scale·A·B): plain weights for stacks that take no adapters. The raw window is not
         part of it."""
         self.check_open()
-        d = self.delta
+        d = self.single_delta("a merged model")
         merged = {name: w.merged_weight(d.A[name], d.B[name], d.scale) for name, w in self.runner.wrappers.items()}
         with self.engine.detached() as model:
             out = copy.deepcopy(model)
@@ -149,6 +181,14 @@ class Session:
             for name, weight in merged.items():
                 out.get_submodule(name).weight.copy_(weight)
         return out
+
+    def single_delta(self, what: str) -> LowRankDelta:
+        """The memory's one delta; InputError when it holds several (memory_slots), which no single
+        set of weights can stand for."""
+        if len(self.slots) > 1:
+            raise InputError(f"{what} holds one delta; session {self.key!r} holds {len(self.slots)} "
+                             "(memory_slots > 1), each answering its own queries")
+        return self.delta
 
     def check_open(self) -> None:
         if self.closed:

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     with tqdm(total=len(ids), unit="tok", desc="absorbing", disable=args.quiet, file=sys.stderr) as bar:
         for i in range(0, len(ids), piece):
             eng.absorb(ids[i:i + piece], progress=bar.update)
-            held = eng.delta.nbytes + kv_bytes(model_cfg, eng.held_tokens, dtype)
+            held = eng.held_bytes()["delta"] + kv_bytes(model_cfg, eng.held_tokens, dtype)
             marks.append((min(i + piece, len(ids)), held, kv_bytes(model_cfg, min(i + piece, len(ids)), dtype)))
     seconds = time.perf_counter() - start
     print(f"\nabsorbed {eng.absorbed_tokens:,} tokens in {seconds:.0f} s; {eng.held_tokens} raw tokens stay in the window")

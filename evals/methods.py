@@ -104,11 +104,11 @@ class EngineMethod:
         if target:
             logits = eng.logits(target)[:-1]
             out.target_loss = F.cross_entropy(logits, torch.tensor(target[1:])).item()
-            out.held_bytes = eng.delta.nbytes + kv_bytes(model_cfg, eng.held_tokens + len(target), dtype)
+            out.held_bytes = eng.held_bytes()["delta"] + kv_bytes(model_cfg, eng.held_tokens + len(target), dtype)
             return out
         start = time.perf_counter()
         new = eng.generate(query, max_new_tokens=max_new_tokens)
         out.token_seconds = (time.perf_counter() - start) / max(len(new), 1)
         out.generated = self.tok.decode(new)
-        out.held_bytes = eng.delta.nbytes + kv_bytes(model_cfg, eng.held_tokens + len(query) + len(new), dtype)
+        out.held_bytes = eng.held_bytes()["delta"] + kv_bytes(model_cfg, eng.held_tokens + len(query) + len(new), dtype)
         return out

@@ -210,7 +210,7 @@ FIXED = [
     {"target": "cli_input", "crash": "ValueError: token-id file with 5000 digits (int() digit limit)",
      "fixed_in": "distributed.parse_ids", "test": "test_cli_inputs_found_by_fuzzing[huge id]"},
     {"target": "cli_input", "crash": "JSONDecodeError / UnicodeDecodeError / RecursionError / TypeError: --config "
-     "not JSON, not UTF-8, nested 3000 deep, or null", "fixed_in": "config.read_config_json (used by cli)",
+     "not JSON, not UTF-8, nested 3000 deep, or null", "fixed_in": "config_file.read_config_json (used by cli)",
      "test": "test_cli_arguments_found_by_fuzzing[config ...]"},
     {"target": "config_dict", "crash": "TypeError: from_dict with non-string keys (sorting mixed types)",
      "fixed_in": "config.AbsorberConfig.from_dict", "test": "test_configs_found_by_fuzzing[non-string key]"},

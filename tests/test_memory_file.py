@@ -85,7 +85,7 @@ def test_bad_files_are_refused_and_memory_kept(trained, tmp_path):
             other.load_memory(bad)
         _same_state(other, state)
     t = load_file(str(path))
-    first_delta = next(k for k in t if k.startswith("delta."))
+    first_delta = next(k for k in t if k.startswith("slots.0."))
     variants = {
         "version": (_rewrite(path, tmp_path / "v.st", meta_changes={"version": "99"}), "version"),
         "format": (_rewrite(path, tmp_path / "f.st", meta_changes={"format": "other"}), "not an absorber memory"),

@@ -1,0 +1,161 @@
+"""memory_slots: each round trains a delta of its own from the base model, a bank keeps the latest
+K, and a query reads the delta its prompt routes to; memory files, exports and failures with a
+bank."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError, InputError, MemoryFileError
+from absorber_engine.generate import route
+from tiny_models import make_model, random_ids
+
+# TTT rounds: nothing sampled, so a round's delta depends only on its text and its start.
+CFG = AbsorberConfig(chunk_tokens=24, sync_tokens=8, rank=4, max_steps=8, lr=2e-2, objective="ttt",
+                     compute_dtype="float32", memory_slots=3)
+TEXTS = [random_ids(24, seed=s) for s in (1, 2, 3)]
+
+
+def _state(delta):
+    return delta.state_dict()
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def _alone(text, cfg=CFG):
+    """The delta an engine with one delta absorbs from `text` alone."""
+    eng = AbsorberEngine(make_model("llama"), config=cfg.replace(memory_slots=1))
+    eng.absorb(text, flush=True)
+    return eng
+
+
+def test_each_round_trains_a_delta_of_its_own_from_the_base_model():
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    for text in TEXTS[:2]:
+        eng.absorb(text, flush=True)
+    slots = list(eng.default.slots)
+    assert len(slots) == 2 and eng.held_bytes()["delta"] == 2 * slots[0].nbytes
+    # The second round did not start from the first's delta: it is what absorbing its text alone gives.
+    for slot, text in zip(slots, TEXTS):
+        _assert_same(_state(slot), _state(_alone(text).delta))
+
+
+def test_a_full_bank_drops_its_oldest():
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=2))
+    for text in TEXTS:
+        eng.absorb(text, flush=True)
+    assert len(eng.default.slots) == 2
+    for slot, text in zip(eng.default.slots, TEXTS[1:]):
+        _assert_same(_state(slot), _state(_alone(text).delta))
+    eng.reset()
+    assert len(eng.default.slots) == 1 and eng.delta.is_zero()
+
+
+def test_a_prompt_reads_the_delta_that_absorbed_it():
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    for text in TEXTS:
+        eng.absorb(text, flush=True)
+    deltas = list(eng.default.slots)
+    for i, text in enumerate(TEXTS):
+        prompt = text[:12]
+        assert route(eng.runner, deltas, prompt) == i
+        alone = _alone(text)
+        # The whole answer is the routed delta's: logits and generated tokens as with it alone.
+        torch.testing.assert_close(eng.logits(prompt), alone.logits(prompt), rtol=1e-5, atol=1e-5)
+        assert eng.generate(prompt, max_new_tokens=5) == alone.generate(prompt, max_new_tokens=5)
+    # Nothing to score: the newest delta. After the model's prefix (BOS) one token is scored.
+    assert eng.runner.prefix
+    assert route(eng.runner, deltas, []) == 2 and route(eng.runner, deltas, TEXTS[0][:1]) == 0
+    eng.runner.prefix = []
+    assert route(eng.runner, deltas, TEXTS[0][:1]) == 2
+
+
+def test_route_picks_the_least_surprised_delta():
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    for text in TEXTS:
+        eng.absorb(text, flush=True)
+    prompt = random_ids(10, seed=7)
+    nll = []
+    for delta in eng.default.slots:          # one delta at a time, the plain way
+        eng.runner.bind([delta])
+        with torch.no_grad():
+            final, _ = eng.runner.forward(torch.tensor([prompt]))
+            logits = eng.runner.logits(final[0, :-1])
+        nll.append(torch.nn.functional.cross_entropy(logits, torch.tensor(prompt[1:])).item())
+    assert route(eng.runner, list(eng.default.slots), prompt) == min(range(3), key=nll.__getitem__)
+
+
+def test_a_failed_round_leaves_every_delta_as_it_was(monkeypatch):
+    from absorber_engine import round as rounds
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    for text in TEXTS[:2]:
+        eng.absorb(text, flush=True)
+    before = [_state(d) for d in eng.default.slots]
+    monkeypatch.setattr(rounds, "next_token_losses", lambda *a, **k: [float("nan")])
+    with pytest.raises(Exception, match="rolled back"):
+        eng.absorb(TEXTS[2], flush=True)
+    assert len(eng.default.slots) == 2
+    for slot, state in zip(eng.default.slots, before):
+        _assert_same(_state(slot), state)
+
+
+def test_replay_needs_the_one_delta():
+    with pytest.raises(ConfigError, match="replay_rounds"):
+        AbsorberConfig(memory_slots=2, replay_rounds=4)
+    with pytest.raises(ConfigError, match="memory_slots"):
+        AbsorberConfig(memory_slots=0)
+
+
+def test_a_bank_saves_and_loads_and_a_smaller_engine_refuses_it(tmp_path):
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    for text in TEXTS[:2]:
+        eng.absorb(text, flush=True)
+    path = tmp_path / "bank.safetensors"
+    eng.save_memory(path)
+    back = AbsorberEngine(make_model("llama"), config=CFG)
+    back.load_memory(path)
+    assert len(back.default.slots) == 2
+    for a, b in zip(eng.default.slots, back.default.slots):
+        _assert_same(_state(a), _state(b))
+    prompt = TEXTS[0][:12]
+    torch.testing.assert_close(back.logits(prompt), eng.logits(prompt))
+    one = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=1))
+    one.absorb(TEXTS[2], flush=True)
+    kept = _state(one.delta)
+    with pytest.raises(MemoryFileError, match="holds 2 deltas.*memory_slots"):
+        one.load_memory(path)
+    _assert_same(_state(one.delta), kept)
+
+
+def test_a_version_1_file_still_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    eng = _alone(TEXTS[0])
+    path = tmp_path / "v2.safetensors"
+    eng.save_memory(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["version"] = "1"
+    del meta["slots"]
+    old = {k.replace("slots.0.", "delta.", 1): v for k, v in load_file(str(path)).items()}
+    save_file(old, str(tmp_path / "v1.safetensors"), metadata=meta)
+    back = AbsorberEngine(make_model("llama"), config=CFG)
+    back.load_memory(tmp_path / "v1.safetensors")
+    _assert_same(_state(back.delta), _state(eng.delta))
+
+
+def test_one_adapter_cannot_stand_for_a_bank(tmp_path):
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    eng.absorb(TEXTS[0], flush=True)
+    eng.export_peft(tmp_path / "one")                     # one delta so far: a plain adapter
+    eng.absorb(TEXTS[1], flush=True)
+    with pytest.raises(InputError, match="holds 2"):
+        eng.export_peft(tmp_path / "two")
+    with pytest.raises(InputError, match="holds 2"):
+        eng.default.merged_model()
