@@ -159,3 +159,31 @@ def test_one_adapter_cannot_stand_for_a_bank(tmp_path):
         eng.export_peft(tmp_path / "two")
     with pytest.raises(InputError, match="holds 2"):
         eng.default.merged_model()
+
+
+def test_a_bank_file_that_lies_about_its_deltas_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    for text in TEXTS[:2]:
+        eng.absorb(text, flush=True)
+    path = tmp_path / "bank.safetensors"
+    eng.save_memory(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    other = AbsorberEngine(make_model("llama"), config=CFG)
+    other.absorb(TEXTS[2], flush=True)
+    kept = _state(other.delta)
+    cases = {"count": ({**meta, "slots": "two"}, tensors, "slot count"),
+             "fewer": ({**meta, "slots": "1"}, tensors, "does not count"),
+             "more": ({**meta, "slots": "3"}, tensors, "does not fit"),
+             "zero": ({**meta, "slots": "0"}, tensors, "holds 0 deltas")}
+    for name, (m, t, msg) in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        save_file(t, str(bad), metadata=m)
+        with pytest.raises(MemoryFileError, match=msg):
+            other.load_memory(bad)
+        assert len(other.default.slots) == 1
+        _assert_same(_state(other.delta), kept)
