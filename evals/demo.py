@@ -108,12 +108,12 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
     from .recall_eval import chat_ids
 
     path = resolve(model)
-    # A 128-token window holds the facts section (113-126 tokens) whole, so it is one round. Replay
-    # (on in the recommended config) is what keeps it through the later rounds: without it the
-    # memory answered 0/6 on seed 1, with it 3/6 (README). replay_batch=1 reads one buffered round
-    # a step: 283 s of absorption instead of 349 s on seed 1, the same six answers (198 s since the
-    # student's step shares passes and keeps the KL's teacher distribution).
-    cfg = recommended_config(path).replace(chunk_tokens=64, sync_tokens=64, replay_batch=1)
+    # A 128-token window holds the facts section (113-126 tokens) whole, so it is one round. What
+    # keeps it through the later rounds is the recommended config's bank of deltas (memory_slots):
+    # each section's round trains a delta of its own and a question reads the one it routes to
+    # (README, "A delta per round"). With one delta, replay of earlier rounds kept 3/6 on seed 1
+    # and nothing kept 0/6.
+    cfg = recommended_config(path).replace(chunk_tokens=64, sync_tokens=64)
     eng = AbsorberEngine.from_pretrained(path, config=cfg)
     tok, model_cfg, dtype = eng.tokenizer, eng.runner.model.config, eng.runner.dtype
     width = cfg.window_tokens
@@ -123,10 +123,10 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
         sections.append(make_document(seed, len(sections), facts=0, filler_lines=5, place=True))
         ids += tok.encode(sections[-1].text + "\n", add_special_tokens=False)
     print(f"Streaming a {len(ids)}-token document ({len(sections)} sections, {len(ids) / width:.1f}x the "
-          f"{width}-token window) into {model} (rank {cfg.rank}, {cfg.max_steps} steps a round, replay of "
-          f"{cfg.replay_rounds} rounds). Its first section states the facts asked below:\n")
+          f"{width}-token window) into {model} (rank {cfg.rank}, {cfg.max_steps} steps a round, a delta a round "
+          f"kept in a bank of {cfg.memory_slots}). Its first section states the facts asked below:\n")
     print(opening.text)
-    print(f"{'tokens streamed':>16} | {'held (delta + window KV + replay)':>33} | {'a full KV cache':>15}")
+    print(f"{'tokens streamed':>16} | {'held (deltas + window KV + replay)':>34} | {'a full KV cache':>15}")
     start = time.perf_counter()
     done = 0
     for sec in tqdm(sections, desc="absorbing", unit="section", disable=quiet, file=sys.stderr):
@@ -134,7 +134,7 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
         eng.absorb(piece, flush=True)
         held = sum(eng.held_bytes().values())
         done += len(piece)
-        print(f"{done:>16,} | {held / 2**20:>29.2f} MiB | {kv_bytes(model_cfg, done, dtype) / 2**20:>11.2f} MiB")
+        print(f"{done:>16,} | {held / 2**20:>30.2f} MiB | {kv_bytes(model_cfg, done, dtype) / 2**20:>11.2f} MiB")
     print(f"absorbed {eng.absorbed_tokens:,} tokens in {time.perf_counter() - start:.0f} s; "
           f"{eng.held_tokens} raw tokens held")
     stop = tok.convert_tokens_to_ids("<|im_end|>")

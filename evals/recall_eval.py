@@ -116,6 +116,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                     if absorbed_at[j] is None and eng.absorbed_tokens >= e:
                         absorbed_at[j] = eng.default.rounds
         seconds = time.perf_counter() - start
+        held = eng.held_bytes()["delta"] if absorbs else 0       # the memory that answers (no raw token kept)
         total_rounds = eng.default.rounds
         # What the engine keeps raw after the stream (rounds of n while n + m are held): every method
         # is asked about the same documents, those entirely out of that window.
@@ -141,6 +142,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
         got = [r for r in rows if r["method"] == name]
         if got:
             got[0]["absorb_seconds"] = seconds      # the whole stream's absorption, counted once
+            got[0]["held_bytes"] = held
         if not quiet:
             print(f"{name}: {sum(r['correct'] for r in got)}/{len(got)} ({seconds:.0f} s, {total_rounds} rounds)",
                   flush=True)
@@ -163,6 +165,9 @@ def summarize(rows: list[dict], methods, docs: int) -> dict:
         summary[name] = {"accuracy": hits / max(len(got), 1), "hits": hits, "n": len(got),
                          "ci95": list(wilson(hits, len(got))),
                          "absorb_seconds_per_doc": sum(r.get("absorb_seconds", 0.0) for r in got) / max(docs, 1)}
+        held = [r["held_bytes"] for r in got if r.get("held_bytes")]
+        if held:
+            summary[name]["held_delta_mib"] = held[0] / 2**20
         ago = sorted({r["rounds_ago"] for r in got if r.get("rounds_ago") is not None})
         if ago:
             summary[name]["by_rounds_ago"] = {
@@ -183,6 +188,8 @@ def render(result: dict) -> str:
         if "by_rounds_ago" in v:
             cells = ", ".join(f"{a} ago {h}/{n}" for a, (h, n) in v["by_rounds_ago"].items())
             lines.append(f"\n{name} by rounds since absorbed: {cells}")
+        if "held_delta_mib" in v:
+            lines.append(f"\n{name} memory held after the stream: {v['held_delta_mib']:.2f} MiB of deltas")
     if "full" in s and "absorber" in s and s["full"]["accuracy"] > 0:
         lines += ["", f"absorber / full: {s['absorber']['accuracy'] / s['full']['accuracy']:.2f}"]
     return "\n".join(lines) + "\n"

@@ -79,14 +79,18 @@ def test_route_picks_the_least_surprised_delta():
     for text in TEXTS:
         eng.absorb(text, flush=True)
     prompt = random_ids(10, seed=7)
-    nll = []
-    for delta in eng.default.slots:          # one delta at a time, the plain way
+    seq = torch.tensor([eng.runner.prefix + prompt])
+
+    def token_nll(delta):                      # one delta at a time, the plain way
         eng.runner.bind([delta])
         with torch.no_grad():
-            final, _ = eng.runner.forward(torch.tensor([prompt]))
-            logits = eng.runner.logits(final[0, :-1])
-        nll.append(torch.nn.functional.cross_entropy(logits, torch.tensor(prompt[1:])).item())
-    assert route(eng.runner, list(eng.default.slots), prompt) == min(range(3), key=nll.__getitem__)
+            final, _ = eng.runner.forward(seq)
+            return torch.nn.functional.cross_entropy(eng.runner.logits(final[0, :-1]), seq[0, 1:], reduction="none")
+
+    base = token_nll(eng.default.new_delta())   # Δ = 0: the base model
+    gains = [(token_nll(d) - base).clamp(max=0).sum().item() for d in eng.default.slots]
+    assert route(eng.runner, list(eng.default.slots), prompt) == min(range(3), key=gains.__getitem__)
+    assert len(set(gains)) == 3                 # no tie decides it
 
 
 def test_a_failed_round_leaves_every_delta_as_it_was(monkeypatch):
