@@ -152,10 +152,11 @@ class AbsorberConfig:
     memory_slots: int = 1
     """Deltas a stream's memory keeps. 1 (the paper): every round trains the one delta. K > 1: each
     round trains a fresh delta from the base model, kept with the K - 1 latest before it (the
-    oldest leaves); a query reads the one delta under which its prompt is least surprising (mean
-    NLL, generate.route). Rounds then never overwrite each other: SmolLM2-135M, 12 documents one
-    round each (seed 7), 26/48 recalled with 12 rank-4 slots against 8/48 for one delta with
-    replay (README, "A delta per round"). Replay needs the one delta: replay_rounds must be 0."""
+    oldest leaves); a query reads the delta that makes its prompt least surprising (generate.route).
+    Rounds then never overwrite each other: SmolLM2-135M, one round per document, rank 4: 26/48
+    (seed 7) against 8/48 for one delta with replay, and 63/96 on a held-out 24-document stream,
+    as many 16-23 rounds old as 0-7 (README, "A delta per round"); 32 in its recommended config.
+    Held memory grows a delta a round up to K. Replay needs the one delta: replay_rounds must be 0."""
 
     replay_batch: int = 0
     """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
