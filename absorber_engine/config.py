@@ -157,6 +157,12 @@ class AbsorberConfig:
     (seed 7) against 8/48 for one delta with replay, and 63/96 on a held-out 24-document stream,
     as many 16-23 rounds old as 0-7 (README, "A delta per round"); 32 in its recommended config.
     Held memory grows a delta a round up to K. Replay needs the one delta: replay_rounds must be 0."""
+    round_cut: str = ""
+    """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it
+    once X holds round_cut_min tokens, else at n (round_cuts.py). With memory_slots > 1 a delta then
+    holds one document. "": rounds of exactly n (the paper)."""
+    round_cut_min: int | None = None
+    """Shortest X a cut may leave. None: the tokens whose KV weighs one delta (86 for SmolLM2 at rank 4)."""
 
     replay_batch: int = 0
     """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
@@ -262,6 +268,9 @@ class AbsorberConfig:
         need(isinstance(self.probe_kinds, tuple) and len(self.probe_kinds) > 0
              and all(isinstance(k, str) and k in PROBE_KINDS for k in self.probe_kinds),
              f"probe_kinds must be a non-empty list of {PROBE_KINDS}, got {self.probe_kinds!r}")
+        need(isinstance(self.round_cut, str), f"round_cut must be text, got {self.round_cut!r}")
+        need(self.round_cut_min is None or (is_int(self.round_cut_min) and 0 < self.round_cut_min <= _MAX_TOKENS),
+             f"round_cut_min must be None or a positive integer (at most {_MAX_TOKENS}), got {self.round_cut_min!r}")
         need(self.future_tokens is None or (is_int(self.future_tokens) and 0 < self.future_tokens <= _MAX_TOKENS),
              f"future_tokens must be None or a positive integer (at most {_MAX_TOKENS}), got {self.future_tokens!r}")
         need(self.alpha is None or (is_num(self.alpha) and self.alpha > 0),

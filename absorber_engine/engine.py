@@ -38,6 +38,7 @@ from .peft_export import export_peft
 from .probes import frame_for
 from .replay import replay_probe
 from .round import ROUNDS
+from .round_cuts import scheduler_cuts
 from .session import DEFAULT_SESSION, AbsorbReport, Session
 from .targets import RoundBatch
 
@@ -58,11 +59,12 @@ class AbsorberEngine(GenerationMixin):
                 self.to_ids(cfg.future_prompt if isinstance(cfg.future_prompt, str) else list(cfg.future_prompt)),
                 cfg.future_length, self.runner.device)
             self.frame = frame_for(tokenizer, cfg)
+            cut_after, min_cut = scheduler_cuts(cfg, tokenizer, self.runner)
         except BaseException:
             self.runner.close()          # a refused engine leaves the model as it was given
             raise
         self.scheduler = _scheduler.Scheduler(self.runner.vocab_size, cfg.max_resident, cfg.chunk_tokens,
-                                              cfg.sync_tokens)
+                                              cfg.sync_tokens, cut_after, min_cut)
         self.sessions: dict = {}
         self._windows = WindowCache()
         self._lock = threading.RLock()      # one model: absorption and generation take turns

@@ -18,9 +18,9 @@ void check_priority(std::int64_t p) {
 }  // namespace
 
 Scheduler::Scheduler(std::int64_t vocab_size, std::int64_t max_resident, std::int64_t chunk_tokens,
-                     std::int64_t sync_tokens)
-    : vocab_(vocab_size), n_(chunk_tokens), m_(sync_tokens), residency_(max_resident) {
-    Window::check_sizes(n_, m_, vocab_);
+                     std::int64_t sync_tokens, Cuts cuts)
+    : vocab_(vocab_size), n_(chunk_tokens), m_(sync_tokens), cuts_(std::move(cuts)), residency_(max_resident) {
+    Window(n_, m_, vocab_, cuts_);   // the same checks a session's window will make, once, up front
 }
 
 Scheduler::Session& Scheduler::find_locked(const SessionKey& key) {
@@ -43,7 +43,7 @@ void Scheduler::check_ids(const std::vector<std::int64_t>& tokens) const {
 void Scheduler::open(const SessionKey& key, std::int64_t priority, std::optional<std::int64_t> chunk_tokens,
                      std::optional<std::int64_t> sync_tokens) {
     check_priority(priority);
-    auto window = std::make_unique<Window>(chunk_tokens.value_or(n_), sync_tokens.value_or(m_), vocab_);
+    auto window = std::make_unique<Window>(chunk_tokens.value_or(n_), sync_tokens.value_or(m_), vocab_, cuts_);
     std::lock_guard<std::mutex> lock(mu_);
     if (sessions_.count(key)) throw std::invalid_argument("session " + describe(key) + " is already open");
     Session s;

@@ -60,8 +60,9 @@ class Scheduler {
 public:
     static constexpr std::int64_t kMaxPriority = 1000;
 
+    // `cuts` apply to every session's window (one tokenizer per scheduler).
     Scheduler(std::int64_t vocab_size, std::int64_t max_resident, std::int64_t chunk_tokens,
-              std::int64_t sync_tokens);
+              std::int64_t sync_tokens, Cuts cuts = {});
 
     void open(const SessionKey& key, std::int64_t priority, std::optional<std::int64_t> chunk_tokens,
               std::optional<std::int64_t> sync_tokens);
@@ -93,6 +94,7 @@ public:
     std::int64_t max_resident() const { return residency_.capacity(); }
     std::int64_t chunk_tokens() const { return n_; }
     std::int64_t sync_tokens() const { return m_; }
+    const Cuts& cuts() const { return cuts_; }
 
 private:
     struct Session {
@@ -114,6 +116,7 @@ private:
     void check_ids(const std::vector<std::int64_t>& tokens) const;
 
     const std::int64_t vocab_, n_, m_;
+    const Cuts cuts_;
     mutable std::mutex mu_;
     std::unordered_map<SessionKey, Session> sessions_;
     Residency residency_;

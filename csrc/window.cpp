@@ -7,9 +7,29 @@
 
 namespace absorber {
 
-Window::Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size)
-    : n_(chunk_tokens), m_(sync_tokens), vocab_(vocab_size) {
+Cuts Cuts::make(std::vector<std::int64_t> after, std::int64_t min_x, std::int64_t vocab) {
+    if (min_x < 1) throw std::invalid_argument("min_cut must be >= 1, got " + std::to_string(min_x));
+    Cuts c;
+    c.min_x = min_x;
+    for (std::int64_t t : after) {
+        if (t < 0 || t >= vocab)
+            throw std::out_of_range("cut token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                    std::to_string(vocab) + ")");
+        c.after.push_back(static_cast<std::int32_t>(t));
+    }
+    std::sort(c.after.begin(), c.after.end());
+    c.after.erase(std::unique(c.after.begin(), c.after.end()), c.after.end());
+    return c;
+}
+
+bool Cuts::is_boundary(std::int32_t token) const { return std::binary_search(after.begin(), after.end(), token); }
+
+Window::Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size, Cuts cuts)
+    : n_(chunk_tokens), m_(sync_tokens), vocab_(vocab_size), cuts_(std::move(cuts)) {
     check_sizes(n_, m_, vocab_);
+    for (std::int32_t t : cuts_.after)   // Cuts built by hand (C++ callers) get the same check as make()
+        if (t < 0 || t >= vocab_) throw std::out_of_range("cut token id " + std::to_string(t) + " is outside the vocabulary");
+    if (cuts_.min_x < 1) throw std::invalid_argument("min_cut must be >= 1, got " + std::to_string(cuts_.min_x));
 }
 
 void Window::check_sizes(std::int64_t n, std::int64_t m, std::int64_t vocab) {
@@ -46,12 +66,20 @@ bool Window::shape_locked(bool flush, std::int64_t* x, std::int64_t* y) const {
         *x = held;
         *y = 0;
     } else if (held >= n_ + m_) {
-        *x = n_;
+        *x = cut_locked();
         *y = m_;
     } else {
         return false;
     }
     return true;
+}
+
+std::int64_t Window::cut_locked() const {
+    // Scans at most n tokens per plan: the same order as copying X out, so it never dominates.
+    if (cuts_.after.empty()) return n_;
+    for (std::int64_t i = cuts_.min_x; i < n_; ++i)
+        if (cuts_.is_boundary(buf_[head_ + static_cast<std::size_t>(i) - 1])) return i;
+    return n_;
 }
 
 bool Window::peek(bool flush, std::int64_t* x, std::int64_t* y) const {

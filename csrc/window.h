@@ -5,6 +5,11 @@
 // synchronizes on). A round is planned only when the window is full, or on flush; committing a
 // round drops its X from the front, so the window slides by n and never holds more than n + m
 // tokens' worth of KV on the Python side.
+//
+// Cuts (optional): X ends right after the first boundary token (e.g. a paragraph break) that
+// leaves X at least min_x tokens long, instead of at n. A round then holds whole documents or
+// paragraphs, and with one delta per round each delta holds one of them: several documents with
+// the same kinds of facts mixed in one small delta recall far less (README, "A delta per round").
 #pragma once
 
 #include <cstdint>
@@ -15,13 +20,23 @@ namespace absorber {
 
 struct Round {
     std::uint64_t id = 0;          // matches the commit to the plan it came from
-    std::vector<std::int64_t> x;   // tokens to absorb (n, or fewer on flush)
+    std::vector<std::int64_t> x;   // tokens to absorb (n, fewer at a cut or on flush)
     std::vector<std::int64_t> y;   // real continuation after X (m, fewer on flush, may be empty)
+};
+
+// Where a round's X may end early: after any token in `after`, once X holds >= min_x tokens.
+struct Cuts {
+    std::vector<std::int32_t> after;   // sorted, unique token ids; empty: X is always n tokens
+    std::int64_t min_x = 1;
+
+    // Sorted and deduplicated; throws std::invalid_argument for ids outside [0, vocab) or min_x < 1.
+    static Cuts make(std::vector<std::int64_t> after, std::int64_t min_x, std::int64_t vocab);
+    bool is_boundary(std::int32_t token) const;
 };
 
 class Window {
 public:
-    Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size);
+    Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size, Cuts cuts = {});
 
     // Throws std::invalid_argument unless the sizes are ones a Window accepts.
     static void check_sizes(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size);
@@ -56,6 +71,7 @@ public:
     std::int64_t chunk_tokens() const { return n_; }
     std::int64_t sync_tokens() const { return m_; }
     std::int64_t vocab_size() const { return vocab_; }
+    const Cuts& cuts() const { return cuts_; }
 
 private:
     std::int64_t held_locked() const { return static_cast<std::int64_t>(buf_.size() - head_); }
@@ -63,7 +79,10 @@ private:
     bool shape_locked(bool flush, std::int64_t* x, std::int64_t* y) const;
     void compact_locked();
 
+    std::int64_t cut_locked() const;   // |X| of a full-window round: n, or earlier at a boundary
+
     const std::int64_t n_, m_, vocab_;
+    const Cuts cuts_;
     std::vector<std::int32_t> buf_;   // int32: a vocabulary never needs more, and it halves the buffer
     std::size_t head_ = 0;            // first live token; compacted lazily so commit is O(1) amortized
     std::int64_t absorbed_ = 0, rounds_ = 0;

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine.round_cuts import kv_bytes
 
 
 @dataclass
@@ -33,13 +34,6 @@ class Outcome:
     held_bytes: int = 0               # what the method holds when it answers: KV (+ delta)
     absorb_seconds: float = 0.0       # time spent absorbing the context (engine methods)
     token_seconds: float = math.nan   # generation latency per new token
-
-
-def kv_bytes(config, tokens: int, dtype: torch.dtype) -> int:
-    """Bytes of keys and values for `tokens` positions across every layer."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * tokens * torch.tensor([], dtype=dtype).element_size()
 
 
 class WindowMethod:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine import AbsorberConfig, AbsorberEngine, _scheduler
 from absorber_engine.model_store import recommended_config
 from absorber_engine.model_store import resolve
 
@@ -118,11 +118,11 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
         seconds = time.perf_counter() - start
         held = eng.held_bytes()["delta"] if absorbs else 0       # the memory that answers (no raw token kept)
         total_rounds = eng.default.rounds
-        # What the engine keeps raw after the stream (rounds of n while n + m are held): every method
-        # is asked about the same documents, those entirely out of that window.
-        n, m = eng.config.chunk_tokens, eng.config.sync_tokens
-        rounds_run = (len(stream) - (n + m)) // n + 1 if len(stream) >= n + m else 0
-        cut = len(stream) if flush_each else rounds_run * n
+        # What the engine keeps raw after the stream: every method is asked about the same documents,
+        # those entirely out of that window.
+        cut = len(stream) if flush_each else absorbed_after(eng, texts, tok)
+        if absorbs and eng.absorbed_tokens != cut:
+            raise RuntimeError(f"the engine absorbed {eng.absorbed_tokens} tokens, its window replayed {cut}")
         window = len(stream) - cut
         for j, d in enumerate(texts):
             if ends[j] > cut:                         # still (partly) in the window: not a memory question
@@ -150,6 +150,18 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     return {"model": model, "docs": docs, "seed": seed, "stream": True,
             "configs": {k: v.to_dict() for k, v in configs.items()}, "summary": summarize(rows, methods, docs),
             "rows": rows}
+
+
+def absorbed_after(eng, texts, tok) -> int:
+    """Tokens the engine's scheduler absorbs from the stream fed one document at a time: its own
+    window, cuts included, replayed without a model, so the window method sees what the memory lost."""
+    sch = eng.scheduler
+    w = _scheduler.Window(sch.chunk_tokens, sch.sync_tokens, sch.vocab_size, sch.cut_after, sch.min_cut)
+    for d in texts:
+        w.feed(tok.encode(d.text + "\n", add_special_tokens=False))
+        while (r := w.plan()) is not None:
+            w.commit(r.id)
+    return w.absorbed
 
 
 def summarize(rows: list[dict], methods, docs: int) -> dict:

@@ -1,0 +1,55 @@
+"""Where a stream's rounds may end early: the token ids the scheduler cuts a round's X after, and
+the shortest X worth a delta of its own.
+
+A round's X is n tokens by default, whatever they hold. With `round_cut` set, the scheduler ends X
+after the first token whose text contains it (a paragraph or document break, say) once X holds at
+least `min_cut` tokens, so one round absorbs one document and, with memory_slots > 1, one delta
+holds it: a rank-4 delta of 32 steps keeps about one document, and several documents with the same
+kinds of facts in one delta mix (README, "A delta per round").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import AbsorberConfig
+from .errors import ConfigError
+
+
+def kv_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values for `tokens` positions across every layer."""
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return 2 * model_config.num_hidden_layers * heads * head_dim * tokens * torch.tensor([], dtype=dtype).element_size()
+
+
+def boundary_ids(tokenizer, text: str) -> list[int]:
+    """Every vocabulary id whose decoded text contains `text`: a break can merge with the spaces or
+    newlines around it into one token ("\\n\\n", "\\n\\n   ", " \\n\\n" are different ids)."""
+    decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, s in enumerate(decoded) if text in s]
+
+
+def delta_min_tokens(cfg: AbsorberConfig, shapes: dict, model_config, dtype: torch.dtype) -> int:
+    """Tokens whose KV takes as many bytes as one delta (fp32 A and B): a round shorter than that
+    would keep a delta larger than the tokens it replaced. SmolLM2-135M at rank 4: 86."""
+    delta = 4 * cfg.rank * sum(n_in + n_out for n_in, n_out in shapes.values())
+    return max(1, math.ceil(delta / kv_bytes(model_config, 1, dtype)))
+
+
+def scheduler_cuts(cfg: AbsorberConfig, tokenizer, runner) -> tuple[list[int], int]:
+    """(cut_after, min_cut) for the scheduler; ([], 1) when the config sets no round_cut."""
+    if not cfg.round_cut:
+        return [], 1
+    if tokenizer is None:
+        raise ConfigError(f"round_cut ({cfg.round_cut!r}) is text: it needs an engine with a tokenizer")
+    ids = [i for i in boundary_ids(tokenizer, cfg.round_cut) if i < runner.vocab_size]
+    if not ids:
+        raise ConfigError(f"no token of this vocabulary contains round_cut ({cfg.round_cut!r}): "
+                          "no round could ever be cut there")
+    least = cfg.round_cut_min
+    if least is None:
+        least = delta_min_tokens(cfg, runner.shapes, runner.model.config, runner.dtype)
+    return ids, least
