@@ -45,7 +45,8 @@ public:
     void feed(const std::vector<std::int64_t>& tokens);
 
     // The next round to absorb, or false when there is none yet. With flush, whatever is held
-    // is absorbed in rounds of at most n, the last one possibly without a real Y.
+    // is absorbed too: once at most n + m are held, in one round without a real Y (with cuts, in
+    // rounds cut at breaks, each with what follows it as Y).
     bool plan(bool flush, Round* out);
 
     // Drops the X of the planned round `id`; any other id is refused (stale or never planned).
@@ -79,7 +80,8 @@ private:
     bool shape_locked(bool flush, std::int64_t* x, std::int64_t* y) const;
     void compact_locked();
 
-    std::int64_t cut_locked() const;   // |X| of a full-window round: n, or earlier at a boundary
+    // The first X length in [min_x, limit) that ends right after a boundary; `otherwise` if none.
+    std::int64_t cut_locked(std::int64_t limit, std::int64_t otherwise) const;
 
     const std::int64_t n_, m_, vocab_;
     const Cuts cuts_;

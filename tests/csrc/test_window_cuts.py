@@ -31,6 +31,18 @@ def test_no_boundary_in_reach_cuts_at_n():
     assert w.plan().x == [1, 2, 3, 4]
 
 
+def test_the_drain_cuts_too_but_leaves_no_short_tail():
+    w = Window(8, 2, 100, cut_after=[0], min_cut=2)
+    w.feed([1, 2, 0, 3, 4, 0, 5])    # held 7 <= n + m: a drain round
+    r = w.plan(flush=True)
+    assert (r.x, r.y) == ([1, 2, 0], [3, 4])
+    w.commit(r.id)
+    r = w.plan(flush=True)           # cutting after the second 0 would leave a tail of 1 < min_cut
+    assert (r.x, r.y) == ([3, 4, 0, 5], [])
+    w.commit(r.id)
+    assert w.plan(flush=True) is None and w.absorbed == 7
+
+
 def test_ids_are_sorted_deduplicated_and_checked():
     assert Window(4, 1, 100, cut_after=[7, 3, 7]).cut_after == [3, 7]
     with pytest.raises(IndexError, match="cut token id 100"):
@@ -66,7 +78,14 @@ def test_random_streams_match_the_model(seed):
             done, rounds = done + x, rounds + 1
         assert w.window() == stream[done:min(pos, done + n + m)]
     while (r := w.plan(flush=True)) is not None:
-        done += len(r.x)
+        held = stream[done:]
+        if len(held) > n + m:
+            x = expected_x(held, n, after, min_cut)
+            assert (r.x, r.y) == (held[:x], held[x:x + m])
+        else:       # the drain: cut where neither side is shorter than min_cut, else all of it
+            x = next((i for i in range(min_cut, len(held) - min_cut + 1) if held[i - 1] in after), len(held))
+            assert (r.x, r.y) == (held[:x], held[x:x + m])
+        done += x
         w.commit(r.id)
     assert done == len(stream) == w.absorbed
     assert rounds > len(stream) // n // 2     # the stream did run through full rounds
