@@ -40,6 +40,7 @@ _CONFIG_FLAGS = {
     "ntp_weight": (float, "weight of the next-token loss on X beside synchronization (0: synchronization alone)"),
     "replay_rounds": (int, "earlier rounds whose probes each round replays (streams; 0: off)"),
     "memory_slots": (int, "deltas the memory keeps, one per round; a query reads the one its prompt routes to"),
+    "round_cut": (str, "text that may end a round early, so rounds follow documents: e.g. $'\\n\\n' in bash ('' : rounds of n)"),
     "replay_batch": (int, "replayed rounds read per step, in turn (0: all of them)"),
     "hidden_weight": (float, "weight of the hidden-state L1 term"),
     "kl_weight": (float, "weight of the KL term on next-token distributions"),
