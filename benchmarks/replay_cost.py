@@ -32,7 +32,9 @@ def one(model: str, rounds: int, batch: int, steps: int) -> dict:
 
     torch.set_num_threads(1)
     path = resolve(model)
-    cfg = (recommended_config(path) or AbsorberConfig()).replace(replay_rounds=rounds, replay_batch=batch, max_steps=steps)
+    # Replay trains the one delta: the recommended bank (memory_slots > 1) refuses it.
+    cfg = (recommended_config(path) or AbsorberConfig()).replace(memory_slots=1, replay_rounds=rounds,
+                                                                  replay_batch=batch, max_steps=steps)
     eng = AbsorberEngine.from_pretrained(path, config=cfg)
     docs = [eng.tokenizer.encode(make_document(11, i, place=True).text + "\n", add_special_tokens=False)
             for i in range(rounds + 1)]
