@@ -160,7 +160,8 @@ class AbsorberConfig:
     round_cut: str = ""
     """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it
     once X holds round_cut_min tokens, else at n (round_cuts.py). With memory_slots > 1 a delta then
-    holds one document. "": rounds of exactly n (the paper)."""
+    holds one document: SmolLM2-135M, 24 documents streamed as plain text (seed 17), 48.8% recalled
+    cut at blank lines (m = 0) against 10.7% in rounds of 512. "": rounds of exactly n (the paper)."""
     round_cut_min: int | None = None
     """Shortest X a cut may leave. None: the tokens whose KV weighs one delta (86 for SmolLM2 at rank 4)."""
 
