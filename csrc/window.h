@@ -29,7 +29,8 @@ struct Cuts {
     std::vector<std::int32_t> after;   // sorted, unique token ids; empty: X is always n tokens
     std::int64_t min_x = 1;
 
-    // Sorted and deduplicated; throws std::invalid_argument for ids outside [0, vocab) or min_x < 1.
+    // Sorted and deduplicated; throws std::out_of_range for ids outside [0, vocab) (checked before
+    // the int32 narrowing) and std::invalid_argument for min_x < 1.
     static Cuts make(std::vector<std::int64_t> after, std::int64_t min_x, std::int64_t vocab);
     bool is_boundary(std::int32_t token) const;
 };
