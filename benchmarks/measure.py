@@ -127,6 +127,24 @@ def peak_tensor_bytes(fn) -> tuple[int, object]:
     return peak, result
 
 
+def now(device: torch.device | None = None) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_cuda_bytes(fn, device: torch.device) -> tuple[int, object]:
+    """(peak bytes the caching allocator held for tensors during fn() above what was allocated before, fn's result)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, result
+
+
 def summarize(times: list[float]) -> dict:
     return {"n": len(times), "min": min(times), "median": statistics.median(times), "max": max(times),
             "all": list(times)}

@@ -35,7 +35,8 @@ the peak of live tensor bytes of one round (measure.peak_tensor_bytes, its own r
 model, one decode step of probe sampling against the matmuls of that step alone, and the engine's
 round broken down by phase (`profile_round`).
 
-    python -m benchmarks.workload [--quick] [--models llama-4l,smollm2-135m] [--compile-layers] [--steps N] [--out DIR]
+    python -m benchmarks.workload [--quick] [--models llama-4l,smollm2-135m] [--compile-layers] [--steps N]
+                                  [--device cuda] [--out DIR]
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from absorber_engine.probes import FORCED_KINDS, answer_mask, build_frame, kinds
 
 from .baseline import engine_initial_delta
 from .engine_hooks import record_round_losses
-from .measure import machine, peak_tensor_bytes, set_threads, summarize, versions
+from .measure import machine, now, peak_cuda_bytes, peak_tensor_bytes, set_threads, summarize, versions
 from .models import SPECS, token_stream
 
 TEACHER, STUDENT = "teacher", "default"
@@ -81,6 +82,7 @@ MODELS = {
     # rounds at document breaks with no Y (m = 0), which leaves the Y-only workloads nothing to read.
     "smollm2-135m": dict(config=dict(sync_tokens=256, round_cut="", max_steps=4), rounds=1, reps=1),
 }
+MODELS["smollm2-135m-random"] = dict(MODELS["smollm2-135m"], reps=2)
 QUICK = {"llama-4l": dict(config=dict(chunk_tokens=64, sync_tokens=64, max_steps=2, probe_tokens=16), rounds=1, reps=1)}
 
 CHATML = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
@@ -90,16 +92,27 @@ CHATML = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou a
 
 # ---------------------------------------------------------------------------------------- models
 
-def load_model(name: str):
-    """(model, tokenizer). The random Llama borrows the shipped model's
+def load_model(name: str, device: str = "cpu"):
+    """(model, tokenizer), fp32 on `device`. The random Llama borrows the shipped model's
     tokenizer (its ids all lie inside the 32000-token vocabulary) with a ChatML template whose
-    default system turn mirrors SmolLM2's, so probes are framed as on a chat model."""
+    default system turn mirrors SmolLM2's, so probes are framed as on a chat model.
+    "smollm2-135m-random" is SmolLM2's architecture and tokenizer with random weights, read from the
+    files beside its converted weights in the cache (where the weights cannot travel, as to a GPU
+    machine with no network): the same work per round, except that sampled probes never end early."""
+    from transformers import AutoConfig, AutoTokenizer
+
     if name == "smollm2-135m":
         from absorber_engine.model_store import load_pretrained
 
-        model, tok, _ = load_pretrained(name)
+        model, tok, _ = load_pretrained(name, dtype=torch.float32, device=device)
         return model.eval(), tok
-    from transformers import AutoTokenizer
+    if name == "smollm2-135m-random":
+        from absorber_engine.model_store import cache_root
+
+        where = cache_root() / "models" / "smollm2-135m"
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(AutoConfig.from_pretrained(where, local_files_only=True))
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(where, local_files_only=True)
 
     tok = AutoTokenizer.from_pretrained(ROOT / "model" / "absorber-tiny")
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -109,7 +122,7 @@ def load_model(name: str):
     model = LlamaForCausalLM(LlamaConfig(**spec, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                          tie_word_embeddings=False)).eval()
-    return model, tok
+    return model.to(device), tok
 
 
 def engine_config(name: str, workload: str, quick: bool = False, **changes) -> tuple[AbsorberConfig, int]:
@@ -117,7 +130,8 @@ def engine_config(name: str, workload: str, quick: bool = False, **changes) -> t
     defaults), cut to the plan's shape and steps, with the workload's probes."""
     from absorber_engine.model_store import NAMED_MODELS
 
-    base = AbsorberConfig.from_dict(NAMED_MODELS[name].config) if name in NAMED_MODELS else AbsorberConfig()
+    named = name.removesuffix("-random")
+    base = AbsorberConfig.from_dict(NAMED_MODELS[named].config) if named in NAMED_MODELS else AbsorberConfig()
     plan = (QUICK if quick else MODELS)[name]
     cfg = base.replace(**{**plan["config"], **WORKLOADS[workload], "seed": 0, **changes})
     return cfg, plan["rounds"]
@@ -134,6 +148,7 @@ class HandWrittenLoop:
         model.requires_grad_(False)
         lora = dict(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, target_modules=targets,
                     lora_dropout=0.0, bias="none")
+        self.device = model.get_output_embeddings().weight.device
         self.model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
         self.model.add_adapter(TEACHER, LoraConfig(task_type="CAUSAL_LM", **lora))
         self.inner = self.model.base_model.model
@@ -154,6 +169,9 @@ class HandWrittenLoop:
         self.probe_tokens = 0
         self.recite = None                 # (group, where X starts in it) of this round's recite probe
 
+    def _t(self, ids) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
     def parameters(self):
         return [p for layer in self.lora_layers.values()
                 for p in (layer.lora_A[STUDENT].weight, layer.lora_B[STUDENT].weight)]
@@ -161,7 +179,7 @@ class HandWrittenLoop:
     def _states(self, ids: list[int] | torch.Tensor, t: int):
         """Forward of the active adapter: (h^0..h^L, logits) at the last t positions, (b, t, D) / (b, t, V).
         transformers' last hidden state is after the final norm; h^L is taken before it."""
-        ids = torch.as_tensor(ids)
+        ids = torch.as_tensor(ids, device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
         seen = {}
         hook = self.inner.model.norm.register_forward_pre_hook(lambda mod, args: seen.__setitem__("h", args[0]))
@@ -181,7 +199,7 @@ class HandWrittenLoop:
         for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
             seed = f.seeds[kind]
             if kind in FORCED_KINDS:
-                answer = torch.tensor([seed + x + f.stop[:1]])                                 # (1, t)
+                answer = self._t([seed + x + f.stop[:1]])                                      # (1, t)
                 self.recite = (len(out), len(seed))       # which probe, and where X starts in it
                 out.append((answer, torch.ones_like(answer, dtype=torch.bool)))
                 continue
@@ -189,20 +207,20 @@ class HandWrittenLoop:
             gen = GenerationConfig(do_sample=True, temperature=cfg.probe_temperature, top_p=cfg.probe_top_p, top_k=0,
                                    max_new_tokens=cfg.probe_tokens, num_return_sequences=count, eos_token_id=None,
                                    pad_token_id=0)
-            prompt = torch.tensor([context + seed])
-            start = time.perf_counter()
+            prompt = self._t([context + seed])
+            start = now(self.device)
             self.model.set_adapter(TEACHER, inference_mode=True)
             try:
                 sampled = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                               generation_config=gen)[:, prompt.shape[1]:]   # (count, probe_tokens)
             finally:
                 self.model.set_adapter(STUDENT)
-            self.probe_seconds += time.perf_counter() - start
+            self.probe_seconds += now(self.device) - start
             self.probe_tokens += sampled.numel()
-            answer = torch.cat([torch.tensor(seed).expand(count, -1), sampled], dim=1)
+            answer = torch.cat([self._t(seed).expand(count, -1), sampled], dim=1)
             out.append((answer, answer_mask(answer, len(seed), f.stop)))
-        return [(torch.cat([torch.tensor(context).expand(a.shape[0], -1), a], dim=1),
-                 torch.cat([torch.tensor(self.prefix + f.student_open).expand(a.shape[0], -1), a], dim=1), m)
+        return [(torch.cat([self._t(context).expand(a.shape[0], -1), a], dim=1),
+                 torch.cat([self._t(self.prefix + f.student_open).expand(a.shape[0], -1), a], dim=1), m)
                 for a, m in out]
 
     def loss(self, x: list[int], groups) -> torch.Tensor:
@@ -222,14 +240,14 @@ class HandWrittenLoop:
         # Each layer's L1 divided by the teacher's mean |h^l| over the synchronized positions.
         scale = [positions * D / sum(float((h[l] * m[..., None]).abs().sum()) for (h, _), (_, _, m) in zip(teachers, groups))
                  for l in range(L1)]
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=self.device)
         # ntp_in_recite: the next-token loss on X is read off the recite probe's student pass.
         in_recite = cfg.ntp_in_recite and self.recite is not None
         for g, ((t_hidden, t_logits), (_, s_ids, mask)) in enumerate(zip(teachers, groups)):
             s_hidden, s_logits = self._states(s_ids, mask.shape[1])
             if in_recite and g == self.recite[0] and cfg.ntp_weight > 0:
                 at = self.recite[1]
-                ce = F.cross_entropy(s_logits[0, at - 1:at - 1 + len(x)].float(), torch.tensor(x))
+                ce = F.cross_entropy(s_logits[0, at - 1:at - 1 + len(x)].float(), self._t(x))
                 loss = loss + cfg.ntp_weight * ce
             if cfg.hidden_weight > 0:
                 keep = mask[..., None]
@@ -242,7 +260,7 @@ class HandWrittenLoop:
                 kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="sum")
                 loss = loss + cfg.kl_weight * T * T * kl / positions
         if cfg.ntp_weight > 0 and not in_recite:
-            ids = torch.tensor([self.prefix + x])
+            ids = self._t([self.prefix + x])
             logits = self.model(input_ids=ids[:, :-1], use_cache=False).logits
             loss = loss + cfg.ntp_weight * F.cross_entropy(logits[0].float(), ids[0, 1:])
         return loss
@@ -255,7 +273,7 @@ class HandWrittenLoop:
                 layer.lora_B[TEACHER].weight.copy_(layer.lora_B[STUDENT].weight)
         groups = []
         if y:
-            yt = torch.tensor([y])
+            yt = self._t([y])
             groups.append((self.prefix + x + y, self.prefix + y, torch.ones_like(yt, dtype=torch.bool)))
         self.recite = None
         if self.frame is not None:
@@ -280,12 +298,12 @@ class HandWrittenLoop:
     def absorb(self, stream: list[int]) -> dict:
         """Every full window of n + m tokens, sliding by n, as the engine does without flush."""
         n, m = self.cfg.chunk_tokens, self.cfg.sync_tokens
-        start, rounds, step_losses = time.perf_counter(), 0, []
+        start, rounds, step_losses = now(self.device), 0, []
         while len(stream) - rounds * n >= n + m:
             w = stream[rounds * n:rounds * n + n + m]
             step_losses.append(self.absorb_round(w[:n], w[n:], rounds))
             rounds += 1
-        return dict(seconds=time.perf_counter() - start, rounds=rounds, absorbed=rounds * n, step_losses=step_losses,
+        return dict(seconds=now(self.device) - start, rounds=rounds, absorbed=rounds * n, step_losses=step_losses,
                     probe_seconds=self.probe_seconds, probe_tokens=self.probe_tokens)
 
 
@@ -299,9 +317,9 @@ def _timed_self_study(record: dict):
     real = teacher._self_study
 
     def timed(runner, batch, cfg, need_final):
-        start = time.perf_counter()
+        start = now(runner.device)
         out = real(runner, batch, cfg, need_final)
-        record["seconds"] += time.perf_counter() - start
+        record["seconds"] += now(runner.device) - start
         sampled = sum(c for k, c in kinds_per_round(cfg.probe_kinds, cfg.probes) if k not in FORCED_KINDS)
         record["tokens"] += batch.streams * sampled * cfg.probe_tokens
         return out
@@ -316,30 +334,37 @@ def _timed_self_study(record: dict):
 def run_engine(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
     engine = AbsorberEngine(model, tokenizer=tok, config=cfg)
     with record_round_losses() as losses, _timed_self_study(dict(seconds=0.0, tokens=0)) as probes:
+        start = now(engine.runner.device)
         rep = engine.absorb(stream)
+        seconds = now(engine.runner.device) - start
     engine.close()
-    return dict(seconds=rep.seconds, rounds=rep.rounds, absorbed=rep.absorbed_tokens, step_losses=losses,
+    return dict(seconds=seconds, rounds=rep.rounds, absorbed=rep.absorbed_tokens, step_losses=losses,
                 probe_seconds=probes["seconds"], probe_tokens=probes["tokens"])
 
 
 def run_loop(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
     loop = HandWrittenLoop(model, tok, cfg, engine_initial_delta(model, cfg))
-    return loop.absorb(stream)
+    # On a GPU a user runs the loop under bf16 autocast (LOOP_DTYPE); fp32 is the CPU's usual choice.
+    dtype = LOOP_DTYPE[loop.device.type]
+    with torch.autocast(loop.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return loop.absorb(stream)
 
 
 def run_engine_compiled(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
     return run_engine(model, tok, cfg.replace(compile_layers=True), stream)
 
 
+LOOP_DTYPE = {"cpu": None, "cuda": torch.bfloat16}
 RUNNERS = {"engine": run_engine, "loop": run_loop, "engine_compiled": run_engine_compiled}
 
 
 def _warm(model, engine_dtype: str) -> None:
     """One forward and backward in fp32 (the loop's) and in the engine's autocast dtype, so neither
     implementation's first timed run pays the one-off creation of its matmul kernels."""
+    dev = model.get_output_embeddings().weight.device
     for dtype in sorted({"float32", engine_dtype}):
-        with torch.enable_grad(), torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
-            emb = model.get_input_embeddings()(torch.arange(3, 35)[None]).detach().requires_grad_(True)
+        with torch.enable_grad(), torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+            emb = model.get_input_embeddings()(torch.arange(3, 35, device=dev)[None]).detach().requires_grad_(True)
             model.model(inputs_embeds=emb).last_hidden_state.float().sum().backward()
 
 
@@ -349,9 +374,10 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
     `compiled`, the engine with compile_layers too, after one untimed run that compiles; `steps`
     per round instead of the plan's."""
     model, tok = model_and_tok or load_model(name)
+    device = model.get_output_embeddings().weight.device
     cfg, rounds = engine_config(name, workload, quick, **({"max_steps": steps} if steps else {}))
     stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
-    _warm(model, _engine_dtype(cfg))
+    _warm(model, _engine_dtype(cfg, device))
     impls = ["engine", "loop"] + (["engine_compiled"] if compiled else [])
     runs = {impl: [] for impl in impls}
     warmup = None
@@ -372,7 +398,8 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
         n=cfg.chunk_tokens, m=cfg.sync_tokens, rank=cfg.rank, steps_per_round=cfg.max_steps, rounds=rounds,
         probes=cfg.probes, probe_kinds=list(cfg.probe_kinds) if cfg.probes else [], probe_tokens=cfg.probe_tokens,
         hidden_norm=cfg.hidden_norm, kl_weight=cfg.kl_weight, ntp_weight=cfg.ntp_weight, lr=cfg.lr, reps=reps,
-        engine_compute_dtype=_engine_dtype(cfg), loop_dtype="float32", threads=torch.get_num_threads()))
+        engine_compute_dtype=_engine_dtype(cfg, device), device=str(device),
+        loop_dtype=str(LOOP_DTYPE[device.type] or torch.float32).replace("torch.", ""), threads=torch.get_num_threads()))
     for impl, rs in runs.items():
         secs = summarize([r["seconds"] for r in rs])
         assert all(r["absorbed"] == tokens for r in rs), f"{impl} absorbed {[r['absorbed'] for r in rs]}, not {tokens}"
@@ -397,7 +424,8 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
         for impl in ("engine", "loop"):
             work = copy.deepcopy(model)
             gc.collect()
-            peak, _ = peak_tensor_bytes(lambda: RUNNERS[impl](work, tok, one, one_stream))
+            run_one = lambda: RUNNERS[impl](work, tok, one, one_stream)  # noqa: E731
+            peak, _ = peak_cuda_bytes(run_one, device) if device.type == "cuda" else peak_tensor_bytes(run_one)
             out[impl]["peak_tensor_bytes"] = peak
             del work
             gc.collect()
@@ -405,10 +433,10 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
     return out
 
 
-def _engine_dtype(cfg) -> str:
+def _engine_dtype(cfg, device: torch.device = torch.device("cpu")) -> str:
     from absorber_engine.model import resolve_compute_dtype
 
-    d = resolve_compute_dtype(cfg.compute_dtype, torch.device("cpu"), torch.float32)
+    d = resolve_compute_dtype(cfg.compute_dtype, device, torch.float32)
     return "float32" if d is None else str(d).replace("torch.", "")
 
 
@@ -428,8 +456,10 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
     for dtype_name in ("auto", "float32"):
         engine = AbsorberEngine(copy.deepcopy(model), tokenizer=tok, config=cfg.replace(compute_dtype=dtype_name))
         runner = engine.runner
-        gen = torch.Generator().manual_seed(0)
-        ctx = torch.tensor([engine.frame.context_open + token_stream(cfg.chunk_tokens, 2000, 3) + engine.frame.context_close])
+        dev = runner.device
+        gen = torch.Generator(device=dev).manual_seed(0)
+        ctx = torch.tensor([engine.frame.context_open + token_stream(cfg.chunk_tokens, 2000, 3) + engine.frame.context_close],
+                           device=dev)
         with torch.no_grad(), runner.autocast():
             runner.bind([engine.delta])
             final, cache = runner.forward(ctx, use_cache=True)
@@ -439,12 +469,12 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
             logits = runner.logits(final[:, -1]).repeat(rows, 1)
             times = []
             for i in range(steps + 2):
-                t0 = time.perf_counter()
+                t0 = now(dev)
                 tok_ = sample_next(logits, 1.0, 1.0, gen)
                 with runner.capture() as cap:
                     final, cache = runner.forward(tok_[:, None], cache, use_cache=True)
                 logits = runner.logits(final[:, -1])
-                times.append(time.perf_counter() - t0)
+                times.append(now(dev) - t0)
                 del cap
         step = sorted(times[2:])[len(times[2:]) // 2]
         mm_dtype = runner.compute_dtype or torch.float32
@@ -461,6 +491,8 @@ def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5) -
     heads = cfgm.num_attention_heads
     head_dim = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // heads
     work = []
+    dev = runner.device
+    randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
     inside = {name + ".base" for name in runner.wrappers}         # a wrapper's frozen linear: counted with it
     for name, module in model.named_modules():
         if name in inside:
@@ -469,24 +501,24 @@ def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5) -
         if not isinstance(lin, torch.nn.Linear):
             continue
         w = lin.weight.detach().to(dtype)
-        work.append((torch.randn(rows, w.shape[1], dtype=dtype), w.t()))
+        work.append((randn(rows, w.shape[1]), w.t()))
         if name in runner.wrappers:
             a, b = delta.A[name].detach().to(dtype), delta.B[name].detach().to(dtype)
-            work.append((torch.randn(rows, a.shape[0], dtype=dtype), a))
-            work.append((torch.randn(rows, a.shape[1], dtype=dtype), b))
+            work.append((randn(rows, a.shape[0]), a))
+            work.append((randn(rows, a.shape[1]), b))
     for _ in range(len(runner.layers)):
-        q = torch.randn(rows * heads, 1, head_dim, dtype=dtype)
-        k = torch.randn(rows * heads, head_dim, context, dtype=dtype)
-        p = torch.randn(rows * heads, 1, context, dtype=dtype)
-        v = torch.randn(rows * heads, context, head_dim, dtype=dtype)
+        q = randn(rows * heads, 1, head_dim)
+        k = randn(rows * heads, head_dim, context)
+        p = randn(rows * heads, 1, context)
+        v = randn(rows * heads, context, head_dim)
         work.append((q, k))
         work.append((p, v))
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = now(dev)
         for x, w in work:
             torch.matmul(x, w)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now(dev) - t0)
     return best
 
 
@@ -608,11 +640,11 @@ def table(results: list[dict]) -> str:
 
 def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
         profile: bool = True, log=print, workloads: list[str] | None = None, compiled: bool = False,
-        steps: int | None = None) -> dict:
+        steps: int | None = None, device: str = "cpu") -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
-        loaded = load_model(name)
+        loaded = load_model(name, device)
         for workload in workloads or WORKLOADS:
             plan = (QUICK if quick else MODELS)[name]
             results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
@@ -622,7 +654,7 @@ def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, 
         if profile and not quick:
             decodes.append(decode_step(name, model_and_tok=loaded))
             log(f"  {name} decode: {decodes[-1]}")
-        if profile and not quick and name == "smollm2-135m":
+        if profile and not quick and name == "smollm2-135m" and device == "cpu":   # host timers: CPU only
             profiles.append(profile_round(name, model_and_tok=loaded))
         if out_dir is not None:
             _write(out_dir, started, results, decodes, profiles)
@@ -653,6 +685,7 @@ def main(argv=None) -> None:
                     help="also time the engine with compile_layers (after one untimed run that compiles)")
     ap.add_argument("--steps", type=int, help="AdamW steps per round (default: the model's plan, 4; the library's "
                     "and SmolLM2's recommended config take 32)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the loop then runs under bf16 autocast)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -663,7 +696,7 @@ def main(argv=None) -> None:
     out = Path(args.out) / ("quick" if args.quick else "")
     doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
               log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","),
-              compiled=args.compile_layers, steps=args.steps)
+              compiled=args.compile_layers, steps=args.steps, device=args.device)
     print(table(doc["results"]))
 
 
