@@ -25,6 +25,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --fo
 python3 -c "import sys, torch, triton, transformers, peft; print(sys.version.split()[0], torch.__version__, \
 triton.__version__, transformers.__version__, peft.__version__)"
 python3 setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -20 "$out/build.log"; exit 1; }
+rm "$out/build.log"
 if has kernels; then
   timeout 150 python3 -m benchmarks.gpu_kernels --out "$out" 2>&1 | tee "$out/kernels.log"
 fi
@@ -34,6 +35,8 @@ fi
 for m in llama smollm2; do
   has "workload-$m" || continue
   name=$([ $m = llama ] && echo llama-4l || echo smollm2-135m-random)
-  timeout 300 python3 -m benchmarks.workload --device cuda --models "$name" --out "$out/workload-$m" 2>&1 \
+  limit=$([ $m = llama ] && echo 120 || echo 160)
+  timeout $limit python3 -m benchmarks.workload --device cuda --models "$name" --out "$out/workload-$m" 2>&1 \
     | grep -v -e USDT -e Warning -e warn | tee "$out/workload-$m.log" | tail -12
+  rm -f "$out/workload-$m/TABLE.md"       # the JSON holds it all (benchmarks.workload.table)
 done
