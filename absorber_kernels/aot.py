@@ -195,7 +195,7 @@ def specs(dtype: str, arch: int = 90):
     q_str = dict(s_qb=t * HQ * hd, s_qh=hd, s_qt=HQ * hd, s_qd=1)
     k_str = dict(s_kb=s * HKV * hd, s_kh=s * hd, s_ks=hd, s_kd=1)
     v_str = dict(s_vb=s * HKV * hd, s_vh=s * hd, s_vs=hd, s_vd=1)
-    f, bw, pre = (_attn.ATTN_CONFIG_GPU[x] for x in ("fwd", "bwd", "pre"))
+    f, bw, pre = (_attn.gpu_config(_TORCH[dtype])[x] for x in ("fwd", "bwd", "pre"))
     out.append(("attention.fwd", _attn._attn_fwd_kernel,
                 dict(Q=p, K=p, V=p, O=p, LSE="*fp32", qk_scale=0.1275, **q_str, **k_str, **v_str,
                      s_ob=t * HQ * hd, s_oh=hd, s_ot=HQ * hd, s_od=1, H=HQ, G=HQ // HKV, T=t, S=s),

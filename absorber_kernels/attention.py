@@ -287,9 +287,21 @@ if HAS_TRITON:
 ATTN_CONFIG_GPU = dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                        bwd=dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=8, num_stages=2),
                        pre=dict(BLOCK_M=64, num_warps=4))
+# fp32 operands (compute_dtype "float32" on a GPU) take twice the shared memory and registers per
+# tile: the tiles above need 320 KB of shared memory at head dim 128 in fp32 (an H200 has 227 KB; seen
+# failing there), and 64-query tiles spill registers under 3xTF32. These compile for sm_80 and sm_90
+# with neither (absorber_kernels.aot, fp32).
+ATTN_CONFIG_GPU_FP32 = dict(fwd=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+                            bwd=dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16, num_warps=8, num_stages=2),
+                            pre=dict(BLOCK_M=64, num_warps=4))
 ATTN_CONFIG_INTERPRET = dict(fwd=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
                              bwd=dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16, num_warps=4, num_stages=1),
                              pre=dict(BLOCK_M=16, num_warps=4))
+
+
+def gpu_config(dtype: torch.dtype) -> dict:
+    """The tiles a GPU launch uses for operands of `dtype`."""
+    return ATTN_CONFIG_GPU_FP32 if dtype == torch.float32 else ATTN_CONFIG_GPU
 
 
 def _s4(x):
@@ -301,7 +313,7 @@ class AttentionTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, causal, config):
         b, hq, t, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
-        cfg = config or (ATTN_CONFIG_GPU if q.is_cuda else ATTN_CONFIG_INTERPRET)
+        cfg = config or (gpu_config(q.dtype) if q.is_cuda else ATTN_CONFIG_INTERPRET)
         f = cfg["fwd"]
         bd = max(16, next_pow2(d))
         out = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)   # (B, Hq, T, D) view

@@ -7,6 +7,8 @@
 #
 # PARTS: a comma list of kernels, engine, workload-llama, workload-smollm2 (default: all). WHEEL_DIR:
 # wheels to run with instead of the installed transformers/peft (installed beside, used if they import).
+# KERNEL_ARGS and WORKLOAD_ARGS (WORKLOAD_ARGS_llama, WORKLOAD_ARGS_smollm2 for one model) pass more
+# arguments to the two benchmarks.
 # SmolLM2's weights need not be there: the workload runs its architecture and tokenizer with random
 # weights ("smollm2-135m-random"), which reads config and tokenizer from $ABSORBER_CACHE.
 set -u
@@ -27,7 +29,7 @@ triton.__version__, transformers.__version__, peft.__version__)"
 python3 setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -20 "$out/build.log"; exit 1; }
 rm "$out/build.log"
 if has kernels; then
-  timeout 150 python3 -m benchmarks.gpu_kernels --out "$out" 2>&1 | tee "$out/kernels.log"
+  timeout 150 python3 -m benchmarks.gpu_kernels --out "$out" ${KERNEL_ARGS:-} 2>&1 | tee "$out/kernels.log"
 fi
 if has engine; then
   timeout 90 python3 -m pytest -q -s -p no:cacheprovider tests/test_triton_backend.py 2>&1 | tail -15 | tee "$out/engine.log"
@@ -35,8 +37,9 @@ fi
 for m in llama smollm2; do
   has "workload-$m" || continue
   name=$([ $m = llama ] && echo llama-4l || echo smollm2-135m-random)
-  limit=$([ $m = llama ] && echo 120 || echo 160)
-  timeout $limit python3 -m benchmarks.workload --device cuda --models "$name" --out "$out/workload-$m" 2>&1 \
-    | grep -v -e USDT -e Warning -e warn | tee "$out/workload-$m.log" | tail -12
+  limit=$([ $m = llama ] && echo 90 || echo 170)
+  eval "extra=\${WORKLOAD_ARGS_$m:-}"
+  timeout $limit python3 -m benchmarks.workload --device cuda --models "$name" --out "$out/workload-$m" \
+    ${WORKLOAD_ARGS:-} $extra 2>&1 | grep -v -e USDT -e Warning -e warn | tee "$out/workload-$m.log" | tail -14
   rm -f "$out/workload-$m/TABLE.md"       # the JSON holds it all (benchmarks.workload.table)
 done

@@ -203,18 +203,25 @@ def timing(case: Case, dtype, triton_ops, torch_ops) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, no timing (CPU under TRITON_INTERPRET=1)")
+    ap.add_argument("--ops", help="a comma list of ops (default: all)")
+    ap.add_argument("--sizes", default="smollm2,7b", help="a comma list of smollm2, 7b")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     ap.add_argument("--out", default="benchmarks/results/gpu")
     args = ap.parse_args(argv)
     from absorber_kernels.ops import get_ops
 
     triton_ops, torch_ops = get_ops("triton"), get_ops("torch")
     device = torch.device("cpu" if args.smoke else "cuda")
-    dtypes = [torch.float32] if args.smoke else [torch.float32, torch.bfloat16]
-    sizes = ["smoke"] if args.smoke else ["smollm2", "7b"]
+    dtypes = [torch.float32] if args.smoke else [getattr(torch, d) for d in args.dtypes.split(",")]
+    sizes = ["smoke"] if args.smoke else args.sizes.split(",")
     report = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
                   torch=torch.__version__, triton=__import__("triton").__version__, parity=[], timing=[])
     for size in sizes:
         for case in cases(SIZES[size], device):
+            if args.ops and case.name not in args.ops.split(","):
+                continue
             for dtype in dtypes:
                 try:
                     p = dict(size=size, **parity(case, dtype, triton_ops, torch_ops))
@@ -225,7 +232,7 @@ def main(argv=None):
                 print(f"parity {size:8s} {case.name:18s} {p['dtype']:8s} worst {p['worst']:.2e} "
                       f"(torch path {max(p['torch_rel_err']):.2e}) {'ok' if p['ok'] else 'FAIL'} {p.get('error', '')}",
                       flush=True)
-                if not args.smoke and dtype == torch.bfloat16 and "error" not in p:
+                if not (args.smoke or args.no_timing) and dtype == torch.bfloat16 and "error" not in p:
                     r = dict(size=size, **timing(case, dtype, triton_ops, torch_ops))
                     report["timing"].append(r)
                     print(f"time   {size:8s} {case.name:18s} " + "  ".join(
@@ -233,7 +240,7 @@ def main(argv=None):
                         for k in ("triton", "torch", "plain")), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(report, indent=1))
+    (out / f"kernels{args.tag}.json").write_text(json.dumps(report, indent=1))
     bad = [p for p in report["parity"] if not p["ok"]]
     print(f"{len(report['parity']) - len(bad)}/{len(report['parity'])} parity checks within limits")
     return 1 if bad else 0

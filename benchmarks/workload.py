@@ -354,8 +354,13 @@ def run_engine_compiled(model, tok, cfg: AbsorberConfig, stream: list[int]) -> d
     return run_engine(model, tok, cfg.replace(compile_layers=True), stream)
 
 
+def run_engine_torch(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
+    return run_engine(model, tok, cfg.replace(backend="torch"), stream)
+
+
 LOOP_DTYPE = {"cpu": None, "cuda": torch.bfloat16}
-RUNNERS = {"engine": run_engine, "loop": run_loop, "engine_compiled": run_engine_compiled}
+RUNNERS = {"engine": run_engine, "loop": run_loop, "engine_compiled": run_engine_compiled,
+           "engine_torch": run_engine_torch}
 
 
 def _warm(model, engine_dtype: str) -> None:
@@ -369,18 +374,26 @@ def _warm(model, engine_dtype: str) -> None:
 
 
 def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bool = True,
-            model_and_tok=None, log=print, compiled: bool = False, steps: int | None = None) -> dict:
-    """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it); with
-    `compiled`, the engine with compile_layers too, after one untimed run that compiles; `steps`
-    per round instead of the plan's."""
+            model_and_tok=None, log=print, compiled: bool = False, steps: int | None = None,
+            torch_backend: bool = False) -> dict:
+    """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it on a
+    CPU, bf16 autocast on a GPU); with `compiled`, the engine with compile_layers too, after one
+    untimed run that compiles; with `torch_backend`, the engine on backend "torch" too (on a GPU:
+    cuBLAS and SDPA in place of the Triton kernels); `steps` per round instead of the plan's. On a GPU
+    every implementation runs once untimed first (Triton's JIT, cuBLAS handles, the allocator)."""
     model, tok = model_and_tok or load_model(name)
     device = model.get_output_embeddings().weight.device
     cfg, rounds = engine_config(name, workload, quick, **({"max_steps": steps} if steps else {}))
     stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
     _warm(model, _engine_dtype(cfg, device))
-    impls = ["engine", "loop"] + (["engine_compiled"] if compiled else [])
+    impls = ["engine", "loop"] + (["engine_compiled"] if compiled else []) + (["engine_torch"] if torch_backend else [])
     runs = {impl: [] for impl in impls}
     warmup = None
+    if device.type == "cuda":
+        for impl in impls:
+            work = copy.deepcopy(model)
+            log(f"  {name} {workload} {impl} warm-up: {RUNNERS[impl](work, tok, cfg, stream)['seconds']:.1f}s")
+            del work
     if compiled:
         work = copy.deepcopy(model)
         warmup = RUNNERS["engine_compiled"](work, tok, cfg, stream)["seconds"]
@@ -413,6 +426,8 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
         out["engine_compiled"]["warmup_seconds"] = warmup
         out["compiled_ratio"] = out["loop"]["seconds"]["median"] / out["engine_compiled"]["seconds"]["median"]
         out["compile_speedup"] = out["engine"]["seconds"]["median"] / out["engine_compiled"]["seconds"]["median"]
+    if torch_backend:
+        out["torch_backend_ratio"] = out["loop"]["seconds"]["median"] / out["engine_torch"]["seconds"]["median"]
     out["per_rep_ratio"] = [b["seconds"] / e["seconds"] for e, b in zip(runs["engine"], runs["loop"])]
     if out["loop"]["probe_tokens_per_s"]:
         out["probe_ratio"] = out["engine"]["probe_tokens_per_s"] / out["loop"]["probe_tokens_per_s"]
@@ -626,6 +641,14 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['workload']} | {e['tokens_per_s']:.1f} | {lp['tokens_per_s']:.1f} | "
                      f"**{r['throughput_ratio']:.2f}×** | {probe(e['probe_tokens_per_s'])} | "
                      f"{probe(lp['probe_tokens_per_s'])} | {mem} | {r.get('memory_ratio', float('nan')):.2f} |")
+    torch_b = [r for r in results if "engine_torch" in r]
+    if torch_b:
+        lines += ["", "| model | workload | engine (Triton) tok/s | engine, backend torch tok/s | loop tok/s | "
+                  "ratio to the loop, backend torch |", "|---|---|---|---|---|---|"]
+        for r in torch_b:
+            lines.append(f"| {r['model']} | {r['workload']} | {r['engine']['tokens_per_s']:.1f} | "
+                         f"{r['engine_torch']['tokens_per_s']:.1f} | {r['loop']['tokens_per_s']:.1f} | "
+                         f"**{r['torch_backend_ratio']:.2f}×** |")
     compiled = [r for r in results if "engine_compiled" in r]
     if compiled:
         lines += ["", "| model | workload | engine tok/s | engine, compile_layers tok/s | speed-up | loop tok/s | "
@@ -640,7 +663,7 @@ def table(results: list[dict]) -> str:
 
 def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
         profile: bool = True, log=print, workloads: list[str] | None = None, compiled: bool = False,
-        steps: int | None = None, device: str = "cpu") -> dict:
+        steps: int | None = None, device: str = "cpu", torch_backend: bool = False) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
@@ -648,7 +671,8 @@ def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, 
         for workload in workloads or WORKLOADS:
             plan = (QUICK if quick else MODELS)[name]
             results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
-                                   model_and_tok=loaded, log=log, compiled=compiled, steps=steps))
+                                   model_and_tok=loaded, log=log, compiled=compiled, steps=steps,
+                                   torch_backend=torch_backend))
             if out_dir is not None:
                 _write(out_dir, started, results, decodes, profiles)
         if profile and not quick:
@@ -686,6 +710,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, help="AdamW steps per round (default: the model's plan, 4; the library's "
                     "and SmolLM2's recommended config take 32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the loop then runs under bf16 autocast)")
+    ap.add_argument("--torch-backend", action="store_true", help="also time the engine on backend 'torch'")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -696,7 +721,7 @@ def main(argv=None) -> None:
     out = Path(args.out) / ("quick" if args.quick else "")
     doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
               log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","),
-              compiled=args.compile_layers, steps=args.steps, device=args.device)
+              compiled=args.compile_layers, steps=args.steps, device=args.device, torch_backend=args.torch_backend)
     print(table(doc["results"]))
 
 

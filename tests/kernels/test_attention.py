@@ -68,3 +68,8 @@ def test_attention_errors():
         attention_triton(q, torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))   # 3 % 2 heads
     with pytest.raises(ValueError):
         attention_triton(q, torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16))   # S < T
+
+
+def test_attention_gpu_fp32_tiles():
+    # The fp32 tiles a GPU launch picks (smaller: fp32 operands need twice the shared memory)
+    _check("gpu fp32 tiles", torch.float32, 1, 2, 1, 70, 150, 32, seed=3, config=AT.gpu_config(torch.float32))
