@@ -257,12 +257,12 @@ def compile_kernel(name, fn, args, constexprs, num_warps, num_stages, arch, dtyp
         cubin_bytes=len(cubin), ptx_bytes=len(ptx), num_warps=num_warps, num_stages=num_stages)
 
 
-def compile_all(archs=ARCHS, dtypes=DTYPES, workers: int | None = None) -> list[AotResult]:
+def compile_all(archs=ARCHS, dtypes=DTYPES, workers: int | None = None, prefix: str = "") -> list[AotResult]:
     if not HAS_TRITON:
         raise ImportError("AOT compilation needs triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (run `python -m absorber_kernels.aot`)")
-    jobs = [(spec, arch, dt) for dt in dtypes for arch in archs for spec in specs(dt, arch)]
+    jobs = [(spec, arch, dt) for dt in dtypes for arch in archs for spec in specs(dt, arch) if spec[0].startswith(prefix)]
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda j: compile_kernel(*j[0], j[1], j[2]), jobs))
 
@@ -279,7 +279,13 @@ def markdown_table(results: list[AotResult]) -> str:
 
 
 def main(argv=None) -> int:
-    results = compile_all()
+    import argparse
+
+    ap = argparse.ArgumentParser(description="compile every kernel for sm_80 and sm_90; JSON on stdout")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="a comma list of bf16, fp16, fp32")
+    ap.add_argument("--kernels", default="", help="only the kernels whose name starts with this")
+    args = ap.parse_args(argv)
+    results = compile_all(dtypes=tuple(args.dtypes.split(",")), prefix=args.kernels)
     json.dump([asdict(r) for r in results], sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -65,3 +65,18 @@ def test_aot_results(results):
         if r["registers"] > 255:
             problems.append(f"{tag}: {r['registers']} registers")
     assert not problems, "\n".join(problems)
+
+
+def test_fp32_attention_fits():
+    # fp32 attention (compute_dtype "float32" on a GPU) has tiles of its own: the 16-bit ones asked
+    # for 320 KB of shared memory at head dim 128 and failed on an H200.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "absorber_kernels.aot", "--dtypes", "fp32", "--kernels", "attention"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in ("attention.fwd", "attention.bwd_pre",
+                                                                         "attention.bwd") for a in ARCHS}
+    for r in rows:
+        assert r["shared"] <= SHARED_LIMIT[r["arch"]], r
+        assert r["stack"] + r["local"] == 0, r
