@@ -89,13 +89,15 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
 
 
 def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False,
-               flush_each: bool = False) -> dict:
+               flush_each: bool = False, without_window: bool = False) -> dict:
     """A stream of `docs` documents fed one after another through the engine's window (n + m tokens,
     about two documents); then every fact of every document that has left the window entirely is
     asked, after the window, and scored by how many rounds ago its document was absorbed.
     window: the raw window alone (no memory); full: the whole stream in the prompt. flush_each: each
     document is flushed as it arrives (rounds cut at document ends, nothing kept raw), so every
-    document is asked, from memory alone."""
+    document is asked, from memory alone. without_window: the absorbing methods are asked the same
+    questions again after the window is discarded (as "<method>-no-window"): how much the raw window's
+    look-alike documents cost the memory's answers."""
     path = resolve(model)
     configs = _configs(path, overrides)
     rows = []
@@ -124,21 +126,24 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
         if absorbs and eng.absorbed_tokens != cut:
             raise RuntimeError(f"the engine absorbed {eng.absorbed_tokens} tokens, its window replayed {cut}")
         window = len(stream) - cut
-        for j, d in enumerate(texts):
-            if ends[j] > cut:                         # still (partly) in the window: not a memory question
-                continue
-            ago = (total_rounds - absorbed_at[j]) if absorbed_at[j] is not None else None
-            for q, a in zip(d.questions, d.answers):
-                msgs = [{"role": "user", "content": q}]
-                if absorbs:
-                    reply = eng.generate(chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
-                else:
-                    kept = stream if name == "full" else stream[len(stream) - window:]
-                    eng.reset()
-                    reply = eng.generate(kept + chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
-                reply = tok.decode(reply)
-                rows.append({"method": name, "doc": j, "rounds_ago": ago, "question": q, "answer": a,
-                             "reply": reply, "correct": score(reply, a)})
+        for label in [name] + ([f"{name}-no-window"] if without_window and absorbs else []):
+            if label != name:
+                eng.discard_window()
+            for j, d in enumerate(texts):
+                if ends[j] > cut:                     # still (partly) in the window: not a memory question
+                    continue
+                ago = (total_rounds - absorbed_at[j]) if absorbed_at[j] is not None else None
+                for q, a in zip(d.questions, d.answers):
+                    msgs = [{"role": "user", "content": q}]
+                    if absorbs:
+                        reply = eng.generate(chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
+                    else:
+                        kept = stream if name == "full" else stream[len(stream) - window:]
+                        eng.reset()
+                        reply = eng.generate(kept + chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
+                    reply = tok.decode(reply)
+                    rows.append({"method": label, "doc": j, "rounds_ago": ago, "question": q, "answer": a,
+                                 "reply": reply, "correct": score(reply, a)})
         got = [r for r in rows if r["method"] == name]
         if got:
             got[0]["absorb_seconds"] = seconds      # the whole stream's absorption, counted once
@@ -147,6 +152,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             print(f"{name}: {sum(r['correct'] for r in got)}/{len(got)} ({seconds:.0f} s, {total_rounds} rounds)",
                   flush=True)
         eng.close()
+    methods = list(methods) + [m for m in dict.fromkeys(r["method"] for r in rows) if m not in methods]
     return {"model": model, "docs": docs, "seed": seed, "stream": True,
             "configs": {k: v.to_dict() for k, v in configs.items()}, "summary": summarize(rows, methods, docs),
             "rows": rows}
@@ -222,6 +228,8 @@ def main(argv=None) -> int:
                          "(methods: window, full, ttt, absorber)")
     ap.add_argument("--flush-each", action="store_true",
                     help="with --stream: flush at every document's end (one round per document, nothing raw)")
+    ap.add_argument("--without-window", action="store_true",
+                    help="with --stream: ask the absorbing methods again with the window discarded")
     ap.add_argument("--rescore", metavar="RESULTS.json", help="score a saved run again (no model is run)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -237,7 +245,7 @@ def main(argv=None) -> int:
     elif args.stream:
         methods = [{"none": "window"}.get(m, m) for m in methods]
         result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
-                            flush_each=args.flush_each)
+                            flush_each=args.flush_each, without_window=args.without_window)
     else:
         result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
     out = Path(args.out) if args.out else HERE / "results" / "recall" / Path(str(args.model)).name
