@@ -9,7 +9,8 @@ Time: triton.testing.do_bench, median, after its warm-up; forward + backward whe
 trains through the op, forward only for the teacher's attention. Achieved TFLOP/s from the same
 operation counts ROOFLINE.md derives.
 
-    python -m benchmarks.gpu_kernels [--smoke] [--out DIR]
+    python -m benchmarks.gpu_kernels [--smoke] [--ops linear_kl,...] [--sizes smollm2,7b]
+                                     [--dtypes float32,bfloat16] [--no-timing] [--out DIR]
 
 --smoke runs tiny shapes and no timing, so the script can be checked on CPU under
 TRITON_INTERPRET=1. No assertions on speed anywhere.
@@ -19,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from absorber_kernels import attention_ref, hidden_l1_ref, linear_kl_ref, lowrank_linear_ref
-from absorber_kernels.lowrank_batched import lowrank_linear_batched_ref
 
 LIMIT = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
@@ -53,10 +50,12 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class Case:
-    """One op at one size: inputs built once per call of `inputs(dtype)`, and three ways to run it."""
+    """One op at one size: `make(dtype)` draws fresh inputs; `run(ops, inputs, impl)` runs the op
+    (impl "engine": the op table's entry; "plain": the user's formulation) and returns its outputs
+    and gradients; `flops` counts its matrix work."""
 
-    def __init__(self, name, make, run, flops, train=True):
-        self.name, self.make, self.run, self.flops, self.train = name, make, run, flops, train
+    def __init__(self, name, make, run, flops):
+        self.name, self.make, self.run, self.flops = name, make, run, flops
 
 
 def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -164,7 +163,7 @@ def cases(sz: dict, device) -> list[Case]:
         S = at["T"] + (at["P"] if prefix else 0)
         causal_pairs = S * (S + 1) / 2
         fl = 4 * at["H"] * causal_pairs * at["Dh"] * (1 if prefix else 3.5)   # fwd 2 GEMMs; bwd 5 more
-        out.append(Case("attention_teacher" if prefix else "attention_student", mk_attn, run_attn, fl, train=not prefix))
+        out.append(Case("attention_teacher" if prefix else "attention_student", mk_attn, run_attn, fl))
     return out
 
 
