@@ -92,7 +92,9 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                flush_each: bool = False, without_window: bool = False) -> dict:
     """A stream of `docs` documents fed one after another through the engine's window (n + m tokens,
     about two documents); then every fact of every document that has left the window entirely is
-    asked, after the window, and scored by how many rounds ago its document was absorbed.
+    asked, after the window, and scored by how many rounds ago its document was absorbed. The
+    documents still in the window are asked too and counted apart (in_window): what the raw window
+    answers, which a memory must not lose.
     window: the raw window alone (no memory); full: the whole stream in the prompt. flush_each: each
     document is flushed as it arrives (rounds cut at document ends, nothing kept raw), so every
     document is asked, from memory alone. without_window: the absorbing methods are asked the same
@@ -130,7 +132,8 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             if label != name:
                 eng.discard_window()
             for j, d in enumerate(texts):
-                if ends[j] > cut:                     # still (partly) in the window: not a memory question
+                in_window = ends[j] > cut             # still (partly) raw: scored apart, not as memory
+                if in_window and label != name:
                     continue
                 ago = (total_rounds - absorbed_at[j]) if absorbed_at[j] is not None else None
                 for q, a in zip(d.questions, d.answers):
@@ -143,8 +146,8 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                         reply = eng.generate(kept + chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
                     reply = tok.decode(reply)
                     rows.append({"method": label, "doc": j, "rounds_ago": ago, "question": q, "answer": a,
-                                 "reply": reply, "correct": score(reply, a)})
-        got = [r for r in rows if r["method"] == name]
+                                 "reply": reply, "correct": score(reply, a), "in_window": in_window})
+        got = [r for r in rows if r["method"] == name and not r["in_window"]]
         if got:
             got[0]["absorb_seconds"] = seconds      # the whole stream's absorption, counted once
             got[0]["held_bytes"] = held
@@ -176,13 +179,17 @@ def summarize(rows: list[dict], methods, docs: int) -> dict:
     rounds ago the document was absorbed."""
     summary = {}
     for name in methods:
-        got = [r for r in rows if r["method"] == name]
-        for r in got:
+        mine = [r for r in rows if r["method"] == name]
+        for r in mine:
             r["correct"] = score(r["reply"], r["answer"])
+        got = [r for r in mine if not r.get("in_window")]
         hits = sum(r["correct"] for r in got)
         summary[name] = {"accuracy": hits / max(len(got), 1), "hits": hits, "n": len(got),
                          "ci95": list(wilson(hits, len(got))),
                          "absorb_seconds_per_doc": sum(r.get("absorb_seconds", 0.0) for r in got) / max(docs, 1)}
+        raw = [r for r in mine if r.get("in_window")]
+        if raw:
+            summary[name]["in_window"] = [sum(r["correct"] for r in raw), len(raw)]
         held = [r["held_bytes"] for r in got if r.get("held_bytes")]
         if held:
             summary[name]["held_delta_mib"] = held[0] / 2**20
@@ -206,6 +213,9 @@ def render(result: dict) -> str:
         if "by_rounds_ago" in v:
             cells = ", ".join(f"{a} ago {h}/{n}" for a, (h, n) in v["by_rounds_ago"].items())
             lines.append(f"\n{name} by rounds since absorbed: {cells}")
+        if "in_window" in v:
+            lines.append(f"\n{name} on the documents still in the window (not in the accuracy): "
+                         f"{v['in_window'][0]}/{v['in_window'][1]}")
         if "held_delta_mib" in v:
             lines.append(f"\n{name} memory held after the stream: {v['held_delta_mib']:.2f} MiB of deltas")
     if "full" in s and "absorber" in s and s["full"]["accuracy"] > 0:

@@ -35,3 +35,10 @@ def test_summary_intervals_and_rounds_ago():
     lo, hi = wilson(2, 4)
     assert 0 < lo < 0.5 < hi < 1 and s["ci95"] == [lo, hi]
     assert wilson(0, 48)[0] == 0.0 and round(wilson(0, 48)[1], 3) == 0.074
+
+
+def test_questions_still_in_the_window_are_counted_apart():
+    rows = [{"method": "m", "reply": r, "answer": "42", "rounds_ago": 1, "in_window": raw}
+            for r, raw in [("42", False), ("No.", False), ("42", True), ("42", True), ("x", True)]]
+    s = summarize(rows, ["m"], docs=1)["m"]
+    assert (s["hits"], s["n"], s["in_window"]) == (1, 2, [2, 3]) and s["by_rounds_ago"] == {"1": [1, 2]}
