@@ -98,7 +98,7 @@ WINDOW = -1      # route(): the raw window (read under the newest delta) answers
 # prompt and <|im_end|>: about 40 nats, as the first tokens of a sequence lose their sink), which
 # no delta read from the start gives. Measured on SmolLM2-135M, 20 one-document deltas and a
 # 512-token window, 2 streams x 96 questions: the window's gain was 1.29-2.19x the best delta's
-# for the 32 questions about documents in the window, 0.6-1.54x for the 160 about absorbed ones;
+# for the 32 questions about documents in the window, 0.56-1.54x for the 160 about absorbed ones;
 # 1.4-1.5 misroutes 6 of 192 (1.0: 40).
 WINDOW_MARGIN = 1.5
 
@@ -118,10 +118,18 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | 
     delta that wins is then read without the window, so the raw text of other documents cannot
     outvote what it holds (SmolLM2, 24 documents streamed, questions about the 20 absorbed: 66%
     read without the window, 48% with it, whose look-alike documents answered in their place)."""
+    if len(deltas) == 1 or len(runner.prefix) + len(ids) <= max(len(runner.prefix), 1):
+        return len(deltas) - 1
+    gains, window_gain = route_gains(runner, deltas, ids, window)
+    best = int(gains.argmin())
+    return WINDOW if window_gain is not None and window_gain <= WINDOW_MARGIN * gains[best] else best
+
+
+def route_gains(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | None = None):
+    """route()'s scores: each delta's gain on `ids` (a tensor, one per delta) and the window's (None
+    without a raw token to read). `ids` must hold a token to score."""
     seq = runner.prefix + list(ids)
     start = max(len(runner.prefix), 1)
-    if len(deltas) == 1 or len(seq) <= start:
-        return len(deltas) - 1
     base = SimpleNamespace(A={n: torch.zeros_like(a) for n, a in deltas[0].A.items()},
                            B={n: torch.zeros_like(b) for n, b in deltas[0].B.items()}, scale=deltas[0].scale)
     runner.bind([base] + list(deltas))
@@ -130,15 +138,14 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | 
     nll = torch.stack([F.cross_entropy(runner.logits(final[s, start - 1:-1]), x[0, start:], reduction="none")
                        for s in range(len(deltas) + 1)])
     gains = (nll[1:] - nll[0]).clamp(max=0).sum(1)
-    best = int(gains.argmin())
     if window is None or len(window.tokens) <= len(runner.prefix):     # no raw token to read
-        return best
+        return gains, None
     # The same tokens read after the window: its last state predicts ids[0], ids[i] predicts ids[i + 1].
     runner.bind([window.delta])
     after, _ = runner.forward(torch.tensor([ids], dtype=torch.long, device=runner.device), runner.make_cache(window.kv))
     states = torch.cat([window.last[None], after[0, :-1]])[start - len(runner.prefix):]
     window_nll = F.cross_entropy(runner.logits(states), x[0, start:], reduction="none")
-    return WINDOW if (window_nll - nll[0]).clamp(max=0).sum() <= WINDOW_MARGIN * gains[best] else best
+    return gains, float((window_nll - nll[0]).clamp(max=0).sum())
 
 
 def logits_after(runner: ModelRunner, delta, window: WindowKV, ids: list[int]) -> torch.Tensor:
