@@ -125,6 +125,7 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | 
     return WINDOW if window_gain is not None and window_gain <= WINDOW_MARGIN * gains[best] else best
 
 
+@torch.no_grad()
 def route_gains(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | None = None):
     """route()'s scores: each delta's gain on `ids` (a tensor, one per delta) and the window's (None
     without a raw token to read). `ids` must hold a token to score."""
