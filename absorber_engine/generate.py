@@ -63,24 +63,42 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 
 class WindowCache:
-    """Each session's window KV, built once per window and delta and reused by every query; the
-    engine drops a session's entry whenever its delta changes."""
+    """Each session's window KV, built once per window and reader and reused by every query. Two
+    readers: the newest delta (a prompt continuing the stream) and the base model (a prompt that
+    route() sends to the window). The engine drops a session's entries whenever its deltas change."""
+
+    READERS = ("newest", "base")
 
     def __init__(self):
-        self._kv: dict = {}
+        self._kv: dict = {}              # (session key, reader) -> WindowKV
+        self._zero: dict = {}            # session key -> its Δ = 0 (the base reader)
 
-    def get(self, runner: ModelRunner, key, delta, tokens: list[int]) -> WindowKV:
-        win = self._kv.get(key)
+    def get(self, runner: ModelRunner, key, delta, tokens: list[int], reader: str = "newest") -> WindowKV:
+        win = self._kv.get((key, reader))
         if win is None or win.tokens != tokens or win.delta is not delta:
-            win = self._kv[key] = _window_kv(runner, delta, tokens)
+            win = self._kv[(key, reader)] = _window_kv(runner, delta, tokens)
         return win
 
+    def zero(self, key, like) -> SimpleNamespace:
+        """A Δ = 0 shaped as `like`, kept per session so its window KV is built once."""
+        if key not in self._zero:
+            self._zero[key] = zero_delta(like)
+        return self._zero[key]
+
     def drop(self, key) -> None:
-        self._kv.pop(key, None)
+        for reader in self.READERS:
+            self._kv.pop((key, reader), None)
+        self._zero.pop(key, None)
 
     def nbytes(self, key) -> int:
-        win = self._kv.get(key)
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in win.kv) if win else 0
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for reader in self.READERS for k, v in getattr(self._kv.get((key, reader)), "kv", []))
+
+
+def zero_delta(like) -> SimpleNamespace:
+    """Δ = 0 in the shapes of `like`: the base model for the runner's delta-bound forwards."""
+    return SimpleNamespace(A={n: torch.zeros_like(a) for n, a in like.A.items()},
+                           B={n: torch.zeros_like(b) for n, b in like.B.items()}, scale=like.scale)
 
 
 def _window_kv(runner: ModelRunner, delta, tokens: list[int]) -> WindowKV:
@@ -92,15 +110,7 @@ def _window_kv(runner: ModelRunner, delta, tokens: list[int]) -> WindowKV:
     return WindowKV(tokens, cache_tensors(cache), final[0, -1], delta)
 
 
-WINDOW = -1      # route(): the raw window (read under the newest delta) answers, not a delta alone
-# How many times a delta's gain the window's must be to win. A prompt read after the window's
-# hundreds of tokens is less surprising on its template tokens alone (SmolLM2's default system
-# prompt and <|im_end|>: about 40 nats, as the first tokens of a sequence lose their sink), which
-# no delta read from the start gives. Measured on SmolLM2-135M, 20 one-document deltas and a
-# 512-token window, 2 streams x 96 questions: the window's gain was 1.29-2.19x the best delta's
-# for the 32 questions about documents in the window, 0.56-1.54x for the 160 about absorbed ones;
-# 1.4-1.5 misroutes 6 of 192 (1.0: 40).
-WINDOW_MARGIN = 1.5
+WINDOW = -1      # route(): the raw window, read by the base model, answers; not a delta alone
 
 
 def route(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | None = None) -> int:
@@ -113,16 +123,25 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | 
     `ids` alone in one batched forward. Without a token to score: the newest delta (the text just
     before the window).
 
-    `window` (its KV under the newest delta) is one more candidate, scored the same way on `ids`
-    read after it: WINDOW when it helps WINDOW_MARGIN times as much as the best delta alone. A
-    delta that wins is then read without the window, so the raw text of other documents cannot
-    outvote what it holds (SmolLM2, 24 documents streamed, questions about the 20 absorbed: 66%
-    read without the window, 48% with it, whose look-alike documents answered in their place)."""
-    if len(deltas) == 1 or len(runner.prefix) + len(ids) <= max(len(runner.prefix), 1):
+    `window` (its KV under the base model) is one more candidate, scored the same way on `ids`
+    read after it: WINDOW when it helps more than every delta alone. A delta that wins is read
+    without the window, so the raw text of other documents cannot outvote what it holds (SmolLM2,
+    24 documents streamed, questions about the 20 absorbed: 66% read without the window, 48% with
+    it, whose look-alike documents answered in their place). Read by the base model, the window
+    separates cleanly: its gain was 1.24-1.94x the best delta's on the 32 questions about documents
+    still in it and at most 0.94x on the 160 about absorbed ones (two streams); read by the newest
+    delta, whose own text it continues, it overlapped (0.56-1.54x on absorbed ones) and answered
+    fewer of its own questions (2/32 against 9/32)."""
+    if len(deltas) == 1 or not scorable(runner, ids):
         return len(deltas) - 1
     gains, window_gain = route_gains(runner, deltas, ids, window)
     best = int(gains.argmin())
-    return WINDOW if window_gain is not None and window_gain <= WINDOW_MARGIN * gains[best] else best
+    return WINDOW if window_gain is not None and window_gain <= gains[best] else best
+
+
+def scorable(runner: ModelRunner, ids: list[int]) -> bool:
+    """Whether `ids` hold a token route() can score (one after the first, or after the prefix)."""
+    return len(runner.prefix) + len(ids) > max(len(runner.prefix), 1)
 
 
 @torch.no_grad()
@@ -131,9 +150,7 @@ def route_gains(runner: ModelRunner, deltas: list, ids: list[int], window: Windo
     without a raw token to read). `ids` must hold a token to score."""
     seq = runner.prefix + list(ids)
     start = max(len(runner.prefix), 1)
-    base = SimpleNamespace(A={n: torch.zeros_like(a) for n, a in deltas[0].A.items()},
-                           B={n: torch.zeros_like(b) for n, b in deltas[0].B.items()}, scale=deltas[0].scale)
-    runner.bind([base] + list(deltas))
+    runner.bind([zero_delta(deltas[0])] + list(deltas))
     x = torch.tensor([seq], dtype=torch.long, device=runner.device).expand(len(deltas) + 1, -1)
     final, _ = runner.forward(x)
     nll = torch.stack([F.cross_entropy(runner.logits(final[s, start - 1:-1]), x[0, start:], reduction="none")
@@ -319,11 +336,15 @@ class GenerationMixin:
                 self._rest()
 
     def _routed(self, sess: Session, ids: list[int]) -> tuple:
-        """The delta of `sess` and the window KV that read the prompt `ids` (route): the newest delta
-        and the raw window, or a delta of the bank alone when it explains `ids` better."""
-        newest = sess.slots[-1]
-        window = self._windows.get(self.runner, sess.key, newest, self.runner.prefix + self.window_tokens(sess))
+        """The delta of `sess` and the window KV that read the prompt `ids` (route): with one delta,
+        or no prompt to score, the newest delta and the raw window (the stream continued); else a
+        delta of the bank alone, or the base model and the raw window when that explains `ids` best."""
+        newest, tokens = sess.slots[-1], self.runner.prefix + self.window_tokens(sess)
+        if len(sess.slots) == 1 or not scorable(self.runner, ids):
+            return newest, self._windows.get(self.runner, sess.key, newest, tokens)
+        zero = self._windows.zero(sess.key, newest)
+        window = self._windows.get(self.runner, sess.key, zero, tokens, reader="base")
         k = route(self.runner, list(sess.slots), ids, window)
-        if k == WINDOW or sess.slots[k] is newest:
-            return newest, window
+        if k == WINDOW:
+            return zero, window
         return sess.slots[k], _window_kv(self.runner, sess.slots[k], self.runner.prefix)

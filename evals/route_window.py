@@ -1,14 +1,15 @@
 """Where a stream's questions should read: the raw window, or a delta of the bank alone. A stream of
 documents is absorbed as plain text (the recommended config: rounds cut at blank lines, a delta a
-round), then every question of every document is answered three ways (the routed delta with the
-window, the routed delta alone, the newest delta with the window) beside the two gains route()
-compares (generate.WINDOW_MARGIN was chosen from these).
+round), then every question of every document is answered four ways (the routed delta with the
+window, the routed delta alone, the newest delta with the window, the base model with the window)
+beside the gains route() compares: the best delta's, and the window's read by either reader (the
+newest delta, as first tried, or the base model, as route() does).
 
     python -m evals.route_window --docs 24 --seed 17 --memory mem17.safetensors --out DIR
 
 --memory: a memory file of that stream, absorbed and written there first when it does not exist.
-Writes rows.json (per question: gains, the three replies, each scored) and RESULTS.md (the three
-ways, and route()'s choice at several margins).
+Writes rows.json (per question: gains, the four replies, each scored) and RESULTS.md (the four
+ways, and the choice at several margins of the window's gain over the best delta's, per reader).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from absorber_engine import AbsorberEngine, inputs
-from absorber_engine.generate import _window_kv, generate_rows, route_gains
+from absorber_engine.generate import _window_kv, generate_rows, route_gains, zero_delta
 from absorber_engine.model_store import recommended_config, resolve
 
 from .facts import make_document, score
@@ -48,17 +49,18 @@ def stream_engine(model: str, docs: int, seed: int, memory: str) -> tuple[Absorb
 
 
 @torch.no_grad()
-def answer_three_ways(eng: AbsorberEngine, docs: int, seed: int, ends: list[int]) -> list[dict]:
+def answer_four_ways(eng: AbsorberEngine, docs: int, seed: int, ends: list[int]) -> list[dict]:
     r, tok = eng.runner, eng.tokenizer
     slots, window = list(eng.default.slots), r.prefix + eng.window_tokens()
-    newest_window = _window_kv(r, slots[-1], window)
+    zero = zero_delta(slots[-1])
+    readers = {"newest": (slots[-1], _window_kv(r, slots[-1], window)), "base": (zero, _window_kv(r, zero, window))}
     stops = inputs.stop_ids(["<|im_end|>"], tok, r.vocab_size)
     rows = []
     for j in range(docs):
         d = make_document(seed, j, place=True)
         for q, a in zip(d.questions, d.answers):
             ids = chat_ids(tok, [{"role": "user", "content": q}])
-            gains, window_gain = route_gains(r, slots, ids, newest_window)
+            gains, _ = route_gains(r, slots, ids)
             k = int(gains.argmin())
 
             def reply(delta, win):
@@ -66,10 +68,11 @@ def answer_three_ways(eng: AbsorberEngine, docs: int, seed: int, ends: list[int]
                 return tok.decode(out)
 
             replies = {"delta_and_window": reply(slots[k], _window_kv(r, slots[k], window)),
-                       "delta_alone": reply(slots[k], _window_kv(r, slots[k], r.prefix)),
-                       "newest_and_window": reply(slots[-1], newest_window)}
+                       "delta_alone": reply(slots[k], _window_kv(r, slots[k], r.prefix))}
+            replies.update({f"{name}_and_window": reply(*pair) for name, pair in readers.items()})
             rows.append({"doc": j, "in_window": ends[j] > eng.absorbed_tokens, "question": q, "answer": a,
-                         "routed": k, "gain_best_delta": float(gains[k]), "gain_window": window_gain,
+                         "routed": k, "gain_best_delta": float(gains[k]),
+                         "gain_window": {name: route_gains(r, slots, ids, win)[1] for name, (_, win) in readers.items()},
                          "replies": replies, "correct": {w: score(t, a) for w, t in replies.items()}})
     return rows
 
@@ -81,14 +84,16 @@ def render(rows: list[dict], seed: int) -> str:
              "", "| read | absorbed: correct | in the window: correct |", "| --- | --- | --- |"]
     for way in rows[0]["replies"]:
         lines.append(f"| {way} | {sum(r['correct'][way] for r in out)} | {sum(r['correct'][way] for r in raw)} |")
-    lines += ["", "| WINDOW_MARGIN | absorbed: to the window (wrong) | in the window: to the window (right) "
-              "| absorbed: correct |", "| --- | --- | --- | --- |"]
-    for m in MARGINS:
-        to_window = [r["gain_window"] <= m * r["gain_best_delta"] for r in rows]
-        got = sum(r["correct"]["newest_and_window" if w else "delta_alone"]
-                  for r, w in zip(rows, to_window) if not r["in_window"])
-        lines.append(f"| {m} | {sum(w for r, w in zip(rows, to_window) if not r['in_window'])} | "
-                     f"{sum(w for r, w in zip(rows, to_window) if r['in_window'])} | {got} |")
+    lines += ["", "| window read by | margin | absorbed: to the window (wrong) | in the window: to the window (right) "
+              "| absorbed: correct | in the window: correct |", "| --- | --- | --- | --- | --- | --- |"]
+    for reader in rows[0]["gain_window"]:
+        for m in MARGINS:
+            to_window = [r["gain_window"][reader] <= m * r["gain_best_delta"] for r in rows]
+            got = [r["correct"][f"{reader}_and_window" if w else "delta_alone"] for r, w in zip(rows, to_window)]
+            lines.append(f"| {reader} | {m} | {sum(w for r, w in zip(rows, to_window) if not r['in_window'])} | "
+                         f"{sum(w for r, w in zip(rows, to_window) if r['in_window'])} | "
+                         f"{sum(g for r, g in zip(rows, got) if not r['in_window'])} | "
+                         f"{sum(g for r, g in zip(rows, got) if r['in_window'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     eng, ends = stream_engine(args.model, args.docs, args.seed, args.memory)
-    rows = answer_three_ways(eng, args.docs, args.seed, ends)
+    rows = answer_four_ways(eng, args.docs, args.seed, ends)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
