@@ -2,7 +2,7 @@
 
     GenerationMixin  the engine's logits(), generate() and generate_batch()
     route(...)       which of a memory's deltas (memory_slots), or its raw window, a prompt reads
-    WindowCache      each window's KV under its delta, built once per window and delta
+    WindowCache      each window's KV under its readers (newest delta, base model), built once
     prefill(...)     all rows' windows and prompts in one forward, left-padded to one width
     decode(...)      one token per row per step until max_new_tokens or a stop token
 

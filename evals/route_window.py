@@ -60,7 +60,8 @@ def answer_four_ways(eng: AbsorberEngine, docs: int, seed: int, ends: list[int])
         d = make_document(seed, j, place=True)
         for q, a in zip(d.questions, d.answers):
             ids = chat_ids(tok, [{"role": "user", "content": q}])
-            gains, _ = route_gains(r, slots, ids)
+            scores = {name: route_gains(r, slots, ids, win) for name, (_, win) in readers.items()}
+            gains = scores["base"][0]
             k = int(gains.argmin())
 
             def reply(delta, win):
@@ -72,7 +73,7 @@ def answer_four_ways(eng: AbsorberEngine, docs: int, seed: int, ends: list[int])
             replies.update({f"{name}_and_window": reply(*pair) for name, pair in readers.items()})
             rows.append({"doc": j, "in_window": ends[j] > eng.absorbed_tokens, "question": q, "answer": a,
                          "routed": k, "gain_best_delta": float(gains[k]),
-                         "gain_window": {name: route_gains(r, slots, ids, win)[1] for name, (_, win) in readers.items()},
+                         "gain_window": {name: g for name, (_, g) in scores.items()},
                          "replies": replies, "correct": {w: score(t, a) for w, t in replies.items()}})
     return rows
 
