@@ -184,7 +184,7 @@ def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], pr
             raise InputError(f"generate() needs a prompt when the window holds no tokens (row {row} of the batch)")
     runner.bind(deltas)
     padded = len({len(w.tokens) for w in windows}) > 1 or len({len(p) for p in prompts}) > 1
-    with runner.padded_attention(padded):
+    with runner.sdpa_attention(padded):
         rows = prefill(runner, windows, prompts, padded)
         return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generators, on_token)
 

@@ -85,15 +85,14 @@ class ModelRunner:
         self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
         if self.compiled:
             compile_layers(self.layers)
-        self._attn_before = self._attn_kernel = None
+        self._attn_before = None
         self._head_cast = None
         if self.backend == "triton":
             # The teacher, the student and generation all run through the flash-attention kernel.
             from absorber_kernels.hf_attention import register_hf_attention
 
             self._attn_before = model.config._attn_implementation
-            self._attn_kernel = register_hf_attention()
-            model.set_attn_implementation(self._attn_kernel)
+            model.set_attn_implementation(register_hf_attention())
 
     @property
     def ops(self):
@@ -218,16 +217,19 @@ class ModelRunner:
         return torch.autocast(self.device.type, enabled=False)
 
     @contextmanager
-    def padded_attention(self, padded: bool):
-        """Padded rows need a padding mask, which the flash kernel does not take; sdpa does."""
-        switch = padded and self._attn_kernel is not None
+    def sdpa_attention(self, needed: bool = True):
+        """Torch's sdpa inside the block when `needed`: padded rows need a padding mask, which the
+        flash kernel does not take, and the static decoder's boolean mask is read as one by sdpa only
+        (eager attention adds a mask to the scores)."""
+        before = self.model.config._attn_implementation
+        switch = needed and before != "sdpa"
         if switch:
             self.model.set_attn_implementation("sdpa")
         try:
             yield
         finally:
             if switch:
-                self.model.set_attn_implementation(self._attn_kernel)
+                self.model.set_attn_implementation(before)
 
 
 def cache_tensors(cache: DynamicCache, keep: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

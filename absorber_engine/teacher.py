@@ -24,6 +24,7 @@ from absorber_kernels.linear_kl import teacher_side
 from .config import AbsorberConfig
 from .generate import sample_next
 from .model import ModelRunner, cache_tensors
+from . import static_decode
 from .probes import FORCED_KINDS, answer_mask, kinds_per_round
 from .replay import replay_groups
 from .targets import FutureGroup, RoundBatch, SyncTargets, positions
@@ -220,7 +221,7 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
             forced = prompt.repeat(S, 1)
         else:
             forced = prompt.expand(S * count, -1) if prompt.dim() == 1 else prompt.repeat_interleave(count, dim=0)
-        with runner.capture() as cap, runner.padded_attention(mask is not None):
+        with runner.capture() as cap, runner.sdpa_attention(mask is not None):
             final, cache = runner.forward(forced, cache, use_cache=True, attention_mask=mask,
                                           position_ids=position)                      # (S·count, p, D)
         parts_ids.append(forced)
@@ -231,23 +232,43 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
         logits = first_logits.repeat_interleave(count, dim=0)                        # (S·count, V)
     # Decode steps run in the model's own dtype: a step of a few rows reads each weight once, and
     # autocast would first write a low-precision copy of every weight and read that (1.7x slower
-    # per step on a CPU in bf16). The cache built under autocast is promoted as it grows.
-    with runner.model_dtype(), runner.capture() as cap, runner.padded_attention(mask is not None):
-        for step in range(length - p):
-            tok = torch.cat([sample_next(logits[s * count:(s + 1) * count], temperature, top_p, gen)
-                             for s, gen in enumerate(batch.generators)])            # (S·count,)
-            before = len(cap.states)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(S * count, 1)], dim=1)
-                position = position[:, -1:] + 1
-            final, cache = runner.forward(tok[:, None], cache, use_cache=True, attention_mask=mask,
-                                          position_ids=position)                      # (S·count, 1, D)
-            parts_ids.append(tok[:, None])
-            hidden_parts.append(cap.states[before:])
-            final_parts.append(final)
-            if step + 1 < length - p:
-                logits = runner.logits(final[:, -1])
+    # per step on a CPU in bf16). The cache built under autocast is cast to it.
+    steps = length - p
+    if steps and static_decode.supported(runner):
+        with runner.model_dtype(), runner.sdpa_attention():
+            kv = cache_tensors(cache)
+            nxt = position[:, -1:] + 1 if position is not None else torch.full(
+                (S * count, 1), kv[0][0].shape[2], device=runner.device)
+            decoder = static_decode.StaticDecoder(runner, kv, steps, mask, nxt)
+            for _ in range(steps):
+                tok = _sample(logits, batch, count, temperature, top_p)
+                parts_ids.append(tok[:, None])
+                logits = decoder.step(tok)
+            hidden, final = decoder.states()
+        hidden_parts.append(hidden)
+        final_parts.append(final)
+    elif steps:
+        with runner.model_dtype(), runner.capture() as cap, runner.sdpa_attention(mask is not None):
+            for step in range(steps):
+                tok = _sample(logits, batch, count, temperature, top_p)
+                before = len(cap.states)
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(S * count, 1)], dim=1)
+                    position = position[:, -1:] + 1
+                final, cache = runner.forward(tok[:, None], cache, use_cache=True, attention_mask=mask,
+                                              position_ids=position)                  # (S·count, 1, D)
+                parts_ids.append(tok[:, None])
+                hidden_parts.append(cap.states[before:])
+                final_parts.append(final)
+                if step + 1 < steps:
+                    logits = runner.logits(final[:, -1])
     ids = torch.cat(parts_ids, dim=1)                                                # (S·count, T)
     hidden = [torch.cat([h[layer] for h in hidden_parts], dim=1) for layer in range(runner.num_states)]
     final = torch.cat(final_parts, dim=1).reshape(-1, runner.hidden_size) if need_final else None
     return FutureGroup(ids, hidden, final)
+
+
+def _sample(logits: torch.Tensor, batch: RoundBatch, count: int, temperature, top_p) -> torch.Tensor:
+    """The next token of every row (S·count,), each stream's rows from its own generator."""
+    return torch.cat([sample_next(logits[s * count:(s + 1) * count], temperature, top_p, gen)
+                      for s, gen in enumerate(batch.generators)])

@@ -458,45 +458,55 @@ def _engine_dtype(cfg, device: torch.device = torch.device("cpu")) -> str:
 # ---------------------------------------------------------------------------------------- decode step
 
 def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) -> dict:
-    """One batched decode step of probe sampling (as teacher.sample_with_states runs it: the engine's
-    autocast, residual capture, the LM head, sampling) against the matmuls of the same step alone:
+    """One batched decode step of probe sampling as the engine runs it (static_decode.StaticDecoder:
+    the model's own dtype, residual capture, the LM head; a CUDA graph on a GPU), the same step over
+    a growing DynamicCache (what the engine ran before), and the matmuls of the same step alone:
     every linear at `rows` tokens (base weight, plus x·A·B on the targets), q·Kᵀ and p·V over the
     cached context, and the LM head, run back to back on tensors prepared beforehand."""
     from absorber_engine.generate import sample_next
     from absorber_engine.model import cache_tensors
+    from absorber_engine.static_decode import StaticDecoder
 
     model, tok = model_and_tok or load_model(name)
     cfg, _ = engine_config(name, "probes4")
-    out = dict(model=name, rows=rows, context=cfg.chunk_tokens)
-    for dtype_name in ("auto", "float32"):
-        engine = AbsorberEngine(copy.deepcopy(model), tokenizer=tok, config=cfg.replace(compute_dtype=dtype_name))
-        runner = engine.runner
-        dev = runner.device
-        gen = torch.Generator(device=dev).manual_seed(0)
-        ctx = torch.tensor([engine.frame.context_open + token_stream(cfg.chunk_tokens, 2000, 3) + engine.frame.context_close],
-                           device=dev)
-        with torch.no_grad(), runner.autocast():
+    engine = AbsorberEngine(copy.deepcopy(model), tokenizer=tok, config=cfg)
+    runner = engine.runner
+    dev = runner.device
+    ctx = torch.tensor([engine.frame.context_open + token_stream(cfg.chunk_tokens, 2000, 3) + engine.frame.context_close],
+                       device=dev)
+    median = lambda ts: sorted(ts[2:])[len(ts[2:]) // 2]          # noqa: E731  (two warm-up steps)
+    out = dict(model=name, rows=rows, context=ctx.shape[1])
+    with torch.no_grad():
+        with runner.autocast():                                    # X is read as a round reads it
             runner.bind([engine.delta])
             final, cache = runner.forward(ctx, use_cache=True)
             kv = cache_tensors(cache)
-            runner.bind([engine.delta], rows)
-            cache = runner.make_cache(kv, repeat=rows)
-            logits = runner.logits(final[:, -1]).repeat(rows, 1)
-            times = []
-            for i in range(steps + 2):
-                t0 = now(dev)
-                tok_ = sample_next(logits, 1.0, 1.0, gen)
-                with runner.capture() as cap:
-                    final, cache = runner.forward(tok_[:, None], cache, use_cache=True)
-                logits = runner.logits(final[:, -1])
-                times.append(now(dev) - t0)
-                del cap
-        step = sorted(times[2:])[len(times[2:]) // 2]
-        mm_dtype = runner.compute_dtype or torch.float32
-        mm = _matmul_time(runner, engine.delta, rows, ctx.shape[1] + steps // 2, mm_dtype)
-        engine.close()
-        out[dtype_name] = dict(compute_dtype=str(mm_dtype).replace("torch.", ""), step_ms=1e3 * step,
-                               matmul_ms=1e3 * mm, ratio=step / mm)
+        first = runner.logits(final[:, -1]).repeat(rows, 1)
+        runner.bind([engine.delta], rows)
+        for how in ("static", "growing"):
+            gen = torch.Generator(device=dev).manual_seed(0)
+            logits, times = first, []
+            with runner.sdpa_attention(how == "static"):
+                if how == "static":
+                    dec = StaticDecoder(runner, [(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in kv],
+                                        steps + 2, None, torch.full((rows, 1), ctx.shape[1], device=dev))
+                else:
+                    grow = runner.make_cache(kv, repeat=rows)
+                for _ in range(steps + 2):
+                    t0 = now(dev)
+                    tok_ = sample_next(logits, 1.0, 1.0, gen)
+                    if how == "static":
+                        logits = dec.step(tok_)
+                    else:
+                        with runner.capture():
+                            final, grow = runner.forward(tok_[:, None], grow, use_cache=True)
+                        logits = runner.logits(final[:, -1])
+                    times.append(now(dev) - t0)
+            out[f"{how}_ms"] = 1e3 * median(times)
+    mm = _matmul_time(runner, engine.delta, rows, ctx.shape[1] + steps // 2, runner.dtype)
+    engine.close()
+    out.update(matmul_ms=1e3 * mm, ratio=out["static_ms"] / (1e3 * mm), growing_ratio=out["growing_ms"] / (1e3 * mm),
+               graphs=dev.type == "cuda")
     return out
 
 

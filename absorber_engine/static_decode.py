@@ -1,0 +1,103 @@
+"""Decode steps over a static KV cache: one step function, run eagerly on a CPU and captured once
+as a CUDA graph on a GPU, then replayed.
+
+Why: a decode step of a few rows does little arithmetic (SmolLM2 at 4 rows: some 0.5 GFLOP), and a
+growing cache makes it hundreds of small launches plus Python per token. On an H200 a step took
+7.9x its matmuls. With every tensor a step touches allocated once (the cache for the whole
+length, the token, positions, the attention mask, the outputs for every step), the step has the
+same shapes every time, and a CUDA graph replays all of it with one launch.
+
+Layout: keys and values of all `max_len` slots live in a transformers StaticCache; slots not yet
+written are masked out by a (B, 1, 1, max_len) boolean mask that the step extends by one slot. The
+step writes its residual states and final states into buffers of the whole decode, at the slot the
+step counter names, so nothing per step leaves the graph but the logits the sampler reads.
+
+Only models whose every layer attends to all positions take this path (a sliding-window layer's
+static cache is a ring, which the mask cannot follow): `supported()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+from .model import ModelRunner
+
+
+def supported(runner: ModelRunner) -> bool:
+    cache = StaticCache(config=runner.model.config, max_cache_len=1)      # layers only: nothing allocated
+    return all(type(layer) is StaticLayer for layer in cache.layers)
+
+
+class StaticDecoder:
+    """`steps` decode steps after the cache `kv` (per layer (B, H, n, Dh)). `mask` (B, n) marks the
+    cached positions each row may attend to (padding), `position` (B, 1) is each row's next
+    position. step(tokens) returns the logits after those tokens; states() the recorded states."""
+
+    def __init__(self, runner: ModelRunner, kv, steps: int, mask: torch.Tensor | None, position: torch.Tensor,
+                 graphs: bool | None = None):
+        self.runner = runner
+        dev, dtype = runner.device, runner.dtype
+        B, n = kv[0][0].shape[0], kv[0][0].shape[2]
+        self.max_len = n + steps
+        runner.stats.max_span = max(runner.stats.max_span, self.max_len)
+        self.cache = StaticCache(config=runner.model.config, max_cache_len=self.max_len)
+        for layer, (k, v) in enumerate(kv):
+            self.cache.update(k.to(dtype), v.to(dtype), layer)
+        self.mask = torch.zeros(B, 1, 1, self.max_len, dtype=torch.bool, device=dev)
+        self.mask[:, 0, 0, :n] = True if mask is None else mask.bool()
+        self.slot = torch.tensor([n], device=dev)              # the cache slot the next step writes
+        self.step_index = torch.zeros(1, dtype=torch.long, device=dev)
+        self.position = position.clone()
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.hidden = torch.empty(runner.num_states, B, steps, runner.hidden_size, dtype=dtype, device=dev)
+        self.final = torch.empty(B, steps, runner.hidden_size, dtype=dtype, device=dev)
+        self.steps, self.taken = steps, 0
+        self.graphs = dev.type == "cuda" if graphs is None else graphs
+        self.graph = None
+
+    def _step(self) -> torch.Tensor:
+        r = self.runner
+        self.mask.index_fill_(3, self.slot, True)
+        with r.capture() as cap:
+            out = r.base(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.position,
+                         use_cache=True, **{r.cache_keyword: self.cache})
+        final = out.last_hidden_state                                                # (B, 1, D)
+        self.hidden.index_copy_(2, self.step_index, torch.stack(cap.states).to(self.hidden.dtype))
+        self.final.index_copy_(1, self.step_index, final.to(self.final.dtype))
+        self.slot.add_(1)
+        self.position.add_(1)
+        self.step_index.add_(1)
+        return r.logits(final[:, -1])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Runs one step on `tokens` (B,); returns the logits (B, V) after them. Under graphs the
+        logits are a buffer the next step overwrites: read them before."""
+        if self.taken >= self.steps:
+            raise RuntimeError(f"StaticDecoder holds {self.steps} steps; all were taken")
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.taken += 1
+        if not self.graphs:
+            return self._step()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        # The first step runs eagerly on a side stream (it compiles and autotunes what it launches
+        # and builds the kernels' cached metadata); the capture after it records the same work
+        # without running it; every later step replays that.
+        side = torch.cuda.Stream(self.runner.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.taken < self.steps:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+        return logits
+
+    def states(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The steps taken: L+1 residual states, each (B, taken, D), and final states (B, taken, D)."""
+        t = self.taken
+        return [h[:, :t] for h in self.hidden], self.final[:, :t]

@@ -1,0 +1,72 @@
+"""Sampling futures and probes over the static KV cache (static_decode.py): the tokens are what
+transformers' own generate() samples with the same seed and settings, the recorded states are a
+plain forward's, and the growing-cache path that sliding-window models keep gives the same."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from absorber_engine import AbsorberConfig, AbsorberEngine
+from absorber_engine import static_decode
+from absorber_engine.targets import RoundBatch
+from absorber_engine.teacher import teacher_targets
+from tests.tiny_models import ARCHS, make_model, random_ids
+
+FUTURES, LENGTH = 3, 9
+
+
+def _futures(arch: str, seed: int, temperature: float, top_p: float):
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=0, rank=4, futures=FUTURES, future_tokens=LENGTH,
+                         future_temperature=temperature, future_top_p=top_p, compute_dtype="float32",
+                         prefix_bos=False, kl_weight=0.0, hidden_norm=False)
+    eng = AbsorberEngine(make_model(arch), config=cfg)
+    x = torch.tensor(random_ids(16, seed=seed))
+    batch = RoundBatch([eng.delta], x[None], x[None, :0], [torch.Generator().manual_seed(seed)])
+    (targets,) = teacher_targets(eng.runner, batch, eng.config)
+    (group,) = targets.groups
+    return x, group
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampled_futures_are_what_generate_samples_with_the_same_seed(arch, temperature, top_p):
+    assert static_decode.supported(AbsorberEngine(make_model(arch), config=AbsorberConfig(chunk_tokens=8)).runner)
+    x, group = _futures(arch, 3, temperature, top_p)
+    model = make_model(arch)                     # the same weights, never wrapped
+    model.generation_config.eos_token_id = None  # futures have a fixed length: no stop token
+    torch.manual_seed(3)
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=LENGTH,
+                           num_return_sequences=FUTURES, eos_token_id=None, pad_token_id=0)
+    want = model.generate(input_ids=x[None], attention_mask=torch.ones_like(x[None]), generation_config=gen)
+    assert group.ids.tolist() == want[:, x.numel():].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recorded_states_are_a_plain_forward_and_the_growing_cache_gives_the_same(arch, monkeypatch):
+    x, static = _futures(arch, 5, 1.0, 1.0)
+    model = make_model(arch)
+    with torch.no_grad():
+        out = model(torch.cat([x.expand(FUTURES, -1), static.ids], dim=1), output_hidden_states=True)
+    for layer, h in enumerate(static.hidden[:-1]):   # the last recorded state is before the final norm
+        torch.testing.assert_close(h, out.hidden_states[layer][:, -LENGTH:], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(static_decode, "supported", lambda runner: False)
+    _, growing = _futures(arch, 5, 1.0, 1.0)
+    assert growing.ids.tolist() == static.ids.tolist()
+    for a, b in zip(growing.hidden, static.hidden):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoder_refuses_a_step_past_its_length():
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=8, prefix_bos=False))
+    r = eng.runner
+    r.bind([eng.delta])
+    with torch.no_grad():
+        _, cache = r.forward(torch.tensor([random_ids(4)]), use_cache=True)
+        dec = static_decode.StaticDecoder(r, [(k, v) for k, v in ((l.keys, l.values) for l in cache.layers)], 2,
+                                          None, torch.full((1, 1), 4))
+        for _ in range(2):
+            assert dec.step(torch.tensor([5])).shape == (1, r.vocab_size)
+        with pytest.raises(RuntimeError, match="all were taken"):
+            dec.step(torch.tensor([5]))
+    hidden, final = dec.states()
+    assert hidden[0].shape == (1, 2, r.hidden_size) and final.shape == (1, 2, r.hidden_size)
