@@ -218,9 +218,8 @@ class ModelRunner:
 
     @contextmanager
     def sdpa_attention(self, needed: bool = True):
-        """Torch's sdpa inside the block when `needed`: padded rows need a padding mask, which the
-        flash kernel does not take, and the static decoder's boolean mask is read as one by sdpa only
-        (eager attention adds a mask to the scores)."""
+        """Torch's sdpa inside the block when `needed`: padded rows need a padding mask (the flash kernel
+        takes none), and only sdpa reads the static decoder's boolean mask as one (eager adds it)."""
         before = self.model.config._attn_implementation
         switch = needed and before != "sdpa"
         if switch:
