@@ -206,6 +206,10 @@ class AbsorberConfig:
     """Run the student's passes through torch.compile'd decoder layers (inductor; backend "torch"); the
     first round compiles (tens of seconds; seconds from inductor's disk cache). README: "Compiled layers"."""
 
+    cuda_graphs: bool = True
+    """On a CUDA device, each batch of sampled futures or probes captures its decode step once as a
+    CUDA graph and replays it (static_decode.py); false: every step launches its kernels itself."""
+
     compute_dtype: str = "auto"
     """dtype the matmuls of absorption run in (torch.autocast; the delta and AdamW stay fp32).
     "auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else the model's
@@ -258,7 +262,7 @@ class AbsorberConfig:
             v = getattr(self, name)
             need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
         for name in ("prefix_bos", "futures_follow_y", "checkpoint_layers", "compile_layers", "hidden_norm",
-                     "ntp_in_recite", "chat_probes"):
+                     "ntp_in_recite", "chat_probes", "cuda_graphs"):
             v = getattr(self, name)
             need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
         need(is_int(self.probe_tokens) and 0 < self.probe_tokens <= _MAX_TOKENS,

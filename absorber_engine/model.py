@@ -76,6 +76,7 @@ class ModelRunner:
         self.backend = resolve_backend(cfg.backend, self.device)
         self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.device, self.dtype)
         self.compiled = cfg.compile_layers
+        self.cuda_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         if self.compiled and self.backend != "torch":
             raise ConfigError("compile_layers is for backend 'torch' (the Triton kernels are compiled code "
                               "already); set backend to 'torch' or compile_layers to false")
@@ -85,8 +86,7 @@ class ModelRunner:
         self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
         if self.compiled:
             compile_layers(self.layers)
-        self._attn_before = None
-        self._head_cast = None
+        self._attn_before = self._head_cast = None
         if self.backend == "triton":
             # The teacher, the student and generation all run through the flash-attention kernel.
             from absorber_kernels.hf_attention import register_hf_attention

@@ -47,7 +47,7 @@ class AbsorbReport:
 class Session:
     def __init__(self, engine, key, seed: int):
         self.engine, self.key, self.seed = engine, key, seed
-        cfg, runner = engine.config, engine.runner
+        cfg = engine.config
         # The memory's deltas, oldest first; the last is the newest (the one delta when memory_slots = 1).
         self.slots: deque[LowRankDelta] = deque([self.new_delta()], maxlen=cfg.memory_slots)
         # Earlier rounds' probes that each round replays (replay_rounds): bounded, so held memory stays flat.

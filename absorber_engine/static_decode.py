@@ -36,7 +36,7 @@ class StaticDecoder:
     position. step(tokens) returns the logits after those tokens; states() the recorded states."""
 
     def __init__(self, runner: ModelRunner, kv, steps: int, mask: torch.Tensor | None, position: torch.Tensor,
-                 graphs: bool | None = None):
+                 graphs: bool = False):
         self.runner = runner
         dev, dtype = runner.device, runner.dtype
         B, n = kv[0][0].shape[0], kv[0][0].shape[2]
@@ -54,7 +54,7 @@ class StaticDecoder:
         self.hidden = torch.empty(runner.num_states, B, steps, runner.hidden_size, dtype=dtype, device=dev)
         self.final = torch.empty(B, steps, runner.hidden_size, dtype=dtype, device=dev)
         self.steps, self.taken = steps, 0
-        self.graphs = dev.type == "cuda" if graphs is None else graphs
+        self.graphs = graphs
         self.graph = None
 
     def _step(self) -> torch.Tensor:

@@ -239,7 +239,7 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
             kv = cache_tensors(cache)
             nxt = position[:, -1:] + 1 if position is not None else torch.full(
                 (S * count, 1), kv[0][0].shape[2], device=runner.device)
-            decoder = static_decode.StaticDecoder(runner, kv, steps, mask, nxt)
+            decoder = static_decode.StaticDecoder(runner, kv, steps, mask, nxt, graphs=runner.cuda_graphs)
             for _ in range(steps):
                 tok = _sample(logits, batch, count, temperature, top_p)
                 parts_ids.append(tok[:, None])

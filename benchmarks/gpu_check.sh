@@ -8,7 +8,7 @@
 # PARTS: a comma list of kernels, engine, workload-llama, workload-smollm2 (default: all). WHEEL_DIR:
 # wheels to run with instead of the installed transformers/peft (installed beside, used if they import).
 # KERNEL_ARGS and WORKLOAD_ARGS (WORKLOAD_ARGS_llama, WORKLOAD_ARGS_smollm2 for one model) pass more
-# arguments to the two benchmarks.
+# arguments to the two benchmarks; LIMIT_llama and LIMIT_smollm2 their time limits in seconds.
 # SmolLM2's weights need not be there: the workload runs its architecture and tokenizer with random
 # weights ("smollm2-135m-random"), which reads config and tokenizer from $ABSORBER_CACHE.
 set -u
@@ -32,12 +32,13 @@ if has kernels; then
   timeout 150 python3 -m benchmarks.gpu_kernels --out "$out" ${KERNEL_ARGS:-} 2>&1 | tee "$out/kernels.log"
 fi
 if has engine; then
-  timeout 90 python3 -m pytest -q -s -p no:cacheprovider tests/test_triton_backend.py 2>&1 | tail -15 | tee "$out/engine.log"
+  timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_triton_backend.py tests/test_static_decode.py 2>&1 \
+    | tail -15 | tee "$out/engine.log"
 fi
 for m in llama smollm2; do
   has "workload-$m" || continue
   name=$([ $m = llama ] && echo llama-4l || echo smollm2-135m-random)
-  limit=$([ $m = llama ] && echo 90 || echo 170)
+  limit=$([ $m = llama ] && echo ${LIMIT_llama:-90} || echo ${LIMIT_smollm2:-170})
   eval "extra=\${WORKLOAD_ARGS_$m:-}"
   timeout $limit python3 -m benchmarks.workload --device cuda --models "$name" --out "$out/workload-$m" \
     ${WORKLOAD_ARGS:-} $extra 2>&1 | grep -v -e USDT -e Warning -e warn | tee "$out/workload-$m.log" | tail -14

@@ -8,6 +8,7 @@ from transformers import GenerationConfig
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine import static_decode
+from absorber_engine.lora import LowRankDelta
 from absorber_engine.targets import RoundBatch
 from absorber_engine.teacher import teacher_targets
 from tests.tiny_models import ARCHS, make_model, random_ids
@@ -70,3 +71,32 @@ def test_a_decoder_refuses_a_step_past_its_length():
             dec.step(torch.tensor([5]))
     hidden, final = dec.states()
     assert hidden[0].shape == (1, 2, r.hidden_size) and final.shape == (1, 2, r.hidden_size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_replayed_cuda_graph_computes_what_eager_steps_compute(backend):
+    cfg = AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False, backend=backend, compute_dtype="float32")
+    eng = AbsorberEngine(make_model("llama").cuda(), config=cfg)
+    r = eng.runner
+    deltas = [LowRankDelta(r.shapes, 4, eng.config.scale, r.device, seed=s) for s in (1, 2)]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for d in deltas:                         # non-zero deltas, so the low-rank path counts
+            for b in d.B.values():
+                b.copy_(torch.randn(b.shape, generator=g, device="cuda") * 0.1)
+        r.bind(deltas, 2)                        # two streams of two rows: the stacked-delta ops
+        _, cache = r.forward(torch.tensor([random_ids(6)] * 4, device="cuda"), use_cache=True)
+        kv = [(l.keys, l.values) for l in cache.layers]
+        feed = torch.tensor([random_ids(7, seed=s) for s in range(4)], device="cuda")
+        runs = []
+        for graphs in (False, True):
+            dec = static_decode.StaticDecoder(r, kv, 7, None, torch.full((4, 1), 6, device="cuda"), graphs=graphs)
+            logits = [dec.step(feed[:, t]).clone() for t in range(7)]
+            runs.append((logits, *dec.states()))
+            assert (dec.graph is not None) == graphs
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(runs[0][2], runs[1][2])
