@@ -206,9 +206,9 @@ class AbsorberConfig:
     """Run the student's passes through torch.compile'd decoder layers (inductor; backend "torch"); the
     first round compiles (tens of seconds; seconds from inductor's disk cache). README: "Compiled layers"."""
 
-    cuda_graphs: bool = True
+    cuda_graphs: bool = False
     """On a CUDA device, each batch of sampled futures or probes captures its decode step once as a
-    CUDA graph and replays it (static_decode.py); false: every step launches its kernels itself."""
+    CUDA graph and replays it (static_decode.py). Off by default until timed on a GPU (README, "On a GPU")."""
 
     compute_dtype: str = "auto"
     """dtype the matmuls of absorption run in (torch.autocast; the delta and AdamW stay fp32).

@@ -9,6 +9,8 @@
 # wheels to run with instead of the installed transformers/peft (installed beside, used if they import).
 # KERNEL_ARGS and WORKLOAD_ARGS (WORKLOAD_ARGS_llama, WORKLOAD_ARGS_smollm2 for one model) pass more
 # arguments to the two benchmarks; LIMIT_llama and LIMIT_smollm2 their time limits in seconds.
+# The CUDA-graph decode (cuda_graphs, off by default until timed on a GPU) against the eager one:
+#   WORKLOAD_ARGS="--workloads probes4 --cuda-graphs" LIMIT_smollm2=260 bash benchmarks/gpu_check.sh OUT engine,workload-llama,workload-smollm2
 # SmolLM2's weights need not be there: the workload runs its architecture and tokenizer with random
 # weights ("smollm2-135m-random"), which reads config and tokenizer from $ABSORBER_CACHE.
 set -u

@@ -358,13 +358,13 @@ def run_engine_torch(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict
     return run_engine(model, tok, cfg.replace(backend="torch"), stream)
 
 
-def run_engine_eager_decode(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
-    return run_engine(model, tok, cfg.replace(cuda_graphs=False), stream)
+def run_engine_cuda_graphs(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
+    return run_engine(model, tok, cfg.replace(cuda_graphs=True), stream)
 
 
 LOOP_DTYPE = {"cpu": None, "cuda": torch.bfloat16}
 RUNNERS = {"engine": run_engine, "loop": run_loop, "engine_compiled": run_engine_compiled,
-           "engine_torch": run_engine_torch, "engine_eager_decode": run_engine_eager_decode}
+           "engine_torch": run_engine_torch, "engine_cuda_graphs": run_engine_cuda_graphs}
 
 
 def _warm(model, engine_dtype: str) -> None:
@@ -379,12 +379,12 @@ def _warm(model, engine_dtype: str) -> None:
 
 def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bool = True,
             model_and_tok=None, log=print, compiled: bool = False, steps: int | None = None,
-            torch_backend: bool = False, eager_decode: bool = False) -> dict:
+            torch_backend: bool = False, cuda_graphs: bool = False) -> dict:
     """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it on a
     CPU, bf16 autocast on a GPU); with `compiled`, the engine with compile_layers too, after one
     untimed run that compiles; with `torch_backend`, the engine on backend "torch" too (on a GPU:
-    cuBLAS and SDPA in place of the Triton kernels); with `eager_decode`, the engine with cuda_graphs
-    off too (on a GPU: every decode step launches its own kernels); `steps` per round instead of the plan's. On a GPU
+    cuBLAS and SDPA in place of the Triton kernels); with `cuda_graphs`, the engine with cuda_graphs
+    on too (on a GPU: decode steps replayed as a CUDA graph); `steps` per round instead of the plan's. On a GPU
     every implementation runs once untimed first (Triton's JIT, cuBLAS handles, the allocator)."""
     model, tok = model_and_tok or load_model(name)
     device = model.get_output_embeddings().weight.device
@@ -392,7 +392,7 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
     stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
     _warm(model, _engine_dtype(cfg, device))
     impls = ["engine", "loop"] + (["engine_compiled"] if compiled else []) + (["engine_torch"] if torch_backend else []) \
-        + (["engine_eager_decode"] if eager_decode else [])
+        + (["engine_cuda_graphs"] if cuda_graphs else [])
     runs = {impl: [] for impl in impls}
     warmup = None
     if device.type == "cuda":
@@ -434,8 +434,8 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
         out["compile_speedup"] = out["engine"]["seconds"]["median"] / out["engine_compiled"]["seconds"]["median"]
     if torch_backend:
         out["torch_backend_ratio"] = out["loop"]["seconds"]["median"] / out["engine_torch"]["seconds"]["median"]
-    if eager_decode:
-        out["eager_decode_ratio"] = out["loop"]["seconds"]["median"] / out["engine_eager_decode"]["seconds"]["median"]
+    if cuda_graphs:
+        out["cuda_graphs_ratio"] = out["loop"]["seconds"]["median"] / out["engine_cuda_graphs"]["seconds"]["median"]
     out["per_rep_ratio"] = [b["seconds"] / e["seconds"] for e, b in zip(runs["engine"], runs["loop"])]
     if out["loop"]["probe_tokens_per_s"]:
         out["probe_ratio"] = out["engine"]["probe_tokens_per_s"] / out["loop"]["probe_tokens_per_s"]
@@ -467,8 +467,9 @@ def _engine_dtype(cfg, device: torch.device = torch.device("cpu")) -> str:
 
 def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) -> dict:
     """One batched decode step of probe sampling as the engine runs it (static_decode.StaticDecoder:
-    the model's own dtype, residual capture, the LM head; a CUDA graph on a GPU), the same step over
-    a growing DynamicCache (what the engine ran before), and the matmuls of the same step alone:
+    the model's own dtype, residual capture, the LM head; on a GPU replayed as a CUDA graph, which
+    the engine does with cuda_graphs on), the same step over a growing DynamicCache (what the engine
+    ran before), and the matmuls of the same step alone:
     every linear at `rows` tokens (base weight, plus x·A·B on the targets), q·Kᵀ and p·V over the
     cached context, and the LM head, run back to back on tensors prepared beforehand."""
     from absorber_engine.generate import sample_next
@@ -498,7 +499,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
                 if how == "static":
                     dec = StaticDecoder(runner, [(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in kv],
                                         steps + 2, None, torch.full((rows, 1), ctx.shape[1], device=dev),
-                                        graphs=runner.cuda_graphs)
+                                        graphs=dev.type == "cuda")
                 else:
                     grow = runner.make_cache(kv, repeat=rows)
                 for _ in range(steps + 2):
@@ -515,7 +516,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
     mm = _matmul_time(runner, engine.delta, rows, ctx.shape[1] + steps // 2, runner.dtype)
     engine.close()
     out.update(matmul_ms=1e3 * mm, ratio=out["static_ms"] / (1e3 * mm), growing_ratio=out["growing_ms"] / (1e3 * mm),
-               graphs=runner.cuda_graphs)
+               graphs=dev.type == "cuda")
     return out
 
 
@@ -668,16 +669,16 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {r['workload']} | {r['engine']['tokens_per_s']:.1f} | "
                          f"{r['engine_torch']['tokens_per_s']:.1f} | {r['loop']['tokens_per_s']:.1f} | "
                          f"**{r['torch_backend_ratio']:.2f}×** |")
-    eager = [r for r in results if "engine_eager_decode" in r]
-    if eager:
-        lines += ["", "| model | workload | engine tok/s | probe tok/s | cuda_graphs off: tok/s | probe tok/s | "
-                  "loop tok/s | ratio to the loop, graphs off |", "|---|---|---|---|---|---|---|---|"]
-        for r in eager:
-            e, o = r["engine"], r["engine_eager_decode"]
+    graphed = [r for r in results if "engine_cuda_graphs" in r]
+    if graphed:
+        lines += ["", "| model | workload | engine tok/s | probe tok/s | cuda_graphs on: tok/s | probe tok/s | "
+                  "loop tok/s | ratio to the loop, graphs on |", "|---|---|---|---|---|---|---|---|"]
+        for r in graphed:
+            e, o = r["engine"], r["engine_cuda_graphs"]
             probe = lambda v: f"{v:.1f}" if v else "—"   # noqa: E731
             lines.append(f"| {r['model']} | {r['workload']} | {e['tokens_per_s']:.1f} | {probe(e['probe_tokens_per_s'])} | "
                          f"{o['tokens_per_s']:.1f} | {probe(o['probe_tokens_per_s'])} | {r['loop']['tokens_per_s']:.1f} | "
-                         f"**{r['eager_decode_ratio']:.2f}×** |")
+                         f"**{r['cuda_graphs_ratio']:.2f}×** |")
     compiled = [r for r in results if "engine_compiled" in r]
     if compiled:
         lines += ["", "| model | workload | engine tok/s | engine, compile_layers tok/s | speed-up | loop tok/s | "
@@ -692,7 +693,7 @@ def table(results: list[dict]) -> str:
 
 def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
         profile: bool = True, log=print, workloads: list[str] | None = None, compiled: bool = False,
-        steps: int | None = None, device: str = "cpu", torch_backend: bool = False, eager_decode: bool = False) -> dict:
+        steps: int | None = None, device: str = "cpu", torch_backend: bool = False, cuda_graphs: bool = False) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
@@ -701,7 +702,7 @@ def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, 
             plan = (QUICK if quick else MODELS)[name]
             results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
                                    model_and_tok=loaded, log=log, compiled=compiled, steps=steps,
-                                   torch_backend=torch_backend, eager_decode=eager_decode))
+                                   torch_backend=torch_backend, cuda_graphs=cuda_graphs))
             if out_dir is not None:
                 _write(out_dir, started, results, decodes, profiles)
         if profile and not quick:
@@ -740,7 +741,7 @@ def main(argv=None) -> None:
                     "and SmolLM2's recommended config take 32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the loop then runs under bf16 autocast)")
     ap.add_argument("--torch-backend", action="store_true", help="also time the engine on backend 'torch'")
-    ap.add_argument("--eager-decode", action="store_true", help="also time the engine with cuda_graphs off")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also time the engine with cuda_graphs on")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -752,7 +753,7 @@ def main(argv=None) -> None:
     doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
               log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","),
               compiled=args.compile_layers, steps=args.steps, device=args.device, torch_backend=args.torch_backend,
-              eager_decode=args.eager_decode)
+              cuda_graphs=args.cuda_graphs)
     print(table(doc["results"]))
 
 
