@@ -150,7 +150,7 @@ def _self_study(runner, batch: RoundBatch, cfg, need_final) -> list[list[FutureG
         prompts = ids([[0] * pad + frame.seeds[kind] for kind, pad in rows])          # (rows, width)
         every = sample_with_states(runner, batch, x_kv, None, len(rows), need_final, prompts,
                                    width + cfg.probe_tokens, cfg.probe_temperature, cfg.probe_top_p,
-                                   pads=[pad for _, pad in rows])
+                                   pads=[pad for _, pad in rows], stop=frame.stop)
     out: list[list[FutureGroup]] = [[] for _ in range(S)]
     first = 0                               # the kind's first row among each stream's sampled rows
     for kind, count in kinds:
@@ -194,7 +194,7 @@ def _split(runner, g: FutureGroup, count: int, mask: torch.Tensor, out, x_span=N
 
 
 def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, need_final, prompt, length,
-                       temperature, top_p, pads: list[int] | None = None) -> FutureGroup:
+                       temperature, top_p, pads: list[int] | None = None, stop: list[int] | None = None) -> FutureGroup:
     """`count` continuations of each stream's X sampled by its teacher, all streams in one batch,
     with the teacher's states at every token. Rows are stream-major.
 
@@ -202,7 +202,9 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
     there: a future_prompt (k,) shared by all rows, e.g. a question opener, so the futures ask about
     X rather than continue it; one per stream (S, k), a probe forced whole; or, with `pads`, one
     per row of a stream (count, k), each left-padded by pads[row] (masked, positions counted from
-    the row's first real token), so probes of different seeds sample in one batch."""
+    the row's first real token), so probes of different seeds sample in one batch. With `stop`
+    tokens, sampling ends once every row has sampled one (what a row samples after its stop is
+    outside its probe), so the rows are up to `length` long."""
     S = batch.streams
     runner.bind(batch.deltas, count)
     cache = runner.make_cache(x_kv, repeat=count)
@@ -234,6 +236,7 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
     # autocast would first write a low-precision copy of every weight and read that (1.7x slower
     # per step on a CPU in bf16). The cache built under autocast is cast to it.
     steps = length - p
+    ended = _stops(stop, S * count, runner.device)
     if steps and static_decode.supported(runner):
         with runner.model_dtype(), runner.sdpa_attention():
             kv = cache_tensors(cache)
@@ -244,6 +247,8 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
                 tok = _sample(logits, batch, count, temperature, top_p)
                 parts_ids.append(tok[:, None])
                 logits = decoder.step(tok)
+                if ended(tok):
+                    break
             hidden, final = decoder.states()
         hidden_parts.append(hidden)
         final_parts.append(final)
@@ -260,12 +265,25 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
                 parts_ids.append(tok[:, None])
                 hidden_parts.append(cap.states[before:])
                 final_parts.append(final)
-                if step + 1 < steps:
-                    logits = runner.logits(final[:, -1])
+                if ended(tok) or step + 1 == steps:
+                    break
+                logits = runner.logits(final[:, -1])
     ids = torch.cat(parts_ids, dim=1)                                                # (S·count, T)
     hidden = [torch.cat([h[layer] for h in hidden_parts], dim=1) for layer in range(runner.num_states)]
     final = torch.cat(final_parts, dim=1).reshape(-1, runner.hidden_size) if need_final else None
     return FutureGroup(ids, hidden, final)
+
+
+def _stops(stop: list[int] | None, rows: int, device):
+    """A check called with each step's tokens: true once every row has sampled a stop token."""
+    if not stop:
+        return lambda tok: False
+    stops, done = torch.tensor(stop, device=device), torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def ended(tok: torch.Tensor) -> bool:
+        done.logical_or_(torch.isin(tok, stops))
+        return bool(done.all())
+    return ended
 
 
 def _sample(logits: torch.Tensor, batch: RoundBatch, count: int, temperature, top_p) -> torch.Tensor:

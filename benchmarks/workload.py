@@ -205,8 +205,8 @@ class HandWrittenLoop:
                 continue
             torch.manual_seed(cfg.seed * 1_000_003 + round_index)
             gen = GenerationConfig(do_sample=True, temperature=cfg.probe_temperature, top_p=cfg.probe_top_p, top_k=0,
-                                   max_new_tokens=cfg.probe_tokens, num_return_sequences=count, eos_token_id=None,
-                                   pad_token_id=0)
+                                   max_new_tokens=cfg.probe_tokens, num_return_sequences=count,
+                                   eos_token_id=f.stop or None, pad_token_id=0)    # all rows ended: stop, as the engine
             prompt = self._t([context + seed])
             start = now(self.device)
             self.model.set_adapter(TEACHER, inference_mode=True)
@@ -216,7 +216,7 @@ class HandWrittenLoop:
             finally:
                 self.model.set_adapter(STUDENT)
             self.probe_seconds += now(self.device) - start
-            self.probe_tokens += sampled.numel()
+            self.probe_tokens += count * cfg.probe_tokens     # as the engine counts them: rows x the most tokens
             answer = torch.cat([self._t(seed).expand(count, -1), sampled], dim=1)
             out.append((answer, answer_mask(answer, len(seed), f.stop)))
         return [(torch.cat([self._t(context).expand(a.shape[0], -1), a], dim=1),

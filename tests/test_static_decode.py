@@ -1,6 +1,7 @@
 """Sampling futures and probes over the static KV cache (static_decode.py): the tokens are what
 transformers' own generate() samples with the same seed and settings, the recorded states are a
-plain forward's, and the growing-cache path that sliding-window models keep gives the same."""
+plain forward's, the growing-cache path that sliding-window models keep gives the same, sampling
+ends once every row has ended, and on a GPU the replayed CUDA graph computes what eager steps do."""
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from transformers import GenerationConfig
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine import static_decode
 from absorber_engine.lora import LowRankDelta
+from absorber_engine.model import cache_tensors
 from absorber_engine.targets import RoundBatch
-from absorber_engine.teacher import teacher_targets
+from absorber_engine.teacher import sample_with_states, teacher_targets
 from tests.tiny_models import ARCHS, make_model, random_ids
 
 FUTURES, LENGTH = 3, 9
@@ -100,3 +102,32 @@ def test_replayed_cuda_graph_computes_what_eager_steps_compute(backend):
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(runs[0][2], runs[1][2])
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_sampling_ends_once_every_row_has_sampled_a_stop_token(static, monkeypatch):
+    if not static:
+        monkeypatch.setattr(static_decode, "supported", lambda runner: False)
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, rank=4, prefix_bos=False,
+                                                                    compute_dtype="float32"))
+    r, x, rows, length = eng.runner, torch.tensor([random_ids(16, seed=8)]), 3, 12
+
+    def sample(stop):
+        batch = RoundBatch([eng.delta], x, x[:, :0], [torch.Generator().manual_seed(8)])
+        with torch.no_grad():
+            r.bind([eng.delta])
+            final, cache = r.forward(x, use_cache=True)
+            g = sample_with_states(r, batch, cache_tensors(cache), r.logits(final[:, -1]), rows, True, None,
+                                   length, 1.0, 1.0, stop=stop)
+        return g.ids, g.hidden, g.final.view(rows, -1, r.hidden_size)
+
+    ids, hidden, final = sample(None)
+    stop = sorted(set(ids[:, 3].tolist()))               # every row has sampled one by its 4th token
+    first = [next(t for t, tok in enumerate(row) if tok in stop) for row in ids.tolist()]
+    end = max(first) + 1
+    assert end < length
+    short_ids, short_hidden, short_final = sample(stop)
+    assert short_ids.tolist() == ids[:, :end].tolist()
+    for a, b in zip(short_hidden, hidden):
+        torch.testing.assert_close(a, b[:, :end])
+    torch.testing.assert_close(short_final, final[:, :end])
