@@ -152,7 +152,7 @@ class AbsorberConfig:
     memory_slots: int = 1
     """Deltas a stream's memory keeps. 1 (the paper): every round trains the one delta. K > 1: each
     round trains a fresh delta from the base model, kept with the K - 1 latest before it (the
-    oldest leaves); a query reads the delta that makes its prompt least surprising (generate.route).
+    oldest leaves); a query reads the delta that makes its prompt least surprising (routing.route).
     Rounds then never overwrite each other: SmolLM2-135M, one round per document, rank 4: 26/48
     (seed 7) against 8/48 for one delta with replay, and 63/96 on a held-out 24-document stream,
     as many 16-23 rounds old as 0-7 (README, "A delta per round"); 32 in its recommended config.

@@ -11,7 +11,7 @@ decisions in one loop:
 Every round's teacher is the session's model as it is at the start of that round (W plus
 everything the session absorbed before), so each round adds to the memory; with memory_slots > 1 a
 round trains a fresh delta of its own instead, from W, and a query reads the delta its prompt
-routes to (generate.route). A round either
+routes to (routing.route). A round either
 completes or leaves its session's memory exactly as before: the delta is restored from a snapshot
 on any failure (NaN/inf, divergence, KeyboardInterrupt) and the scheduler keeps its tokens.
 

@@ -1,7 +1,7 @@
 """Generation with a memory: each row reads its session's delta, its raw window and its prompt.
 
     GenerationMixin  the engine's logits(), generate() and generate_batch()
-    route(...)       which of a memory's deltas (memory_slots), or its raw window, a prompt reads
+    _routed(...)     which delta and window a prompt reads (routing.route)
     WindowCache      each window's KV under its readers (newest delta, base model), built once
     prefill(...)     all rows' windows and prompts in one forward, left-padded to one width
     decode(...)      one token per row per step until max_new_tokens or a stop token
@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from . import inputs
 from .errors import InputError
+from . import static_decode
 from .model import ModelRunner, cache_tensors
+from .routing import WINDOW, route, scorable, zero_delta
 from .session import DEFAULT_SESSION, Session
 
 
@@ -95,12 +96,6 @@ class WindowCache:
                    for reader in self.READERS for k, v in getattr(self._kv.get((key, reader)), "kv", []))
 
 
-def zero_delta(like) -> SimpleNamespace:
-    """Δ = 0 in the shapes of `like`: the base model for the runner's delta-bound forwards."""
-    return SimpleNamespace(A={n: torch.zeros_like(a) for n, a in like.A.items()},
-                           B={n: torch.zeros_like(b) for n, b in like.B.items()}, scale=like.scale)
-
-
 def _window_kv(runner: ModelRunner, delta, tokens: list[int]) -> WindowKV:
     """The KV of `tokens` (prefix and window) read under `delta`, and the last final state."""
     if not tokens:
@@ -108,62 +103,6 @@ def _window_kv(runner: ModelRunner, delta, tokens: list[int]) -> WindowKV:
     runner.bind([delta])
     final, cache = runner.forward(torch.tensor([tokens], dtype=torch.long, device=runner.device), use_cache=True)
     return WindowKV(tokens, cache_tensors(cache), final[0, -1], delta)
-
-
-WINDOW = -1      # route(): the raw window, read by the base model, answers; not a delta alone
-
-
-def route(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | None = None) -> int:
-    """Which of a memory's deltas reads `ids`: the one that makes them least surprising where it
-    helps, the sum over tokens of min(0, its NLL - the base model's NLL) (each token after the
-    first; after the model's prefix, the first too). Tokens a delta makes worse count for nothing:
-    every delta shifts the chat template's tokens a little, and on a plain mean NLL that noise
-    outweighed the few tokens that name what a question is about (SmolLM2-135M, 12 one-document
-    deltas, 48 questions: 42 routed right by mean NLL, 48 by this). All deltas and the base read
-    `ids` alone in one batched forward. Without a token to score: the newest delta (the text just
-    before the window).
-
-    `window` (its KV under the base model) is one more candidate, scored the same way on `ids`
-    read after it: WINDOW when it helps more than every delta alone. A delta that wins is read
-    without the window, so the raw text of other documents cannot outvote what it holds (SmolLM2,
-    24 documents streamed, questions about the 20 absorbed: 66% read without the window, 48% with
-    it, whose look-alike documents answered in their place). Read by the base model, the window
-    separates cleanly: its gain was 1.24-1.94x the best delta's on the 32 questions about documents
-    still in it and at most 0.94x on the 160 about absorbed ones (two streams); read by the newest
-    delta, whose own text it continues, it overlapped (0.56-1.54x on absorbed ones) and answered
-    fewer of its own questions (2/32 against 9/32)."""
-    if len(deltas) == 1 or not scorable(runner, ids):
-        return len(deltas) - 1
-    gains, window_gain = route_gains(runner, deltas, ids, window)
-    best = int(gains.argmin())
-    return WINDOW if window_gain is not None and window_gain <= gains[best] else best
-
-
-def scorable(runner: ModelRunner, ids: list[int]) -> bool:
-    """Whether `ids` hold a token route() can score (one after the first, or after the prefix)."""
-    return len(runner.prefix) + len(ids) > max(len(runner.prefix), 1)
-
-
-@torch.no_grad()
-def route_gains(runner: ModelRunner, deltas: list, ids: list[int], window: WindowKV | None = None):
-    """route()'s scores: each delta's gain on `ids` (a tensor, one per delta) and the window's (None
-    without a raw token to read). `ids` must hold a token to score."""
-    seq = runner.prefix + list(ids)
-    start = max(len(runner.prefix), 1)
-    runner.bind([zero_delta(deltas[0])] + list(deltas))
-    x = torch.tensor([seq], dtype=torch.long, device=runner.device).expand(len(deltas) + 1, -1)
-    final, _ = runner.forward(x)
-    nll = torch.stack([F.cross_entropy(runner.logits(final[s, start - 1:-1]), x[0, start:], reduction="none")
-                       for s in range(len(deltas) + 1)])
-    gains = (nll[1:] - nll[0]).clamp(max=0).sum(1)
-    if window is None or len(window.tokens) <= len(runner.prefix):     # no raw token to read
-        return gains, None
-    # The same tokens read after the window: its last state predicts ids[0], ids[i] predicts ids[i + 1].
-    runner.bind([window.delta])
-    after, _ = runner.forward(torch.tensor([ids], dtype=torch.long, device=runner.device), runner.make_cache(window.kv))
-    states = torch.cat([window.last[None], after[0, :-1]])[start - len(runner.prefix):]
-    window_nll = F.cross_entropy(runner.logits(states), x[0, start:], reduction="none")
-    return gains, float((window_nll - nll[0]).clamp(max=0).sum())
 
 
 def logits_after(runner: ModelRunner, delta, window: WindowKV, ids: list[int]) -> torch.Tensor:
@@ -216,36 +155,50 @@ def prefill(runner: ModelRunner, windows: list[WindowKV], prompts: list[list[int
     return Rows(cache, last, mask if padded else None, next_pos)
 
 
+SEGMENT = 256
+"""decode() grows its static cache by this many tokens at a time (static_decode.StaticDecoder.then)."""
+
+
 def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: float, top_p: float,
            stops: set[int], generators: list[torch.Generator], on_token=None) -> list[list[int]]:
     """Each row samples with its own generator, so a row draws what it would draw alone."""
     S, device = rows.last.shape[0], runner.device
-    cache, last, mask, next_pos = rows.cache, rows.last, rows.mask, rows.next_pos
+    cache, mask, next_pos = rows.cache, rows.mask, rows.next_pos
     out: list[list[int]] = [[] for _ in range(S)]
     done = [False] * S
-    for step in range(max_new_tokens):
-        logits = runner.logits(last)
-        if temperature <= 0:
-            tok = logits.argmax(dim=-1)                                                # (S,)
-        else:
-            tok = torch.cat([sample_next(logits[s:s + 1], temperature, top_p, g) for s, g in enumerate(generators)])
-        for s, t in enumerate(tok.tolist()):
-            if done[s]:
-                continue
-            if t in stops:
-                done[s] = True
+    static = max_new_tokens > 1 and static_decode.supported(runner)
+    with runner.sdpa_attention(static):
+        decoder = static and static_decode.StaticDecoder(runner, cache_tensors(cache), min(max_new_tokens - 1, SEGMENT),
+                                                         mask, next_pos[:, None], graphs=runner.cuda_graphs, record=False)
+        logits = runner.logits(rows.last)
+        for step in range(max_new_tokens):
+            if temperature <= 0:
+                tok = logits.argmax(dim=-1)                                                # (S,)
             else:
-                out[s].append(t)
-                if on_token is not None and on_token(s, t) is False:
+                tok = torch.cat([sample_next(logits[s:s + 1], temperature, top_p, g) for s, g in enumerate(generators)])
+            for s, t in enumerate(tok.tolist()):
+                if done[s]:
+                    continue
+                if t in stops:
                     done[s] = True
-        if all(done) or step + 1 == max_new_tokens:
-            break
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones(S, 1, dtype=torch.long, device=device)], dim=1)
-        final, cache = runner.forward(tok[:, None], cache, use_cache=True, attention_mask=mask,
-                                      position_ids=next_pos[:, None] if mask is not None else None)
-        next_pos = next_pos + 1
-        last = final[:, -1]
+                else:
+                    out[s].append(t)
+                    if on_token is not None and on_token(s, t) is False:
+                        done[s] = True
+            if all(done) or step + 1 == max_new_tokens:
+                break
+            if static:
+                if decoder.taken == decoder.steps:
+                    decoder = decoder.then(min(max_new_tokens - 1 - step, SEGMENT))
+                logits = decoder.step(tok)
+                continue
+            # A sliding-window model: the cache grows by a token.
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(S, 1, dtype=torch.long, device=device)], dim=1)
+            final, cache = runner.forward(tok[:, None], cache, use_cache=True, attention_mask=mask,
+                                          position_ids=next_pos[:, None] if mask is not None else None)
+            next_pos = next_pos + 1
+            logits = runner.logits(final[:, -1])
     return out
 
 

@@ -18,6 +18,8 @@ static cache is a ring, which the mask cannot follow): `supported()`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
@@ -33,10 +35,11 @@ def supported(runner: ModelRunner) -> bool:
 class StaticDecoder:
     """`steps` decode steps after the cache `kv` (per layer (B, H, n, Dh)). `mask` (B, n) marks the
     cached positions each row may attend to (padding), `position` (B, 1) is each row's next
-    position. step(tokens) returns the logits after those tokens; states() the recorded states."""
+    position. step(tokens) returns the logits after those tokens; with `record`, states() the
+    residual and final states of every step (the teacher's targets on what it samples)."""
 
     def __init__(self, runner: ModelRunner, kv, steps: int, mask: torch.Tensor | None, position: torch.Tensor,
-                 graphs: bool = False):
+                 graphs: bool = False, record: bool = True):
         self.runner = runner
         dev, dtype = runner.device, runner.dtype
         B, n = kv[0][0].shape[0], kv[0][0].shape[2]
@@ -51,8 +54,10 @@ class StaticDecoder:
         self.step_index = torch.zeros(1, dtype=torch.long, device=dev)
         self.position = position.clone()
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.hidden = torch.empty(runner.num_states, B, steps, runner.hidden_size, dtype=dtype, device=dev)
-        self.final = torch.empty(B, steps, runner.hidden_size, dtype=dtype, device=dev)
+        self.hidden = self.final = None
+        if record:
+            self.hidden = torch.empty(runner.num_states, B, steps, runner.hidden_size, dtype=dtype, device=dev)
+            self.final = torch.empty(B, steps, runner.hidden_size, dtype=dtype, device=dev)
         self.steps, self.taken = steps, 0
         self.graphs = graphs
         self.graph = None
@@ -60,12 +65,13 @@ class StaticDecoder:
     def _step(self) -> torch.Tensor:
         r = self.runner
         self.mask.index_fill_(3, self.slot, True)
-        with r.capture() as cap:
+        with r.capture() if self.hidden is not None else contextlib.nullcontext() as cap:
             out = r.base(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.position,
                          use_cache=True, **{r.cache_keyword: self.cache})
         final = out.last_hidden_state                                                # (B, 1, D)
-        self.hidden.index_copy_(2, self.step_index, torch.stack(cap.states).to(self.hidden.dtype))
-        self.final.index_copy_(1, self.step_index, final.to(self.final.dtype))
+        if self.hidden is not None:
+            self.hidden.index_copy_(2, self.step_index, torch.stack(cap.states).to(self.hidden.dtype))
+            self.final.index_copy_(1, self.step_index, final.to(self.final.dtype))
         self.slot.add_(1)
         self.position.add_(1)
         self.step_index.add_(1)
@@ -96,6 +102,16 @@ class StaticDecoder:
             with torch.cuda.graph(self.graph):
                 self.logits = self._step()
         return logits
+
+    def then(self, steps: int) -> "StaticDecoder":
+        """A decoder of `steps` more steps after every step of this one (which must all be taken),
+        over a cache that holds what this one's did: long generations grow their cache a segment
+        at a time, so neither memory nor each step's attention spans more than they need."""
+        if self.taken < self.steps:
+            raise RuntimeError(f"then(): {self.steps - self.taken} steps of this decoder are not taken")
+        kv = [(layer.keys, layer.values) for layer in self.cache.layers]
+        return StaticDecoder(self.runner, kv, steps, self.mask[:, 0, 0], self.position, graphs=self.graphs,
+                             record=self.hidden is not None)
 
     def states(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The steps taken: L+1 residual states, each (B, taken, D), and final states (B, taken, D)."""

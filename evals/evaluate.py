@@ -82,7 +82,7 @@ def build_methods(names, model_dir: str, ctx: int, flush: bool = False):
             "absorber+recite+gate", model_dir,
             engine_config(ctx, surprise_gate=1.3, max_steps=160, **LIBRARY_OBJECTIVE), flush),
         # A delta per round (config.memory_slots): no round of filler touches the delta of the round
-        # that held the fact, and the query reads the delta it routes to (generate.route).
+        # that held the fact, and the query reads the delta it routes to (routing.route).
         "absorber+slots": lambda: EngineMethod("absorber+slots", model_dir, engine_config(ctx, memory_slots=16), flush),
         # Prompted futures (Cartridges/LIFT-style seed prompt): a question opener, so the sampled
         # continuations ask about X and the teacher answers from it (our tasks ask "What is ...?";

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from absorber_engine import AbsorberEngine, inputs
-from absorber_engine.generate import _window_kv, generate_rows, route_gains, zero_delta
+from absorber_engine.generate import _window_kv, generate_rows
+from absorber_engine.routing import route_gains, zero_delta
 from absorber_engine.model_store import recommended_config, resolve
 
 from .facts import make_document, score

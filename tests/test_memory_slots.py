@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError, InputError, MemoryFileError
 from absorber_engine import generate
-from absorber_engine.generate import WINDOW, route
+from absorber_engine.routing import WINDOW, route
 from tiny_models import make_model, random_ids
 
 # TTT rounds: nothing sampled, so a round's delta depends only on its text and its start.
