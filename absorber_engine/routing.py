@@ -27,8 +27,8 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window=None) -> int
     `ids` alone in one batched forward. Without a token to score: the newest delta (the text just
     before the window).
 
-    `window` (a generate.WindowKV: its KV under the base model) is one more candidate, scored the same way on `ids`
-    read after it: WINDOW when it helps more than every delta alone. A delta that wins is read
+    `window` (a generate.WindowKV: its KV under the base model) is one more candidate, scored the
+    same way on `ids` read after it: WINDOW when it helps more than every delta alone. A delta that wins is read
     without the window, so the raw text of other documents cannot outvote what it holds (SmolLM2,
     24 documents streamed, questions about the 20 absorbed: 66% read without the window, 48% with
     it, whose look-alike documents answered in their place). Read by the base model, the window
