@@ -21,10 +21,10 @@ import torch
 
 from absorber_kernels.linear_kl import teacher_side
 
+from . import static_decode
 from .config import AbsorberConfig
 from .generate import sample_next
 from .model import ModelRunner, cache_tensors
-from . import static_decode
 from .probes import FORCED_KINDS, answer_mask, kinds_per_round
 from .replay import replay_groups
 from .targets import FutureGroup, RoundBatch, SyncTargets, positions
