@@ -265,6 +265,7 @@ CONFIG_FUZZ_CASES = [
     ("seed = 2**63", dict(seed=2**63), "seed"),
     ("objective = []", dict(objective=[]), "objective"),
     ("prefix_bos = 'no'", dict(prefix_bos="no"), "prefix_bos must be true or false"),
+    ("cuda_graphs = 1", dict(cuda_graphs=1), "cuda_graphs must be true or false"),
 ]
 
 
