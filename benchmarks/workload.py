@@ -80,7 +80,7 @@ MODELS = {
     "llama-4l": dict(config=dict(chunk_tokens=256, sync_tokens=256, max_steps=4), rounds=2, reps=2),
     # m = 256 and rounds of n, as measured since the start: the recommended config's streams now cut
     # rounds at document breaks with no Y (m = 0), which leaves the Y-only workloads nothing to read.
-    "smollm2-135m": dict(config=dict(sync_tokens=256, round_cut="", max_steps=4), rounds=1, reps=1),
+    "smollm2-135m": dict(config=dict(chunk_tokens=512, sync_tokens=256, round_cut="", max_steps=4), rounds=1, reps=1),
 }
 MODELS["smollm2-135m-random"] = dict(MODELS["smollm2-135m"], reps=2)
 QUICK = {"llama-4l": dict(config=dict(chunk_tokens=64, sync_tokens=64, max_steps=2, probe_tokens=16), rounds=1, reps=1)}
