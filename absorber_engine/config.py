@@ -207,8 +207,8 @@ class AbsorberConfig:
     first round compiles (tens of seconds; seconds from inductor's disk cache). README: "Compiled layers"."""
 
     cuda_graphs: bool = False
-    """On a CUDA device, each batch of sampled futures or probes captures its decode step once as a
-    CUDA graph and replays it (static_decode.py). Off by default until timed on a GPU (README, "On a GPU")."""
+    """On a CUDA device, decode steps (the teacher's futures and probes, generate()) are captured once
+    per batch as a CUDA graph and replayed (static_decode.py). Off until timed on a GPU (README, "On a GPU")."""
 
     compute_dtype: str = "auto"
     """dtype the matmuls of absorption run in (torch.autocast; the delta and AdamW stay fp32).

@@ -18,9 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from . import inputs
+from . import inputs, static_decode
 from .errors import InputError
-from . import static_decode
 from .model import ModelRunner, cache_tensors
 from .routing import WINDOW, route, scorable, zero_delta
 from .session import DEFAULT_SESSION, Session
@@ -168,8 +167,8 @@ def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: fl
     done = [False] * S
     static = max_new_tokens > 1 and static_decode.supported(runner)
     with runner.sdpa_attention(static):
-        decoder = static and static_decode.StaticDecoder(runner, cache_tensors(cache), min(max_new_tokens - 1, SEGMENT),
-                                                         mask, next_pos[:, None], graphs=runner.cuda_graphs, record=False)
+        decoder = static_decode.StaticDecoder(runner, cache_tensors(cache), min(max_new_tokens - 1, SEGMENT), mask,
+                                              next_pos[:, None], graphs=runner.cuda_graphs, record=False) if static else None
         logits = runner.logits(rows.last)
         for step in range(max_new_tokens):
             if temperature <= 0:

@@ -88,7 +88,7 @@ class ModelRunner:
             compile_layers(self.layers)
         self._attn_before = self._head_cast = None
         if self.backend == "triton":
-            # The teacher, the student and generation all run through the flash-attention kernel.
+            # Teacher, student and prefills take the flash kernel; static-cache decode steps, sdpa.
             from absorber_kernels.hf_attention import register_hf_attention
 
             self._attn_before = model.config._attn_implementation
