@@ -74,7 +74,7 @@ class AbsorberConfig:
     surprise_gate: float = 0.0
     """Streams: a round trains only if its first loss is ≥ this × the median first loss of the stream's
     last 16 rounds after its first (Titans' surprise as a gate): text the memory already predicts
-    leaves Δ as it is. The first two rounds always train; 0: every round does. README: "Surprise gate"."""
+    leaves Δ as it is. The first two rounds always train; 0: every round does. docs/long_context.md: "Surprise gate"."""
 
     lr: float = 5e-4
     """AdamW learning rate on the delta (paper: 5e-4)."""
@@ -113,12 +113,12 @@ class AbsorberConfig:
     """Self-study probes per round (absorber_engine/probes.py): the teacher, reading X, answers seed
     instructions of the kinds in probe_kinds, and the student is synchronized on each exchange
     without X. They need a tokenizer (the seeds are text); without one a round uses only Y and
-    futures. Read the measured effect in the README's recall section."""
+    futures. Read the measured effect in docs/recall.md."""
 
     probe_kinds: tuple[str, ...] = ("recite", "question", "facts", "summary", "use", "creative")
     """Kinds of seed instruction the probes are spread over, round-robin (probes.SEED_PROMPTS): with
     the default one probe, "recite" (the teacher re-reads X as its answer; no sampling). The sampled
-    kinds follow Cartridges' seeds; a 135M model writes poor questions and answers to them (README)."""
+    kinds follow Cartridges' seeds; a 135M model writes poor questions and answers to them (docs/recall.md)."""
 
     probe_tokens: int = 64
     """Most tokens the teacher writes in answer to one seed; a probe ends earlier at the end of
@@ -136,7 +136,7 @@ class AbsorberConfig:
     """Weight of TTT's next-token cross-entropy on X itself, added to the synchronization loss. 1 by
     default: on SmolLM2-135M synchronization alone recalled 0-50% of facts where next-token training
     recalled 62% (seed 0, 24 questions); together, on held-out documents (seed 1, 48 questions), 72.9%
-    against TTT's 52.1% at the same rank, steps and learning rate (README)."""
+    against TTT's 52.1% at the same rank, steps and learning rate (docs/recall.md)."""
 
     ntp_in_recite: bool = True
     """Read the next-token loss off the recite probe's pass (the student reading the recite seed, then
@@ -157,7 +157,7 @@ class AbsorberConfig:
     oldest leaves); a query reads the delta that makes its prompt least surprising (routing.route).
     Rounds then never overwrite each other: SmolLM2-135M, one round per document, rank 4: 26/48
     (seed 7) against 8/48 for one delta with replay, and 63/96 on a held-out 24-document stream,
-    as many 16-23 rounds old as 0-7 (README, "A delta per round"); 32 in its recommended config.
+    as many 16-23 rounds old as 0-7 (docs/recall.md, "A delta per round"); 32 in its recommended config.
     Held memory grows a delta a round up to K. Replay needs the one delta: replay_rounds must be 0."""
     round_cut: str = ""
     """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it
@@ -206,11 +206,11 @@ class AbsorberConfig:
 
     compile_layers: bool = False
     """Run the student's passes through torch.compile'd decoder layers (inductor; backend "torch"); the
-    first round compiles (tens of seconds; seconds from inductor's disk cache). README: "Compiled layers"."""
+    first round compiles (tens of seconds; seconds from inductor's disk cache). docs/performance.md: "Compiled layers"."""
 
     cuda_graphs: bool = False
     """On a CUDA device, decode steps (the teacher's futures and probes, generate()) are captured once
-    per batch as a CUDA graph and replayed (static_decode.py). Off until timed on a GPU (README, "On a GPU")."""
+    per batch as a CUDA graph and replayed (static_decode.py). Off until timed on a GPU (docs/performance.md, "On a GPU")."""
 
     compute_dtype: str = "auto"
     """dtype the matmuls of absorption run in (torch.autocast; the delta and AdamW stay fp32).

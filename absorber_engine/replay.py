@@ -4,7 +4,7 @@ documents with the same kinds of facts do not overwrite each other.
 Each round that commits leaves its recite exchange (replay_probe) in the stream's bounded buffer.
 Later rounds read the buffered rows without context and are trained toward:
 - the absorber: the round-start model's own states on them (Dark Experience Replay): the memory as
-  it is must be kept. Measured against the alternatives on SmolLM2-135M (README): the states of the
+  it is must be kept. Measured against the alternatives on SmolLM2-135M (docs/recall.md): the states of the
   round that absorbed each row (its teacher reading that X again) collapsed every answer to one
   statement, and the rows' own tokens recalled no more than no replay at all;
 - TTT: its own loss, next-token cross-entropy, on the replayed documents (rehearsal).

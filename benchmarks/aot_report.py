@@ -1,6 +1,6 @@
 """GPU-readiness report, without a GPU: every Triton kernel compiled ahead of time for sm_80 and
 sm_90 in bf16 and fp16, as a markdown table (registers, spills, shared memory, tensor-core
-instructions). The README includes its output.
+instructions). docs/kernels.md includes its bf16 rows; benchmarks/results/aot.md, the whole table.
 
     python benchmarks/aot_report.py [--out FILE]
 

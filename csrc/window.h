@@ -9,7 +9,7 @@
 // Cuts (optional): X ends right after the first boundary token (e.g. a paragraph break) that
 // leaves X at least min_x tokens long, instead of at n. A round then holds whole documents or
 // paragraphs, and with one delta per round each delta holds one of them: several documents with
-// the same kinds of facts mixed in one small delta recall far less (README, "A delta per round").
+// the same kinds of facts mixed in one small delta recall far less (docs/recall.md, "A delta per round").
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
 """Two recall runs on the same documents and questions, compared question by question: how many
 only one of them answered, and the exact McNemar p-value of that split (two-sided binomial test on
-the discordant pairs), the test behind every "p = ..." of the README's recall tables.
+the discordant pairs), the test behind every "p = ..." of the recall tables (docs/recall.md).
 
     python -m evals.compare RUN_A RUN_B [--method absorber] [--method-b ttt]
 

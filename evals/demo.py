@@ -111,7 +111,7 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
     # A 128-token window holds the facts section (113-126 tokens) whole, so it is one round. What
     # keeps it through the later rounds is the recommended config's bank of deltas (memory_slots):
     # each section's round trains a delta of its own and a question reads the one it routes to
-    # (README, "A delta per round"). With one delta, replay of earlier rounds kept 3/6 on seed 1
+    # (docs/recall.md, "A delta per round"). With one delta, replay of earlier rounds kept 3/6 on seed 1
     # and nothing kept 0/6.
     cfg = recommended_config(path).replace(chunk_tokens=64, sync_tokens=64)
     eng = AbsorberEngine.from_pretrained(path, config=cfg)

