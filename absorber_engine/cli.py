@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 _DELEGATED = {
     "eval": ("evals.evaluate", "the long-context evaluation: every method x task x length"),
     "bench": ("benchmarks.run", "the microbenchmark suite (engine vs a plain PEFT implementation)"),
-    "demo": ("evals.demo", "stream a long document into the shipped model and ask about its start"),
+    "demo": ("evals.demo", "stream a long document into the real model (smollm2-135m) and ask about its start"),
 }
 
 

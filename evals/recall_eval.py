@@ -29,7 +29,7 @@ from absorber_engine import AbsorberConfig, AbsorberEngine, _scheduler
 from absorber_engine.model_store import recommended_config
 from absorber_engine.model_store import resolve
 
-from .facts import make_document, score
+from .facts import FactDocument, make_document, score
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("none", "full", "ttt", "absorber")
@@ -55,8 +55,25 @@ def _configs(path: str, overrides: dict) -> dict[str, AbsorberConfig]:
     return {"absorber": base, "ttt": base.replace(objective="ttt")}
 
 
-def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False) -> dict:
+def flushed_contexts(seed: int, docs: int, join: int = 1) -> list[FactDocument]:
+    """The contexts the flushed evaluation absorbs, one at a time: each of the `docs` documents alone,
+    or with `join` > 1 each run of `join` consecutive documents as one text with no blank line in it
+    (so the scheduler's cuts cannot split it at document ends: a context longer than a round takes
+    rounds of n tokens). Joined documents each name their place, as in streams, so a question says
+    which of them it asks about."""
+    if join < 1 or docs % join:
+        raise ValueError(f"--join must divide --docs: {docs} documents in runs of {join}")
+    if join == 1:
+        return [make_document(seed, i) for i in range(docs)]
+    runs = [[make_document(seed, i, place=True) for i in range(k, k + join)] for k in range(0, docs, join)]
+    return [FactDocument("+".join(d.genre for d in run), "".join(d.text for d in run),
+                         [q for d in run for q in d.questions], [a for d in run for a in d.answers])
+            for run in runs]
+
+
+def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False, join: int = 1) -> dict:
     path = resolve(model)
+    contexts = flushed_contexts(seed, docs, join)
     configs = _configs(path, overrides)
     rows = []
     for name in methods:
@@ -65,24 +82,26 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
         tok = eng.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise SystemExit(f"{model}: the facts evaluation needs a tokenizer with a chat template")
-        for i in range(docs):
-            d = make_document(seed, i)
+        for i, d in enumerate(contexts):
             doc = tok.encode(d.text, add_special_tokens=False)
             eng.reset()
             absorb_s = eng.absorb(doc, flush=True).seconds if name in ("ttt", "absorber") else 0.0
+            rounds = eng.default.rounds
             for q, a in zip(d.questions, d.answers):
                 messages = [{"role": "user", "content": q}]
                 if name == "full":
                     messages.insert(0, {"role": "system", "content": d.text})
                 reply = tok.decode(eng.generate(chat_ids(tok, messages), max_new_tokens=24, stop=["<|im_end|>"]))
                 rows.append({"method": name, "doc": i, "genre": d.genre, "question": q, "answer": a,
-                             "reply": reply, "correct": score(reply, a), "absorb_seconds": absorb_s})
+                             "reply": reply, "correct": score(reply, a), "absorb_seconds": absorb_s,
+                             "tokens": len(doc), "rounds": rounds})
                 absorb_s = 0.0
             if not quiet:
                 done = [r for r in rows if r["method"] == name]
-                print(f"{name}: doc {i + 1}/{docs}, {sum(r['correct'] for r in done)}/{len(done)}", flush=True)
+                print(f"{name}: context {i + 1}/{len(contexts)}, {sum(r['correct'] for r in done)}/{len(done)}",
+                      flush=True)
         eng.close()
-    return {"model": model, "docs": docs, "seed": seed, "configs": {k: v.to_dict() for k, v in configs.items()},
+    return {"model": model, "docs": docs, "join": join, "seed": seed, "configs": {k: v.to_dict() for k, v in configs.items()},
             "summary": summarize(rows, methods, docs), "rows": rows,
             "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}}
@@ -205,6 +224,12 @@ def render(result: dict) -> str:
     s = result["summary"]
     lines = [f"Facts recall on {result['model']}: {result['docs']} documents x 4 questions, seed {result['seed']}",
              "", "| method | accuracy | 95% CI | correct / asked | absorb s/doc |", "| --- | --- | --- | --- | --- |"]
+    if result.get("join", 1) > 1:
+        absorbed = [r for r in result["rows"] if r.get("rounds")]
+        lines[1:1] = ["", f"Each context: {result['join']} documents as one text without blank lines, flushed "
+                          f"({min(r['tokens'] for r in result['rows'])}-{max(r['tokens'] for r in result['rows'])} tokens"
+                          + (f", {min(r['rounds'] for r in absorbed)}-{max(r['rounds'] for r in absorbed)} rounds)"
+                             if absorbed else ")")]
     for name, v in s.items():
         lo, hi = v["ci95"]
         lines.append(f"| {name} | {v['accuracy']:.1%} | {lo:.1%} - {hi:.1%} | {v['hits']} / {v['n']} | "
@@ -240,6 +265,8 @@ def main(argv=None) -> int:
                     help="with --stream: flush at every document's end (one round per document, nothing raw)")
     ap.add_argument("--without-window", action="store_true",
                     help="with --stream: ask the absorbing methods again with the window discarded")
+    ap.add_argument("--join", type=int, default=1,
+                    help="flushed: absorb each run of this many documents as one text without blank lines")
     ap.add_argument("--rescore", metavar="RESULTS.json", help="score a saved run again (no model is run)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -257,7 +284,8 @@ def main(argv=None) -> int:
         result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
                             flush_each=args.flush_each, without_window=args.without_window)
     else:
-        result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet)
+        result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
+                     join=args.join)
     out = Path(args.out) if args.out else HERE / "results" / "recall" / Path(str(args.model)).name
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -1,7 +1,9 @@
 """The recall evaluation's documents and scorer (evals/facts.py, evals/recall_eval.py)."""
 
 from evals.facts import GENRES, make_document, score
-from evals.recall_eval import summarize, wilson
+import pytest
+
+from evals.recall_eval import flushed_contexts, summarize, wilson
 
 
 def test_documents_are_seeded_state_their_facts_and_ask_them_in_other_words():
@@ -18,6 +20,19 @@ def test_documents_are_seeded_state_their_facts_and_ask_them_in_other_words():
         where = placed.text.split("(", 1)[1].split(")", 1)[0]
         assert all(q.startswith(f"At {where}, ") for q in placed.questions)
         assert sum(line.startswith(f"At {where}, ") for line in placed.text.splitlines()) == 4
+
+
+def test_joined_contexts_hold_whole_placed_documents_and_no_blank_line():
+    assert flushed_contexts(3, 4) == [make_document(3, i) for i in range(4)]
+    joined = flushed_contexts(3, 6, join=3)
+    assert len(joined) == 2
+    for k, ctx in enumerate(joined):
+        parts = [make_document(3, i, place=True) for i in range(3 * k, 3 * k + 3)]
+        assert ctx.text == "".join(d.text for d in parts) and "\n\n" not in ctx.text
+        assert ctx.questions == [q for d in parts for q in d.questions]
+        assert ctx.answers == [a for d in parts for a in d.answers]
+    with pytest.raises(ValueError, match="divide"):
+        flushed_contexts(3, 5, join=2)
 
 
 def test_score_reads_the_first_sentence_only():
