@@ -158,7 +158,7 @@ class AbsorberConfig:
     Rounds then never overwrite each other: SmolLM2-135M, one round per document, rank 4: 26/48
     (seed 7) against 8/48 for one delta with replay, and 63/96 on a held-out 24-document stream,
     as many 16-23 rounds old as 0-7 (docs/recall.md, "A delta per round"); 32 in its recommended config.
-    Held memory grows a delta a round up to K. Replay needs the one delta: replay_rounds must be 0."""
+    Held memory grows a delta a round (held in bf16) up to K. Replay needs the one delta: replay_rounds = 0."""
     round_cut: str = ""
     """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it
     once X holds round_cut_min tokens, else at n (round_cuts.py). With memory_slots > 1 a delta then

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from . import inputs, static_decode
 from .errors import InputError
+from .lora import LowRankDelta
 from .model import ModelRunner, cache_tensors
 from .routing import WINDOW, route, scorable, zero_delta
 from .session import DEFAULT_SESSION, Session
@@ -79,7 +79,7 @@ class WindowCache:
             win = self._kv[(key, reader)] = _window_kv(runner, delta, tokens)
         return win
 
-    def zero(self, key, like) -> SimpleNamespace:
+    def zero(self, key, like) -> LowRankDelta:
         """A Δ = 0 shaped as `like`, kept per session so its window KV is built once."""
         if key not in self._zero:
             self._zero[key] = zero_delta(like)

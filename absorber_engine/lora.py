@@ -1,6 +1,7 @@
 """The absorbed memory: a low-rank delta A·B·(alpha/r) on chosen linears of a frozen model.
 
-`LowRankDelta` owns the tensors (A: in × r, B: r × out, fp32 for the optimizer). `DeltaLinear`
+`LowRankDelta` owns the tensors (A: in × r, B: r × out, fp32 for the optimizer; bf16 once a
+bank holds it: compact()). `DeltaLinear`
 wraps one target linear in place and adds the delta on the fly; the base module is kept as it
 is, its weights frozen and never written. B starts at zero, so a fresh delta changes nothing.
 
@@ -127,6 +128,20 @@ class LowRankDelta:
             self.A[name] = a.to(self.device).requires_grad_(True)
             self.B[name] = torch.zeros(self.rank, n_out, device=self.device).requires_grad_(True)
 
+    def compact(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Holds A and B in `dtype` from now on, without gradients: a bank's committed delta, which
+        trains no more (half its bytes in bf16). factors() reads them in fp32; reset() makes the
+        delta trainable again."""
+        for name in self.shapes:
+            self.A[name] = self.A[name].detach().to(dtype)
+            self.B[name] = self.B[name].detach().to(dtype)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one target to compute with: the trained tensors themselves (a forward through
+        them reaches their gradients), or a compact delta's read in fp32."""
+        a, b = self.A[name], self.B[name]
+        return (a, b) if a.dtype == torch.float32 else (a.float(), b.float())
+
     def is_zero(self) -> bool:
         """Δ = 0: every B is zero (as reset leaves it)."""
         return not any(bool(b.detach().any()) for b in self.B.values())
@@ -167,8 +182,8 @@ class LowRankDelta:
         if device == self.device:
             return
         for name in self.shapes:
-            self.A[name] = self.A[name].detach().to(device).requires_grad_(True)
-            self.B[name] = self.B[name].detach().to(device).requires_grad_(True)
+            for factors in (self.A, self.B):
+                factors[name] = factors[name].detach().to(device).requires_grad_(factors[name].requires_grad)
         self.device = device
 
     snapshot = state_dict

@@ -182,6 +182,7 @@ def load_memory(session, path) -> None:
         delta.to(device)
         delta.load_state_dict(state)
         session.slots.append(delta)
+        session.keep(delta)                         # held as a committed round's: compact in a bank
     session.replay.clear()
     if session.config.replay_rounds:
         session.replay.extend(replay[-session.replay.maxlen:])

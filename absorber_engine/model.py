@@ -130,10 +130,9 @@ class ModelRunner:
         single = len(deltas) == 1
         for name, w in self.wrappers.items():
             if single:
-                w.A, w.B = deltas[0].A[name], deltas[0].B[name]
+                w.A, w.B = deltas[0].factors(name)
             else:
-                w.A = torch.stack([d.A[name] for d in deltas])
-                w.B = torch.stack([d.B[name] for d in deltas])
+                w.A, w.B = (torch.stack(f) for f in zip(*(d.factors(name) for d in deltas)))
         self.binding.rows = None if single else RowLayout(
             torch.arange(len(deltas), device=self.device).repeat_interleave(rows_per_stream), len(deltas))
 

@@ -31,8 +31,9 @@ def export_peft(session, directory) -> None:
     tensors = {}
     for name in delta.shapes:
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = delta.A[name].detach().t().contiguous().cpu()
-        tensors[f"{prefix}.lora_B.weight"] = delta.B[name].detach().t().contiguous().cpu()
+        a, b = delta.factors(name)
+        tensors[f"{prefix}.lora_A.weight"] = a.detach().t().contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = b.detach().t().contiguous().cpu()
     model_cfg = session.runner.model.config
     adapter_config = {
         "peft_type": "LORA",

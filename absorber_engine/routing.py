@@ -6,11 +6,10 @@ the engine asks route() once per prompt (GenerationMixin._routed in generate.py)
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
+from .lora import LowRankDelta
 from .model import ModelRunner
 
 
@@ -70,7 +69,8 @@ def route_gains(runner: ModelRunner, deltas: list, ids: list[int], window=None):
     return gains, float((window_nll - nll[0]).clamp(max=0).sum())
 
 
-def zero_delta(like) -> SimpleNamespace:
-    """Δ = 0 in the shapes of `like`: the base model for the runner's delta-bound forwards."""
-    return SimpleNamespace(A={n: torch.zeros_like(a) for n, a in like.A.items()},
-                           B={n: torch.zeros_like(b) for n, b in like.B.items()}, scale=like.scale)
+def zero_delta(like: LowRankDelta) -> LowRankDelta:
+    """Δ = 0 (B = 0) in the shapes of `like`: the base model for the runner's delta-bound forwards."""
+    zero = LowRankDelta(like.shapes, like.rank, like.scale, like.device, seed=like.seed)
+    zero.compact(torch.float32)                 # nothing trains it
+    return zero

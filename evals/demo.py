@@ -134,8 +134,8 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
           f"{width}-token window) into {model} (rank {cfg.rank}, {cfg.max_steps} steps a round, a delta a round "
           f"kept in a bank of {cfg.memory_slots}). Its first section states the facts asked below:\n")
     print(opening.text)
-    bound = cfg.memory_slots * eng.delta.nbytes
-    grows = (f"grows by one delta ({eng.delta.nbytes / 2**20:.2f} MiB) a round until the bank holds "
+    bound = cfg.memory_slots * eng.default.delta_bytes
+    grows = (f"grows by one delta ({eng.default.delta_bytes / 2**20:.2f} MiB) a round until the bank holds "
              f"{cfg.memory_slots}, then stays at" if cfg.memory_slots > 1 else "is one delta,")
     print(f"Held memory {grows} {bound / 2**20:.1f} MiB (a full KV cache of "
           f"{bound // kv_bytes(model_cfg, 1, dtype):,} tokens), whatever the length.")

@@ -21,6 +21,11 @@ def _state(delta):
     return delta.state_dict()
 
 
+def _banked(delta):
+    """What a bank holds of `delta` (Session.keep compacts to bf16)."""
+    return {k: v.to(torch.bfloat16) for k, v in delta.state_dict().items()}
+
+
 def _assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -42,7 +47,26 @@ def test_each_round_trains_a_delta_of_its_own_from_the_base_model():
     assert len(slots) == 2 and eng.held_bytes()["delta"] == 2 * slots[0].nbytes
     # The second round did not start from the first's delta: it is what absorbing its text alone gives.
     for slot, text in zip(slots, TEXTS):
-        _assert_same(_state(slot), _state(_alone(text).delta))
+        _assert_same(_state(slot), _banked(_alone(text).delta))
+
+
+def test_a_bank_holds_its_deltas_in_bf16_and_reads_them_in_fp32():
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    eng.absorb(TEXTS[0], flush=True)
+    (slot,) = eng.default.slots
+    assert all(t.dtype == torch.bfloat16 and not t.requires_grad for t in slot.parameters())
+    assert slot.nbytes * 2 == eng.default.new_delta().nbytes
+    # It answers as its round's fp32 delta rounded to bf16 would.
+    alone = _alone(TEXTS[0])
+    alone.delta.load_state_dict(_banked(alone.delta))
+    prompt = TEXTS[1][:12]
+    torch.testing.assert_close(eng.logits(prompt), alone.logits(prompt), rtol=1e-5, atol=1e-5)
+    # The next round trains a delta of its own, in fp32, then holds it compact too.
+    eng.absorb(TEXTS[1], flush=True)
+    assert [s.A[next(iter(s.shapes))].dtype for s in eng.default.slots] == [torch.bfloat16] * 2
+    _assert_same(_state(eng.default.slots[1]), _banked(_alone(TEXTS[1]).delta))
+    # One delta (memory_slots = 1) keeps training: it stays fp32.
+    assert all(t.dtype == torch.float32 and t.requires_grad for t in alone.delta.parameters())
 
 
 def test_a_full_bank_drops_its_oldest():
@@ -51,7 +75,7 @@ def test_a_full_bank_drops_its_oldest():
         eng.absorb(text, flush=True)
     assert len(eng.default.slots) == 2
     for slot, text in zip(eng.default.slots, TEXTS[1:]):
-        _assert_same(_state(slot), _state(_alone(text).delta))
+        _assert_same(_state(slot), _banked(_alone(text).delta))
     eng.reset()
     assert len(eng.default.slots) == 1 and eng.delta.is_zero()
 
@@ -65,7 +89,8 @@ def test_a_prompt_reads_the_delta_that_absorbed_it():
         prompt = text[:12]
         assert route(eng.runner, deltas, prompt) == i
         alone = _alone(text)
-        # The whole answer is the routed delta's: logits and generated tokens as with it alone.
+        alone.delta.load_state_dict(_banked(alone.delta))
+        # The whole answer is the routed delta's (as the bank holds it): logits and tokens as with it alone.
         torch.testing.assert_close(eng.logits(prompt), alone.logits(prompt), rtol=1e-5, atol=1e-5)
         assert eng.generate(prompt, max_new_tokens=5) == alone.generate(prompt, max_new_tokens=5)
     # Nothing to score: the newest delta. After the model's prefix (BOS) one token is scored.
@@ -205,7 +230,7 @@ def test_a_version_1_file_still_loads(tmp_path):
     save_file(old, str(tmp_path / "v1.safetensors"), metadata=meta)
     back = AbsorberEngine(make_model("llama"), config=CFG)
     back.load_memory(tmp_path / "v1.safetensors")
-    _assert_same(_state(back.delta), _state(eng.delta))
+    _assert_same(_state(back.delta), _banked(eng.delta))
 
 
 def test_one_adapter_cannot_stand_for_a_bank(tmp_path):
