@@ -72,5 +72,6 @@ def route_gains(runner: ModelRunner, deltas: list, ids: list[int], window=None):
 def zero_delta(like: LowRankDelta) -> LowRankDelta:
     """Δ = 0 (B = 0) in the shapes of `like`: the base model for the runner's delta-bound forwards."""
     zero = LowRankDelta(like.shapes, like.rank, like.scale, like.device, seed=like.seed)
-    zero.compact(torch.float32)                 # nothing trains it
+    for t in zero.parameters():
+        t.requires_grad_(False)                 # nothing trains it
     return zero
