@@ -35,7 +35,7 @@ def boundary_ids(tokenizer, text: str) -> list[int]:
 def delta_min_tokens(cfg: AbsorberConfig, shapes: dict, model_config, dtype: torch.dtype) -> int:
     """Tokens whose KV takes as many bytes as one delta as trained (fp32 A and B): a round shorter
     than that would keep a delta about as large as the tokens it replaced. SmolLM2-135M at rank 4:
-    86 (a bank holds it in half that since, BANK_DTYPE; the cuts measured on SmolLM2 were made at 86)."""
+    86. A bank holds its deltas in half that (session.BANK_DTYPE); the cuts were measured at 86."""
     delta = 4 * cfg.rank * sum(n_in + n_out for n_in, n_out in shapes.values())
     return max(1, math.ceil(delta / kv_bytes(model_config, 1, dtype)))
 

@@ -5,8 +5,7 @@ converted once): a document of invented facts, several windows long, streamed se
 (chat_demo). Its opening facts are then asked from memory, by the window baseline and with the whole
 document in the prompt.
 
-With `--model DIR` of a model without a chat template (the shipped model, model/absorber-tiny), the
-document opens with a list of records (key: value), then runs on for many times the model's trained
+With `--model DIR`, a model directory (the shipped model, model/absorber-tiny), the document opens with a list of records (key: value), then runs on for many times the model's trained
 context with filler text that hides a pass key. It is absorbed piece by piece; the held memory
 (delta + the raw window's KV) is printed as the stream grows, beside what a full KV cache would
 need. Then the questions are asked by the engine (memory + window) and by the window baseline (the

@@ -271,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
+    if args.join < 1 or args.docs % args.join:
+        ap.error(f"--join must be a positive divisor of --docs ({args.docs}), got {args.join}")
     if any(m not in METHODS + ("window",) for m in methods):
         ap.error(f"unknown methods in {methods}; expected some of {METHODS}")
     if args.threads:
