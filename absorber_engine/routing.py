@@ -14,6 +14,11 @@ from .model import ModelRunner
 
 
 WINDOW = -1      # route(): the raw window, read by the base model, answers; not a delta alone
+# route(): how many deltas a rough bf16 pass leaves for the exact score. The prompt read once per
+# delta is most of a query's cost (SmolLM2, 32 deltas, 40 tokens: 2.9 s in fp32, 1.5 s in bf16 on
+# this CPU), but bf16 alone routed 1 of 96 questions elsewhere than fp32; with the shortlist, 96 as
+# fp32 does, 1.15x faster a question (docs/recall.md, "What a query costs with a bank").
+SHORTLIST = 4
 
 
 def route(runner: ModelRunner, deltas: list, ids: list[int], window=None) -> int:
@@ -34,12 +39,20 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window=None) -> int
     separates cleanly: its gain was 1.24-1.94x the best delta's on the 32 questions about documents
     still in it and at most 0.94x on the 160 about absorbed ones (two streams); read by the newest
     delta, whose own text it continues, it overlapped (0.56-1.54x on absorbed ones) and answered
-    fewer of its own questions (2/32 against 9/32)."""
+    fewer of its own questions (2/32 against 9/32).
+
+    A bank larger than SHORTLIST is first scored in the compute dtype (bf16 where the engine absorbs
+    in it), and only its SHORTLIST best are scored again, exactly, to decide."""
     if len(deltas) == 1 or not scorable(runner, ids):
         return len(deltas) - 1
-    gains, window_gain = route_gains(runner, deltas, ids, window)
+    picks = list(range(len(deltas)))
+    if len(deltas) > SHORTLIST and runner.compute_dtype is not None:
+        with runner.autocast():
+            rough, _ = route_gains(runner, deltas, ids)
+        picks = rough.topk(SHORTLIST, largest=False).indices.tolist()
+    gains, window_gain = route_gains(runner, [deltas[i] for i in picks], ids, window)
     best = int(gains.argmin())
-    return WINDOW if window_gain is not None and window_gain <= gains[best] else best
+    return WINDOW if window_gain is not None and window_gain <= gains[best] else picks[best]
 
 
 def scorable(runner: ModelRunner, ids: list[int]) -> bool:
@@ -56,7 +69,7 @@ def route_gains(runner: ModelRunner, deltas: list, ids: list[int], window=None):
     runner.bind([zero_delta(deltas[0])] + list(deltas))
     x = torch.tensor([seq], dtype=torch.long, device=runner.device).expand(len(deltas) + 1, -1)
     final, _ = runner.forward(x)
-    nll = torch.stack([F.cross_entropy(runner.logits(final[s, start - 1:-1]), x[0, start:], reduction="none")
+    nll = torch.stack([F.cross_entropy(runner.logits(final[s, start - 1:-1]).float(), x[0, start:], reduction="none")
                        for s in range(len(deltas) + 1)])
     gains = (nll[1:] - nll[0]).clamp(max=0).sum(1)
     if window is None or len(window.tokens) <= len(runner.prefix):     # no raw token to read

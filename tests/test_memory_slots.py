@@ -119,6 +119,32 @@ def test_route_picks_the_least_surprised_delta():
     assert len(set(gains)) == 3                 # no tie decides it
 
 
+def test_a_large_bank_is_shortlisted_in_bf16_then_decided_exactly(monkeypatch):
+    from absorber_engine import routing
+
+    cfg = CFG.replace(memory_slots=6, compute_dtype="bfloat16")
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    for s in range(6):
+        eng.absorb(random_ids(24, seed=20 + s), flush=True)
+    slots = list(eng.default.slots)
+    assert len(slots) == 6 > routing.SHORTLIST and eng.runner.compute_dtype == torch.bfloat16
+    rough_calls = []
+    real = routing.route_gains
+
+    def spy(runner, deltas, ids, window=None):
+        rough_calls.append((len(deltas), torch.is_autocast_enabled("cpu")))
+        return real(runner, deltas, ids, window)
+
+    monkeypatch.setattr(routing, "route_gains", spy)
+    for s in range(6):
+        prompt = random_ids(24, seed=20 + s)[:12]
+        exact, _ = real(eng.runner, slots, prompt)                # every delta, the model's dtype
+        rough_calls.clear()
+        assert route(eng.runner, slots, prompt) == int(exact.argmin())
+        # One rough pass over the bank under autocast, then the exact one over the shortlist only.
+        assert rough_calls == [(6, True), (routing.SHORTLIST, False)]
+
+
 def test_the_raw_window_is_one_more_candidate():
     """A prompt reads a delta of the bank alone, unless the raw window read by the base model
     explains it better (route's gain, the window's scored on the prompt read after it); then it
