@@ -232,13 +232,13 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
         logits = runner.logits(final[:, -1])
     else:
         logits = first_logits.repeat_interleave(count, dim=0)                        # (S·count, V)
-    # Decode steps run in the model's own dtype: a step of a few rows reads each weight once, and
-    # autocast would first write a low-precision copy of every weight and read that (1.7x slower
-    # per step on a CPU in bf16). The cache built under autocast is cast to it.
+    # Decode steps read each weight once: in autocast's dtype, from copies cast once for all the
+    # steps (static_decode.weights_in_autocast_dtype), not under autocast, which would cast every
+    # weight at every step (1.7x slower per step than fp32 on a CPU). The cache is cast to it.
     steps = length - p
     ended = _stops(stop, S * count, runner.device)
     if steps and static_decode.supported(runner):
-        with runner.model_dtype(), runner.sdpa_attention():
+        with static_decode.weights_in_autocast_dtype(runner), runner.sdpa_attention():
             kv = cache_tensors(cache)
             nxt = position[:, -1:] + 1 if position is not None else torch.full(
                 (S * count, 1), kv[0][0].shape[2], device=runner.device)

@@ -18,11 +18,14 @@ from tests.tiny_models import ARCHS, make_model, random_ids
 FUTURES, LENGTH = 3, 9
 
 
-def _futures(arch: str, seed: int, temperature: float, top_p: float):
-    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=0, rank=4, futures=FUTURES, future_tokens=LENGTH,
-                         future_temperature=temperature, future_top_p=top_p, compute_dtype="float32",
-                         prefix_bos=False, kl_weight=0.0, hidden_norm=False)
-    eng = AbsorberEngine(make_model(arch), config=cfg)
+def _config(temperature: float = 1.0, top_p: float = 1.0, compute_dtype: str = "float32") -> AbsorberConfig:
+    return AbsorberConfig(chunk_tokens=16, sync_tokens=0, rank=4, futures=FUTURES, future_tokens=LENGTH,
+                          future_temperature=temperature, future_top_p=top_p, compute_dtype=compute_dtype,
+                          prefix_bos=False, kl_weight=0.0, hidden_norm=False)
+
+
+def _futures(arch: str, seed: int, temperature: float, top_p: float, eng=None):
+    eng = eng or AbsorberEngine(make_model(arch), config=_config(temperature, top_p))
     x = torch.tensor(random_ids(16, seed=seed))
     batch = RoundBatch([eng.delta], x[None], x[None, :0], [torch.Generator().manual_seed(seed)])
     (targets,) = teacher_targets(eng.runner, batch, eng.config)
@@ -57,6 +60,36 @@ def test_recorded_states_are_a_plain_forward_and_the_growing_cache_gives_the_sam
     assert growing.ids.tolist() == static.ids.tolist()
     for a, b in zip(growing.hidden, static.hidden):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_in_a_bf16_round_the_steps_read_bf16_copies_and_the_fp32_weights_come_back(monkeypatch):
+    model = make_model("llama")
+    eng = AbsorberEngine(model, config=_config(compute_dtype="bfloat16"))
+    weights = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    seen = []
+    step = static_decode.StaticDecoder._step
+    monkeypatch.setattr(static_decode.StaticDecoder, "_step",
+                        lambda self: seen.append(self.runner.head.weight.dtype) or step(self))
+    x, group = _futures("llama", 5, 1.0, 1.0, eng=eng)     # outside autocast: the model's dtype
+    assert seen == [torch.float32] * LENGTH
+    seen.clear()
+    with eng.runner.autocast():                              # as in a round
+        x, group = _futures("llama", 5, 1.0, 1.0, eng=eng)
+    assert seen == [torch.bfloat16] * LENGTH
+    for name, p in model.named_parameters():                 # the very tensors, in fp32, untouched
+        assert (p.data_ptr(), p.dtype) == (weights[name][0], torch.float32) and torch.equal(p, weights[name][1])
+    with torch.no_grad():                                    # the states are the fp32 model's, to bf16 precision
+        out = model(torch.cat([x.expand(FUTURES, -1), group.ids], dim=1), output_hidden_states=True)
+    for layer, h in enumerate(group.hidden[:-1]):
+        torch.testing.assert_close(h.float(), out.hidden_states[layer][:, -LENGTH:], rtol=0.05, atol=0.05)
+
+    def fail(self):
+        raise RuntimeError("a step failed")
+    monkeypatch.setattr(static_decode.StaticDecoder, "_step", fail)
+    with pytest.raises(RuntimeError, match="a step failed"), eng.runner.autocast():
+        _futures("llama", 5, 1.0, 1.0, eng=eng)
+    for name, p in model.named_parameters():                 # put back on the way out of a failure too
+        assert (p.data_ptr(), p.dtype) == (weights[name][0], torch.float32)
 
 
 def test_a_decoder_refuses_a_step_past_its_length():
