@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -21,7 +22,8 @@ from . import inputs, static_decode
 from .errors import InputError
 from .lora import LowRankDelta
 from .model import ModelRunner, cache_tensors
-from .routing import WINDOW, route, scorable, zero_delta
+from .probes import user_turn_opener
+from .routing import WINDOW, asked_alone, route, scorable, zero_delta
 from .session import DEFAULT_SESSION, Session
 
 
@@ -287,6 +289,11 @@ class GenerationMixin:
                     self.scheduler.release(sess.key)
                 self._rest()
 
+    @cached_property
+    def _user_turn(self) -> list[int]:
+        """probes.user_turn_opener() of the engine's tokenizer, found once."""
+        return user_turn_opener(self.tokenizer)
+
     def _routed(self, sess: Session, ids: list[int]) -> tuple:
         """The delta of `sess` and the window KV that read the prompt `ids` (route): with one delta,
         or no prompt to score, the newest delta and the raw window (the stream continued); else a
@@ -296,7 +303,7 @@ class GenerationMixin:
             return newest, self._windows.get(self.runner, sess.key, newest, tokens)
         zero = self._windows.zero(sess.key, newest)
         window = self._windows.get(self.runner, sess.key, zero, tokens, reader="base")
-        k = route(self.runner, list(sess.slots), ids, window)
+        k = route(self.runner, list(sess.slots), asked_alone(ids, self._user_turn), window)
         if k == WINDOW:
             return zero, window
         return sess.slots[k], _window_kv(self.runner, sess.slots[k], self.runner.prefix)

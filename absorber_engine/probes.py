@@ -86,6 +86,23 @@ def frame_for(tokenizer, cfg) -> ProbeFrame | None:
     return build_frame(tokenizer, kinds, cfg.chat_probes)
 
 
+def user_turn_opener(tokenizer) -> list[int]:
+    """The ids that open a user turn after an earlier message in the tokenizer's chat template
+    (SmolLM2: "<|im_end|>\n<|im_start|>user\n"), or [] where there is no template or its opening
+    does not name the role: routing.asked_alone() then leaves prompts whole."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return []
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)   # noqa: E731
+    try:
+        first = render([{"role": "user", "content": _MARK}]).split(_MARK, 1)[0]
+        later = render([{"role": "user", "content": _MARK}, {"role": "assistant", "content": _MARK},
+                        {"role": "user", "content": _MARK}]).split(_MARK)[2]
+    except Exception:        # a template that refuses these turns: no opening to find
+        return []
+    tail = _common_tail(first, later)
+    return list(tokenizer.encode(tail, add_special_tokens=False)) if "user" in tail else []
+
+
 def _common_tail(a: str, b: str) -> str:
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:

@@ -19,6 +19,11 @@ WINDOW = -1      # route(): the raw window, read by the base model, answers; not
 # this CPU), but bf16 alone routed 1 of 96 questions elsewhere than fp32; with the shortlist, 96 as
 # fp32 does, 1.15x faster a question (docs/recall.md, "What a query costs with a bank").
 SHORTLIST = 4
+# route(): the rough pass reads at most the prompt's last ROUGH_TOKENS tokens (alone), so its cost
+# stops growing with the prompt; only the shortlist reads it whole. A chat question asked alone
+# (asked_alone) is shorter than this, so it changes nothing there (docs/recall.md, "Questions
+# after earlier turns").
+ROUGH_TOKENS = 64
 
 
 def route(runner: ModelRunner, deltas: list, ids: list[int], window=None) -> int:
@@ -41,18 +46,31 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window=None) -> int
     delta, whose own text it continues, it overlapped (0.56-1.54x on absorbed ones) and answered
     fewer of its own questions (2/32 against 9/32).
 
-    A bank larger than SHORTLIST is first scored in the compute dtype (bf16 where the engine absorbs
-    in it), and only its SHORTLIST best are scored again, exactly, to decide."""
+    A bank larger than SHORTLIST is first scored roughly: on the prompt's last ROUGH_TOKENS tokens
+    only, in the compute dtype (bf16 where the engine absorbs in it); only its SHORTLIST best are
+    scored again, on the whole prompt and exactly, to decide."""
     if len(deltas) == 1 or not scorable(runner, ids):
         return len(deltas) - 1
     picks = list(range(len(deltas)))
-    if len(deltas) > SHORTLIST and runner.compute_dtype is not None:
+    if len(deltas) > SHORTLIST and (runner.compute_dtype is not None or len(ids) > ROUGH_TOKENS):
         with runner.autocast():
-            rough, _ = route_gains(runner, deltas, ids)
+            rough, _ = route_gains(runner, deltas, ids[-ROUGH_TOKENS:])
         picks = rough.topk(SHORTLIST, largest=False).indices.tolist()
     gains, window_gain = route_gains(runner, [deltas[i] for i in picks], ids, window)
     best = int(gains.argmin())
     return WINDOW if window_gain is not None and window_gain <= gains[best] else picks[best]
+
+
+def asked_alone(ids: list[int], opener: list[int]) -> list[int]:
+    """A chat prompt as if its last user turn were asked alone: what comes before its first user
+    turn (the system turn), then its last user turn on. The earlier turns go: their words name the
+    documents they were about, and the router followed them, not the question (SmolLM2, a stream of
+    24 documents, 40 questions each after three exchanges about other documents: 0/40 routed to a
+    delta of the question's document, 39/40 asked alone; docs/recall.md, "Questions after earlier
+    turns"). `opener` is probes.user_turn_opener(); with fewer than two user turns, `ids` as they are."""
+    n = len(opener)
+    starts = [i for i in range(len(ids) - n + 1) if ids[i:i + n] == opener] if n else []
+    return ids[:starts[0]] + ids[starts[-1]:] if len(starts) >= 2 else ids
 
 
 def scorable(runner: ModelRunner, ids: list[int]) -> bool:

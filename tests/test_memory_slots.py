@@ -132,7 +132,7 @@ def test_a_large_bank_is_shortlisted_in_bf16_then_decided_exactly(monkeypatch):
     real = routing.route_gains
 
     def spy(runner, deltas, ids, window=None):
-        rough_calls.append((len(deltas), torch.is_autocast_enabled("cpu")))
+        rough_calls.append((len(deltas), torch.is_autocast_enabled("cpu"), list(ids)))
         return real(runner, deltas, ids, window)
 
     monkeypatch.setattr(routing, "route_gains", spy)
@@ -142,7 +142,17 @@ def test_a_large_bank_is_shortlisted_in_bf16_then_decided_exactly(monkeypatch):
         rough_calls.clear()
         assert route(eng.runner, slots, prompt) == int(exact.argmin())
         # One rough pass over the bank under autocast, then the exact one over the shortlist only.
-        assert rough_calls == [(6, True), (routing.SHORTLIST, False)]
+        assert rough_calls == [(6, True, prompt), (routing.SHORTLIST, False, prompt)]
+    # A prompt longer than ROUGH_TOKENS: the rough pass reads its end alone, the decision all of it.
+    monkeypatch.setattr(routing, "ROUGH_TOKENS", 8)
+    long = random_ids(40, seed=7) + random_ids(24, seed=23)[:10]
+    exact, _ = real(eng.runner, slots, long)
+    with eng.runner.autocast():
+        rough, _ = real(eng.runner, slots, long[-8:])
+    picks = rough.topk(routing.SHORTLIST, largest=False).indices.tolist()
+    rough_calls.clear()
+    assert route(eng.runner, slots, long) == picks[int(exact[picks].argmin())]
+    assert [(n, ids) for n, _, ids in rough_calls] == [(6, long[-8:]), (routing.SHORTLIST, long)]
 
 
 def test_the_raw_window_is_one_more_candidate():

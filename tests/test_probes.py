@@ -8,7 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError
-from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round
+from absorber_engine import generate
+from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round, user_turn_opener
+from absorber_engine.routing import asked_alone
 from absorber_engine.round import student_losses
 from absorber_engine.targets import RoundBatch
 from absorber_engine.teacher import teacher_targets
@@ -75,6 +77,41 @@ def test_chat_frame_reads_like_the_template(template):
     plain = tok.apply_chat_template([{"role": "user", "content": SEED_PROMPTS["question"]}], tokenize=False,
                                     add_generation_prompt=True)
     assert tok.decode(student) == plain
+
+
+def _chat(tok, messages):
+    return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+@pytest.mark.parametrize("template", [CHATML, DEFAULT_SYSTEM])
+def test_a_question_after_earlier_turns_is_routed_as_if_asked_alone(template, monkeypatch):
+    tok = _tokenizer(template)
+    opener = user_turn_opener(tok)
+    assert "user" in tok.decode(opener)
+    earlier = [{"role": "user", "content": "Who runs the mill?"}, {"role": "assistant", "content": "It is Oda."},
+               {"role": "user", "content": "And the ferry?"}, {"role": "assistant", "content": "Brann does."}]
+    question = [{"role": "user", "content": "What is the pass code?"}]
+    alone = _chat(tok, question)
+    assert asked_alone(_chat(tok, earlier + question), opener) == alone
+    assert asked_alone(alone, opener) == alone                          # one user turn: as it is
+    # The engine routes a prompt of several turns on its last question (a bank of 3 deltas).
+    eng = _engine(tok, probes=1, probe_kinds=("recite",), memory_slots=3, max_steps=1)
+    for seed in range(3):
+        eng.absorb(tok.decode(torch.randint(5, 500, (24,), generator=torch.Generator().manual_seed(seed))), flush=True)
+    assert len(eng.default.slots) == 3
+    routed = []
+    real = generate.route
+    monkeypatch.setattr(generate, "route", lambda runner, deltas, ids, window=None: routed.append(ids) or real(
+        runner, deltas, ids, window))
+    eng.generate(_chat(tok, earlier + question), max_new_tokens=1)
+    assert routed == [alone]
+
+
+def test_a_template_whose_turns_name_no_role_leaves_prompts_whole():
+    tok = _tokenizer("{% for m in messages %}{{ '[T] ' + m['content'] + ' [/T]' }}{% endfor %}")
+    assert user_turn_opener(tok) == [] and user_turn_opener(_tokenizer()) == [] and user_turn_opener(None) == []
+    ids = tok.encode("[T] a [/T][T] b [/T]", add_special_tokens=False)
+    assert asked_alone(ids, []) == ids
 
 
 def test_probe_targets_are_a_plain_forward_of_the_teacher_reading_x():
