@@ -1,12 +1,12 @@
-"""The measurement behind docs/recall.md, "Questions after earlier turns": the seed-53 stream of 24
-documents absorbed with the recommended config, then 40 of its questions each asked after TURNS
-earlier exchanges about other documents, routed on the whole prompt ("whole", as before
-2026-12-05) and on the last user turn asked alone ("alone", routing.asked_alone). Each arm
-generates its reply from the whole prompt. A route is right when it picks a delta of a round
-that held part of the question's document (on this stream document j went to delta j). The
-absorbed memory is saved in OUT and read back by a second run.
+"""The measurement behind docs/recall.md, "Questions after earlier turns": the stream of 24
+documents of seed SEED (53 unless given) absorbed with the recommended config, then 40 of its
+questions each asked after TURNS earlier exchanges about other documents, routed on the whole
+prompt ("whole", as before 2026-12-05) and on the last user turn asked alone ("alone",
+routing.asked_alone). Each arm generates its reply from the whole prompt. A route is right when it
+picks a delta of a round that held part of the question's document (on seed 53 document j went to
+delta j). The absorbed memory is saved in OUT and read back by a second run.
 
-    PYTHONPATH=. python evals/results/recall/smollm2-135m/route_after_turns_seed53/route_after_turns.py 3 40 OUT
+    PYTHONPATH=. python evals/results/recall/smollm2-135m/route_after_turns_seed53/route_after_turns.py 3 40 OUT [SEED]
 """
 import json, sys, time, torch
 from pathlib import Path
@@ -15,7 +15,8 @@ from absorber_engine.model_store import resolve, recommended_config
 from evals.facts import make_document, score
 from evals.recall_eval import chat_ids, absorbed_after
 torch.set_num_threads(1)
-seed, docs, turns, limit, out = 53, 24, int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+turns, limit, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+seed, docs = (int(sys.argv[4]) if len(sys.argv) > 4 else 53), 24
 mem = out / f"memory_seed{seed}.safetensors"
 out.mkdir(parents=True, exist_ok=True)
 path = resolve("smollm2-135m")
