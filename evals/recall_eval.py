@@ -8,7 +8,8 @@ Methods, all on the same model and the same questions:
 - ttt: next-token training on the document (objective "ttt"), then the question alone.
 - absorber: the engine's recommended config for the model, then the question alone.
 Each question is one greedy reply of at most 24 tokens, correct when it holds the answer as a whole
-word. Accuracy with a 95% Wilson interval; RESULTS.md and results.json under --out.
+word. Accuracy with a 95% Wilson interval; RESULTS.md and results.json under --out, and for
+streams (--stream) recall_by_age.png and memory.png (evals/recall_plots.py).
 
     absorber eval --tasks facts --model smollm2-135m --docs 12 --seed 1
 """
@@ -28,6 +29,7 @@ import torch
 from absorber_engine import AbsorberConfig, AbsorberEngine, _scheduler
 from absorber_engine.model_store import recommended_config
 from absorber_engine.model_store import resolve
+from absorber_engine.round_cuts import kv_bytes
 
 from .facts import FactDocument, make_document, score
 
@@ -121,12 +123,12 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     look-alike documents cost the memory's answers."""
     path = resolve(model)
     configs = _configs(path, overrides)
-    rows = []
+    rows, held_curve = [], {}
     for name in methods:
         eng = AbsorberEngine.from_pretrained(path, config=configs["ttt" if name == "ttt" else "absorber"])
         tok, absorbs = eng.tokenizer, name in ("ttt", "absorber")
         texts = [make_document(seed, i, place=True) for i in range(docs)]
-        stream, ends, absorbed_at = [], [], []
+        stream, ends, absorbed_at, curve = [], [], [], []
         start = time.perf_counter()
         for d in texts:
             ids = tok.encode(d.text + "\n", add_special_tokens=False)
@@ -135,10 +137,15 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             absorbed_at.append(None)
             if absorbs:
                 eng.absorb(ids, flush=flush_each)
+                curve.append(eng.held_bytes()["delta"] + kv_bytes(eng.runner.model.config, eng.held_tokens, eng.runner.dtype))
                 for j, e in enumerate(ends):       # the round that absorbed a document's last token
                     if absorbed_at[j] is None and eng.absorbed_tokens >= e:
                         absorbed_at[j] = eng.default.rounds
         seconds = time.perf_counter() - start
+        if not absorbs:                  # the KV of what each baseline reads: all of it, or the raw window
+            kept = ends if name == "full" else [e - a for e, a in zip(ends, absorbed_per_document(eng, texts, tok))]
+            curve = [kv_bytes(eng.runner.model.config, k, eng.runner.dtype) for k in kept]
+        held_curve[name] = curve
         held = eng.held_bytes()["delta"] if absorbs else 0       # the memory that answers (no raw token kept)
         total_rounds = eng.default.rounds
         # What the engine keeps raw after the stream: every method is asked about the same documents,
@@ -177,19 +184,26 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     methods = list(methods) + [m for m in dict.fromkeys(r["method"] for r in rows) if m not in methods]
     return {"model": model, "docs": docs, "seed": seed, "stream": True,
             "configs": {k: v.to_dict() for k, v in configs.items()}, "summary": summarize(rows, methods, docs),
-            "rows": rows}
+            "rows": rows, "held_curve": held_curve}
 
 
 def absorbed_after(eng, texts, tok) -> int:
     """Tokens the engine's scheduler absorbs from the stream fed one document at a time: its own
     window, cuts included, replayed without a model, so the window method sees what the memory lost."""
+    return absorbed_per_document(eng, texts, tok)[-1]
+
+
+def absorbed_per_document(eng, texts, tok) -> list[int]:
+    """absorbed_after() after each document of the stream."""
     sch = eng.scheduler
     w = _scheduler.Window(sch.chunk_tokens, sch.sync_tokens, sch.vocab_size, sch.cut_after, sch.min_cut)
+    out = []
     for d in texts:
         w.feed(tok.encode(d.text + "\n", add_special_tokens=False))
         while (r := w.plan()) is not None:
             w.commit(r.id)
-    return w.absorbed
+        out.append(w.absorbed)
+    return out
 
 
 def summarize(rows: list[dict], methods, docs: int) -> dict:
@@ -293,7 +307,10 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "RESULTS.md").write_text(render(result))
     print(render(result))
-    print(f"written to {out}/ (RESULTS.md, results.json)")
+    from .recall_plots import plot_stream
+
+    plots = plot_stream(result, out) if result.get("stream") else []
+    print(f"written to {out}/ ({', '.join(['RESULTS.md', 'results.json'] + plots)})")
     return 0
 
 

@@ -57,3 +57,18 @@ def test_questions_still_in_the_window_are_counted_apart():
             for r, raw in [("42", False), ("No.", False), ("42", True), ("42", True), ("x", True)]]
     s = summarize(rows, ["m"], docs=1)["m"]
     assert (s["hits"], s["n"], s["in_window"]) == (1, 2, [2, 3]) and s["by_rounds_ago"] == {"1": [1, 2]}
+
+
+def test_a_streamed_run_is_plotted_by_age_and_held_memory(tmp_path):
+    from evals.recall_plots import plot_stream
+
+    rows = [{"method": "absorber", "rounds_ago": age, "correct": age % 3 != 0, "in_window": False}
+            for age in range(10) for _ in range(4)]
+    rows += [{"method": "window", "rounds_ago": None, "correct": False, "in_window": False}] * 40
+    rows += [{"method": "absorber", "rounds_ago": None, "correct": True, "in_window": True}] * 4
+    result = {"model": "m", "docs": 12, "seed": 0, "summary": {"window": {}, "absorber": {}}, "rows": rows,
+              "held_curve": {"window": [2**20] * 12, "absorber": [2**20 * (1 + i) for i in range(12)]}}
+    assert plot_stream(result, tmp_path) == ["recall_by_age.png", "memory.png"]
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in ("recall_by_age.png", "memory.png"))
+    del result["held_curve"]                   # a run saved before held memory was recorded
+    assert plot_stream(result, tmp_path / ".") == ["recall_by_age.png"]
