@@ -64,9 +64,9 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window=None) -> int
 def asked_alone(ids: list[int], opener: list[int]) -> list[int]:
     """A chat prompt as if its last user turn were asked alone: what comes before its first user
     turn (the system turn), then its last user turn on. The earlier turns go: their words name the
-    documents they were about, and the router followed them, not the question (SmolLM2, a stream of
-    24 documents, 40 questions each after three exchanges about other documents: 0/40 routed to a
-    delta of the question's document, 39/40 asked alone; docs/recall.md, "Questions after earlier
+    documents they were about, and the router followed them, not the question (SmolLM2, two streams
+    of 24 documents, 80 questions each after three exchanges about other documents: 0/80 routed to
+    a delta of the question's document, 77/80 asked alone; docs/recall.md, "Questions after earlier
     turns"). `opener` is probes.user_turn_opener(); with fewer than two user turns, `ids` as they are."""
     n = len(opener)
     starts = [i for i in range(len(ids) - n + 1) if ids[i:i + n] == opener] if n else []
