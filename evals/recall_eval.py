@@ -126,7 +126,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     rows, held_curve = [], {}
     for name in methods:
         eng = AbsorberEngine.from_pretrained(path, config=configs["ttt" if name == "ttt" else "absorber"])
-        tok, absorbs = eng.tokenizer, name in ("ttt", "absorber")
+        tok, absorbs, config = eng.tokenizer, name in ("ttt", "absorber"), eng.runner.model.config
         texts = [make_document(seed, i, place=True) for i in range(docs)]
         stream, ends, absorbed_at, curve = [], [], [], []
         start = time.perf_counter()
@@ -137,14 +137,15 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             absorbed_at.append(None)
             if absorbs:
                 eng.absorb(ids, flush=flush_each)
-                curve.append(eng.held_bytes()["delta"] + kv_bytes(eng.runner.model.config, eng.held_tokens, eng.runner.dtype))
+                curve.append(eng.held_bytes()["delta"] + kv_bytes(config, eng.held_tokens, eng.runner.dtype))
                 for j, e in enumerate(ends):       # the round that absorbed a document's last token
                     if absorbed_at[j] is None and eng.absorbed_tokens >= e:
                         absorbed_at[j] = eng.default.rounds
         seconds = time.perf_counter() - start
         if not absorbs:                  # the KV of what each baseline reads: all of it, or the raw window
-            kept = ends if name == "full" else [e - a for e, a in zip(ends, absorbed_per_document(eng, texts, tok))]
-            curve = [kv_bytes(eng.runner.model.config, k, eng.runner.dtype) for k in kept]
+            absorbed = ends if flush_each else absorbed_per_document(eng, texts, tok)
+            raw = [e - a for e, a in zip(ends, absorbed)]
+            curve = [kv_bytes(config, k, eng.runner.dtype) for k in (ends if name == "full" else raw)]
         held_curve[name] = curve
         held = eng.held_bytes()["delta"] if absorbs else 0       # the memory that answers (no raw token kept)
         total_rounds = eng.default.rounds
