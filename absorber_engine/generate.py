@@ -22,7 +22,7 @@ from . import inputs, static_decode
 from .errors import InputError
 from .lora import LowRankDelta
 from .model import ModelRunner, cache_tensors
-from .probes import user_turn_opener
+from .probes import question_frame
 from .routing import WINDOW, asked_alone, route, scorable, zero_delta
 from .session import DEFAULT_SESSION, Session
 
@@ -290,9 +290,9 @@ class GenerationMixin:
                 self._rest()
 
     @cached_property
-    def _user_turn(self) -> list[int]:
-        """probes.user_turn_opener() of the engine's tokenizer, found once."""
-        return user_turn_opener(self.tokenizer)
+    def _question_frame(self) -> tuple | None:
+        """probes.question_frame() of the engine's tokenizer, found once."""
+        return question_frame(self.tokenizer)
 
     def _routed(self, sess: Session, ids: list[int]) -> tuple:
         """The delta of `sess` and the window KV that read the prompt `ids` (route): with one delta,
@@ -303,7 +303,7 @@ class GenerationMixin:
             return newest, self._windows.get(self.runner, sess.key, newest, tokens)
         zero = self._windows.zero(sess.key, newest)
         window = self._windows.get(self.runner, sess.key, zero, tokens, reader="base")
-        k = route(self.runner, list(sess.slots), asked_alone(ids, self._user_turn), window)
+        k = route(self.runner, list(sess.slots), asked_alone(ids, self._question_frame), window)
         if k == WINDOW:
             return zero, window
         return sess.slots[k], _window_kv(self.runner, sess.slots[k], self.runner.prefix)

@@ -86,21 +86,26 @@ def frame_for(tokenizer, cfg) -> ProbeFrame | None:
     return build_frame(tokenizer, kinds, cfg.chat_probes)
 
 
-def user_turn_opener(tokenizer) -> list[int]:
-    """The ids that open a user turn after an earlier message in the tokenizer's chat template
-    (SmolLM2: "<|im_end|>\n<|im_start|>user\n"), or [] where there is no template or its opening
-    does not name the role: routing.asked_alone() then leaves prompts whole."""
+def question_frame(tokenizer) -> tuple[list[int], list[int]] | None:
+    """(opening, turn) of the tokenizer's chat template: `turn` the ids that open a user turn after
+    an earlier message (SmolLM2: "<|im_end|>\n<|im_start|>user\n"), `opening` what a fresh chat
+    puts before it (the default system turn, if any), so that opening + a prompt's last user turn
+    is that question asked alone in a fresh chat (routing.asked_alone). None without a template,
+    or where the turn's opening does not name the role."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return []
+        return None
     render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)   # noqa: E731
     try:
         first = render([{"role": "user", "content": _MARK}]).split(_MARK, 1)[0]
         later = render([{"role": "user", "content": _MARK}, {"role": "assistant", "content": _MARK},
                         {"role": "user", "content": _MARK}]).split(_MARK)[2]
     except Exception:        # a template that refuses these turns: no opening to find
-        return []
-    tail = _common_tail(first, later)
-    return list(tokenizer.encode(tail, add_special_tokens=False)) if "user" in tail else []
+        return None
+    turn = _common_tail(first, later)
+    if "user" not in turn:
+        return None
+    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False))        # noqa: E731
+    return enc(first[:len(first) - len(turn)]), enc(turn)
 
 
 def _common_tail(a: str, b: str) -> str:

@@ -61,16 +61,20 @@ def route(runner: ModelRunner, deltas: list, ids: list[int], window=None) -> int
     return WINDOW if window_gain is not None and window_gain <= gains[best] else picks[best]
 
 
-def asked_alone(ids: list[int], opener: list[int]) -> list[int]:
-    """A chat prompt as if its last user turn were asked alone: what comes before its first user
-    turn (the system turn), then its last user turn on. The earlier turns go: their words name the
-    documents they were about, and the router followed them, not the question (SmolLM2, two streams
-    of 24 documents, 80 questions each after three exchanges about other documents: 0/80 routed to
-    a delta of the question's document, 77/80 asked alone; docs/recall.md, "Questions after earlier
-    turns"). `opener` is probes.user_turn_opener(); with fewer than two user turns, `ids` as they are."""
-    n = len(opener)
-    starts = [i for i in range(len(ids) - n + 1) if ids[i:i + n] == opener] if n else []
-    return ids[:starts[0]] + ids[starts[-1]:] if len(starts) >= 2 else ids
+def asked_alone(ids: list[int], frame: tuple[list[int], list[int]] | None) -> list[int]:
+    """A chat prompt as its last user turn asked alone in a fresh chat: the template's own opening,
+    then the last user turn on. What came before goes: earlier turns and system messages that name
+    other documents' facts, which the router followed rather than the question (SmolLM2, two
+    streams of 24 documents, 80 questions each after three exchanges about other documents: 0/80
+    routed to a delta of the question's document, 77/80 asked alone; 22 after a system message
+    holding three other documents: 8/22, 22/22; docs/recall.md, "Questions after earlier turns").
+    `frame` is probes.question_frame(); a prompt with no user turn in it is left as it is."""
+    if not frame:
+        return ids
+    opening, turn = frame
+    n = len(turn)
+    last = max((i for i in range(len(ids) - n + 1) if ids[i:i + n] == turn), default=None)
+    return ids if last is None else opening + ids[last:]
 
 
 def scorable(runner: ModelRunner, ids: list[int]) -> bool:

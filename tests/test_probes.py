@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError
 from absorber_engine import generate
-from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round, user_turn_opener
+from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round, question_frame
 from absorber_engine.routing import asked_alone
 from absorber_engine.round import student_losses
 from absorber_engine.targets import RoundBatch
@@ -84,16 +84,20 @@ def _chat(tok, messages):
 
 
 @pytest.mark.parametrize("template", [CHATML, DEFAULT_SYSTEM])
-def test_a_question_after_earlier_turns_is_routed_as_if_asked_alone(template, monkeypatch):
+def test_a_question_after_earlier_turns_is_routed_as_if_asked_alone_in_a_fresh_chat(template, monkeypatch):
     tok = _tokenizer(template)
-    opener = user_turn_opener(tok)
-    assert "user" in tok.decode(opener)
+    frame = question_frame(tok)
+    assert frame is not None and "user" in tok.decode(frame[1])
     earlier = [{"role": "user", "content": "Who runs the mill?"}, {"role": "assistant", "content": "It is Oda."},
                {"role": "user", "content": "And the ferry?"}, {"role": "assistant", "content": "Brann does."}]
+    system = [{"role": "system", "content": "Notes: the mill is run by Oda, the ferry by Brann."}]
     question = [{"role": "user", "content": "What is the pass code?"}]
     alone = _chat(tok, question)
-    assert asked_alone(_chat(tok, earlier + question), opener) == alone
-    assert asked_alone(alone, opener) == alone                          # one user turn: as it is
+    for before in (earlier, system, system + earlier):
+        assert asked_alone(_chat(tok, before + question), frame) == alone
+    assert asked_alone(alone, frame) == alone                           # one user turn: as it is
+    no_turn = tok.encode("plain text, no chat turn", add_special_tokens=False)
+    assert asked_alone(no_turn, frame) == no_turn
     # The engine routes a prompt of several turns on its last question (a bank of 3 deltas).
     eng = _engine(tok, probes=1, probe_kinds=("recite",), memory_slots=3, max_steps=1)
     for seed in range(3):
@@ -103,15 +107,15 @@ def test_a_question_after_earlier_turns_is_routed_as_if_asked_alone(template, mo
     real = generate.route
     monkeypatch.setattr(generate, "route", lambda runner, deltas, ids, window=None: routed.append(ids) or real(
         runner, deltas, ids, window))
-    eng.generate(_chat(tok, earlier + question), max_new_tokens=1)
+    eng.generate(_chat(tok, system + earlier + question), max_new_tokens=1)
     assert routed == [alone]
 
 
 def test_a_template_whose_turns_name_no_role_leaves_prompts_whole():
     tok = _tokenizer("{% for m in messages %}{{ '[T] ' + m['content'] + ' [/T]' }}{% endfor %}")
-    assert user_turn_opener(tok) == [] and user_turn_opener(_tokenizer()) == [] and user_turn_opener(None) == []
+    assert question_frame(tok) is None and question_frame(_tokenizer()) is None and question_frame(None) is None
     ids = tok.encode("[T] a [/T][T] b [/T]", add_special_tokens=False)
-    assert asked_alone(ids, []) == ids
+    assert asked_alone(ids, None) == ids
 
 
 def test_probe_targets_are_a_plain_forward_of_the_teacher_reading_x():
