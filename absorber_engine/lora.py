@@ -2,7 +2,8 @@
 
 `LowRankDelta` owns the tensors (A: in × r, B: r × out; fp32 for the optimizer, bf16 once a bank
 holds it: compact()). `DeltaLinear` wraps one target linear in place and adds the delta on the
-fly; the base module is kept as it is, its weights frozen and never written. B starts at zero, so a fresh delta changes nothing.
+fly; the base module is kept as it is, its weights frozen and never written. B starts at zero,
+so a fresh delta changes nothing.
 
 Every wrapper of a model shares one `Binding`, set by the model runner (model.py) before each
 forward: the backend's op table, the scale, and the row layout of a batch of streams. The wrappers

@@ -8,9 +8,11 @@ document in the prompt.
 With `--model DIR`, a model directory (the shipped model, model/absorber-tiny), the document opens
 with a list of records (key: value), then runs on for many times the model's trained context with
 filler text that hides a pass key. It is absorbed piece by piece; the held memory (delta + the raw
-window's KV) is printed as the stream grows, beside what a full KV cache would need. Then the questions are asked by the engine (memory + window) and by the window baseline (the
-same model reading only the last tokens it can hold), side by side with the truth. The shipped
-model recalls none of them from memory (docs/long_context.md): it shows the machinery, not recall.
+window's KV) is printed as the stream grows, beside what a full KV cache would need. Then the
+questions are asked by the engine (memory + window) and by the window baseline (the same model
+reading only the last tokens it can hold), side by side with the truth. The shipped model recalls
+none of them from memory (docs/long_context.md): it shows the machinery, not
+recall.
 """
 
 from __future__ import annotations

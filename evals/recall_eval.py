@@ -142,16 +142,17 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                     if absorbed_at[j] is None and eng.absorbed_tokens >= e:
                         absorbed_at[j] = eng.default.rounds
         seconds = time.perf_counter() - start
+        # What the engine's scheduler absorbs after each document, replayed without a model.
+        absorbed = ends if flush_each else absorbed_per_document(eng, texts, tok)
         if not absorbs:                  # the KV of what each baseline reads: all of it, or the raw window
-            absorbed = ends if flush_each else absorbed_per_document(eng, texts, tok)
-            raw = [e - a for e, a in zip(ends, absorbed)]
-            curve = [kv_bytes(config, k, eng.runner.dtype) for k in (ends if name == "full" else raw)]
+            kept = ends if name == "full" else [e - a for e, a in zip(ends, absorbed)]
+            curve = [kv_bytes(config, k, eng.runner.dtype) for k in kept]
         held_curve[name] = curve
         held = eng.held_bytes()["delta"] if absorbs else 0       # the memory that answers (no raw token kept)
         total_rounds = eng.default.rounds
         # What the engine keeps raw after the stream: every method is asked about the same documents,
         # those entirely out of that window.
-        cut = len(stream) if flush_each else absorbed_after(eng, texts, tok)
+        cut = absorbed[-1]
         if absorbs and eng.absorbed_tokens != cut:
             raise RuntimeError(f"the engine absorbed {eng.absorbed_tokens} tokens, its window replayed {cut}")
         window = len(stream) - cut

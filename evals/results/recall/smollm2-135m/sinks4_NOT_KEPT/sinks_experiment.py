@@ -28,18 +28,20 @@ def reset(self, session=E.DEFAULT_SESSION):
 
 E.AbsorberEngine.absorb, E.AbsorberEngine.reset = absorb, reset
 E.AbsorberEngine.absorbed_tokens = property(lambda self: self.default.absorbed_tokens + len(self.runner.prefix))
-orig_after = R.absorbed_after
-def absorbed_after(eng, texts, tok):
+def absorbed_per_document(eng, texts, tok):
+    # The scheduler replayed as the engine fed it: the first document without its K sinks.
     from absorber_engine import _scheduler
     sch = eng.scheduler
     w = _scheduler.Window(sch.chunk_tokens, sch.sync_tokens, sch.vocab_size, sch.cut_after, sch.min_cut)
+    out = []
     for i, d in enumerate(texts):
         ids = tok.encode(d.text + "\n", add_special_tokens=False)
         w.feed(ids[K:] if i == 0 else ids)
         while (r := w.plan()) is not None:
             w.commit(r.id)
-    return w.absorbed + K
-R.absorbed_after = absorbed_after
+        out.append(w.absorbed + K)
+    return out
+R.absorbed_per_document = absorbed_per_document
 
 if mode == "flush":
     res = R.run("smollm2-135m", ["absorber"], 24, seed, {}, join=3)
