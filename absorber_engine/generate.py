@@ -303,7 +303,10 @@ class GenerationMixin:
             return newest, self._windows.get(self.runner, sess.key, newest, tokens)
         zero = self._windows.zero(sess.key, newest)
         window = self._windows.get(self.runner, sess.key, zero, tokens, reader="base")
-        k = route(self.runner, list(sess.slots), asked_alone(ids, self._question_frame), window)
+        frame = self._question_frame
+        asked = asked_alone(ids, frame)
+        opening = len(frame[0]) if frame and asked[:len(frame[0])] == frame[0] else 0
+        k = route(self.runner, list(sess.slots), asked, window, opening)
         if k == WINDOW:
             return zero, window
         return sess.slots[k], _window_kv(self.runner, sess.slots[k], self.runner.prefix)

@@ -153,6 +153,17 @@ def test_a_large_bank_is_shortlisted_in_bf16_then_decided_exactly(monkeypatch):
     rough_calls.clear()
     assert route(eng.runner, slots, long) == picks[int(exact[picks].argmin())]
     assert [(n, ids) for n, _, ids in rough_calls] == [(6, long[-8:]), (routing.SHORTLIST, long)]
+    # The template's fixed opening (the prompt's first `opening` tokens) is left out of the rough
+    # pass, unless nothing to score would be left; the decision still reads the whole prompt.
+    prompt = random_ids(24, seed=22)[:12]
+    for opening, read in ((5, prompt[5:]), (12, prompt[-8:])):          # ROUGH_TOKENS is 8 here
+        with eng.runner.autocast():
+            rough, _ = real(eng.runner, slots, read)
+        picks = rough.topk(routing.SHORTLIST, largest=False).indices.tolist()
+        exact, _ = real(eng.runner, [slots[i] for i in picks], prompt)
+        rough_calls.clear()
+        assert route(eng.runner, slots, prompt, opening=opening) == picks[int(exact.argmin())]
+        assert [(n, ids) for n, _, ids in rough_calls] == [(6, read), (routing.SHORTLIST, prompt)]
 
 
 def test_the_raw_window_is_one_more_candidate():

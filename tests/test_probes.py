@@ -105,10 +105,14 @@ def test_a_question_after_earlier_turns_is_routed_as_if_asked_alone_in_a_fresh_c
     assert len(eng.default.slots) == 3
     routed = []
     real = generate.route
-    monkeypatch.setattr(generate, "route", lambda runner, deltas, ids, window=None: routed.append(ids) or real(
-        runner, deltas, ids, window))
+    monkeypatch.setattr(generate, "route", lambda runner, deltas, ids, window=None, opening=0: routed.append(
+        (ids, opening)) or real(runner, deltas, ids, window, opening))
     eng.generate(_chat(tok, system + earlier + question), max_new_tokens=1)
-    assert routed == [alone]
+    # ... and tells the router how many of its first tokens are the template's fixed opening.
+    assert routed == [(alone, len(frame[0]))] and alone[:len(frame[0])] == frame[0]
+    routed.clear()
+    eng.generate(no_turn, max_new_tokens=1)
+    assert routed == [(no_turn, 0)]
 
 
 def test_a_template_whose_turns_name_no_role_leaves_prompts_whole():
