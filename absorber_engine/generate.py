@@ -18,7 +18,7 @@ from functools import cached_property
 
 import torch
 
-from . import inputs, static_decode
+from . import inputs, recital, static_decode
 from .errors import InputError
 from .lora import LowRankDelta
 from .model import ModelRunner, cache_tensors
@@ -238,16 +238,16 @@ class GenerationMixin:
             return logits_after(self.runner, delta, window, ids)
 
     def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop=None, seed: int | None = None, session=DEFAULT_SESSION):
+                 stop=None, seed: int | None = None, session=DEFAULT_SESSION, recite: bool = False):
         """Continues the window (and `prompt`, if any) with the memory; nothing is absorbed.
         Returns text when the prompt is text, else a list of token ids."""
         key = self._get(session).key
         return self.generate_batch({key: prompt}, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, stop=stop, seed=seed)[key]
+                                   top_p=top_p, stop=stop, seed=seed, recite=recite)[key]
 
     @torch.no_grad()
     def generate_batch(self, prompts: dict, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                       stop=None, seed: int | dict | None = None, on_token=None) -> dict:
+                       stop=None, seed: int | dict | None = None, on_token=None, recite: bool = False) -> dict:
         """Generates for several sessions in one batch, each row with its own delta and window.
 
         prompts maps a session name to its prompt (text, token ids, or None to continue the window
@@ -255,9 +255,15 @@ class GenerationMixin:
         seed: one for every row, or {session: seed}; each row samples with its own generator, so its
         tokens are those it would get alone with the same seed. on_token(session, token), when given,
         sees each token as it is chosen (streaming); returning False ends that row there.
+        recite: a row routed to a delta of its bank has it recite its round first, and the base model
+        answers reading the recital (recital.py; slower, and recalls more on SmolLM2).
         """
         inputs.check_sampling(max_new_tokens, temperature, top_p)
         inputs.check_callback("on_token", on_token)
+        if not isinstance(recite, bool):
+            raise InputError(f"recite must be true or false, got {recite!r}")
+        if recite:
+            recital.check_frame(self.frame)
         if not prompts:
             raise InputError("generate_batch() needs at least one session")
         sessions = [self._get(name) for name in prompts]
@@ -270,6 +276,8 @@ class GenerationMixin:
         gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
         with self._resident(sessions):
             deltas, windows = map(list, zip(*[self._routed(s, p) for s, p in zip(sessions, ids)]))
+            if recite:
+                self._read_recitals(sessions, deltas, windows, ids, max_new_tokens)
             new = generate_rows(self.runner, deltas, windows, ids, max_new_tokens, temperature,
                                 top_p, stops, gens, None if on_token is None else
                                 lambda row, tok: on_token(names[row], tok))
@@ -288,6 +296,25 @@ class GenerationMixin:
                 for sess in sessions:
                     self.scheduler.release(sess.key)
                 self._rest()
+
+    def _read_recitals(self, sessions: list[Session], deltas: list, windows: list, ids: list, max_new_tokens: int):
+        """recite: each row routed to a delta of its bank gets that delta's recital before its prompt
+        and the base model as its reader, in place (recital.py). A row that reads the raw window, or
+        whose delta wrote nothing, stays as it was."""
+        rows = [i for i, (s, d) in enumerate(zip(sessions, deltas)) if len(s.slots) > 1 and any(d is x for x in s.slots)]
+        if not rows:
+            return
+        recitals = recital.recite_rows(self.runner, self.frame, [deltas[i] for i in rows], [windows[i] for i in rows],
+                                       self.config.chunk_tokens, self.config.round_cut, self.tokenizer, generate_rows)
+        opening = self._question_frame[0] if self._question_frame else []
+        for i, text in zip(rows, recitals):
+            if not text:
+                continue
+            prompt = recital.answer_prompt(self.frame, opening, text, ids[i])
+            inputs.check_span(len(self.runner.prefix), len(prompt) + max_new_tokens, f"recital and prompt ({len(prompt)}) + "
+                              f"max_new_tokens ({max_new_tokens})", self.runner.max_positions)
+            zero = self._windows.zero(sessions[i].key, sessions[i].slots[-1])
+            deltas[i], windows[i], ids[i] = zero, _window_kv(self.runner, zero, self.runner.prefix), prompt
 
     @cached_property
     def _question_frame(self) -> tuple | None:

@@ -46,6 +46,7 @@ class ProbeFrame:
     seeds: dict[str, list[int]] = field(default_factory=dict)   # kind -> the probe's forced opening
     stop: list[int] = field(default_factory=list)               # tokens that end an answer
     chat: bool = False
+    context_end: list[int] = field(default_factory=list)        # closes a system message (recital.py)
 
 
 def build_frame(tokenizer, kinds, use_chat: bool = True) -> ProbeFrame:
@@ -68,6 +69,11 @@ def build_frame(tokenizer, kinds, use_chat: bool = True) -> ProbeFrame:
         for kind in kinds:
             frame.seeds[kind] = enc(turn + SEED_PROMPTS[kind] + after_user)
         frame.stop = _stop_ids(tokenizer, template)
+        try:
+            alone = tokenizer.apply_chat_template([{"role": "system", "content": _MARK}], tokenize=False)
+            frame.context_end = enc(alone.split(_MARK, 1)[1])
+        except Exception:          # a template that wants a user turn: no system turn of its own
+            pass
         return frame
     frame = ProbeFrame([], enc("\n"), [], chat=False)
     for kind in kinds:

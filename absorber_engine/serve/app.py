@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import recital
+from ..errors import InputError
 from .errors import APIError, bad_request, not_found, server_error, timed_out
 from .jobs import Job, Sampling
 from .prompts import PromptBuilder
@@ -129,7 +131,8 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
 
     def sampling_of(req, max_tokens: int) -> Sampling:
         return Sampling(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stops=req.stop_strings())
+                        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stops=req.stop_strings(),
+                        recite=req.recite)
 
     def headers_of(meta: dict) -> dict:
         if meta.get("session") is None:
@@ -140,6 +143,11 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
     async def generate(request: Request, req, prompt, max_tokens: int, chat: bool):
         sid = session_of(request, req.user)
         worker.check_span(prompt, max_tokens, stateless=sid is None)
+        if req.recite:                 # refused before the session takes the request in
+            try:
+                recital.check_frame(engine.frame)
+            except InputError as exc:
+                raise bad_request(str(exc), param="recite") from None
         sink = StreamSink(asyncio.get_running_loop()) if req.stream else None
         job = Job("generate", sid, prompt, sampling_of(req, max_tokens), sink=sink, timeout=cfg.timeout_s)
         fut = worker.submit(job)

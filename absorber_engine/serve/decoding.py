@@ -22,8 +22,8 @@ class Decoder:
         groups: dict = {}
         for p in plans:
             s = p.job.sampling
-            groups.setdefault((frozenset(p.job.prompt.stop_ids), s.temperature, s.top_p), []).append(p)
-        for (stop_ids, temperature, top_p), group in groups.items():
+            groups.setdefault((frozenset(p.job.prompt.stop_ids), s.temperature, s.top_p, s.recite), []).append(p)
+        for (stop_ids, temperature, top_p, recite), group in groups.items():
             longest = max(p.job.sampling.max_tokens for p in group)
             rows = [p for p in group if self._fits(p, longest)]
             for p in group:
@@ -34,7 +34,7 @@ class Decoder:
             try:
                 out = self.engine.generate_batch({p.key: p.prompt for p in rows}, max_new_tokens=longest,
                                                  temperature=temperature, top_p=top_p, stop=sorted(stop_ids),
-                                                 seed={p.key: _seed(p.job.sampling) for p in rows})
+                                                 seed={p.key: _seed(p.job.sampling) for p in rows}, recite=recite)
             except InputError as exc:
                 for p in rows:
                     p.job.fail(bad_request(str(exc)))
@@ -52,7 +52,8 @@ class Decoder:
         s = p.job.sampling
         try:
             out = self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
-                                             top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed=_seed(s))
+                                             top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed=_seed(s),
+                                             recite=s.recite)
         except InputError as exc:
             p.job.fail(bad_request(str(exc)))
             return
@@ -92,7 +93,7 @@ class Decoder:
         try:
             self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
                                        top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed={p.key: _seed(s)},
-                                       on_token=on_token)
+                                       on_token=on_token, recite=s.recite)
         except (InputError, AbsorberError) as exc:
             sink.put("error", bad_request(str(exc)))
             return

@@ -18,6 +18,7 @@ class Sampling:
     top_p: float
     seed: int | None
     stops: list[str]
+    recite: bool = False
 
 
 @dataclass

@@ -37,6 +37,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: int | None = None
     user: str | None = None
+    recite: bool = False               # ours: generate(..., recite=True), answers read from a recital
 
     @field_validator("n")
     @classmethod

@@ -228,6 +228,8 @@ BAD = {
     "n > 1": ("POST", C, {**OK_C, "n": 2}, 400, "invalid_value", "n"),
     "more than 4 stop sequences": ("POST", C, {**OK_C, "stop": list("abcde")}, 400, "invalid_value", "stop"),
     "seed not an integer": ("POST", C, {**OK_C, "seed": "x"}, 400, "invalid_value", "seed"),
+    "recite not a boolean": ("POST", C, {**OK_C, "recite": "yes"}, 400, "invalid_value", "recite"),
+    "recite without the recite probe": ("POST", C, {**OK_C, "recite": True}, 400, None, "recite"),
     "max_tokens past the context": ("POST", C, {**OK_C, "max_tokens": 5000}, 400, "context_length_exceeded",
                                     "max_tokens"),
     "token id outside the vocabulary": ("POST", C, {**OK_C, "prompt": [5, 99999]}, 400, "invalid_token", "prompt"),

@@ -1,0 +1,65 @@
+"""Answers read from a recital: generate(..., recite=True).
+
+A delta of a bank (memory_slots > 1) is trained each round on the recite probe: the student,
+without X, is made to write X in answer to the recite seed. So the delta a question is routed to
+can write its round's text back, and it does so almost word for word (SmolLM2-135M: docs/recall.md,
+"Answers read from a recital"). With `recite`, a row routed to a delta of its bank first recites
+(greedy, at most chunk_tokens tokens, ending at the frame's stop tokens or the config's round_cut),
+and the base model then answers reading the recital as a system message, in the frame the teacher
+read X in. Reading a document in the prompt is what a small chat model does best; answering from
+the delta directly recalled less.
+
+What it costs: a query decodes up to chunk_tokens tokens more (the recitals of a batch's rows in
+one batch). What it holds: nothing after the query. The recital's KV lives as long as the answer,
+and no text of the stream is kept, so held memory is the bank alone, as without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import inputs
+from .errors import InputError
+from .probes import ProbeFrame
+
+
+def check_frame(frame: ProbeFrame | None) -> ProbeFrame:
+    """The engine's frame when its deltas can be asked to recite, else a clear error."""
+    if frame is None or not frame.chat or "recite" not in frame.seeds:
+        raise InputError("recite needs a chat model whose config trains the recite probe (probe_kinds with "
+                         "'recite', chat_probes on, a tokenizer with a chat template)")
+    return frame
+
+
+def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, max_tokens: int, cut: str,
+                tokenizer, generate_rows) -> list[list[int]]:
+    """Each delta's recital of its round (token ids, the cut and what follows it dropped; [] when it
+    wrote nothing), read after its window (the model's prefix). generate_rows is generate.py's."""
+    prompt = frame.student_open + frame.seeds["recite"]
+    written: list[list[int]] = [[] for _ in deltas]
+
+    def ends_at_cut(row: int, tok: int) -> bool:
+        written[row].append(tok)
+        return not cut or cut not in tokenizer.decode(written[row][-8:])
+
+    gens = [torch.Generator(device=runner.device) for _ in deltas]          # greedy: never drawn from
+    out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max_tokens, 0.0, 1.0, set(frame.stop),
+                        gens, ends_at_cut)
+    recitals = []
+    for ids in out:
+        text = tokenizer.decode(ids)
+        if cut and cut in text:
+            text = text[:text.index(cut)]
+        recitals.append(inputs.to_ids(text, tokenizer, runner.vocab_size) if text.strip() else [])
+    return recitals
+
+
+def answer_prompt(frame: ProbeFrame, opening: list[int], recital: list[int], ids: list[int]) -> list[int]:
+    """`ids` with the recital as a system message before it: in place of the template's default
+    opening when the prompt starts with it (a plain chat), else in a system turn of its own."""
+    if opening and ids[:len(opening)] == opening:
+        return frame.context_open + recital + frame.context_close + ids[len(opening):]
+    if not frame.context_end:
+        raise InputError("recite: this chat template holds no system message of its own before the prompt; "
+                         "start the prompt with the template's default opening (a plain chat)")
+    return frame.context_open + recital + frame.context_end + ids

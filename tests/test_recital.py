@@ -1,0 +1,119 @@
+"""generate(..., recite=True): the routed delta of a bank recites its round, and the base model
+answers reading the recital as a system message (absorber_engine/recital.py)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from absorber_engine import InputError, generate
+from absorber_engine.recital import answer_prompt, recite_rows
+from tests.test_probes import CHATML, DEFAULT_SYSTEM, TINY, _engine, _tokenizer
+
+pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="model/absorber-tiny not built")
+
+
+def _chat(tok, messages):
+    return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+def _bank(tok, slots=3, lr=5e-2):
+    torch.manual_seed(0)            # the chat tokens' new embeddings are drawn at random
+    eng = _engine(tok, probes=1, probe_kinds=("recite",), memory_slots=slots, max_steps=2, lr=lr)
+    for seed in range(3):
+        eng.absorb(tok.decode(torch.randint(5, 500, (24,), generator=torch.Generator().manual_seed(seed))), flush=True)
+    return eng
+
+
+@pytest.mark.parametrize("template", [DEFAULT_SYSTEM, CHATML])
+def test_the_recital_goes_in_a_system_message_before_the_question(template):
+    tok = _tokenizer(template)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",))
+    opening = eng._question_frame[0]
+    recital = tok.encode("The mill is run by Oda.", add_special_tokens=False)
+    question = [{"role": "user", "content": "Who runs the mill?"}]
+    want = tok.apply_chat_template([{"role": "system", "content": "The mill is run by Oda."}] + question,
+                                   tokenize=False, add_generation_prompt=True)
+    # A plain chat: the recital takes the place of the template's default system turn, if it has one.
+    assert tok.decode(answer_prompt(eng.frame, opening, recital, _chat(tok, question))) == want
+    # A prompt with its own system message keeps it, after the recital's.
+    own = [{"role": "system", "content": "Be kind."}] + question
+    want = tok.apply_chat_template([{"role": "system", "content": "The mill is run by Oda."}] + own,
+                                   tokenize=False, add_generation_prompt=True)
+    assert tok.decode(answer_prompt(eng.frame, opening, recital, _chat(tok, own))) == want
+
+
+def test_a_recital_ends_at_the_round_cut():
+    tok = _tokenizer(DEFAULT_SYSTEM)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",))
+    script = tok.encode("Oda runs the mill.\n\nBrann the ferry.", add_special_tokens=False)
+    asked = []
+
+    def fake_generate_rows(runner, deltas, windows, prompts, max_tokens, temperature, top_p, stops, gens, on_token):
+        asked.append((prompts, max_tokens, temperature))
+        out = []
+        for t in script:
+            out.append(t)
+            if on_token(0, t) is False:
+                break
+        return [out]
+
+    recitals = recite_rows(eng.runner, eng.frame, ["delta"], ["window"], 40, "\n\n", tok, fake_generate_rows)
+    assert tok.decode(recitals[0]) == "Oda runs the mill."
+    assert asked == [([eng.frame.student_open + eng.frame.seeds["recite"]], 40, 0.0)]
+    # No cut configured: the whole recital, as written.
+    assert tok.decode(recite_rows(eng.runner, eng.frame, ["d"], ["w"], 40, "", tok, fake_generate_rows)[0]) == \
+        "Oda runs the mill.\n\nBrann the ferry."
+
+
+def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch):
+    tok = _tokenizer(DEFAULT_SYSTEM)
+    eng = _bank(tok)
+    prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
+    with eng._resident([eng.default]), torch.no_grad():
+        routed, _ = eng._routed(eng.default, prompt)
+    assert any(routed is s for s in eng.default.slots)
+    calls = []
+    real = generate.generate_rows
+
+    def spy(runner, deltas, windows, prompts, *args):
+        out = real(runner, deltas, windows, prompts, *args)
+        calls.append((deltas, prompts, out))
+        return out
+
+    monkeypatch.setattr(generate, "generate_rows", spy)
+    memory = [t.detach().clone() for s in eng.default.slots for t in s.parameters()]
+    answer = eng.generate(prompt, max_new_tokens=4, stop=[], recite=True)
+    (rec_deltas, rec_prompts, recital), (ans_deltas, ans_prompts, out) = calls
+    # The recital: the routed delta, reading the recite seed in the student's frame, greedy.
+    assert rec_deltas == [routed] and rec_prompts == [eng.frame.student_open + eng.frame.seeds["recite"]]
+    assert 0 < len(recital[0]) <= eng.config.chunk_tokens
+    # The answer: the recital's text as the system message, read by the base model (Δ = 0).
+    text = tok.encode(tok.decode(recital[0]), add_special_tokens=False)
+    assert ans_prompts == [answer_prompt(eng.frame, eng._question_frame[0], text, prompt)]
+    assert ans_deltas == [eng._windows.zero(eng.default.key, eng.default.slots[-1])]
+    # ... so it is what the bare model writes after that prompt (and the model's prefix).
+    torch.manual_seed(0)            # the same draw as the engine's model (_bank)
+    base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    base.resize_token_embeddings(len(tok))
+    read, want = eng.runner.prefix + ans_prompts[0], []
+    with torch.no_grad():
+        for _ in range(4):                                   # greedy, no stop token (stop=[] above)
+            want.append(int(base(torch.tensor([read + want])).logits[0, -1].argmax()))
+    assert answer == want == out[0]
+    # Nothing of the memory moved.
+    assert all(torch.equal(a, b) for a, b in zip(memory, [t for s in eng.default.slots for t in s.parameters()]))
+
+
+def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_cannot_do():
+    tok = _tokenizer(DEFAULT_SYSTEM)
+    prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
+    one = _bank(tok, slots=1, lr=1e-3)              # one delta holds every round: nothing of its own to recite
+    assert one.generate(prompt, max_new_tokens=3, recite=True) == one.generate(prompt, max_new_tokens=3)
+    with pytest.raises(InputError, match="recite must be true or false"):
+        one.generate(prompt, max_new_tokens=3, recite="yes")
+    bare = _engine(tok, probes=0, futures=1)           # no recite probe trained: no recital to ask for
+    with pytest.raises(InputError, match="recite needs a chat model"):
+        bare.generate(prompt, max_new_tokens=3, recite=True)
+    plain = _engine(_tokenizer(), probes=1, probe_kinds=("recite",))     # no chat template
+    with pytest.raises(InputError, match="recite needs a chat model"):
+        plain.generate(tok.encode("Who runs the mill?", add_special_tokens=False), max_new_tokens=3, recite=True)
