@@ -240,7 +240,7 @@ class GenerationMixin:
     def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop=None, seed: int | None = None, session=DEFAULT_SESSION, recite: bool = False):
         """Continues the window (and `prompt`, if any) with the memory; nothing is absorbed.
-        Returns text when the prompt is text, else a list of token ids."""
+        Returns text when the prompt is text, else a list of token ids. recite: generate_batch's."""
         key = self._get(session).key
         return self.generate_batch({key: prompt}, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, stop=stop, seed=seed, recite=recite)[key]
@@ -306,11 +306,10 @@ class GenerationMixin:
             return
         recitals = recital.recite_rows(self.runner, self.frame, [deltas[i] for i in rows], [windows[i] for i in rows],
                                        self.config.chunk_tokens, self.config.round_cut, self.tokenizer, generate_rows)
-        opening = self._question_frame[0] if self._question_frame else []
         for i, text in zip(rows, recitals):
             if not text:
                 continue
-            prompt = recital.answer_prompt(self.frame, opening, text, ids[i])
+            prompt = recital.answer_prompt(self.frame, self._question_frame, text, ids[i])
             inputs.check_span(len(self.runner.prefix), len(prompt) + max_new_tokens, f"recital and prompt ({len(prompt)}) + "
                               f"max_new_tokens ({max_new_tokens})", self.runner.max_positions)
             zero = self._windows.zero(sessions[i].key, sessions[i].slots[-1])

@@ -21,6 +21,7 @@ import torch
 from . import inputs
 from .errors import InputError
 from .probes import ProbeFrame
+from .routing import last_turn
 
 
 def check_frame(frame: ProbeFrame | None) -> ProbeFrame:
@@ -54,12 +55,20 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, max_toke
     return recitals
 
 
-def answer_prompt(frame: ProbeFrame, opening: list[int], recital: list[int], ids: list[int]) -> list[int]:
-    """`ids` with the recital as a system message before it: in place of the template's default
-    opening when the prompt starts with it (a plain chat), else in a system turn of its own."""
-    if opening and ids[:len(opening)] == opening:
+def answer_prompt(frame: ProbeFrame, question_frame: tuple | None, recital: list[int], ids: list[int]) -> list[int]:
+    """`ids` with the recital as a system message: in place of the template's default opening in a
+    plain chat of one question (the frame the teacher read X in), else right before the prompt's
+    last user turn, or before the whole prompt when it has none. Right before the question, not at
+    the top of a chat: after three earlier exchanges about other documents, SmolLM2 answered 19/40
+    that way against 8/40 with the recital first (tuning stream of seed 41)."""
+    opening, turn = question_frame or ([], [])
+    last = last_turn(ids, turn) if turn else None
+    if opening and ids[:len(opening)] == opening and last == len(opening):
         return frame.context_open + recital + frame.context_close + ids[len(opening):]
     if not frame.context_end:
         raise InputError("recite: this chat template holds no system message of its own before the prompt; "
-                         "start the prompt with the template's default opening (a plain chat)")
-    return frame.context_open + recital + frame.context_end + ids
+                         "ask in a plain chat (one user turn after the template's default opening)")
+    at, close = last or 0, frame.context_end
+    if ids[at:at + len(close)] == close:        # the turn opens by closing the message before it
+        at += len(close)
+    return ids[:at] + frame.context_open + recital + close + ids[at:]

@@ -76,9 +76,14 @@ def asked_alone(ids: list[int], frame: tuple[list[int], list[int]] | None) -> li
     if not frame:
         return ids
     opening, turn = frame
-    n = len(turn)
-    last = max((i for i in range(len(ids) - n + 1) if ids[i:i + n] == turn), default=None)
+    last = last_turn(ids, turn)
     return ids if last is None else opening + ids[last:]
+
+
+def last_turn(ids: list[int], turn: list[int]) -> int | None:
+    """Where the last user turn opens in `ids` (the start of `turn`, probes.question_frame's), or None."""
+    n = len(turn)
+    return max((i for i in range(len(ids) - n + 1) if ids[i:i + n] == turn), default=None)
 
 
 def scorable(runner: ModelRunner, ids: list[int]) -> bool:

@@ -25,21 +25,31 @@ def _bank(tok, slots=3, lr=5e-2):
 
 
 @pytest.mark.parametrize("template", [DEFAULT_SYSTEM, CHATML])
-def test_the_recital_goes_in_a_system_message_before_the_question(template):
+def test_the_recital_goes_in_a_system_message_right_before_the_question(template):
     tok = _tokenizer(template)
     eng = _engine(tok, probes=1, probe_kinds=("recite",))
-    opening = eng._question_frame[0]
-    recital = tok.encode("The mill is run by Oda.", add_special_tokens=False)
+    text = "The mill is run by Oda."
+    recital, system = tok.encode(text, add_special_tokens=False), [{"role": "system", "content": text}]
     question = [{"role": "user", "content": "Who runs the mill?"}]
-    want = tok.apply_chat_template([{"role": "system", "content": "The mill is run by Oda."}] + question,
-                                   tokenize=False, add_generation_prompt=True)
+    earlier = [{"role": "user", "content": "And the ferry?"}, {"role": "assistant", "content": "Brann does."}]
+    own = [{"role": "system", "content": "Be kind."}]
+
+    def read(messages):
+        return tok.decode(answer_prompt(eng.frame, eng._question_frame, recital, _chat(tok, messages)))
+
+    def rendered(messages):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     # A plain chat: the recital takes the place of the template's default system turn, if it has one.
-    assert tok.decode(answer_prompt(eng.frame, opening, recital, _chat(tok, question))) == want
-    # A prompt with its own system message keeps it, after the recital's.
-    own = [{"role": "system", "content": "Be kind."}] + question
-    want = tok.apply_chat_template([{"role": "system", "content": "The mill is run by Oda."}] + own,
-                                   tokenize=False, add_generation_prompt=True)
-    assert tok.decode(answer_prompt(eng.frame, opening, recital, _chat(tok, own))) == want
+    assert read(question) == rendered(system + question)
+    # Earlier turns, or a system message of the caller's own, stay before it: it goes right before the question.
+    assert read(earlier + question) == rendered(earlier + system + question)
+    assert read(own + question) == rendered(own + system + question)
+    assert read(own + earlier + question) == rendered(own + earlier + system + question)
+    # No user turn at all: before the whole prompt.
+    plain = tok.encode("Who runs the mill?", add_special_tokens=False)
+    assert tok.decode(answer_prompt(eng.frame, eng._question_frame, recital, plain)) == \
+        tok.decode(eng.frame.context_open + recital + eng.frame.context_end) + "Who runs the mill?"
 
 
 def test_a_recital_ends_at_the_round_cut():
@@ -89,7 +99,7 @@ def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch)
     assert 0 < len(recital[0]) <= eng.config.chunk_tokens
     # The answer: the recital's text as the system message, read by the base model (Δ = 0).
     text = tok.encode(tok.decode(recital[0]), add_special_tokens=False)
-    assert ans_prompts == [answer_prompt(eng.frame, eng._question_frame[0], text, prompt)]
+    assert ans_prompts == [answer_prompt(eng.frame, eng._question_frame, text, prompt)]
     assert ans_deltas == [eng._windows.zero(eng.default.key, eng.default.slots[-1])]
     # ... so it is what the bare model writes after that prompt (and the model's prefix).
     torch.manual_seed(0)            # the same draw as the engine's model (_bank)

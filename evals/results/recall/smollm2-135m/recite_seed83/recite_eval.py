@@ -1,8 +1,9 @@
 """Answers read from a recital, against answers from the delta, on a streamed bank: every question
 about a document absorbed (left the window), asked alone and after TURNS earlier exchanges about
-other documents; generate(..., recite=False / True). PART/PARTS split the questions over processes.
+other documents; generate(..., recite=False / True). PART/PARTS split the questions over processes;
+FORMS (alone,after_turns by default) picks the forms asked.
 
-    PYTHONPATH=. python recite_eval.py SEED MEMORY OUT.json [PART PARTS]
+    PYTHONPATH=. python recite_eval.py SEED MEMORY OUT.json [PART PARTS [FORMS]]
 """
 import json, sys, time, torch
 from absorber_engine import AbsorberEngine
@@ -12,6 +13,7 @@ from evals.recall_eval import chat_ids, absorbed_after
 torch.set_num_threads(1)
 seed, mem, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 part, parts = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (0, 1)
+forms = sys.argv[6].split(",") if len(sys.argv) > 6 else ["alone", "after_turns"]
 docs, turns = 24, 3
 path = resolve("smollm2-135m")
 eng = AbsorberEngine.from_pretrained(path, config=recommended_config(path))
@@ -31,7 +33,7 @@ for i, (j, q, a) in enumerate(asked):
         o = texts[(j + 5 * k) % docs]
         earlier += [{"role": "user", "content": o.questions[k % 4]}, {"role": "assistant", "content": f"It is {o.answers[k % 4]}."}]
     row = {"i": i, "doc": j, "question": q, "answer": a}
-    for form, msgs in (("alone", []), ("after_turns", earlier)):
+    for form, msgs in [(f, m) for f, m in (("alone", []), ("after_turns", earlier)) if f in forms]:
         ids = chat_ids(tok, msgs + [{"role": "user", "content": q}])
         for recite in (False, True):
             t = time.perf_counter()
