@@ -305,7 +305,7 @@ class GenerationMixin:
         if not rows:
             return
         recitals = recital.recite_rows(self.runner, self.frame, [deltas[i] for i in rows], [windows[i] for i in rows],
-                                       self.config.chunk_tokens, self.config.round_cut, self.tokenizer, generate_rows)
+                                       self.config.window_tokens, self.config.round_cut, self.tokenizer, generate_rows)
         for i, text in zip(rows, recitals):
             if not text:
                 continue

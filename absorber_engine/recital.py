@@ -1,15 +1,15 @@
 """Answers read from a recital: generate(..., recite=True).
 
-A delta of a bank (memory_slots > 1) is trained each round on the recite probe: the student,
-without X, is made to write X in answer to the recite seed. So the delta a question is routed to
-can write its round's text back, and it does so almost word for word (SmolLM2-135M: docs/recall.md,
-"Answers read from a recital"). With `recite`, a row routed to a delta of its bank first recites
-(greedy, at most chunk_tokens tokens, ending at the frame's stop tokens or the config's round_cut),
-and the base model then answers reading the recital as a system message, in the frame the teacher
-read X in. Reading a document in the prompt is what a small chat model does best; answering from
-the delta directly recalled less.
+A delta of a bank (memory_slots > 1) is trained each round on the recite probe: the student, without
+X, is made to write X in answer to the recite seed. So the delta a question is routed to can write
+its round's text back, and it does so word for word (SmolLM2-135M: docs/recall.md, "Answers
+read from a recital"). With `recite`, a row routed to a delta of its bank first recites (greedy, at
+most n + m tokens, the longest round a flush absorbs, ending at the frame's stop tokens or the
+config's round_cut), and the base model then answers reading the recital as a system message, in the
+frame the teacher read X in. Reading a document in the prompt is what a small chat model does best;
+answering from the delta directly recalled less.
 
-What it costs: a query decodes up to chunk_tokens tokens more (the recitals of a batch's rows in
+What it costs: a query decodes up to n + m tokens more (the recitals of a batch's rows in
 one batch). What it holds: nothing after the query. The recital's KV lives as long as the answer,
 and no text of the stream is kept, so held memory is the bank alone, as without it.
 """

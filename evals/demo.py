@@ -108,9 +108,10 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
     section of six invented facts about a place and going on with sections that state none, streamed
     section by section, each absorbed as it arrives (flush: one round per section, nothing raw kept);
     held memory printed as the stream grows. Then the opening's facts are asked through the chat
-    template three ways: from memory alone, by the window baseline (the bare model reading the
-    document's last window of tokens), and with the whole document in the prompt (what the model
-    does when it keeps everything)."""
+    template four ways: from memory alone, from memory recited (the routed delta writes its round
+    back and the base model answers reading it: generate(..., recite=True)), by the window baseline
+    (the bare model reading the document's last window of tokens), and with the whole document in
+    the prompt (what the model does when it keeps everything)."""
     from absorber_engine.model_store import recommended_config, resolve
 
     from .facts import make_document, score
@@ -159,11 +160,12 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
                             eos_token_id=stop, pad_token_id=tok.pad_token_id or 0)
         return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
 
-    right = {"memory": 0, "window": 0, "full": 0}
+    right = {"memory": 0, "recited": 0, "window": 0, "full": 0}
     print(f"\nQuestions about the first section (the window baseline reads the last {width} tokens):")
     for q, a in zip(opening.questions, opening.answers):
         prompt = chat_ids(tok, [{"role": "user", "content": q}])
-        replies = {"memory": tok.decode(eng.generate(prompt, max_new_tokens=24, stop=["<|im_end|>"])).strip()}
+        replies = {name: tok.decode(eng.generate(prompt, max_new_tokens=24, stop=["<|im_end|>"], recite=recite)).strip()
+                   for name, recite in (("memory", False), ("recited", True))}
         with eng.detached() as bare:
             replies["window"] = bare_answer(bare, ids[-width:], prompt)
             replies["full"] = bare_answer(bare, ids, prompt)
@@ -172,8 +174,8 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
             right[name] += score(reply, a)
             print(f"   {name + ':':<8} {reply[:90]!r}")
     n = len(opening.questions)
-    print(f"\ncorrect: memory {right['memory']}/{n}, window baseline {right['window']}/{n}, "
-          f"whole document in the prompt {right['full']}/{n}")
+    print(f"\ncorrect: memory {right['memory']}/{n}, memory recited {right['recited']}/{n}, window baseline "
+          f"{right['window']}/{n}, whole document in the prompt {right['full']}/{n}")
     return 0
 
 

@@ -96,7 +96,7 @@ def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch)
     (rec_deltas, rec_prompts, recital), (ans_deltas, ans_prompts, out) = calls
     # The recital: the routed delta, reading the recite seed in the student's frame, greedy.
     assert rec_deltas == [routed] and rec_prompts == [eng.frame.student_open + eng.frame.seeds["recite"]]
-    assert 0 < len(recital[0]) <= eng.config.chunk_tokens
+    assert 0 < len(recital[0]) <= eng.config.window_tokens
     # The answer: the recital's text as the system message, read by the base model (Δ = 0).
     text = tok.encode(tok.decode(recital[0]), add_special_tokens=False)
     assert ans_prompts == [answer_prompt(eng.frame, eng._question_frame, text, prompt)]
