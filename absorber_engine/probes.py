@@ -69,11 +69,7 @@ def build_frame(tokenizer, kinds, use_chat: bool = True) -> ProbeFrame:
         for kind in kinds:
             frame.seeds[kind] = enc(turn + SEED_PROMPTS[kind] + after_user)
         frame.stop = _stop_ids(tokenizer, template)
-        try:
-            alone = tokenizer.apply_chat_template([{"role": "system", "content": _MARK}], tokenize=False)
-            frame.context_end = enc(alone.split(_MARK, 1)[1])
-        except Exception:          # a template that wants a user turn: no system turn of its own
-            pass
+        frame.context_end = enc(_system_close(tokenizer))
         return frame
     frame = ProbeFrame([], enc("\n"), [], chat=False)
     for kind in kinds:
@@ -112,6 +108,15 @@ def question_frame(tokenizer) -> tuple[list[int], list[int]] | None:
         return None
     enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False))        # noqa: E731
     return enc(first[:len(first) - len(turn)]), enc(turn)
+
+
+def _system_close(tokenizer) -> str:
+    """What closes a system message in the chat template ("" for a template that refuses a chat of a
+    system message alone, which then has no system turn of its own to give a recital)."""
+    try:
+        return tokenizer.apply_chat_template([{"role": "system", "content": _MARK}], tokenize=False).split(_MARK, 1)[1]
+    except Exception:
+        return ""
 
 
 def _common_tail(a: str, b: str) -> str:

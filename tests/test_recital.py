@@ -127,3 +127,13 @@ def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_canno
     plain = _engine(_tokenizer(), probes=1, probe_kinds=("recite",))     # no chat template
     with pytest.raises(InputError, match="recite needs a chat model"):
         plain.generate(tok.encode("Who runs the mill?", add_special_tokens=False), max_new_tokens=3, recite=True)
+
+
+def test_a_template_without_a_system_turn_of_its_own_is_refused_clearly():
+    refuses = "{% if messages[-1]['role'] == 'system' %}{{ raise_exception('a user turn must come last') }}{% endif %}"
+    tok = _tokenizer(refuses + CHATML)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",))
+    assert eng.frame.chat and eng.frame.context_end == []
+    recital = tok.encode("The mill is run by Oda.", add_special_tokens=False)
+    with pytest.raises(InputError, match="no system message of its own"):
+        answer_prompt(eng.frame, eng._question_frame, recital, _chat(tok, [{"role": "user", "content": "Who?"}]))
