@@ -110,7 +110,7 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
 
 
 def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool = False,
-               flush_each: bool = False, without_window: bool = False) -> dict:
+               flush_each: bool = False, without_window: bool = False, recite: bool = False) -> dict:
     """A stream of `docs` documents fed one after another through the engine's window (n + m tokens,
     about two documents); then every fact of every document that has left the window entirely is
     asked, after the window, and scored by how many rounds ago its document was absorbed. The
@@ -120,7 +120,8 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     document is flushed as it arrives (rounds cut at document ends, nothing kept raw), so every
     document is asked, from memory alone. without_window: the absorbing methods are asked the same
     questions again after the window is discarded (as "<method>-no-window"): how much the raw window's
-    look-alike documents cost the memory's answers."""
+    look-alike documents cost the memory's answers. recite: the absorber is asked again with
+    generate(..., recite=True) (as "absorber-recite"; docs/recall.md, "Answers read from a recital")."""
     path = resolve(model)
     configs = _configs(path, overrides)
     rows, held_curve = [], {}
@@ -156,8 +157,10 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
         if absorbs and eng.absorbed_tokens != cut:
             raise RuntimeError(f"the engine absorbed {eng.absorbed_tokens} tokens, its window replayed {cut}")
         window = len(stream) - cut
-        for label in [name] + ([f"{name}-no-window"] if without_window and absorbs else []):
-            if label != name:
+        labels = ([name] + ([f"{name}-recite"] if recite and name == "absorber" else [])
+                  + ([f"{name}-no-window"] if without_window and absorbs else []))
+        for label in labels:
+            if label.endswith("-no-window"):
                 eng.discard_window()
             for j, d in enumerate(texts):
                 in_window = ends[j] > cut             # still (partly) raw: scored apart, not as memory
@@ -167,7 +170,8 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                 for q, a in zip(d.questions, d.answers):
                     msgs = [{"role": "user", "content": q}]
                     if absorbs:
-                        reply = eng.generate(chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
+                        reply = eng.generate(chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"],
+                                             recite=label.endswith("-recite"))
                     else:
                         kept = stream if name == "full" else stream[len(stream) - window:]
                         eng.reset()
@@ -279,6 +283,8 @@ def main(argv=None) -> int:
                          "(methods: window, full, ttt, absorber)")
     ap.add_argument("--flush-each", action="store_true",
                     help="with --stream: flush at every document's end (one round per document, nothing raw)")
+    ap.add_argument("--recite", action="store_true",
+                    help="with --stream: ask the absorber again with generate(..., recite=True), as absorber-recite")
     ap.add_argument("--without-window", action="store_true",
                     help="with --stream: ask the absorbing methods again with the window discarded")
     ap.add_argument("--join", type=int, default=1,
@@ -300,7 +306,7 @@ def main(argv=None) -> int:
     elif args.stream:
         methods = [{"none": "window"}.get(m, m) for m in methods]
         result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
-                            flush_each=args.flush_each, without_window=args.without_window)
+                            flush_each=args.flush_each, without_window=args.without_window, recite=args.recite)
     else:
         result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
                      join=args.join)

@@ -1,8 +1,8 @@
 """Multi-turn prompts (3 earlier exchanges about other documents): the recital as the first system
 message (recital.answer_prompt as built) against a system message right before the last user turn.
 PART/PARTS split the questions.   PYTHONPATH=. python placement.py SEED MEMORY OUT.json PART PARTS"""
-import json, sys, time, torch
-from absorber_engine import AbsorberEngine, recital as R, routing
+import json, sys, torch
+from absorber_engine import AbsorberEngine, recital as R
 from absorber_engine.model_store import resolve, recommended_config
 from evals.facts import make_document, score
 from evals.recall_eval import chat_ids, absorbed_after

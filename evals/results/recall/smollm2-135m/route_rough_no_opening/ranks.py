@@ -1,6 +1,6 @@
 """For each question: the exact (fp32, whole prompt) pick over every delta and the window, and where
 it ranks in the rough bf16 pass read (a) on the last 64 tokens (now), (b) without the template's opening."""
-import json, sys, time, torch
+import json, sys, torch
 from absorber_engine import AbsorberEngine, routing as R
 from absorber_engine.model_store import resolve, recommended_config
 from evals.facts import make_document

@@ -2,7 +2,7 @@
 import json, sys, time, torch
 from absorber_engine import AbsorberEngine, routing as R
 from absorber_engine.model_store import resolve, recommended_config
-from evals.facts import make_document, score
+from evals.facts import make_document
 from evals.recall_eval import chat_ids, absorbed_after
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 seed, docs, limit = 53, 24, int(sys.argv[1])
