@@ -7,13 +7,9 @@ from transformers import AutoModelForCausalLM
 
 from absorber_engine import InputError, generate
 from absorber_engine.recital import answer_prompt, recite_rows
-from tests.test_probes import CHATML, DEFAULT_SYSTEM, TINY, _engine, _tokenizer
+from tests.test_probes import CHATML, DEFAULT_SYSTEM, TINY, _chat, _engine, _tokenizer
 
 pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="model/absorber-tiny not built")
-
-
-def _chat(tok, messages):
-    return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
 
 
 def _bank(tok, slots=3, lr=5e-2):
