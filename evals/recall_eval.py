@@ -93,10 +93,11 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
                 messages = [{"role": "user", "content": q}]
                 if name == "full":
                     messages.insert(0, {"role": "system", "content": d.text})
+                start = time.perf_counter()
                 reply = tok.decode(eng.generate(chat_ids(tok, messages), max_new_tokens=24, stop=["<|im_end|>"]))
                 rows.append({"method": name, "doc": i, "genre": d.genre, "question": q, "answer": a,
                              "reply": reply, "correct": score(reply, a), "absorb_seconds": absorb_s,
-                             "tokens": len(doc), "rounds": rounds})
+                             "seconds": time.perf_counter() - start, "tokens": len(doc), "rounds": rounds})
                 absorb_s = 0.0
             if not quiet:
                 done = [r for r in rows if r["method"] == name]
@@ -169,6 +170,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                 ago = (total_rounds - absorbed_at[j]) if absorbed_at[j] is not None else None
                 for q, a in zip(d.questions, d.answers):
                     msgs = [{"role": "user", "content": q}]
+                    start = time.perf_counter()
                     if absorbs:
                         reply = eng.generate(chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"],
                                              recite=label.endswith("-recite"))
@@ -178,7 +180,8 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                         reply = eng.generate(kept + chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
                     reply = tok.decode(reply)
                     rows.append({"method": label, "doc": j, "rounds_ago": ago, "question": q, "answer": a,
-                                 "reply": reply, "correct": score(reply, a), "in_window": in_window})
+                                 "reply": reply, "correct": score(reply, a), "in_window": in_window,
+                                 "seconds": time.perf_counter() - start})
         got = [r for r in rows if r["method"] == name and not r["in_window"]]
         if got:
             got[0]["absorb_seconds"] = seconds      # the whole stream's absorption, counted once
@@ -215,7 +218,9 @@ def absorbed_per_document(eng, texts, tok) -> list[int]:
 def summarize(rows: list[dict], methods, docs: int) -> dict:
     """Accuracy per method with its 95% interval, scored again from the stored replies (so a saved
     result can be re-read under the current scorer: --rescore). Streams add accuracy by how many
-    rounds ago the document was absorbed."""
+    rounds ago the document was absorbed. A label asked again of the same memory ("absorber-recite",
+    "ttt-no-window") shows its method's absorption; seconds_per_question is the mean time of a
+    question (routing, recital and answer), where the run recorded it."""
     summary = {}
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
@@ -226,6 +231,12 @@ def summarize(rows: list[dict], methods, docs: int) -> dict:
         summary[name] = {"accuracy": hits / max(len(got), 1), "hits": hits, "n": len(got),
                          "ci95": list(wilson(hits, len(got))),
                          "absorb_seconds_per_doc": sum(r.get("absorb_seconds", 0.0) for r in got) / max(docs, 1)}
+        base = name.split("-")[0]
+        if base != name and base in summary:
+            summary[name]["absorb_seconds_per_doc"] = summary[base]["absorb_seconds_per_doc"]
+        timed = [r["seconds"] for r in mine if "seconds" in r]
+        if timed:
+            summary[name]["seconds_per_question"] = sum(timed) / len(timed)
         raw = [r for r in mine if r.get("in_window")]
         if raw:
             summary[name]["in_window"] = [sum(r["correct"] for r in raw), len(raw)]
@@ -240,10 +251,15 @@ def summarize(rows: list[dict], methods, docs: int) -> dict:
     return summary
 
 
+def _seconds(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
 def render(result: dict) -> str:
     s = result["summary"]
     lines = [f"Facts recall on {result['model']}: {result['docs']} documents x 4 questions, seed {result['seed']}",
-             "", "| method | accuracy | 95% CI | correct / asked | absorb s/doc |", "| --- | --- | --- | --- | --- |"]
+             "", "| method | accuracy | 95% CI | correct / asked | absorb s/doc | s/question |",
+             "| --- | --- | --- | --- | --- | --- |"]
     if result.get("join", 1) > 1:
         absorbed = [r for r in result["rows"] if r.get("rounds")]
         lines[1:1] = ["", f"Each context: {result['join']} documents as one text without blank lines, flushed "
@@ -253,7 +269,7 @@ def render(result: dict) -> str:
     for name, v in s.items():
         lo, hi = v["ci95"]
         lines.append(f"| {name} | {v['accuracy']:.1%} | {lo:.1%} - {hi:.1%} | {v['hits']} / {v['n']} | "
-                     f"{v['absorb_seconds_per_doc']:.1f} |")
+                     f"{v['absorb_seconds_per_doc']:.1f} | {_seconds(v.get('seconds_per_question'))} |")
     for name, v in s.items():
         if "by_rounds_ago" in v:
             cells = ", ".join(f"{a} ago {h}/{n}" for a, (h, n) in v["by_rounds_ago"].items())

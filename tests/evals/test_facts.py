@@ -59,6 +59,17 @@ def test_questions_still_in_the_window_are_counted_apart():
     assert (s["hits"], s["n"], s["in_window"]) == (1, 2, [2, 3]) and s["by_rounds_ago"] == {"1": [1, 2]}
 
 
+def test_a_label_asked_of_the_same_memory_shows_its_absorption_and_the_time_of_a_question():
+    rows = [{"method": "absorber", "reply": "42", "answer": "42", "absorb_seconds": 40.0, "seconds": 3.0},
+            {"method": "absorber", "reply": "no", "answer": "42", "seconds": 5.0},
+            {"method": "absorber-recite", "reply": "42", "answer": "42", "seconds": 13.0},
+            {"method": "window", "reply": "no", "answer": "42"}]
+    s = summarize(rows, ["absorber", "absorber-recite", "window"], docs=2)
+    assert s["absorber"]["absorb_seconds_per_doc"] == s["absorber-recite"]["absorb_seconds_per_doc"] == 20.0
+    assert s["absorber"]["seconds_per_question"] == 4.0 and s["absorber-recite"]["seconds_per_question"] == 13.0
+    assert "seconds_per_question" not in s["window"] and s["window"]["absorb_seconds_per_doc"] == 0.0
+
+
 def test_a_streamed_run_is_plotted_by_age_and_held_memory(tmp_path):
     from evals.recall_plots import plot_stream
 
