@@ -24,7 +24,7 @@ ROUTES = (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET",
           ("GET", "/v1/sessions/{sid}"), ("DELETE", "/v1/sessions/{sid}"), ("POST", "/v1/sessions/{sid}/absorb"),
           ("PUT", "/v1/completions"), ("GET", "/v1/nothing"))
 FIELDS = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "user", "n",
-          "text", "tokens", "flush", "stream_options", "logprobs")
+          "text", "tokens", "flush", "stream_options", "logprobs", "recite")
 SESSIONS = ("keep", "other", "", "a" * 300, "x\ny", "../etc", "%00", "ünï")
 MESSAGES = ([], [{"role": "user", "content": "Hi"}], [{"role": "system", "content": "The key is 7."},
                                                      {"role": "user", "content": "Key?"}],
