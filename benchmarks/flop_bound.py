@@ -68,41 +68,45 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def round_flops(name: str, workload: str, quick: bool = False, **changes) -> dict:
-    """Matrix FLOPs of a whole absorption by the engine and by the loop, the same config and stream."""
+def _workload(name: str, workload: str, quick: bool = False, **changes):
+    """The model, config and stream benchmarks.workload times for `name` and `workload`."""
     model, tok = load_model(name)
     cfg, rounds = engine_config(name, workload, quick, **changes)
     stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
-    return {impl: counted_flops(lambda: run(copy.deepcopy(model), tok, cfg, stream))
-            for impl, run in (("engine", run_engine), ("loop", run_loop))}
+    return model, tok, cfg, rounds, stream
+
+
+IMPLS = (("engine", run_engine), ("loop", run_loop))
+
+
+def round_flops(name: str, workload: str, quick: bool = False, **changes) -> dict:
+    """Matrix FLOPs of a whole absorption by the engine and by the loop, the same config and stream."""
+    model, tok, cfg, _, stream = _workload(name, workload, quick, **changes)
+    return {impl: counted_flops(lambda: run(copy.deepcopy(model), tok, cfg, stream)) for impl, run in IMPLS}
 
 
 def bound(name: str, workload: str, steps: int | None = None, log=print) -> dict:
-    model, tok = load_model(name)
-    cfg, rounds = engine_config(name, workload, **({"max_steps": steps} if steps else {}))
-    stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
-    dtype = getattr(torch, _engine_dtype(cfg))
-    _warm(model, str(dtype).replace("torch.", ""))
+    model, tok, cfg, rounds, stream = _workload(name, workload, **({"max_steps": steps} if steps else {}))
+    engine_dtype = _engine_dtype(cfg)
+    _warm(model, engine_dtype)
     flops, seconds = {}, {}
-    for impl, run in (("engine", run_engine), ("loop", run_loop)):
+    for impl, run in IMPLS:
         flops[impl] = counted_flops(lambda: run(copy.deepcopy(model), tok, cfg, stream))
         start = now(torch.device("cpu"))
         run(copy.deepcopy(model), tok, cfg, stream)
         seconds[impl] = now(torch.device("cpu")) - start
         log(f"  {name} {workload} {impl}: {flops[impl] / 1e12:.2f} TFLOP, {seconds[impl]:.1f} s")
     c = model.config
-    D, F_, V = c.hidden_size, c.intermediate_size, c.vocab_size
     tokens = cfg.chunk_tokens + cfg.sync_tokens
-    shapes = [(tokens, D, F_), (tokens, F_, D), (tokens, D, V)]
-    peak = {str(d).replace("torch.", ""): gemm_rate(shapes, d) for d in {torch.float32, dtype}}
-    rate = peak[str(dtype).replace("torch.", "")]
-    return dict(model=name, workload=workload, steps=cfg.max_steps, rounds=rounds, engine_dtype=str(dtype),
+    shapes = [(tokens, c.hidden_size, c.intermediate_size), (tokens, c.intermediate_size, c.hidden_size),
+              (tokens, c.hidden_size, c.vocab_size)]
+    peak = {d: gemm_rate(shapes, getattr(torch, d)) for d in {"float32", engine_dtype}}
+    floor = flops["engine"] / peak[engine_dtype]
+    return dict(model=name, workload=workload, steps=cfg.max_steps, rounds=rounds, engine_dtype=engine_dtype,
                 flops=flops, seconds=seconds, gemm_peak_flops_per_s=peak,
                 achieved_flops_per_s={k: flops[k] / seconds[k] for k in flops},
-                measured_ratio=seconds["loop"] / seconds["engine"],
-                flop_ratio=flops["loop"] / flops["engine"],
-                ceiling_ratio=seconds["loop"] / (flops["engine"] / rate),
-                engine_floor_seconds=flops["engine"] / rate)
+                measured_ratio=seconds["loop"] / seconds["engine"], flop_ratio=flops["loop"] / flops["engine"],
+                ceiling_ratio=seconds["loop"] / floor, engine_floor_seconds=floor)
 
 
 def table(rows: list[dict]) -> str:
