@@ -1,5 +1,5 @@
 """Routing rules over a bank of one-document slots: which slot each question's prompt picks."""
-import json, os, sys, torch
+import os, sys, torch
 import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 5))
 from absorber_engine import AbsorberEngine
