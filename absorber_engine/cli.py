@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose options live with their code, in the clone beside the library (benchmarks/, evals/):
 # `absorber NAME --help` shows them.
 _DELEGATED = {
-    "eval": ("evals.evaluate", "the long-context evaluation: every method x task x length"),
+    "eval": ("evals.evaluate", "the evaluations: long context on the shipped model (method x task x length), "
+                               "recall of facts on a chat model (--tasks facts)"),
     "bench": ("benchmarks.run", "the microbenchmark suite (engine vs a plain PEFT implementation)"),
     "demo": ("evals.demo", "stream a long document into the real model (smollm2-135m) and ask about its start"),
 }

@@ -240,7 +240,9 @@ def main(argv=None) -> int:
         return recall_main(argv)
     ap = argparse.ArgumentParser(prog="absorber eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=default_model(), help="model directory (default: the shipped model)")
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help=f"comma-separated, from {','.join(TASKS)}; or facts, recall of invented facts on a chat "
+                         "model (the default for a named model such as smollm2-135m): absorber eval --tasks facts --help")
     ap.add_argument("--lengths", default="1,2,4,8,16", help="multiples of the trained context")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {','.join(ALL_METHODS)}")
     ap.add_argument("--examples", type=int, default=10, help="examples per task and length")

@@ -109,6 +109,17 @@ def test_help_explains_every_option():
     assert "Exit codes" in out and "130" in out
 
 
+def test_eval_help_leads_to_the_facts_evaluation(capsys):
+    """The long-context parser is what `absorber eval --help` shows; the recall evaluation of a chat
+    model has a parser of its own, reached only through --tasks facts, so the first must name it."""
+    for argv, expected in ((["eval", "--help"], "absorber eval --tasks facts --help"),
+                           (["eval", "--tasks", "facts", "--help"], "--recite")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+        assert expected in " ".join(capsys.readouterr().out.split())
+
+
 def test_text_input_is_decoded_with_a_clear_error(tmp_path, capsys):
     from absorber_engine.cli import SHIPPED_MODEL
 
