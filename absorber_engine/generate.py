@@ -12,6 +12,7 @@ token, so every row reads exactly what it would read alone.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -168,7 +169,8 @@ def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: fl
     out: list[list[int]] = [[] for _ in range(S)]
     done = [False] * S
     static = max_new_tokens > 1 and static_decode.supported(runner)
-    with runner.sdpa_attention(static):
+    weights = static_decode.decode_weights(runner, S) if static else contextlib.nullcontext()
+    with weights, runner.sdpa_attention(static):
         decoder = static_decode.StaticDecoder(runner, cache_tensors(cache), min(max_new_tokens - 1, SEGMENT), mask,
                                               next_pos[:, None], graphs=runner.cuda_graphs, record=False) if static else None
         logits = runner.logits(rows.last)

@@ -233,12 +233,12 @@ def sample_with_states(runner, batch: RoundBatch, x_kv, first_logits, count, nee
     else:
         logits = first_logits.repeat_interleave(count, dim=0)                        # (S·count, V)
     # Decode steps read each weight once: in autocast's dtype, from copies cast once for all the
-    # steps (static_decode.weights_in_autocast_dtype), not under autocast, which would cast every
-    # weight at every step (1.7x slower per step than fp32 on a CPU). The cache is cast to it.
+    # steps (static_decode.decode_weights), not under autocast, which would cast every weight at
+    # every step (1.7x slower per step than fp32 on a CPU). The cache is cast to it.
     steps = length - p
     ended = _stops(stop, S * count, runner.device)
     if steps and static_decode.supported(runner):
-        with static_decode.weights_in_autocast_dtype(runner), runner.sdpa_attention():
+        with static_decode.decode_weights(runner, S * count), runner.sdpa_attention():
             kv = cache_tensors(cache)
             nxt = position[:, -1:] + 1 if position is not None else torch.full(
                 (S * count, 1), kv[0][0].shape[2], device=runner.device)

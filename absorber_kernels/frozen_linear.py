@@ -21,6 +21,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import packed_linear
+
 _cast_buffers = threading.local()
 
 
@@ -67,6 +69,9 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """x·W (+ bias) for either weight layout ("linear": [out, in]; "conv1d": [in, out]), W frozen."""
     if weight_layout not in ("linear", "conv1d"):
         raise ValueError(f"weight_layout must be 'linear' or 'conv1d', got {weight_layout!r}")
+    packed = packed_linear.lookup(weight) if weight_layout == "linear" else None
+    if packed is not None:                       # a decode step inside packed_linear.packed()
+        return packed(x, bias)
     dtype = _compute_dtype(x)
     if dtype != weight.dtype and not weight.requires_grad and (bias is None or not bias.requires_grad):
         return FrozenLinear.apply(x, weight, bias, weight_layout == "conv1d", dtype)

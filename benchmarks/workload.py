@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import math
@@ -466,15 +467,18 @@ def _engine_dtype(cfg, device: torch.device = torch.device("cpu")) -> str:
 # ---------------------------------------------------------------------------------------- decode step
 
 def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) -> dict:
-    """One batched decode step of probe sampling as the engine runs it (static_decode.StaticDecoder:
-    the model's own dtype, residual capture, the LM head; on a GPU replayed as a CUDA graph, which
-    the engine does with cuda_graphs on), the same step over a growing DynamicCache (what the engine
-    ran before), and the matmuls of the same step alone:
-    every linear at `rows` tokens (base weight, plus x·A·B on the targets), q·Kᵀ and p·V over the
-    cached context, and the LM head, run back to back on tensors prepared beforehand."""
+    """One batched decode step of probe sampling as the engine runs it ("engine": the round's
+    dtype, on the weights static_decode.decode_weights gives the steps: bf16 copies, reordered for
+    oneDNN on a CPU), the same static-cache step in the model's own dtype on plain weights
+    ("static": residual capture, the LM head; on a GPU replayed as a CUDA graph, which the engine
+    does with cuda_graphs on), the same step over a growing DynamicCache (what the engine ran
+    before), and the matmuls of the same step alone, in each of the two dtypes: every linear at
+    `rows` tokens (base weight, plus x·A·B on the targets), q·Kᵀ and p·V over the cached context,
+    and the LM head, run back to back on tensors prepared beforehand with torch.matmul."""
     from absorber_engine.generate import sample_next
     from absorber_engine.model import cache_tensors
-    from absorber_engine.static_decode import StaticDecoder
+    from absorber_engine.static_decode import StaticDecoder, decode_weights
+    from absorber_kernels import packed_linear
 
     model, tok = model_and_tok or load_model(name)
     cfg, _ = engine_config(name, "probes4")
@@ -492,11 +496,15 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
             kv = cache_tensors(cache)
         first = runner.logits(final[:, -1]).repeat(rows, 1)
         runner.bind([engine.delta], rows)
-        for how in ("static", "growing"):
+        for how in ("static", "growing", "engine"):
             gen = torch.Generator(device=dev).manual_seed(0)
             logits, times = first, []
-            with runner.sdpa_attention(how == "static"):
-                if how == "static":
+            weights = contextlib.ExitStack()
+            if how == "engine":
+                weights.enter_context(runner.autocast())
+                weights.enter_context(decode_weights(runner, rows))
+            with weights, runner.sdpa_attention(how != "growing"):
+                if how != "growing":
                     dec = StaticDecoder(runner, [(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in kv],
                                         steps + 2, None, torch.full((rows, 1), ctx.shape[1], device=dev),
                                         graphs=dev.type == "cuda")
@@ -505,7 +513,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
                 for _ in range(steps + 2):
                     t0 = now(dev)
                     tok_ = sample_next(logits, 1.0, 1.0, gen)
-                    if how == "static":
+                    if how != "growing":
                         logits = dec.step(tok_)
                     else:
                         with runner.capture():
@@ -514,13 +522,22 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
                     times.append(now(dev) - t0)
             out[f"{how}_ms"] = 1e3 * median(times)
     mm = _matmul_time(runner, engine.delta, rows, ctx.shape[1] + steps // 2, runner.dtype)
+    with runner.autocast():
+        decode_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else runner.dtype
+    pack = dev.type == "cpu" and packed_linear.supported(decode_dtype)
+    mm_engine = _matmul_time(runner, engine.delta, rows, ctx.shape[1] + steps // 2, decode_dtype, packed=pack)
     engine.close()
     out.update(matmul_ms=1e3 * mm, ratio=out["static_ms"] / (1e3 * mm), growing_ratio=out["growing_ms"] / (1e3 * mm),
-               graphs=dev.type == "cuda")
+               engine_dtype=str(decode_dtype).removeprefix("torch."), engine_packed=pack, engine_matmul_ms=1e3 * mm_engine,
+               engine_ratio=out["engine_ms"] / (1e3 * mm_engine), graphs=dev.type == "cuda")
     return out
 
 
-def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5) -> float:
+def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, packed: bool = False) -> float:
+    """The step's matmuls alone, back to back; with `packed`, the linears' products on weights
+    reordered for oneDNN, as the engine's steps compute them on a CPU."""
+    from absorber_kernels.packed_linear import Packed
+
     model = runner.model
     cfgm = model.config
     heads = cfgm.num_attention_heads
@@ -535,25 +552,29 @@ def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5) -
         lin = module.base if name in runner.wrappers else module
         if not isinstance(lin, torch.nn.Linear):
             continue
-        w = lin.weight.detach().to(dtype)
-        work.append((randn(rows, w.shape[1]), w.t()))
+        x = randn(rows, lin.weight.shape[1])
+        if packed:
+            work.append(functools.partial(Packed(lin.weight, dtype, rows), x, None))
+        else:
+            work.append(functools.partial(torch.matmul, x, lin.weight.detach().to(dtype).t()))
         if name in runner.wrappers:
             a, b = delta.A[name].detach().to(dtype), delta.B[name].detach().to(dtype)
-            work.append((randn(rows, a.shape[0]), a))
-            work.append((randn(rows, a.shape[1]), b))
+            work.append(functools.partial(torch.matmul, randn(rows, a.shape[0]), a))
+            work.append(functools.partial(torch.matmul, randn(rows, a.shape[1]), b))
     for _ in range(len(runner.layers)):
         q = randn(rows * heads, 1, head_dim)
         k = randn(rows * heads, head_dim, context)
         p = randn(rows * heads, 1, context)
         v = randn(rows * heads, context, head_dim)
-        work.append((q, k))
-        work.append((p, v))
+        work.append(functools.partial(torch.matmul, q, k))
+        work.append(functools.partial(torch.matmul, p, v))
     best = float("inf")
-    for _ in range(reps):
-        t0 = now(dev)
-        for x, w in work:
-            torch.matmul(x, w)
-        best = min(best, now(dev) - t0)
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = now(dev)
+            for product in work:
+                product()
+            best = min(best, now(dev) - t0)
     return best
 
 
