@@ -10,7 +10,9 @@ frame the teacher read X in. Reading a document in the prompt is what a small ch
 answering from the delta directly recalled less.
 
 What it costs: a query decodes up to n + m tokens more (the recitals of a batch's rows in
-one batch). What it holds: nothing after the query. The recital's KV lives as long as the answer,
+one batch), in the rounds' compute dtype: SmolLM2's recitals of 118-133 tokens took 5.2-5.8 s at one
+CPU thread in bf16 on reordered weights with the delta merged, 7.3-8.5 s in fp32, the same text in
+6 of 6 (`benchmarks/results/packed_decode/`). What it holds: nothing after the query. The recital's KV lives as long as the answer,
 and no text of the stream is kept, so held memory is the bank alone, as without it.
 """
 
@@ -44,8 +46,11 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, max_toke
         return not cut or cut not in tokenizer.decode(written[row][-8:])
 
     gens = [torch.Generator(device=runner.device) for _ in deltas]          # greedy: never drawn from
-    out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max_tokens, 0.0, 1.0, set(frame.stop),
-                        gens, ends_at_cut)
+    # The recital is the engine's own text, like its probes: written in the rounds' compute dtype,
+    # on weights cast (and on a CPU reordered) once for all its steps (static_decode.decode_weights).
+    with runner.autocast():
+        out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max_tokens, 0.0, 1.0, set(frame.stop),
+                            gens, ends_at_cut)
     recitals = []
     for ids in out:
         text = tokenizer.decode(ids)

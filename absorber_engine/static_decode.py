@@ -55,14 +55,29 @@ def decode_weights(runner: ModelRunner, rows: int):
     params = [p for p in runner.model.parameters() if p.is_floating_point() and id(p) not in packed_ids]
     cast = dtype is not None and any(p.dtype != dtype for p in params)
     originals = [p.data for p in params] if cast else []
+    # One delta bound to every row: merged into the weights as they are reordered, W + s·A·B, so a
+    # step's delta linear is one product, not four ops and two casts of A and B (a fifth of a
+    # one-row step of SmolLM2). Stacked deltas (a batch of streams) stay apart.
+    merged = {w: (w.A, w.B) for w in runner.wrappers.values()
+              if pack and w.layout == "linear" and w.A is not None and w.A.dim() == 2}
+    bases = {w.base: w for w in merged}
+
+    def weight_of(m: nn.Linear) -> torch.Tensor:
+        w = bases.get(m)
+        return m.weight if w is None else w.merged_weight(*merged[w], runner.binding.scale)
+
     try:
         for p in params if cast else ():
             p.data = p.data.to(dtype)
-        with packed_linear.packed(linears if pack else [], dtype or runner.dtype, rows), runner.model_dtype():
+        for w in merged:
+            w.A = w.B = None
+        with packed_linear.packed(linears if pack else [], dtype or runner.dtype, rows, weight_of), runner.model_dtype():
             yield
     finally:
         for p, data in zip(params, originals):
             p.data = data
+        for w, (a, b) in merged.items():
+            w.A, w.B = a, b
 
 
 def supported(runner: ModelRunner) -> bool:

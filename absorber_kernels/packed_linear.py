@@ -76,10 +76,12 @@ def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def packed(modules: list[nn.Linear], dtype: torch.dtype, rows: int):
+def packed(modules: list[nn.Linear], dtype: torch.dtype, rows: int, weight_of=None):
     """Inside the block the products of `modules` (plain nn.Linear, frozen, on the CPU) run on their
-    weights reordered for oneDNN in `dtype`, tuned for `rows` rows a call. Where the op is not
-    supported, or a module is not a CPU nn.Linear, nothing changes for it."""
+    weights reordered for oneDNN in `dtype`, tuned for `rows` rows a call; `weight_of(module)`, when
+    given, is the weight to reorder in place of the module's own (a delta merged into it), made one
+    module at a time. Where the op is not supported, or a module is not a CPU nn.Linear, nothing
+    changes for it."""
     if not supported(dtype) or torch.is_grad_enabled():
         yield
         return
@@ -88,7 +90,7 @@ def packed(modules: list[nn.Linear], dtype: torch.dtype, rows: int):
     before = getattr(_active, "table", None)
     table = dict(before or {})
     for m in chosen:
-        table[id(m.weight)] = (m.weight, Packed(m.weight, dtype, rows))
+        table[id(m.weight)] = (m.weight, Packed(weight_of(m) if weight_of else m.weight, dtype, rows))
     _active.table = table
     for m in chosen:
         m.forward = functools.partial(_linear_forward, m)          # an instance attribute: the class is untouched
