@@ -22,6 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from absorber_kernels import get_ops
+from absorber_kernels.hf_attention import CPU_ATTENTION_NAME, HF_ATTENTION_NAME, register_hf_attention
 from absorber_kernels.lowrank_batched import RowLayout
 
 from .errors import ConfigError, UnsupportedModelError
@@ -87,12 +88,12 @@ class ModelRunner:
         if self.compiled:
             compile_layers(self.layers)
         self._attn_before = self._head_cast = None
-        if self.backend == "triton":
-            # Teacher, student and prefills take the flash kernel; static-cache decode steps, sdpa.
-            from absorber_kernels.hf_attention import register_hf_attention
-
+        # Triton: flash kernel but in static-cache decode steps; a CPU: cpu_attention in the student's passes.
+        attn = HF_ATTENTION_NAME if self.backend == "triton" else CPU_ATTENTION_NAME if (
+            self.device.type == "cpu" and model.config._attn_implementation == "sdpa") else None
+        if attn is not None:
             self._attn_before = model.config._attn_implementation
-            model.set_attn_implementation(register_hf_attention())
+            model.set_attn_implementation(register_hf_attention(attn))
 
     @property
     def ops(self):

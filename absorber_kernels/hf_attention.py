@@ -1,13 +1,17 @@
-"""The Triton attention as a transformers attention implementation (AttentionInterface), for
-models whose attention reads plainly causal masks: prefill, decode over a cache, training."""
+"""The engine's attentions as transformers attention implementations (AttentionInterface): the
+Triton kernel, for models whose attention reads plainly causal masks (prefill, decode over a cache,
+training), and on a CPU the student's training passes through cpu_attention (torch's sdpa for
+everything else)."""
 
 from __future__ import annotations
 
 import torch
 
 from .attention import attention_triton
+from .cpu_attention import CausalAttention, usable
 
 HF_ATTENTION_NAME = "absorber_triton"
+CPU_ATTENTION_NAME = "absorber_cpu"
 
 
 def _mask_is_causal(mask: torch.Tensor, t: int, s: int) -> bool:
@@ -56,12 +60,47 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     return out.transpose(1, 2).contiguous(), None                          # already contiguous: no copy
 
 
+def _right_padded_causal(mask: torch.Tensor, t: int) -> bool:
+    """True if a boolean (B, 1, T, T) mask is causal attention over each row's first L_b keys (right
+    padding): every real query then sees exactly its causal keys, and only padded queries, whose
+    outputs no loss reads, differ from plain causal attention."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (t, t):
+        return False
+    valid = mask.any(dim=-2, keepdim=True)                                   # (B, 1, 1, T) keys some query sees
+    causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril_()
+    prefix = bool((valid[..., 1:] <= valid[..., :-1]).all())                 # no real key after padding
+    return prefix and bool((mask == (causal & valid)).all())
+
+
+def hf_cpu_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers AttentionInterface entry on a CPU: a training pass (grad on, no cache, at most
+    cpu_attention.MAX_TOKENS, causal, unmasked or right-padded) runs cpu_attention's forward and
+    backward; anything else, torch's sdpa as transformers calls it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    t = query.shape[2]
+    if torch.is_autocast_enabled("cpu"):       # as sdpa would under autocast (RoPE leaves q and k in fp32)
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    is_causal = kwargs.get("is_causal")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    plain = not dropout and is_causal and all(kwargs.get(n) is None for n in
+                                              ("softcap", "s_aux", "sinks", "position_bias", "sliding_window"))
+    if (plain and usable(query, key) and not torch.compiler.is_compiling()
+            and (attention_mask is None or _right_padded_causal(attention_mask, t))):
+        out = CausalAttention.apply(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
 def register_hf_attention(name: str = HF_ATTENTION_NAME) -> str:
     """Register the kernel with transformers under `name` (attention and mask functions) and return
-    the name. Switch a model with `model.set_attn_implementation(name)`, back with the old value."""
+    the name. Switch a model with `model.set_attn_implementation(name)`, back with the old value.
+    CPU_ATTENTION_NAME registers the CPU training attention instead."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(name, hf_attention_forward)
+    AttentionInterface.register(name, hf_cpu_attention_forward if name == CPU_ATTENTION_NAME else hf_attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
