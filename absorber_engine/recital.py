@@ -12,8 +12,9 @@ answering from the delta directly recalled less.
 What it costs: a query decodes up to n + m tokens more (the recitals of a batch's rows in
 one batch), in the rounds' compute dtype: SmolLM2's recitals of 118-133 tokens took 5.2-5.8 s at one
 CPU thread in bf16 on reordered weights with the delta merged, 7.3-8.5 s in fp32, the same text in
-6 of 6 (`benchmarks/results/packed_decode/`). What it holds: nothing after the query. The recital's KV lives as long as the answer,
-and no text of the stream is kept, so held memory is the bank alone, as without it.
+6 of 6 (docs/performance.md, "Decode products on reordered weights"). What it holds: nothing after
+the query. The recital's KV lives as long as the answer, and no text of the stream is kept, so
+held memory is the bank alone, as without it.
 """
 
 from __future__ import annotations

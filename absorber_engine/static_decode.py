@@ -44,9 +44,9 @@ def decode_weights(runner: ModelRunner, rows: int):
     over 512 cached positions, one CPU thread: 97-101 ms a step with its fp32 weights, 65-67 ms
     with bf16 ones; autocast would cast every weight at every step, slower than either. Casting
     or reordering once per sampling costs one pass over the weights and holds a copy of them while
-    the block lasts (SmolLM2: 270 MB in bf16, 540 MB in fp32). The delta's factors stay fp32 (the
-    layers compute it in the activations' dtype). runner.dtype reads the head's weight, which is
-    always cast, so the decoder's cache and state buffers follow."""
+    the block lasts (SmolLM2: 270 MB in bf16, 540 MB in fp32). Stacked deltas' factors stay fp32
+    (the layers compute them in the activations' dtype). runner.dtype reads the head's weight,
+    which is always cast, so the decoder's cache and state buffers follow."""
     dev = runner.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     linears = [m for m in runner.model.modules() if type(m) is nn.Linear]

@@ -9,7 +9,7 @@ end, so the causal half is never computed), with every product a batched GEMM ov
 heads (the query heads of a group folded into rows) and the softmax algebra in fp32:
 1.8, 2.4 and 7.7 ms for the same three. From about 700 tokens on the blocks' probabilities no
 longer stay in cache and torch's backward is as fast (768: 17.7 against 16.7 ms), so longer rows
-keep it (`MAX_TOKENS`). `benchmarks/results/cpu_attention/`.
+keep it (`MAX_TOKENS`). `python -m benchmarks.cpu_products`.
 
 `attention_ref` is the plain reference; the tests hold this to float64 through autograd.
 """

@@ -6,7 +6,7 @@ bf16 path are tuned for many rows); the same products on weights reordered once 
 `torch.ops.mkldnn._reorder_linear_weight` (what inductor's CPU backend does for frozen linears)
 read them at 14-29 GB/s. SmolLM2-135M's 211 matrices, 2 threads: fp32 at 4 rows 18.5 against
 62.6 ms, at 1 row 26.8 against 42.6 ms; bf16 at 4 rows 12.6 against 26.8 ms
-(`benchmarks/results/packed_decode/`). The results equal F.linear's up to the order of the sums
+(`python -m benchmarks.cpu_products`). The results equal F.linear's up to the order of the sums
 (fp32: within 1e-4 at K = 576).
 
 `packed(modules)` reorders the weights of the given linears for the length of a block (one
