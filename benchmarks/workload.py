@@ -535,7 +535,8 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
 
 def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, packed: bool = False) -> float:
     """The step's matmuls alone, back to back; with `packed`, the linears' products on weights
-    reordered for oneDNN, as the engine's steps compute them on a CPU."""
+    reordered for oneDNN with the delta merged in (no x·A·B), as the engine's steps compute them
+    on a CPU with one delta bound (static_decode.decode_weights)."""
     from absorber_kernels.packed_linear import Packed
 
     model = runner.model
@@ -557,7 +558,7 @@ def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, p
             work.append(functools.partial(Packed(lin.weight, dtype, rows), x, None))
         else:
             work.append(functools.partial(torch.matmul, x, lin.weight.detach().to(dtype).t()))
-        if name in runner.wrappers:
+        if name in runner.wrappers and not packed:
             a, b = delta.A[name].detach().to(dtype), delta.B[name].detach().to(dtype)
             work.append(functools.partial(torch.matmul, randn(rows, a.shape[0]), a))
             work.append(functools.partial(torch.matmul, randn(rows, a.shape[1]), b))
