@@ -73,9 +73,10 @@ class CausalAttention(torch.autograd.Function):
 
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `causal_attention` takes these: a CPU training pass (no cache: as many keys as
-    queries) of at most MAX_TOKENS, query heads a multiple of key heads."""
-    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad and q.dim() == 4
+    """Whether `causal_attention` takes these: a CPU pass in grad mode (a training pass; in the first
+    layer only v may need a gradient), no cache (as many keys as queries), at most MAX_TOKENS,
+    query heads a multiple of key heads."""
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.dim() == 4
             and 1 < q.shape[2] == k.shape[2] <= MAX_TOKENS and q.shape[1] % k.shape[1] == 0
             and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype)
 

@@ -472,9 +472,9 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
     oneDNN on a CPU), the same static-cache step in the model's own dtype on plain weights
     ("static": residual capture, the LM head; on a GPU replayed as a CUDA graph, which the engine
     does with cuda_graphs on), the same step over a growing DynamicCache (what the engine ran
-    before), and the matmuls of the same step alone, in each of the two dtypes: every linear at
-    `rows` tokens (base weight, plus x·A·B on the targets), q·Kᵀ and p·V over the cached context,
-    and the LM head, run back to back on tensors prepared beforehand with torch.matmul."""
+    before), and the matmuls of each alone, back to back on tensors prepared beforehand: every
+    linear at `rows` tokens (base weight, plus x·A·B on the targets where the step does not merge
+    the delta into reordered weights), q·Kᵀ and p·V over the cached context, and the LM head."""
     from absorber_engine.generate import sample_next
     from absorber_engine.model import cache_tensors
     from absorber_engine.static_decode import StaticDecoder, decode_weights
