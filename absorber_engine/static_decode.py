@@ -37,8 +37,8 @@ def decode_weights(runner: ModelRunner, rows: int):
     """The weights decode steps of `rows` rows read inside the block. In an autocast block (a
     round) the parameters are copies in autocast's dtype, put back after it, and the steps run with
     autocast off; outside one, the model's dtype. On a CPU the linears' weights are moreover
-    reordered for oneDNN (absorber_kernels.packed_linear), which reads them 1.6-3.4x faster at a
-    few rows; those are not cast, the reorder makes their copy.
+    reordered for oneDNN (absorber_kernels.packed_linear), which reads them 1.1-3.0x faster at 1-4
+    rows; those are not cast, the reorder makes their copy.
 
     Why: a step of a few rows is bound by reading the weights, not by arithmetic. SmolLM2 at 4 rows
     over 512 cached positions, one CPU thread: 97-101 ms a step with its fp32 weights, 65-67 ms
@@ -56,8 +56,9 @@ def decode_weights(runner: ModelRunner, rows: int):
     cast = dtype is not None and any(p.dtype != dtype for p in params)
     originals = [p.data for p in params] if cast else []
     # One delta bound to every row: merged into the weights as they are reordered, W + s·A·B, so a
-    # step's delta linear is one product, not four ops and two casts of A and B (a fifth of a
-    # one-row step of SmolLM2). Stacked deltas (a batch of streams) stay apart.
+    # step's delta linear is one product, not four ops and two casts of A and B (SmolLM2's bf16
+    # recitals at one thread: 6.0-6.9 s apart, 5.2-5.8 s merged). Stacked deltas (a batch of
+    # streams) stay apart.
     merged = {w: (w.A, w.B) for w in runner.wrappers.values()
               if pack and w.layout == "linear" and w.A is not None and w.A.dim() == 2}
     bases = {w.base: w for w in merged}

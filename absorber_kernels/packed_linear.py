@@ -4,10 +4,10 @@ A decode step multiplies a few rows by every weight once, so its time is the tim
 weights. torch's F.linear on a CPU reads them at 7-12 GB/s at 1-4 rows (MKL's sgemm and oneDNN's
 bf16 path are tuned for many rows); the same products on weights reordered once by
 `torch.ops.mkldnn._reorder_linear_weight` (what inductor's CPU backend does for frozen linears)
-read them at 14-29 GB/s. SmolLM2-135M's 211 matrices, 2 threads: fp32 at 4 rows 18.5 against
-62.6 ms, at 1 row 26.8 against 42.6 ms; bf16 at 4 rows 12.6 against 26.8 ms
-(`python -m benchmarks.cpu_products`). The results equal F.linear's up to the order of the sums
-(fp32: within 1e-4 at K = 576).
+read them at 12-26 GB/s. SmolLM2-135M's 211 matrices, 2 threads: fp32 at 4 rows 21.1 against
+62.8 ms, at 1 row 28.4 against 42.9 ms; bf16 at 4 rows 14.8 against 26.6 ms, at 1 row 15.8
+against 23.7 ms (`python -m benchmarks.cpu_products`). The results equal the float64 product as
+F.linear's do, up to the order of the sums (fp32: within 6e-6 at K = 576).
 
 `packed(modules)` reorders the weights of the given linears for the length of a block (one
 sampling or one generation: the reorder is one pass over the weights, a step of many) and routes
