@@ -186,3 +186,31 @@ def test_generate_over_cache_segments_equals_the_growing_cache(arch, monkeypatch
     monkeypatch.setattr(static_decode, "supported", lambda runner: False)
     assert run() == static
     assert all(len(v) == 10 for out in static for v in out.values())   # no stop token: every step was taken
+
+
+def test_decode_weights_merge_one_bound_delta_into_the_reordered_weights_and_give_it_back():
+    from absorber_kernels import packed_linear
+
+    if not packed_linear.supported(torch.float32):
+        pytest.skip("no oneDNN prepacked linear here")
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=8, rank=4, alpha=10.0, prefix_bos=False,
+                                                                    compute_dtype="float32"))
+    r = eng.runner
+    assert eng.config.scale == 2.5                  # the merge must scale A·B as the layers do
+    delta = LowRankDelta(r.shapes, 4, eng.config.scale, r.device, seed=1)
+    with torch.no_grad():
+        for b in delta.B.values():                   # a delta that moves the outputs
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+        r.bind([delta])
+        ids = torch.tensor([random_ids(6)])
+        want, _ = r.forward(ids)
+        bound = {name: (w.A, w.B) for name, w in r.wrappers.items()}
+        with static_decode.decode_weights(r, rows=1):
+            assert all(w.A is None and w.B is None for w in r.wrappers.values())     # merged, not applied twice
+            got, _ = r.forward(ids)
+        assert all(w.A is bound[n][0] and w.B is bound[n][1] for n, w in r.wrappers.items())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():                            # and the delta counts: without it the states differ
+        r.bind([LowRankDelta(r.shapes, 4, eng.config.scale, r.device, seed=1)])
+        plain, _ = r.forward(ids)
+    assert (plain - want).abs().max() > 1e-2
