@@ -62,10 +62,11 @@ class DeltaLinear(nn.Module):
 
     def merged_weight(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """W + scale·A·B in W's own layout and dtype (the base weight itself is not touched)."""
-        with torch.no_grad():
-            d = (A.float() @ B.float()) * scale                                  # (in, out)
-            w = self.base.weight.float() + (d.t() if self.layout == "linear" else d)
-            return w.to(self.base.weight.dtype)
+        w = self.base.weight
+        with torch.no_grad():                                                    # one GEMM into a copy of W
+            if self.layout == "linear":
+                return torch.addmm(w.float(), B.float().t(), A.float().t(), alpha=scale).to(w.dtype)
+            return torch.addmm(w.float(), A.float(), B.float(), alpha=scale).to(w.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.layout}, in={self.in_features}, out={self.out_features}"

@@ -61,7 +61,7 @@ def decode_weights(runner: ModelRunner, rows: int):
     # streams) stay apart.
     merged = {w: (w.A, w.B) for w in runner.wrappers.values()
               if pack and w.layout == "linear" and w.A is not None and w.A.dim() == 2}
-    bases = {w.base: w for w in merged}
+    bases = {w.base: w for w, (_, b) in merged.items() if bool(b.any())}     # a zero delta adds nothing
 
     def weight_of(m: nn.Linear) -> torch.Tensor:
         w = bases.get(m)
