@@ -33,13 +33,10 @@ D, FF, KV, V, LAYERS = 576, 1536, 192, 49152, 30                 # SmolLM2-135M
 ATTENTION_SHAPES = [(1, 512), (1, 256), (4, 96), (4, 160), (2, 300), (1, 640)]
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def linears(repeats: int) -> list[dict]:
@@ -59,9 +56,9 @@ def linears(repeats: int) -> list[dict]:
                 torch.set_num_threads(threads)
                 with torch.no_grad():
                     plain = packed = float("inf")
-                    for _ in range(repeats):
-                        plain = min(plain, _best(lambda: [F.linear(xs[w.shape[1]], w) for w in ws], 1))
-                        packed = min(packed, _best(lambda: [p(xs[w.shape[1]], None) for w, p in zip(ws, packs)], 1))
+                    for _ in range(repeats):                     # the two alternate: the same machine state
+                        plain = min(plain, _seconds(lambda: [F.linear(xs[w.shape[1]], w) for w in ws]))
+                        packed = min(packed, _seconds(lambda: [p(xs[w.shape[1]], None) for w, p in zip(ws, packs)]))
                     err = max(float((p(xs[w.shape[1]], None).double() - F.linear(xs[w.shape[1]].double(), w.double()))
                                     .abs().max()) for w, p in zip(ws[:7], packs[:7]))
                 out.append(dict(dtype=str(dtype).removeprefix("torch."), rows=rows, threads=threads, matrices=len(ws),
