@@ -1,15 +1,17 @@
-"""Causal attention for the student's passes on a CPU: torch's flash kernel forward, a backward of
-query blocks in GEMMs.
+"""Causal attention for the student's passes on a CPU: blocks of queries through batched GEMMs and
+torch's fused softmax, forward and backward.
 
-torch's CPU flash backward is slow on the short rows a round trains on: SmolLM2's heads (9 query,
-3 key/value heads of 64), bf16, 2 threads, forward + backward: 4 rows of 96 tokens 0.9 + 4.1 ms, 1
-row of 256 1.1 + 3.8 ms, 1 row of 512 4.2 + 11.9 ms. This backward recomputes the probabilities
-one block of 128 queries at a time from the forward's log-sum-exp (only the keys up to the block's
-end, so the causal half is never computed), with every product a batched GEMM over the key/value
-heads (the query heads of a group folded into rows) and the softmax algebra in fp32:
-1.8, 2.4 and 7.7 ms for the same three. From about 700 tokens on the blocks' probabilities no
-longer stay in cache and torch's backward is as fast (768: 17.7 against 16.7 ms), so longer rows
-keep it (`MAX_TOKENS`). `python -m benchmarks.cpu_products`.
+torch's CPU flash kernel is slow on the rows a round trains on, its backward most of all (SmolLM2's
+heads, 9 query and 3 key/value heads of 64, bf16, 2 threads, 554 tokens: 4.7 ms forward, 14.0 ms
+backward). Here, 64 queries at a time, the g query heads of a key/value group are folded into the
+rows of one GEMM against that group's keys up to the block's end (so the causal upper half is never
+computed and no key is copied per query head), the block's causal corner is masked, and the
+probabilities come from one fused `torch.softmax` in the input dtype (fp32 inside). The forward
+keeps no probabilities and no log-sum-exp: the backward recomputes each block's softmax the same
+way and gets dS = P ∘ (dP − rowsum(dP ∘ P)) from torch's fused softmax backward, so a block's
+elementwise work is two fused passes, not the eight casts and in-place ops of an unfused softmax.
+The same 554 tokens: 3.2 + 6.6 ms; faster than torch's kernels at every length measured, 96 to
+4,096 tokens (`python -m benchmarks.cpu_products`).
 
 `attention_ref` is the plain reference; the tests hold this to float64 through autograd.
 """
@@ -18,58 +20,74 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 128
-MAX_TOKENS = 640
+BLOCK = 64
+MAX_TOKENS = 8192        # a block's four (g·64, T) products: 37 MB in bf16 at SmolLM2's heads
 
 
-def _probabilities(qb, k, lse_b, scale, start, tri):
-    """exp(q·kᵀ·scale − lse) for one query block [start, start + rows) over keys [0, start + rows),
-    fp32, causal inside the block. qb (B, Hk, g, rows, D), k (B, Hk, S, D), lse_b (B, Hk, g, rows, 1)."""
-    rows = qb.shape[3]
-    s = torch.matmul(qb, k[:, :, None, :start + rows].transpose(-1, -2)).float().mul_(scale)
-    s[..., start:].masked_fill_(tri[:rows, :rows], float("-inf"))
-    return s.sub_(lse_b).exp_()
+def _block_probabilities(qb, k, start, rows, groups):
+    """softmax(qb·kᵀ) over keys [0, start + rows) for one query block, causal inside it: qb (BH,
+    g·rows, D) already scaled, k (BH, T, D); (BH, g·rows, start + rows) in q's dtype."""
+    end = start + rows
+    s = torch.bmm(qb, k[:, :end].transpose(1, 2))
+    corner = torch.ones(rows, rows, dtype=torch.bool, device=s.device).triu_(1)
+    s.view(s.shape[0], groups, rows, end)[..., start:].masked_fill_(corner, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def _grouped(x: torch.Tensor, heads_k: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B·Hk, H/Hk, T, D): the query heads of each key/value group side by side."""
+    B, H, T, D = x.shape
+    return x.reshape(B * heads_k, H // heads_k, T, D)
 
 
 class CausalAttention(torch.autograd.Function):
-    """q (B, Hq, T, D), k and v (B, Hk, T, D) with Hq a multiple of Hk; causal, no mask."""
+    """q (B, Hq, T, D), k and v (B, Hk, T, D) with Hq a multiple of Hk; causal, no mask. The output
+    is a (B, Hq, T, D) view of a (B, T, Hq, D) tensor: the layout the attention's output projection
+    reads, so transformers' transpose back needs no copy."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
         B, Hq, T, D = q.shape
         Hk = k.shape[1]
         g = Hq // Hk
-        qg = q.view(B, Hk, g, T, D)
-        do = dout.contiguous().to(q.dtype).view(B, Hk, g, T, D)
-        lse = lse.view(B, Hk, g, T, 1)
-        # rowsum(dO ∘ O): the softmax's Jacobian term, once for all blocks
-        delta = (do.float() * out.view(B, Hk, g, T, D).float()).sum(-1, keepdim=True)
-        dq = torch.empty_like(qg)
-        dk = torch.zeros(B, Hk, T, D, dtype=torch.float32)
-        dv = torch.zeros(B, Hk, T, D, dtype=torch.float32)
-        tri = torch.ones(BLOCK, BLOCK, dtype=torch.bool).triu_(1)
+        qs = _grouped(q * scale, Hk)
+        kk, vv = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
+        out = q.new_empty(B, T, Hk, g, D)
         for start in range(0, T, BLOCK):
-            end = min(start + BLOCK, T)
-            rows = end - start
-            p = _probabilities(qg[:, :, :, start:end], k, lse[:, :, :, start:end], ctx.scale, start, tri)
-            dob = do[:, :, :, start:end]
-            # dV += Pᵀ·dO and dK += dSᵀ·Q, the g query heads of a group summed as extra rows of one GEMM
-            pt = p.to(q.dtype).permute(0, 1, 4, 2, 3).reshape(B, Hk, end, g * rows)
-            dv[:, :, :end] += torch.matmul(pt, dob.reshape(B, Hk, g * rows, D)).float()
-            dp = torch.matmul(dob, v[:, :, None, :end].transpose(-1, -2)).float()
-            ds = p.mul_(dp.sub_(delta[:, :, :, start:end])).mul_(ctx.scale).to(q.dtype)
-            dq[:, :, :, start:end] = torch.matmul(ds, k[:, :, None, :end])
-            dst = ds.permute(0, 1, 4, 2, 3).reshape(B, Hk, end, g * rows)
-            dk[:, :, :end] += torch.matmul(dst, qg[:, :, :, start:end].reshape(B, Hk, g * rows, D)).float()
-        return dq.view(B, Hq, T, D), dk.to(k.dtype), dv.to(v.dtype), None
+            rows = min(BLOCK, T - start)
+            p = _block_probabilities(qs[:, :, start:start + rows].reshape(B * Hk, g * rows, D), kk, start, rows, g)
+            o = torch.bmm(p, vv[:, :start + rows]).view(B, Hk, g, rows, D)
+            out[:, start:start + rows] = o.permute(0, 3, 1, 2, 4)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return out.view(B, T, Hq, D).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        B, Hq, T, D = q.shape
+        Hk = k.shape[1]
+        g = Hq // Hk
+        qs = _grouped(q * ctx.scale, Hk)
+        do = _grouped(dout.to(q.dtype), Hk)
+        kk, vv = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
+        dq = torch.empty(B * Hk, g, T, D, dtype=q.dtype)
+        # dK and dV sum over query blocks (and a group's query heads): fp32 accumulators
+        dk = torch.zeros(B * Hk, T, D, dtype=torch.float32)
+        dv = torch.zeros(B * Hk, T, D, dtype=torch.float32)
+        for start in range(0, T, BLOCK):
+            rows = min(BLOCK, T - start)
+            end = start + rows
+            qb = qs[:, :, start:end].reshape(B * Hk, g * rows, D)
+            dob = do[:, :, start:end].reshape(B * Hk, g * rows, D)
+            p = _block_probabilities(qb, kk, start, rows, g)
+            dv[:, :end] += torch.bmm(p.transpose(1, 2), dob)
+            dp = torch.bmm(dob, vv[:, :end].transpose(1, 2))
+            ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+            dq[:, :, start:end] = torch.bmm(ds, kk[:, :end]).view(B * Hk, g, rows, D)
+            dk[:, :end] += torch.bmm(ds.transpose(1, 2), qb)          # qb carries the scale dK needs
+        dq = dq.view(B, Hq, T, D).mul_(ctx.scale)
+        return dq, dk.view(B, Hk, T, D).to(k.dtype), dv.view(B, Hk, T, D).to(v.dtype), None
 
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:

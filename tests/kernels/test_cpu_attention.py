@@ -71,17 +71,21 @@ def test_a_padded_batch_through_the_model_gives_sdpas_values_and_gradients_on_re
     mask[1, 13:] = 0
     real = mask.bool()
     runs = {}
-    for impl in ("sdpa", CPU_ATTENTION_NAME):
-        model = _model()
+    for impl, dtype in (("sdpa", torch.float64), ("sdpa", torch.float32), (CPU_ATTENTION_NAME, torch.float32)):
+        model = _model().to(dtype)
         engine = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=8, compute_dtype="float32"))
         assert model.config._attn_implementation == CPU_ATTENTION_NAME
         model.set_attn_implementation(impl)
         emb = model.get_input_embeddings()(ids).detach().requires_grad_()
         hidden = model.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
         (hidden[real] ** 2).sum().backward()
-        runs[impl] = hidden[real].detach(), emb.grad[real]
+        runs[impl, dtype] = hidden[real].detach().double(), emb.grad[real].double()
         engine.close()
         assert model.config._attn_implementation == "sdpa"              # given back as it was
-    assert len(calls) == 2                                             # one per layer, in the second run only
-    for a, b in zip(runs["sdpa"], runs[CPU_ATTENTION_NAME]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2                                             # one per layer, in the last run only
+    # fp32 rounding through the model's two layers moves the gradients by up to ~3e-5 of their size
+    # with either attention (1e-2 where a real position read a padded key)
+    for want, fp32_sdpa, ours in zip(runs["sdpa", torch.float64], runs["sdpa", torch.float32],
+                                     runs[CPU_ATTENTION_NAME, torch.float32]):
+        for got in (fp32_sdpa, ours):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
