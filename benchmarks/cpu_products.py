@@ -30,7 +30,8 @@ from benchmarks.measure import machine, versions
 
 OUT = Path(__file__).resolve().parent / "results" / "cpu_products"
 D, FF, KV, V, LAYERS = 576, 1536, 192, 49152, 30                 # SmolLM2-135M
-ATTENTION_SHAPES = [(1, 512), (1, 256), (4, 96), (4, 160), (2, 300), (1, 640)]
+# Y (256), X's next-token pass (511), SmolLM2's recite probe (554), groups of probes, and a longer row
+ATTENTION_SHAPES = [(1, 256), (1, 511), (1, 554), (4, 96), (4, 115), (4, 160), (2, 300), (1, 1024)]
 
 
 def _seconds(fn) -> float:

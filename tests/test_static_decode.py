@@ -189,6 +189,7 @@ def test_generate_over_cache_segments_equals_the_growing_cache(arch, monkeypatch
 
 
 def test_decode_weights_merge_one_bound_delta_into_the_reordered_weights_and_give_it_back():
+    """And in fp32 at one row on one thread, where reordering does not pay, they leave the weights be."""
     from absorber_kernels import packed_linear
 
     if not packed_linear.supported(torch.float32):
@@ -205,11 +206,21 @@ def test_decode_weights_merge_one_bound_delta_into_the_reordered_weights_and_giv
         ids = torch.tensor([random_ids(6)])
         want, _ = r.forward(ids)
         bound = {name: (w.A, w.B) for name, w in r.wrappers.items()}
-        with static_decode.decode_weights(r, rows=1):
+        with static_decode.decode_weights(r, rows=2):
             assert all(w.A is None and w.B is None for w in r.wrappers.values())     # merged, not applied twice
             got, _ = r.forward(ids)
         assert all(w.A is bound[n][0] and w.B is bound[n][1] for n, w in r.wrappers.items())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:                                         # fp32, one row, one thread: no reordered copy is made
+            with static_decode.decode_weights(r, rows=1):
+                assert all(w.A is bound[n][0] for n, w in r.wrappers.items())
+                assert all(packed_linear.lookup(w.base.weight) is None for w in r.wrappers.values())
+                alone, _ = r.forward(ids)
+        finally:
+            torch.set_num_threads(threads)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():                            # and the delta counts: without it the states differ
         r.bind([LowRankDelta(r.shapes, 4, eng.config.scale, r.device, seed=1)])
         plain, _ = r.forward(ids)
