@@ -51,8 +51,8 @@ def decode_weights(runner: ModelRunner, rows: int):
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     linears = [m for m in runner.model.modules() if type(m) is nn.Linear]
     # Reordering pays except in fp32 at one row on one thread: there the reordered weights are read
-    # 1.07x faster and a whole generate() took as long (SmolLM2, 128 tokens, a delta bound: 8.55-8.76 s either way), for
-    # a 540 MB copy held while it decodes.
+    # 1.07x faster and a whole generate() took as long (SmolLM2, 128 tokens, a delta bound: 8.55-8.76
+    # s either way), for a 540 MB copy held while it decodes.
     pays = (dtype or runner.dtype) != torch.float32 or rows > 1 or torch.get_num_threads() > 1
     pack = dev == "cpu" and not torch.is_grad_enabled() and pays and packed_linear.supported(dtype or runner.dtype)
     packed_ids = {id(m.weight) for m in linears if m is not runner.head} if pack else set()
