@@ -68,26 +68,33 @@ class CausalAttention(torch.autograd.Function):
         B, Hq, T, D = q.shape
         Hk = k.shape[1]
         g = Hq // Hk
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]     # the first layer's q and k may need none
         qs = _grouped(q * ctx.scale, Hk)
         do = _grouped(dout.to(q.dtype), Hk)
         kk, vv = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
-        dq = torch.empty(B * Hk, g, T, D, dtype=q.dtype)
+        dq = torch.empty(B * Hk, g, T, D, dtype=q.dtype, device=q.device) if need_q else None
         # dK and dV sum over query blocks (and a group's query heads): fp32 accumulators
-        dk = torch.zeros(B * Hk, T, D, dtype=torch.float32)
-        dv = torch.zeros(B * Hk, T, D, dtype=torch.float32)
+        dk = torch.zeros(B * Hk, T, D, dtype=torch.float32, device=q.device) if need_k else None
+        dv = torch.zeros(B * Hk, T, D, dtype=torch.float32, device=q.device) if need_v else None
         for start in range(0, T, BLOCK):
             rows = min(BLOCK, T - start)
             end = start + rows
             qb = qs[:, :, start:end].reshape(B * Hk, g * rows, D)
             dob = do[:, :, start:end].reshape(B * Hk, g * rows, D)
             p = _block_probabilities(qb, kk, start, rows, g)
-            dv[:, :end] += torch.bmm(p.transpose(1, 2), dob)
+            if need_v:
+                dv[:, :end] += torch.bmm(p.transpose(1, 2), dob)
+            if not (need_q or need_k):
+                continue
             dp = torch.bmm(dob, vv[:, :end].transpose(1, 2))
             ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
-            dq[:, :, start:end] = torch.bmm(ds, kk[:, :end]).view(B * Hk, g, rows, D)
-            dk[:, :end] += torch.bmm(ds.transpose(1, 2), qb)          # qb carries the scale dK needs
-        dq = dq.view(B, Hq, T, D).mul_(ctx.scale)
-        return dq, dk.view(B, Hk, T, D).to(k.dtype), dv.view(B, Hk, T, D).to(v.dtype), None
+            if need_q:
+                dq[:, :, start:end] = torch.bmm(ds, kk[:, :end]).view(B * Hk, g, rows, D)
+            if need_k:
+                dk[:, :end] += torch.bmm(ds.transpose(1, 2), qb)      # qb carries the scale dK needs
+        return (dq.view(B, Hq, T, D).mul_(ctx.scale) if need_q else None,
+                dk.view(B, Hk, T, D).to(k.dtype) if need_k else None,
+                dv.view(B, Hk, T, D).to(v.dtype) if need_v else None, None)
 
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -89,3 +89,18 @@ def test_a_padded_batch_through_the_model_gives_sdpas_values_and_gradients_on_re
                                      runs[CPU_ATTENTION_NAME, torch.float32]):
         for got in (fp32_sdpa, ours):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("needs", [(False, False, True), (True, False, False), (False, True, True)])
+def test_the_gradients_asked_for_alone_match_float64(needs):
+    """The backward skips what no input needs (the first layer's q and k); what it does compute holds."""
+    g = torch.Generator().manual_seed(5)
+    base = [torch.randn(2, h, BLOCK + 9, 16, generator=g) for h in (4, 2, 2)]
+    dout = torch.randn(2, 4, BLOCK + 9, 16, generator=g)
+    q, k, v = (x.clone().requires_grad_(need) for x, need in zip(base, needs))
+    causal_attention(q, k, v).backward(dout)
+    ref = [x.double().requires_grad_() for x in base]
+    attention_ref(*ref).backward(dout.double())
+    for x, r, need in zip((q, k, v), ref, needs):
+        if need:
+            torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-5, atol=1e-5)
