@@ -10,8 +10,8 @@ probabilities come from one fused `torch.softmax` in the input dtype (fp32 insid
 keeps no probabilities and no log-sum-exp: the backward recomputes each block's softmax the same
 way and gets dS = P ∘ (dP − rowsum(dP ∘ P)) from torch's fused softmax backward, so a block's
 elementwise work is two fused passes, not the eight casts and in-place ops of an unfused softmax.
-The same 554 tokens: 3.2 + 6.6 ms; faster than torch's kernels at every length measured, 96 to
-4,096 tokens (`python -m benchmarks.cpu_products`).
+The same 554 tokens: 3.2 + 6.6 ms; faster than torch's kernels at every length measured in bf16,
+96 to 4,096 tokens, and in fp32 up to 800 (`python -m benchmarks.cpu_products`; MAX_TOKENS).
 
 `attention_ref` is the plain reference; the tests hold this to float64 through autograd.
 """
@@ -21,7 +21,11 @@ from __future__ import annotations
 import torch
 
 BLOCK = 64
-MAX_TOKENS = 8192        # a block's four (g·64, T) products: 37 MB in bf16 at SmolLM2's heads
+# The longest rows it takes, per dtype, where it measured faster than torch's sdpa forward + backward
+# (SmolLM2's heads, 2 threads): in bf16 at every length up to 4,096 (2,048: 85 against 133 ms), so up
+# to 8,192 (a block's four (g·64, T) products: 37 MB); in fp32 its forward is the slower one, even at
+# 1,024 (51-61 against 51 ms) and past it (3,000: 372 against 329 ms), so 768 (800: 31 against 32 ms).
+MAX_TOKENS = {torch.bfloat16: 8192, torch.float32: 768}
 
 
 def _block_probabilities(qb, k, start, rows, groups):
@@ -99,16 +103,16 @@ class CausalAttention(torch.autograd.Function):
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `causal_attention` takes these: a CPU pass in grad mode (a training pass; in the first
-    layer only v may need a gradient), no cache (as many keys as queries), at most MAX_TOKENS,
-    query heads a multiple of key heads."""
-    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.dim() == 4
-            and 1 < q.shape[2] == k.shape[2] <= MAX_TOKENS and q.shape[1] % k.shape[1] == 0
-            and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype)
+    layer only v may need a gradient), no cache (as many keys as queries), at most MAX_TOKENS of its
+    dtype, query heads a multiple of key heads."""
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.dim() == 4 and q.dtype in MAX_TOKENS
+            and 1 < q.shape[2] == k.shape[2] <= MAX_TOKENS[q.dtype] and q.shape[1] % k.shape[1] == 0
+            and k.dtype == q.dtype)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale + causal mask)·v, (B, Hq, T, D); scale defaults to D^-1/2."""
     if not usable(q, k):
-        raise ValueError("causal_attention takes CPU training passes of 2 to "
-                         f"{MAX_TOKENS} tokens with as many keys as queries")
+        raise ValueError("causal_attention takes CPU training passes in bf16 or fp32 of 2 to "
+                         f"{MAX_TOKENS.get(q.dtype)} tokens with as many keys as queries")
     return CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)

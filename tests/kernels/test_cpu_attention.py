@@ -37,10 +37,11 @@ def test_it_takes_only_cpu_training_passes_without_a_cache():
         assert not usable(q, q)                                        # the teacher's reads keep sdpa
     assert not usable(q, torch.randn(1, 2, 12, 16))                    # keys beyond the queries: a cache
     assert not usable(q[:, :, :1], q[:, :, :1])                        # a decode step
-    long = torch.randn(1, 2, MAX_TOKENS + 1, 16, requires_grad=True)
-    assert not usable(long, long)
-    with pytest.raises(ValueError, match="CPU training passes"):
-        causal_attention(long, long, long)
+    for dtype, limit in MAX_TOKENS.items():                           # past where it measured faster
+        at, past = (torch.randn(1, 2, t, 16, dtype=dtype, requires_grad=True) for t in (limit, limit + 1))
+        assert usable(at, at) and not usable(past, past)
+        with pytest.raises(ValueError, match="CPU training passes"):
+            causal_attention(past, past, past)
 
 
 def test_masks_it_reads_as_causal_are_right_padding_only():
