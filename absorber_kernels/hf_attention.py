@@ -74,8 +74,8 @@ def _right_padded_causal(mask: torch.Tensor, t: int) -> bool:
 
 def hf_cpu_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers AttentionInterface entry on a CPU: a training pass (grad on, no cache, at most
-    cpu_attention.MAX_TOKENS of its dtype, causal, unmasked or right-padded) runs cpu_attention's forward and
-    backward; anything else, torch's sdpa as transformers calls it."""
+    cpu_attention.MAX_TOKENS of its dtype, causal, unmasked or right-padded) runs cpu_attention's
+    forward and backward; anything else, torch's sdpa as transformers calls it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     t = query.shape[2]
