@@ -22,9 +22,10 @@ import torch
 
 BLOCK = 64
 # The longest rows it takes, per dtype, where it measured faster than torch's sdpa forward + backward
-# (SmolLM2's heads, 2 threads): in bf16 at every length up to 4,096 (2,048: 85 against 133 ms), so up
-# to 8,192 (a block's four (g·64, T) products: 37 MB); in fp32 its forward is the slower one, even at
-# 1,024 (51-61 against 51 ms) and past it (3,000: 372 against 329 ms), so 768 (800: 31 against 32 ms).
+# (SmolLM2's heads, 2 threads; `python -m benchmarks.cpu_products` times both dtypes to 1,024): in bf16
+# at every length up to 4,096 (2,048: 85 against 133 ms), so up to 8,192 (a block's four (g·64, T)
+# products: 37 MB); in fp32 its forward is the slower one from about 800 tokens, even at 1,024 (0.97x)
+# and past it (3,000: 372 against 329 ms), so 768 (800: 31 against 32 ms).
 MAX_TOKENS = {torch.bfloat16: 8192, torch.float32: 768}
 
 

@@ -5,9 +5,9 @@ same process, variants alternating (best of `--repeats`):
   1 and 4 rows, F.linear against the same product on weights reordered for oneDNN
   (absorber_kernels/packed_linear.py), fp32 and bf16, at 1 and 2 threads; GB/s is the weights'
   bytes over the time;
-- the student's attention at SmolLM2's heads (9 query, 3 key/value heads of 64), bf16: torch's
-  sdpa forward + backward against absorber_kernels/cpu_attention.py, at the row shapes a round
-  trains on.
+- the student's attention at SmolLM2's heads (9 query, 3 key/value heads of 64), bf16 and fp32:
+  torch's sdpa forward + backward against absorber_kernels/cpu_attention.py, at the row shapes a
+  round trains on and a longer one (where fp32 keeps sdpa: cpu_attention.MAX_TOKENS).
 
     python -m benchmarks.cpu_products [--repeats 5] [--out DIR]
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from absorber_kernels import packed_linear
-from absorber_kernels.cpu_attention import causal_attention
+from absorber_kernels.cpu_attention import MAX_TOKENS, CausalAttention
 from benchmarks.measure import machine, versions
 
 OUT = Path(__file__).resolve().parent / "results" / "cpu_products"
@@ -70,28 +70,31 @@ def linears(repeats: int) -> list[dict]:
 
 def attention(repeats: int) -> list[dict]:
     out = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for b, t in ATTENTION_SHAPES:
-            g = torch.Generator().manual_seed(t)
-            q, k, v = (torch.randn(b, h, t, 64, generator=g).bfloat16().requires_grad_() for h in (9, 3, 3))
-            dout = torch.randn(b, 9, t, 64, generator=g).bfloat16()
-            impls = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                     "cpu_attention": causal_attention}
-            times = {name: [float("inf"), float("inf")] for name in impls}
-            for _ in range(repeats):
-                for name, fn in impls.items():
-                    for x in (q, k, v):
-                        x.grad = None
-                    start = time.perf_counter()
-                    o = fn(q, k, v)
-                    mid = time.perf_counter()
-                    o.backward(dout)
-                    end = time.perf_counter()
-                    times[name] = [min(times[name][0], mid - start), min(times[name][1], end - mid)]
-            out.append(dict(rows=b, tokens=t, threads=threads,
-                            **{f"{n}_{part}_ms": 1e3 * times[n][i] for n in impls for i, part in enumerate(("fwd", "bwd"))},
-                            speedup=sum(times["sdpa"]) / sum(times["cpu_attention"])))
+    for dtype in (torch.bfloat16, torch.float32):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for b, t in ATTENTION_SHAPES:
+                g = torch.Generator().manual_seed(t)
+                q, k, v = (torch.randn(b, h, t, 64, generator=g).to(dtype).requires_grad_() for h in (9, 3, 3))
+                dout = torch.randn(b, 9, t, 64, generator=g).to(dtype)
+                # The kernel itself, past MAX_TOKENS too: the table shows where each dtype's limit comes from
+                impls = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                         "cpu_attention": lambda q, k, v: CausalAttention.apply(q, k, v, 64 ** -0.5)}
+                times = {name: [float("inf"), float("inf")] for name in impls}
+                for _ in range(repeats):
+                    for name, fn in impls.items():
+                        for x in (q, k, v):
+                            x.grad = None
+                        start = time.perf_counter()
+                        o = fn(q, k, v)
+                        mid = time.perf_counter()
+                        o.backward(dout)
+                        end = time.perf_counter()
+                        times[name] = [min(times[name][0], mid - start), min(times[name][1], end - mid)]
+                out.append(dict(dtype=str(dtype).removeprefix("torch."), rows=b, tokens=t, threads=threads,
+                                engine_takes=t <= MAX_TOKENS[dtype],
+                                **{f"{n}_{part}_ms": 1e3 * times[n][i] for n in impls for i, part in enumerate(("fwd", "bwd"))},
+                                speedup=sum(times["sdpa"]) / sum(times["cpu_attention"])))
     return out
 
 
@@ -102,11 +105,13 @@ def report(lin: list[dict], att: list[dict]) -> str:
     lines += [f"| {r['dtype']} | {r['rows']} | {r['threads']} | {r['f_linear_ms']:.1f} ({r['f_linear_gb_s']:.1f}) | "
               f"{r['packed_ms']:.1f} ({r['packed_gb_s']:.1f}) | **{r['speedup']:.2f}x** | {r['max_abs_err_vs_f64']:.2g} |"
               for r in lin]
-    lines += ["", "The student's attention, SmolLM2's heads, bf16, forward + backward", "",
-              "| rows x tokens | threads | sdpa fwd + bwd ms | cpu_attention fwd + bwd ms | speed-up |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['rows']} x {r['tokens']} | {r['threads']} | {r['sdpa_fwd_ms']:.2f} + {r['sdpa_bwd_ms']:.2f} | "
-              f"{r['cpu_attention_fwd_ms']:.2f} + {r['cpu_attention_bwd_ms']:.2f} | **{r['speedup']:.2f}x** |" for r in att]
+    limits = ", ".join(f"{n} tokens in {str(d).removeprefix('torch.')}" for d, n in MAX_TOKENS.items())
+    lines += ["", f"The student's attention, SmolLM2's heads, forward + backward (the engine takes rows up to {limits})", "",
+              "| dtype | rows x tokens | threads | sdpa fwd + bwd ms | cpu_attention fwd + bwd ms | speed-up |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['dtype']} | {r['rows']} x {r['tokens']} | {r['threads']} | {r['sdpa_fwd_ms']:.2f} + {r['sdpa_bwd_ms']:.2f} | "
+              f"{r['cpu_attention_fwd_ms']:.2f} + {r['cpu_attention_bwd_ms']:.2f} | **{r['speedup']:.2f}x**"
+              f"{'' if r['engine_takes'] else ' (sdpa kept)'} |" for r in att]
     return "\n".join(lines) + "\n"
 
 
