@@ -81,12 +81,13 @@ def packed(modules: list[nn.Linear], dtype: torch.dtype, rows: int, weight_of=No
     weights reordered for oneDNN in `dtype`, tuned for `rows` rows a call; `weight_of(module)`, when
     given, is the weight to reorder in place of the module's own (a delta merged into it), made one
     module at a time. Where the op is not supported, or a module is not a CPU nn.Linear, nothing
-    changes for it."""
+    changes for it; nor for a module whose forward is already its own attribute (a hook such as
+    accelerate's, or an enclosing block's), which the block must neither replace nor remove."""
     if not supported(dtype) or torch.is_grad_enabled():
         yield
         return
     chosen = [m for m in modules if type(m) is nn.Linear and m.weight.device.type == "cpu"
-              and not m.weight.requires_grad]
+              and not m.weight.requires_grad and "forward" not in m.__dict__]
     before = getattr(_active, "table", None)
     table = dict(before or {})
     for m in chosen:

@@ -58,6 +58,13 @@ def test_the_block_routes_frozen_linears_outside_grad_mode_and_leaves_nothing_be
     assert packed_linear.lookup(model[0].weight) is None and all("forward" not in m.__dict__ for m in model)
     with packed_linear.packed(list(model), torch.float32, 3):       # under grad: nothing is packed
         assert packed_linear.lookup(model[0].weight) is None and all("forward" not in m.__dict__ for m in model)
+    hooked = []
+    model[1].forward = lambda x: hooked.append(1) or nn.Linear.forward(model[1], x)    # as accelerate wraps a module
+    hook = model[1].forward
+    with torch.no_grad(), packed_linear.packed(list(model), torch.float32, 3):
+        assert packed_linear.lookup(model[1].weight) is None and model[1].forward is hook
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    assert model[1].forward is hook and hooked == [1]                  # the hook ran, and is still there
 
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
