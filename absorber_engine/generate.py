@@ -25,6 +25,7 @@ from .lora import LowRankDelta
 from .model import ModelRunner, cache_tensors
 from .probes import question_frame
 from .routing import WINDOW, asked_alone, route, scorable, zero_delta
+from .sampling import sample_next
 from .session import DEFAULT_SESSION, Session
 
 
@@ -44,25 +45,6 @@ class Rows:
     last: torch.Tensor                 # (S, D) final state of each row's last real token
     mask: torch.Tensor | None          # (S, cached) 1 on real tokens; None when no row is padded
     next_pos: torch.Tensor             # (S,) position of each row's next token
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_p < 1 samples the nucleus."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    scaled = logits.double() / temperature
-    if not torch.isfinite(scaled).all():      # a temperature so small that only the top token is left
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p, and always the top token.
-        outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        outside[..., 0] = False
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class WindowCache:

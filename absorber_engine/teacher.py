@@ -23,7 +23,7 @@ from absorber_kernels.linear_kl import teacher_side
 
 from . import static_decode
 from .config import AbsorberConfig
-from .generate import sample_next
+from .sampling import sample_next
 from .model import ModelRunner, cache_tensors
 from .probes import FORCED_KINDS, answer_mask, kinds_per_round
 from .replay import replay_groups

@@ -475,7 +475,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
     before), and the matmuls of each alone, back to back on tensors prepared beforehand: every
     linear at `rows` tokens (base weight, plus x·A·B on the targets where the step does not merge
     the delta into reordered weights), q·Kᵀ and p·V over the cached context, and the LM head."""
-    from absorber_engine.generate import sample_next
+    from absorber_engine.sampling import sample_next
     from absorber_engine.model import cache_tensors
     from absorber_engine.static_decode import StaticDecoder, decode_weights
     from absorber_kernels import packed_linear

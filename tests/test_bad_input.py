@@ -394,7 +394,7 @@ def test_engine_refused_after_attaching_leaves_the_model_plain():
 
 
 # Crashes found by fuzzing in the engine's input checks and sampling, fixed there (inputs.py,
-# generate.sample_next, engine.absorb); each is its minimized input.
+# sampling.sample_next, engine.absorb); each is its minimized input.
 
 
 @pytest.mark.parametrize("seed", [2**70, -2**63 - 1, "a", True, 1.5], ids=["2**70", "below int64", "str", "bool", "float"])
