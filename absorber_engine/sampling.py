@@ -31,8 +31,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     Probabilities in float32, as generate() computes them, so the draw and the division are its own."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
-    if not torch.isfinite(scaled).all():      # a temperature so small that only the top token is left
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    # A temperature so small that the top logit overflows leaves only the top token (a NaN logit,
+    # too: argmax as before). -inf logits are no reason: softmax gives them 0, as generate() does.
+    if not torch.isfinite(scaled.amax(dim=-1)).all():
         return logits.argmax(dim=-1)
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:

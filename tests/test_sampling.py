@@ -51,3 +51,13 @@ def test_the_check_refuses_a_draw_one_rounding_off(monkeypatch):
     probs = torch.softmax(torch.randn(2, 50), -1)
     ours, theirs = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     assert torch.equal(sampling.multinomial_one(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
+
+
+def test_minus_inf_logits_are_sampled_around_and_an_overflow_is_greedy():
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    logits[:, 10:20] = float("-inf")                  # masked tokens: probability 0, still a sample
+    ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = sampling.sample_next(logits, 1.0, 1.0, ours)
+    assert torch.equal(got, torch.multinomial(torch.softmax(logits, -1), 1, generator=theirs)[:, 0])
+    assert not ((got >= 10) & (got < 20)).any()
+    assert torch.equal(sampling.sample_next(logits, 1e-300, 1.0, ours), logits.argmax(-1))
