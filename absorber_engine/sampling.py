@@ -14,6 +14,7 @@ it does not match gets torch's own draw.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ _N = 624                                # the Twister's state words
 _STATE_BYTES = 5056                     # CPUGeneratorImpl's serialized state
 _LOW53 = np.uint64((1 << 53) - 1)
 _TWISTER = np.random.MT19937(0)         # reused: its state is replaced before every draw
+# One draw at a time: the Twister is shared, and a generator's state is read, advanced and written
+# back, which two threads drawing from it at once would otherwise both start from.
+_LOCK = threading.Lock()
 _exact: bool | None = None              # whether this torch draws as exponential_draw does
 
 
@@ -58,6 +62,11 @@ def multinomial_one(probs: torch.Tensor, generator: torch.Generator | None = Non
 
 def exponential_draw(shape, generator: torch.Generator) -> torch.Tensor:
     """torch.empty(shape).exponential_(generator=generator), float32, for a CPU generator."""
+    with _LOCK:
+        return _draw(shape, generator)
+
+
+def _draw(shape, generator: torch.Generator) -> torch.Tensor:
     state = generator.get_state().numpy().copy()
     left = int(state[8:12].view(np.int32)[0])
     pos = int(state[16:24].view(np.uint64)[0])

@@ -61,3 +61,18 @@ def test_minus_inf_logits_are_sampled_around_and_an_overflow_is_greedy():
     assert torch.equal(got, torch.multinomial(torch.softmax(logits, -1), 1, generator=theirs)[:, 0])
     assert not ((got >= 10) & (got < 20)).any()
     assert torch.equal(sampling.sample_next(logits, 1e-300, 1.0, ours), logits.argmax(-1))
+
+
+def test_threads_drawing_from_their_own_generators_get_their_own_draws():
+    from concurrent.futures import ThreadPoolExecutor
+
+    probs = torch.softmax(torch.randn(4, 5000, generator=torch.Generator().manual_seed(6)), -1)
+
+    def tokens(seed, draw):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([draw(g) for _ in range(30)])
+
+    want = [tokens(s, lambda g: torch.multinomial(probs, 1, generator=g)[:, 0]) for s in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: tokens(s, lambda g: sampling.multinomial_one(probs, g)), range(4)))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
