@@ -52,7 +52,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 
 def multinomial_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """torch.multinomial(probs, 1).squeeze(-1): the same ids, the generator left in the same state."""
+    """torch.multinomial(probs, 1).squeeze(-1): the same ids, the generator left in the same state.
+    `probs` as sample_next makes them (finite, non-negative, mass in every row): unlike torch, the
+    vectorized path does not check them."""
     gen = generator if generator is not None else torch.default_generator
     if probs.device.type != "cpu" or probs.dtype != torch.float32 or gen.device.type != "cpu" or not _matches_torch():
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
