@@ -20,7 +20,11 @@ import numpy as np
 import torch
 
 _N = 624                                # the Twister's state words
-_STATE_BYTES = 5056                     # CPUGeneratorImpl's serialized state
+# CPUGeneratorImpl's serialized state (get_state): the initial seed (uint64), words left before the
+# next twist (int32), a seeded flag (int32), the next word's index (uint64), the 624 words (each
+# widened to uint64), then the normal sampler's cached values, which an exponential draw leaves.
+_STATE_BYTES = 5056
+_LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 8 * _N)
 _LOW53 = np.uint64((1 << 53) - 1)
 _TWISTER = np.random.MT19937(0)         # reused: its state is replaced before every draw
 # One draw at a time: the Twister is shared, and a generator's state is read, advanced and written
@@ -70,19 +74,19 @@ def exponential_draw(shape, generator: torch.Generator) -> torch.Tensor:
 
 def _draw(shape, generator: torch.Generator) -> torch.Tensor:
     state = generator.get_state().numpy().copy()
-    left = int(state[8:12].view(np.int32)[0])
-    pos = int(state[16:24].view(np.uint64)[0])
+    left = int(state[_LEFT].view(np.int32)[0])
+    pos = int(state[_NEXT].view(np.uint64)[0])
     # torch counts words left before the next twist (1: twist first), numpy words used since it.
     _TWISTER.state = {"bit_generator": "MT19937",
-                      "state": {"key": state[24:24 + 8 * _N].view(np.uint64).astype(np.uint32),
+                      "state": {"key": state[_WORDS].view(np.uint64).astype(np.uint32),
                                 "pos": _N if left == 1 else pos}}
     words = _TWISTER.random_raw(2 * math.prod(shape))
     bits = ((words[0::2] << np.uint64(32)) | words[1::2]) & _LOW53
     q = torch.from_numpy(bits.astype(np.float64) * -2.0 ** -53).log1p_().neg_().to(torch.float32)
     after = _TWISTER.state["state"]
-    state[8:12].view(np.int32)[0] = _N + 1 - int(after["pos"])
-    state[16:24].view(np.uint64)[0] = int(after["pos"])
-    state[24:24 + 8 * _N].view(np.uint64)[:] = after["key"]
+    state[_LEFT].view(np.int32)[0] = _N + 1 - int(after["pos"])
+    state[_NEXT].view(np.uint64)[0] = int(after["pos"])
+    state[_WORDS].view(np.uint64)[:] = after["key"]
     generator.set_state(torch.from_numpy(state))
     return q.view(shape)
 
