@@ -254,7 +254,7 @@ FIXED = [
     {"target": "engine_args", "crash": "TypeError after a committed round (memory changed): progress = 5",
      "fixed_in": "engine.absorb (9b7a708)", "test": "test_progress_that_is_not_callable"},
     {"target": "engine_args", "crash": "RuntimeError in torch.multinomial / OverflowError: temperature 1e-300, 5e-324, "
-     "10**400, top_p 1e-300", "fixed_in": "inputs.check_sampling, sampling.sample_next (9b7a708)",
+     "10**400, top_p 1e-300", "fixed_in": "inputs.check_sampling, generate.sample_next (9b7a708; now in sampling.py)",
      "test": "test_sampling_at_extremes"},
     {"target": "config_dict", "crash": "a refused AbsorberEngine() left its deltas on the model (future_prompt text "
      "without a tokenizer)", "fixed_in": "the engine restructure (c1b93fc) checks before attaching",
