@@ -33,7 +33,7 @@ def test_tokens_and_state_are_multinomials_with_zeros_and_the_default_generator(
     assert all(torch.equal(a, b) for a, b in zip((sampling.multinomial_one(probs), torch.rand(3)), want))
 
 
-def test_fp64_and_other_devices_take_torchs_own_draw(monkeypatch):
+def test_fp64_probabilities_take_torchs_own_draw(monkeypatch):
     monkeypatch.setattr(sampling, "exponential_draw", lambda *a: pytest.fail("vectorized draw used"))
     probs = torch.softmax(torch.randn(2, 50), -1)
     ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
