@@ -21,6 +21,7 @@ static cache is a ring, which the mask cannot follow): `supported()`.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import nn
@@ -29,7 +30,10 @@ from transformers.cache_utils import StaticLayer
 
 from absorber_kernels import packed_linear
 
+from . import decode_layers
 from .model import ModelRunner
+
+_active = threading.local()     # (runner, its fused step or None) of the innermost decode_weights block
 
 
 @contextlib.contextmanager
@@ -46,7 +50,10 @@ def decode_weights(runner: ModelRunner, rows: int):
     or reordering once per sampling costs one pass over the weights and holds a copy of them while
     the block lasts (SmolLM2: 270 MB in bf16, 540 MB in fp32). Stacked deltas' factors stay fp32
     (the layers compute them in the activations' dtype). runner.dtype reads the head's weight,
-    which is always cast, so the decoder's cache and state buffers follow."""
+    which is always cast, so the decoder's cache and state buffers follow.
+
+    Where it applies on a CPU the layers' linears are reordered fused instead (decode_layers), and
+    every StaticDecoder made in the block steps through that, not through the modules."""
     dev = runner.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     linears = [m for m in runner.model.modules() if type(m) is nn.Linear]
@@ -76,13 +83,29 @@ def decode_weights(runner: ModelRunner, rows: int):
             p.data = p.data.to(dtype)
         for w in merged:
             w.A = w.B = None
-        with packed_linear.packed(linears if pack else [], dtype or runner.dtype, rows, weight_of), runner.model_dtype():
-            yield
+        fused = decode_layers.build(runner, weight_of, dtype or runner.dtype, rows) if pack else None
+        reorder = [] if not pack else [runner.head] if fused is not None else linears
+        before, _active.fused = getattr(_active, "fused", None), (runner, fused)
+        # With the step fused, the modules' own linears hold neither the cast nor the merged delta:
+        # a forward through them inside the block would be silently wrong, so it fails.
+        guard = runner.base.register_forward_pre_hook(_modules_unfused) if fused is not None else None
+        try:
+            with packed_linear.packed(reorder, dtype or runner.dtype, rows, weight_of), runner.model_dtype():
+                yield
+        finally:
+            _active.fused = before
+            if guard is not None:
+                guard.remove()
     finally:
         for p, data in zip(params, originals):
             p.data = data
         for w, (a, b) in merged.items():
             w.A, w.B = a, b
+
+
+def _modules_unfused(module, args):
+    raise RuntimeError("the model's layers run fused inside decode_weights: a forward through its modules there "
+                       "would miss the merged delta; run it outside the block, or step a StaticDecoder")
 
 
 def supported(runner: ModelRunner) -> bool:
@@ -94,11 +117,14 @@ class StaticDecoder:
     """`steps` decode steps after the cache `kv` (per layer (B, H, n, Dh)). `mask` (B, n) marks the
     cached positions each row may attend to (padding), `position` (B, 1) is each row's next
     position. step(tokens) returns the logits after those tokens; with `record`, states() the
-    residual and final states of every step (the teacher's targets on what it samples)."""
+    residual and final states of every step (the teacher's targets on what it samples). Made in a
+    decode_weights block that fused the layers' step, it runs that step instead of the modules."""
 
     def __init__(self, runner: ModelRunner, kv, steps: int, mask: torch.Tensor | None, position: torch.Tensor,
                  graphs: bool = False, record: bool = True):
         self.runner = runner
+        active = getattr(_active, "fused", None)
+        self.fused = active[1] if active is not None and active[0] is runner else None
         dev, dtype = runner.device, runner.dtype
         B, n = kv[0][0].shape[0], kv[0][0].shape[2]
         self.max_len = n + steps
@@ -123,12 +149,15 @@ class StaticDecoder:
     def _step(self) -> torch.Tensor:
         r = self.runner
         self.mask.index_fill_(3, self.slot, True)
-        with r.capture() if self.hidden is not None else contextlib.nullcontext() as cap:
-            out = r.base(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.position,
-                         use_cache=True, **{r.cache_keyword: self.cache})
-        final = out.last_hidden_state                                                # (B, 1, D)
+        if self.fused is not None:
+            states, final = self.fused.step(self.tokens, self.position, self.mask, self.cache.layers, self.slot)
+        else:
+            with r.capture() if self.hidden is not None else contextlib.nullcontext() as cap:
+                out = r.base(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.position,
+                             use_cache=True, **{r.cache_keyword: self.cache})
+            states, final = cap.states if self.hidden is not None else None, out.last_hidden_state   # (B, 1, D)
         if self.hidden is not None:
-            self.hidden.index_copy_(2, self.step_index, torch.stack(cap.states).to(self.hidden.dtype))
+            self.hidden.index_copy_(2, self.step_index, torch.stack(states).to(self.hidden.dtype))
             self.final.index_copy_(1, self.step_index, final.to(self.final.dtype))
         self.slot.add_(1)
         self.position.add_(1)

@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
-from absorber_engine import static_decode
+from absorber_engine import decode_layers, static_decode
 from absorber_engine.lora import LowRankDelta
 from absorber_engine.model import cache_tensors
 from absorber_engine.targets import RoundBatch
@@ -188,12 +188,14 @@ def test_generate_over_cache_segments_equals_the_growing_cache(arch, monkeypatch
     assert all(len(v) == 10 for out in static for v in out.values())   # no stop token: every step was taken
 
 
-def test_decode_weights_merge_one_bound_delta_into_the_reordered_weights_and_give_it_back():
-    """And in fp32 at one row on one thread, where reordering does not pay, they leave the weights be."""
+def test_decode_weights_merge_one_bound_delta_into_the_reordered_weights_and_give_it_back(monkeypatch):
+    """Through the modules (the layers not fused); and in fp32 at one row on one thread, where
+    reordering does not pay, they leave the weights be."""
     from absorber_kernels import packed_linear
 
     if not packed_linear.supported(torch.float32):
         pytest.skip("no oneDNN prepacked linear here")
+    monkeypatch.setattr(decode_layers, "build", lambda *a: None)
     eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=8, rank=4, alpha=10.0, prefix_bos=False,
                                                                     compute_dtype="float32"))
     r = eng.runner
@@ -225,3 +227,87 @@ def test_decode_weights_merge_one_bound_delta_into_the_reordered_weights_and_giv
         r.bind([LowRankDelta(r.shapes, 4, eng.config.scale, r.device, seed=1)])
         plain, _ = r.forward(ids)
     assert (plain - want).abs().max() > 1e-2
+
+
+def _moved_delta(eng, seed: int = 1) -> LowRankDelta:
+    delta = LowRankDelta(eng.runner.shapes, 4, eng.config.scale, eng.runner.device, seed=seed)
+    with torch.no_grad():
+        for b in delta.B.values():                   # a delta that moves the outputs
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.3)
+    return delta
+
+
+@pytest.mark.parametrize("arch", decode_layers.FAMILY)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, dtype, monkeypatch):
+    """Logits and recorded states, a delta merged, rows of different lengths (one left-padded)."""
+    from absorber_kernels import packed_linear
+
+    if not packed_linear.supported(getattr(torch, dtype)):
+        pytest.skip(f"no oneDNN prepacked linear in {dtype} here")
+    eng = AbsorberEngine(make_model(arch), config=AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False,
+                                                                 compute_dtype=dtype))
+    r = eng.runner
+    r.bind([_moved_delta(eng)])
+    ids = torch.tensor([random_ids(7, seed=1), [0, 0] + random_ids(5, seed=2)])
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    position = (mask.cumsum(1) - 1).clamp_min(0)
+    feed = torch.tensor([random_ids(6, seed=3), random_ids(6, seed=4)])
+    build, runs = decode_layers.build, []
+    for fuse in (True, False):
+        monkeypatch.setattr(decode_layers, "build", build if fuse else lambda *a: None)
+        with torch.no_grad(), r.autocast(), r.sdpa_attention():
+            _, cache = r.forward(ids, use_cache=True, attention_mask=mask, position_ids=position)
+            with static_decode.decode_weights(r, rows=2):
+                dec = static_decode.StaticDecoder(r, cache_tensors(cache), 6, mask, position[:, -1:] + 1)
+                assert (dec.fused is not None) == fuse
+                logits = [dec.step(feed[:, t]).clone() for t in range(6)]
+        runs.append((logits, *dec.states()))
+    fused, modules = runs
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], modules[0]))
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], modules[1]))
+    assert torch.equal(fused[2], modules[2])
+
+
+def test_a_forward_through_the_modules_inside_a_fused_block_fails_and_works_after_it():
+    from absorber_kernels import packed_linear
+
+    if not packed_linear.supported(torch.float32):
+        pytest.skip("no oneDNN prepacked linear here")
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False,
+                                                                    compute_dtype="float32"))
+    r, ids = eng.runner, torch.tensor([random_ids(5)])
+    r.bind([_moved_delta(eng)])
+    with torch.no_grad():
+        want, _ = r.forward(ids)
+        with static_decode.decode_weights(r, rows=2):
+            with pytest.raises(RuntimeError, match="run fused inside decode_weights"):
+                r.forward(ids)
+        got, _ = r.forward(ids)
+    assert torch.equal(got, want)
+
+
+def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_else():
+    """GPT-2's layers, a batch of streams' deltas (applied per row), a hook on a layer."""
+    from absorber_kernels import packed_linear
+
+    if not packed_linear.supported(torch.float32):
+        pytest.skip("no oneDNN prepacked linear here")
+
+    def fused(eng, deltas, rows=2):
+        with torch.no_grad():
+            eng.runner.bind(deltas, rows // len(deltas))
+            with static_decode.decode_weights(eng.runner, rows=rows):
+                active = static_decode._active.fused
+                return active[1] is not None
+
+    cfg = AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False, compute_dtype="float32")
+    llama, gpt2 = AbsorberEngine(make_model("llama"), config=cfg), AbsorberEngine(make_model("gpt2"), config=cfg)
+    assert fused(llama, [_moved_delta(llama)])
+    assert not fused(gpt2, [_moved_delta(gpt2)])
+    assert not fused(llama, [_moved_delta(llama, 1), _moved_delta(llama, 3)])
+    hook = llama.runner.layers[1].mlp.register_forward_hook(lambda *a: None)
+    try:
+        assert not fused(llama, [_moved_delta(llama)])
+    finally:
+        hook.remove()

@@ -1,0 +1,135 @@
+"""A decode step through Llama-family layers (llama, mistral, qwen2, qwen3) written as a few torch
+ops per layer: the static decoder's step on a CPU (static_decode.decode_weights builds it).
+
+Why: a decode step of a few rows reads every weight once and does little arithmetic besides, yet
+through transformers' modules each layer also pays for module calls, the attention interface's
+dispatch, the cache's bookkeeping and seven separate products. The random Llama's probe step (4
+rows, bf16, 4 layers) took 7.7-8.3 ms for 3.35 ms of products, SmolLM2's (30 layers) 43-45 ms.
+Here q, k and v are one product and the MLP's gate and up another, on weights concatenated and
+reordered for oneDNN once per sampling (with the delta merged in, as decode_weights does for the
+separate ones); oneDNN's product on the concatenated weight equals the separate products to the
+bit. Everything else is written as transformers writes it (RMSNorm in fp32, rotary positions from
+the model's own rotary module, the attention through sdpa with GQA heads packed into the query
+length as transformers' sdpa path does at one query token), so the logits and states equal the
+module path's to the bit (tests/test_static_decode.py).
+
+Taken only where the module path would compute nothing else: a model of the family with a SiLU
+MLP, no layer or submodule with a forward of its own or a hook (accelerate's placement, compiled
+layers, a user's probe), and every delta merged into the weights (one delta bound to all rows):
+`build` returns None otherwise and the steps go through the modules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from absorber_kernels.packed_linear import Packed
+
+FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def build(runner, weight_of: Callable[[nn.Linear], torch.Tensor], dtype: torch.dtype,
+          rows: int) -> "FusedLayers | None":
+    """The fused step of runner's model for steps of `rows` rows in `dtype`, `weight_of(linear)`
+    the weight to use for each frozen linear (a delta merged in); None where it does not apply."""
+    cfg = runner.model.config
+    if runner.model_type not in FAMILY or getattr(cfg, "hidden_act", None) != "silu":
+        return None
+    if any(w.A is not None for w in runner.wrappers.values()):       # a delta applied per row, not merged
+        return None
+    for m in runner.base.modules():
+        if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
+            return None
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return None
+    return FusedLayers(runner, weight_of, dtype, rows)
+
+
+class FusedLayers:
+    def __init__(self, runner, weight_of, dtype: torch.dtype, rows: int):
+        self.embed = runner.model.get_input_embeddings()
+        self.rotary, self.norm = runner.base.rotary_emb, runner.base.norm
+        self.layers = [_Layer(layer, weight_of, dtype, rows) for layer in runner.layers]
+
+    def step(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, caches: list,
+             slot: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """tokens and position (B, 1), mask (B, 1, 1, S) over the static cache `caches` (one
+        transformers StaticLayer per layer; the step writes its keys and values at `slot`) ->
+        the residual states h^0..h^L (each (B, 1, D)) and the final normed states (B, 1, D)."""
+        h = self.embed(tokens)
+        cos, sin = self.rotary(h, position)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                   # over the heads
+        states = [h]
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, mask, cache, slot)
+            states.append(h)
+        return states, _rms_norm(h, self.norm)
+
+
+class _Layer:
+    """One decoder layer's step: the weights fused and reordered, the norms read from the modules
+    (their weights are what decode_weights cast them to)."""
+
+    def __init__(self, layer: nn.Module, weight_of, dtype: torch.dtype, rows: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], weight_of, dtype, rows)
+        self.o = _fused([attn.o_proj], weight_of, dtype, rows)
+        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], weight_of, dtype, rows)
+        self.down = _fused([mlp.down_proj], weight_of, dtype, rows)
+        self.norms = layer.input_layernorm, layer.post_attention_layernorm
+        self.qk_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.heads = _base(attn.q_proj).out_features // self.head_dim
+        self.kv_heads = _base(attn.k_proj).out_features // self.head_dim
+        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.inner = _base(mlp.gate_proj).out_features
+
+    def __call__(self, h, cos, sin, mask, cache, slot):
+        B, Dh = h.shape[0], self.head_dim
+        q, k, v = self.qkv(_rms_norm(h, self.norms[0])).split(self.split, dim=-1)
+        q, k, v = q.view(B, 1, -1, Dh), k.view(B, 1, -1, Dh), v.view(B, 1, -1, Dh)
+        if self.qk_norms is not None:
+            q, k = _rms_norm(q, self.qk_norms[0]), _rms_norm(k, self.qk_norms[1])
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cache.keys.index_copy_(2, slot, k)
+        cache.values.index_copy_(2, slot, v)
+        # At one query token the query heads sharing a key head become its query rows: the CPU's
+        # flash kernel pays per (row, head) pair, 6x less work here for SmolLM2's 3 groups of 3.
+        q = q.reshape(B, self.kv_heads, self.heads // self.kv_heads, Dh)
+        out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask, scale=self.scale)
+        h = h + self.o(out.reshape(B, self.heads, 1, Dh).transpose(1, 2).reshape(B, 1, -1))
+        gate, up = self.gate_up(_rms_norm(h, self.norms[1])).split(self.inner, dim=-1)
+        # contiguous: torch's SiLU rounds differently on a strided tensor at some widths (80: yes,
+        # 1,536: no); the copy keeps the step equal to the modules' to the bit at every width.
+        return h + self.down(F.silu(gate.contiguous()) * up)
+
+
+def _base(module: nn.Module) -> nn.Linear:
+    """The frozen nn.Linear of a target (inside its delta wrapper) or of any other projection."""
+    return getattr(module, "base", module)
+
+
+def _fused(modules: list[nn.Module], weight_of, dtype: torch.dtype, rows: int):
+    """x -> the products of every module's linear, concatenated on the last dimension, as one."""
+    linears = [_base(m) for m in modules]
+    packed = Packed(torch.cat([weight_of(lin) for lin in linears]), dtype, rows)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                          for lin in linears]).detach().to(dtype)
+    return lambda x: packed(x, bias)
+
+
+def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    x = h.float()
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(h.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
