@@ -496,6 +496,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
             kv = cache_tensors(cache)
         first = runner.logits(final[:, -1]).repeat(rows, 1)
         runner.bind([engine.delta], rows)
+        fused = False                                              # did the engine's steps run decode_layers?
         for how in ("static", "growing", "engine"):
             gen = torch.Generator(device=dev).manual_seed(0)
             logits, times = first, []
@@ -510,6 +511,8 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
                                         graphs=dev.type == "cuda")
                 else:
                     grow = runner.make_cache(kv, repeat=rows)
+                if how == "engine":
+                    fused = dec.fused is not None
                 for _ in range(steps + 2):
                     t0 = now(dev)
                     tok_ = sample_next(logits, 1.0, 1.0, gen)
@@ -525,18 +528,24 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
     with runner.autocast():
         decode_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else runner.dtype
     pack = dev.type == "cpu" and packed_linear.supported(decode_dtype)
-    mm_engine = _matmul_time(runner, engine.delta, rows, ctx.shape[1] + steps // 2, decode_dtype, packed=pack)
+    span = ctx.shape[1] + steps // 2
+    mm_engine = _matmul_time(runner, engine.delta, rows, span, decode_dtype, packed=pack, fused=fused)
+    mm_apart = _matmul_time(runner, engine.delta, rows, span, decode_dtype, packed=pack) if fused else mm_engine
     engine.close()
     out.update(matmul_ms=1e3 * mm, ratio=out["static_ms"] / (1e3 * mm), growing_ratio=out["growing_ms"] / (1e3 * mm),
-               engine_dtype=str(decode_dtype).removeprefix("torch."), engine_packed=pack, engine_matmul_ms=1e3 * mm_engine,
-               engine_ratio=out["engine_ms"] / (1e3 * mm_engine), graphs=dev.type == "cuda")
+               engine_dtype=str(decode_dtype).removeprefix("torch."), engine_packed=pack, engine_fused=fused,
+               engine_matmul_ms=1e3 * mm_engine, engine_ratio=out["engine_ms"] / (1e3 * mm_engine),
+               engine_matmul_apart_ms=1e3 * mm_apart, engine_ratio_apart=out["engine_ms"] / (1e3 * mm_apart),
+               graphs=dev.type == "cuda")
     return out
 
 
-def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, packed: bool = False) -> float:
+def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, packed: bool = False,
+                 fused: bool = False) -> float:
     """The step's matmuls alone, back to back; with `packed`, the linears' products on weights
     reordered for oneDNN with the delta merged in (no x·A·B), as the engine's steps compute them
-    on a CPU with one delta bound (static_decode.decode_weights)."""
+    on a CPU with one delta bound (static_decode.decode_weights); with `fused` moreover q·k·v and
+    gate·up of a layer as one product each, as decode_layers computes them."""
     from absorber_kernels.packed_linear import Packed
 
     model = runner.model
@@ -547,11 +556,16 @@ def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, p
     dev = runner.device
     randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=dev)  # noqa: E731
     inside = {name + ".base" for name in runner.wrappers}         # a wrapper's frozen linear: counted with it
+    groups: dict[str, list[torch.Tensor]] = {}
     for name, module in model.named_modules():
         if name in inside:
             continue
         lin = module.base if name in runner.wrappers else module
         if not isinstance(lin, torch.nn.Linear):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        if fused and leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            groups.setdefault(parent + (".qkv" if leaf[0] in "qkv" else ".gate_up"), []).append(lin.weight.detach())
             continue
         x = randn(rows, lin.weight.shape[1])
         if packed:
@@ -562,6 +576,8 @@ def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, p
             a, b = delta.A[name].detach().to(dtype), delta.B[name].detach().to(dtype)
             work.append(functools.partial(torch.matmul, randn(rows, a.shape[0]), a))
             work.append(functools.partial(torch.matmul, randn(rows, a.shape[1]), b))
+    for weights in groups.values():
+        work.append(functools.partial(Packed(torch.cat(weights), dtype, rows), randn(rows, weights[0].shape[1]), None))
     for _ in range(len(runner.layers)):
         q = randn(rows * heads, 1, head_dim)
         k = randn(rows * heads, head_dim, context)
