@@ -17,7 +17,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-SOURCES = sorted(str(p) for p in (ROOT / "csrc").glob("*.cpp"))
+TWISTER = str(ROOT / "csrc" / "twister.cpp")      # the sampler's words: a module of its own
+SOURCES = sorted(str(p) for p in (ROOT / "csrc").glob("*.cpp") if str(p) != TWISTER)
 HEADERS = sorted(str(p) for p in (ROOT / "csrc").glob("*.h"))
 
 
@@ -72,7 +73,8 @@ setup(
     description="Test-time context absorption by causal synchronization (Absorber LLM) for Hugging Face causal LMs",
     python_requires=">=3.10",
     packages=["absorber_engine", "absorber_engine.serve", "absorber_kernels"],
-    ext_modules=[Extension("absorber_engine._scheduler", sources=SOURCES, depends=HEADERS)],
+    ext_modules=[Extension("absorber_engine._scheduler", sources=SOURCES, depends=HEADERS),
+                 Extension("absorber_engine._twister", sources=[TWISTER])],
     cmdclass={"build_ext": NinjaBuildExt},
     install_requires=[
         "torch>=2.4",

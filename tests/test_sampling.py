@@ -8,12 +8,18 @@ import torch
 from absorber_engine import sampling
 
 
+@pytest.mark.parametrize("words", ["C++", "numpy"])
 @pytest.mark.parametrize("before", [0, 1, 623, 624, 1000])
-@pytest.mark.parametrize("shape", [(1, 1), (4, 32000), (3, 313)])
-def test_the_draw_is_exponential_and_leaves_the_generator_where_exponential_does(before, shape):
+@pytest.mark.parametrize("shape", [(1, 1), (4, 32000), (3, 313), (2, 624)])
+def test_the_draw_is_exponential_and_leaves_the_generator_where_exponential_does(words, before, shape, monkeypatch):
+    """Both sources of the Twister's words: the package's C++ loop, and numpy's where it is not built."""
+    if words == "numpy":
+        monkeypatch.setattr(sampling, "_twister", None)
+    else:
+        assert sampling._twister is not None, "the C++ extension is built by the install (setup.py)"
     ours, theirs = torch.Generator().manual_seed(before + 7), torch.Generator().manual_seed(before + 7)
-    for g in (ours, theirs):              # a word position anywhere in the Twister's cycle
-        torch.randint(0, 2**31, (before,), generator=g)
+    for g in (ours, theirs):              # `before` words used (a float32 takes one): odd positions split a pair
+        torch.rand(before, generator=g)
     assert torch.equal(sampling.exponential_draw(shape, ours), torch.empty(shape).exponential_(generator=theirs))
     assert torch.equal(ours.get_state(), theirs.get_state())
     assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
