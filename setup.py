@@ -1,6 +1,7 @@
-"""Installs absorber_engine and absorber_kernels, and builds the C++ chunk scheduler in
-csrc/ with ninja. The benchmarks (benchmarks/) and the evaluation (evals/) are not part of the
-installed library: they run from a clone (`absorber bench`, `absorber eval`, `absorber demo`).
+"""Installs absorber_engine and absorber_kernels, and builds the C++ chunk scheduler in csrc/
+and the sampler's Twister words (csrc/twister.cpp) with ninja. The benchmarks (benchmarks/) and the
+evaluation (evals/) are not part of the installed library: they run from a clone (`absorber bench`,
+`absorber eval`, `absorber demo`).
 
 The extension is plain pybind11 + the C++ standard library, so building it never needs torch:
 pip's isolated build environment only fetches setuptools, pybind11 and ninja.

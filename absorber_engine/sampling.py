@@ -4,9 +4,10 @@ most of a small model's decode step made vectorized.
 On a CPU, torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) from `exponential_`, which fills
 q one value at a time from the generator's Mersenne Twister: 19 ns a value, 2.4 ms of a 9 ms decode
 step of 4 rows over 32,000 tokens. `exponential_draw` returns the very same q and leaves the
-generator in the very same state, in about half that time: the Twister's words from numpy's MT19937
-(the same algorithm, started from the generator's state), then torch's transform in whole-tensor
-ops (a double from the low 53 bits of two words, -log1p(-u), rounded to float32). That it matches
+generator in the very same state, in about a sixth of that time: the Twister's words (the same
+algorithm, started from the generator's state) paired into doubles by the package's C++ loop
+(csrc/twister.cpp; numpy's MT19937 where it is not built), then torch's transform in whole-tensor
+ops (-log1p(-u) of the double from the low 53 bits of two words, rounded to float32). That it matches
 torch is checked once per process against `exponential_` itself, values and generator state; a torch
 it does not match gets torch's own draw.
 """
@@ -27,7 +28,7 @@ _STATE_BYTES = 5056
 _LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 8 * _N)
 _LOW53 = np.uint64((1 << 53) - 1)
 _TWISTER = np.random.MT19937(0)         # reused: its state is replaced before every draw
-try:                                    # the same words from the package's C++ loop, twice as fast
+try:                                    # the same words from the package's C++ loop, 3x faster
     from . import _twister
 except ImportError:                     # pragma: no cover - a build without the extension: numpy's
     _twister = None
