@@ -288,7 +288,8 @@ def test_a_forward_through_the_modules_inside_a_fused_block_fails_and_works_afte
 
 
 def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_else():
-    """GPT-2's layers, a batch of streams' deltas (applied per row), a hook on a layer."""
+    """GPT-2's layers, a batch of streams' deltas (applied per row), a hook on a layer, a linear of
+    another class."""
     from absorber_kernels import packed_linear
 
     if not packed_linear.supported(torch.float32):
@@ -311,3 +312,14 @@ def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_e
         assert not fused(llama, [_moved_delta(llama)])
     finally:
         hook.remove()
+
+    class OwnLinear(torch.nn.Linear):            # e.g. a quantized linear: only its own forward knows
+        pass
+
+    mlp = llama.runner.layers[0].mlp
+    plain, mlp.down_proj.base.__class__ = mlp.down_proj.base.__class__, OwnLinear
+    try:
+        assert not fused(llama, [_moved_delta(llama)])
+    finally:
+        mlp.down_proj.base.__class__ = plain
+    assert fused(llama, [_moved_delta(llama)])
