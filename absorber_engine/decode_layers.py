@@ -46,11 +46,15 @@ def build(runner, weight_of: Callable[[nn.Linear], torch.Tensor], dtype: torch.d
             return None
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return None
-    projections = [_base(getattr(getattr(layer, part), name)) for layer in runner.layers
+    projections = [_base(getattr(getattr(layer, part, None), name, None)) for layer in runner.layers
                    for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                        ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names]
     if any(type(lin) is not nn.Linear or lin.weight.device.type != "cpu" for lin in projections):
         return None                                   # a quantized or offloaded linear: only its module knows
+    if not all(hasattr(runner.base, name) for name in ("rotary_emb", "norm")) or not all(
+            hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
+            and hasattr(layer.self_attn, "head_dim") and hasattr(layer.self_attn, "scaling") for layer in runner.layers):
+        return None                                   # a layout this step does not know (another transformers)
     return FusedLayers(runner, weight_of, dtype, rows)
 
 

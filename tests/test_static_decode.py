@@ -289,7 +289,7 @@ def test_a_forward_through_the_modules_inside_a_fused_block_fails_and_works_afte
 
 def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_else():
     """GPT-2's layers, a batch of streams' deltas (applied per row), a hook on a layer, a linear of
-    another class."""
+    another class, a layout without the model-level rotary module."""
     from absorber_kernels import packed_linear
 
     if not packed_linear.supported(torch.float32):
@@ -322,4 +322,11 @@ def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_e
         assert not fused(llama, [_moved_delta(llama)])
     finally:
         mlp.down_proj.base.__class__ = plain
+    base = llama.runner.base
+    rotary = base.rotary_emb                     # a layout it does not know (no model-level rotary)
+    del base.rotary_emb
+    try:
+        assert not fused(llama, [_moved_delta(llama)])
+    finally:
+        base.rotary_emb = rotary
     assert fused(llama, [_moved_delta(llama)])
