@@ -18,6 +18,14 @@ import copy
 import torch
 
 
+# Rows a chunk: the head's bf16 GEMMs on this project's CPU (2 threads) run at 265-284 GFLOP/s
+# with 64 rows, 327-335 with 128, 379-386 with 256 (32,000 x 512; SmolLM2's 49,152 x 576: 209-276,
+# 283-332, 344-378), logits and gradient products alike. 256 rows cost a (256, V) buffer in each
+# dtype (SmolLM2: 75 MB), up to 37 MB more at a round's peak than 128; rounds with probes took
+# 4-9% less time (docs/performance.md, "Head chunks of 256 rows").
+ROWS = 256
+
+
 def gemm_dtype(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype where autocast is on (as a plain head-then-loss would run), else x's."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .head_chunks import HeadChunks, exp_rows_, gemm_dtype, row_dot
+from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot
 
 
 class LinearCERef(torch.autograd.Function):
@@ -72,7 +72,7 @@ def linear_ce_ref(
     head_weight: torch.Tensor,          # (V, D), frozen
     head_bias: torch.Tensor | None = None,
     denom: float | None = None,         # the cross-entropy's mean is over this many rows; default: those with a target
-    chunk: int = 128,
+    chunk: int = ROWS,
     teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None,   # linear_kl.teacher_side of the N rows, T = 1
     kl_weight: float = 0.0,             # its KL's weight: the loss adds kl_weight · Σ_rows KL
 ) -> torch.Tensor:                      # scalar, fp32 (float64 for float64 inputs)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from ._common import HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, next_pow2, num_sms
-from .head_chunks import HeadChunks, exp_rows_, gemm_dtype, row_dot
+from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot
 
 
 def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> to
     return row_dot(zt, zt.clamp_min(torch.finfo(zt.dtype).tiny).log_())
 
 
-def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=64):
+def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=ROWS):
     """The teacher's distribution p_t of all N rows and Σ p_t·log p_t, held in `dtype`, with
     linear_kl_ref's matmul dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
     gemm = gemm_dtype(ht)
@@ -97,7 +97,7 @@ def linear_kl_ref(
     temperature: float = 1.0,
     top_k: int = 0,
     denom: int | None = None,           # rows the mean is over; default N
-    chunk: int = 64,
+    chunk: int = ROWS,
     teacher_p: tuple[torch.Tensor, torch.Tensor] | None = None,   # teacher_side(teacher_h, ...), kept
 ) -> torch.Tensor:                      # scalar
     """With `teacher_p` the teacher's distribution is read, not recomputed: a third fewer matmuls."""
