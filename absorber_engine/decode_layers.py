@@ -59,6 +59,8 @@ def build(runner, weight_of: Callable[[nn.Linear], torch.Tensor], dtype: torch.d
 
 
 class FusedLayers:
+    """The whole model's decode step: embedding, rotary positions, every layer, the final norm."""
+
     def __init__(self, runner, weight_of, dtype: torch.dtype, rows: int):
         self.embed = runner.model.get_input_embeddings()
         self.rotary, self.norm = runner.base.rotary_emb, runner.base.norm
@@ -108,7 +110,8 @@ class _Layer:
         cache.keys.index_copy_(2, slot, k)
         cache.values.index_copy_(2, slot, v)
         # At one query token the query heads sharing a key head become its query rows: the CPU's
-        # flash kernel pays per (row, head) pair, 6x less work here for SmolLM2's 3 groups of 3.
+        # flash kernel pays per (row, head) pair (4 rows, 555 positions: 8 heads of one query 1.04 ms,
+        # the same as 4 groups of two queries 0.17 ms).
         q = q.reshape(B, self.kv_heads, self.heads // self.kv_heads, Dh)
         out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask, scale=self.scale)
         h = h + self.o(out.reshape(B, self.heads, 1, Dh).transpose(1, 2).reshape(B, 1, -1))
