@@ -22,7 +22,7 @@ import torch
 # with 64 rows, 327-335 with 128, 379-386 with 256 (32,000 x 512; SmolLM2's 49,152 x 576: 209-276,
 # 283-332, 344-378), logits and gradient products alike. 256 rows cost a (256, V) buffer in each
 # dtype (SmolLM2: 75 MB), up to 37 MB more at a round's peak than 128; rounds with probes took
-# 4-9% less time (docs/performance.md, "Head chunks of 256 rows").
+# 4-7% less time (docs/performance.md, "Head chunks of 256 rows").
 ROWS = 256
 
 
