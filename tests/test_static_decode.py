@@ -313,8 +313,8 @@ def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_e
     finally:
         hook.remove()
 
-    class OwnLinear(torch.nn.Linear):            # e.g. a quantized linear: only its own forward knows
-        pass
+    class OwnLinear(torch.nn.Linear):
+        """Stands for a quantized or offloaded linear: a class other than nn.Linear itself."""
 
     mlp = llama.runner.layers[0].mlp
     plain, mlp.down_proj.base.__class__ = mlp.down_proj.base.__class__, OwnLinear
