@@ -56,39 +56,45 @@ def engine_config(ctx: int, **changes) -> AbsorberConfig:
     return AbsorberConfig(**base)
 
 
-def build_methods(names, model_dir: str, ctx: int, flush: bool = False):
+def build_methods(names, model_dir: str, ctx: int, flush: bool = False, steps: int | None = None):
+    """The methods by name; `steps`, where given, is every engine method's steps a round in place
+    of its own (the gate's 160 included)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     window = engine_config(ctx).window_tokens
+
+    def config(ctx, **changes):
+        return engine_config(ctx, **{**changes, **({} if steps is None else {"max_steps": steps})})
+
     factories = {
         "none": lambda: WindowMethod("none", model, tok, window=0),
         "full": lambda: WindowMethod("full", model, tok, max_positions=model.config.max_position_embeddings),
         "truncate": lambda: WindowMethod("truncate", model, tok, window=window),
         "sinks": lambda: WindowMethod("sinks", model, tok, window=window, sinks=4),
-        "ttt": lambda: EngineMethod("ttt", model_dir, engine_config(ctx, objective="ttt"), flush),
-        "absorber": lambda: EngineMethod("absorber", model_dir, engine_config(ctx), flush),
-        "absorber+kl": lambda: EngineMethod("absorber+kl", model_dir, engine_config(ctx, kl_weight=1.0), flush),
+        "ttt": lambda: EngineMethod("ttt", model_dir, config(ctx, objective="ttt"), flush),
+        "absorber": lambda: EngineMethod("absorber", model_dir, config(ctx), flush),
+        "absorber+kl": lambda: EngineMethod("absorber+kl", model_dir, config(ctx, kl_weight=1.0), flush),
         # Replay of the last 4 rounds (replay.py): the rounds of filler after the fact must keep what
         # the round-start model says on the fact's round.
-        "absorber+replay": lambda: EngineMethod("absorber+replay", model_dir, engine_config(ctx, replay_rounds=4), flush),
+        "absorber+replay": lambda: EngineMethod("absorber+replay", model_dir, config(ctx, replay_rounds=4), flush),
         # The library's objective, then with the surprise gate (config.surprise_gate): rounds of
         # filler the memory already predicts leave the delta as the surprising round made it, and
         # the steps they no longer take go to the rounds that train (160 rather than 80).
         "absorber+recite": lambda: EngineMethod("absorber+recite", model_dir,
-                                                engine_config(ctx, **LIBRARY_OBJECTIVE), flush),
+                                                config(ctx, **LIBRARY_OBJECTIVE), flush),
         "absorber+recite+gate": lambda: EngineMethod(
             "absorber+recite+gate", model_dir,
-            engine_config(ctx, surprise_gate=1.3, max_steps=160, **LIBRARY_OBJECTIVE), flush),
+            config(ctx, surprise_gate=1.3, max_steps=160, **LIBRARY_OBJECTIVE), flush),
         # A delta per round (config.memory_slots): no round of filler touches the delta of the round
         # that held the fact, and the query reads the delta it routes to (routing.route).
-        "absorber+slots": lambda: EngineMethod("absorber+slots", model_dir, engine_config(ctx, memory_slots=16), flush),
+        "absorber+slots": lambda: EngineMethod("absorber+slots", model_dir, config(ctx, memory_slots=16), flush),
         # Prompted futures (Cartridges/LIFT-style seed prompt): a question opener, so the sampled
         # continuations ask about X and the teacher answers from it (our tasks ask "What is ...?";
         # the prompt names no task). Measured on flushed 512-token passkeys at 80 steps: 4/4.
         "absorber+futures": lambda: EngineMethod("absorber+futures", model_dir,
-                                                 engine_config(ctx, futures=4, future_prompt=FUTURE_PROMPT), flush),
+                                                 config(ctx, futures=4, future_prompt=FUTURE_PROMPT), flush),
     }
     return tok, [factories[n]() for n in names]
 
@@ -104,9 +110,9 @@ def trained_context(model_dir: str) -> int:
 
 
 def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | None, seed: int, out: Path,
-        quiet: bool = False, flush: bool = False) -> dict:
+        quiet: bool = False, flush: bool = False, steps: int | None = None) -> dict:
     ctx = ctx or trained_context(model_dir)
-    tok, built = build_methods(methods, model_dir, ctx, flush)
+    tok, built = build_methods(methods, model_dir, ctx, flush, steps)
     _warm_up(built, tok, ctx, tasks[0])
     rows = []
     cells = [(t, k, i) for k in multiples for t in tasks for i in range(examples)]
@@ -134,7 +140,7 @@ def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | Non
     bar.close()
     result = {"model": model_dir, "trained_context": ctx, "tasks": list(tasks), "multiples": list(multiples),
               "examples_per_cell": examples, "seed": seed, "methods": list(methods), "flush": flush,
-              "engine_config": engine_config(ctx).to_dict(), "machine": _machine(), "rows": rows}
+              "engine_config": engine_config(ctx).to_dict(), "steps": steps, "machine": _machine(), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "RESULTS.md").write_text(render(result))
@@ -174,7 +180,8 @@ def render(result: dict) -> str:
     out = [f"# Long-context evaluation\n\nModel `{result['model']}`, trained context {ctx} tokens; "
            f"{result['examples_per_cell']} examples per task and length, seed {result['seed']}; "
            f"{'context fully absorbed (flush), no raw window; ' if result.get('flush') else ''}engine budget "
-           f"`{json.dumps({k: result['engine_config'][k] for k in ('chunk_tokens', 'sync_tokens', 'rank', 'max_steps', 'lr')})}`."
+           f"`{json.dumps({k: result['engine_config'][k] for k in ('chunk_tokens', 'sync_tokens', 'rank', 'max_steps', 'lr')})}`"
+           f"{f', every engine method at {steps} steps a round' if (steps := result.get('steps')) else ''}."
            f" Machine: {result['machine']['cpu']} ({result['machine']['threads']} threads), torch "
            f"{result['machine']['torch']}.\n\n"]
     if retrieval:
@@ -252,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a reduced run that finishes in minutes")
     ap.add_argument("--flush", action="store_true",
                     help="engine methods absorb the whole context (no raw window kept) before the query")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps a round for every engine method, in place of each method's own (80; 160 gated)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.quick:
@@ -265,8 +274,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown tasks or methods: {bad}")
     if not args.model:
         ap.error("no model: pass --model DIR")
+    if args.steps is not None and args.steps < 1:
+        ap.error("--steps must be at least 1")
     result = run(args.model, methods, tasks, mults, examples, args.context, args.seed, out, quiet=args.quiet,
-                 flush=args.flush)
+                 flush=args.flush, steps=args.steps)
     print(render(result))
     print(f"written to {out}/ (RESULTS.md, results.json, accuracy.png, memory.png)")
     return 0
