@@ -55,7 +55,21 @@ def build(runner, weight_of: Callable[[nn.Linear], torch.Tensor], dtype: torch.d
             hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
             and hasattr(layer.self_attn, "head_dim") and hasattr(layer.self_attn, "scaling") for layer in runner.layers):
         return None                                   # a layout this step does not know (another transformers)
+    if _sdpa_takes_gqa():
+        return None
     return FusedLayers(runner, weight_of, dtype, rows)
+
+
+def _sdpa_takes_gqa() -> bool:
+    """Whether transformers' sdpa path hands a masked step's grouped heads to sdpa (enable_gqa, as
+    TRANSFORMERS_SDPA_FORCE_GQA=1 makes it do on a CPU) instead of packing them into the query
+    length as this step does: the sums, and so the bits, would then differ. Unknown: assume it does."""
+    try:
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+    except ImportError:
+        return True
+    probe = torch.zeros(1, 1, 1, 64)
+    return bool(use_gqa_in_sdpa(torch.ones(1, 1, 1, 1, dtype=torch.bool), probe, probe))
 
 
 class FusedLayers:

@@ -56,13 +56,15 @@ def decode_weights(runner: ModelRunner, rows: int):
     every StaticDecoder made in the block steps through that, not through the modules."""
     dev = runner.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    linears = [m for m in runner.model.modules() if type(m) is nn.Linear]
     # Reordering pays except in fp32 at one row on one thread: there the reordered weights are read
     # 1.07x faster and a whole generate() took as long (SmolLM2, 128 tokens, a delta bound: 8.55-8.76
     # s either way), for a 540 MB copy held while it decodes.
     pays = (dtype or runner.dtype) != torch.float32 or rows > 1 or torch.get_num_threads() > 1
     pack = dev == "cpu" and not torch.is_grad_enabled() and pays and packed_linear.supported(dtype or runner.dtype)
-    packed_ids = {id(m.weight) for m in linears if m is not runner.head} if pack else set()
+    # What is not reordered is cast, and only a reordered weight can carry a merged delta: both
+    # decided by the one test the reorder applies (a hooked or subclassed linear keeps its own path).
+    linears = [m for m in runner.model.modules() if packed_linear.packable(m)] if pack else []
+    packed_ids = {id(m.weight) for m in linears if m is not runner.head}
     params = [p for p in runner.model.parameters() if p.is_floating_point() and id(p) not in packed_ids]
     cast = dtype is not None and any(p.dtype != dtype for p in params)
     originals = [p.data for p in params] if cast else []
@@ -71,7 +73,7 @@ def decode_weights(runner: ModelRunner, rows: int):
     # recitals at one thread: 6.0-6.9 s apart, 5.2-5.8 s merged). Stacked deltas (a batch of
     # streams) stay apart.
     merged = {w: (w.A, w.B) for w in runner.wrappers.values()
-              if pack and w.layout == "linear" and w.A is not None and w.A.dim() == 2}
+              if id(w.base.weight) in packed_ids and w.layout == "linear" and w.A is not None and w.A.dim() == 2}
     bases = {w.base: w for w, (_, b) in merged.items() if bool(b.any())}     # a zero delta adds nothing
 
     def weight_of(m: nn.Linear) -> torch.Tensor:

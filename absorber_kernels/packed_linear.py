@@ -75,19 +75,25 @@ def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return p(x, module.bias) if p is not None else nn.Linear.forward(module, x)
 
 
+def packable(module: nn.Module) -> bool:
+    """Whether `packed` takes this module: a plain nn.Linear (not a subclass such as a quantized
+    linear), frozen, on the CPU, whose forward is not already its own attribute (a hook such as
+    accelerate's, or an enclosing block's), which the block must neither replace nor remove."""
+    return (type(module) is nn.Linear and module.weight.device.type == "cpu" and not module.weight.requires_grad
+            and "forward" not in module.__dict__)
+
+
 @contextlib.contextmanager
 def packed(modules: list[nn.Linear], dtype: torch.dtype, rows: int, weight_of=None):
     """Inside the block the products of `modules` (plain nn.Linear, frozen, on the CPU) run on their
     weights reordered for oneDNN in `dtype`, tuned for `rows` rows a call; `weight_of(module)`, when
     given, is the weight to reorder in place of the module's own (a delta merged into it), made one
-    module at a time. Where the op is not supported, or a module is not a CPU nn.Linear, nothing
-    changes for it; nor for a module whose forward is already its own attribute (a hook such as
-    accelerate's, or an enclosing block's), which the block must neither replace nor remove."""
+    module at a time. Where the op is not supported, or a module is not `packable`, nothing changes
+    for it."""
     if not supported(dtype) or torch.is_grad_enabled():
         yield
         return
-    chosen = [m for m in modules if type(m) is nn.Linear and m.weight.device.type == "cpu"
-              and not m.weight.requires_grad and "forward" not in m.__dict__]
+    chosen = [m for m in modules if packable(m)]
     before = getattr(_active, "table", None)
     table = dict(before or {})
     for m in chosen:

@@ -3,6 +3,8 @@ transformers' own generate() samples with the same seed and settings, the record
 plain forward's, the growing-cache path that sliding-window models keep gives the same, sampling
 ends once every row has ended, and on a GPU the replayed CUDA graph computes what eager steps do."""
 
+import functools
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -245,8 +247,11 @@ def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, dtype
 
     if not packed_linear.supported(getattr(torch, dtype)):
         pytest.skip(f"no oneDNN prepacked linear in {dtype} here")
-    eng = AbsorberEngine(make_model(arch), config=AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False,
-                                                                 compute_dtype=dtype))
+    model = make_model(arch)
+    for m in model.modules():              # not the default 1e-6: the step must read each norm's own
+        if hasattr(m, "variance_epsilon"):
+            m.variance_epsilon = 1e-5 if m is not model.model.norm else 1e-4
+    eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False, compute_dtype=dtype))
     r = eng.runner
     r.bind([_moved_delta(eng)])
     ids = torch.tensor([random_ids(7, seed=1), [0, 0] + random_ids(5, seed=2)])
@@ -287,9 +292,46 @@ def test_a_forward_through_the_modules_inside_a_fused_block_fails_and_works_afte
     assert torch.equal(got, want)
 
 
-def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_else():
+class OwnLinear(torch.nn.Linear):
+    """Stands for a quantized or offloaded linear: a class other than nn.Linear itself."""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["hooked", "subclass"])
+def test_a_linear_the_reorder_leaves_keeps_its_delta_and_its_dtype(kind, dtype):
+    """A base linear with a forward of its own (as accelerate's hooks set) or of another class is
+    neither reordered nor merged: it is cast with the parameters (a bf16 round) and keeps its
+    delta apart, so the block's states are the model's, not a dtype error or a delta dropped."""
+    from absorber_kernels import packed_linear
+
+    if not packed_linear.supported(getattr(torch, dtype)):
+        pytest.skip(f"no oneDNN prepacked linear in {dtype} here")
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False,
+                                                                    compute_dtype=dtype))
+    r, ids = eng.runner, torch.tensor([random_ids(6)])
+    r.bind([_moved_delta(eng)])
+    wrapper = r.layers[0].mlp.down_proj
+    if kind == "hooked":
+        wrapper.base.forward = functools.partial(torch.nn.Linear.forward, wrapper.base)
+    else:
+        wrapper.base.__class__ = OwnLinear
+    with torch.no_grad(), r.autocast():
+        want, _ = r.forward(ids)
+        with static_decode.decode_weights(r, rows=2):
+            assert static_decode._active.fused[1] is None
+            assert wrapper.A is not None and packed_linear.lookup(wrapper.base.weight) is None
+            got, _ = r.forward(ids)
+        bound, wrapper.A = wrapper.A, None                   # what the states are with that delta dropped
+        dropped, _ = r.forward(ids)
+        wrapper.A = bound
+    off = (dropped - want).abs().max()
+    assert off > 1e-2 and (got - want).abs().max() < (1e-4 if dtype == "float32" else off / 4)
+
+
+def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_else(monkeypatch):
     """GPT-2's layers, a batch of streams' deltas (applied per row), a hook on a layer, a linear of
-    another class, a layout without the model-level rotary module."""
+    another class, a layout without the model-level rotary module, transformers told to hand
+    grouped heads to sdpa."""
     from absorber_kernels import packed_linear
 
     if not packed_linear.supported(torch.float32):
@@ -313,9 +355,9 @@ def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_e
     finally:
         hook.remove()
 
-    class OwnLinear(torch.nn.Linear):
-        """Stands for a quantized or offloaded linear: a class other than nn.Linear itself."""
-
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    assert not fused(llama, [_moved_delta(llama)])
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA")
     mlp = llama.runner.layers[0].mlp
     plain, mlp.down_proj.base.__class__ = mlp.down_proj.base.__class__, OwnLinear
     try:
