@@ -4,12 +4,13 @@ most of a small model's decode step made vectorized.
 On a CPU, torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) from `exponential_`, which fills
 q one value at a time from the generator's Mersenne Twister: 19 ns a value, 2.4 ms of a 9 ms decode
 step of 4 rows over 32,000 tokens. `exponential_draw` returns the very same q and leaves the
-generator in the very same state, in about a sixth of that time: the Twister's words (the same
-algorithm, started from the generator's state) paired into doubles by the package's C++ loop
-(csrc/twister.cpp; numpy's MT19937 where it is not built), then torch's transform in whole-tensor
-ops (-log1p(-u) of the double from the low 53 bits of two words, rounded to float32). That it matches
-torch is checked once per process against `exponential_` itself, values and generator state; a torch
-it does not match gets torch's own draw.
+generator in the very same state, in about a third of that time, in three passes: the Twister's
+words (the same algorithm, started from the generator's state) paired into the doubles u torch
+starts from (csrc/twister.cpp), torch's vectorized log1p(-u) over all of them, and a C++ loop that
+negates and rounds to float32, taking the C library's log1p (torch's, one value at a time) for the
+few doubles where the two log1p's ulp apart could round to different floats. That it matches torch
+is checked once per process against `exponential_` itself, values and generator state; a torch it
+does not match, or a build without the C++ extension, gets torch's own draw.
 """
 
 from __future__ import annotations
@@ -26,38 +27,43 @@ _N = 624                                # the Twister's state words
 # widened to uint64), then the normal sampler's cached values, which an exponential draw leaves.
 _STATE_BYTES = 5056
 _LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 8 * _N)
-_LOW53 = np.uint64((1 << 53) - 1)
-_TWISTER = np.random.MT19937(0)         # reused: its state is replaced before every draw
-try:                                    # the same words from the package's C++ loop, 3x faster
+try:
     from . import _twister
-except ImportError:                     # pragma: no cover - a build without the extension: numpy's
+except ImportError:                     # pragma: no cover - a build without the extension: torch's own draw
     _twister = None
-# One draw at a time: the Twister is shared, and a generator's state is read, advanced and written
-# back, which two threads drawing from it at once would otherwise both start from.
+# One draw at a time: a generator's state is read, advanced and written back, which two threads
+# drawing from it at once would otherwise both start from.
 _LOCK = threading.Lock()
 _exact: bool | None = None              # whether this torch draws as exponential_draw does
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_p < 1 samples the nucleus.
-    Probabilities in float32, as generate() computes them, so the draw and the division are its own."""
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_p < 1 samples the nucleus."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    probs = next_token_probs(logits, temperature, top_p)
     # A temperature so small that the top logit overflows leaves only the top token (a NaN logit,
     # too: argmax as before). -inf logits are no reason: softmax gives them 0, as generate() does.
-    if not torch.isfinite(scaled.amax(dim=-1)).all():
+    if probs is None:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p, and always the top token.
-        outside = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        outside[..., 0] = False
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return multinomial_one(probs, generator)
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor | None:
+    """The probabilities generate() samples from, (B, V) float32, computed as its temperature and
+    top-p warpers and softmax compute them, op for op (a nucleus summed the other way round differs
+    in float32 by a token now and then: 34 rows of 3,000 at V = 49,152); None where a row's top
+    logit is not finite after the temperature."""
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    if not torch.isfinite(scaled.amax(dim=-1)).all():
+        return None
+    if top_p < 1.0:                 # TopPLogitsWarper: drop the low tail holding at most 1 - top_p
+        ascending, order = torch.sort(scaled, descending=False)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False      # the top token always stays
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.softmax(scaled, dim=-1)
 
 
 def multinomial_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -80,18 +86,13 @@ def exponential_draw(shape, generator: torch.Generator) -> torch.Tensor:
 def _draw(shape, generator: torch.Generator) -> torch.Tensor:
     state = generator.get_state().numpy().copy()
     left = int(state[_LEFT].view(np.int32)[0])
-    # torch counts words left before the next twist (1: twist first), numpy words used since it.
+    # torch counts words left before the next twist (1: twist first); the C++ loop, the next word's index.
     pos = _N if left == 1 else int(state[_NEXT].view(np.uint64)[0])
     key = state[_WORDS].view(np.uint64).astype(np.uint32)
-    if _twister is not None:                       # the words and their pairing in one C++ loop
-        u = np.empty(math.prod(shape), dtype=np.float64)
-        pos = _twister.negative_uniform53(key, pos, u)
-    else:
-        _TWISTER.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
-        words = _TWISTER.random_raw(2 * math.prod(shape))
-        u = (((words[0::2] << np.uint64(32)) | words[1::2]) & _LOW53).astype(np.float64) * -2.0 ** -53
-        key, pos = _TWISTER.state["state"]["key"], int(_TWISTER.state["state"]["pos"])
-    q = torch.from_numpy(u).log1p_().neg_().to(torch.float32)
+    u = np.empty(math.prod(shape), dtype=np.float64)
+    pos = _twister.negative_uniform53(key, pos, u)
+    q = torch.empty(math.prod(shape), dtype=torch.float32)
+    _twister.exponential_from(u, torch.from_numpy(u).log1p().numpy(), q.numpy())
     state[_LEFT].view(np.int32)[0] = _N + 1 - pos
     state[_NEXT].view(np.uint64)[0] = pos
     state[_WORDS].view(np.uint64)[:] = key
@@ -102,7 +103,7 @@ def _draw(shape, generator: torch.Generator) -> torch.Tensor:
 def _matches_torch() -> bool:
     global _exact
     if _exact is None:
-        _exact = _check()
+        _exact = _twister is not None and _check()
     return _exact
 
 

@@ -1,12 +1,15 @@
-// The Mersenne Twister's (MT19937) words from a given state, as torch's CPU generator and numpy's
-// MT19937 produce them, turned into the uniform doubles torch's exponential_ starts from: the low
-// 53 bits of two consecutive words (the first high), times 2^-53, negated for the caller's log1p.
-// absorber_engine.sampling draws the sampler's Exp(1) values from it: the words are most of the
-// draw's time, and this loop makes them about four times as fast as numpy's random_raw plus its
-// whole-array shifts (256,000 words: 0.19 against 0.81 ms; no state dict, no uint64 temporaries).
+// The sampler's Exp(1) draw (absorber_engine.sampling), as torch's CPU exponential_ makes it:
+// negative_uniform53 runs the Mersenne Twister (MT19937) from a generator's state, as torch's CPU
+// generator does, and pairs its words into the doubles torch starts from (the low 53 bits of two
+// consecutive words, the first high, times 2^-53), negated for the caller's vectorized log1p;
+// exponential_from negates that log1p and rounds it to float32 as torch's scalar loop would. The
+// words are most of the draw's time: this loop makes them about four times as fast as numpy's
+// random_raw plus its whole-array shifts (256,000 words: 0.19 against 0.81 ms).
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 
 namespace py = pybind11;
@@ -70,10 +73,35 @@ int negative_uniform53(py::buffer key, int pos, py::buffer out) {
     return pos;
 }
 
+// q[i] = float(-r[i]), r = log1p(u) from torch's vectorized kernel, except where that can round to
+// another float than exponential_'s C-library log1p, which differs from it by an ulp on about one
+// double in twelve: a double whose bits below float32's 24 lie within 8 of the midpoint (2^28) of
+// two floats (1 value in 1.8e9 drawn came out different) is taken from std::log1p(u[i]) instead.
+void exponential_from(py::buffer u_in, py::buffer r_in, py::buffer q_out) {
+    py::buffer_info u = u_in.request(), r = r_in.request(), q = q_out.request(true);
+    const auto f64 = py::format_descriptor<double>::format();
+    if (u.format != f64 || r.format != f64 || q.format != py::format_descriptor<float>::format() ||
+        u.ndim != 1 || r.ndim != 1 || q.ndim != 1 || u.strides[0] != 8 || r.strides[0] != 8 || q.strides[0] != 4 ||
+        r.size != u.size || q.size != u.size)
+        throw std::invalid_argument("u and r must be contiguous float64 vectors, q a float32 one, all of one length");
+    const auto* uu = static_cast<const double*>(u.ptr);
+    const auto* rr = static_cast<const double*>(r.ptr);
+    auto* qq = static_cast<float*>(q.ptr);
+    constexpr std::uint64_t low29 = (std::uint64_t{1} << 29) - 1, from = (std::uint64_t{1} << 28) - 8;
+    for (py::ssize_t i = 0; i < u.size; ++i) {
+        std::uint64_t bits;
+        std::memcpy(&bits, rr + i, sizeof bits);
+        const double v = ((bits - from) & low29) <= 16 ? std::log1p(uu[i]) : rr[i];
+        qq[i] = static_cast<float>(-v);
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_twister, m) {
     m.doc() = "MT19937 words as torch's CPU generator draws them, for the vectorized sampler";
     m.def("negative_uniform53", &negative_uniform53, py::arg("key"), py::arg("pos"), py::arg("out"),
           "Fills out with -(53 bits of two words) * 2^-53 from the state `key` at `pos`; returns the new pos.");
+    m.def("exponential_from", &exponential_from, py::arg("u"), py::arg("r"), py::arg("q"),
+          "Fills q (float32) with -r, r = log1p(u), as exponential_ rounds it: the C library's log1p where it matters.");
 }
