@@ -215,8 +215,9 @@ class AbsorberConfig:
     compute_dtype: str = "auto"
     """dtype the matmuls of absorption run in (torch.autocast; the delta and AdamW stay fp32).
     "auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else the model's
-    dtype. "float32", "bfloat16", "float16" force it. Generation runs in the model's dtype; the
-    teacher's sampling steps read a copy of the weights in this dtype, held while they run."""
+    dtype. "float32", "bfloat16", "float16" force it for an fp32 model (a 16-bit or float64 model
+    absorbs in its own: autocast casts fp32 only). Generation runs in the model's dtype; the teacher's
+    sampling steps read a copy of the weights in this dtype, held while they run."""
 
     backend: str = "auto"
     """"torch" (the PyTorch references: the CPU path), "triton" (the fused kernels; CUDA, or CPU

@@ -328,8 +328,8 @@ def resolve_compute_dtype(requested: str, device: torch.device, model_dtype: tor
             device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
         requested = "bfloat16" if fast_bf16 else "float32"
     dtype = getattr(torch, requested)
-    if dtype == model_dtype or torch.finfo(dtype).bits >= torch.finfo(model_dtype).bits:
-        return None            # never "up": autocast only ever lowers precision
+    if model_dtype != torch.float32 or dtype == torch.float32:      # autocast casts fp32 tensors only
+        return None
     return dtype
 
 

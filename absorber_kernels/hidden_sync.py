@@ -160,7 +160,7 @@ class HiddenL1Triton(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         grads = [None] * ctx.n_layers
         if ctx.write_grad:
-            scaled = grad * grad_out.to(grad.dtype)
+            scaled = grad * grad_out
             grads = [scaled[i] if ctx.needs_input_grad[4 + i] else None for i in range(ctx.n_layers)]
         return (None, None, None, None, *grads, *([None] * ctx.n_teacher))
 

@@ -63,7 +63,7 @@ class LinearCERef(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+        return grad * grad_out, None, None, None, None, None, None, None
 
 
 def linear_ce_ref(

@@ -86,7 +86,7 @@ class LinearKLRef(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None, None
+        return grad * grad_out, None, None, None, None, None, None, None, None
 
 
 def linear_kl_ref(
@@ -107,6 +107,8 @@ def linear_kl_ref(
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {student_h.shape[1]}")
     if teacher_p is not None and teacher_p[0].shape != (student_h.shape[0], head_weight.shape[0]):
         raise ValueError(f"teacher_p is {tuple(teacher_p[0].shape)}, not (rows, vocabulary) of this call")
+    if student_h.shape[0] == 0:
+        return student_h.float().sum() * 0.0                  # no rows: no loss, and a zero gradient
     denom = denom if denom is not None else student_h.shape[0]
     return LinearKLRef.apply(student_h, teacher_h.detach(), head_weight.detach(),
                              None if head_bias is None else head_bias.detach(),
@@ -439,7 +441,7 @@ class LinearKLTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+        return grad * grad_out, None, None, None, None, None, None, None
 
 
 def linear_kl_triton(

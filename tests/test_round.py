@@ -1,6 +1,8 @@
 """The synchronization objective: the teacher's cached states are a plain forward over X·future,
 and a round moves the contextless model toward the model that reads the context."""
 
+import math
+
 import pytest
 import torch
 
@@ -264,3 +266,15 @@ def test_the_losses_read_one_kept_cast_of_the_head_under_autocast():
         assert torch.equal(runner.head_weight(), w.detach().to(torch.bfloat16))
         with runner.model_dtype():
             assert runner.head_weight() is w
+
+
+@pytest.mark.parametrize("compute_dtype", ["auto", "bfloat16"])
+def test_a_float64_model_absorbs_in_float64_whatever_compute_dtype_asks(compute_dtype):
+    """Autocast casts fp32 tensors only: a float64 model under a bf16 autocast met the kernels' casts
+    to bf16 beside its float64 tensors (a dtype error in the first linear)."""
+    eng = AbsorberEngine(make_model("llama").to(torch.float64),
+                         config=AbsorberConfig(chunk_tokens=8, sync_tokens=4, rank=4, max_steps=3,
+                                               compute_dtype=compute_dtype))
+    assert eng.runner.compute_dtype is None
+    report = eng.absorb(random_ids(20), flush=True)
+    assert report.steps > 0 and not report.errors and all(math.isfinite(x) for x in report.round_losses)

@@ -78,3 +78,23 @@ def test_a_cast_first_made_in_inference_mode_serves_training_after():
     torch.testing.assert_close(y, want, rtol=0, atol=0)
     y.float().sum().backward()
     assert x.grad.shape == (2, 8) and first.shape == (2, 8)
+
+
+def test_threads_casting_weights_of_one_shape_each_read_their_own_cast():
+    """The cast buffers are per thread: two threads casting different weights of one shape at once
+    each multiply by their own weight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(64, 64, generator=g) for _ in range(2)]
+    x = torch.randn(8, 64, generator=g)
+
+    def run(w):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return [base_linear(x, w, None, "linear") for _ in range(200)]
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(run, ws))
+    for w, got in zip(ws, outs):
+        want = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16))
+        assert all(torch.equal(y, want) for y in got)

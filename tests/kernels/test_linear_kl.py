@@ -113,3 +113,27 @@ def test_reference_under_bf16_autocast_is_the_plain_composition_with_bf16_logits
     torch.testing.assert_close(kept, loss.detach(), rtol=1e-6, atol=1e-7)     # kept == recomputed
     fp32 = float(linear_kl_ref(hs, ht, w, b, temperature=2.0))
     assert abs(fp32 - float(plain.detach())) > 20 * 2e-5 * abs(float(plain.detach()))
+
+
+def test_no_rows_is_a_zero_loss_with_a_zero_gradient():
+    hs = torch.zeros(0, 8, requires_grad=True)
+    loss = linear_kl_ref(hs, torch.zeros(0, 8), torch.randn(30, 8))
+    loss.backward()
+    assert float(loss) == 0.0 and hs.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("which", ["kl", "ce"])
+def test_a_loss_weight_scales_bf16_gradients_with_one_rounding(which):
+    """The upstream weight is applied in fp32 and the gradient rounded once, not the weight rounded
+    to bf16 first (0.3 is 0.30078 in bf16: every gradient 0.26% too large)."""
+    from absorber_kernels.linear_ce import linear_ce_ref
+
+    hs, ht, w, b = _inputs(20, 16, 90, torch.bfloat16, bias=False, seed=7)
+    targets = torch.randint(0, 90, (20,), generator=torch.Generator().manual_seed(8))
+    grads = []
+    for weight in (1.0, 0.3):
+        h = hs.clone().requires_grad_()
+        loss = linear_kl_ref(h, ht, w) if which == "kl" else linear_ce_ref(h, targets, w)
+        (loss * weight).backward()
+        grads.append(h.grad)
+    assert torch.equal(grads[1], (grads[0].float() * 0.3).to(torch.bfloat16))
