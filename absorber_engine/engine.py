@@ -160,8 +160,10 @@ class AbsorberEngine(GenerationMixin):
             if st["in_flight"] is not None or not ready:
                 break
             results = self._run_batch()
-            if sess.key not in results:
+            if not results:
                 break
+            if sess.key not in results:
+                continue                        # other sessions' rounds ran first; this one's still waits
             rnd, res = results[sess.key]
             if res.error is not None:
                 err = AbsorptionError(f"round {sess.rounds + 1} rolled back, memory unchanged: {res.error}")
@@ -259,6 +261,7 @@ class AbsorberEngine(GenerationMixin):
             sess.replay.clear()
             sess.surprise.clear()
             self._windows.drop(sess.key)
+            self._rest()
 
     def discard_window(self, session=DEFAULT_SESSION) -> int:
         """Drops the raw tokens the window holds (and any queued), keeping the absorbed memory and its
@@ -278,6 +281,7 @@ class AbsorberEngine(GenerationMixin):
         with self._lock:
             load_memory(sess, path)
             self._windows.drop(sess.key)
+            self._rest()
 
     def export_peft(self, directory, session=DEFAULT_SESSION) -> None:
         export_peft(self._get(session), directory)

@@ -167,8 +167,8 @@ class LowRankDelta:
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
                 raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected {shape}")
-            if not torch.isfinite(state[key]).all():
-                raise ValueError(f"{key} holds NaN or inf")
+            if not torch.isfinite(state[key].float()).all():        # as the fp32 delta would hold it
+                raise ValueError(f"{key} holds NaN or inf, or values beyond float32")
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.check_state(state)

@@ -162,10 +162,17 @@ def load_memory(session, path) -> None:
     if not (0 <= absorbed < 2**63 and 0 <= rounds < 2**63):       # the scheduler counts in int64
         raise MemoryFileError(f"{path} has counters out of range (tokens_absorbed {absorbed}, rounds {rounds})")
     replay = [tensors[f"replay.{i}"] for i in range(len(tensors)) if f"replay.{i}" in tensors]
-    vocab = session.runner.vocab_size
+    # A probe is a round's X (at most the window) in the frame's few dozen tokens; a model with
+    # absolute positions reads none longer than its table.
+    runner = session.runner
+    vocab, longest = runner.vocab_size, capacity + 256
+    if runner.absolute_positions:
+        longest = min(longest, runner.max_positions - len(runner.prefix))
     for q in replay:
         if q.dim() != 1 or q.dtype != torch.int64 or q.numel() == 0 or int(q.min()) < 0 or int(q.max()) >= vocab:
             raise MemoryFileError(f"{path} has a corrupt replay buffer")
+        if q.numel() > longest:
+            raise MemoryFileError(f"{path} holds a replay probe of {q.numel()} tokens; the model reads {longest}")
     surprise = tensors.get("surprise")
     if surprise is not None and (surprise.dim() != 1 or surprise.dtype != torch.float64
                                  or not bool(torch.isfinite(surprise).all()) or bool((surprise < 0).any())):
@@ -218,7 +225,7 @@ def _slot_states(path, tensors: dict, meta: dict, session) -> list[dict]:
             raise MemoryFileError(f"{path} holds delta tensors that are not floating point: {bad[:4]}")
         try:
             session.delta.check_state(state)
-        except ValueError as exc:
+        except (ValueError, RuntimeError, NotImplementedError) as exc:     # a float8 tensor: no isfinite
             raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
         states.append(state)
     return states

@@ -90,6 +90,8 @@ def test_bad_files_are_refused_and_memory_kept(trained, tmp_path):
         "version": (_rewrite(path, tmp_path / "v.st", meta_changes={"version": "99"}), "version"),
         "format": (_rewrite(path, tmp_path / "f.st", meta_changes={"format": "other"}), "not an absorber memory"),
         "nan": (_rewrite(path, tmp_path / "n.st", tensors={**t, first_delta: torch.full_like(t[first_delta], float("nan"))}), "NaN"),
+        # finite as float64, inf in the fp32 delta
+        "past fp32": (_rewrite(path, tmp_path / "o.st", tensors={**t, first_delta: t[first_delta].double() + 1e300}), "beyond float32"),
         "missing": (_rewrite(path, tmp_path / "m.st", tensors={k: v for k, v in t.items() if k != "window"}), "window"),
         "bad ids": (_rewrite(path, tmp_path / "i.st", tensors={**t, "window": torch.tensor([10**6])}), "vocabulary"),
         "header": (_rewrite(path, tmp_path / "h.st", meta_changes={"config": "{not json"}), "corrupt header"),
@@ -138,7 +140,9 @@ def test_corrupt_replay_buffer_is_refused(tmp_path):
     state = _state(other)
     replay = [q.clone() for q in other.default.replay]
     t = load_file(str(path))
-    for name, value in {"ids": torch.tensor([10**6]), "dtype": torch.tensor([1.5]), "empty": torch.tensor([], dtype=torch.int64)}.items():
+    longer = torch.tensor(random_ids(other.config.window_tokens + 300, seed=4), dtype=torch.int64)  # than any round's probe
+    for name, value in {"ids": torch.tensor([10**6]), "dtype": torch.tensor([1.5]), "empty": torch.tensor([], dtype=torch.int64),
+                        "too long": longer}.items():
         bad = _rewrite(path, tmp_path / f"{name}.st", tensors={**t, "replay.0": value})
         with pytest.raises(MemoryFileError, match="replay"):
             other.load_memory(bad)

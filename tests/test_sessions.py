@@ -163,3 +163,32 @@ def test_session_misuse_is_refused():
     with pytest.raises(InputError, match="at least one"):
         eng.generate_batch({})
     assert eng.session("a") is not s                   # a closed name can be opened again, empty
+
+
+def test_absorb_takes_all_its_input_when_another_sessions_rounds_run_first():
+    """Another session's ready round (another shape, a higher priority) runs in the first batch;
+    absorb() goes on until its own input is in, rather than returning with most of it untaken."""
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(futures=0, max_steps=2))
+    other = eng.session("b", priority=5, chunk_tokens=8)
+    other.feed(random_ids(100, seed=2))
+    ids = random_ids(200, seed=1)
+    report = eng.absorb(ids)
+    assert report.tokens == 200 and report.absorbed_tokens + report.held_tokens == 200
+    flushed = eng.session("c", chunk_tokens=8)
+    other.feed(random_ids(100, seed=3))
+    assert flushed.absorb(random_ids(30, seed=4), flush=True).held_tokens == 0
+
+
+def test_the_model_itself_reads_the_memory_as_reset_or_loaded(tmp_path):
+    from tiny_models import base_logits
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(futures=0))
+    query, bare = random_ids(6, seed=7), base_logits(make_model("llama"), random_ids(6, seed=7))
+    eng.save_memory(tmp_path / "empty.absorber")
+    eng.absorb(random_ids(80), flush=True)
+    assert (base_logits(eng.runner.model, query) - bare).abs().max() > 1e-3
+    eng.reset()
+    assert torch.equal(base_logits(eng.runner.model, query), bare)
+    eng.absorb(random_ids(80, seed=3), flush=True)
+    eng.load_memory(tmp_path / "empty.absorber")
+    assert torch.equal(base_logits(eng.runner.model, query), bare)

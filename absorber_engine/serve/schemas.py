@@ -32,7 +32,7 @@ class _Sampling(_Body):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)     # refused here, before any session is touched
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None

@@ -14,7 +14,7 @@ import time
 from array import array
 from dataclasses import dataclass
 
-from ..errors import MemoryFileError
+from ..errors import AbsorberError, MemoryFileError
 from .state import StateDir
 
 log = logging.getLogger("absorber.serve")
@@ -106,17 +106,19 @@ class SessionTable:
         now = time.monotonic()
         for conv in list(self.convs.values()):
             if conv.dirty and now - conv.changed_at >= self.idle_save_s:
-                self._save_logged(conv)
+                self.save_logged(conv)
 
     def save_all(self) -> None:
         for conv in list(self.convs.values()):
             if conv.dirty:
-                self._save_logged(conv)
+                self.save_logged(conv)
 
-    def _save_logged(self, conv: Conversation) -> None:
+    def save_logged(self, conv: Conversation) -> None:
+        """save(), a failure logged rather than raised: the session stays dirty, and the next save
+        (idle, or the next round's) tries again. The memory itself is in the engine, not on disk."""
         try:
             self.save(conv)
-        except OSError as exc:       # a full disk must not take the server down; retried next time
+        except (OSError, AbsorberError) as exc:   # a full disk, a quota: not the server's end; retried next time
             log.error("state: could not save session %r: %s", conv.id, exc)
 
 

@@ -22,6 +22,7 @@ import time
 from array import array
 from concurrent.futures import Future
 
+from ..errors import AbsorptionError
 from .decoding import Decoder
 from .errors import (
     APIError,
@@ -177,9 +178,16 @@ class Worker:
             raise plan.error
         report = None
         if job.flush and sess.held_tokens:
-            report = sess.absorb([], flush=True)
+            try:
+                report = sess.absorb([], flush=True)
+            except AbsorptionError as exc:     # answered as _take_in answers a failed round
+                dropped = sess.discard_window()
+                conv.changed()
+                self.table.save_logged(conv)
+                raise absorption_failed(f"flushing session {conv.id!r} failed: {exc}; its memory is kept as before "
+                                        f"that round, and the {dropped} raw tokens it held were dropped") from exc
             conv.changed()
-            self.table.save(conv)
+            self.table.save_logged(conv)
         job.done({"id": conv.id, "object": "session.absorb", "tokens": len(job.document),
                   "rounds": sess.rounds - before, "absorbed_tokens": sess.absorbed_tokens,
                   "held_tokens": sess.held_tokens,
@@ -252,13 +260,13 @@ class Worker:
                     continue
                 if rep.rounds:
                     progress = True
-                    self.table.save(p.conv)
+                    self.table.save_logged(p.conv)
                 if rep.errors:
                     # The round would fail the same way on every later request: its raw tokens are
                     # dropped so the session goes on, with the memory it had before that round.
                     dropped = self.table.session(p.conv).discard_window()
                     p.conv.changed()
-                    self.table.save(p.conv)
+                    self.table.save_logged(p.conv)
                     p.error = absorption_failed(f"absorbing session {p.conv.id!r} failed: {rep.errors[-1]}; its "
                                                 f"memory is kept as before that round, and the {dropped} raw "
                                                 "tokens of that round were dropped, so the session goes on")

@@ -2,6 +2,7 @@
 sessions that grow far past the window, and every kind of bad request (the README's table)."""
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -182,6 +183,49 @@ def test_a_round_that_fails_answers_422_and_the_session_goes_on(server, monkeypa
     assert httpx.get(f"{server}/v1/sessions/failing").json()["absorbed_tokens"] >= before["absorbed_tokens"]
 
 
+def test_a_flush_whose_round_fails_answers_422_and_the_session_goes_on(server, monkeypatch):
+    from absorber_engine.round import ROUNDS, RoundResult
+
+    url = f"{server}/v1/sessions/flushfail/absorb"
+    monkeypatch.setitem(ROUNDS, "absorber", lambda runner, batch, cfg: [
+        RoundResult(error="the sync loss became nan at step 0") for _ in batch.deltas])
+    r = httpx.post(url, json={"tokens": list(range(5, 25)), "flush": True})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "round_rolled_back", r.text
+    info = httpx.get(f"{server}/v1/sessions/flushfail").json()
+    assert info["absorbed_tokens"] == 0 and info["held_tokens"] == 0     # memory as it was; the round's tokens dropped
+    monkeypatch.undo()
+    assert httpx.post(url, json={"tokens": list(range(5, 25)), "flush": True}).status_code == 200
+
+
+def test_a_save_that_fails_is_logged_and_the_server_serves_on(tmp_path, monkeypatch):
+    """A state disk over its quota (an error save_memory reports as InputError) neither ends the
+    engine's worker nor loses the session: the next save, the disk fine again, writes it."""
+    import errno
+
+    from absorber_engine import memory_file
+
+    real = memory_file.save_file
+
+    def quota(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    cfg = ServeConfig(NAME, state_dir=str(tmp_path), timeout_s=60, idle_save_s=0.0)
+    with BackgroundServer(small_engine(), cfg) as url:
+        body, headers = {"model": NAME, "max_tokens": 2, "temperature": 0}, {"X-Absorber-Session": "q"}
+        monkeypatch.setattr(memory_file, "save_file", quota)
+        r = httpx.post(url + C, json={**body, "prompt": DOC * 2}, headers=headers)
+        assert r.status_code == 200, r.text          # the memory is in the engine; the save is retried
+        monkeypatch.setattr(memory_file, "save_file", real)
+        r = httpx.post(url + C, json={**body, "prompt": "another"}, timeout=30)
+        assert r.status_code == 200, r.text
+        info = httpx.get(url + "/v1/sessions/q").json()
+        assert info["absorbed_tokens"] + info["held_tokens"] > 0
+        deadline = time.monotonic() + 10
+        while not any(tmp_path.glob("*.absorber")) and time.monotonic() < deadline:
+            time.sleep(0.05)                             # the worker's idle save, now that the disk takes it
+        assert any(tmp_path.glob("*.absorber"))
+
+
 def test_session_endpoints_absorb_info_delete(client, server):
     r = httpx.post(f"{server}/v1/sessions/docs/absorb", json={"text": DOC * 3})
     assert r.status_code == 200, r.text
@@ -228,6 +272,8 @@ BAD = {
     "n > 1": ("POST", C, {**OK_C, "n": 2}, 400, "invalid_value", "n"),
     "more than 4 stop sequences": ("POST", C, {**OK_C, "stop": list("abcde")}, 400, "invalid_value", "stop"),
     "seed not an integer": ("POST", C, {**OK_C, "seed": "x"}, 400, "invalid_value", "seed"),
+    "seed < 0": ("POST", C, {**OK_C, "seed": -1}, 400, "invalid_value", "seed"),
+    "seed past int64": ("POST", CH, {**OK_CH, "seed": 2**63}, 400, "invalid_value", "seed"),
     "recite not a boolean": ("POST", C, {**OK_C, "recite": "yes"}, 400, "invalid_value", "recite"),
     "recite without the recite probe": ("POST", C, {**OK_C, "recite": True}, 400, None, "recite"),
     "max_tokens past the context": ("POST", C, {**OK_C, "max_tokens": 5000}, 400, "context_length_exceeded",
