@@ -110,8 +110,7 @@ class AbsorberEngine(GenerationMixin):
     # ------------------------------------------------------------------ absorption
 
     def feed(self, text_or_ids, session=DEFAULT_SESSION) -> int:
-        """Queues tokens without absorbing them (thread-safe); run() absorbs what is ready.
-        Returns how many tokens were queued."""
+        """Queues tokens without absorbing them (thread-safe; run() absorbs what is ready); returns how many."""
         sess = self._get(session)
         ids = self.to_ids(text_or_ids)
         self.scheduler.feed(sess.key, ids)
@@ -160,10 +159,10 @@ class AbsorberEngine(GenerationMixin):
             if st["in_flight"] is not None or not ready:
                 break
             results = self._run_batch()
+            if results and sess.key not in results:
+                continue                        # other sessions' rounds ran first; this one's still waits
             if not results:
                 break
-            if sess.key not in results:
-                continue                        # other sessions' rounds ran first; this one's still waits
             rnd, res = results[sess.key]
             if res.error is not None:
                 err = AbsorptionError(f"round {sess.rounds + 1} rolled back, memory unchanged: {res.error}")
@@ -342,8 +341,7 @@ class AbsorberEngine(GenerationMixin):
                 delta.to(self.runner.device if kind == "to_device" else torch.device("cpu"))
 
     def _rest(self) -> None:
-        """Between calls the model carries the default session's memory, so calling the model itself
-        (or a wrapper around it) reads that memory."""
+        """Between calls the model carries the default session's memory: the model itself reads it."""
         if self.runner.wrappers:
             self.runner.bind([self.default.delta])
 
