@@ -225,7 +225,7 @@ def _slot_states(path, tensors: dict, meta: dict, session) -> list[dict]:
             raise MemoryFileError(f"{path} holds delta tensors that are not floating point: {bad[:4]}")
         try:
             session.delta.check_state(state)
-        except (ValueError, RuntimeError, NotImplementedError) as exc:     # a float8 tensor: no isfinite
+        except (ValueError, RuntimeError, NotImplementedError) as exc:     # a dtype torch cannot convert
             raise MemoryFileError(f"{path} does not fit this engine's delta (other targets?): {exc}") from exc
         states.append(state)
     return states

@@ -79,6 +79,8 @@ def multinomial_one(probs: torch.Tensor, generator: torch.Generator | None = Non
 
 def exponential_draw(shape, generator: torch.Generator) -> torch.Tensor:
     """torch.empty(shape).exponential_(generator=generator), float32, for a CPU generator."""
+    if _twister is None:                 # a build without the extension: torch's own draw, the same values
+        return torch.empty(shape).exponential_(generator=generator)
     with _LOCK:
         return _draw(shape, generator)
 

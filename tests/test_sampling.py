@@ -43,6 +43,7 @@ def test_without_the_extension_tokens_come_from_torchs_own_draw(monkeypatch):
     ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     assert torch.equal(sampling.multinomial_one(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
     assert torch.equal(ours.get_state(), theirs.get_state())
+    assert torch.equal(sampling.exponential_draw((2, 9), ours), torch.empty(2, 9).exponential_(generator=theirs))
 
 
 def test_tokens_and_state_are_multinomials_with_zeros_and_the_default_generator():
