@@ -106,6 +106,9 @@ class AbsorberEngine(GenerationMixin):
             del self.sessions[sess.key]
             self._windows.drop(sess.key)
             sess.closed = True
+            if sess is self.default:        # the model carries the default memory: an empty one takes its place
+                self.default = self.session(DEFAULT_SESSION)
+            self._rest()
 
     # ------------------------------------------------------------------ absorption
 
@@ -117,13 +120,11 @@ class AbsorberEngine(GenerationMixin):
         return len(ids)
 
     def absorb(self, text_or_ids, flush: bool = False, progress=None, session=DEFAULT_SESSION) -> AbsorbReport:
-        """Feeds the stream and absorbs every round its window allows (all of it with flush).
-
-        Ready rounds of other sessions with the same shape are absorbed in the same batches. If one
-        of this session's rounds fails, its memory stays as it was before that round, the window
-        keeps the tokens not absorbed yet, and AbsorptionError says how many of this call's tokens
-        were taken (`err.tokens_taken`), so the caller can resume from there.
-        """
+        """Feeds the stream and absorbs every round its window allows (all of it with flush). Other
+        sessions' ready rounds run too, batched with this one's or before them. If one of this
+        session's rounds fails, its memory stays as it was before that round, the window keeps the
+        tokens not absorbed yet, and AbsorptionError says how many of this call's tokens were taken
+        (`err.tokens_taken`), so the caller can resume from there."""
         sess = self._get(session)
         ids = self.to_ids(text_or_ids, allow_empty=flush)
         inputs.check_callback("progress", progress)
@@ -174,9 +175,8 @@ class AbsorberEngine(GenerationMixin):
         return pos
 
     def run(self, flush: bool = False) -> dict:
-        """Absorbs every round that is ready in any session, in batches; with flush, everything
-        every session holds. Returns an AbsorbReport per session that ran; a failed round is rolled
-        back, its tokens stay queued, and the report's `errors` says why."""
+        """Absorbs every round ready in any session, in batches (with flush, all every session holds);
+        an AbsorbReport per session that ran. A failed round is rolled back (tokens kept; `errors` says why)."""
         reports: dict = {}
         with self._lock:
             if flush:

@@ -192,3 +192,16 @@ def test_the_model_itself_reads_the_memory_as_reset_or_loaded(tmp_path):
     eng.absorb(random_ids(80, seed=3), flush=True)
     eng.load_memory(tmp_path / "empty.absorber")
     assert torch.equal(base_logits(eng.runner.model, query), bare)
+
+
+def test_closing_the_default_session_leaves_an_empty_default_the_model_reads():
+    from tiny_models import base_logits
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(futures=0))
+    query, bare = random_ids(6, seed=7), base_logits(make_model("llama"), random_ids(6, seed=7))
+    eng.absorb(random_ids(80), flush=True)
+    closed = eng.default
+    closed.close()
+    assert closed.closed and not eng.default.closed and eng.absorbed_tokens == 0 and eng.delta.is_zero()
+    assert torch.equal(base_logits(eng.runner.model, query), bare)
+    assert eng.absorb(random_ids(30, seed=5)).tokens == 30
