@@ -180,12 +180,8 @@ class Worker:
         if job.flush and sess.held_tokens:
             try:
                 report = sess.absorb([], flush=True)
-            except AbsorptionError as exc:     # answered as _take_in answers a failed round
-                dropped = sess.discard_window()
-                conv.changed()
-                self.table.save_logged(conv)
-                raise absorption_failed(f"flushing session {conv.id!r} failed: {exc}; its memory is kept as before "
-                                        f"that round, and the {dropped} raw tokens it held were dropped") from exc
+            except AbsorptionError as exc:
+                raise self._failed_round(conv, "flushing", exc) from exc
             conv.changed()
             self.table.save_logged(conv)
         job.done({"id": conv.id, "object": "session.absorb", "tokens": len(job.document),
@@ -262,19 +258,22 @@ class Worker:
                     progress = True
                     self.table.save_logged(p.conv)
                 if rep.errors:
-                    # The round would fail the same way on every later request: its raw tokens are
-                    # dropped so the session goes on, with the memory it had before that round.
-                    dropped = self.table.session(p.conv).discard_window()
-                    p.conv.changed()
-                    self.table.save_logged(p.conv)
-                    p.error = absorption_failed(f"absorbing session {p.conv.id!r} failed: {rep.errors[-1]}; its "
-                                                f"memory is kept as before that round, and the {dropped} raw "
-                                                "tokens of that round were dropped, so the session goes on")
+                    p.error = self._failed_round(p.conv, "absorbing", rep.errors[-1])
             pending = [p for p in pending if p.pos < len(p.feed) and p.error is None]
             if not progress:
                 for p in pending:
                     p.error = server_error(f"session {p.conv.id!r} cannot take in more tokens")
                 break
+
+
+    def _failed_round(self, conv: Conversation, doing: str, why) -> APIError:
+        """The answer to a round that was rolled back. It would fail the same way on every later
+        request, so its raw tokens are dropped and the session goes on with the memory it had."""
+        dropped = self.table.session(conv).discard_window()
+        conv.changed()
+        self.table.save_logged(conv)
+        return absorption_failed(f"{doing} session {conv.id!r} failed: {why}; its memory is kept as before that "
+                                 f"round, and the {dropped} raw tokens of that round were dropped, so the session goes on")
 
 
 def _drain(q: queue.Queue) -> list[Job]:
