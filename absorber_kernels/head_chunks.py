@@ -79,5 +79,12 @@ def exp_rows_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def row_dot(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Σ_v p[n, v]·z[n, v] per row, (n,), without the (n, V) product torch.linalg.vecdot makes."""
-    return torch.bmm(p.to(z.dtype).unsqueeze(1), z.unsqueeze(2)).view(-1)
+    """Σ_v p[n, v]·z[n, v] per row, (n,): one BLAS dot a row, no (n, V) product. Batched GEMMs of
+    1 x V by V x 1 (`bmm`, `einsum`) run at 1 GFLOP/s on a CPU (256 x 49,152 in fp32: 18 ms against
+    3 ms here; the product torch.linalg.vecdot makes is fresh pages: 15 ms)."""
+    p = p.to(z.dtype)
+    out = z.new_empty(z.shape[0])
+    with torch.no_grad():                   # callers write their gradients themselves
+        for i in range(z.shape[0]):
+            torch.dot(p[i], z[i], out=out[i])
+    return out

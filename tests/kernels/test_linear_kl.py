@@ -137,3 +137,17 @@ def test_a_loss_weight_scales_bf16_gradients_with_one_rounding(which):
         (loss * weight).backward()
         grads.append(h.grad)
     assert torch.equal(grads[1], (grads[0].float() * 0.3).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_dot_is_each_rows_dot_product(dtype):
+    """The per-row sum the KL and CE paths read; p may come in another dtype (a kept bf16 p_t)."""
+    from absorber_kernels.head_chunks import row_dot
+
+    g = torch.Generator().manual_seed(3)
+    p, z = torch.rand(37, 1000, generator=g), torch.randn(37, 1000, generator=g, dtype=torch.float64)
+    got = row_dot(p.to(torch.bfloat16), z.to(dtype))
+    want = (p.to(torch.bfloat16).double() * z.to(dtype).double()).sum(-1)
+    assert got.dtype == dtype and got.shape == (37,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    assert row_dot(p[:0], z[:0].to(dtype)).shape == (0,)
