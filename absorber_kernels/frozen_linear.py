@@ -43,7 +43,7 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buf.copy_(weight)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
@@ -72,7 +72,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     packed = packed_linear.lookup(weight) if weight_layout == "linear" else None
     if packed is not None:                       # a decode step inside packed_linear.packed()
         return packed(x, bias)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if dtype != weight.dtype and not weight.requires_grad and (bias is None or not bias.requires_grad):
         return FrozenLinear.apply(x, weight, bias, weight_layout == "conv1d", dtype)
     if weight_layout == "linear":

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ._common import HAS_TRITON, check_tensors, dot_precision, next_pow2
-from .frozen_linear import base_linear
+from . import packed_linear
+from .frozen_linear import base_linear, cast_weight, compute_dtype
 
 
 def lowrank_linear_ref(
@@ -32,6 +33,56 @@ def lowrank_linear_ref(
     xa = torch.matmul(x, A.to(x.dtype)).mul_(scale)            # (..., r)
     out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.to(x.dtype))
     return out.view(y.shape)                                    # (..., out)
+
+
+class LowRankLinearTorch(torch.autograd.Function):
+    """The reference's arithmetic as one autograd node: x cast to the compute dtype once (the
+    reference casts it for W and again for A), dx = dy·W + v·Aᵀ summed inside one GEMM's output
+    (the reference's two branches meet in an extra pass over (M, in)), and a sixth of the graph's
+    nodes. Saves x in the compute dtype, u = s·x·A and the delta's casts; W is cast again in the
+    backward (frozen_linear says why)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale, conv1d, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            w = weight if weight.dtype == dtype else cast_weight(weight, dtype)
+            a, b = A.to(dtype), B.to(dtype)
+            u = torch.mm(x2, a).mul_(scale)
+            w = w if conv1d else w.t()
+            y = torch.mm(x2, w) if bias is None else torch.addmm(bias.to(dtype), x2, w)
+            y.addmm_(u, b)
+        ctx.save_for_backward(x2, weight, a, b, u)
+        ctx.meta = (scale, conv1d, dtype, x.dtype, x.shape, A.dtype, B.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, a, b, u = ctx.saved_tensors
+        scale, conv1d, dtype, x_dtype, x_shape, a_dtype, b_dtype = ctx.meta
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        dx = dA = dB = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            v = torch.mm(dy2, b.t()).mul_(scale)                       # (M, r)
+            if ctx.needs_input_grad[0]:
+                w = weight if weight.dtype == dtype else cast_weight(weight, dtype)
+                dx = torch.mm(dy2, w.t() if conv1d else w).addmm_(v, a.t()).to(x_dtype).view(x_shape)
+            if ctx.needs_input_grad[3]:
+                dA = torch.mm(x2.t(), v).to(a_dtype)
+        if ctx.needs_input_grad[4]:
+            dB = torch.mm(u.t(), dy2).to(b_dtype)
+        return dx, None, None, dA, dB, None, None, None
+
+
+def lowrank_linear_torch(x, weight, bias, A, B, scale, weight_layout="linear"):
+    """The torch backend's op: lowrank_linear_ref's result (to rounding) in one autograd node. A
+    trainable W or bias, and a decode step on packed weights, take the reference."""
+    if weight_layout not in ("linear", "conv1d"):
+        raise ValueError(f"weight_layout must be 'linear' or 'conv1d', got {weight_layout!r}")
+    if (weight.requires_grad or (bias is not None and bias.requires_grad)
+            or (weight_layout == "linear" and packed_linear.lookup(weight) is not None)):
+        return lowrank_linear_ref(x, weight, bias, A, B, scale, weight_layout)
+    return LowRankLinearTorch.apply(x, weight, bias, A, B, scale, weight_layout == "conv1d", compute_dtype(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .hidden_sync import hidden_l1_ref
 from .linear_ce import linear_ce_ref
 from .linear_kl import linear_kl_ref
 from .lowrank_batched import lowrank_linear_batched_ref
-from .lowrank_linear import lowrank_linear_ref
+from .lowrank_linear import lowrank_linear_torch
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Ops:
     linear_ce: Callable
 
 
-TORCH_OPS = Ops("torch", lowrank_linear_ref, hidden_l1_ref, linear_kl_ref, attention_ref, lowrank_linear_batched_ref,
+TORCH_OPS = Ops("torch", lowrank_linear_torch, hidden_l1_ref, linear_kl_ref, attention_ref, lowrank_linear_batched_ref,
                 linear_ce_ref)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 # (atol as a fraction of max |reference|, rtol) per input dtype
-TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2)}
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
 def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> float:

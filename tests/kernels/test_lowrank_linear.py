@@ -66,3 +66,41 @@ def test_lowrank_refuses_trainable_weight():
         lowrank_linear_triton(x, w.requires_grad_(), None, a, bb, 1.0)
     with pytest.raises(ValueError):
         lowrank_linear_triton(x, w.detach(), None, a, bb, 1.0, "transposed")
+
+
+@pytest.mark.parametrize("layout,bias", [("linear", False), ("conv1d", True)])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_torch_op_is_the_reference_in_one_node(layout, bias, autocast, x_grad):
+    """The torch backend's op against the float64 reference: y, dx, dA and dB, fp32 and under bf16
+    autocast (the engine's CPU rounds), a bias, a 3-d input, an input without gradient."""
+    x, w, b, a, bb = _inputs((3, 5), 24, 40, 4, torch.float32, layout, bias, seed=2)
+    xk = x.clone().requires_grad_(x_grad)
+    ak, bk = a.clone().requires_grad_(), bb.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = LR.lowrank_linear_torch(xk, w, b, ak, bk, 0.5, layout)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    y.backward(dy.to(y.dtype))
+    x64 = x.double().requires_grad_(x_grad)
+    a64, b64 = a.double().requires_grad_(), bb.double().requires_grad_()
+    y64 = lowrank_linear_ref(x64, w.double(), None if b is None else b.double(), a64, b64, 0.5, layout)
+    y64.backward(dy.double())
+    dtype = torch.bfloat16 if autocast else torch.float32
+    assert y.dtype == dtype and y.grad_fn.name() == "LowRankLinearTorchBackward"
+    assert_close("torch op y", y, y64, dtype)
+    assert (xk.grad is None) != x_grad and ak.grad.dtype == bk.grad.dtype == torch.float32
+    if x_grad:
+        assert xk.grad.dtype == torch.float32
+        assert_close("torch op dx", xk.grad, x64.grad, dtype)
+    assert_close("torch op dA", ak.grad, a64.grad, dtype)
+    assert_close("torch op dB", bk.grad, b64.grad, dtype)
+
+
+def test_torch_op_takes_the_reference_for_a_trainable_weight():
+    x, w, b, a, bb = _inputs((4,), 8, 6, 2, torch.float32, "linear", bias=False)
+    w.requires_grad_()
+    y = LR.lowrank_linear_torch(x, w, None, a, bb, 1.0)
+    y.sum().backward()
+    assert w.grad is not None and torch.allclose(y, lowrank_linear_ref(x, w, None, a, bb, 1.0))
+    with pytest.raises(ValueError, match="weight_layout"):
+        LR.lowrank_linear_torch(x, w.detach(), None, a, bb, 1.0, "transposed")
