@@ -11,6 +11,7 @@ Conv1D [in, out].
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._common import HAS_TRITON, check_tensors, dot_precision, next_pow2
 from . import packed_linear
@@ -36,25 +37,27 @@ def lowrank_linear_ref(
 
 
 class LowRankLinearTorch(torch.autograd.Function):
-    """The reference's arithmetic as one autograd node: x cast to the compute dtype once (the
-    reference casts it for W and again for A), dx = dy·W + v·Aᵀ summed inside one GEMM's output
-    (the reference's two branches meet in an extra pass over (M, in)), and a sixth of the graph's
-    nodes. Saves x in the compute dtype, u = s·x·A and the delta's casts; W is cast again in the
-    backward (frozen_linear says why)."""
+    """The reference's arithmetic, op for op and so to the bit, as one autograd node: x cast to the
+    compute dtype once (the reference casts it for W and again for A) and a sixth of the graph's
+    nodes, each a Python-side step of the backward. The sum of dx's two branches stays a separate
+    add in x's dtype, as autograd makes it: folded into a GEMM it would round otherwise, and a
+    stream's rounds alone would then differ from the same rounds batched with other streams
+    (lowrank_batched). Saves x in the compute dtype, u = s·x·A and the delta's casts; W is cast
+    again in the backward (frozen_linear says why)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale, conv1d, dtype):
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            xc = x.to(dtype)
             w = weight if weight.dtype == dtype else cast_weight(weight, dtype)
             a, b = A.to(dtype), B.to(dtype)
+            y = F.linear(xc, w.t() if conv1d else w, None if bias is None else bias.to(dtype))
+            x2 = xc.reshape(-1, xc.shape[-1])
             u = torch.mm(x2, a).mul_(scale)
-            w = w if conv1d else w.t()
-            y = torch.mm(x2, w) if bias is None else torch.addmm(bias.to(dtype), x2, w)
-            y.addmm_(u, b)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), u, b)
         ctx.save_for_backward(x2, weight, a, b, u)
         ctx.meta = (scale, conv1d, dtype, x.dtype, x.shape, A.dtype, B.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out.view(y.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -66,7 +69,8 @@ class LowRankLinearTorch(torch.autograd.Function):
             v = torch.mm(dy2, b.t()).mul_(scale)                       # (M, r)
             if ctx.needs_input_grad[0]:
                 w = weight if weight.dtype == dtype else cast_weight(weight, dtype)
-                dx = torch.mm(dy2, w.t() if conv1d else w).addmm_(v, a.t()).to(x_dtype).view(x_shape)
+                dx = torch.mm(dy2, w.t() if conv1d else w).to(x_dtype) + torch.mm(v, a.t()).to(x_dtype)
+                dx = dx.view(x_shape)
             if ctx.needs_input_grad[3]:
                 dA = torch.mm(x2.t(), v).to(a_dtype)
         if ctx.needs_input_grad[4]:

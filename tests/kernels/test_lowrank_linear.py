@@ -72,8 +72,9 @@ def test_lowrank_refuses_trainable_weight():
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_torch_op_is_the_reference_in_one_node(layout, bias, autocast, x_grad):
-    """The torch backend's op against the float64 reference: y, dx, dA and dB, fp32 and under bf16
-    autocast (the engine's CPU rounds), a bias, a 3-d input, an input without gradient."""
+    """The torch backend's op against the float64 reference and to the bit against the reference
+    at its own precision: y, dx, dA and dB, fp32 and under bf16 autocast (the engine's CPU rounds),
+    a bias, a 3-d input, an input without gradient."""
     x, w, b, a, bb = _inputs((3, 5), 24, 40, 4, torch.float32, layout, bias, seed=2)
     xk = x.clone().requires_grad_(x_grad)
     ak, bk = a.clone().requires_grad_(), bb.clone().requires_grad_()
@@ -94,6 +95,15 @@ def test_torch_op_is_the_reference_in_one_node(layout, bias, autocast, x_grad):
         assert_close("torch op dx", xk.grad, x64.grad, dtype)
     assert_close("torch op dA", ak.grad, a64.grad, dtype)
     assert_close("torch op dB", bk.grad, b64.grad, dtype)
+    # And the reference's own bits at the same precision: a stream absorbed alone must equal the
+    # same stream batched with others (lowrank_batched rounds as the reference does).
+    xr = x.clone().requires_grad_(x_grad)
+    ar, br = a.clone().requires_grad_(), bb.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        yr = lowrank_linear_ref(xr, w, b, ar, br, 0.5, layout)
+    yr.backward(dy.to(yr.dtype))
+    assert torch.equal(y, yr) and torch.equal(ak.grad, ar.grad) and torch.equal(bk.grad, br.grad)
+    assert not x_grad or torch.equal(xk.grad, xr.grad)
 
 
 def test_torch_op_takes_the_reference_for_a_trainable_weight():
