@@ -2,8 +2,8 @@
 torch's fused softmax, forward and backward.
 
 torch's CPU flash kernel is slow on the rows a round trains on, its backward most of all (SmolLM2's
-heads, 9 query and 3 key/value heads of 64, bf16, 2 threads, 554 tokens: 4.7 ms forward, 14.0 ms
-backward). Here, 64 queries at a time, the g query heads of a key/value group are folded into the
+heads, 9 query and 3 key/value heads of 64, bf16, 2 threads, 554 tokens, on an AMD EPYC: 4.7 ms
+forward, 14.0 ms backward). Here, 64 queries at a time, the g query heads of a key/value group are folded into the
 rows of one GEMM against that group's keys up to the block's end (so the causal upper half is never
 computed and no key is copied per query head), the block's causal corner is masked, and the
 probabilities come from one fused `torch.softmax` in the input dtype (fp32 inside). The forward
@@ -11,14 +11,21 @@ keeps no probabilities and no log-sum-exp: the backward recomputes each block's 
 way and gets dS = P ∘ (dP − rowsum(dP ∘ P)) from torch's fused softmax backward, so a block's
 elementwise work is two fused passes, not the eight casts and in-place ops of an unfused softmax.
 The same 554 tokens: 3.2 + 6.6 ms; faster than torch's kernels at every length measured in bf16,
-96 to 4,096 tokens, and in fp32 up to 800 (`python -m benchmarks.cpu_products`; MAX_TOKENS).
+96 to 4,096 tokens, and in fp32 up to 800 (`python -m benchmarks.cpu_products`; MAX_TOKENS). On a
+Xeon with AMX torch's forward is the faster one (its GEMMs run on the tile unit) while this
+backward still is: the forward is chosen by timing both once (`_sdpa_forward_is_faster`).
 
 `attention_ref` is the plain reference; the tests hold this to float64 through autograd.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
+
 import torch
+import torch.nn.functional as F
 
 BLOCK = 64
 # The longest rows it takes, per dtype, where it measured faster than torch's sdpa forward + backward
@@ -29,13 +36,18 @@ BLOCK = 64
 MAX_TOKENS = {torch.bfloat16: 8192, torch.float32: 768}
 
 
+@functools.lru_cache(maxsize=8)
+def _corner(rows: int, device: torch.device) -> torch.Tensor:
+    """The causal mask inside a block, (rows, rows), True above the diagonal; read only."""
+    return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
+
+
 def _block_probabilities(qb, k, start, rows, groups):
     """softmax(qb·kᵀ) over keys [0, start + rows) for one query block, causal inside it: qb (BH,
     g·rows, D) already scaled, k (BH, T, D); (BH, g·rows, start + rows) in q's dtype."""
     end = start + rows
     s = torch.bmm(qb, k[:, :end].transpose(1, 2))
-    corner = torch.ones(rows, rows, dtype=torch.bool, device=s.device).triu_(1)
-    s.view(s.shape[0], groups, rows, end)[..., start:].masked_fill_(corner, float("-inf"))
+    s.view(s.shape[0], groups, rows, end)[..., start:].masked_fill_(_corner(rows, s.device), float("-inf"))
     return torch.softmax(s, dim=-1)
 
 
@@ -52,19 +64,10 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        B, Hq, T, D = q.shape
-        Hk = k.shape[1]
-        g = Hq // Hk
-        qs = _grouped(q * scale, Hk)
-        kk, vv = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
-        out = q.new_empty(B, T, Hk, g, D)
-        for start in range(0, T, BLOCK):
-            rows = min(BLOCK, T - start)
-            p = _block_probabilities(qs[:, :, start:start + rows].reshape(B * Hk, g * rows, D), kk, start, rows, g)
-            o = torch.bmm(p, vv[:, :start + rows]).view(B, Hk, g, rows, D)
-            out[:, start:start + rows] = o.permute(0, 3, 1, 2, 4)
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
+        B, Hq, T, D = q.shape
+        out = _sdpa_forward(q, k, v, scale) if _sdpa_forward_is_faster(q, k) else _blocks_forward(q, k, v, scale)
         return out.view(B, T, Hq, D).transpose(1, 2)
 
     @staticmethod
@@ -100,6 +103,66 @@ class CausalAttention(torch.autograd.Function):
         return (dq.view(B, Hq, T, D).mul_(ctx.scale) if need_q else None,
                 dk.view(B, Hk, T, D).to(k.dtype) if need_k else None,
                 dv.view(B, Hk, T, D).to(v.dtype) if need_v else None, None)
+
+
+def _blocks_forward(q, k, v, scale):
+    """The blocks' forward: (B, T, Hk, g, D)."""
+    B, Hq, T, D = q.shape
+    Hk = k.shape[1]
+    g = Hq // Hk
+    qs = _grouped(q * scale, Hk)
+    kk, vv = k.reshape(B * Hk, T, D), v.reshape(B * Hk, T, D)
+    out = q.new_empty(B, T, Hk, g, D)
+    for start in range(0, T, BLOCK):
+        rows = min(BLOCK, T - start)
+        p = _block_probabilities(qs[:, :, start:start + rows].reshape(B * Hk, g * rows, D), kk, start, rows, g)
+        o = torch.bmm(p, vv[:, :start + rows]).view(B, Hk, g, rows, D)
+        out[:, start:start + rows] = o.permute(0, 3, 1, 2, 4)
+    return out
+
+
+def _sdpa_forward(q, k, v, scale):
+    """torch's fused forward, laid out as the blocks' (B, T, Hq, D)."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+_FASTER: dict[tuple, bool] = {}
+_FASTER_LOCK = threading.Lock()
+
+
+def _sdpa_forward_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether torch's forward beats the blocks' for this dtype and head shape on this CPU: timed
+    once a process (256 tokens, best of 3 each, a few ms), as an autotuner would. Which one wins
+    depends on the CPU: on the EPYC (AVX512-BF16, no AMX) this project measured first, the blocks
+    (554 tokens, bf16: 3.2 against 4.7 ms); on a Xeon with AMX, torch's (0.95 against 2.62 ms;
+    256 tokens 0.23 against 0.74, 1,024 2.3 against 7.8; fp32 too). The backward is the blocks' on
+    both, which needs only q, k and v: torch's CPU backward is the slower one on both CPUs."""
+    key = (q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+    faster = _FASTER.get(key)
+    if faster is None:
+        with _FASTER_LOCK:
+            if key not in _FASTER:
+                _FASTER[key] = _time_forwards(*key)
+            faster = _FASTER[key]
+    return faster
+
+
+def _time_forwards(dtype, heads_q, heads_k, dim, tokens=256, reps=3) -> bool:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, tokens, dim, generator=g).to(dtype) for h in (heads_q, heads_k, heads_k))
+
+    def best(forward):
+        forward(q, k, v, dim ** -0.5)                     # first call: buffers, kernels' own set-up
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            forward(q, k, v, dim ** -0.5)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        return best(_sdpa_forward) < best(_blocks_forward)
 
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -10,13 +10,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_kernels.attention import attention_ref
 from absorber_kernels.cpu_attention import BLOCK, MAX_TOKENS, causal_attention, usable
-from absorber_kernels import hf_attention
+from absorber_kernels import cpu_attention, hf_attention
 from absorber_kernels.hf_attention import CPU_ATTENTION_NAME, _right_padded_causal
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("b, hq, hk, t", [(1, 4, 4, 2), (2, 6, 2, BLOCK + 37), (3, 9, 3, 96), (1, 2, 1, 2 * BLOCK)])
-def test_forward_and_backward_match_float64(dtype, tol, b, hq, hk, t):
+@pytest.mark.parametrize("torch_forward", [False, True])
+def test_forward_and_backward_match_float64(monkeypatch, dtype, tol, b, hq, hk, t, torch_forward):
+    """Both forwards (the one timed faster is taken) with the blocks' backward."""
+    monkeypatch.setattr(cpu_attention, "_sdpa_forward_is_faster", lambda q, k: torch_forward)
     g = torch.Generator().manual_seed(t)
     q, k, v = (torch.randn(b, h, t, 32, generator=g).to(dtype).requires_grad_() for h in (hq, hk, hk))
     dout = torch.randn(b, hq, t, 32, generator=g).to(dtype)
@@ -105,3 +108,14 @@ def test_the_gradients_asked_for_alone_match_float64(needs):
     for x, r, need in zip((q, k, v), ref, needs):
         if need:
             torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_forward_is_timed_once_per_dtype_and_head_shape(monkeypatch):
+    timed = []
+    monkeypatch.setattr(cpu_attention, "_FASTER", {})
+    real = cpu_attention._time_forwards
+    monkeypatch.setattr(cpu_attention, "_time_forwards", lambda *key: timed.append(key) or real(*key, tokens=16, reps=1))
+    for dtype in (torch.float32, torch.float32, torch.bfloat16):
+        q = torch.randn(1, 4, 8, 16, dtype=dtype)
+        assert isinstance(cpu_attention._sdpa_forward_is_faster(q, q[:, :2]), bool)
+    assert timed == [(torch.float32, 4, 2, 16), (torch.bfloat16, 4, 2, 16)]
