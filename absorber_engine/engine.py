@@ -16,7 +16,8 @@ completes or leaves its session's memory exactly as before: the delta is restore
 on any failure (NaN/inf, divergence, KeyboardInterrupt) and the scheduler keeps its tokens.
 
 Every method takes `session=` (a name); without it, it acts on the default session. The inference
-calls (logits, generate, generate_batch) come from generate.GenerationMixin.
+calls (logits, generate, generate_batch) come from generate.GenerationMixin, the memory's
+(reset, save_memory, load_memory, export_peft, ...) from engine_memory.MemoryMixin.
 """
 
 from __future__ import annotations
@@ -30,20 +31,19 @@ import torch
 from . import _scheduler, inputs
 from .config import AbsorberConfig
 from .errors import AbsorptionError, ConfigError, InputError
+from .engine_memory import MemoryMixin
 from .generate import GenerationMixin, WindowCache
 from .host_memory import keep_freed_memory
-from .memory_file import load_memory, save_memory
 from .model import ModelRunner
-from .peft_export import export_peft
 from .probes import frame_for
 from .replay import replay_probe
 from .round import ROUNDS
 from .round_cuts import scheduler_cuts
-from .session import DEFAULT_SESSION, AbsorbReport, Session
+from .session import DEFAULT_SESSION, AbsorbReport, Session, check_key
 from .targets import RoundBatch
 
 
-class AbsorberEngine(GenerationMixin):
+class AbsorberEngine(GenerationMixin, MemoryMixin):
     def __init__(self, model, tokenizer=None, config: AbsorberConfig | None = None):
         cfg = config if config is not None else AbsorberConfig()
         if not isinstance(cfg, AbsorberConfig):
@@ -68,6 +68,7 @@ class AbsorberEngine(GenerationMixin):
         self.sessions: dict = {}
         self._windows = WindowCache()
         self._lock = threading.RLock()      # one model: absorption and generation take turns
+        self.closed = False
         self.default = self.session(DEFAULT_SESSION)
         self._rest()
 
@@ -88,7 +89,7 @@ class AbsorberEngine(GenerationMixin):
                 sync_tokens: int | None = None) -> Session:
         """The session `name` (an int or a str), opened on first use with its own empty memory.
         chunk_tokens and sync_tokens default to the engine config's."""
-        if name in self.sessions:
+        if check_key(name) in self.sessions:
             return self.sessions[name]
         if chunk_tokens is not None or sync_tokens is not None:
             self.runner.check_window((chunk_tokens or self.config.chunk_tokens) + (sync_tokens or self.config.sync_tokens))
@@ -178,24 +179,27 @@ class AbsorberEngine(GenerationMixin):
         """Absorbs every round ready in any session, in batches (with flush, all every session holds);
         an AbsorbReport per session that ran. A failed round is rolled back (tokens kept; `errors` says why)."""
         reports: dict = {}
+        self._get(DEFAULT_SESSION)                      # refused once the engine is closed
         with self._lock:
             if flush:
                 for key, sess in self.sessions.items():
                     if sess.held_tokens:
                         self.scheduler.flush(key)
-            while True:
-                results = self._run_batch()
-                if not results:
-                    break
-                for key, (rnd, res) in results.items():
-                    rep = reports.setdefault(key, AbsorbReport())
-                    if res.error is None:
-                        rep.add_round(len(rnd.x), res)
-                    else:
-                        rep.errors.append(res.error)
-                if all(res.error is not None for _, res in results.values()):
-                    break       # nothing but failures: retrying now would fail the same way
-            self._rest()
+            try:
+                while True:
+                    results = self._run_batch()
+                    if not results:
+                        break
+                    for key, (rnd, res) in results.items():
+                        rep = reports.setdefault(key, AbsorbReport())
+                        if res.error is None:
+                            rep.add_round(len(rnd.x), res)
+                        else:
+                            rep.errors.append(res.error)
+                    if all(res.error is not None for _, res in results.values()):
+                        break       # nothing but failures: retrying now would fail the same way
+            finally:
+                self._rest()
         for key, rep in reports.items():
             rep.held_tokens = self.sessions[key].held_tokens
             rep.absorbed_tokens = self.sessions[key].absorbed_tokens
@@ -207,27 +211,30 @@ class AbsorberEngine(GenerationMixin):
         batch = self.scheduler.next_batch(self.config.max_batch)
         if batch is None:
             return {}
-        self._move(batch.moves)
         sessions = [self.sessions[r.session] for r in batch.rounds]
-        device = self.runner.device
-        tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)   # noqa: E731
-        deltas = [s.round_delta() for s in sessions]
-        work = RoundBatch(
-            deltas=deltas, x=tensor([r.x for r in batch.rounds]),
-            y=tensor([r.y for r in batch.rounds]).view(len(sessions), -1),
-            # Seeded by the round's index in its stream: the same stream absorbs to the same memory,
-            # alone or batched with others.
-            generators=[torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + s.rounds) for s in sessions],
-            prompt=self._prompt, replay=[[q.to(device) for q in s.replay] for s in sessions], frame=self.frame,
-            surprise=[list(s.surprise) for s in sessions])
-        snapshots = [d.snapshot() for d in deltas]
-        try:
+        deltas, snapshots = [], []
+        try:                          # from here every way out but a finished round aborts them all
+            self._move(batch.moves)
+            for s in sessions:
+                deltas.append(s.round_delta())
+                snapshots.append(deltas[-1].snapshot())
+            device = self.runner.device
+            tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)   # noqa: E731
+            work = RoundBatch(
+                deltas=deltas, x=tensor([r.x for r in batch.rounds]),
+                y=tensor([r.y for r in batch.rounds]).view(len(sessions), -1),
+                # Seeded by the round's index in its stream: the same stream absorbs to the same memory,
+                # alone or batched with others.
+                generators=[torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + s.rounds) for s in sessions],
+                prompt=self._prompt, replay=[[q.to(device) for q in s.replay] for s in sessions], frame=self.frame,
+                surprise=[list(s.surprise) for s in sessions])
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
             with torch.inference_mode(False), torch.enable_grad(), self.runner.autocast():
                 results = ROUNDS[self.config.objective](self.runner, work, self.config)
         except BaseException:
-            for rnd, delta, snap in zip(batch.rounds, deltas, snapshots):
+            for delta, snap in zip(deltas, snapshots):
                 delta.restore(snap)
+            for rnd in batch.rounds:
                 self.scheduler.abort(rnd.session, rnd.id)
             raise
         out = {}
@@ -250,50 +257,6 @@ class AbsorberEngine(GenerationMixin):
         return out
 
     # ------------------------------------------------------------------ memory
-
-    def reset(self, session=DEFAULT_SESSION) -> None:
-        """Forgets everything: one delta, Δ = 0, and an empty window."""
-        sess = self._get(session)
-        with self._lock:
-            self.scheduler.clear(sess.key)
-            sess.clear_slots()
-            sess.replay.clear()
-            sess.surprise.clear()
-            self._windows.drop(sess.key)
-            self._rest()
-
-    def discard_window(self, session=DEFAULT_SESSION) -> int:
-        """Drops the raw tokens the window holds (and any queued), keeping the absorbed memory and its
-        counters: the way past a round that keeps failing on the same tokens. Returns how many."""
-        sess = self._get(session)
-        with self._lock:
-            st = sess.stats()
-            self.scheduler.restore(sess.key, [], st["absorbed"], st["rounds"])
-            self._windows.drop(sess.key)
-            return st["held"]
-
-    def save_memory(self, path, session=DEFAULT_SESSION) -> None:
-        save_memory(self._get(session), path)
-
-    def load_memory(self, path, session=DEFAULT_SESSION) -> None:
-        sess = self._get(session)
-        with self._lock:
-            load_memory(sess, path)
-            self._windows.drop(sess.key)
-            self._rest()
-
-    def export_peft(self, directory, session=DEFAULT_SESSION) -> None:
-        export_peft(self._get(session), directory)
-
-    def window_tokens(self, session=DEFAULT_SESSION) -> list[int]:
-        """The raw tokens generate() and logits() read after the memory (at most n + m)."""
-        return list(self.scheduler.window(self._get(session).key))
-
-    def held_bytes(self, session=DEFAULT_SESSION) -> dict[str, int]:
-        """Bytes a stream holds: its deltas, its window's KV (when built), its raw tokens, its replay."""
-        sess = self._get(session)
-        return {"delta": sum(d.nbytes for d in sess.slots), "kv": self._windows.nbytes(sess.key), "tokens": 8 * sess.held_tokens,
-                "replay": sum(8 * q.numel() for q in sess.replay)}
 
     @property
     def delta(self):
@@ -318,13 +281,17 @@ class AbsorberEngine(GenerationMixin):
                 self.runner.reattach()
 
     def close(self) -> None:
-        """Detaches the deltas: the model is left exactly as it was given."""
-        self.runner.close()
+        """Detaches the deltas: the model is left exactly as it was given; the engine takes no more calls."""
+        with self._lock:
+            self.closed = True
+            self.runner.close()
 
     # ------------------------------------------------------------------ helpers
 
     def _get(self, name) -> Session:
-        sess = name if isinstance(name, Session) else self.sessions.get(name)
+        if self.closed:
+            raise InputError("this engine is closed: its deltas are detached from the model")
+        sess = name if isinstance(name, Session) else self.sessions.get(check_key(name))
         if sess is None:
             raise InputError(f"unknown session {name!r}")
         sess.check_open()

@@ -271,13 +271,19 @@ class GenerationMixin:
     @contextmanager
     def _resident(self, sessions: list[Session]):
         """The sessions' deltas on the device for the block (the scheduler decides whose leave)."""
+        if len(sessions) > self.config.max_resident:
+            raise InputError(f"a batch of {len(sessions)} sessions needs all their deltas resident at once, and "
+                             f"max_resident is {self.config.max_resident}: generate in batches of at most that many")
         with self._lock:
-            for sess in sessions:
-                self._move(self.scheduler.acquire(sess.key))
-            try:
+            acquired = []
+            try:                                   # a failed acquire or move releases what was taken
+                for sess in sessions:
+                    moves = self.scheduler.acquire(sess.key)
+                    acquired.append(sess)
+                    self._move(moves)
                 yield
             finally:
-                for sess in sessions:
+                for sess in acquired:
                     self.scheduler.release(sess.key)
                 self._rest()
 

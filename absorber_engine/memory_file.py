@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
+from .session import BANK_DTYPE
 
 FORMAT = "absorber-memory"
 VERSION = 2
@@ -177,26 +178,30 @@ def load_memory(session, path) -> None:
     if surprise is not None and (surprise.dim() != 1 or surprise.dtype != torch.float64
                                  or not bool(torch.isfinite(surprise).all()) or bool((surprise < 0).any())):
         raise MemoryFileError(f"{path} has a corrupt surprise history")
-    # Everything checked: only now change the engine (the window first; it validates the ids).
-    try:
-        session.restore_window(window.tolist(), absorbed, rounds)
-    except (IndexError, ValueError) as exc:
-        raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
+    # Everything checked. The new deltas are built aside first: a failure there (out of memory, an
+    # interrupt) leaves the session as it was. Then the window (it validates the ids), then the swap,
+    # which allocates nothing that could fail halfway.
     device = session.delta.device                   # where the scheduler keeps this session's deltas now
-    session.slots.clear()
+    fresh = []
     for state in slots:
         delta = session.new_delta()
         delta.to(device)
         delta.load_state_dict(state)
-        session.slots.append(delta)
-        session.keep(delta)                         # held as a committed round's: compact in a bank
+        if session.slots.maxlen > 1 and not delta.is_zero():
+            delta.compact(BANK_DTYPE)               # held as a committed round's (session.keep)
+        fresh.append(delta)
+    try:
+        session.restore_window(window.tolist(), absorbed, rounds)
+    except (IndexError, ValueError) as exc:
+        raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
+    session.slots.clear()
+    session.slots.extend(fresh)
     session.replay.clear()
     if session.config.replay_rounds:
         session.replay.extend(replay[-session.replay.maxlen:])
     session.surprise.clear()
     if surprise is not None:
         session.surprise.extend(surprise.tolist()[-session.surprise.maxlen:])
-
 
 def _slot_states(path, tensors: dict, meta: dict, session) -> list[dict]:
     """The file's deltas, oldest first, each checked against this engine's; MemoryFileError if any

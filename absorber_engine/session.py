@@ -18,6 +18,14 @@ from .errors import InputError
 from .lora import LowRankDelta
 
 DEFAULT_SESSION = "default"
+
+
+def check_key(name):
+    """A session's name: an int (not a bool) or a str, as the scheduler takes them; InputError
+    otherwise (a list is no key at all, and True or 1.0 would be session 1 by hash)."""
+    if isinstance(name, bool) or not isinstance(name, (int, str)):
+        raise InputError(f"a session is named by an int or a str, got {type(name).__name__} {name!r}")
+    return name
 SURPRISE_ROUNDS = 16        # first losses a stream keeps for its surprise gate (config.surprise_gate)
 # A bank's committed deltas train no more, so it holds them in bf16: half the bytes. Stream of 24
 # documents on SmolLM2-135M (seed 53, rounds of 256): see docs/recall.md, "A bank held in bf16".
@@ -186,11 +194,12 @@ class Session:
         """A standalone copy of the base model with this session's delta merged into its weights
         (W + scale·A·B): plain weights for stacks that take no adapters. The raw window is not
         part of it."""
-        self.check_open()
-        d = self.single_delta("a merged model")
-        merged = {name: w.merged_weight(*d.factors(name), d.scale) for name, w in self.runner.wrappers.items()}
-        with self.engine.detached() as model:
-            out = copy.deepcopy(model)
+        self.engine._get(self)                      # refused once the session or the engine is closed
+        with self.engine._lock:                     # not a delta half-way through another thread's round
+            d = self.single_delta("a merged model")
+            merged = {name: w.merged_weight(*d.factors(name), d.scale) for name, w in self.runner.wrappers.items()}
+            with self.engine.detached() as model:
+                out = copy.deepcopy(model)
         with torch.no_grad():
             for name, weight in merged.items():
                 out.get_submodule(name).weight.copy_(weight)

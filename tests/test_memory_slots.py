@@ -317,3 +317,38 @@ def test_a_bank_file_that_lies_about_its_deltas_is_refused(tmp_path):
             other.load_memory(bad)
         assert len(other.default.slots) == 1
         _assert_same(_state(other.delta), kept)
+
+
+def test_a_load_that_fails_part_way_leaves_the_bank_as_it_was(tmp_path, monkeypatch):
+    """Out of memory while the file's second delta is made used to leave one delta of the file, the
+    file's window and the old replay: the held bank was lost without a word."""
+    from absorber_engine import session as session_mod
+
+    src = AbsorberEngine(make_model("llama"), config=CFG)
+    for t in TEXTS:
+        src.absorb(t, flush=True)
+    src.save_memory(tmp_path / "bank.absorber")
+    dst = AbsorberEngine(make_model("llama"), config=CFG)
+    for t in TEXTS[:2]:
+        dst.absorb(list(reversed(t)), flush=True)
+    dst.absorb(TEXTS[2][:10])
+    before = [_state(d) for d in dst.default.slots]
+    window, stats = dst.window_tokens(), dst.default.stats()
+    real, made = session_mod.Session.new_delta, []
+
+    def fail_second(self):
+        made.append(1)
+        if len(made) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self)
+
+    monkeypatch.setattr(session_mod.Session, "new_delta", fail_second)
+    with pytest.raises(torch.OutOfMemoryError):
+        dst.load_memory(tmp_path / "bank.absorber")
+    assert len(dst.default.slots) == len(before) and dst.window_tokens() == window
+    assert dst.default.stats()["absorbed"] == stats["absorbed"]
+    for kept, was in zip(dst.default.slots, before):
+        _assert_same(_state(kept), was)
+    monkeypatch.setattr(session_mod.Session, "new_delta", real)
+    dst.load_memory(tmp_path / "bank.absorber")
+    assert len(dst.default.slots) == len(src.default.slots)

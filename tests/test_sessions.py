@@ -158,8 +158,11 @@ def test_session_misuse_is_refused():
         s.absorb([3, 4])
     with pytest.raises(InputError, match="unknown session"):
         eng.generate_batch({"nope": [3]})
-    with pytest.raises(InputError, match="cannot open"):
-        eng.session(3.5)
+    for bad in (3.5, 1.0, True, ["a"], None):           # 1.0 and True would be session 1 by hash
+        with pytest.raises(InputError, match="named by an int or a str"):
+            eng.session(bad)
+        with pytest.raises(InputError, match="named by an int or a str"):
+            eng.absorb([3, 4], session=bad)
     with pytest.raises(InputError, match="at least one"):
         eng.generate_batch({})
     assert eng.session("a") is not s                   # a closed name can be opened again, empty
@@ -205,3 +208,82 @@ def test_closing_the_default_session_leaves_an_empty_default_the_model_reads():
     assert closed.closed and not eng.default.closed and eng.absorbed_tokens == 0 and eng.delta.is_zero()
     assert torch.equal(base_logits(eng.runner.model, query), bare)
     assert eng.absorb(random_ids(30, seed=5)).tokens == 30
+
+
+def test_a_batch_larger_than_the_resident_budget_is_refused_and_pins_nothing():
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(max_resident=1))
+    a, b = eng.session("a"), eng.session("b")
+    a.absorb(STREAMS["a"][:30])
+    b.absorb(STREAMS["b"][:30])
+    with pytest.raises(InputError, match="max_resident is 1"):
+        eng.generate_batch({"a": [3, 4], "b": [5, 6]}, max_new_tokens=2)
+    assert not a.stats()["acquired"] and not b.stats()["acquired"]
+    b.generate([5, 6], max_new_tokens=2)                  # each alone still works
+    assert b.absorb(STREAMS["b"][30:], flush=True).rounds > 0
+    a.close()
+
+
+def test_a_failure_before_the_round_starts_aborts_it(monkeypatch):
+    """Out of memory while a bank's fresh delta is made (before any training) used to leave the
+    round in flight for good: every later call on the session was refused."""
+    from absorber_engine import session as session_mod
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=3))
+    eng.absorb(STREAMS["a"][:30])
+    before = eng.delta.state_dict()
+    real = session_mod.Session.new_delta
+
+    def fail_once(self):
+        monkeypatch.setattr(session_mod.Session, "new_delta", real)
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(session_mod.Session, "new_delta", fail_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        eng.absorb(STREAMS["a"][30:])
+    assert eng.default.stats()["in_flight"] is None
+    assert all(torch.equal(v, before[k]) for k, v in eng.delta.state_dict().items())
+    assert eng.absorb(STREAMS["a"][30:]).rounds > 0
+    eng.reset()
+
+
+def test_a_closed_engine_refuses_calls_instead_of_ignoring_its_memory():
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    eng.absorb(STREAMS["a"], flush=True)
+    eng.close()
+    for call in (lambda: eng.logits([3, 4]), lambda: eng.generate([3, 4], max_new_tokens=2),
+                 lambda: eng.absorb([3, 4]), lambda: eng.run(), lambda: eng.default.merged_model()):
+        with pytest.raises(InputError, match="engine is closed"):
+            call()
+
+
+def test_a_failed_run_leaves_the_model_reading_the_default_memory(monkeypatch):
+    from absorber_engine import engine as engine_mod
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(objective="ttt"))
+    eng.absorb(STREAMS["a"][:40])
+    x = torch.tensor([STREAMS["c"][:7]])
+    with torch.no_grad():
+        want = eng.runner.model(x).logits
+    eng.session("a").feed(STREAMS["a"][:24])
+    eng.session("b").feed(STREAMS["b"][:24])
+
+    def interrupted(runner, batch, cfg):
+        runner.bind(batch.deltas)
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(engine_mod.ROUNDS, "ttt", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.run()
+    with torch.no_grad():
+        assert torch.equal(eng.runner.model(x).logits, want)
+
+
+def test_save_memory_waits_for_a_round_in_another_thread(tmp_path):
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    saved = threading.Event()
+    with eng._lock:                                       # as a round in another thread holds it
+        t = threading.Thread(target=lambda: (eng.save_memory(tmp_path / "m.absorber"), saved.set()))
+        t.start()
+        assert not saved.wait(0.3)
+    t.join(10)
+    assert saved.is_set()
