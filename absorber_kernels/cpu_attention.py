@@ -133,7 +133,7 @@ _FASTER_LOCK = threading.Lock()
 
 def _sdpa_forward_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether torch's forward beats the blocks' for this dtype and head shape on this CPU: timed
-    once a process (256 tokens, best of 3 each, a few ms), as an autotuner would. Which one wins
+    once a process (256 tokens, best of 5 each, a few ms), as an autotuner would. Which one wins
     depends on the CPU: on the EPYC (AVX512-BF16, no AMX) this project measured first, the blocks
     (554 tokens, bf16: 3.2 against 4.7 ms); on a Xeon with AMX, torch's (0.95 against 2.62 ms;
     256 tokens 0.23 against 0.74, 1,024 2.3 against 7.8; fp32 too). The backward is the blocks' on
@@ -148,22 +148,19 @@ def _sdpa_forward_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     return faster
 
 
-def _time_forwards(dtype, heads_q, heads_k, dim, tokens=256, reps=3) -> bool:
+def _time_forwards(dtype, heads_q, heads_k, dim, tokens=256, reps=5) -> bool:
+    """Best of `reps` each, the two alternating so that a load on the machine slows both alike."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, tokens, dim, generator=g).to(dtype) for h in (heads_q, heads_k, heads_k))
-
-    def best(forward):
-        forward(q, k, v, dim ** -0.5)                     # first call: buffers, kernels' own set-up
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            forward(q, k, v, dim ** -0.5)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
+    best = {_sdpa_forward: float("inf"), _blocks_forward: float("inf")}
     with torch.no_grad():
-        return best(_sdpa_forward) < best(_blocks_forward)
-
+        for rep in range(reps + 1):                          # the first round: buffers, kernels' set-up
+            for forward in best:
+                start = time.perf_counter()
+                forward(q, k, v, dim ** -0.5)
+                if rep:
+                    best[forward] = min(best[forward], time.perf_counter() - start)
+    return best[_sdpa_forward] < best[_blocks_forward]
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `causal_attention` takes these: a CPU pass in grad mode (a training pass; in the first
