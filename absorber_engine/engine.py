@@ -30,7 +30,7 @@ import torch
 
 from . import _scheduler, inputs
 from .config import AbsorberConfig
-from .errors import AbsorptionError, ConfigError, InputError
+from .errors import AbsorptionError, ConfigError, InputError, UnsupportedModelError
 from .engine_memory import MemoryMixin
 from .generate import GenerationMixin, WindowCache
 from .host_memory import keep_freed_memory
@@ -54,6 +54,10 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         if self.runner.device.type == "cpu":
             keep_freed_memory()             # process-wide; see host_memory.py
         try:
+            bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            if bad is not None:
+                raise UnsupportedModelError(f"the model's weights hold NaN or inf ({bad.replace('.base.', '.')}): "
+                                            "nothing it computes can be trusted")
             self.runner.check_window(cfg.window_tokens)
             self._prompt = None if not cfg.future_prompt else inputs.future_prompt(
                 self.to_ids(cfg.future_prompt if isinstance(cfg.future_prompt, str) else list(cfg.future_prompt)),
@@ -225,7 +229,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 y=tensor([r.y for r in batch.rounds]).view(len(sessions), -1),
                 # Seeded by the round's index in its stream: the same stream absorbs to the same memory,
                 # alone or batched with others.
-                generators=[torch.Generator(device=device).manual_seed(s.seed * 1_000_003 + s.rounds) for s in sessions],
+                generators=[torch.Generator(device=device).manual_seed((s.seed * 1_000_003 + s.rounds) % 2**63)
+                            for s in sessions],
                 prompt=self._prompt, replay=[[q.to(device) for q in s.replay] for s in sessions], frame=self.frame,
                 surprise=[list(s.surprise) for s in sessions])
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.

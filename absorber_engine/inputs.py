@@ -51,9 +51,12 @@ def as_id_list(value) -> list[int]:
         raise InputError(f"expected text or a sequence of token ids, got {type(value).__name__}")
     out = []
     for i, t in enumerate(value):
-        if isinstance(t, bool) or not hasattr(t, "__index__"):
-            raise InputError(f"token ids must be integers; item {i} is {type(t).__name__} {t!r}")
-        out.append(int(t.__index__()))
+        try:                # a 0-d integer tensor or numpy scalar is an id; a float one or a row is not
+            if isinstance(t, bool) or not hasattr(t, "__index__"):
+                raise TypeError
+            out.append(int(t.__index__()))
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"token ids must be integers; item {i} is {type(t).__name__} {t!r}") from None
     return out
 
 

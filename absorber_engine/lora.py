@@ -84,9 +84,13 @@ def attach(model: nn.Module, targets: tuple[str, ...], binding: Binding) -> dict
     chosen = [(name, module) for name, module in model.named_modules() if _matches(name, targets)]
     if not chosen:
         raise ConfigError(f"no linear layer of the model matches targets {list(targets)}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in chosen:        # all checked before any is wrapped: a refusal changes nothing
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise UnsupportedModelError(f"target {name!r} is a {type(module).__name__}, not a linear layer")
+        if module is head:             # the losses read the head's own weight: its delta would never train
+            raise ConfigError(f"target {name!r} is the LM head, which the engine keeps frozen; target the "
+                              "decoder layers' linears")
     found = {name: DeltaLinear(module, binding) for name, module in chosen}
     reattach(model, found)
     return found

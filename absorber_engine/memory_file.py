@@ -16,11 +16,11 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
@@ -66,6 +66,18 @@ def output_path(path, what: str) -> str:
     return path
 
 
+def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:
+    """(fd, path) of a new file in `directory`, as tempfile.mkstemp but with the mode a plain open()
+    gives (0666 less the umask): mkstemp's 0600, kept through the rename, made memory files and
+    exported adapters unreadable to a server running as another user."""
+    while True:
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), path
+        except FileExistsError:
+            continue
+
+
 def save_memory(session, path) -> None:
     path = output_path(path, "memory file")
     if os.path.isdir(path):
@@ -90,12 +102,12 @@ def save_memory(session, path) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=directory)
+        fd, tmp = new_temp_file(directory, ".memory-")
     except OSError as exc:            # a file where a directory should be, no permission, a name too long
         raise InputError(f"cannot write memory file {path!r}: {exc}") from None
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        with os.fdopen(fd, "wb") as f:        # into our file: save_file would make its own, 0600
+            f.write(save(tensors, metadata=meta))
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):

@@ -113,7 +113,9 @@ def _write_config(directory: Path, config: dict) -> None:
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() == text:
         return
-    fd, tmp = tempfile.mkstemp(prefix=".absorber_config.", dir=directory)
+    from .memory_file import new_temp_file
+
+    fd, tmp = new_temp_file(str(directory), ".absorber_config.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -139,6 +141,8 @@ def _build_once(target: Path, build, source: str) -> Path:
         tmp.chmod(0o755)
         try:
             build(tmp)
+            for f in tmp.iterdir():              # a shared cache (the directory is 755): files some writers make 0600
+                f.chmod(0o644)
             (tmp / _DONE).write_text(json.dumps({"source": source}) + "\n")
             if target.exists():                  # a partial directory left by an older layout
                 shutil.rmtree(target)
@@ -223,6 +227,8 @@ def _device_and_dtype(device, dtype):
         raise InputError(f"device {device!r} is not a torch device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device} asked for, but CUDA is not available")
+    if device.type == "meta":
+        raise InputError("device 'meta' holds no weights: the engine computes on cpu or cuda")
     if dtype is None:
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):

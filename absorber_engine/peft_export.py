@@ -11,14 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 
 def export_peft(session, directory) -> None:
     from .errors import InputError
-    from .memory_file import output_path
+    from .memory_file import new_temp_file, output_path
 
     delta = session.single_delta("a PEFT adapter")
     directory = output_path(directory, "adapter directory")
@@ -58,11 +57,11 @@ def export_peft(session, directory) -> None:
         for target in (weights, config):
             if os.path.isdir(target):
                 raise InputError(f"cannot export to {directory!r}: {target} is a directory")
-        fd, tmp_weights = tempfile.mkstemp(prefix=".adapter-", suffix=".tmp", dir=directory)
-        os.close(fd)
+        fd, tmp_weights = new_temp_file(directory, ".adapter-")
         written.append(tmp_weights)
-        save_file(tensors, tmp_weights, metadata={"format": "pt"})
-        fd, tmp_config = tempfile.mkstemp(prefix=".adapter-", suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "wb") as f:        # into our file: save_file would make its own, 0600
+            f.write(save(tensors, metadata={"format": "pt"}))
+        fd, tmp_config = new_temp_file(directory, ".adapter-")
         written.append(tmp_config)
         with os.fdopen(fd, "w") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)

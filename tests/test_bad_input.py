@@ -447,3 +447,34 @@ def test_text_with_lone_surrogates():
     e = AbsorberEngine.from_pretrained(SHIPPED_MODEL, config=AbsorberConfig(**CFG))
     with pytest.raises(InputError):
         e.absorb("notes \ud800 more")
+
+
+def test_second_readers_findings_on_models_targets_seeds_and_ids(tmp_path, eng):
+    """A NaN weight, the LM head as a target, a seed whose round seed passes int64, ids that are
+    tensors of the wrong kind: each a clear error or a working run, none a raw crash."""
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UnsupportedModelError, match="NaN or inf .*layers.0.mlp.down_proj.weight"):
+        AbsorberEngine(model, config=AbsorberConfig(**CFG))
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear      # left as it was given
+    with pytest.raises(ConfigError, match="LM head"):
+        AbsorberEngine(make_model("llama"), config=AbsorberConfig(**CFG, targets=("lm_head",)))
+    big_seed = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**CFG, seed=2**62))
+    assert big_seed.absorb(random_ids(30, seed=2), flush=True).rounds > 0
+    for bad in ([torch.tensor(1.5)], [torch.tensor([3, 4])], [np.array([3, 4])]):
+        with pytest.raises(InputError, match="item 0"):
+            eng.absorb(bad)
+    assert eng.to_ids([torch.tensor(3), np.int64(4)]) == [3, 4]
+
+
+def test_files_written_take_the_mode_a_plain_open_gives(tmp_path, eng):
+    """mkstemp's 0600 survived the rename: an adapter a server running as another user could not read."""
+    import os
+    eng.save_memory(tmp_path / "m.absorber")
+    eng.export_peft(tmp_path / "adapter")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "m.absorber", tmp_path / "adapter" / "adapter_model.safetensors",
+              tmp_path / "adapter" / "adapter_config.json"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
