@@ -88,6 +88,23 @@ def frame_for(tokenizer, cfg) -> ProbeFrame | None:
     return build_frame(tokenizer, kinds, cfg.chat_probes)
 
 
+def round_span(cfg, frame: ProbeFrame | None, n: int, m: int) -> tuple[int, str]:
+    """The longest sequence a round with X of n and Y of m tokens has the model read (the BOS prefix
+    not counted), and what it is: X·Y, X (·Y) and a future, or a probe (X in the frame, a seed, the
+    answer; "recite" answers with X again)."""
+    spans = [(n + m, "chunk_tokens + sync_tokens")]
+    if cfg.futures:
+        spans.append((n + (m if cfg.futures_follow_y else 0) + cfg.future_length,
+                      "X" + (" + Y" if cfg.futures_follow_y else "") + " + a future (future_tokens)"))
+    if frame is not None:
+        kinds = [k for k in frame.seeds if cfg.probes or k in FORCED_KINDS]     # replay reads recite probes
+        for kind in kinds:
+            answer = n + 1 if kind in FORCED_KINDS else cfg.probe_tokens
+            spans.append((len(frame.context_open) + n + len(frame.context_close) + len(frame.seeds[kind]) + answer,
+                          f"a {kind!r} probe (X in the frame, the seed, an answer of {answer})"))
+    return max(spans)
+
+
 def question_frame(tokenizer) -> tuple[list[int], list[int]] | None:
     """(opening, turn) of the tokenizer's chat template: `turn` the ids that open a user turn after
     an earlier message (SmolLM2: "<|im_end|>\n<|im_start|>user\n"), `opening` what a fresh chat

@@ -478,3 +478,30 @@ def test_files_written_take_the_mode_a_plain_open_gives(tmp_path, eng):
     for f in (tmp_path / "m.absorber", tmp_path / "adapter" / "adapter_model.safetensors",
               tmp_path / "adapter" / "adapter_config.json"):
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_a_round_past_a_position_table_is_refused_up_front():
+    """GPT-2's positions are a table: a probe (X in the frame, the seed, X again for recite) or a
+    future after X·Y may run past it although X·Y fits. Refused as a ConfigError at construction (was
+    an IndexError in the first round)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).absolute().parent.parent / "model" / "absorber-tiny")
+
+    def gpt2():
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64))
+
+    base = dict(rank=2, max_steps=1, futures=0, probes=0, compute_dtype="float32")
+    refused = [dict(chunk_tokens=40, sync_tokens=20, probes=1, probe_kinds=("recite",)),
+               dict(chunk_tokens=40, sync_tokens=20, futures=1, future_tokens=8, futures_follow_y=True),
+               dict(chunk_tokens=16, sync_tokens=0, futures=1, future_tokens=60)]
+    for changes in refused:
+        model = gpt2()
+        with pytest.raises(ConfigError, match="past the 64 positions"):
+            AbsorberEngine(model, tokenizer=tok, config=AbsorberConfig(**{**base, **changes}))
+        assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"      # left as given
+    fits = AbsorberEngine(gpt2(), tokenizer=tok, config=AbsorberConfig(**{**base, "chunk_tokens": 16, "sync_tokens": 8,
+                                                                          "probes": 1, "probe_kinds": ("recite",)}))
+    assert fits.absorb("one two three four five six seven eight nine ten " * 3, flush=True).rounds > 0
+    with pytest.raises(ConfigError, match="past the 64 positions"):
+        fits.session("long", chunk_tokens=40, sync_tokens=20)
