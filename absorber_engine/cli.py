@@ -177,16 +177,20 @@ def _load_engine(args, config=None, memory: str | None = None):
         from .errors import InputError
 
         raise InputError("no model: pass --model DIR (or set $ABSORBER_MODEL)")
-    if getattr(args, "quiet", False):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()          # transformers' own weight-loading bar
+    _quiet_loading(args)
     if memory is not None and config is None:
         config = read_memory_config(memory)
     eng = AbsorberEngine.from_pretrained(args.model, config=config, dtype=args.dtype, device=args.device)
     if memory is not None:
         eng.load_memory(memory)
     return eng
+
+
+def _quiet_loading(args) -> None:
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()          # transformers' own weight-loading bar
 
 
 def _progress(total: int, quiet: bool, desc: str):
@@ -213,7 +217,10 @@ def _summary(report, eng, seconds: float) -> str:
 def cmd_absorb(args) -> int:
     from .errors import AbsorptionError
 
+    from .memory_file import check_writable
+
     config = _config_from_args(args)
+    check_writable(args.memory, "--memory")          # before the model loads and the rounds run
     eng = _load_engine(args, config=config)
     if args.resume:
         eng.load_memory(args.resume)
@@ -234,6 +241,10 @@ def cmd_absorb(args) -> int:
         print(f"absorber: interrupted; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
         eng.save_memory(args.memory)
         return EXIT_INTERRUPT
+    except Exception:                  # out of memory, a bug: the rounds done so far are still worth keeping
+        print(f"absorber: a round failed; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
+        eng.save_memory(args.memory)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -265,8 +276,12 @@ def cmd_export_peft(args) -> int:
 
 def cmd_absorb_many(args) -> int:
     from .distributed import absorb_many_processes
+    from .errors import InputError
 
     config = _config_from_args(args)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise InputError(f"--out-dir {args.out_dir!r} is a file, not a directory")
+    _quiet_loading(args)
     reports = absorb_many_processes(args.model, args.inputs, args.out_dir, config, nproc=args.nproc,
                                     dtype=args.dtype, device=args.device, as_ids=args.ids)
     for path, rep in sorted(reports.items()):
@@ -289,11 +304,10 @@ def main(argv=None) -> int:
     from .errors import (AbsorptionError, ConfigError, InputError, MemoryFileError, UnsupportedModelError)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:
-        return _delegate(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
+    delegated = bool(argv) and argv[0] in _DELEGATED
+    args = None if delegated else build_parser().parse_args(argv)
+    try:                                    # the delegated commands' errors are mapped the same way
+        return _delegate(argv[0], argv[1:]) if delegated else COMMANDS[args.command](args)
     except (InputError, ConfigError) as exc:
         print(f"absorber: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -306,7 +320,7 @@ def main(argv=None) -> int:
     except AbsorptionError as exc:
         print(f"absorber: {exc}", file=sys.stderr)
         return EXIT_ABSORB
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
         print(f"absorber: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

@@ -66,6 +66,20 @@ def output_path(path, what: str) -> str:
     return path
 
 
+def check_writable(path, what: str) -> str:
+    """InputError now, not after the work, when a file cannot be written at `path`: a directory is
+    there, or the nearest existing folder above it is a file or not writable."""
+    path = output_path(path, what)
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path!r} cannot be written: {folder!r} is not a writable directory")
+    return path
+
+
 def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:
     """(fd, path) of a new file in `directory`, as tempfile.mkstemp but with the mode a plain open()
     gives (0666 less the umask): mkstemp's 0600, kept through the rename, made memory files and

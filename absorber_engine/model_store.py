@@ -132,8 +132,13 @@ def _build_once(target: Path, build, source: str) -> Path:
     """Runs build(tmp_dir) once for `target`, whatever the number of processes asking at once."""
     if (target / _DONE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.lock", "w")
+    except OSError as exc:             # a file where the cache's folder should be, no permission
+        raise InputError(f"cannot use the model cache {cache_root()} ({exc}); set $ABSORBER_CACHE to a "
+                         "writable folder") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)        # a second process waits here, then finds it done
         if (target / _DONE).is_file():
             return target

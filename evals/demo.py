@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if args.model in NAMED_MODELS or str(args.model).endswith(".gguf"):
         return chat_demo(args.model, args.multiple or 2, args.seed, args.quiet)
-    ctx = trained_context(args.model)
+    from absorber_engine.model_store import resolve
+
+    ctx = trained_context(resolve(args.model))         # a clear error for a path that is no model
     cfg = engine_config(ctx, futures=4, future_prompt=FUTURE_PROMPT)
     eng = AbsorberEngine.from_pretrained(args.model, config=cfg)
     tok = eng.tokenizer

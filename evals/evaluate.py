@@ -274,6 +274,9 @@ def main(argv=None) -> int:
         ap.error(f"unknown tasks or methods: {bad}")
     if not args.model:
         ap.error("no model: pass --model DIR")
+    from absorber_engine.model_store import resolve
+
+    args.model = resolve(args.model)            # a clear error for a path that is no model
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be at least 1")
     result = run(args.model, methods, tasks, mults, examples, args.context, args.seed, out, quiet=args.quiet,

@@ -505,3 +505,34 @@ def test_a_round_past_a_position_table_is_refused_up_front():
     assert fits.absorb("one two three four five six seven eight nine ten " * 3, flush=True).rounds > 0
     with pytest.raises(ConfigError, match="past the 64 positions"):
         fits.session("long", chunk_tokens=40, sync_tokens=20)
+
+
+def test_cli_paths_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """An unusable --memory was found only after every round ran, and the rounds were lost; the
+    delegated commands and the model cache raised raw OSErrors."""
+    from absorber_engine import cli
+
+    model = tmp_path / "model"
+    make_model("llama").save_pretrained(model)
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, random_ids(40, seed=5))))
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "plain").write_text("x")
+    loads = []
+    real = cli._load_engine
+    monkeypatch.setattr(cli, "_load_engine", lambda *a, **k: loads.append(1) or real(*a, **k))
+    absorb = ["absorb", "--model", str(model), "--ids", "--input", str(tmp_path / "ids.txt"), "--memory"]
+    cases = [(absorb + [str(tmp_path / "adir")], "is a directory"),
+             (absorb + [str(tmp_path / "plain" / "m.absorber")], "not a writable directory"),
+             (["absorb-many", "--model", str(model), "--ids", "--out-dir", str(tmp_path / "plain"),
+               "--inputs", str(tmp_path / "ids.txt")], "is a file, not a directory"),
+             (["demo", "--model", str(tmp_path / "nonexistent")], "does not exist")]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not loads                                       # refused before any model was loaded
+    monkeypatch.setenv("ABSORBER_CACHE", str(tmp_path / "plain"))
+    monkeypatch.setattr("absorber_engine.model_store._sha256", lambda path: "0" * 64)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert cli.main(["generate", "--model", str(tmp_path / "m.gguf"), "--ids", "--prompt", "3 4"]) == 2
+    assert "cannot use the model cache" in capsys.readouterr().err
