@@ -1,8 +1,8 @@
 """Memory files: the deltas and the raw window of a stream, as safetensors with metadata.
 
 safetensors holds only tensors and a string → string header, so loading a file never runs code.
-The tensors are the deltas (one, or memory_slots', oldest first), the window, the replay buffer
-and the surprise gate's history. Version 1 files, which hold one delta, still load. The
+The tensors are the deltas (one, or memory_slots', oldest first), the window, the tokens queued
+behind it (fed, not absorbed yet), the replay buffer and the surprise gate's history. Version 1 files, which hold one delta, still load. The
 header names the format and version, the base model it was made for (a fingerprint of its
 config, parameter names and shapes, and a sample of each weight's values), the engine config and
 the stream's counters. A file is written to a temporary name and renamed, so a crash never leaves
@@ -98,7 +98,11 @@ def save_memory(session, path) -> None:
         raise InputError(f"memory file {path!r} is a directory")
     tensors = {f"slots.{i}.{k}": v.cpu().contiguous()
                for i, delta in enumerate(session.slots) for k, v in delta.state_dict().items()}
-    tensors["window"] = torch.tensor(session.window_tokens(), dtype=torch.int64)
+    held = list(session.engine.scheduler.window(session.key, all=True))
+    capacity = session.stats()["chunk_tokens"] + session.stats()["sync_tokens"]
+    tensors["window"] = torch.tensor(held[:capacity], dtype=torch.int64)
+    if len(held) > capacity:                         # fed and not yet absorbed: kept too
+        tensors["queued"] = torch.tensor(held[capacity:], dtype=torch.int64)
     for i, q in enumerate(session.replay):           # replay_rounds: earlier rounds' probes, in order
         tensors[f"replay.{i}"] = q.cpu().to(torch.int64).contiguous()
     if session.surprise:                             # surprise_gate: recent rounds' first losses
@@ -186,6 +190,9 @@ def load_memory(session, path) -> None:
     if window.numel() > capacity:
         raise MemoryFileError(f"{path} holds a window of {window.numel()} tokens; this session's window "
                               f"is {capacity}")
+    queued = tensors.get("queued", torch.zeros(0, dtype=torch.int64))
+    if queued.dim() != 1 or queued.dtype != torch.int64 or (queued.numel() and window.numel() < capacity):
+        raise MemoryFileError(f"{path} has no valid queue of tokens")
     if not (0 <= absorbed < 2**63 and 0 <= rounds < 2**63):       # the scheduler counts in int64
         raise MemoryFileError(f"{path} has counters out of range (tokens_absorbed {absorbed}, rounds {rounds})")
     replay = [tensors[f"replay.{i}"] for i in range(len(tensors)) if f"replay.{i}" in tensors]
@@ -217,7 +224,7 @@ def load_memory(session, path) -> None:
             delta.compact(BANK_DTYPE)               # held as a committed round's (session.keep)
         fresh.append(delta)
     try:
-        session.restore_window(window.tolist(), absorbed, rounds)
+        session.restore_window(window.tolist() + queued.tolist(), absorbed, rounds)
     except (IndexError, ValueError) as exc:
         raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
     session.slots.clear()

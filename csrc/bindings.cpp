@@ -91,7 +91,8 @@ PYBIND11_MODULE(_scheduler, m) {
             },
             py::arg("flush") = false, "The next round (X, Y) to absorb, or None.")
         .def("commit", &Window::commit, py::arg("round_id"), "Slide the window past the planned round's X.")
-        .def("window", &Window::window, "The raw tokens generate() attends to (at most n + m).")
+        .def("window", &Window::window, py::arg("all") = false,
+             "The raw tokens generate() attends to (at most n + m); with all, every token held.")
         .def("restore", &Window::restore, py::arg("tokens"), py::arg("absorbed"), py::arg("rounds"))
         .def("clear", &Window::clear)
         .def_property_readonly("held", &Window::held)
@@ -244,12 +245,13 @@ PYBIND11_MODULE(_scheduler, m) {
             py::arg("session"))
         .def(
             "window",
-            [](const Scheduler& s, py::handle session) {
+            [](const Scheduler& s, py::handle session, bool all) {
                 const SessionKey key = to_key(session);
                 py::gil_scoped_release release;
-                return s.window(key);
+                return s.window(key, all);
             },
-            py::arg("session"), "The session's raw tokens generate() attends to (at most n + m).")
+            py::arg("session"), py::arg("all") = false,
+            "The session's raw tokens generate() attends to (at most n + m); with all, every token it holds.")
         .def(
             "restore",
             [](Scheduler& s, py::handle session, const std::vector<std::int64_t>& tokens, std::int64_t absorbed,

@@ -205,9 +205,9 @@ void Scheduler::release(const SessionKey& key) {
     --s.acquired;
 }
 
-std::vector<std::int64_t> Scheduler::window(const SessionKey& key) const {
+std::vector<std::int64_t> Scheduler::window(const SessionKey& key, bool all) const {
     std::lock_guard<std::mutex> lock(mu_);
-    return find_locked(key).window->window();
+    return find_locked(key).window->window(all);
 }
 
 void Scheduler::restore(const SessionKey& key, const std::vector<std::int64_t>& tokens, std::int64_t absorbed,

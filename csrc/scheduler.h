@@ -79,7 +79,7 @@ public:
     std::vector<Move> acquire(const SessionKey& key);
     void release(const SessionKey& key);
 
-    std::vector<std::int64_t> window(const SessionKey& key) const;
+    std::vector<std::int64_t> window(const SessionKey& key, bool all = false) const;
     void restore(const SessionKey& key, const std::vector<std::int64_t>& tokens, std::int64_t absorbed,
                  std::int64_t rounds);
     void clear(const SessionKey& key);

@@ -132,9 +132,9 @@ void Window::compact_locked() {
     }
 }
 
-std::vector<std::int64_t> Window::window() const {
+std::vector<std::int64_t> Window::window(bool all) const {
     std::lock_guard<std::mutex> lock(mu_);
-    const std::int64_t len = std::min(held_locked(), n_ + m_);
+    const std::int64_t len = all ? held_locked() : std::min(held_locked(), n_ + m_);
     const auto first = buf_.begin() + static_cast<std::ptrdiff_t>(head_);
     return std::vector<std::int64_t>(first, first + len);
 }

@@ -60,8 +60,9 @@ public:
     // C++ only: the (|X|, |Y|) plan(flush) would return now, without planning; false if none.
     bool peek(bool flush, std::int64_t* x, std::int64_t* y) const;
 
-    // The first min(held, n + m) tokens: what generate() and logits() attend to.
-    std::vector<std::int64_t> window() const;
+    // The first min(held, n + m) tokens: what generate() and logits() attend to; with `all`, every
+    // token held (queued ones too: what a memory file keeps).
+    std::vector<std::int64_t> window(bool all = false) const;
 
     // Replaces the whole state, as when a saved memory is loaded.
     void restore(const std::vector<std::int64_t>& tokens, std::int64_t absorbed, std::int64_t rounds);

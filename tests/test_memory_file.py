@@ -177,3 +177,19 @@ def test_surprise_history_round_trips_and_a_corrupt_one_is_refused(tmp_path):
     old = _rewrite(path, tmp_path / "old.st", tensors={k: v for k, v in t.items() if k != "surprise"})
     other.load_memory(old)
     assert list(other.default.surprise) == []
+
+
+def test_tokens_queued_behind_the_window_are_saved_and_absorbed_after_loading(tmp_path):
+    """feed() can hold more than the window's n + m; the file used to keep the window only, so the
+    loaded memory absorbed 24 of 100 fed tokens."""
+    cfg = CFG.replace(objective="ttt", compute_dtype="float32")
+    a = AbsorberEngine(make_model("llama"), config=cfg)
+    a.feed(random_ids(100, seed=4))
+    a.save_memory(tmp_path / "q.absorber")
+    b = AbsorberEngine(make_model("llama"), config=cfg)
+    b.load_memory(tmp_path / "q.absorber")
+    assert b.held_tokens == a.held_tokens == 100 and b.window_tokens() == a.window_tokens()
+    ra, rb = a.run(flush=True), b.run(flush=True)
+    assert ra["default"].absorbed_tokens == rb["default"].absorbed_tokens == 100
+    for k, v in a.delta.state_dict().items():
+        torch.testing.assert_close(b.delta.state_dict()[k], v)

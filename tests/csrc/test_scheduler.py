@@ -721,3 +721,13 @@ def test_cpp_stress_under_thread_sanitizer(tmp_path):
         pytest.skip("ThreadSanitizer cannot run here: " + run.stderr[-200:])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-6000:]
     assert run.stdout.startswith("OK")
+
+
+def test_window_all_returns_every_held_token_and_the_default_at_most_n_plus_m():
+    s = Scheduler(100, 4, 4, 2, [], 1)
+    s.open("a", 1, None, None)
+    s.feed("a", list(range(20)))
+    assert s.window("a") == list(range(6))
+    assert s.window("a", all=True) == list(range(20))
+    s.restore("a", list(range(3)), 0, 0)
+    assert s.window("a", all=True) == s.window("a") == [0, 1, 2]
