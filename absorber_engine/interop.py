@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from . import inputs
 from .config import AbsorberConfig
 from .engine import AbsorberEngine
 from .errors import InputError
+from .session import DEFAULT_SESSION
 
 _SUPPORTED_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_p", "eos_token_id", "pad_token_id",
                      "attention_mask"}
@@ -26,6 +28,9 @@ class AbsorbingModel:
     the last generate() call attached)."""
 
     def __init__(self, model, tokenizer=None, config: AbsorberConfig | None = None, tail_tokens: int | None = None):
+        if tail_tokens is not None and (isinstance(tail_tokens, bool) or not isinstance(tail_tokens, int)
+                                        or tail_tokens < 0):
+            raise InputError(f"tail_tokens must be an integer >= 0, got {tail_tokens!r}")
         self.engine = AbsorberEngine(model, tokenizer=tokenizer, config=config)
         self.model = model
         # The last tokens stay raw (the question usually sits at the end of a long input).
@@ -44,11 +49,12 @@ class AbsorbingModel:
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
             raise InputError("padded batches are not supported: pass rows without padding")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise InputError("input_ids must be a (batch, length) tensor")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise InputError("input_ids must be a (batch, length) tensor of at least one row")
         sample = bool(kwargs.get("do_sample", False))
-        temperature = float(kwargs.get("temperature", 1.0)) if sample else 0.0
-        top_p = float(kwargs.get("top_p", 1.0)) if sample else 1.0
+        # None, as transformers callers often pass, is the default there too
+        temperature = _number(kwargs.get("temperature"), 1.0, "temperature") if sample else 0.0
+        top_p = _number(kwargs.get("top_p"), 1.0, "top_p") if sample else 1.0
         eos = kwargs.get("eos_token_id", getattr(self.model.config, "eos_token_id", None))
         pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))
         rows = [self._generate_row(row.tolist(), max_new_tokens, temperature, top_p, eos) for row in input_ids]
@@ -62,16 +68,24 @@ class AbsorbingModel:
 
     def _generate_row(self, ids: list[int], max_new_tokens, temperature, top_p, eos) -> list[int]:
         eng = self.engine
+        stops = inputs.stop_ids([] if eos is None else eos, None, eng.runner.vocab_size)
         eng.reset()
         split = max(len(ids) - self.tail_tokens, 0)
         if split:
             eng.absorb(ids[:split])
-        stop = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
-        new = eng.generate(ids[split:], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           stop=stop)
-        if len(new) < max_new_tokens and stop:
-            new = new + [stop[0]]      # transformers keeps the eos it stopped on
+        # transformers keeps the eos a row stopped on, whichever of several: stop through on_token,
+        # which sees each token after it is kept.
+        new = eng.generate_batch({DEFAULT_SESSION: ids[split:]}, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, stop=[], on_token=lambda row, tok: tok not in stops)[DEFAULT_SESSION]
         return ids + new
+
+
+def _number(value, default: float, name: str) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def wrap(model, tokenizer=None, config: AbsorberConfig | None = None, tail_tokens: int | None = None) -> AbsorbingModel:

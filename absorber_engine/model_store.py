@@ -218,9 +218,14 @@ def load_pretrained(path, dtype=None, device=None, tokenizer: bool = True):
     if tokenizer:
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception:
-            tok = None    # a model without a (readable) tokenizer still works on token ids
+        except Exception as e:
+            if any(os.path.isfile(os.path.join(path, n)) for n in _TOKENIZER_FILES):
+                raise UnsupportedModelError(f"{path} holds a tokenizer that does not load (corrupt?): {e}") from None
+            tok = None    # a model without a tokenizer still works on token ids
     return model, tok, path
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def _device_and_dtype(device, dtype):
@@ -292,13 +297,15 @@ def _check_weights(path, hf_config) -> None:
         raise UnsupportedModelError(f"{path}/config.json does not describe a model transformers can build: {e}") \
             from None
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    prefix = skeleton.base_model_prefix + "."      # transformers also takes keys without it (GPT-2's own files)
     for name, p in skeleton.named_parameters(remove_duplicate=False):
-        if name not in shapes:
+        key = name if name in shapes else name.removeprefix(prefix)
+        if key not in shapes:
             if tied and name.endswith("lm_head.weight"):
                 continue
             raise UnsupportedModelError(f"{path}: the weights have no {name} (config.json and weights disagree)")
-        if shapes[name] != tuple(p.shape):
-            raise UnsupportedModelError(f"{path}: {name} is {shapes[name]} in the weights, "
+        if shapes[key] != tuple(p.shape):
+            raise UnsupportedModelError(f"{path}: {name} is {shapes[key]} in the weights, "
                                         f"{tuple(p.shape)} by config.json")
 
 

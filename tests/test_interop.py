@@ -42,6 +42,24 @@ def test_wrapped_generate_reads_ten_times_its_window():
         wrapped.generate(ids, max_new_tokens=2, num_beams=4)
 
 
+
+def test_wrapped_generate_keeps_the_eos_it_stopped_on_and_checks_its_arguments():
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1, future_tokens=4, compute_dtype="float32")
+    wrapped = wrap(make_model("llama"), config=cfg)
+    ids = torch.tensor([random_ids(30, seed=4)])
+    free = wrapped.generate(ids, max_new_tokens=6, eos_token_id=[])[0, 30:].tolist()
+    other = next(t for t in range(VOCAB) if t not in free)
+    out = wrapped.generate(ids, max_new_tokens=6, eos_token_id=[other, free[0]])
+    assert out[0, 30:].tolist() == [free[0]]                # the eos it met, not the list's first
+    for kwargs, message in [(dict(eos_token_id=[VOCAB]), "stop"), (dict(do_sample=True, temperature="hot"), "number")]:
+        with pytest.raises(InputError, match=message):
+            wrapped.generate(ids, max_new_tokens=2, **kwargs)
+    with pytest.raises(InputError, match="at least one row"):
+        wrapped.generate(ids[:0], max_new_tokens=2)
+    assert wrapped.generate(ids, max_new_tokens=2, do_sample=True, temperature=None, top_p=None).shape == (1, 32)
+    with pytest.raises(InputError, match="tail_tokens"):
+        wrap(make_model("llama"), config=cfg, tail_tokens=-1)
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_peft_adapter_reproduces_engine_logits(arch, tmp_path):
     from peft import PeftModel

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from absorber_engine import InputError
 from absorber_engine.model_store import _build_once, resolve
@@ -56,3 +57,36 @@ def test_resolve_names_directories_and_files(tmp_path):
     assert resolve(tmp_path) == str(tmp_path)
     with pytest.raises(InputError, match="does not exist"):
         resolve(tmp_path / "nothing-here")
+
+
+def test_gpt2_weights_without_the_base_prefix_load_as_transformers_loads_them(tmp_path):
+    """GPT-2's own checkpoints name their weights "h.0.attn..." without "transformer.": transformers
+    loads them; the weight check used to refuse them."""
+    from safetensors.torch import load_file, save_file
+    from absorber_engine import AbsorberEngine
+    from absorber_engine.model_store import load_pretrained
+    from tiny_models import make_model
+
+    model = make_model("gpt2")
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded, _, _ = load_pretrained(tmp_path, tokenizer=False)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert AbsorberEngine.from_pretrained(tmp_path, tokenizer=False).runner.model_type == "gpt2"
+
+
+def test_a_tokenizer_that_does_not_load_is_a_model_error(tmp_path):
+    """Swallowed, it surfaced later as "this engine has no tokenizer", blaming the input."""
+    import shutil
+    from absorber_engine import UnsupportedModelError
+    from absorber_engine.model_store import load_pretrained
+
+    shipped = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
+    shutil.copytree(shipped, tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(UnsupportedModelError, match="tokenizer that does not load"):
+        load_pretrained(tmp_path / "m")
