@@ -227,9 +227,10 @@ def cmd_absorb(args) -> int:
     from .distributed import read_stream
 
     data = read_stream(args.input, args.ids, args.encoding)
-    n_tokens = len(data) if args.ids else len(eng.to_ids(data, allow_empty=True))
+    data = eng.to_ids(data, allow_empty=True)          # a bad id is refused here, before any round
+    n_tokens = len(data)
     bar, update = _progress(n_tokens, args.quiet, "absorbing")
-    start = time.perf_counter()
+    start, absorbed_before = time.perf_counter(), eng.absorbed_tokens
     code = EXIT_OK
     try:
         report = eng.absorb(data, flush=not args.keep_window, progress=update)
@@ -241,9 +242,11 @@ def cmd_absorb(args) -> int:
         print(f"absorber: interrupted; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
         eng.save_memory(args.memory)
         return EXIT_INTERRUPT
-    except Exception:                  # out of memory, a bug: the rounds done so far are still worth keeping
-        print(f"absorber: a round failed; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
-        eng.save_memory(args.memory)
+    except Exception:                  # out of memory, a bug: the rounds this call completed are worth keeping
+        if eng.absorbed_tokens > absorbed_before:
+            print(f"absorber: a round failed; saving the memory of the completed rounds to {args.memory}",
+                  file=sys.stderr)
+            eng.save_memory(args.memory)
         raise
     finally:
         if bar is not None:

@@ -191,7 +191,7 @@ def load_memory(session, path) -> None:
         raise MemoryFileError(f"{path} holds a window of {window.numel()} tokens; this session's window "
                               f"is {capacity}")
     queued = tensors.get("queued", torch.zeros(0, dtype=torch.int64))
-    if queued.dim() != 1 or queued.dtype != torch.int64 or (queued.numel() and window.numel() < capacity):
+    if queued.dim() != 1 or queued.dtype != torch.int64:
         raise MemoryFileError(f"{path} has no valid queue of tokens")
     if not (0 <= absorbed < 2**63 and 0 <= rounds < 2**63):       # the scheduler counts in int64
         raise MemoryFileError(f"{path} has counters out of range (tokens_absorbed {absorbed}, rounds {rounds})")

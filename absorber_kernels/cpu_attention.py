@@ -13,7 +13,7 @@ elementwise work is two fused passes, not the eight casts and in-place ops of an
 The same 554 tokens: 3.2 + 6.6 ms; faster than torch's kernels at every length measured in bf16,
 96 to 4,096 tokens, and in fp32 up to 800 (`python -m benchmarks.cpu_products`; MAX_TOKENS). On a
 Xeon with AMX torch's forward is the faster one (its GEMMs run on the tile unit) while this
-backward still is: the forward is chosen by timing both once (`_sdpa_forward_is_faster`).
+backward still is: there the forward is torch's (`_sdpa_forward_taken`).
 
 `attention_ref` is the plain reference; the tests hold this to float64 through autograd.
 """
@@ -21,8 +21,7 @@ backward still is: the forward is chosen by timing both once (`_sdpa_forward_is_
 from __future__ import annotations
 
 import functools
-import threading
-import time
+import os
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +66,7 @@ class CausalAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
         B, Hq, T, D = q.shape
-        out = _sdpa_forward(q, k, v, scale) if _sdpa_forward_is_faster(q, k) else _blocks_forward(q, k, v, scale)
+        out = _sdpa_forward(q, k, v, scale) if _sdpa_forward_taken(q) else _blocks_forward(q, k, v, scale)
         return out.view(B, T, Hq, D).transpose(1, 2)
 
     @staticmethod
@@ -127,40 +126,30 @@ def _sdpa_forward(q, k, v, scale):
     return out.transpose(1, 2).contiguous()
 
 
-_FASTER: dict[tuple, bool] = {}
-_FASTER_LOCK = threading.Lock()
+@functools.cache
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:                                    # not Linux: no way to tell, the blocks' forward
+        return False
 
 
-def _sdpa_forward_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether torch's forward beats the blocks' for this dtype and head shape on this CPU: timed
-    once a process (256 tokens, best of 5 each, a few ms), as an autotuner would. Which one wins
-    depends on the CPU: on the EPYC (AVX512-BF16, no AMX) this project measured first, the blocks
-    (554 tokens, bf16: 3.2 against 4.7 ms); on a Xeon with AMX, torch's (0.95 against 2.62 ms;
-    256 tokens 0.23 against 0.74, 1,024 2.3 against 7.8; fp32 too). The backward is the blocks' on
-    both, which needs only q, k and v: torch's CPU backward is the slower one on both CPUs."""
-    key = (q.dtype, q.shape[1], k.shape[1], q.shape[-1])
-    faster = _FASTER.get(key)
-    if faster is None:
-        with _FASTER_LOCK:
-            if key not in _FASTER:
-                _FASTER[key] = _time_forwards(*key)
-            faster = _FASTER[key]
-    return faster
-
-
-def _time_forwards(dtype, heads_q, heads_k, dim, tokens=256, reps=5) -> bool:
-    """Best of `reps` each, the two alternating so that a load on the machine slows both alike."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, tokens, dim, generator=g).to(dtype) for h in (heads_q, heads_k, heads_k))
-    best = {_sdpa_forward: float("inf"), _blocks_forward: float("inf")}
-    with torch.no_grad():
-        for rep in range(reps + 1):                          # the first round: buffers, kernels' set-up
-            for forward in best:
-                start = time.perf_counter()
-                forward(q, k, v, dim ** -0.5)
-                if rep:
-                    best[forward] = min(best[forward], time.perf_counter() - start)
-    return best[_sdpa_forward] < best[_blocks_forward]
+def _sdpa_forward_taken(q: torch.Tensor) -> bool:
+    """Whether the forward is torch's sdpa rather than the blocks': in bf16 on a CPU with AMX tiles.
+    torch's flash forward runs its GEMMs on the tile unit there: on a Xeon with AMX 3x faster than
+    the blocks (SmolLM2's heads, bf16: 0.23 against 0.74 ms at 256 tokens, 0.95 against 2.62 at 554,
+    2.27 against 7.79 at 1,024), while on the EPYC this project measured first (AVX512-BF16, no
+    AMX) the blocks' was the faster (3.2 against 4.7 ms at 554). In fp32 the margin is thin on the
+    Xeon at a round's lengths (2x at 256 tokens, 1.25x at 554) and reversed on the EPYC: the blocks.
+    A rule, not a timing: the two forwards round differently, and a stream must absorb to the same
+    delta in every process. $ABSORBER_CPU_ATTENTION_FORWARD = "sdpa" or "blocks" overrides it. The
+    backward is the blocks' either way: torch's CPU backward is the slower on both CPUs, and the
+    blocks' needs nothing from the forward but q, k and v."""
+    pinned = os.environ.get("ABSORBER_CPU_ATTENTION_FORWARD")
+    if pinned in ("sdpa", "blocks"):
+        return pinned == "sdpa"
+    return q.dtype == torch.bfloat16 and _cpu_has_amx()
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `causal_attention` takes these: a CPU pass in grad mode (a training pass; in the first

@@ -51,7 +51,10 @@ class LowRankLinearTorch(torch.autograd.Function):
             xc = x.to(dtype)
             w = weight if weight.dtype == dtype else cast_weight(weight, dtype)
             a, b = A.to(dtype), B.to(dtype)
-            y = F.linear(xc, w.t() if conv1d else w, None if bias is None else bias.to(dtype))
+            if conv1d and weight.dtype == dtype:         # base_linear's own order: GEMM, then the bias
+                y = torch.matmul(xc, w) if bias is None else torch.matmul(xc, w) + bias
+            else:
+                y = F.linear(xc, w.t() if conv1d else w, None if bias is None else bias.to(dtype))
             x2 = xc.reshape(-1, xc.shape[-1])
             u = torch.mm(x2, a).mul_(scale)
             out = torch.addmm(y.reshape(-1, y.shape[-1]), u, b)

@@ -536,3 +536,18 @@ def test_cli_paths_refused_before_the_work(tmp_path, capsys, monkeypatch):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert cli.main(["generate", "--model", str(tmp_path / "m.gguf"), "--ids", "--prompt", "3 4"]) == 2
     assert "cannot use the model cache" in capsys.readouterr().err
+
+
+def test_cli_bad_ids_leave_an_existing_memory_file_alone(tmp_path, capsys):
+    """The save-what-was-done handler took an out-of-vocabulary id for a failed round and wrote an
+    empty memory over the file --memory named."""
+    from absorber_engine.cli import main
+
+    model = tmp_path / "model"
+    make_model("llama").save_pretrained(model)
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, random_ids(40, seed=7) + [VOCAB + 5])))
+    (tmp_path / "old.absorber").write_bytes(b"precious")
+    argv = ["absorb", "--model", str(model), "--ids", "--input", str(tmp_path / "ids.txt"), "--memory",
+            str(tmp_path / "old.absorber"), "--quiet", "--chunk-tokens", "16", "--sync-tokens", "8"]
+    assert main(argv) == 2
+    assert (tmp_path / "old.absorber").read_bytes() == b"precious" and "Traceback" not in capsys.readouterr().err

@@ -193,3 +193,12 @@ def test_tokens_queued_behind_the_window_are_saved_and_absorbed_after_loading(tm
     assert ra["default"].absorbed_tokens == rb["default"].absorbed_tokens == 100
     for k, v in a.delta.state_dict().items():
         torch.testing.assert_close(b.delta.state_dict()[k], v)
+
+
+def test_a_queue_loads_into_a_session_with_a_larger_window(tmp_path):
+    a = AbsorberEngine(make_model("llama"), config=CFG.replace(compute_dtype="float32"))
+    a.feed(random_ids(30, seed=6))
+    a.save_memory(tmp_path / "q.absorber")
+    a.session("wide", chunk_tokens=32, sync_tokens=8)
+    a.load_memory(tmp_path / "q.absorber", session="wide")
+    assert a.session("wide").held_tokens == 30 and a.session("wide").window_tokens() == random_ids(30, seed=6)

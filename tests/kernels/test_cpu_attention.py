@@ -19,7 +19,7 @@ from absorber_kernels.hf_attention import CPU_ATTENTION_NAME, _right_padded_caus
 @pytest.mark.parametrize("torch_forward", [False, True])
 def test_forward_and_backward_match_float64(monkeypatch, dtype, tol, b, hq, hk, t, torch_forward):
     """Both forwards (the one timed faster is taken) with the blocks' backward."""
-    monkeypatch.setattr(cpu_attention, "_sdpa_forward_is_faster", lambda q, k: torch_forward)
+    monkeypatch.setattr(cpu_attention, "_sdpa_forward_taken", lambda q: torch_forward)
     g = torch.Generator().manual_seed(t)
     q, k, v = (torch.randn(b, h, t, 32, generator=g).to(dtype).requires_grad_() for h in (hq, hk, hk))
     dout = torch.randn(b, hq, t, 32, generator=g).to(dtype)
@@ -110,12 +110,12 @@ def test_the_gradients_asked_for_alone_match_float64(needs):
             torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_the_forward_is_timed_once_per_dtype_and_head_shape(monkeypatch):
-    timed = []
-    monkeypatch.setattr(cpu_attention, "_FASTER", {})
-    real = cpu_attention._time_forwards
-    monkeypatch.setattr(cpu_attention, "_time_forwards", lambda *key: timed.append(key) or real(*key, tokens=16, reps=1))
-    for dtype in (torch.float32, torch.float32, torch.bfloat16):
-        q = torch.randn(1, 4, 8, 16, dtype=dtype)
-        assert isinstance(cpu_attention._sdpa_forward_is_faster(q, q[:, :2]), bool)
-    assert timed == [(torch.float32, 4, 2, 16), (torch.bfloat16, 4, 2, 16)]
+def test_the_forward_is_torchs_in_bf16_on_a_cpu_with_amx_unless_pinned(monkeypatch):
+    bf16, fp32 = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 8)
+    monkeypatch.delenv("ABSORBER_CPU_ATTENTION_FORWARD", raising=False)
+    for amx in (True, False):
+        monkeypatch.setattr(cpu_attention, "_cpu_has_amx", lambda: amx)
+        assert cpu_attention._sdpa_forward_taken(bf16) is amx and not cpu_attention._sdpa_forward_taken(fp32)
+    for pinned in ("sdpa", "blocks"):
+        monkeypatch.setenv("ABSORBER_CPU_ATTENTION_FORWARD", pinned)
+        assert cpu_attention._sdpa_forward_taken(fp32) is cpu_attention._sdpa_forward_taken(bf16) is (pinned == "sdpa")

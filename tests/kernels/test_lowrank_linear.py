@@ -114,3 +114,16 @@ def test_torch_op_takes_the_reference_for_a_trainable_weight():
     assert w.grad is not None and torch.allclose(y, lowrank_linear_ref(x, w, None, a, bb, 1.0))
     with pytest.raises(ValueError, match="weight_layout"):
         LR.lowrank_linear_torch(x, w.detach(), None, a, bb, 1.0, "transposed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_torch_op_equals_the_reference_at_gpt2_sizes_in_the_weights_own_dtype(dtype):
+    """Where the compute dtype is W's own (no autocast: an fp32 run, a bf16 or float64 model), the
+    reference adds GPT-2's bias after its GEMM; inside it, the sum rounds otherwise at these sizes."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 37, 576, generator=g).to(dtype)
+    w, b = (0.05 * torch.randn(576, 1536, generator=g)).to(dtype), torch.randn(1536, generator=g).to(dtype)
+    a, bb = 0.1 * torch.randn(576, 8, generator=g), 0.1 * torch.randn(8, 1536, generator=g)
+    for layout, weight in (("conv1d", w), ("linear", w.t().contiguous())):
+        assert torch.equal(LR.lowrank_linear_torch(x, weight, b, a, bb, 0.5, layout),
+                           lowrank_linear_ref(x, weight, b, a, bb, 0.5, layout)), layout
