@@ -551,3 +551,17 @@ def test_cli_bad_ids_leave_an_existing_memory_file_alone(tmp_path, capsys):
             str(tmp_path / "old.absorber"), "--quiet", "--chunk-tokens", "16", "--sync-tokens", "8"]
     assert main(argv) == 2
     assert (tmp_path / "old.absorber").read_bytes() == b"precious" and "Traceback" not in capsys.readouterr().err
+
+
+def test_device_meta_is_refused_and_absorb_many_quiet_loads_quietly(tmp_path, capsys):
+    from absorber_engine.cli import main
+
+    model = tmp_path / "model"
+    make_model("llama").save_pretrained(model)
+    with pytest.raises(InputError, match="meta"):
+        AbsorberEngine.from_pretrained(model, device="meta", tokenizer=False)
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, random_ids(40, seed=8))))
+    argv = ["absorb-many", "--model", str(model), "--ids", "--out-dir", str(tmp_path / "out"), "--inputs",
+            str(tmp_path / "ids.txt"), "--chunk-tokens", "16", "--sync-tokens", "8", "--max-steps", "1", "--quiet"]
+    assert main(argv) == 0
+    assert "Loading weights" not in capsys.readouterr().err

@@ -204,7 +204,7 @@ def test_a_save_that_fails_is_logged_and_the_server_serves_on(tmp_path, monkeypa
 
     from absorber_engine import memory_file
 
-    real = memory_file.save_file
+    real = memory_file.save
 
     def quota(*args, **kwargs):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
@@ -212,10 +212,10 @@ def test_a_save_that_fails_is_logged_and_the_server_serves_on(tmp_path, monkeypa
     cfg = ServeConfig(NAME, state_dir=str(tmp_path), timeout_s=60, idle_save_s=0.0)
     with BackgroundServer(small_engine(), cfg) as url:
         body, headers = {"model": NAME, "max_tokens": 2, "temperature": 0}, {"X-Absorber-Session": "q"}
-        monkeypatch.setattr(memory_file, "save_file", quota)
+        monkeypatch.setattr(memory_file, "save", quota)
         r = httpx.post(url + C, json={**body, "prompt": DOC * 2}, headers=headers)
         assert r.status_code == 200, r.text          # the memory is in the engine; the save is retried
-        monkeypatch.setattr(memory_file, "save_file", real)
+        monkeypatch.setattr(memory_file, "save", real)
         r = httpx.post(url + C, json={**body, "prompt": "another"}, timeout=30)
         assert r.status_code == 200, r.text
         info = httpx.get(url + "/v1/sessions/q").json()
