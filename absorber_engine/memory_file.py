@@ -2,8 +2,8 @@
 
 safetensors holds only tensors and a string → string header, so loading a file never runs code.
 The tensors are the deltas (one, or memory_slots', oldest first), the window, the tokens queued
-behind it (fed, not absorbed yet), the replay buffer and the surprise gate's history. Version 1 files, which hold one delta, still load. The
-header names the format and version, the base model it was made for (a fingerprint of its
+behind it (fed, not absorbed yet), the replay buffer and the surprise gate's history. Version 1
+files, which hold one delta, still load. The header names the format and version, the base model it was made for (a fingerprint of its
 config, parameter names and shapes, and a sample of each weight's values), the engine config and
 the stream's counters. A file is written to a temporary name and renamed, so a crash never leaves
 a half-written memory under the real name. Loading checks everything before touching the engine,

@@ -151,6 +151,7 @@ def _sdpa_forward_taken(q: torch.Tensor) -> bool:
         return pinned == "sdpa"
     return q.dtype == torch.bfloat16 and _cpu_has_amx()
 
+
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `causal_attention` takes these: a CPU pass in grad mode (a training pass; in the first
     layer only v may need a gradient), no cache (as many keys as queries), at most MAX_TOKENS of its

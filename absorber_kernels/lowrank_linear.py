@@ -38,8 +38,9 @@ def lowrank_linear_ref(
 
 class LowRankLinearTorch(torch.autograd.Function):
     """The reference's arithmetic, op for op and so to the bit, as one autograd node: x cast to the
-    compute dtype once (the reference casts it for W and again for A) and a sixth of the graph's
-    nodes, each a Python-side step of the backward. The sum of dx's two branches stays a separate
+    compute dtype once (the reference casts it for W and again for A), and one node of the graph
+    where the reference makes six (the frozen GEMM, the casts of A and B, x·A, the scale, the
+    expand), each a Python-side step of the backward. The sum of dx's two branches stays a separate
     add in x's dtype, as autograd makes it: folded into a GEMM it would round otherwise, and a
     stream's rounds alone would then differ from the same rounds batched with other streams
     (lowrank_batched). Saves x in the compute dtype, u = s·x·A and the delta's casts; W is cast
