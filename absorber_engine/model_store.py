@@ -142,6 +142,13 @@ def _build_once(target: Path, build, source: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)        # a second process waits here, then finds it done
         if (target / _DONE).is_file():
             return target
+        # Builders hold this lock: a build folder already here is one a killed process left (kill -9
+        # runs no cleanup), several hundred MB a conversion. Only mkdtemp's names for this target:
+        # its 8 random characters, no further dot (another target "m.x" builds in ".m.x.XXXXXXXX").
+        for stale in target.parent.glob(f".{target.name}.*"):
+            suffix = stale.name[len(target.name) + 2:]
+            if stale.is_dir() and len(suffix) == 8 and "." not in suffix:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         tmp.chmod(0o755)
         try:

@@ -90,3 +90,14 @@ def test_a_tokenizer_that_does_not_load_is_a_model_error(tmp_path):
     (tmp_path / "m" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
     with pytest.raises(UnsupportedModelError, match="tokenizer that does not load"):
         load_pretrained(tmp_path / "m")
+
+
+def test_a_build_folder_left_by_a_killed_process_is_removed_by_the_next_build(tmp_path):
+    target = tmp_path / "models" / "m"
+    left = tmp_path / "models" / ".m.k1ll3d_x"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_text("half written")
+    other = tmp_path / "models" / ".m.x.abcdefgh"       # target "m.x"'s build: not ours to remove
+    other.mkdir()
+    assert _build_once(target, lambda tmp: (tmp / "ok").write_text("1"), source="test") == target
+    assert not left.exists() and other.exists() and (target / "ok").read_text() == "1"
