@@ -99,7 +99,8 @@ def save_memory(session, path) -> None:
     tensors = {f"slots.{i}.{k}": v.cpu().contiguous()
                for i, delta in enumerate(session.slots) for k, v in delta.state_dict().items()}
     held = list(session.engine.scheduler.window(session.key, all=True))
-    capacity = session.stats()["chunk_tokens"] + session.stats()["sync_tokens"]
+    st = session.stats()
+    capacity = st["chunk_tokens"] + st["sync_tokens"]
     tensors["window"] = torch.tensor(held[:capacity], dtype=torch.int64)
     if len(held) > capacity:                         # fed and not yet absorbed: kept too
         tensors["queued"] = torch.tensor(held[capacity:], dtype=torch.int64)

@@ -144,7 +144,7 @@ def _build_once(target: Path, build, source: str) -> Path:
             return target
         # Builders hold this lock: a build folder already here is one a killed process left (kill -9
         # runs no cleanup), several hundred MB a conversion. Only mkdtemp's names for this target:
-        # its 8 random characters, no further dot (another target "m.x" builds in ".m.x.XXXXXXXX").
+        # ".<target>." and 8 random characters without a dot (a target "m.x" builds in ".m.x.<8>").
         for stale in target.parent.glob(f".{target.name}.*"):
             suffix = stale.name[len(target.name) + 2:]
             if stale.is_dir() and len(suffix) == 8 and "." not in suffix:
