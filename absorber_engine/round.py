@@ -47,8 +47,22 @@ class RoundResult:
         return self.losses[-1] if self.losses else float("nan")
 
 
+class LossScale:
+    """The factor a round's backward starts from: 2^16 where the student's activations are fp16 (a
+    compute_dtype of float16, or an fp16 model), 1 elsewhere. A loss's gradient at a hidden state is
+    its weight over the positions it averages, 1e-8 and below for a hidden L1 over a round, which
+    fp16 (smallest subnormal 6e-8) rounds to zero: an fp16 round trained on nothing but the
+    next-token loss. The deltas (fp32) get their gradients divided back before the step; a step
+    whose gradients overflowed halves the factor and is skipped, as torch.amp's GradScaler does."""
+
+    def __init__(self, runner: ModelRunner):
+        fp16 = (runner.compute_dtype or runner.dtype) == torch.float16
+        self.value = 2.0 ** 16 if fp16 else 1.0
+
+
 def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
     targets = teacher_targets(runner, batch, cfg)
+    scale = LossScale(runner)
     in_recite = cfg.ntp_in_recite and any(g.x_span is not None for g in targets[0].groups)
     xs = batch.x if batch.x.shape[1] + len(runner.prefix) >= 2 and not in_recite else None   # (S, n)
 
@@ -56,9 +70,10 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
 
     def loss_fn(active):
         return student_losses(runner, [batch.deltas[i] for i in active], [targets[i] for i in active], cfg,
-                              backward=True, xs=xs[active] if xs is not None else None, step=next(step))
+                              backward=True, xs=xs[active] if xs is not None else None, step=next(step),
+                              scale=scale.value)
 
-    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise)
+    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale)
 
 
 def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
@@ -70,32 +85,34 @@ def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> li
     if any(batch.replay):
         replay = [SyncTargets([g], 0) for g in replay_groups(runner, batch, False, text=True)]
     step = iter(range(cfg.max_steps))
+    scale = LossScale(runner)
 
     def loss_fn(active):
         deltas = [batch.deltas[i] for i in active]
-        losses = next_token_losses(runner, deltas, batch.x[active], cfg, 1.0, backward=True)
+        losses = next_token_losses(runner, deltas, batch.x[active], cfg, 1.0, backward=True, scale=scale.value)
         if replay is not None:
-            extra = student_losses(runner, deltas, [replay[i] for i in active], cfg, backward=True, step=next(step))
+            extra = student_losses(runner, deltas, [replay[i] for i in active], cfg, backward=True, step=next(step),
+                                   scale=scale.value)
             losses = [a + b for a, b in zip(losses, extra)]
         return losses
 
-    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise)
+    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale)
 
 
 ROUNDS = {"absorber": absorber_round, "ttt": ttt_round}
 
 
 def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets], cfg: AbsorberConfig,
-                   backward: bool, xs: torch.Tensor | None = None, step: int = 0) -> list[float]:
-    """Each stream's loss under its current delta (and the gradient, when `backward`) at step
-    `step` of the round (which replayed rows it reads, with replay_batch)."""
+                   backward: bool, xs: torch.Tensor | None = None, step: int = 0, scale: float = 1.0) -> list[float]:
+    """Each stream's loss under its current delta (and the gradient, when `backward`, of `scale` x
+    the loss: LossScale) at step `step` of the round (which replayed rows it reads, with replay_batch)."""
     losses = [0.0] * len(deltas)
     read = [_read_at(t, cfg, step) for t in targets]
     runner.bind(deltas)
     for part in _passes([grp for grp, _ in read[0]]):
-        _student_pass(runner, [[r[i] for i in part] for r in read], targets, cfg, backward, losses)
+        _student_pass(runner, [[r[i] for i in part] for r in read], targets, cfg, scale if backward else 0.0, losses)
     if cfg.ntp_weight > 0 and xs is not None:
-        for s, ce in enumerate(next_token_losses(runner, deltas, xs, cfg, cfg.ntp_weight, backward)):
+        for s, ce in enumerate(next_token_losses(runner, deltas, xs, cfg, cfg.ntp_weight, backward, scale)):
             losses[s] += ce
     return losses
 
@@ -136,7 +153,7 @@ def _width(grp: FutureGroup) -> int:
 
 
 def _student_pass(runner: ModelRunner, read: list[list[tuple[FutureGroup, float]]], targets: list[SyncTargets],
-                  cfg: AbsorberConfig, backward: bool, losses: list[float]) -> None:
+                  cfg: AbsorberConfig, backward_scale: float, losses: list[float]) -> None:
     """One forward (and backward) of the student over the groups read[s] of every stream s: all
     their rows in one batch, stream-major, each row its lead then its tokens, right-padded (causal
     attention: the padding changes no real position); each group's loss read off its own rows and
@@ -171,8 +188,8 @@ def _student_pass(runner: ModelRunner, read: list[list[tuple[FutureGroup, float]
                 loss = weight * _sync_loss(runner, [h[sl, at] for h in cap.states], fin, grp, targets[s], cfg)
             losses[s] += float(loss.detach())
             total = total + loss
-    if backward and total.requires_grad:
-        total.backward()
+    if backward_scale and total.requires_grad:            # 0: no backward; else the round's LossScale
+        (total * backward_scale if backward_scale != 1.0 else total).backward()
 
 
 def _sync_loss(runner, states, final, grp, tgt: SyncTargets, cfg) -> torch.Tensor:
@@ -235,7 +252,7 @@ def _cross_entropy(runner, final, targets) -> torch.Tensor:
 
 
 def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, weight: float,
-                      backward: bool) -> list[float]:
+                      backward: bool, scale: float = 1.0) -> list[float]:
     """weight × the contextless model's next-token cross-entropy on each stream's X (S, n): TTT's
     loss, alone (objective "ttt") or beside synchronization (ntp_weight)."""
     runner.bind(deltas)
@@ -244,11 +261,12 @@ def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, 
         final, _ = runner.forward(ids[:, :-1])
     per_stream = weight * torch.stack([_cross_entropy(runner, final[s], ids[s, 1:]) for s in range(len(deltas))])
     if backward:
-        per_stream.sum().backward()
+        (per_stream.sum() * scale if scale != 1.0 else per_stream.sum()).backward()
     return per_stream.detach().tolist()
 
 
-def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | None = None) -> list[RoundResult]:
+def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | None = None,
+                 scale: LossScale | None = None) -> list[RoundResult]:
     """Algorithm 1's loop for each stream: evaluate, stop below eps, else one AdamW step; at most
     max_steps steps. loss_fn(active) computes the losses of the streams `active` (indices) and
     accumulates their gradients. A stream whose loss is NaN/inf, or ends above divergence_factor ×
@@ -264,7 +282,7 @@ def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | No
         for i in active:
             opts[i].zero_grad(set_to_none=True)
         losses = loss_fn(active)
-        still = []
+        still, overflow = [], False
         for i, loss in zip(active, losses):
             res, params = results[i], deltas[i].parameters()
             res.losses.append(loss)
@@ -277,14 +295,24 @@ def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | No
                     and loss < cfg.surprise_gate * statistics.median(surprise[i])):
                 res.gated = True
                 continue
+            if scale is not None and scale.value != 1.0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(scale.value)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+                if scale is not None and scale.value > 1.0:     # the loss scale overflowed: no step
+                    overflow = True
+                    still.append(i)
+                    continue
                 res.error = f"the delta's gradient became NaN or inf at step {res.steps}"
                 continue
             opts[i].step()
             res.steps += 1
             still.append(i)
+        if overflow:
+            scale.value /= 2
         active = still
     for opt in opts:
         opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ every chunk's logits into them and takes the softmax in place.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -63,11 +64,25 @@ class HeadChunks:
         return z
 
     def back(self, dz: torch.Tensor) -> torch.Tensor:
-        """(n, V) -> dz·W, (n, D) in the GEMM dtype. dz may be the view logits() returned."""
+        """(n, V) -> dz·W, (n, D): in the GEMM dtype, in fp32 for an fp16 GEMM. dz may be the view
+        logits() returned, and is overwritten.
+
+        In fp16 dz is scaled by a power of two first: its entries are about softmax/rows, 1e-8 and
+        below for a real vocabulary and a round's rows, under fp16's smallest subnormal (6e-8), and
+        cast as they are 40% of a KL's gradient was lost. Scaled so the largest is 2^10, and the
+        product scaled back in fp32, they keep fp16's 11 bits (headroom left for the sum over V)."""
         low = self.low[:dz.shape[0]]
-        if low.data_ptr() != dz.data_ptr():
+        if self.gemm != torch.float16:
+            if low.data_ptr() != dz.data_ptr():
+                low.copy_(dz)
+            return torch.mm(low, self.w)
+        top = float(dz.abs().amax()) if dz.numel() else 0.0
+        if top == 0.0 or not math.isfinite(top):
             low.copy_(dz)
-        return torch.mm(low, self.w)
+            return torch.mm(low, self.w).to(self.acc)
+        scale = 2.0 ** (10 - math.ceil(math.log2(top)))
+        low.copy_(dz.mul_(scale))
+        return torch.mm(low, self.w).to(self.acc).div_(scale)
 
 
 def exp_rows_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import HAS_TRITON, check_tensors
+from ._common import HAS_TRITON, check_tensors, grad_dtype
 
 
 def hidden_l1_ref(
@@ -137,7 +137,7 @@ class HiddenL1Triton(torch.autograd.Function):
         else:
             t_tab, t_str, t_ptrs, t_strides = _table(teacher_list)
             t_dtype_src = teacher_list[0]
-        grad = torch.empty((n_layers, b, t, d), dtype=first.dtype, device=first.device) if write_grad else first
+        grad = torch.empty((n_layers, b, t, d), dtype=grad_dtype(first), device=first.device) if write_grad else first
         r = b * t
         n_rb = triton.cdiv(r, cfg["BLOCK_R"])
         partial = torch.empty(n_layers, n_rb, dtype=torch.float32, device=first.device)
@@ -153,6 +153,7 @@ class HiddenL1Triton(torch.autograd.Function):
         ctx.n_teacher = len(tensors) - n_layers
         ctx.save_for_backward(grad if write_grad else first.new_empty(0))
         ctx.write_grad = write_grad
+        ctx.dtype = first.dtype
         return partial.sum() * norm
 
     @staticmethod
@@ -160,7 +161,7 @@ class HiddenL1Triton(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         grads = [None] * ctx.n_layers
         if ctx.write_grad:
-            scaled = grad * grad_out
+            scaled = (grad * grad_out).to(ctx.dtype)
             grads = [scaled[i] if ctx.needs_input_grad[4 + i] else None for i in range(ctx.n_layers)]
         return (None, None, None, None, *grads, *([None] * ctx.n_teacher))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import grad_dtype
 from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot
 
 
@@ -36,7 +37,7 @@ class LinearCERef(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             head = HeadChunks(weight, bias, gemm, min(chunk, h.shape[0]))
             total = torch.zeros((), dtype=head.acc, device=h.device)
-            grad = torch.empty_like(h) if h.requires_grad else None
+            grad = torch.empty_like(h, dtype=grad_dtype(h)) if h.requires_grad else None
             for i in range(0, h.shape[0], chunk):
                 tgt = targets[i:i + chunk]
                 on = tgt >= 0
@@ -56,14 +57,15 @@ class LinearCERef(torch.autograd.Function):
                         dz.sub_(pt, alpha=kl_weight)
                     rows = on.nonzero().squeeze(1)
                     dz[rows, tgt[rows]] -= ce_w[rows]
-                    grad[i:i + chunk] = head.back(dz).to(h.dtype)
+                    grad[i:i + chunk] = head.back(dz)
         ctx.save_for_backward(grad if grad is not None else h.new_empty(0))
+        ctx.h_dtype = h.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None, None, None, None, None
+        return (grad * grad_out).to(ctx.h_dtype), None, None, None, None, None, None, None
 
 
 def linear_ce_ref(

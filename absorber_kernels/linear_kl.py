@@ -15,7 +15,8 @@ chunk × V logits exist at once and backward is one multiply. It is the CPU path
 from __future__ import annotations
 
 import torch
-from ._common import HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, next_pow2, num_sms
+from ._common import (HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, grad_dtype, next_pow2,
+                      num_sms)
 from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot
 
 
@@ -64,7 +65,7 @@ class LinearKLRef(torch.autograd.Function):
                 teacher = head.twin()
             coef = temperature * temperature / denom
             total = torch.zeros((), dtype=head.acc, device=hs.device)
-            grad = torch.empty_like(hs) if hs.requires_grad else None
+            grad = torch.empty_like(hs, dtype=grad_dtype(hs)) if hs.requires_grad else None
             for i in range(0, hs.shape[0], chunk):
                 if teacher_p is None:
                     pt = teacher.logits(ht[i:i + chunk])
@@ -79,14 +80,15 @@ class LinearKLRef(torch.autograd.Function):
                 total += (neg_entropy - dot + lse).sum()
                 if grad is not None:
                     dz = zs.mul_((coef / temperature / sums)[:, None]).sub_(pt, alpha=coef / temperature)
-                    grad[i:i + chunk] = head.back(dz).to(hs.dtype)
+                    grad[i:i + chunk] = head.back(dz)
             ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
+            ctx.hs_dtype = hs.dtype
             return total * coef
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None, None, None, None, None, None
+        return (grad * grad_out).to(ctx.hs_dtype), None, None, None, None, None, None, None, None
 
 
 def linear_kl_ref(
@@ -406,7 +408,7 @@ def linear_kl_grad(hs, ht, weight, bias, temperature, lse_s, lse_t, tau, coef, c
     cfg = config or kl_configs(0, cuda_arch(hs.device))[1]
     bn = cfg["BLOCK_N"]
     chunk = max(bn, triton.cdiv(min(chunk, n), bn) * bn)
-    grad = torch.empty_like(hs)
+    grad = torch.empty_like(hs, dtype=grad_dtype(hs))
     dz = torch.empty(min(chunk, n), v, dtype=weight.dtype, device=hs.device)   # the only vocabulary-wide buffer
     c2 = LOG2E / temperature
     for r0 in range(0, n, chunk):
@@ -420,7 +422,7 @@ def linear_kl_grad(hs, ht, weight, bias, temperature, lse_s, lse_t, tau, coef, c
             BLOCK_D=cfg["BLOCK_D"], PREC=dot_precision(hs.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         g = torch.matmul(dz[:r1 - r0], weight)                 # (rows, D), a plain GEMM: cuBLAS
-        grad[r0:r1] = (g.float() * (coef / temperature)).to(hs.dtype)
+        grad[r0:r1] = g.float() * (coef / temperature)
     return grad
 
 
@@ -436,12 +438,13 @@ class LinearKLTriton(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = linear_kl_grad(hs, ht, weight, bias, temperature, lse_s, lse_t, tau, coef, chunk)
         ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
+        ctx.hs_dtype = hs.dtype
         return kl.sum() * coef
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None, None, None, None, None
+        return (grad * grad_out).to(ctx.hs_dtype), None, None, None, None, None, None, None
 
 
 def linear_kl_triton(

@@ -278,3 +278,45 @@ def test_a_float64_model_absorbs_in_float64_whatever_compute_dtype_asks(compute_
     assert eng.runner.compute_dtype is None
     report = eng.absorb(random_ids(20), flush=True)
     assert report.steps > 0 and not report.errors and all(math.isfinite(x) for x in report.round_losses)
+
+
+def test_an_fp16_model_trains_on_a_hidden_loss_below_fp16s_range():
+    # A hidden L1's gradient is weight/(N·L·D): 2.7e-8 for a SmolLM2 round of 2,048 positions, 6.5e-10
+    # here (weight 1e-6 over this tiny model's 8 × 3 × 64), which fp16 rounds to zero. Before the
+    # round's loss scale the delta's B stayed exactly zero: an fp16 round trained nothing.
+    from absorber_engine.round import LossScale
+    model = make_model("llama").half()
+    cfg = AbsorberConfig(chunk_tokens=12, sync_tokens=8, rank=2, max_steps=3, probes=0, hidden_weight=1e-6,
+                         kl_weight=0.0, ntp_weight=0.0, lr=1e-2)
+    eng = AbsorberEngine(model, config=cfg)
+    assert LossScale(eng.runner).value == 2.0 ** 16
+    rep = eng.absorb(random_ids(20, seed=1))
+    assert rep.steps == 3
+    moved = max(float(b.detach().abs().max()) for b in eng.delta.B.values())
+    assert moved > 1e-3, "the fp16 round left the delta where it started"
+    assert LossScale(AbsorberEngine(make_model("llama"), config=cfg.replace(compute_dtype="float32")).runner).value == 1.0
+
+
+def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_halved():
+    from absorber_engine.round import LossScale, train_deltas
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=12, sync_tokens=8, rank=2))
+    delta = eng.delta
+    scale = LossScale(eng.runner)
+    scale.value = 4.0
+    calls = []
+
+    def loss_fn(active):
+        calls.append(scale.value)
+        for p in delta.parameters():
+            p.grad = torch.full_like(p, math.inf if len(calls) == 1 else 4.0)   # 1.0 once unscaled
+        return [1.0]
+
+    before = [p.detach().clone() for p in delta.parameters()]
+    (res,) = train_deltas([delta], loss_fn, eng.config.replace(max_steps=3), scale=scale)
+    assert res.error is None and res.steps == 2 and len(res.losses) == 3
+    assert calls == [4.0, 2.0, 2.0]
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, delta.parameters()))
+    scale.value = 1.0                                  # at 1 an overflow is the round's failure, as before
+    (res,) = train_deltas([delta], lambda active: [setattr(p, "grad", torch.full_like(p, math.inf))
+                                                   for p in delta.parameters()] and [1.0], eng.config, scale=scale)
+    assert res.error is not None and "NaN or inf" in res.error

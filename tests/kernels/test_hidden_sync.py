@@ -77,3 +77,10 @@ def test_hidden_l1_errors():
         hidden_l1_triton(student, [t[:, :4] for t in teacher])
     with pytest.raises(ValueError):
         hidden_l1_triton([], [])
+
+
+def test_hidden_l1_fp16_gradient_below_fp16s_range_survives_the_loss_scale():
+    # weight/(N·L·D) = 2.7e-8 for a SmolLM2 round of 2,048 positions: kept in fp32 until grad_output
+    # (which carries an fp16 round's loss scale of 2^16) multiplies it; it was stored as fp16 zeros.
+    student, teacher = _states(2, 1, 9, 64, torch.float16, seed=2)
+    _check("2.7e-8 an element", torch.float16, student, teacher, grad_out=2.0 ** 16, denom=2 ** 21)
