@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from urllib.parse import quote
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -137,7 +138,7 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
     def headers_of(meta: dict) -> dict:
         if meta.get("session") is None:
             return {}
-        return {SESSION_HEADER: meta["session"], RESET_HEADER: "true" if meta["reset"] else "false",
+        return {SESSION_HEADER: header_value(meta["session"]), RESET_HEADER: "true" if meta["reset"] else "false",
                 FED_HEADER: str(meta["fed"])}
 
     async def generate(request: Request, req, prompt, max_tokens: int, chat: bool):
@@ -264,6 +265,22 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
 
 
 def check_session_id(sid: str, param: str) -> None:
-    if not sid or len(sid) > MAX_SESSION_ID or any(ord(c) < 32 or ord(c) == 127 for c in sid):
+    if (not sid or len(sid) > MAX_SESSION_ID or any(ord(c) < 32 or ord(c) == 127 for c in sid)
+            or not _is_text(sid)):
         raise bad_request(f"a session id is 1 to {MAX_SESSION_ID} printable characters", param=param,
                           code="invalid_session")
+
+
+def _is_text(s: str) -> bool:
+    """False for a string holding a lone UTF-16 surrogate (JSON's "\\ud800" decodes to one): no text."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def header_value(sid: str) -> str:
+    """A session id as an HTTP header can carry it: as it is when ASCII, percent-encoded (UTF-8)
+    otherwise (headers are latin-1 at most; "用户" failed the answer after its work was done)."""
+    return sid if sid.isascii() else quote(sid, safe="")

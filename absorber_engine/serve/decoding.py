@@ -64,8 +64,21 @@ class Decoder:
         finish = "length" if len(ids) >= s.max_tokens else "stop"
         ids = ids[:s.max_tokens]
         text, hit = cut_at_stop(self.prompts.decode(ids), s.stops)
+        used = self._tokens_to_stop(ids, s.stops) if hit else len(ids)
         p.job.done({"text": text, "finish_reason": "stop" if hit else finish, "prompt_tokens": len(p.job.prompt.ids),
-                    "completion_tokens": len(ids), **self._meta(p)})
+                    "completion_tokens": used, **self._meta(p)})
+
+    def _tokens_to_stop(self, ids: list[int], stops: list[str]) -> int:
+        """The fewest of `ids` whose text holds a stop sequence: where a streamed answer stops, and
+        so what usage counts (a stop sequence, once in a prefix's text, stays in longer ones')."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cut_at_stop(self.prompts.decode(ids[:mid]), stops)[1]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def _meta(self, p: Plan) -> dict:
         return {"session": p.conv.id if p.conv else None, "reset": p.reset, "fed": len(p.feed)}

@@ -118,6 +118,13 @@ def parse(model: type[_Body], raw: bytes):
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body nests arrays or objects too deeply", code="invalid_json") from None
+    try:    # "\ud800" is valid JSON but decodes to a lone surrogate, which no tokenizer or file name takes
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                          "escape): not text", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:

@@ -74,8 +74,9 @@ class SessionTable:
     def open(self, session_id: str) -> Conversation:
         conv = self.convs.get(session_id)
         if conv is None:
-            conv = self.convs[session_id] = Conversation(session_id, _key(session_id))
-            self.engine.session(conv.key)
+            conv = Conversation(session_id, _key(session_id))
+            self.engine.session(conv.key)            # may refuse: then no entry without a session
+            self.convs[session_id] = conv
         return conv
 
     def session(self, conv: Conversation):

@@ -22,7 +22,7 @@ import time
 from array import array
 from concurrent.futures import Future
 
-from ..errors import AbsorptionError
+from ..errors import AbsorptionError, InputError
 from .decoding import Decoder
 from .errors import (
     APIError,
@@ -44,8 +44,10 @@ class Worker:
     def __init__(self, engine, table: SessionTable, prompts: PromptBuilder, max_positions: int | None,
                  max_queue: int, max_batch: int):
         self.engine, self.table, self.prompts = engine, table, prompts
-        self.max_batch = max_batch
         cfg = engine.config
+        # A batch's sessions (a request without one takes a blank session) must all be resident at
+        # once: more than max_resident made generate_batch refuse valid requests, after feeding them.
+        self.max_batch = max(1, min(max_batch, cfg.max_resident))
         self.window = cfg.chunk_tokens + cfg.sync_tokens
         self.limit = max(max_positions, cfg.window_tokens) if max_positions else None
         self.decoder = Decoder(engine, prompts, self.limit)
@@ -201,6 +203,8 @@ class Worker:
                     plans.append(self._plan(job))
             except APIError as err:
                 job.fail(err)
+            except InputError as err:                     # the engine refused the session: this job only
+                job.fail(bad_request(str(err), code="invalid_session"))
         self._take_in([p for p in plans if p.feed])
         for p in plans:
             if p.error is not None:

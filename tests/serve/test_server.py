@@ -77,6 +77,11 @@ def test_stop_sequences_and_seeded_sampling(client):
     stop = text[2:4]
     cut = client.completions.create(model=NAME, prompt=DOC + "The pass key is", max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # usage counts the tokens up to the stop sequence, as the streamed answer does (it counted all 12)
+    streamed = list(client.completions.create(model=NAME, prompt=DOC + "The pass key is", max_tokens=12,
+                                              temperature=0, stop=[stop], stream=True,
+                                              stream_options={"include_usage": True}))
+    assert cut.usage.completion_tokens == streamed[-1].usage.completion_tokens < 12
     kw = dict(model=NAME, prompt=DOC + "Anna lives in", max_tokens=12, temperature=1.0, top_p=0.9)
     a = [client.completions.create(seed=s, **kw).choices[0].text for s in (1, 1, 2, 3)]
     assert a[0] == a[1] and len(set(a)) > 1
@@ -244,6 +249,15 @@ def test_session_endpoints_absorb_info_delete(client, server):
     assert httpx.get(f"{server}/v1/sessions/docs").status_code == 404
 
 
+def test_a_session_id_beyond_latin1_is_answered_and_its_header_percent_encoded(server):
+    # HTTP headers carry latin-1 at most: echoing "用户" in X-Absorber-Session failed the answer (500)
+    # after its history was fed
+    r = httpx.post(server + C, json={"model": NAME, "prompt": DOC, "max_tokens": 2, "temperature": 0, "user": "用户"})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Absorber-Session"] == "%E7%94%A8%E6%88%B7"
+    assert httpx.get(f"{server}/v1/sessions/用户").json()["conversation_tokens"] > 0
+
+
 # ---------------------------------------------------------------------- bad input (README table)
 
 C, CH = "/v1/completions", "/v1/chat/completions"
@@ -285,6 +299,15 @@ BAD = {
     "content of wrong type": ("POST", CH, {**OK_CH, "messages": [{"role": "user", "content": 7}]}, 400,
                               "invalid_value", "messages[0].content"),
     "session id too long": ("POST", C, {**OK_C, "user": "x" * 300}, 400, "invalid_session", "user"),
+    # "\ud800" is valid JSON for a lone surrogate: a 500 from the tokenizer, and a 500 for every
+    # request batched with such a session id
+    "lone surrogate in a prompt": ("POST", C, {**OK_C, "prompt": "a\ud800"}, 400, "invalid_json", None),
+    "lone surrogate in a session id": ("POST", C, {**OK_C, "user": "\udc00x"}, 400, "invalid_json", None),
+    "lone surrogate in a message": ("POST", CH, {**OK_CH, "messages": [{"role": "user", "content": "\ud83d"}]},
+                                    400, "invalid_json", None),
+    "lone surrogate in absorbed text": ("POST", "/v1/sessions/keep/absorb", {"text": "a\ud800"}, 400,
+                                        "invalid_json", None),
+    "a body nested 5,000 deep": ("POST", C, b'{"model": ' + b"[" * 5000, 400, "invalid_json", None),
     "unknown session (info)": ("GET", "/v1/sessions/nobody", None, 404, "session_not_found", "session"),
     "unknown session (delete)": ("DELETE", "/v1/sessions/nobody", None, 404, "session_not_found", "session"),
     "absorb without text or tokens": ("POST", "/v1/sessions/keep/absorb", {"flush": True}, 400, None, "text"),

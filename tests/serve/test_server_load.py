@@ -57,6 +57,26 @@ def test_sixteen_concurrent_clients_get_what_each_would_get_alone():
             assert httpx.get(f"{url}/v1/sessions/c{i}").json() == infos[i]
 
 
+def test_batches_stay_within_max_resident():
+    # max_batch 16 over max_resident 2: three sessions queued together made one generate_batch the
+    # engine refused (400 to valid requests), after their histories were fed
+    with BackgroundServer(small_engine(max_resident=2), ServeConfig(NAME, timeout_s=300)) as url:
+        def busy():
+            return httpx.post(f"{url}/v1/sessions/busy/absorb", json={"text": DOC * 30}, timeout=300).status_code
+
+        def ask(i):
+            return httpx.post(url + "/v1/completions", headers={"X-Absorber-Session": f"s{i}"}, timeout=300,
+                              json={"model": NAME, "prompt": DOC + f" question {i}", "max_tokens": 2,
+                                    "temperature": 0}).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(busy)
+            time.sleep(0.3)                       # the three requests queue while the worker absorbs
+            asked = [pool.submit(ask, i) for i in range(3)]
+            assert first.result() == 200 and [a.result() for a in asked] == [200] * 3
+        assert httpx.get(f"{url}/health").json()["largest_batch"] <= 2
+
+
 def test_full_queue_is_429_slow_request_is_504_and_the_server_serves_on():
     cfg = ServeConfig(NAME, max_queue=1, timeout_s=1.0)
     with BackgroundServer(small_engine(), cfg) as url:
