@@ -93,13 +93,23 @@ def exp_rows_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top.squeeze(-1) + total.log(), total
 
 
+def sub_(z: torch.Tensor, p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """z -= alpha·p in place. A p in another dtype (a kept bf16 distribution) goes 16 rows at a time:
+    the CPU casts a mixed-dtype operand to a whole temporary first (31 MiB for 256 x 32,000)."""
+    if p.dtype == z.dtype:
+        return z.sub_(p, alpha=alpha)
+    for i in range(0, z.shape[0], 16):
+        z[i:i + 16].sub_(p[i:i + 16], alpha=alpha)
+    return z
+
+
 def row_dot(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Σ_v p[n, v]·z[n, v] per row, (n,): one BLAS dot a row, no (n, V) product. Batched GEMMs of
     1 x V by V x 1 (`bmm`, `einsum`) run at 1 GFLOP/s on a CPU (256 x 49,152 in fp32: 18 ms against
-    3 ms here; the product torch.linalg.vecdot makes is fresh pages: 15 ms)."""
-    p = p.to(z.dtype)
+    3 ms here; the product torch.linalg.vecdot makes is fresh pages: 15 ms). A p in another dtype
+    (a kept bf16 distribution) is cast a row at a time: no (n, V) copy."""
     out = z.new_empty(z.shape[0])
     with torch.no_grad():                   # callers write their gradients themselves
         for i in range(z.shape[0]):
-            torch.dot(p[i], z[i], out=out[i])
+            torch.dot(p[i].to(z.dtype), z[i], out=out[i])
     return out

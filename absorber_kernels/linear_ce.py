@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ._common import grad_dtype
-from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot
+from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot, sub_
 
 
 class LinearCERef(torch.autograd.Function):
@@ -54,7 +54,7 @@ class LinearCERef(torch.autograd.Function):
                 if grad is not None:
                     dz = z.mul_(((ce_w + kl_weight) / sums)[:, None])   # (ce_w + kl_weight)·softmax(z)
                     if teacher_p is not None:
-                        dz.sub_(pt, alpha=kl_weight)
+                        sub_(dz, pt, kl_weight)
                     rows = on.nonzero().squeeze(1)
                     dz[rows, tgt[rows]] -= ce_w[rows]
                     grad[i:i + chunk] = head.back(dz)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from ._common import (HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, grad_dtype, next_pow2,
                       num_sms)
-from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot
+from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot, sub_
 
 
 def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
@@ -36,12 +36,14 @@ def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> to
 
 
 def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=ROWS):
-    """The teacher's distribution p_t of all N rows and Σ p_t·log p_t, held in `dtype`, with
-    linear_kl_ref's matmul dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
+    """The teacher's distribution p_t of all N rows, held in `dtype`, and Σ p_t·log p_t (in fp32 at
+    least), with linear_kl_ref's matmul dtype: what it takes as `teacher_p`, to skip the teacher's
+    half of every call."""
     gemm = gemm_dtype(ht)
     with torch.autocast(ht.device.type, enabled=False):
         head = HeadChunks(weight.detach(), None if bias is None else bias.detach(), gemm, min(chunk, ht.shape[0]))
-        pt, neg_entropy = ht.new_empty(ht.shape[0], weight.shape[0], dtype=dtype), ht.new_empty(ht.shape[0], dtype=dtype)
+        pt = ht.new_empty(ht.shape[0], weight.shape[0], dtype=dtype)
+        neg_entropy = ht.new_empty(ht.shape[0], dtype=torch.promote_types(dtype, torch.float32))
         for i in range(0, ht.shape[0], chunk):
             zt = head.logits(ht[i:i + chunk])
             neg_entropy[i:i + chunk] = teacher_distribution(zt, temperature, top_k)
@@ -79,7 +81,7 @@ class LinearKLRef(torch.autograd.Function):
                 lse, sums = exp_rows_(zs)
                 total += (neg_entropy - dot + lse).sum()
                 if grad is not None:
-                    dz = zs.mul_((coef / temperature / sums)[:, None]).sub_(pt, alpha=coef / temperature)
+                    dz = sub_(zs.mul_((coef / temperature / sums)[:, None]), pt, coef / temperature)
                     grad[i:i + chunk] = head.back(dz)
             ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
             ctx.hs_dtype = hs.dtype

@@ -181,3 +181,34 @@ def test_head_losses_keep_fp16_gradients_of_a_real_vocabulary(op, autocast):
     assert h.grad.dtype == dtype
     err = (h.grad.double() - h64.grad).norm() / h64.grad.norm()
     assert err < 5e-3, f"{op} fp16 gradient: relative error {float(err):.3g}"
+
+
+def test_a_distribution_kept_in_bf16_gives_the_fp32_kept_loss_and_gradient():
+    # Under bf16 autocast the engine keeps p_t in bf16 (teacher._kept_dtype): the logits' own bf16
+    # rounding dominates both. Σ p·log p stays fp32 (in bf16 it moved the loss 1%), and p is
+    # subtracted 16 rows at a time (a whole-chunk fp32 temporary was 31 MiB at a round's peak).
+    from absorber_kernels.linear_ce import linear_ce_ref
+    from absorber_kernels.head_chunks import sub_
+    n, d, v = 40, 48, 3001
+    g = torch.Generator().manual_seed(6)
+    w = (0.05 * torch.randn(v, d, generator=g)).bfloat16()
+    hs = 2 * torch.randn(n, d, generator=g)
+    ht = hs + 0.5 * torch.randn(n, d, generator=g)
+    tg = torch.randint(0, v, (n,), generator=g)
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = K.teacher_side(ht, w, dtype=dtype, chunk=16)
+            assert kept[0].dtype == dtype and kept[1].dtype == torch.float32
+            for name, fn in (("kl", lambda h: linear_kl_ref(h, ht, w, teacher_p=kept, chunk=16)),
+                             ("ce+kl", lambda h: linear_ce_ref(h, tg, w, teacher_p=kept, kl_weight=1.0, chunk=16))):
+                h = hs.clone().requires_grad_()
+                loss = fn(h)
+                loss.backward()
+                got[name, dtype] = (loss.detach(), h.grad)
+    for name in ("kl", "ce+kl"):
+        (l32, g32), (l16, g16) = got[name, torch.float32], got[name, torch.bfloat16]
+        assert abs(float(l16 - l32)) <= 2e-3 * abs(float(l32)), name
+        assert float((g16 - g32).norm() / g32.norm()) < 1e-2, name
+    z, p = torch.randn(37, 11), torch.rand(37, 11).bfloat16()
+    assert torch.equal(sub_(z.clone(), p, 0.3), z.sub(p.float(), alpha=0.3))
