@@ -146,6 +146,8 @@ def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, confi
 
     if not isinstance(nproc, int) or nproc < 1:
         raise InputError(f"nproc must be a positive integer, got {nproc!r}")
+    if not inputs:
+        raise InputError("no input files to absorb")
     missing = [p for p in inputs if not os.path.isfile(p)]
     if missing:
         raise InputError(f"input files not found: {missing}")

@@ -30,7 +30,7 @@ import torch
 
 from . import _scheduler, inputs
 from .config import AbsorberConfig
-from .errors import AbsorptionError, ConfigError, InputError, UnsupportedModelError
+from .errors import AbsorptionError, ConfigError, InputError
 from .engine_memory import MemoryMixin
 from .generate import GenerationMixin, WindowCache
 from .host_memory import keep_freed_memory
@@ -41,13 +41,6 @@ from .round import ROUNDS
 from .round_cuts import scheduler_cuts
 from .session import DEFAULT_SESSION, AbsorbReport, Session, check_key
 from .targets import RoundBatch
-
-
-def _finite(weight: torch.Tensor) -> bool:
-    """No NaN or inf in `weight`, a million values at a time: isfinite's temporaries of a whole
-    embedding were 40 MB more at an engine's start on a 13M-parameter model."""
-    flat = weight.detach().reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 20))
 
 
 class AbsorberEngine(GenerationMixin, MemoryMixin):
@@ -61,10 +54,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         if self.runner.device.type == "cpu":
             keep_freed_memory()             # process-wide; see host_memory.py
         try:
-            bad = next((n for n, p in model.named_parameters() if not _finite(p)), None)
-            if bad is not None:
-                raise UnsupportedModelError(f"the model's weights hold NaN or inf ({bad.replace('.base.', '.')}): "
-                                            "nothing it computes can be trusted")
+            inputs.check_finite_weights(model)
             self._prompt = None if not cfg.future_prompt else inputs.future_prompt(
                 self.to_ids(cfg.future_prompt if isinstance(cfg.future_prompt, str) else list(cfg.future_prompt)),
                 cfg.future_length, self.runner.device)
@@ -102,6 +92,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         chunk_tokens and sync_tokens default to the engine config's."""
         if check_key(name) in self.sessions:
             return self.sessions[name]
+        if self.closed:
+            raise InputError("this engine is closed: its deltas are detached from the model")
+        inputs.check_sizes(chunk_tokens=chunk_tokens, sync_tokens=sync_tokens)
         if chunk_tokens is not None or sync_tokens is not None:
             self._check_round_span(chunk_tokens or self.config.chunk_tokens, sync_tokens or self.config.sync_tokens)
         try:
@@ -138,6 +131,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         tokens not absorbed yet, and AbsorptionError says how many of this call's tokens were taken
         (`err.tokens_taken`), so the caller can resume from there."""
         sess = self._get(session)
+        inputs.check_flag("flush", flush)
         ids = self.to_ids(text_or_ids, allow_empty=flush)
         inputs.check_callback("progress", progress)
         if not ids and sess.held_tokens == 0:
@@ -191,6 +185,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         an AbsorbReport per session that ran. A failed round is rolled back (tokens kept; `errors` says why)."""
         reports: dict = {}
         self._get(DEFAULT_SESSION)                      # refused once the engine is closed
+        inputs.check_flag("flush", flush)
         with self._lock:
             if flush:
                 for key, sess in self.sessions.items():
@@ -249,23 +244,32 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             for rnd in batch.rounds:
                 self.scheduler.abort(rnd.session, rnd.id)
             raise
-        out = {}
-        for rnd, sess, delta, snap, res in zip(batch.rounds, sessions, deltas, snapshots, results):
-            if res.error is None:
-                self.scheduler.commit(rnd.session, rnd.id)
-                sess.keep(delta)
-                # A stream's first round starts from an empty memory: everything surprises it, so
-                # its loss sets no level for the gate (it trains regardless).
-                if res.losses and sess.rounds > 1:
-                    sess.surprise.append(res.losses[0])
-                # A gated round told the memory nothing new: it takes no place in the replay buffer.
-                if self.config.replay_rounds and not res.gated:
-                    sess.replay.append(replay_probe(self.frame, rnd.x))
-            else:
+        out, settled = {}, 0
+        try:                          # what can fail (allocations, Ctrl-C) comes before each commit
+            for rnd, sess, delta, snap, res in zip(batch.rounds, sessions, deltas, snapshots, results):
+                if res.error is None:
+                    # A gated round told the memory nothing new: it takes no place in the replay buffer.
+                    probe = replay_probe(self.frame, rnd.x) if self.config.replay_rounds and not res.gated else None
+                    sess.keep(delta)
+                    self.scheduler.commit(rnd.session, rnd.id)
+                    # A stream's first round starts from an empty memory: everything surprises it, so
+                    # its loss sets no level for the gate (it trains regardless).
+                    if res.losses and sess.rounds > 1:
+                        sess.surprise.append(res.losses[0])
+                    if probe is not None:
+                        sess.replay.append(probe)
+                else:
+                    delta.restore(snap)
+                    self.scheduler.abort(rnd.session, rnd.id)
+                settled += 1
+                self._windows.drop(rnd.session)
+                out[rnd.session] = (rnd, res)
+        except BaseException:         # the rounds not settled yet are aborted: none stays in flight
+            for rnd, delta, snap in list(zip(batch.rounds, deltas, snapshots))[settled:]:
                 delta.restore(snap)
                 self.scheduler.abort(rnd.session, rnd.id)
-            self._windows.drop(rnd.session)
-            out[rnd.session] = (rnd, res)
+                self._windows.drop(rnd.session)
+            raise
         return out
 
     # ------------------------------------------------------------------ memory
@@ -306,6 +310,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         sess = name if isinstance(name, Session) else self.sessions.get(check_key(name))
         if sess is None:
             raise InputError(f"unknown session {name!r}")
+        if sess.engine is not self:
+            raise InputError(f"session {sess.key!r} belongs to another engine")
         sess.check_open()
         return sess
 

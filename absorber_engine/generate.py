@@ -248,6 +248,8 @@ class GenerationMixin:
             raise InputError(f"recite must be true or false, got {recite!r}")
         if recite:
             recital.check_frame(self.frame)
+        if not isinstance(prompts, dict):
+            raise InputError(f"generate_batch takes a dict of session name -> prompt, got {type(prompts).__name__}")
         if not prompts:
             raise InputError("generate_batch() needs at least one session")
         sessions = [self._get(name) for name in prompts]

@@ -164,7 +164,7 @@ def read_memory_config(path) -> AbsorberConfig:
     _, meta = read_memory(path)
     try:
         return AbsorberConfig.from_dict(json.loads(meta["config"]))
-    except (KeyError, ValueError, ConfigError) as exc:
+    except (KeyError, ValueError, ConfigError, RecursionError) as exc:
         raise MemoryFileError(f"{path} has a corrupt header: {exc}") from exc
 
 
@@ -176,7 +176,7 @@ def load_memory(session, path) -> None:
     try:
         saved = AbsorberConfig.from_dict(json.loads(meta["config"]))
         absorbed, rounds = int(meta["tokens_absorbed"]), int(meta["rounds"])
-    except (KeyError, ValueError, ConfigError) as exc:
+    except (KeyError, ValueError, ConfigError, RecursionError) as exc:
         raise MemoryFileError(f"{path} has a corrupt header: {exc}") from exc
     mine = session.config
     if (saved.rank, saved.scale) != (mine.rank, mine.scale):
@@ -194,7 +194,9 @@ def load_memory(session, path) -> None:
     queued = tensors.get("queued", torch.zeros(0, dtype=torch.int64))
     if queued.dim() != 1 or queued.dtype != torch.int64:
         raise MemoryFileError(f"{path} has no valid queue of tokens")
-    if not (0 <= absorbed < 2**63 and 0 <= rounds < 2**63):       # the scheduler counts in int64
+    # The scheduler counts in int64: a file at 2**63 - 1 wrapped negative on its next round and saved
+    # a file no load took. 2**53 (JSON's exact integers) is 10^15 tokens: never reached by absorbing.
+    if not (0 <= absorbed <= 2**53 and 0 <= rounds <= 2**53):
         raise MemoryFileError(f"{path} has counters out of range (tokens_absorbed {absorbed}, rounds {rounds})")
     replay = [tensors[f"replay.{i}"] for i in range(len(tensors)) if f"replay.{i}" in tensors]
     # A probe is a round's X (at most the window) in the frame's few dozen tokens; a model with

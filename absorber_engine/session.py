@@ -97,10 +97,10 @@ class Session:
         compact (BANK_DTYPE)."""
         if delta.is_zero():
             return
+        if self.slots.maxlen > 1:          # before it joins: a failed cast leaves the bank as it was
+            delta.compact(BANK_DTYPE)
         if delta is not self.delta:
             self.slots.append(delta)
-        if self.slots.maxlen > 1:
-            delta.compact(BANK_DTYPE)
 
     def clear_slots(self) -> None:
         """Back to one delta, Δ = 0."""

@@ -30,15 +30,13 @@ def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> to
         zt.fill_(float("-inf")).scatter_(-1, where, kept)
     _, sums = exp_rows_(zt)
     zt.div_(sums[:, None])
-    # p·log p with p = 0 outside the top k read as p·log(tiny) = 0: the same sum as xlogy, which
-    # runs unvectorized on the CPU (12.6 ms for 64 x 49,152 against 3.8 ms for this).
+    # p·log p with p = 0 outside the top k read as p·log(tiny) = 0: xlogy's sum, 3.8 ms not 12.6 (64 x 49,152).
     return row_dot(zt, zt.clamp_min(torch.finfo(zt.dtype).tiny).log_())
 
 
 def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=ROWS):
-    """The teacher's distribution p_t of all N rows, held in `dtype`, and Σ p_t·log p_t (in fp32 at
-    least), with linear_kl_ref's matmul dtype: what it takes as `teacher_p`, to skip the teacher's
-    half of every call."""
+    """p_t of all N rows in `dtype` and Σ p_t·log p_t (fp32 at least), with linear_kl_ref's matmul
+    dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
     gemm = gemm_dtype(ht)
     with torch.autocast(ht.device.type, enabled=False):
         head = HeadChunks(weight.detach(), None if bias is None else bias.detach(), gemm, min(chunk, ht.shape[0]))
@@ -84,7 +82,7 @@ class LinearKLRef(torch.autograd.Function):
                     dz = sub_(zs.mul_((coef / temperature / sums)[:, None]), pt, coef / temperature)
                     grad[i:i + chunk] = head.back(dz)
             ctx.save_for_backward(grad if grad is not None else hs.new_empty(0))
-            ctx.hs_dtype = hs.dtype
+            ctx.hs_dtype = hs.dtype                     # grad may be fp32 (grad_dtype)
             return total * coef
 
     @staticmethod
@@ -129,9 +127,8 @@ def linear_kl_ref(
 #           models. An online softmax (base 2, 1/T and log2 e folded into one multiplier) keeps, per
 #           row: the student max and sum, the teacher max and sum, and a_t = Σ 2^(z_t − m_t)(z_t − z_s).
 #           Then KL = ln 2 · (a_t / l_t − lse_t + lse_s) in base-2 logits, no logit ever stored.
-#           Splitting the vocabulary across programs (flash-decoding style) fills the GPU when N is
-#           small (N = 2048 rows are only 32 row blocks for 132 SMs); the few partial statistics per
-#           row (N × splits × 5 floats) are merged in PyTorch.
+#           Splitting the vocabulary across programs (flash-decoding style) fills the GPU when N is small
+#           (2048 rows are 32 row blocks for 132 SMs); the partial statistics are merged in PyTorch.
 #   pass 2  _kl_grad_kernel  grid (row blocks of a chunk, vocabulary tiles): recomputes both logit
 #           tiles (one read of W again), forms dz = softmax(z_s) − p_t with the final log-sum-exps of
 #           pass 1, and writes dz for `chunk` rows; then grad_chunk = dz·W is one GEMM (cuBLAS).
@@ -149,13 +146,11 @@ def linear_kl_ref(
 #     end the buffer holds the teacher's top k with their student logits, which is all the teacher
 #     side of KL needs; the student's log-sum-exp runs online over the whole vocabulary as usual.
 #     The merged top k gives the threshold τ (the k-th largest teacher logit) for pass 2.
-#   top_k > 128 (threshold fallback): τ per row from teacher logits written 256 rows at a time by
-#     the pass-2 kernel (same tiles and arithmetic as pass 1) and torch.topk; pass 1 then keeps
-#     z_t ≥ τ. Only this fallback holds a 256 × V fp32 buffer.
+#   top_k > 128 (threshold fallback): τ per row from teacher logits written 256 rows at a time by the
+#     pass-2 kernel (pass 1's tiles and arithmetic) and torch.topk; pass 1 then keeps z_t ≥ τ (a 256 × V buffer).
 #   Ties at τ: pass 2 (and the fallback's pass 1) keep z_t ≥ τ − 2⁻²⁰·max(1, |τ|), so that a last-bit
-#     difference between two kernels' recomputation of the same logit cannot drop the k-th entry;
-#     entries that close to τ count as ties and are all kept (the reference keeps exactly k, choosing
-#     among ties). With real-valued logits that has probability ~0.
+#     difference between two kernels' recomputation of the same logit cannot drop the k-th entry; entries
+#     that close to τ are all kept (the reference keeps exactly k): with real logits, probability ~0.
 # ---------------------------------------------------------------------------------------------
 
 if HAS_TRITON:

@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if args.model in NAMED_MODELS or str(args.model).endswith(".gguf"):
         return chat_demo(args.model, args.multiple or 2, args.seed, args.quiet)
+    if args.multiple is not None and args.multiple < 2:       # records, then a haystack of (multiple - 1)
+        ap.error(f"--multiple must be at least 2 for a base model's demo, got {args.multiple}")
     from absorber_engine.model_store import resolve
 
     ctx = trained_context(resolve(args.model))         # a clear error for a path that is no model

@@ -267,7 +267,13 @@ def main(argv=None) -> int:
         tasks, mults, examples, methods = QUICK["tasks"], QUICK["multiples"], QUICK["examples"], QUICK["methods"]
         out = Path(args.out) / "quick" if args.out == str(HERE / "results" / "eval") else Path(args.out)
     else:
-        tasks, mults = args.tasks.split(","), [int(m) for m in args.lengths.split(",")]
+        tasks = args.tasks.split(",")
+        try:
+            mults = [int(m) for m in args.lengths.split(",")]
+        except ValueError:
+            ap.error(f"--lengths takes multiples of the trained context such as 1,2,4, got {args.lengths!r}")
+        if min(mults) < 1:
+            ap.error(f"--lengths must be at least 1, got {args.lengths!r}")
         examples, methods, out = args.examples, args.methods.split(","), Path(args.out)
     bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in ALL_METHODS]
     if bad:
@@ -279,6 +285,8 @@ def main(argv=None) -> int:
     args.model = resolve(args.model)            # a clear error for a path that is no model
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be at least 1")
+    if args.context is not None and args.context < 32:
+        ap.error(f"--context must be at least 32 tokens, got {args.context}")
     result = run(args.model, methods, tasks, mults, examples, args.context, args.seed, out, quiet=args.quiet,
                  flush=args.flush, steps=args.steps)
     print(render(result))

@@ -17,6 +17,7 @@ streams (--stream) recall_by_age.png and memory.png (evals/recall_plots.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -49,6 +50,24 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def chat_ids(tok, messages) -> list[int]:
     out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(out["input_ids"] if not isinstance(out, list) else out)
+
+
+def checked_args(ap: argparse.ArgumentParser, args) -> dict:
+    """--config's JSON as AbsorberConfig fields, and --threads applied: bad values exit 2 with the
+    flag named (they were tracebacks)."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        overrides = json.loads(getattr(args, "config", "{}"))
+    except (ValueError, RecursionError) as exc:
+        ap.error(f"--config is not JSON: {exc}")
+    fields = {f.name for f in dataclasses.fields(AbsorberConfig)}
+    if not isinstance(overrides, dict) or set(overrides) - fields:
+        ap.error(f"--config must be a JSON object of AbsorberConfig fields; unknown: "
+                 f"{sorted(set(overrides) - fields) if isinstance(overrides, dict) else overrides!r}")
+    return overrides
 
 
 def _configs(path: str, overrides: dict) -> dict[str, AbsorberConfig]:
@@ -313,18 +332,20 @@ def main(argv=None) -> int:
         ap.error(f"--join must be a positive divisor of --docs ({args.docs}), got {args.join}")
     if any(m not in METHODS + ("window",) for m in methods):
         ap.error(f"unknown methods in {methods}; expected some of {METHODS}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    overrides = checked_args(ap, args)
     if args.rescore:
-        result = json.loads(Path(args.rescore).read_text())
+        try:
+            result = json.loads(Path(args.rescore).read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            ap.error(f"--rescore: cannot read {args.rescore} as a saved run: {exc}")
         result["summary"] = summarize(result["rows"], list(result["summary"]), result["docs"])
         args.out = args.out or str(Path(args.rescore).parent)
     elif args.stream:
         methods = [{"none": "window"}.get(m, m) for m in methods]
-        result = run_stream(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
+        result = run_stream(args.model, methods, args.docs, args.seed, overrides, quiet=args.quiet,
                             flush_each=args.flush_each, without_window=args.without_window, recite=args.recite)
     else:
-        result = run(args.model, methods, args.docs, args.seed, json.loads(args.config), quiet=args.quiet,
+        result = run(args.model, methods, args.docs, args.seed, overrides, quiet=args.quiet,
                      join=args.join)
     out = Path(args.out) if args.out else HERE / "results" / "recall" / Path(str(args.model)).name
     out.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,11 @@ import json
 import sys
 import time
 
-import torch
-
 from absorber_engine import AbsorberEngine
 from absorber_engine.model_store import resolve
 
 from .facts import make_document, score
-from .recall_eval import _configs, chat_ids
+from .recall_eval import _configs, chat_ids, checked_args
 
 
 def recall_matrix(model: str, docs: int, seed: int, method: str, overrides: dict) -> dict:
@@ -56,8 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = recall_matrix(args.model, args.docs, args.seed, args.method, json.loads(args.config))
+    result = recall_matrix(args.model, args.docs, args.seed, args.method, checked_args(ap, args))
     print(f"all rounds {result['all_rounds']} / {2 * args.docs * (args.docs + 1)}, "
           f"after the last round {result['last_round']} / {4 * args.docs}")
     if args.out:

@@ -28,7 +28,7 @@ from absorber_engine.routing import route_gains, zero_delta
 from absorber_engine.model_store import recommended_config, resolve
 
 from .facts import make_document, score
-from .recall_eval import chat_ids
+from .recall_eval import chat_ids, checked_args
 
 MARGINS = (1.0, 1.25, 1.4, 1.5, 2.0)
 
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    checked_args(ap, args)
     eng, ends = stream_engine(args.model, args.docs, args.seed, args.memory)
     rows = answer_four_ways(eng, args.docs, args.seed, ends)
     out = Path(args.out)

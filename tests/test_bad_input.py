@@ -49,6 +49,14 @@ ENGINE_CASES = [
     ("negative temperature", lambda e: e.generate([3], temperature=-1), InputError, "temperature"),
     ("generate with nothing to continue", lambda e: AbsorberEngine(make_model("mistral"), config=AbsorberConfig(**CFG)).generate(),
      InputError, "needs a prompt"),
+    # A second reader's: flush="no" is truthy and flushed the window; a session of another engine
+    # fed that engine's window; sizes and batches of the wrong type raised raw TypeError/AttributeError.
+    ("flush that is no bool", lambda e: e.absorb(random_ids(20, seed=2), flush="no"), InputError, "flush must be"),
+    ("run(flush) that is no bool", lambda e: e.run(flush="no"), InputError, "flush must be"),
+    ("another engine's session", lambda e: e.absorb(random_ids(20, seed=2), session=AbsorberEngine(
+        make_model("llama"), config=AbsorberConfig(**CFG)).default), InputError, "another engine"),
+    ("a session size that is no int", lambda e: e.session("sized", chunk_tokens="x"), InputError, "must be an int"),
+    ("generate_batch of a list", lambda e: e.generate_batch(["default"]), InputError, "dict of session"),
 ]
 
 
@@ -61,6 +69,40 @@ def test_bad_engine_input(eng, row, call, error, message):
     for k, v in eng.delta.state_dict().items():
         assert torch.equal(v, before[k])
     assert eng.window_tokens() == window and eng.absorbed_tokens == absorbed
+
+
+def test_an_interrupt_while_a_batch_commits_leaves_no_round_in_flight(monkeypatch):
+    # Ctrl-C (or out of memory) after the round trained, while its sessions were committed one by
+    # one: the rest kept a round in flight for good (later input silently dropped, reset and close raising).
+    import absorber_engine.engine as engine_mod
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**CFG, replay_rounds=2))
+    a, b = eng.session("a"), eng.session("b")
+    a.feed(random_ids(24, seed=1))
+    b.feed(random_ids(24, seed=2))
+    real = engine_mod.replay_probe
+
+    def interrupted(*args):
+        monkeypatch.setattr(engine_mod, "replay_probe", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_mod, "replay_probe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.run()
+    for sess in (a, b):
+        assert sess.stats()["in_flight"] is None and sess.absorbed_tokens == 0 and sess.delta.is_zero()
+        assert sess.held_tokens == 24                   # the round's tokens are still in the window
+    assert b.absorb(random_ids(8, seed=3)).tokens == 8
+    assert b.absorbed_tokens > 0 and len(b.replay) >= 1
+
+
+def test_a_closed_engine_opens_no_session_and_absorb_many_needs_inputs(tmp_path):
+    from absorber_engine.distributed import absorb_many_processes
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**CFG))
+    eng.close()
+    with pytest.raises(InputError, match="closed"):
+        eng.session("new")
+    with pytest.raises(InputError, match="no input files"):
+        absorb_many_processes(str(tmp_path), [], str(tmp_path / "out"), AbsorberConfig(**CFG))
 
 
 CONFIG_CASES = [
@@ -285,6 +327,9 @@ def test_model_config_nested_too_deep_is_a_config_error(tmp_path):
 
 MEMORY_FUZZ_CASES = [
     ("counter past int64", [("meta", "tokens_absorbed", "99999999999999999999999")], "counters out of range"),
+    # int64's largest loaded, then wrapped negative on the next round and saved a file no load took
+    ("counter at int64's largest", [("meta", "tokens_absorbed", str(2**63 - 1))], "counters out of range"),
+    ("config nested 200,000 deep", [("meta", "config", "[" * 200_000 + "]" * 200_000)], "corrupt header"),
     ("complex delta", [("tensor", 0, "complex64", "same", "same")], "not floating point"),
     ("bool delta", [("tensor", 1, "bool", "same", "same")], "not floating point"),
 ]

@@ -43,6 +43,24 @@ def test_wrapped_generate_reads_ten_times_its_window():
 
 
 
+def test_wrapped_generate_of_a_tokenizers_input_ids_equals_the_models_own():
+    # The shipped model's tokenizer puts BOS in input_ids and the engine starts every sequence with
+    # its own: read twice, 2 of 4 greedy answers differed from model.generate on inputs that fit the window.
+    from pathlib import Path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    plain = copy.deepcopy(model)
+    wrapped = wrap(model, tokenizer=tok)
+    for text in ("Once upon a time", "There was a tiny owl on the hill above Lisbon.",
+                 "The pass key is 71432. Remember it. What is the pass key? The pass key is"):
+        enc = tok(text, return_tensors="pt")
+        assert enc.input_ids[0, 0] == plain.config.bos_token_id
+        want = plain.generate(**enc, max_new_tokens=12, do_sample=False)
+        assert torch.equal(wrapped.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=12), want)
+
+
 def test_wrapped_generate_keeps_the_eos_it_stopped_on_and_checks_its_arguments():
     cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1, future_tokens=4, compute_dtype="float32")
     wrapped = wrap(make_model("llama"), config=cfg)

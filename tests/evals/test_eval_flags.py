@@ -1,0 +1,38 @@
+"""`absorber eval` / `absorber demo` refuse bad flag values with exit 2 and the flag named, before
+any model loads (each was a traceback and exit 1, some only after the model's warm-up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from absorber_engine.cli import main
+
+TINY = str(Path(__file__).resolve().parents[2] / "model" / "absorber-tiny")
+
+CASES = [
+    (["eval", "--lengths", "x"], "--lengths takes multiples"),
+    (["eval", "--lengths", "0", "--tasks", "passkey"], "--lengths must be at least 1"),
+    (["eval", "--context", "10", "--lengths", "1", "--model", TINY], "--context must be at least 32"),
+    (["demo", "--model", TINY, "--multiple", "1"], "--multiple must be at least 2"),
+    (["eval", "--tasks", "facts", "--model", TINY, "--config", "notjson"], "--config is not JSON"),
+    (["eval", "--tasks", "facts", "--model", TINY, "--config", '{"bogus": 1}'], "unknown: ['bogus']"),
+    (["eval", "--tasks", "facts", "--model", TINY, "--config", "[]"], "must be a JSON object"),
+    (["eval", "--tasks", "facts", "--model", TINY, "--threads", "-1"], "--threads must be at least 1"),
+    (["eval", "--tasks", "facts", "--rescore", "{bad}"], "--rescore: cannot read"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(c[0][:3]) for c in CASES])
+def test_bad_eval_and_demo_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, message):
+    (tmp_path / "bad.json").write_text("{")
+    argv = [a.replace("{bad}", str(tmp_path / "bad.json")) for a in argv] + (
+        ["--out", str(tmp_path / "out")] if argv[0] == "eval" else [])
+    try:
+        code = main(argv)
+    except SystemExit as exc:                  # argparse's own exit, as a shell sees it
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
