@@ -35,7 +35,7 @@ from .engine_memory import MemoryMixin
 from .generate import GenerationMixin, WindowCache
 from .host_memory import keep_freed_memory
 from .model import ModelRunner
-from .probes import frame_for, round_span
+from .probes import check_round_span, frame_for
 from .replay import replay_probe
 from .round import ROUNDS
 from .round_cuts import scheduler_cuts
@@ -59,7 +59,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 self.to_ids(cfg.future_prompt if isinstance(cfg.future_prompt, str) else list(cfg.future_prompt)),
                 cfg.future_length, self.runner.device)
             self.frame = frame_for(tokenizer, cfg)
-            self._check_round_span(cfg.chunk_tokens, cfg.sync_tokens)
+            check_round_span(self.runner, cfg, self.frame, cfg.chunk_tokens, cfg.sync_tokens)
             cut_after, min_cut = scheduler_cuts(cfg, tokenizer, self.runner)
         except BaseException:
             self.runner.close()          # a refused engine leaves the model as it was given
@@ -96,7 +96,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             raise InputError("this engine is closed: its deltas are detached from the model")
         inputs.check_sizes(chunk_tokens=chunk_tokens, sync_tokens=sync_tokens)
         if chunk_tokens is not None or sync_tokens is not None:
-            self._check_round_span(chunk_tokens or self.config.chunk_tokens, sync_tokens or self.config.sync_tokens)
+            check_round_span(self.runner, self.config, self.frame, chunk_tokens or self.config.chunk_tokens,
+                             sync_tokens or self.config.sync_tokens)
         try:
             self.scheduler.open(name, priority, chunk_tokens, sync_tokens)
         except (TypeError, ValueError) as exc:
@@ -140,6 +141,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         with self._lock:
             try:
                 pos = self._absorb_rounds(sess, ids, flush, progress, report)
+            except BaseException:
+                sess.end_drain()
+                raise
             finally:
                 self._rest()
         report.tokens, report.seconds = pos, time.perf_counter() - start
@@ -205,6 +209,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                     if all(res.error is not None for _, res in results.values()):
                         break       # nothing but failures: retrying now would fail the same way
             finally:
+                for key, rep in reports.items():
+                    if rep.errors:
+                        self.sessions[key].end_drain()
                 self._rest()
         for key, rep in reports.items():
             rep.held_tokens = self.sessions[key].held_tokens
@@ -329,15 +336,6 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         """Between calls the model carries the default session's memory: the model itself reads it."""
         if self.runner.wrappers:
             self.runner.bind([self.default.delta])
-
-    def _check_round_span(self, n: int, m: int) -> None:
-        """A model with a position table must fit every sequence a round reads: ConfigError up front,
-        not an IndexError in the first round."""
-        self.runner.check_window(n + m)
-        longest, what = round_span(self.config, self.frame, n, m)
-        if self.runner.absolute_positions and longest + len(self.runner.prefix) > self.runner.max_positions:
-            raise ConfigError(f"a round would read {longest + len(self.runner.prefix)} tokens ({what}, the BOS prefix "
-                              f"included), past the {self.runner.max_positions} positions {self.runner.model_type} has")
 
     def _check_span(self, sess: Session, extra: int, what: str) -> None:
         inputs.check_span(len(self.runner.prefix) + len(self.window_tokens(sess)), extra, what,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ConfigError
 
 # One seed instruction per kind; a kind's probes differ by sampling (probe_temperature).
 SEED_PROMPTS = {
@@ -91,18 +92,29 @@ def frame_for(tokenizer, cfg) -> ProbeFrame | None:
 def round_span(cfg, frame: ProbeFrame | None, n: int, m: int) -> tuple[int, str]:
     """The longest sequence a round with X of n and Y of m tokens has the model read (the BOS prefix
     not counted), and what it is: X·Y, X (·Y) and a future, or a probe (X in the frame, a seed, the
-    answer; "recite" answers with X again)."""
-    spans = [(n + m, "chunk_tokens + sync_tokens")]
-    if cfg.futures:
-        spans.append((n + (m if cfg.futures_follow_y else 0) + cfg.future_length,
-                      "X" + (" + Y" if cfg.futures_follow_y else "") + " + a future (future_tokens)"))
+    answer; "recite" answers with X again). A flush's round takes X of up to n + m (and no Y)."""
+    x = n + m
+    spans = [(x, "chunk_tokens + sync_tokens")]
+    # With no Y (a flush) and no probes the teacher samples one future regardless (teacher_targets).
+    if cfg.futures or frame is None or not cfg.probes:
+        spans.append((x + cfg.future_length, "X (up to n + m in a flush) + a future (future_tokens)"))
     if frame is not None:
         kinds = [k for k in frame.seeds if cfg.probes or k in FORCED_KINDS]     # replay reads recite probes
         for kind in kinds:
-            answer = n + 1 if kind in FORCED_KINDS else cfg.probe_tokens
-            spans.append((len(frame.context_open) + n + len(frame.context_close) + len(frame.seeds[kind]) + answer,
+            answer = x + 1 if kind in FORCED_KINDS else cfg.probe_tokens
+            spans.append((len(frame.context_open) + x + len(frame.context_close) + len(frame.seeds[kind]) + answer,
                           f"a {kind!r} probe (X in the frame, the seed, an answer of {answer})"))
     return max(spans)
+
+
+def check_round_span(runner, cfg, frame: ProbeFrame | None, n: int, m: int) -> None:
+    """A model with a position table must fit every sequence a round reads: ConfigError up front,
+    not an IndexError in the first round (or the first flush)."""
+    runner.check_window(n + m)
+    longest, what = round_span(cfg, frame, n, m)
+    if runner.absolute_positions and longest + len(runner.prefix) > runner.max_positions:
+        raise ConfigError(f"a round would read {longest + len(runner.prefix)} tokens ({what}, the BOS prefix "
+                          f"included), past the {runner.max_positions} positions {runner.model_type} has")
 
 
 def question_frame(tokenizer) -> tuple[list[int], list[int]] | None:
@@ -144,16 +156,16 @@ def _common_tail(a: str, b: str) -> str:
 
 
 def _stop_ids(tokenizer, template: str) -> list[int]:
-    out = set()
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        out.add(eos)
+    """The template's end-of-turn token first (what a recite exchange ends with, stop[:1]), then eos:
+    sorted by id, a base Qwen2's or Llama-3's eos came first and recite probes ended in it."""
+    out = []
     for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         if name in template:
             tid = tokenizer.convert_tokens_to_ids(name)
             if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
-                out.add(tid)
-    return sorted(out)
+                out.append(tid)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return list(dict.fromkeys(out + ([eos] if isinstance(eos, int) else [])))
 
 
 def kinds_per_round(kinds, count: int) -> list[tuple[str, int]]:

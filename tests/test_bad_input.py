@@ -539,17 +539,42 @@ def test_a_round_past_a_position_table_is_refused_up_front():
     base = dict(rank=2, max_steps=1, futures=0, probes=0, compute_dtype="float32")
     refused = [dict(chunk_tokens=40, sync_tokens=20, probes=1, probe_kinds=("recite",)),
                dict(chunk_tokens=40, sync_tokens=20, futures=1, future_tokens=8, futures_follow_y=True),
-               dict(chunk_tokens=16, sync_tokens=0, futures=1, future_tokens=60)]
+               dict(chunk_tokens=16, sync_tokens=0, futures=1, future_tokens=60),
+               # a flush's X is all the window holds, n + m: 53 + a future of 12 (was an IndexError
+               # at the first flush; X was counted as n)
+               dict(chunk_tokens=41, sync_tokens=12, futures=1, future_tokens=12),
+               # no tokenizer, so no probes: a round with no Y samples one future of 64 regardless
+               dict(chunk_tokens=16, sync_tokens=0, probes=1, tokenizer=None)]
     for changes in refused:
         model = gpt2()
+        changes = dict(changes)
         with pytest.raises(ConfigError, match="past the 64 positions"):
-            AbsorberEngine(model, tokenizer=tok, config=AbsorberConfig(**{**base, **changes}))
+            AbsorberEngine(model, tokenizer=changes.pop("tokenizer", tok), config=AbsorberConfig(**{**base, **changes}))
         assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"      # left as given
-    fits = AbsorberEngine(gpt2(), tokenizer=tok, config=AbsorberConfig(**{**base, "chunk_tokens": 16, "sync_tokens": 8,
+    # X of up to 22 (a flush), twice (recite) in an 18-token frame, and BOS: 63 positions
+    fits = AbsorberEngine(gpt2(), tokenizer=tok, config=AbsorberConfig(**{**base, "chunk_tokens": 14, "sync_tokens": 8,
                                                                           "probes": 1, "probe_kinds": ("recite",)}))
     assert fits.absorb("one two three four five six seven eight nine ten " * 3, flush=True).rounds > 0
     with pytest.raises(ConfigError, match="past the 64 positions"):
         fits.session("long", chunk_tokens=40, sync_tokens=20)
+
+
+def test_a_failed_flush_leaves_no_drain_behind(monkeypatch):
+    # The scheduler's draining flag outlived a flush whose round failed: the next plain absorb()
+    # absorbed its tokens as X with no Y and emptied the window, though no flush was asked.
+    import absorber_engine.engine as engine_mod
+    from absorber_engine import AbsorptionError
+    from absorber_engine.round import RoundResult
+
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**{**CFG, "chunk_tokens": 8, "sync_tokens": 8}))
+    eng.absorb(random_ids(5, seed=1))
+    monkeypatch.setitem(engine_mod.ROUNDS, "absorber", lambda runner, batch, cfg: [RoundResult(error="injected")])
+    with pytest.raises(AbsorptionError):
+        eng.absorb([], flush=True)
+    monkeypatch.undo()
+    assert eng.default.stats()["draining"] is False and eng.held_tokens == 5
+    rep = eng.absorb(random_ids(6, seed=2))                   # 11 held: under n + m, nothing to absorb
+    assert rep.rounds == 0 and eng.held_tokens == 11
 
 
 def test_cli_paths_refused_before_the_work(tmp_path, capsys, monkeypatch):

@@ -65,6 +65,9 @@ def test_chat_frame_reads_like_the_template(template):
     tok = _tokenizer(template)
     frame = build_frame(tok, ("question", "summary"))
     assert frame.chat and tok.convert_tokens_to_ids("<|im_end|>") in frame.stop
+    # A recite exchange ends with stop[0]: the template's end of turn, not the tokenizer's eos (whose
+    # id, 1, is the smaller: sorted by id, recite probes ended in "</s>")
+    assert frame.stop[0] == tok.convert_tokens_to_ids("<|im_end|>") and tok.eos_token_id in frame.stop
     x = tok.encode("Some notes.", add_special_tokens=False)
     # Teacher: X as a system message, then the seed as a user turn and the assistant's opening.
     teacher = frame.context_open + x + frame.context_close + frame.seeds["question"]
