@@ -63,7 +63,7 @@ from absorber_engine.probes import FORCED_KINDS, answer_mask, build_frame, kinds
 
 from .baseline import engine_initial_delta
 from .engine_hooks import record_round_losses
-from .measure import machine, now, peak_cuda_bytes, peak_tensor_bytes, set_threads, summarize, versions
+from .measure import machine, mib, now, peak_cuda_bytes, peak_tensor_bytes, set_threads, summarize, versions
 from .models import SPECS, token_stream
 
 TEACHER, STUDENT = "teacher", "default"
@@ -141,10 +141,14 @@ def engine_config(name: str, workload: str, quick: bool = False, **changes) -> t
 # ---------------------------------------------------------------------------------------- the loop
 
 class HandWrittenLoop:
-    """The engine's default objective with transformers + PEFT, recomputing the teacher every step."""
+    """The engine's default objective with transformers + PEFT, recomputing the teacher every step
+    with full logits (the issue's loop). `lean`: the teacher's states computed once a round (its
+    adapter is frozen for the round) and the LM head run only where a loss reads logits, as a
+    careful user would write it: a stronger baseline, reported beside."""
 
-    def __init__(self, model, tokenizer, cfg: AbsorberConfig, init: dict[str, torch.Tensor]):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, model, tokenizer, cfg: AbsorberConfig, init: dict[str, torch.Tensor], lean: bool = False):
+        self.cfg, self.tokenizer, self.lean = cfg, tokenizer, lean
+        self._teachers = None
         targets = list(cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[model.config.model_type])
         model.requires_grad_(False)
         lora = dict(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, target_modules=targets,
@@ -177,19 +181,23 @@ class HandWrittenLoop:
         return [p for layer in self.lora_layers.values()
                 for p in (layer.lora_A[STUDENT].weight, layer.lora_B[STUDENT].weight)]
 
-    def _states(self, ids: list[int] | torch.Tensor, t: int):
-        """Forward of the active adapter: (h^0..h^L, logits) at the last t positions, (b, t, D) / (b, t, V).
+    def _states(self, ids: list[int] | torch.Tensor, t: int, logits: bool = True):
+        """Forward of the active adapter: (h^0..h^L, logits) at the last t positions, (b, t, D) / (b, t, V)
+        (logits None without `logits` in a lean loop: the decoder alone, no head).
         transformers' last hidden state is after the final norm; h^L is taken before it."""
         ids = torch.as_tensor(ids, device=self.device)
         ids = ids[None] if ids.dim() == 1 else ids
         seen = {}
         hook = self.inner.model.norm.register_forward_pre_hook(lambda mod, args: seen.__setitem__("h", args[0]))
         try:
-            out = self.model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=t)
+            if self.lean and not logits:
+                out = self.inner.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            else:
+                out = self.model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=t)
         finally:
             hook.remove()
         hidden = [h[:, -t:] for h in list(out.hidden_states[:-1]) + [seen["h"]]]
-        return hidden, out.logits
+        return hidden, getattr(out, "logits", None)
 
     def _probes(self, x: list[int], round_index: int) -> list[tuple[list, list, torch.Tensor]]:
         """(teacher ids, student ids (rows, t) tail, mask (rows, t)) of each probe kind."""
@@ -197,29 +205,41 @@ class HandWrittenLoop:
         context = self.prefix + f.context_open + x + f.context_close
         out = []
         self.recite = None
+        sampled_kinds = []
         for kind, count in kinds_per_round(cfg.probe_kinds, cfg.probes):
             seed = f.seeds[kind]
             if kind in FORCED_KINDS:
                 answer = self._t([seed + x + f.stop[:1]])                                      # (1, t)
                 self.recite = (len(out), len(seed))       # which probe, and where X starts in it
                 out.append((answer, torch.ones_like(answer, dtype=torch.bool)))
-                continue
+            else:
+                sampled_kinds.append((len(out), seed, count))
+                out.append(None)
+        if sampled_kinds:
+            # Every kind's rows in one generate() call, prompts left-padded, as a user batches them
+            # (one call per kind decoded each kind's rows apart: half the loop's probe speed).
+            rows = [context + seed for _, seed, count in sampled_kinds for _ in range(count)]
+            width = max(len(r) for r in rows)
+            prompt = self._t([[0] * (width - len(r)) + r for r in rows])
+            mask = self._t([[0] * (width - len(r)) + [1] * len(r) for r in rows])
             torch.manual_seed(cfg.seed * 1_000_003 + round_index)
             gen = GenerationConfig(do_sample=True, temperature=cfg.probe_temperature, top_p=cfg.probe_top_p, top_k=0,
-                                   max_new_tokens=cfg.probe_tokens, num_return_sequences=count,
-                                   eos_token_id=f.stop or None, pad_token_id=0)    # all rows ended: stop, as the engine
-            prompt = self._t([context + seed])
+                                   max_new_tokens=cfg.probe_tokens, eos_token_id=f.stop or None,
+                                   pad_token_id=0)                       # all rows ended: stop, as the engine
             start = now(self.device)
             self.model.set_adapter(TEACHER, inference_mode=True)
             try:
-                sampled = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                              generation_config=gen)[:, prompt.shape[1]:]   # (count, probe_tokens)
+                sampled = self.model.generate(input_ids=prompt, attention_mask=mask,
+                                              generation_config=gen)[:, width:]   # (rows, probe_tokens at most)
             finally:
                 self.model.set_adapter(STUDENT)
             self.probe_seconds += now(self.device) - start
-            self.probe_tokens += count * cfg.probe_tokens     # as the engine counts them: rows x the most tokens
-            answer = torch.cat([self._t(seed).expand(count, -1), sampled], dim=1)
-            out.append((answer, answer_mask(answer, len(seed), f.stop)))
+            self.probe_tokens += len(rows) * cfg.probe_tokens   # as the engine counts them: rows x the most tokens
+            row = 0
+            for at, seed, count in sampled_kinds:
+                answer = torch.cat([self._t(seed).expand(count, -1), sampled[row:row + count]], dim=1)
+                out[at] = (answer, answer_mask(answer, len(seed), f.stop))
+                row += count
         return [(torch.cat([self._t(context).expand(a.shape[0], -1), a], dim=1),
                  torch.cat([self._t(self.prefix + f.student_open).expand(a.shape[0], -1), a], dim=1), m)
                 for a, m in out]
@@ -227,14 +247,19 @@ class HandWrittenLoop:
     def loss(self, x: list[int], groups) -> torch.Tensor:
         """The round's loss under the current delta, the teacher recomputed for every group."""
         cfg = self.cfg
-        teachers = []
-        self.model.set_adapter(TEACHER, inference_mode=True)
-        try:
-            with torch.no_grad():
-                for t_ids, s_ids, mask in groups:
-                    teachers.append(self._states(t_ids, mask.shape[1]))
-        finally:
-            self.model.set_adapter(STUDENT)
+        # ntp_in_recite: the next-token loss on X is read off the recite probe's student pass.
+        in_recite = cfg.ntp_in_recite and self.recite is not None
+        teachers = self._teachers or []
+        if not teachers:
+            self.model.set_adapter(TEACHER, inference_mode=True)
+            try:
+                with torch.no_grad():
+                    for t_ids, s_ids, mask in groups:
+                        teachers.append(self._states(t_ids, mask.shape[1], logits=cfg.kl_weight > 0))
+            finally:
+                self.model.set_adapter(STUDENT)
+            if self.lean:
+                self._teachers = teachers
         positions = sum(int(m.sum()) for _, _, m in groups)
         L1 = len(teachers[0][0])
         D = teachers[0][0][0].shape[-1]
@@ -242,11 +267,10 @@ class HandWrittenLoop:
         scale = [positions * D / sum(float((h[l] * m[..., None]).abs().sum()) for (h, _), (_, _, m) in zip(teachers, groups))
                  for l in range(L1)]
         loss = torch.zeros((), device=self.device)
-        # ntp_in_recite: the next-token loss on X is read off the recite probe's student pass.
-        in_recite = cfg.ntp_in_recite and self.recite is not None
         for g, ((t_hidden, t_logits), (_, s_ids, mask)) in enumerate(zip(teachers, groups)):
-            s_hidden, s_logits = self._states(s_ids, mask.shape[1])
-            if in_recite and g == self.recite[0] and cfg.ntp_weight > 0:
+            ce_here = in_recite and g == self.recite[0] and cfg.ntp_weight > 0
+            s_hidden, s_logits = self._states(s_ids, mask.shape[1], logits=cfg.kl_weight > 0 or ce_here)
+            if ce_here:
                 at = self.recite[1]
                 ce = F.cross_entropy(s_logits[0, at - 1:at - 1 + len(x)].float(), self._t(x))
                 loss = loss + cfg.ntp_weight * ce
@@ -268,6 +292,7 @@ class HandWrittenLoop:
 
     def absorb_round(self, x: list[int], y: list[int], round_index: int) -> list[float]:
         cfg = self.cfg
+        self._teachers = None
         with torch.no_grad():
             for layer in self.lora_layers.values():
                 layer.lora_A[TEACHER].weight.copy_(layer.lora_A[STUDENT].weight)
@@ -343,12 +368,16 @@ def run_engine(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
                 probe_seconds=probes["seconds"], probe_tokens=probes["tokens"])
 
 
-def run_loop(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
-    loop = HandWrittenLoop(model, tok, cfg, engine_initial_delta(model, cfg))
+def run_loop(model, tok, cfg: AbsorberConfig, stream: list[int], lean: bool = False) -> dict:
+    loop = HandWrittenLoop(model, tok, cfg, engine_initial_delta(model, cfg), lean=lean)
     # On a GPU a user runs the loop under bf16 autocast (LOOP_DTYPE); fp32 is the CPU's usual choice.
     dtype = LOOP_DTYPE[loop.device.type]
     with torch.autocast(loop.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return loop.absorb(stream)
+
+
+def run_loop_lean(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
+    return run_loop(model, tok, cfg, stream, lean=True)
 
 
 def run_engine_compiled(model, tok, cfg: AbsorberConfig, stream: list[int]) -> dict:
@@ -364,7 +393,7 @@ def run_engine_cuda_graphs(model, tok, cfg: AbsorberConfig, stream: list[int]) -
 
 
 LOOP_DTYPE = {"cpu": None, "cuda": torch.bfloat16}
-RUNNERS = {"engine": run_engine, "loop": run_loop, "engine_compiled": run_engine_compiled,
+RUNNERS = {"engine": run_engine, "loop": run_loop, "loop_lean": run_loop_lean, "engine_compiled": run_engine_compiled,
            "engine_torch": run_engine_torch, "engine_cuda_graphs": run_engine_cuda_graphs}
 
 
@@ -380,7 +409,7 @@ def _warm(model, engine_dtype: str) -> None:
 
 def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bool = True,
             model_and_tok=None, log=print, compiled: bool = False, steps: int | None = None,
-            torch_backend: bool = False, cuda_graphs: bool = False) -> dict:
+            torch_backend: bool = False, cuda_graphs: bool = False, lean_loop: bool = False) -> dict:
     """Engine (its config for the model) vs the loop (the same config, fp32 as a user runs it on a
     CPU, bf16 autocast on a GPU); with `compiled`, the engine with compile_layers too, after one
     untimed run that compiles; with `torch_backend`, the engine on backend "torch" too (on a GPU:
@@ -392,7 +421,7 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
     cfg, rounds = engine_config(name, workload, quick, **({"max_steps": steps} if steps else {}))
     stream = token_stream(rounds * cfg.chunk_tokens + cfg.sync_tokens, min(model.config.vocab_size, 32000), seed=1)
     _warm(model, _engine_dtype(cfg, device))
-    impls = ["engine", "loop"] + (["engine_compiled"] if compiled else []) + (["engine_torch"] if torch_backend else []) \
+    impls = ["engine", "loop"] + (["loop_lean"] if lean_loop else []) + (["engine_compiled"] if compiled else []) + (["engine_torch"] if torch_backend else []) \
         + (["engine_cuda_graphs"] if cuda_graphs else [])
     runs = {impl: [] for impl in impls}
     warmup = None
@@ -433,6 +462,8 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
         out["engine_compiled"]["warmup_seconds"] = warmup
         out["compiled_ratio"] = out["loop"]["seconds"]["median"] / out["engine_compiled"]["seconds"]["median"]
         out["compile_speedup"] = out["engine"]["seconds"]["median"] / out["engine_compiled"]["seconds"]["median"]
+    if lean_loop:
+        out["lean_loop_ratio"] = out["loop_lean"]["seconds"]["median"] / out["engine"]["seconds"]["median"]
     if torch_backend:
         out["torch_backend_ratio"] = out["loop"]["seconds"]["median"] / out["engine_torch"]["seconds"]["median"]
     if cuda_graphs:
@@ -445,7 +476,7 @@ def compare(name: str, workload: str, reps: int, quick: bool = False, memory: bo
     if memory:
         one = cfg.replace(max_steps=1)
         one_stream = stream[:cfg.chunk_tokens + cfg.sync_tokens]
-        for impl in ("engine", "loop"):
+        for impl in ("engine", "loop") + (("loop_lean",) if lean_loop else ()):
             work = copy.deepcopy(model)
             gc.collect()
             run_one = lambda: RUNNERS[impl](work, tok, one, one_stream)  # noqa: E731
@@ -474,7 +505,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
     does with cuda_graphs on), the same step over a growing DynamicCache (what the engine ran
     before), and the matmuls of each alone, back to back on tensors prepared beforehand: every
     linear at `rows` tokens (base weight, plus x·A·B on the targets where the step does not merge
-    the delta into reordered weights), q·Kᵀ and p·V over the cached context, and the LM head."""
+    the delta into reordered weights), the attention over the cached context (torch's sdpa), and the LM head."""
     from absorber_engine.sampling import sample_next
     from absorber_engine.model import cache_tensors
     from absorber_engine.static_decode import StaticDecoder, decode_weights
@@ -540,7 +571,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 8, model_and_tok=None) ->
     return out
 
 
-def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, packed: bool = False,
+def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 20, packed: bool = False,
                  fused: bool = False) -> float:
     """The step's matmuls alone, back to back; with `packed`, the linears' products on weights
     reordered for oneDNN with the delta merged in (no x·A·B), as the engine's steps compute them
@@ -579,12 +610,11 @@ def _matmul_time(runner, delta, rows: int, context: int, dtype, reps: int = 5, p
     for weights in groups.values():
         work.append(functools.partial(Packed(torch.cat(weights), dtype, rows), randn(rows, weights[0].shape[1]), None))
     for _ in range(len(runner.layers)):
-        q = randn(rows * heads, 1, head_dim)
-        k = randn(rows * heads, head_dim, context)
-        p = randn(rows * heads, 1, context)
-        v = randn(rows * heads, context, head_dim)
-        work.append(functools.partial(torch.matmul, q, k))
-        work.append(functools.partial(torch.matmul, p, v))
+        # q·Kᵀ and p·V over the cache as torch's fused attention computes them, the faster floor
+        # (two bf16 matmuls took 0.19 ms a layer where sdpa took 0.08, a second reader measured)
+        q = randn(rows, heads, 1, head_dim)
+        k, v = randn(rows, heads, context, head_dim), randn(rows, heads, context, head_dim)
+        work.append(functools.partial(F.scaled_dot_product_attention, q, k, v))
     best = float("inf")
     with torch.no_grad():
         for _ in range(reps):
@@ -717,6 +747,17 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {r['workload']} | {e['tokens_per_s']:.1f} | {probe(e['probe_tokens_per_s'])} | "
                          f"{o['tokens_per_s']:.1f} | {probe(o['probe_tokens_per_s'])} | {r['loop']['tokens_per_s']:.1f} | "
                          f"**{r['cuda_graphs_ratio']:.2f}×** |")
+    lean = [r for r in results if "loop_lean" in r]
+    if lean:
+        lines += ["", "The lean loop (the teacher's states once a round, the LM head only where a loss reads logits):", "",
+                  "| model | workload | engine tok/s | lean loop tok/s | ratio to the lean loop | peak MiB (lean loop) | "
+                  "memory ratio |", "|---|---|---|---|---|---|---|"]
+        for r in lean:
+            peak = r["loop_lean"].get("peak_tensor_bytes")
+            mem = f"{mib(peak):.0f}" if peak else "—"
+            ratio = f"{r['engine']['peak_tensor_bytes'] / peak:.2f}" if peak else "—"
+            lines.append(f"| {r['model']} | {r['workload']} | {r['engine']['tokens_per_s']:.1f} | "
+                         f"{r['loop_lean']['tokens_per_s']:.1f} | **{r['lean_loop_ratio']:.2f}×** | {mem} | {ratio} |")
     compiled = [r for r in results if "engine_compiled" in r]
     if compiled:
         lines += ["", "| model | workload | engine tok/s | engine, compile_layers tok/s | speed-up | loop tok/s | "
@@ -731,7 +772,8 @@ def table(results: list[dict]) -> str:
 
 def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, memory: bool = True,
         profile: bool = True, log=print, workloads: list[str] | None = None, compiled: bool = False,
-        steps: int | None = None, device: str = "cpu", torch_backend: bool = False, cuda_graphs: bool = False) -> dict:
+        steps: int | None = None, device: str = "cpu", torch_backend: bool = False, cuda_graphs: bool = False,
+        lean_loop: bool = False) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M")
     results, decodes, profiles = [], [], []
     for name in models:
@@ -740,7 +782,7 @@ def run(models: list[str], quick: bool, reps: int | None, out_dir: Path | None, 
             plan = (QUICK if quick else MODELS)[name]
             results.append(compare(name, workload, reps or plan["reps"], quick=quick, memory=memory,
                                    model_and_tok=loaded, log=log, compiled=compiled, steps=steps,
-                                   torch_backend=torch_backend, cuda_graphs=cuda_graphs))
+                                   torch_backend=torch_backend, cuda_graphs=cuda_graphs, lean_loop=lean_loop))
             if out_dir is not None:
                 _write(out_dir, started, results, decodes, profiles)
         if profile and not quick:
@@ -780,6 +822,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the loop then runs under bf16 autocast)")
     ap.add_argument("--torch-backend", action="store_true", help="also time the engine on backend 'torch'")
     ap.add_argument("--cuda-graphs", action="store_true", help="also time the engine with cuda_graphs on")
+    ap.add_argument("--lean-loop", action="store_true", help="also time a lean loop: the teacher once a round, "
+                    "the LM head only where a loss reads logits")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
     args = ap.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -791,7 +835,7 @@ def main(argv=None) -> None:
     doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
               log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","),
               compiled=args.compile_layers, steps=args.steps, device=args.device, torch_backend=args.torch_backend,
-              cuda_graphs=args.cuda_graphs)
+              cuda_graphs=args.cuda_graphs, lean_loop=args.lean_loop)
     print(table(doc["results"]))
 
 
