@@ -73,10 +73,10 @@ class AbsorbingModel:
         # A tokenizer that adds BOS put it in input_ids; the engine starts every sequence with its own
         # (prefix_bos): read as given, the model saw BOS twice and answered otherwise than generate().
         prefix = eng.runner.prefix
-        body = ids[len(prefix):] if prefix and ids[:len(prefix)] == prefix else ids
-        split = len(ids) - len(body) + max(len(body) - self.tail_tokens, 0)
-        if split > len(ids) - len(body):
-            eng.absorb(ids[len(ids) - len(body):split])
+        start = len(prefix) if prefix and ids[:len(prefix)] == prefix else 0
+        split = start + max(len(ids) - start - self.tail_tokens, 0)
+        if split > start:
+            eng.absorb(ids[start:split])
         # transformers keeps the eos a row stopped on, whichever of several: stop through on_token,
         # which sees each token after it is kept.
         new = eng.generate_batch({DEFAULT_SESSION: ids[split:]}, max_new_tokens=max_new_tokens, temperature=temperature,

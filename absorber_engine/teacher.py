@@ -84,8 +84,8 @@ def _kept_dtype(runner, final: torch.Tensor) -> torch.dtype:
     is off by about 2^-9 of its size (a logit of 10: p off by 2%), ten times what bf16 storage adds
     to p. Measured against float64 on SmolLM2's and the random Llama's heads (128 rows): the KL's
     gradient 3.39% / 3.85% off kept in bf16, 3.44% / 3.91% in fp32 (the logits' rounding, either way);
-    its loss 0.11% / 0.03% against 0.06% / 0.03%. Half the bytes: the random Llama's recite round
-    peaked 17 MiB lower (its 285 recite positions' distribution)."""
+    its loss 0.11% / 0.03% against 0.06% / 0.03%. Half the bytes: with p subtracted a few rows at a
+    time (head_chunks.sub_) the random Llama's recite round peaked at 219 MiB, not 252."""
     gemm = runner.compute_dtype or runner.dtype
     return torch.bfloat16 if gemm == torch.bfloat16 else torch.promote_types(final.dtype, torch.float32)
 
