@@ -29,7 +29,8 @@ SESSIONS = ("keep", "other", "", "a" * 300, "x\ny", "../etc", "%00", "ünï")
 MESSAGES = ([], [{"role": "user", "content": "Hi"}], [{"role": "system", "content": "The key is 7."},
                                                      {"role": "user", "content": "Key?"}],
             [{"role": "wizard", "content": "x"}], [{"content": "x"}], [{"role": "user", "content": 7}], ["x"], [None])
-VALUES = (None, True, False, 0, 1, 2, 3, -1, 0.5, 1.5, "", "x", MODEL, "The key is", "\ud800", [], [1, 2],
+# "\ud800" (a lone surrogate) and "用户" (an id no HTTP header carries) each once made a 500.
+VALUES = (None, True, False, 0, 1, 2, 3, -1, 0.5, 1.5, "", "x", MODEL, "The key is", "\ud800", "用户", [], [1, 2],
           [5, 6, 7], [49999999], ["a", "b"], ["a"] * 9, {}, {"a": 1}, {"include_usage": True}, *MESSAGES,
           *EDGE_INTS, *EDGE_FLOATS)
 HEADERS = ({}, {"X-Absorber-Session": "keep"}, {"X-Absorber-Session": "other"}, {"X-Absorber-Session": ""},
@@ -98,7 +99,8 @@ def strategy():
     as_json = fields.map(lambda f: {"json": f})
     body = st.one_of(as_json, as_json, as_json, json_values.map(lambda v: {"json": v}),
                      st.binary(max_size=64).map(lambda b: {"raw": b}),
-                     st.just({"raw": b"{" * (MAX_BODY + 1)}))
+                     st.just({"raw": b"{" * (MAX_BODY + 1)}),
+                     st.just({"raw": b'{"model": ' + b"[" * 5000}))          # nested past json's recursion
     return st.builds(lambda r, s, b, h, away: {"method": r[0], "path": _path(r[1], s), "headers": h,
                                                "stream_away": away, **b},
                      route, sid, body, st.sampled_from(HEADERS), st.booleans())
