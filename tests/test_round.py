@@ -316,7 +316,11 @@ def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_halved(
     assert res.error is None and res.steps == 2 and len(res.losses) == 3
     assert calls == [4.0, 2.0, 2.0]
     assert all(not torch.equal(a, p.detach()) for a, p in zip(before, delta.parameters()))
+    def overflowing(active):
+        for p in delta.parameters():
+            p.grad = torch.full_like(p, math.inf)
+        return [1.0]
+
     scale.value = 1.0                                  # at 1 an overflow is the round's failure, as before
-    (res,) = train_deltas([delta], lambda active: [setattr(p, "grad", torch.full_like(p, math.inf))
-                                                   for p in delta.parameters()] and [1.0], eng.config, scale=scale)
+    (res,) = train_deltas([delta], overflowing, eng.config, scale=scale)
     assert res.error is not None and "NaN or inf" in res.error
