@@ -1,16 +1,16 @@
-// The sampler's Exp(1) draw (absorber_engine.sampling), as torch's CPU exponential_ makes it:
-// negative_uniform53 runs the Mersenne Twister (MT19937) from a generator's state, as torch's CPU
-// generator does, and pairs its words into the doubles torch starts from (the low 53 bits of two
-// consecutive words, the first high, times 2^-53), negated for the caller's vectorized log1p;
-// exponential_from negates that log1p and rounds it to float32 as torch's scalar loop would. The
-// words are most of the draw's time: this loop makes them about four times as fast as numpy's
-// random_raw plus its whole-array shifts (256,000 words: 0.19 against 0.81 ms).
+// The sampler's draw (absorber_engine.sampling), as torch.multinomial(probs, 1) makes it on a CPU:
+// argmax(p / q), q ~ Exp(1) from exponential_. Words runs the Mersenne Twister (MT19937) from a
+// generator's state, as torch's CPU generator does, and pairs its words into the doubles u torch
+// starts from (the low 53 bits of two consecutive words, the first high, times 2^-53); this loop
+// makes them about four times as fast as numpy's random_raw plus its whole-array shifts (256,000
+// words: 0.19 against 0.81 ms). q = -log1p(-u) in float32, as exponential_'s scalar loop rounds it,
+// is taken only where it can decide the argmax (multinomial_from).
 #include <pybind11/pybind11.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <stdexcept>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -38,70 +38,105 @@ inline std::uint32_t temper(std::uint32_t y) {
     return y ^ (y >> 18);
 }
 
-// key: the 624 state words (uint32, updated in place); pos: the next word's index, 624 meaning
-// "twist first" (numpy's convention); out: float64 buffer, one value per pair of words.
-// Returns the position after the last word used. The words are tempered a run at a time into a
-// buffer (a loop the compiler vectorizes), then paired: no per-word branch on the position.
-int negative_uniform53(py::buffer key, int pos, py::buffer out) {
-    py::buffer_info k = key.request(true), o = out.request(true);
+// The words of a generator's state, drawn in order: key the 624 state words (updated in place),
+// pos the next word's index, 624 meaning "twist first" (numpy's convention).
+class Words {
+  public:
+    Words(std::uint32_t* mt, int pos) : mt_(mt), pos_(pos) {}
+    int pos() const { return pos_; }
+
+    // Fills u with n doubles, each the low 53 bits of two consecutive words (the first high) times
+    // 2^-53, times `sign`. The words are tempered a run at a time into a buffer (a loop the compiler
+    // vectorizes), then paired: no per-word branch on the position.
+    void uniform53(double* u, py::ssize_t n, double sign) {
+        constexpr std::uint64_t low53 = (std::uint64_t{1} << 53) - 1;
+        const double scale = sign * 0x1p-53;
+        int held = 0;                                // words in the buffer not yet paired
+        py::ssize_t done = 0;
+        while (done < n) {
+            if (pos_ == N) { twist(mt_); pos_ = 0; }
+            const py::ssize_t want = 2 * (n - done) - held;
+            const int run = static_cast<int>(want < N - pos_ ? want : N - pos_);
+            for (int j = 0; j < run; ++j) words_[held + j] = temper(mt_[pos_ + j]);
+            pos_ += run;
+            const int ready = held + run, pairs = ready / 2;
+            for (int j = 0; j < pairs; ++j) {
+                const std::uint64_t bits = ((std::uint64_t{words_[2 * j]} << 32) | words_[2 * j + 1]) & low53;
+                u[done + j] = static_cast<double>(bits) * scale;
+            }
+            done += pairs;
+            held = ready - 2 * pairs;
+            if (held) words_[0] = words_[ready - 1];   // a pair split by a twist: its first word waits
+        }
+    }
+
+  private:
+    std::uint32_t* mt_;
+    int pos_;
+    std::uint32_t words_[N + 1];                  // one run of tempered words, plus a carried odd one
+};
+
+std::uint32_t* state_words(py::buffer_info& k, int pos) {
     if (k.format != py::format_descriptor<std::uint32_t>::format() || k.size != N || k.ndim != 1 || k.strides[0] != 4)
         throw std::invalid_argument("key must be 624 contiguous uint32 words");
-    if (o.format != py::format_descriptor<double>::format() || o.ndim != 1 || o.strides[0] != 8)
-        throw std::invalid_argument("out must be a contiguous float64 vector");
     if (pos < 0 || pos > N) throw std::invalid_argument("pos must be in [0, 624]");
-    auto* mt = static_cast<std::uint32_t*>(k.ptr);
-    auto* u = static_cast<double*>(o.ptr);
-    constexpr std::uint64_t low53 = (std::uint64_t{1} << 53) - 1;
-    std::uint32_t words[N + 1];                  // one run of tempered words, plus a carried odd one
-    int held = 0;                                // words in the buffer not yet paired
-    py::ssize_t done = 0;
-    while (done < o.size) {
-        if (pos == N) { twist(mt); pos = 0; }
-        const py::ssize_t want = 2 * (o.size - done) - held;
-        const int run = static_cast<int>(want < N - pos ? want : N - pos);
-        for (int j = 0; j < run; ++j) words[held + j] = temper(mt[pos + j]);
-        pos += run;
-        const int ready = held + run, pairs = ready / 2;
-        for (int j = 0; j < pairs; ++j) {
-            const std::uint64_t bits = ((std::uint64_t{words[2 * j]} << 32) | words[2 * j + 1]) & low53;
-            u[done + j] = -static_cast<double>(bits) * 0x1p-53;
-        }
-        done += pairs;
-        held = ready - 2 * pairs;
-        if (held) words[0] = words[ready - 1];   // a pair split by a twist: its first word waits
-    }
-    return pos;
+    return static_cast<std::uint32_t*>(k.ptr);
 }
 
-// q[i] = float(-r[i]), r = log1p(u) from torch's vectorized kernel, except where that can round to
-// another float than exponential_'s C-library log1p, which differs from it by an ulp on about one
-// double in twelve: a double whose bits below float32's 24 lie within 8 of the midpoint (2^28) of
-// two floats (1 value in 1.8e9 drawn came out different) is taken from std::log1p(u[i]) instead.
-void exponential_from(py::buffer u_in, py::buffer r_in, py::buffer q_out) {
-    py::buffer_info u = u_in.request(), r = r_in.request(), q = q_out.request(true);
-    const auto f64 = py::format_descriptor<double>::format();
-    if (u.format != f64 || r.format != f64 || q.format != py::format_descriptor<float>::format() ||
-        u.ndim != 1 || r.ndim != 1 || q.ndim != 1 || u.strides[0] != 8 || r.strides[0] != 8 || q.strides[0] != 4 ||
-        r.size != u.size || q.size != u.size)
-        throw std::invalid_argument("u and r must be contiguous float64 vectors, q a float32 one, all of one length");
-    const auto* uu = static_cast<const double*>(u.ptr);
-    const auto* rr = static_cast<const double*>(r.ptr);
-    auto* qq = static_cast<float*>(q.ptr);
-    constexpr std::uint64_t low29 = (std::uint64_t{1} << 29) - 1, from = (std::uint64_t{1} << 28) - 8;
-    for (py::ssize_t i = 0; i < u.size; ++i) {
-        std::uint64_t bits;
-        std::memcpy(&bits, rr + i, sizeof bits);
-        const double v = ((bits - from) & low29) <= 16 ? std::log1p(uu[i]) : rr[i];
-        qq[i] = static_cast<float>(-v);
+// p / q in float32 for q = exponential_'s float(-log1p(-u)): what torch.multinomial's argmax reads.
+inline float ratio(float p, double u) { return p / static_cast<float>(-std::log1p(-u)); }
+
+// torch.multinomial(probs, 1) for float32 probs (rows, V), C-contiguous: argmax over each row of
+// p / q, q ~ Exp(1) drawn as exponential_ draws it (a double u of two words, q = -log1p(-u) in
+// float32), in row-major order; ids gets one index per row; returns the position after the words used.
+//
+// Why not every q: the logarithm is most of a draw's time, and only the largest p / q matters.
+// -log1p(-u) >= u, so p / u bounds p / q from above (in float32: within 2^-22 of it, after the
+// log's ulp and two roundings); a token whose bound, with room to spare, stays below the exact
+// ratio found so far cannot be the argmax, nor tie with it (ties go to the first index, NaN beats
+// everything, as in torch's argmax). A few dozen tokens a row take the log.
+int multinomial_from(py::buffer key, int pos, py::buffer probs_in, py::buffer ids_out) {
+    py::buffer_info k = key.request(true), p = probs_in.request(), o = ids_out.request(true);
+    std::uint32_t* mt = state_words(k, pos);
+    if (p.format != py::format_descriptor<float>::format() || p.ndim != 2 || p.strides[1] != 4 ||
+        p.strides[0] != 4 * p.shape[1] || p.shape[1] < 1)
+        throw std::invalid_argument("probs must be a C-contiguous float32 matrix with at least one column");
+    // numpy's int64 is "l" on LP64 systems, "q" elsewhere: both are 8-byte signed integers.
+    if ((o.format != "l" && o.format != "q") || o.itemsize != 8 || o.ndim != 1 || o.strides[0] != 8 ||
+        o.size != p.shape[0])
+        throw std::invalid_argument("ids must be a contiguous int64 vector of one id per row");
+    const py::ssize_t rows = p.shape[0], V = p.shape[1];
+    const auto* probs = static_cast<const float*>(p.ptr);
+    auto* ids = static_cast<std::int64_t*>(o.ptr);
+    std::vector<double> u(static_cast<std::size_t>(V));
+    Words words(mt, pos);
+    for (py::ssize_t r = 0; r < rows; ++r) {
+        const float* pr = probs + r * V;
+        words.uniform53(u.data(), V, 1.0);
+        // One pass, the best exact ratio so far as the floor: a token whose bound, with room to
+        // spare, is below it is skipped. u = 0 (q = 0) is never skipped: floor * u is 0, or NaN
+        // under the floor of +inf that a NaN ratio (0 / 0, which wins over all after it) leaves.
+        py::ssize_t arg = -1;
+        float best = 0.0f;
+        double floor = -1.0;
+        for (py::ssize_t i = 0; i < V; ++i) {
+            if (static_cast<double>(pr[i]) * (1.0 + 0x1p-20) < floor * u[i]) continue;
+            const float v = ratio(pr[i], u[i]);
+            if (arg < 0 || (!std::isnan(best) && (std::isnan(v) || v > best))) {
+                arg = i;
+                best = v;
+                floor = std::isnan(v) ? INFINITY : v;
+            }
+        }
+        ids[r] = arg;
     }
+    return words.pos();
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_twister, m) {
-    m.doc() = "MT19937 words as torch's CPU generator draws them, for the vectorized sampler";
-    m.def("negative_uniform53", &negative_uniform53, py::arg("key"), py::arg("pos"), py::arg("out"),
-          "Fills out with -(53 bits of two words) * 2^-53 from the state `key` at `pos`; returns the new pos.");
-    m.def("exponential_from", &exponential_from, py::arg("u"), py::arg("r"), py::arg("q"),
-          "Fills q (float32) with -r, r = log1p(u), as exponential_ rounds it: the C library's log1p where it matters.");
+    m.doc() = "torch.multinomial's one-sample draw from a CPU generator's Mersenne Twister, for the sampler";
+    m.def("multinomial_from", &multinomial_from, py::arg("key"), py::arg("pos"), py::arg("probs"), py::arg("ids"),
+          "torch.multinomial(probs, 1) drawn from the state `key` at `pos` into ids; returns the new pos.");
 }

@@ -1,6 +1,5 @@
-"""The vectorized draw behind sampling (sampling.py): the same q as exponential_, the generator left
-in the same state, so the same tokens as torch.multinomial; and the once-a-process check that
-guards it fails on a draw that is off by one rounding."""
+"""The C++ draw behind sampling (sampling.py): the same ids as torch.multinomial, the generator left
+in the same state; and the once-a-process check that guards it fails on a draw that is off."""
 
 import pytest
 import torch
@@ -10,40 +9,52 @@ from absorber_engine import sampling
 
 @pytest.mark.parametrize("before", [0, 1, 623, 624, 1000])
 @pytest.mark.parametrize("shape", [(1, 1), (4, 32000), (3, 313), (2, 624)])
-def test_the_draw_is_exponential_and_leaves_the_generator_where_exponential_does(before, shape):
+@pytest.mark.parametrize("sharpness", [0.1, 3.0, 30.0])
+def test_the_draw_is_multinomial_and_leaves_the_generator_where_it_does(before, shape, sharpness):
+    """Flat rows (every token's bound near the best: many logs) and peaked ones (few); `before`
+    words used first (a float32 takes one): odd positions split a pair across a twist."""
     assert sampling._twister is not None, "the C++ extension is built by the install (setup.py)"
+    probs = torch.softmax(torch.randn(shape, generator=torch.Generator().manual_seed(before)) * sharpness, -1)
     ours, theirs = torch.Generator().manual_seed(before + 7), torch.Generator().manual_seed(before + 7)
-    for g in (ours, theirs):              # `before` words used (a float32 takes one): odd positions split a pair
+    for g in (ours, theirs):
         torch.rand(before, generator=g)
-    assert torch.equal(sampling.exponential_draw(shape, ours), torch.empty(shape).exponential_(generator=theirs))
-    assert torch.equal(ours.get_state(), theirs.get_state())
+    for _ in range(3):
+        assert torch.equal(sampling._draw(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
+        assert torch.equal(ours.get_state(), theirs.get_state())
     assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
 
 
-def test_a_value_whose_vectorized_log1p_rounds_to_another_float_is_the_c_librarys():
-    """Seed 1's draw number 171,272,906: torch's vectorized log1p and the C library's are an ulp apart
-    there and round to different floats (0.47533128 against 0.47533131); exponential_ has the second."""
-    g = torch.Generator().manual_seed(1)
-    left = 171_272_906
-    while left:                           # the draw advances the generator as exponential_ does (above)
-        n = min(left, 1 << 22)
-        sampling.exponential_draw((n,), g)
-        left -= n
-    state = g.get_state()
-    want = torch.empty(1, 3).exponential_(generator=torch.Generator().set_state(state))
-    assert want[0, 0].item() == 0.47533130645751953
-    assert torch.equal(sampling.exponential_draw((1, 3), torch.Generator().set_state(state)), want)
+def test_rows_of_one_value_and_of_one_token_are_torchs():
+    """Every token's bound near the best (one repeated value), one token with all the mass, every
+    other token zero."""
+    probs = torch.full((3, 2000), 1 / 2000)
+    probs[1] = 0.0
+    probs[1, 1234] = 1.0
+    probs[2, ::2] = 0.0
+    for seed in range(20):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(sampling._draw(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
+
+
+def test_the_draw_refuses_what_it_cannot_read():
+    key = torch.zeros(624, dtype=torch.int32).numpy().view("uint32")
+    ids = torch.empty(2, dtype=torch.long).numpy()
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        sampling._twister.multinomial_from(key, 0, torch.ones(4, 2).t().numpy(), ids)
+    with pytest.raises(ValueError, match="one id per row"):
+        sampling._twister.multinomial_from(key, 0, torch.ones(3, 4).numpy(), ids)
+    with pytest.raises(ValueError, match=r"pos must be in \[0, 624\]"):
+        sampling._twister.multinomial_from(key, 625, torch.ones(2, 4).numpy(), ids)
 
 
 def test_without_the_extension_tokens_come_from_torchs_own_draw(monkeypatch):
     monkeypatch.setattr(sampling, "_twister", None)
     monkeypatch.setattr(sampling, "_exact", None)
-    monkeypatch.setattr(sampling, "_draw", lambda *a: pytest.fail("the vectorized draw needs the extension"))
+    monkeypatch.setattr(sampling, "_draw", lambda *a: pytest.fail("the C++ draw needs the extension"))
     probs = torch.softmax(torch.randn(3, 700, generator=torch.Generator().manual_seed(8)), -1)
     ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     assert torch.equal(sampling.multinomial_one(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
     assert torch.equal(ours.get_state(), theirs.get_state())
-    assert torch.equal(sampling.exponential_draw((2, 9), ours), torch.empty(2, 9).exponential_(generator=theirs))
 
 
 def test_tokens_and_state_are_multinomials_with_zeros_and_the_default_generator():
@@ -61,18 +72,27 @@ def test_tokens_and_state_are_multinomials_with_zeros_and_the_default_generator(
 
 
 def test_fp64_probabilities_take_torchs_own_draw(monkeypatch):
-    monkeypatch.setattr(sampling, "exponential_draw", lambda *a: pytest.fail("vectorized draw used"))
+    monkeypatch.setattr(sampling, "_draw", lambda *a: pytest.fail("C++ draw used"))
     probs = torch.softmax(torch.randn(2, 50), -1)
     ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     got = sampling.multinomial_one(probs.double(), ours)
     assert torch.equal(got, torch.multinomial(probs.double(), 1, generator=theirs)[:, 0])
 
 
-def test_the_check_refuses_a_draw_one_rounding_off(monkeypatch):
-    draw = sampling.exponential_draw
-    monkeypatch.setattr(sampling, "exponential_draw", lambda shape, g: torch.nextafter(draw(shape, g), torch.tensor(0.0)))
+@pytest.mark.parametrize("off", ["one word later", "a neighbour's id"])
+def test_the_check_refuses_a_draw_that_is_off(monkeypatch, off):
+    draw = sampling._draw
+
+    def wrong(probs, g):
+        if off == "one word later":
+            torch.rand(1, generator=g)
+            return draw(probs, g)
+        ids = draw(probs, g)
+        return (ids + 1) % probs.shape[1]
+
+    monkeypatch.setattr(sampling, "_draw", wrong)
     assert not sampling._check()
-    monkeypatch.setattr(sampling, "exponential_draw", draw)
+    monkeypatch.setattr(sampling, "_draw", draw)
     assert sampling._check()
     monkeypatch.setattr(sampling, "_exact", False)                # such a torch samples with multinomial
     probs = torch.softmax(torch.randn(2, 50), -1)
