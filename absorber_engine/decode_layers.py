@@ -80,14 +80,28 @@ class FusedLayers:
         self.rotary, self.norm = runner.base.rotary_emb, runner.base.norm
         self.layers = [_Layer(layer, weight_of, dtype, rows) for layer in runner.layers]
 
+    def rotary_table(self, position: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin (B, steps, Dh) of the positions position + 0..steps-1, each what the model's
+        rotary module gives that step alone (a product and a cos or sin an element: the same bits
+        at any shape); None for a rope whose frequencies follow the longest position seen
+        (dynamic, longrope), which a table of every step would change. Why: per step the module is
+        ten ops and its Python, a tenth of the random Llama's step beside its products."""
+        rope = getattr(self.rotary, "rope_type", "default")
+        if not isinstance(rope, str) or "dynamic" in rope or rope == "longrope":
+            return None
+        return self.rotary(self.embed.weight, position + torch.arange(steps, device=position.device))
+
     def step(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, caches: list,
-             slot: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """tokens and position (B, 1), mask (B, 1, 1, S) over the static cache `caches` (one
-        transformers StaticLayer per layer; the step writes its keys and values at `slot`) ->
-        the residual states h^0..h^L (each (B, 1, D)) and the final normed states (B, 1, D)."""
-        h = self.embed(tokens)
-        cos, sin = self.rotary(h, position)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                   # over the heads
+             slot: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """tokens and position (B, 1), mask (B, 1, 1, S) the attention's additive mask (0 where a
+        row attends, -inf elsewhere, in the states' dtype: what sdpa makes of a boolean one at every
+        call) over the static cache `caches` (one transformers StaticLayer per layer; the step
+        writes its keys and values at `slot`), `rotary` this step's cos and sin (B, 1, Dh) where a
+        table holds them -> the residual states h^0..h^L and the final normed states, each (B, D):
+        one row a sequence, so every product takes its input as it is."""
+        h = self.embed(tokens[:, 0])
+        cos, sin = rotary if rotary is not None else self.rotary(h, position)     # (B, 1, Dh): over the heads
         states = [h]
         for layer, cache in zip(self.layers, caches):
             h = layer(h, cos, sin, mask, cache, slot)
@@ -110,25 +124,24 @@ class _Layer:
         self.head_dim, self.scale = attn.head_dim, attn.scaling
         self.heads = _base(attn.q_proj).out_features // self.head_dim
         self.kv_heads = _base(attn.k_proj).out_features // self.head_dim
-        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         self.inner = _base(mlp.gate_proj).out_features
 
     def __call__(self, h, cos, sin, mask, cache, slot):
-        B, Dh = h.shape[0], self.head_dim
-        q, k, v = self.qkv(_rms_norm(h, self.norms[0])).split(self.split, dim=-1)
-        q, k, v = q.view(B, 1, -1, Dh), k.view(B, 1, -1, Dh), v.view(B, 1, -1, Dh)
+        B, Dh, H, KV = h.shape[0], self.head_dim, self.heads, self.kv_heads
+        qkv = self.qkv(_rms_norm(h, self.norms[0])).view(B, -1, Dh)          # (B, H + 2 KV, Dh)
+        qk, v = qkv[:, :H + KV], qkv[:, H + KV:]
         if self.qk_norms is not None:
-            q, k = _rms_norm(q, self.qk_norms[0]), _rms_norm(k, self.qk_norms[1])
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        cache.keys.index_copy_(2, slot, k)
-        cache.values.index_copy_(2, slot, v)
+            qk = torch.cat((_rms_norm(qk[:, :H], self.qk_norms[0]), _rms_norm(qk[:, H:], self.qk_norms[1])), dim=1)
+        # q's and k's heads turned together: the same ops an element as apart, half the ops.
+        qk = qk * cos + _rotate_half(qk) * sin
+        cache.keys.index_copy_(2, slot, qk[:, H:].unsqueeze(2))
+        cache.values.index_copy_(2, slot, v.unsqueeze(2))
         # At one query token the query heads sharing a key head become its query rows: the CPU's
         # flash kernel pays per (row, head) pair (4 rows, 555 positions: 8 heads of one query 1.04 ms,
         # the same as 4 groups of two queries 0.17 ms).
-        q = q.reshape(B, self.kv_heads, self.heads // self.kv_heads, Dh)
+        q = qk[:, :H].reshape(B, KV, H // KV, Dh)
         out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask, scale=self.scale)
-        h = h + self.o(out.reshape(B, self.heads, 1, Dh).transpose(1, 2).reshape(B, 1, -1))
+        h = h + self.o(out.reshape(B, H * Dh))
         gate, up = self.gate_up(_rms_norm(h, self.norms[1])).split(self.inner, dim=-1)
         # contiguous: torch's SiLU rounds differently on a strided tensor at some widths (80: yes,
         # 1,536: no); the copy keeps the step equal to the modules' to the bit at every width.
@@ -141,14 +154,15 @@ def _base(module: nn.Module) -> nn.Linear:
 
 
 def _fused(modules: list[nn.Module], weight_of, dtype: torch.dtype, rows: int):
-    """x -> the products of every module's linear, concatenated on the last dimension, as one."""
+    """x (B, in) -> the products of every module's linear, concatenated on the last dimension, as one."""
     linears = [_base(m) for m in modules]
     packed = Packed(torch.cat([weight_of(lin) for lin in linears]), dtype, rows)
     bias = None
     if any(lin.bias is not None for lin in linears):
         bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
                           for lin in linears]).detach().to(dtype)
-    return lambda x: packed(x, bias)
+    data, product = packed.data, torch.ops.mkldnn._linear_pointwise
+    return lambda x: product(x, data, bias, "none", [], "")
 
 
 def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -145,21 +145,36 @@ class StaticDecoder:
             self.hidden = torch.empty(runner.num_states, B, steps, runner.hidden_size, dtype=dtype, device=dev)
             self.final = torch.empty(B, steps, runner.hidden_size, dtype=dtype, device=dev)
         self.steps, self.taken = steps, 0
+        self.rotary = self.fused.rotary_table(self.position, steps) if self.fused is not None else None
+        # The fused step's attention mask in the additive form sdpa makes of the boolean one at
+        # each of its calls (a layer's where() and two scalars): made once, a slot opened a step.
+        self.additive = None
+        if self.fused is not None:
+            self.additive = torch.zeros(self.mask.shape, dtype=dtype, device=dev).masked_fill_(~self.mask, float("-inf"))
         self.graphs = graphs
         self.graph = None
 
     def _step(self) -> torch.Tensor:
         r = self.runner
         self.mask.index_fill_(3, self.slot, True)
+        stacked = None
         if self.fused is not None:
-            states, final = self.fused.step(self.tokens, self.position, self.mask, self.cache.layers, self.slot)
+            self.additive.index_fill_(3, self.slot, 0.0)
+            rotary = None if self.rotary is None else [t.index_select(1, self.step_index) for t in self.rotary]
+            states, final = self.fused.step(self.tokens, self.position, self.additive, self.cache.layers, self.slot,
+                                            rotary)                                      # each (B, D)
+            if self.hidden is not None:
+                stacked = torch.stack(states).unsqueeze(2)
+            final = final.unsqueeze(1)
         else:
             with r.capture() if self.hidden is not None else contextlib.nullcontext() as cap:
                 out = r.base(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.position,
                              use_cache=True, **{r.cache_keyword: self.cache})
-            states, final = cap.states if self.hidden is not None else None, out.last_hidden_state   # (B, 1, D)
+            if self.hidden is not None:
+                stacked = torch.stack(cap.states)
+            final = out.last_hidden_state                                                # (B, 1, D)
         if self.hidden is not None:
-            self.hidden.index_copy_(2, self.step_index, torch.stack(states).to(self.hidden.dtype))
+            self.hidden.index_copy_(2, self.step_index, stacked.to(self.hidden.dtype))
             self.final.index_copy_(1, self.step_index, final.to(self.final.dtype))
         self.slot.add_(1)
         self.position.add_(1)

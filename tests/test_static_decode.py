@@ -239,23 +239,39 @@ def _moved_delta(eng, seed: int = 1) -> LowRankDelta:
     return delta
 
 
-@pytest.mark.parametrize("arch", decode_layers.FAMILY)
+def _llama_head_dim_64(rope: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, rope_parameters=rope)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", decode_layers.FAMILY + ("llama, head dim 64", "llama, dynamic rope"))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, dtype, monkeypatch):
-    """Logits and recorded states, a delta merged, rows of different lengths (one left-padded)."""
+    """Logits and recorded states, a delta merged, rows of different lengths (one left-padded).
+    The rotary positions come from a table of every step, except for a dynamic rope (frequencies
+    that follow the longest position: here past the 64 positions it was trained for)."""
     from absorber_kernels import packed_linear
 
     if not packed_linear.supported(getattr(torch, dtype)):
         pytest.skip(f"no oneDNN prepacked linear in {dtype} here")
-    model = make_model(arch)
+    if arch.startswith("llama, "):
+        rope = dict(rope_type="dynamic", factor=2.0) if "dynamic" in arch else dict(rope_type="default")
+        model = _llama_head_dim_64(dict(rope, rope_theta=10000.0))
+    else:
+        model = make_model(arch)
     for m in model.modules():              # not the default 1e-6: the step must read each norm's own
         if hasattr(m, "variance_epsilon"):
             m.variance_epsilon = 1e-5 if m is not model.model.norm else 1e-4
     eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False, compute_dtype=dtype))
     r = eng.runner
     r.bind([_moved_delta(eng)])
-    ids = torch.tensor([random_ids(7, seed=1), [0, 0] + random_ids(5, seed=2)])
-    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    context = 60 if "dynamic" in arch else 7
+    ids = torch.tensor([random_ids(context, seed=1), [0, 0] + random_ids(context - 2, seed=2)])
+    mask = torch.tensor([[1] * context, [0, 0] + [1] * (context - 2)])
     position = (mask.cumsum(1) - 1).clamp_min(0)
     feed = torch.tensor([random_ids(6, seed=3), random_ids(6, seed=4)])
     build, runs = decode_layers.build, []
@@ -266,6 +282,7 @@ def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, dtype
             with static_decode.decode_weights(r, rows=2):
                 dec = static_decode.StaticDecoder(r, cache_tensors(cache), 6, mask, position[:, -1:] + 1)
                 assert (dec.fused is not None) == fuse
+                assert (dec.rotary is not None) == (fuse and "dynamic" not in arch)
                 logits = [dec.step(feed[:, t]).clone() for t in range(6)]
         runs.append((logits, *dec.states()))
     fused, modules = runs
