@@ -259,6 +259,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                     probe = replay_probe(self.frame, rnd.x) if self.config.replay_rounds and not res.gated else None
                     sess.keep(delta)
                     self.scheduler.commit(rnd.session, rnd.id)
+                    settled += 1      # counted at once: a committed round must not be aborted below
                     # A stream's first round starts from an empty memory: everything surprises it, so
                     # its loss sets no level for the gate (it trains regardless).
                     if res.losses and sess.rounds > 1:
@@ -268,13 +269,14 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 else:
                     delta.restore(snap)
                     self.scheduler.abort(rnd.session, rnd.id)
-                settled += 1
+                    settled += 1
                 self._windows.drop(rnd.session)
                 out[rnd.session] = (rnd, res)
         except BaseException:         # the rounds not settled yet are aborted: none stays in flight
             for rnd, delta, snap in list(zip(batch.rounds, deltas, snapshots))[settled:]:
                 delta.restore(snap)
                 self.scheduler.abort(rnd.session, rnd.id)
+            for rnd in batch.rounds:
                 self._windows.drop(rnd.session)
             raise
         return out

@@ -3,11 +3,13 @@
 Each row here is a row of the README's bad-input table.
 """
 
+import collections
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -71,26 +73,39 @@ def test_bad_engine_input(eng, row, call, error, message):
     assert eng.window_tokens() == window and eng.absorbed_tokens == absorbed
 
 
-def test_an_interrupt_while_a_batch_commits_leaves_no_round_in_flight(monkeypatch):
+@pytest.mark.parametrize("when", ["before a's commit", "after a's commit"])
+def test_an_interrupt_while_a_batch_commits_leaves_no_round_in_flight(monkeypatch, when):
     # Ctrl-C (or out of memory) after the round trained, while its sessions were committed one by
-    # one: the rest kept a round in flight for good (later input silently dropped, reset and close raising).
+    # one: the rest kept a round in flight for good (later input silently dropped, reset and close
+    # raising); and one landing just after a commit aborted that committed round instead.
     import absorber_engine.engine as engine_mod
     eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**CFG, replay_rounds=2))
     a, b = eng.session("a"), eng.session("b")
     a.feed(random_ids(24, seed=1))
     b.feed(random_ids(24, seed=2))
-    real = engine_mod.replay_probe
+    if when == "before a's commit":
+        real = engine_mod.replay_probe
 
-    def interrupted(*args):
-        monkeypatch.setattr(engine_mod, "replay_probe", real)
-        raise KeyboardInterrupt
+        def interrupted(*args):
+            monkeypatch.setattr(engine_mod, "replay_probe", real)
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_mod, "replay_probe", interrupted)
+        monkeypatch.setattr(engine_mod, "replay_probe", interrupted)
+    else:
+        class Interrupted(collections.deque):       # a's replay buffer takes its probe after the commit
+            def append(self, item):
+                raise KeyboardInterrupt
+
+        a.replay = Interrupted(maxlen=a.replay.maxlen)
     with pytest.raises(KeyboardInterrupt):
         eng.run()
-    for sess in (a, b):
+    if when == "after a's commit":
+        a.replay = collections.deque(maxlen=a.replay.maxlen)
+        assert a.absorbed_tokens > 0 and not a.delta.is_zero()      # committed, and kept
+    for sess in (a, b) if when == "before a's commit" else (b,):
         assert sess.stats()["in_flight"] is None and sess.absorbed_tokens == 0 and sess.delta.is_zero()
         assert sess.held_tokens == 24                   # the round's tokens are still in the window
+    assert a.stats()["in_flight"] is None
     assert b.absorb(random_ids(8, seed=3)).tokens == 8
     assert b.absorbed_tokens > 0 and len(b.replay) >= 1
 
