@@ -212,7 +212,7 @@ std::vector<std::int64_t> Scheduler::window(const SessionKey& key, bool all) con
 
 void Scheduler::restore(const SessionKey& key, const std::vector<std::int64_t>& tokens, std::int64_t absorbed,
                         std::int64_t rounds) {
-    if (absorbed < 0 || rounds < 0) throw std::invalid_argument("absorbed and rounds must be >= 0");
+    check_counts(absorbed, rounds);
     check_ids(tokens);
     std::lock_guard<std::mutex> lock(mu_);
     Session& s = find_locked(key);

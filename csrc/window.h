@@ -14,9 +14,18 @@
 
 #include <cstdint>
 #include <mutex>
+#include <stdexcept>
 #include <vector>
 
 namespace absorber {
+
+// A restored stream's counters: what memory files may hold (2^53, JSON's exact integers, 10^15
+// tokens). Beyond it the next commit could overflow them.
+inline void check_counts(std::int64_t absorbed, std::int64_t rounds) {
+    constexpr std::int64_t most = std::int64_t{1} << 53;
+    if (absorbed < 0 || rounds < 0 || absorbed > most || rounds > most)
+        throw std::invalid_argument("absorbed and rounds must be in [0, 2^53]");
+}
 
 struct Round {
     std::uint64_t id = 0;          // matches the commit to the plan it came from

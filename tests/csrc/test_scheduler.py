@@ -106,6 +106,9 @@ def test_window_bad_ids_are_atomic():
         w.restore([1, 99], 0, 0)
     with pytest.raises(ValueError):
         w.restore([1], -1, 0)
+    for absorbed, rounds in ((2**53 + 1, 0), (0, 2**63 - 1)):      # a commit after them could overflow
+        with pytest.raises(ValueError, match=r"\[0, 2\^53\]"):
+            w.restore([1], absorbed, rounds)
     assert w.held == 2 and w.window() == [1, 2]
 
 
@@ -551,7 +554,11 @@ def test_restore_clear_and_stats():
         s.restore("a", [11], 0, 0)
     with pytest.raises(ValueError):
         s.restore("a", [1], -1, 0)
+    with pytest.raises(ValueError, match=r"\[0, 2\^53\]"):
+        s.restore("a", [1], 2**63 - 3, 2**63 - 1)
     assert s.window("a") == [5, 6, 7]
+    s.restore("a", [5, 6, 7], absorbed=2**53, rounds=2**53)      # what a memory file may hold
+    s.restore("a", [5, 6, 7], absorbed=100, rounds=9)
     s.clear("a")
     assert s.session_stats("a")["held"] == 0 and s.session_stats("a")["absorbed"] == 0
     g = s.stats()
