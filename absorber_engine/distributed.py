@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from .config import AbsorberConfig
-from .errors import InputError
+from . import errors
+from .errors import AbsorberError, AbsorptionError, InputError
 
 
 def memory_paths(inputs: list[str], out_dir: str) -> dict[str, str]:
@@ -87,12 +88,16 @@ def parse_ids(text: str, where: str) -> list[int]:
 
 
 def absorb_streams(engine, inputs: list[str], targets: dict[str, str], as_ids: bool = False) -> dict[str, dict]:
-    """Absorbs each input file as its own stream (flushed) with `engine`; returns a report per input."""
+    """Absorbs each input file as its own stream (flushed) with `engine`; returns a report per input.
+    An error names the input it came from (with many inputs, which one is otherwise a guess)."""
     reports = {}
     for path in inputs:
         engine.reset()
-        report = engine.absorb(read_stream(path, as_ids), flush=True)
-        engine.save_memory(targets[path])
+        try:
+            report = engine.absorb(read_stream(path, as_ids), flush=True)
+            engine.save_memory(targets[path])
+        except AbsorberError as exc:
+            raise type(exc)(f"{path}: {exc}" if path not in str(exc) else str(exc)) from exc
         reports[path] = {"tokens": report.tokens, "rounds": report.rounds, "steps": report.steps,
                          "final_loss": report.final_loss, "seconds": report.seconds, "memory": targets[path]}
     return reports
@@ -108,10 +113,20 @@ def absorb_many(engine, inputs: list[str], out_dir: str, as_ids: bool = False) -
         return mine
     gathered: list[dict] = [None] * world
     dist.all_gather_object(gathered, mine)
-    return {k: v for part in gathered for k, v in part.items()}
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return {path: merged[path] for path in inputs}       # the inputs' order, whatever the ranks
 
 
 def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, as_ids, result_file):
+    try:
+        _absorb_rank(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, as_ids,
+                     result_file)
+    except AbsorberError as exc:          # for the parent to raise as it would with one process
+        Path(f"{result_file}.error{rank}").write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        raise
+
+
+def _absorb_rank(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, as_ids, result_file):
     from .engine import AbsorberEngine
 
     use_cuda = device is not None and str(device).startswith("cuda")
@@ -160,6 +175,37 @@ def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, confi
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(nproc, init_file, model_dir, list(inputs), out_dir, config.to_dict(), dtype, device,
-                                as_ids, result_file), nprocs=nproc, join=True)
+        ranks = mp.spawn(_worker, args=(nproc, init_file, model_dir, list(inputs), out_dir, config.to_dict(), dtype,
+                                        device, as_ids, result_file), nprocs=nproc, join=False)
+        try:
+            while not ranks.join():
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            raise _rank_error(result_file, nproc, exc) from exc
+        finally:                          # Ctrl-C, or a failed rank: none is left absorbing on its own
+            _stop(ranks.processes)
         return json.loads(Path(result_file).read_text())
+
+
+def _rank_error(result_file: str, nproc: int, exc: Exception) -> Exception:
+    """The error a failed rank wrote, of its own type (the first rank's that wrote one), else an
+    AbsorptionError naming what spawn said."""
+    for rank in range(nproc):
+        path = Path(f"{result_file}.error{rank}")
+        if path.exists():
+            err = json.loads(path.read_text())
+            kind = getattr(errors, err["type"], None)
+            if isinstance(kind, type) and issubclass(kind, AbsorberError):
+                return kind(err["message"])
+    return AbsorptionError(f"a process absorbing the inputs failed: {str(exc).strip().splitlines()[0]}")
+
+
+def _stop(processes, grace: float = 5.0) -> None:
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

@@ -1,10 +1,13 @@
-"""absorb-many over two CPU processes (gloo) gives the same memories as one process."""
+"""absorb-many over two CPU processes (gloo) gives the same memories as one process; a rank's
+error reaches the caller as it would with one process, and none is left running after it."""
+
+import multiprocessing
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from absorber_engine import AbsorberConfig
+from absorber_engine import AbsorberConfig, InputError
 from absorber_engine.distributed import absorb_many_processes
 from tiny_models import make_model, random_ids
 
@@ -25,10 +28,42 @@ def test_two_ranks_equal_one(tmp_path):
                          compute_dtype="float32")
     one = absorb_many_processes(str(model_dir), inputs, str(tmp_path / "one"), cfg, nproc=1, as_ids=True)
     two = absorb_many_processes(str(model_dir), inputs, str(tmp_path / "two"), cfg, nproc=2, as_ids=True)
-    assert sorted(one) == sorted(two) == sorted(inputs)
+    assert list(one) == list(two) == inputs                 # the inputs' order, whatever the ranks
     for path in inputs:
         assert one[path]["rounds"] == two[path]["rounds"] > 0
         a, b = load_file(one[path]["memory"]), load_file(two[path]["memory"])
         assert sorted(a) == sorted(b)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _streams(tmp_path, sizes):
+    model_dir = tmp_path / "model"
+    make_model("llama").save_pretrained(model_dir)
+    inputs = []
+    for i, n in enumerate(sizes):
+        f = tmp_path / f"stream{i}.txt"
+        f.write_text(" ".join(map(str, random_ids(n, seed=i))))
+        inputs.append(str(f))
+    return str(model_dir), inputs
+
+
+@pytest.mark.slow
+def test_a_ranks_error_is_the_callers_and_an_interrupt_stops_every_rank(tmp_path, monkeypatch):
+    """An empty input in a rank: the InputError naming it (it was spawn's ProcessRaisedException, a
+    traceback from the CLI). Ctrl-C while the ranks run: they were left absorbing on their own."""
+    import torch.multiprocessing as mp
+
+    model_dir, inputs = _streams(tmp_path, [40, 0, 40])
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=2, compute_dtype="float32")
+    with pytest.raises(InputError, match=r"stream1\.txt: nothing to absorb"):
+        absorb_many_processes(model_dir, inputs[:2], str(tmp_path / "out"), cfg, nproc=2, as_ids=True)
+    assert multiprocessing.active_children() == []
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mp.ProcessContext, "join", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        absorb_many_processes(model_dir, [inputs[0], inputs[2]], str(tmp_path / "o2"), cfg, nproc=2, as_ids=True)
+    assert multiprocessing.active_children() == []
