@@ -2,7 +2,7 @@
 
 Environment (set by benchmarks.run): ABSORBER_BENCH_QUICK=1 for the ~2 minute version,
 ABSORBER_BENCH_THREADS for torch's intra-op threads (default: torch's own), ABSORBER_BENCH_RESULTS
-for where the plot goes (default benchmarks/results, or benchmarks/results/quick).
+for where the plot goes (default benchmarks/results, or runs/benchmarks-quick for quick runs).
 """
 
 import os
@@ -19,7 +19,8 @@ set_threads()
 
 
 def results_path() -> Path:
-    default = Path(__file__).parent / "results" / ("quick" if quick() else "")
+    here = Path(__file__).parent
+    default = here.parent / "runs" / "benchmarks-quick" if quick() else here / "results"
     path = Path(os.environ.get("ABSORBER_BENCH_RESULTS") or default)
     path.mkdir(parents=True, exist_ok=True)
     return path

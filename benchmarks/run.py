@@ -5,7 +5,7 @@
     python -m benchmarks.run --threads 1 --only e2e,kernels
 
 Runs pytest-benchmark over benchmarks/bench_*.py, then writes into the results directory (benchmarks/results,
-or benchmarks/results/quick): pytest-benchmark.json (raw), results.json (every number with machine,
+or for --quick runs/benchmarks-quick, which git ignores: a trial run leaves the tree clean): pytest-benchmark.json (raw), results.json (every number with machine,
 versions and conditions), SUMMARY.md (tables and the goals) and streaming.png.
 """
 
@@ -32,12 +32,13 @@ def main(argv=None) -> int:
                          "(cores minus the 1-minute load average, at least 1): on a shared machine more threads than "
                          "free cores make OpenMP spin and times explode")
     ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
-    ap.add_argument("--results", help="results directory (default benchmarks/results[/quick])")
+    ap.add_argument("--results", help="results directory (default benchmarks/results; --quick: runs/benchmarks-quick)")
     ap.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = ap.parse_args(argv)
 
     here = Path(__file__).resolve().parent
-    results = Path(args.results) if args.results else here / "results" / ("quick" if args.quick else "")
+    results = Path(args.results) if args.results else (here.parent / "runs" / "benchmarks-quick" if args.quick
+                                                        else here / "results")
     results.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ABSORBER_BENCH_RESULTS=str(results), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["ABSORBER_BENCH_QUICK"] = "1" if args.quick else "0"

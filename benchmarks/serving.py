@@ -101,8 +101,14 @@ def run(quick: bool) -> dict:
             "rows": rows}
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
+    import argparse
     import json
-    import sys
 
-    print(json.dumps(run("--quick" in sys.argv), indent=1))
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer turns a session (about a minute)")
+    print(json.dumps(run(ap.parse_args(argv).quick), indent=1))
+
+
+if __name__ == "__main__":
+    main()

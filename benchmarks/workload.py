@@ -824,14 +824,16 @@ def main(argv=None) -> None:
     ap.add_argument("--cuda-graphs", action="store_true", help="also time the engine with cuda_graphs on")
     ap.add_argument("--lean-loop", action="store_true", help="also time a lean loop: the teacher once a round, "
                     "the LM head only where a loss reads logits")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "workload"))
+    ap.add_argument("--out", help="results folder (default benchmarks/results/workload; --quick: "
+                    "runs/workload-quick, which git ignores)")
     args = ap.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         ap.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     set_threads()
     models = ["llama-4l"] if args.quick else args.models.split(",")
-    out = Path(args.out) / ("quick" if args.quick else "")
+    here = Path(__file__).parent
+    out = Path(args.out) if args.out else here.parent / "runs" / "workload-quick" if args.quick else here / "results" / "workload"
     doc = run(models, args.quick, args.reps, out, memory=not args.no_memory, profile=not args.no_profile,
               log=lambda s: print(s, file=sys.stderr, flush=True), workloads=args.workloads.split(","),
               compiled=args.compile_layers, steps=args.steps, device=args.device, torch_backend=args.torch_backend,
