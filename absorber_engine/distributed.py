@@ -134,7 +134,7 @@ def _absorb_rank(rank, world, init_file, model_dir, inputs, out_dir, config_dict
                             rank=rank, world_size=world)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dev = f"cuda:{rank % torch.cuda.device_count()}" if use_cuda else device
+        dev = f"cuda:{rank}" if use_cuda else device
         eng = AbsorberEngine.from_pretrained(model_dir, config=AbsorberConfig.from_dict(config_dict), dtype=dtype,
                                              device=dev)
         reports = absorb_many(eng, inputs, out_dir, as_ids)
@@ -168,6 +168,13 @@ def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, confi
         raise InputError(f"input files not found: {missing}")
     memory_paths(inputs, out_dir)                   # refuse clashing names before starting anything
     nproc = min(nproc, len(inputs))
+    if nproc > 1 and device is not None and str(device).startswith("cuda"):
+        # nccl takes one GPU a rank: rank r runs on cuda:r, so a named GPU or fewer GPUs than ranks
+        # would put two ranks on one device, which nccl refuses mid-way.
+        if str(device) != "cuda":
+            raise InputError(f"device {device!r} names one GPU for {nproc} processes: pass 'cuda' (rank r on cuda:r)")
+        if nproc > torch.cuda.device_count():
+            raise InputError(f"{nproc} processes need {nproc} GPUs; {torch.cuda.device_count()} are visible")
     if nproc == 1:
         eng = AbsorberEngine.from_pretrained(model_dir, config=config, dtype=dtype, device=device)
         return absorb_many(eng, inputs, out_dir, as_ids)

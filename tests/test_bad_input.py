@@ -118,6 +118,16 @@ def test_a_closed_engine_opens_no_session_and_absorb_many_needs_inputs(tmp_path)
         eng.session("new")
     with pytest.raises(InputError, match="no input files"):
         absorb_many_processes(str(tmp_path), [], str(tmp_path / "out"), AbsorberConfig(**CFG))
+    inputs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for path in inputs:
+        path.write_text("1 2 3")
+    # nccl takes a GPU a rank: two ranks on one GPU failed only once both had loaded the model.
+    for device, why in (("cuda:1", "names one GPU for 2 processes"), ("cuda", "2 processes need 2 GPUs")):
+        if why.startswith("2 processes") and torch.cuda.device_count() >= 2:
+            continue
+        with pytest.raises(InputError, match=why):
+            absorb_many_processes(str(tmp_path), list(map(str, inputs)), str(tmp_path / "out"), AbsorberConfig(**CFG),
+                                  nproc=2, device=device)
 
 
 CONFIG_CASES = [
