@@ -7,7 +7,10 @@ same process, variants alternating (best of `--repeats`):
   bytes over the time;
 - the student's attention at SmolLM2's heads (9 query, 3 key/value heads of 64), bf16 and fp32:
   torch's sdpa forward + backward against absorber_kernels/cpu_attention.py, at the row shapes a
-  round trains on and a longer one (where fp32 keeps sdpa: cpu_attention.MAX_TOKENS).
+  round trains on and a longer one (where fp32 keeps sdpa: cpu_attention.MAX_TOKENS);
+- the sampler: a decode step's next tokens from bf16 logits at the random Llama's and SmolLM2's
+  vocabularies, absorber_engine.sampling.sample_next against what generate() runs (softmax, then
+  torch.multinomial), from generators seeded alike: the same ids, checked.
 
     python -m benchmarks.cpu_products [--repeats 5] [--out DIR]
 
@@ -98,7 +101,34 @@ def attention(repeats: int) -> list[dict]:
     return out
 
 
-def report(lin: list[dict], att: list[dict]) -> str:
+def sampler(repeats: int, calls: int = 50) -> list[dict]:
+    from absorber_engine.sampling import sample_next
+
+    def generate_draw(logits, gen):
+        return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=gen)[:, 0]
+
+    out = []
+    for vocab in (32000, V):
+        for rows in (1, 4):
+            logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 3).bfloat16()
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                impls = {"engine": lambda g: sample_next(logits, 1.0, 1.0, g), "generate": lambda g: generate_draw(logits, g)}
+                best = {name: float("inf") for name in impls}
+                ids = {}
+                for _ in range(repeats):
+                    for name, fn in impls.items():
+                        gen = torch.Generator().manual_seed(1)
+                        start = time.perf_counter()
+                        ids[name] = torch.stack([fn(gen) for _ in range(calls)])
+                        best[name] = min(best[name], (time.perf_counter() - start) / calls)
+                out.append(dict(vocab=vocab, rows=rows, threads=threads, engine_ms=1e3 * best["engine"],
+                                generate_ms=1e3 * best["generate"], speedup=best["generate"] / best["engine"],
+                                same_ids=bool(torch.equal(ids["engine"], ids["generate"]))))
+    return out
+
+
+def report(lin: list[dict], att: list[dict], samp: list[dict]) -> str:
     lines = ["Decode-step products: SmolLM2-135M's 211 matrices, one product each", "",
              "| dtype | rows | threads | F.linear ms (GB/s) | packed ms (GB/s) | speed-up | max abs err vs float64 |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -112,6 +142,11 @@ def report(lin: list[dict], att: list[dict]) -> str:
     lines += [f"| {r['dtype']} | {r['rows']} x {r['tokens']} | {r['threads']} | {r['sdpa_fwd_ms']:.2f} + {r['sdpa_bwd_ms']:.2f} | "
               f"{r['cpu_attention_fwd_ms']:.2f} + {r['cpu_attention_bwd_ms']:.2f} | **{r['speedup']:.2f}x**"
               f"{'' if r['engine_takes'] else ' (sdpa kept)'} |" for r in att]
+    lines += ["", "The sampler: next tokens from bf16 logits, temperature 1 (ms a call)", "",
+              "| vocabulary | rows | threads | softmax + torch.multinomial | sample_next | speed-up | same ids |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['vocab']:,} | {r['rows']} | {r['threads']} | {r['generate_ms']:.3f} | {r['engine_ms']:.3f} | "
+              f"**{r['speedup']:.2f}x** | {'yes' if r['same_ids'] else 'NO'} |" for r in samp]
     return "\n".join(lines) + "\n"
 
 
@@ -121,12 +156,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M")
-    lin, att = linears(args.repeats), attention(args.repeats)
+    lin, att, samp = linears(args.repeats), attention(args.repeats), sampler(args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(dict(started=started, machine=machine(), versions=versions(),
-                                                           linears=lin, attention=att), indent=1))
-    (args.out / "RESULTS.md").write_text(report(lin, att))
-    print(report(lin, att))
+                                                           linears=lin, attention=att, sampler=samp), indent=1))
+    (args.out / "RESULTS.md").write_text(report(lin, att, samp))
+    print(report(lin, att, samp))
     return 0
 
 
