@@ -31,7 +31,9 @@ try:
 except ImportError:                     # pragma: no cover - a build without the extension: torch's own draw
     _twister = None
 # One draw at a time: a generator's state is read, advanced and written back, which two threads
-# drawing from it at once would otherwise both start from.
+# drawing from it at once would otherwise both start from. Draws made from the same generator by
+# other code (torch.rand in another thread) during a draw are overwritten: a sampling generator
+# is the sampler's alone, as the engine's are (one per round and request).
 _LOCK = threading.Lock()
 _exact: bool | None = None              # whether this torch samples as multinomial_from does
 
@@ -70,11 +72,13 @@ def multinomial_one(probs: torch.Tensor, generator: torch.Generator | None = Non
     `probs` as sample_next makes them (finite, non-negative, mass in every row): unlike torch, the
     C++ path does not check them."""
     gen = generator if generator is not None else torch.default_generator
-    if (probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or probs.shape[1] == 0
-            or gen.device.type != "cpu" or not _matches_torch()):
+    # torch fills its q in probs' memory order: a transposed probs pairs tokens with other draws
+    # than a contiguous one would; no rows advance nothing. Both are torch's.
+    if (probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or 0 in probs.shape
+            or not probs.is_contiguous() or gen.device.type != "cpu" or not _matches_torch()):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     with _LOCK:
-        return _draw(probs.detach().contiguous(), gen)
+        return _draw(probs.detach(), gen)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -36,6 +36,16 @@ def test_rows_of_one_value_and_of_one_token_are_torchs():
         assert torch.equal(sampling._draw(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0])
 
 
+def test_transposed_probabilities_and_no_rows_are_torchs():
+    """torch fills q in probs' memory order, so a transposed probs pairs tokens with other draws;
+    a (0, V) draw leaves the generator's bytes as they were."""
+    probs = torch.softmax(torch.randn(40, 4, generator=torch.Generator().manual_seed(3)), 0).t()
+    for rows in (probs, torch.empty(0, 7)):
+        ours, theirs = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        assert torch.equal(sampling.multinomial_one(rows, ours), torch.multinomial(rows, 1, generator=theirs)[:, 0])
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
 def test_the_draw_refuses_what_it_cannot_read():
     key = torch.zeros(624, dtype=torch.int32).numpy().view("uint32")
     ids = torch.empty(2, dtype=torch.long).numpy()
