@@ -2,9 +2,11 @@
 only one of them answered, and the exact McNemar p-value of that split (two-sided binomial test on
 the discordant pairs), the test behind every "p = ..." of the recall tables (docs/recall.md).
 
-    python -m evals.compare RUN_A RUN_B [--method absorber] [--method-b ttt]
+    python -m evals.compare RUN_A RUN_B [--method absorber] [--method-b ttt] [--in-window]
 
-RUN_A and RUN_B are result directories of `absorber eval --tasks facts` (their results.json).
+RUN_A and RUN_B are result directories of `absorber eval --tasks facts` (their results.json). A
+stream's questions still in its raw window are left out, as the accuracy tables leave them out,
+unless --in-window. Runs are paired only if they asked the same questions with the same answers.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ def exact_mcnemar(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
 
 
-def verdicts(run: Path, method: str) -> dict[tuple, bool]:
+def verdicts(run: Path, method: str, in_window: bool = False) -> dict[tuple, tuple]:
+    """(doc, question) -> (answer, correct) of `method`'s rows; with in_window, the questions about
+    a stream's documents still in the raw window too."""
     doc = json.loads((run / "results.json").read_text())
-    out = {(r["doc"], r["question"]): bool(r["correct"]) for r in doc["rows"] if r["method"] == method}
+    out = {(r["doc"], r["question"]): (r.get("answer"), bool(r["correct"])) for r in doc["rows"]
+           if r["method"] == method and (in_window or not r.get("in_window"))}
     if not out:
         raise SystemExit(f"{run}: no rows of method {method!r}")
     return out
@@ -35,10 +40,14 @@ def verdicts(run: Path, method: str) -> dict[tuple, bool]:
 def compare(a: dict, b: dict) -> dict:
     if set(a) != set(b):
         raise SystemExit(f"the runs asked different questions ({len(set(a) ^ set(b))} differ): not paired")
-    only_a = sum(a[k] and not b[k] for k in a)
-    only_b = sum(b[k] and not a[k] for k in a)
-    return dict(asked=len(a), correct_a=sum(a.values()), correct_b=sum(b.values()), only_a=only_a, only_b=only_b,
-                p=exact_mcnemar(only_a, only_b))
+    # The same question of other documents (another seed) has other answers: nothing to pair.
+    differ = sum(a[k][0] != b[k][0] for k in a)
+    if differ:
+        raise SystemExit(f"the runs expect different answers to {differ} of their questions: not paired")
+    only_a = sum(a[k][1] and not b[k][1] for k in a)
+    only_b = sum(b[k][1] and not a[k][1] for k in a)
+    return dict(asked=len(a), correct_a=sum(v[1] for v in a.values()), correct_b=sum(v[1] for v in b.values()),
+                only_a=only_a, only_b=only_b, p=exact_mcnemar(only_a, only_b))
 
 
 def main(argv=None) -> int:
@@ -47,8 +56,11 @@ def main(argv=None) -> int:
     ap.add_argument("run_b", type=Path)
     ap.add_argument("--method", default="absorber", help="the method read from RUN_A (and RUN_B unless --method-b)")
     ap.add_argument("--method-b", help="the method read from RUN_B")
+    ap.add_argument("--in-window", action="store_true",
+                    help="pair a stream's questions still in the raw window too (the tables leave them out)")
     args = ap.parse_args(argv)
-    r = compare(verdicts(args.run_a, args.method), verdicts(args.run_b, args.method_b or args.method))
+    r = compare(verdicts(args.run_a, args.method, args.in_window),
+                verdicts(args.run_b, args.method_b or args.method, args.in_window))
     print(f"{r['correct_a']}/{r['asked']} against {r['correct_b']}/{r['asked']}: {r['only_a']} only in A, "
           f"{r['only_b']} only in B, exact McNemar p = {r['p']:.3g}")
     return 0

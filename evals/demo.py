@@ -29,6 +29,7 @@ from absorber_engine import AbsorberEngine
 from absorber_engine.model_store import NAMED_MODELS
 
 from .evaluate import FUTURE_PROMPT, engine_config, trained_context
+from .facts import make_document, score
 from .methods import WindowMethod, kv_bytes
 from .tasks import make_example
 
@@ -39,6 +40,13 @@ def build_document(tok, ctx: int, multiple: int, seed: int):
     haystack = make_example("passkey", ctx * (multiple - 1), tok, seed=seed)
     questions = [(records.query, records.answers)] + list(records.more) + [(haystack.query, haystack.answers)]
     return records.context + haystack.context, questions
+
+
+def correct(replies: list[str], truths: list[str]) -> int:
+    """How many replies state their own truth as the recall evaluation scores one (facts.score): a
+    whole word of the first sentence, with no other question's truth beside it. A substring test
+    took the wrong 123456 for the pass key 12345."""
+    return sum(score(reply, truth, truths) for reply, truth in zip(replies, truths))
 
 
 def main(argv=None) -> int:
@@ -87,7 +95,7 @@ def main(argv=None) -> int:
 
     baseline = WindowMethod("window", eng.runner.model, tok, window=cfg.window_tokens)
     print(f"\nQuestions about the document (the window baseline keeps the last {cfg.window_tokens} tokens):")
-    rows, right = [], {"absorber": 0, "window": 0}
+    rows = []
     for query, answers in questions:
         q = tok.encode(query, add_special_tokens=False)
         n_new = len(tok.encode(" " + ", ".join(answers), add_special_tokens=False)) + 2
@@ -95,10 +103,9 @@ def main(argv=None) -> int:
         # The baseline reads the raw tail of the document with the model alone (memory detached).
         with eng.detached():
             theirs = baseline.run(ids, q, [], n_new).generated.strip().split("\n")[0]
-        truth = ", ".join(answers)
-        right["absorber"] += truth in ours
-        right["window"] += truth in theirs
-        rows.append((query.strip().split("\n")[-1][-48:], truth, ours, theirs))
+        rows.append((query.strip().split("\n")[-1][-48:], ", ".join(answers), ours, theirs))
+    truths = [r[1] for r in rows]
+    right = {"absorber": correct([r[2] for r in rows], truths), "window": correct([r[3] for r in rows], truths)}
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     print(f"{'question':<{w[0]}} | {'truth':<{w[1]}} | {'absorber':<{w[2]}} | window baseline")
     for r in rows:
@@ -118,7 +125,6 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
     the prompt (what the model does when it keeps everything)."""
     from absorber_engine.model_store import recommended_config, resolve
 
-    from .facts import make_document, score
     from .recall_eval import chat_ids
 
     path = resolve(model)
@@ -175,7 +181,7 @@ def chat_demo(model: str, multiple: int, seed: int, quiet: bool) -> int:
             replies["full"] = bare_answer(bare, ids, prompt)
         print(f"Q: {q}\n   truth: {a}")
         for name, reply in replies.items():
-            right[name] += score(reply, a)
+            right[name] += score(reply, a, opening.answers)
             print(f"   {name + ':':<8} {reply[:90]!r}")
     n = len(opening.questions)
     print(f"\ncorrect: memory {right['memory']}/{n}, memory recited {right['recited']}/{n}, window baseline "

@@ -6,7 +6,12 @@
 Lengths are multiples of the model's trained context. For each cell: accuracy (retrieval tasks,
 greedy decoding) or LM loss (doc_lm), the bytes the method holds when it answers (KV, plus the
 delta for engine methods), the time spent absorbing, and generation latency per token. Writes
-RESULTS.md (tables), results.json (every example) and two plots to the output directory.
+RESULTS.md (tables), results.json (every example) and two plots to the output directory. A cell a
+method did not run every example of (full, where the context does not fit the model's positions)
+is n/a: a mean over fewer examples than the other methods' would not compare with theirs.
+
+Example i of a run uses seed + i: runs whose seed ranges overlap share examples (seeds 0 and 1 with
+10 examples each share 9 of them).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from absorber_engine.config import PAPER_OBJECTIVE
 from absorber_engine.cli import default_model
 from absorber_engine.model_store import NAMED_MODELS
 
+from .jsonio import write_json
 from .methods import EngineMethod, WindowMethod
 from .tasks import RETRIEVAL_TASKS, TASKS, answer_text, make_example, score
 
@@ -127,7 +133,7 @@ def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | Non
             bar.set_postfix_str(f"{task} {mult}x {m.name}")
             row = {"task": task, "multiple": mult, "tokens": len(context) + len(query) + len(target),
                    "example": i, "method": m.name}
-            if not m.fits(row["tokens"]):
+            if not m.fits(row["tokens"], 0 if target else max_new):
                 row["skipped"] = "does not fit"
             else:
                 o = m.run(context, query, target, max_new)
@@ -142,7 +148,7 @@ def run(model_dir: str, methods, tasks, multiples, examples: int, ctx: int | Non
               "examples_per_cell": examples, "seed": seed, "methods": list(methods), "flush": flush,
               "engine_config": engine_config(ctx).to_dict(), "steps": steps, "machine": _machine(), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "results.json", result)
     (out / "RESULTS.md").write_text(render(result))
     plot(result, out)
     return result
@@ -159,8 +165,13 @@ def _warm_up(methods, tok, ctx: int, task: str) -> None:
 
 
 def _cell(rows, method, mult, key, tasks=None):
-    vals = [r[key] for r in rows if r["method"] == method and r["multiple"] == mult and key in r
-            and (tasks is None or r["task"] in tasks) and not (isinstance(r[key], float) and math.isnan(r[key]))]
+    """The method's mean of `key` over the cell; None where it skipped an example of the cell, so
+    that no mean is over another subset of examples than the other methods'."""
+    mine = [r for r in rows
+            if r["method"] == method and r["multiple"] == mult and (tasks is None or r["task"] in tasks)]
+    if any("skipped" in r for r in mine):
+        return None
+    vals = [r[key] for r in mine if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))]
     return statistics.fmean(vals) if vals else None
 
 
@@ -183,7 +194,8 @@ def render(result: dict) -> str:
            f"`{json.dumps({k: result['engine_config'][k] for k in ('chunk_tokens', 'sync_tokens', 'rank', 'max_steps', 'lr')})}`"
            f"{f', every engine method at {steps} steps a round' if (steps := result.get('steps')) else ''}."
            f" Machine: {result['machine']['cpu']} ({result['machine']['threads']} threads), torch "
-           f"{result['machine']['torch']}.\n\n"]
+           f"{result['machine']['torch']}. n/a: the method skipped examples of the cell (they do not fit its "
+           f"positions) or has no such value.\n\n"]
     if retrieval:
         out.append(table(f"Accuracy, mean over {', '.join(retrieval)}", "score", lambda v: f"{100 * v:.1f}%", retrieval))
         for t in retrieval:
@@ -254,7 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {','.join(ALL_METHODS)}")
     ap.add_argument("--examples", type=int, default=10, help="examples per task and length")
     ap.add_argument("--context", type=int, default=None, help="trained context (default: from the model config)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the generated examples")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the generated examples: example i uses seed + i, so runs whose seed ranges "
+                         "overlap share examples")
     ap.add_argument("--out", default=str(HERE / "results" / "eval"), help="output directory")
     ap.add_argument("--quick", action="store_true", help="a reduced run that finishes in minutes")
     ap.add_argument("--flush", action="store_true",
@@ -287,6 +301,8 @@ def main(argv=None) -> int:
         ap.error("--steps must be at least 1")
     if args.context is not None and args.context < 32:
         ap.error(f"--context must be at least 32 tokens, got {args.context}")
+    print(f"warning: example i uses seed + i (seeds {args.seed}-{args.seed + examples - 1} here): runs whose seed "
+          "ranges overlap share examples", file=sys.stderr)
     result = run(args.model, methods, tasks, mults, examples, args.context, args.seed, out, quiet=args.quiet,
                  flush=args.flush, steps=args.steps)
     print(render(result))

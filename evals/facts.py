@@ -8,7 +8,11 @@ cannot know it: no-context accuracy is ~0. The question never repeats the statem
 "The spare key is kept with Orlena Vask." is asked as "Who holds the spare key?".
 
 Scoring (`score`): the answer must appear as a whole word in the first sentence of the model's
-reply, case-insensitive.
+reply, case-insensitive, and no other answer of the same document may (a reply that names two of
+them has not told which one is asked).
+Draws that would make a question ambiguous are redrawn: an answer that shares a whole word with
+another answer of its document or with its place, and a place already given to an earlier document
+of the seed. Only a draw that collides is redrawn, so every other document is as it always was.
 Everything depends only on (seed, index): the same seed gives the same documents on any machine.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 GENRES = ("note", "memo", "log", "rules", "recipe", "itinerary")
@@ -34,6 +39,32 @@ def _name(rng):
 
 def _place(rng):
     return _word(rng, 3)
+
+
+def _names(text: str, word: str) -> bool:
+    """`word` as a whole word of `text`, case-insensitive: how score() finds an answer."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def _clashes(word: str, taken) -> bool:
+    """Either of `word` and one of `taken` names the other: score() could not tell them apart."""
+    return any(_names(word, t) or _names(t, word) for t in taken)
+
+
+_PLACES: dict[int, list[str]] = {}
+
+
+def _place_name(seed: int, index: int) -> str:
+    """Document `index`'s place: none of the seed's earlier documents has it, since a stream's
+    questions tell its documents apart by their place alone."""
+    places = _PLACES.setdefault(seed, [])
+    while len(places) <= index:
+        rng = random.Random(f"facts/{seed}/{len(places)}/place")
+        where = _word(rng, 3)
+        while _clashes(where, places):
+            where = _word(rng, 3)
+        places.append(where)
+    return places[index]
 
 
 def _number(rng):
@@ -93,15 +124,16 @@ def make_document(seed: int, index: int, facts: int = 4, filler_lines: int = 4,
     every question ("At Dunomvy, the code for the storage room is 9007." / "At Dunomvy, what number
     opens the storage room?"). Streams need it: documents of a stream share fact kinds, and a
     question must say which document it asks about. The place is drawn apart from the facts, so a
-    document's facts are the same with or without it."""
+    document's facts are the same with or without it, but for an answer that would share a word
+    with the place (a question that names its answer), redrawn."""
     rng = random.Random(f"facts/{seed}/{index}")
-    where = _word(random.Random(f"facts/{seed}/{index}/place"), 3) if place else None
+    where = _place_name(seed, index) if place else None
     genre = GENRES[index % len(GENRES)]
     chosen = rng.sample(_FACTS, facts)
     answers, statements, questions = [], [], []
     for make, statement, question in chosen:
         a = make(rng)
-        while a in answers:
+        while _clashes(a, answers + ([where] if where else [])):
             a = make(rng)
         answers.append(a)
         names_first = statement.startswith("{a}")            # a name keeps its capital
@@ -119,9 +151,13 @@ def make_document(seed: int, index: int, facts: int = 4, filler_lines: int = 4,
     return FactDocument(genre, text, questions, answers)
 
 
-def score(reply: str, answer: str) -> bool:
+def score(reply: str, answer: str, others: Sequence[str] = ()) -> bool:
     """The answer as a whole word of the reply's first sentence, case-insensitive. Only the first
     sentence: a model that recites a memorized document after its answer must not get credit for a
-    fact it happened to name further on."""
+    fact it happened to name further on. `others`, the other answers of the document (the answer
+    itself may be among them): a first sentence that names one of them too is wrong, as it has
+    not said which is asked; one that is part of the answer ("Quamir" of "Quamir Ilomir") is named
+    with it and does not count."""
     first = re.split(r"(?<=[.!?])\s|\n", reply.strip(), maxsplit=1)[0]
-    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", first, flags=re.IGNORECASE) is not None
+    rivals = [o for o in others if not _names(answer, o)]
+    return _names(first, answer) and not any(_names(first, o) for o in rivals)

@@ -46,8 +46,10 @@ class WindowMethod:
         bos = model.config.bos_token_id
         self.prefix = [bos] if isinstance(bos, int) else []
 
-    def fits(self, n_tokens: int) -> bool:
-        return self.window is not None or self.max_positions is None or n_tokens <= self.max_positions
+    def fits(self, n_tokens: int, new_tokens: int) -> bool:
+        """Whether the BOS, `n_tokens` read and `new_tokens` generated all have positions."""
+        held = len(self.prefix) + n_tokens + new_tokens
+        return self.window is not None or self.max_positions is None or held <= self.max_positions
 
     def _keep(self, ids: list[int]) -> list[int]:
         """BOS, then what the method keeps of `ids` (the BOS counts as one of the sinks)."""
@@ -86,7 +88,7 @@ class EngineMethod:
         self.engine = AbsorberEngine.from_pretrained(model_dir, config=config)
         self.tok = self.engine.tokenizer
 
-    def fits(self, n_tokens: int) -> bool:
+    def fits(self, n_tokens: int, new_tokens: int) -> bool:
         return True
 
     def run(self, context: list[int], query: list[int], target: list[int], max_new_tokens: int) -> Outcome:

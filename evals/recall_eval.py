@@ -33,6 +33,7 @@ from absorber_engine.model_store import resolve
 from absorber_engine.round_cuts import kv_bytes
 
 from .facts import FactDocument, make_document, score
+from .jsonio import write_json
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("none", "full", "ttt", "absorber")
@@ -115,7 +116,7 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
                 start = time.perf_counter()
                 reply = tok.decode(eng.generate(chat_ids(tok, messages), max_new_tokens=24, stop=["<|im_end|>"]))
                 rows.append({"method": name, "doc": i, "genre": d.genre, "question": q, "answer": a,
-                             "reply": reply, "correct": score(reply, a), "absorb_seconds": absorb_s,
+                             "reply": reply, "correct": score(reply, a, d.answers), "absorb_seconds": absorb_s,
                              "seconds": time.perf_counter() - start, "tokens": len(doc), "rounds": rounds})
                 absorb_s = 0.0
             if not quiet:
@@ -157,11 +158,8 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
             ends.append(len(stream))
             absorbed_at.append(None)
             if absorbs:
-                eng.absorb(ids, flush=flush_each)
+                absorb_labelled(eng, ids, ends, absorbed_at, flush_each)
                 curve.append(eng.held_bytes()["delta"] + kv_bytes(config, eng.held_tokens, eng.runner.dtype))
-                for j, e in enumerate(ends):       # the round that absorbed a document's last token
-                    if absorbed_at[j] is None and eng.absorbed_tokens >= e:
-                        absorbed_at[j] = eng.default.rounds
         seconds = time.perf_counter() - start
         # What the engine's scheduler absorbs after each document, replayed without a model.
         absorbed = ends if flush_each else absorbed_per_document(eng, texts, tok)
@@ -199,7 +197,7 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
                         reply = eng.generate(kept + chat_ids(tok, msgs), max_new_tokens=24, stop=["<|im_end|>"])
                     reply = tok.decode(reply)
                     rows.append({"method": label, "doc": j, "rounds_ago": ago, "question": q, "answer": a,
-                                 "reply": reply, "correct": score(reply, a), "in_window": in_window,
+                                 "reply": reply, "correct": score(reply, a, d.answers), "in_window": in_window,
                                  "seconds": time.perf_counter() - start})
         got = [r for r in rows if r["method"] == name and not r["in_window"]]
         if got:
@@ -213,6 +211,18 @@ def run_stream(model: str, methods, docs: int, seed: int, overrides: dict, quiet
     return {"model": model, "docs": docs, "seed": seed, "stream": True,
             "configs": {k: v.to_dict() for k, v in configs.items()}, "summary": summarize(rows, methods, docs),
             "rows": rows, "held_curve": held_curve}
+
+
+def absorb_labelled(eng, ids: list[int], ends: list[int], absorbed_at: list, flush: bool) -> None:
+    """Absorbs one document of the stream; absorbed_at[j] becomes the number of the round that
+    absorbed document j's last token (ends[j]). Read after every round, not after the call: one call
+    can run several rounds, and a document the first of them finished is that round's."""
+    def label(_tokens):
+        for j, e in enumerate(ends):
+            if absorbed_at[j] is None and eng.absorbed_tokens >= e:
+                absorbed_at[j] = eng.default.rounds
+
+    eng.absorb(ids, flush=flush, progress=label)
 
 
 def absorbed_after(eng, texts, tok) -> int:
@@ -234,21 +244,31 @@ def absorbed_per_document(eng, texts, tok) -> list[int]:
     return out
 
 
+def document_answers(rows: list[dict]) -> dict:
+    """Every answer the rows ask of each document (their "doc"): the `others` score() reads. Every
+    method of a run asks about the same documents, and of each document it asks all or nothing."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r.get("doc"), {})[r["answer"]] = None
+    return {doc: list(answers) for doc, answers in out.items()}
+
+
 def summarize(rows: list[dict], methods, docs: int) -> dict:
     """Accuracy per method with its 95% interval, scored again from the stored replies (so a saved
     result can be re-read under the current scorer: --rescore). Streams add accuracy by how many
     rounds ago the document was absorbed. A label asked again of the same memory ("absorber-recite",
     "ttt-no-window") shows its method's absorption; seconds_per_question is the mean time of a
-    question (routing, recital and answer), where the run recorded it."""
-    summary = {}
+    question (routing, recital and answer), where the run recorded it. A method with nothing to
+    count (n = 0) has accuracy and interval None."""
+    summary, others = {}, document_answers(rows)
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
         for r in mine:
-            r["correct"] = score(r["reply"], r["answer"])
+            r["correct"] = score(r["reply"], r["answer"], others[r.get("doc")])
         got = [r for r in mine if not r.get("in_window")]
         hits = sum(r["correct"] for r in got)
-        summary[name] = {"accuracy": hits / max(len(got), 1), "hits": hits, "n": len(got),
-                         "ci95": list(wilson(hits, len(got))),
+        summary[name] = {"accuracy": hits / len(got) if got else None, "hits": hits, "n": len(got),
+                         "ci95": list(wilson(hits, len(got))) if got else None,
                          "absorb_seconds_per_doc": sum(r.get("absorb_seconds", 0.0) for r in got) / max(docs, 1)}
         base = name.split("-")[0]
         if base != name and base in summary:
@@ -286,8 +306,10 @@ def render(result: dict) -> str:
                           + (f", {min(r['rounds'] for r in absorbed)}-{max(r['rounds'] for r in absorbed)} rounds)"
                              if absorbed else ")")]
     for name, v in s.items():
-        lo, hi = v["ci95"]
-        lines.append(f"| {name} | {v['accuracy']:.1%} | {lo:.1%} - {hi:.1%} | {v['hits']} / {v['n']} | "
+        accuracy, ci = "n/a", "n/a"                 # nothing asked: no accuracy, rather than 0%
+        if v["accuracy"] is not None:
+            accuracy, ci = f"{v['accuracy']:.1%}", "{:.1%} - {:.1%}".format(*v["ci95"])
+        lines.append(f"| {name} | {accuracy} | {ci} | {v['hits']} / {v['n']} | "
                      f"{v['absorb_seconds_per_doc']:.1f} | {_seconds(v.get('seconds_per_question'))} |")
     for name, v in s.items():
         if "by_rounds_ago" in v:
@@ -298,7 +320,7 @@ def render(result: dict) -> str:
                          f"{v['in_window'][0]}/{v['in_window'][1]}")
         if "held_delta_mib" in v:
             lines.append(f"\n{name} memory held after the stream: {v['held_delta_mib']:.2f} MiB of deltas")
-    if "full" in s and "absorber" in s and s["full"]["accuracy"] > 0:
+    if "full" in s and "absorber" in s and s["full"]["accuracy"] and s["absorber"]["accuracy"] is not None:
         lines += ["", f"absorber / full: {s['absorber']['accuracy'] / s['full']['accuracy']:.2f}"]
     return "\n".join(lines) + "\n"
 
@@ -349,7 +371,7 @@ def main(argv=None) -> int:
                      join=args.join)
     out = Path(args.out) if args.out else HERE / "results" / "recall" / Path(str(args.model)).name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "results.json", result)
     (out / "RESULTS.md").write_text(render(result))
     print(render(result))
     from .recall_plots import plot_stream

@@ -9,7 +9,6 @@ Row i of the matrix: correct answers (of 4) per document after round i. Writes J
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -17,6 +16,7 @@ from absorber_engine import AbsorberEngine
 from absorber_engine.model_store import resolve
 
 from .facts import make_document, score
+from .jsonio import write_json
 from .recall_eval import _configs, chat_ids, checked_args
 
 
@@ -34,7 +34,7 @@ def recall_matrix(model: str, docs: int, seed: int, method: str, overrides: dict
             for q, a in zip(texts[j].questions, texts[j].answers):
                 reply = tok.decode(eng.generate(chat_ids(tok, [{"role": "user", "content": q}]), max_new_tokens=24,
                                                 stop=["<|im_end|>"]))
-                hits += score(reply, a)
+                hits += score(reply, a, texts[j].answers)
                 rows.append({"after": i, "doc": j, "question": q, "answer": a, "reply": reply})
             line.append(hits)
         matrix.append(line)
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     print(f"all rounds {result['all_rounds']} / {2 * args.docs * (args.docs + 1)}, "
           f"after the last round {result['last_round']} / {4 * args.docs}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return 0
 
 

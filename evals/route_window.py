@@ -7,7 +7,9 @@ newest delta, as first tried, or the base model, as route() does).
 
     python -m evals.route_window --docs 24 --seed 17 --memory mem17.safetensors --out DIR
 
---memory: a memory file of that stream, absorbed and written there first when it does not exist.
+--memory: a memory file of that stream, absorbed and written there first when it does not exist,
+with `<memory>.stream.json` beside it naming the stream (seed, documents, a hash of its tokens); a
+memory whose record is missing or names another stream is refused.
 Writes rows.json (per question: gains, the four replies, each scored) and RESULTS.md (the four
 ways, and the choice at several margins of the window's gain over the best delta's, per reader).
 """
@@ -15,6 +17,7 @@ ways, and the choice at several margins of the window's gain over the best delta
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,23 +31,51 @@ from absorber_engine.routing import route_gains, zero_delta
 from absorber_engine.model_store import recommended_config, resolve
 
 from .facts import make_document, score
+from .jsonio import write_json
 from .recall_eval import chat_ids, checked_args
 
 MARGINS = (1.0, 1.25, 1.4, 1.5, 2.0)
 
 
+class StreamMismatch(Exception):
+    """A memory file that cannot be shown to hold the stream asked about."""
+
+
+def stream_record(seed: int, docs: int, ids: list[list[int]]) -> dict:
+    """What names a stream: its seed, documents and tokens (the tokenizer's ids, hashed)."""
+    tokens = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return {"seed": seed, "docs": docs, "tokens_sha256": tokens}
+
+
+def check_memory(memory: str, record: dict) -> None:
+    """Refuses a memory whose record beside it is missing or names another stream: its questions
+    would be asked of documents it never absorbed, and in_window read from the wrong stream."""
+    try:
+        with open(f"{memory}.stream.json") as f:
+            found = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise StreamMismatch(f"--memory {memory}: no readable record of its stream ({exc}); "
+                             "remove the memory to absorb the stream again") from None
+    if found != record:
+        raise StreamMismatch(f"--memory {memory} holds the stream {found}, not the one asked for {record}")
+
+
 def stream_engine(model: str, docs: int, seed: int, memory: str) -> tuple[AbsorberEngine, list[int]]:
-    """The engine holding the stream (from `memory`, or absorbed and saved there), and each document's end."""
+    """The engine holding the stream (from `memory`, or absorbed and saved there with the record of
+    its stream beside it), and each document's end."""
     path = resolve(model)
     eng = AbsorberEngine.from_pretrained(path, config=recommended_config(path))
     ids = [eng.tokenizer.encode(make_document(seed, i, place=True).text + "\n", add_special_tokens=False)
            for i in range(docs)]
+    record = stream_record(seed, docs, ids)
     if os.path.exists(memory):
+        check_memory(memory, record)
         eng.load_memory(memory)
     else:
         for d in ids:
             eng.absorb(d)
         eng.save_memory(memory)
+        write_json(f"{memory}.stream.json", record)
     ends = torch.tensor([len(d) for d in ids]).cumsum(0).tolist()
     return eng, ends
 
@@ -75,7 +106,7 @@ def answer_four_ways(eng: AbsorberEngine, docs: int, seed: int, ends: list[int])
             rows.append({"doc": j, "in_window": ends[j] > eng.absorbed_tokens, "question": q, "answer": a,
                          "routed": k, "gain_best_delta": float(gains[k]),
                          "gain_window": {name: g for name, (_, g) in scores.items()},
-                         "replies": replies, "correct": {w: score(t, a) for w, t in replies.items()}})
+                         "replies": replies, "correct": {w: score(t, a, d.answers) for w, t in replies.items()}})
     return rows
 
 
@@ -109,11 +140,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     checked_args(ap, args)
-    eng, ends = stream_engine(args.model, args.docs, args.seed, args.memory)
+    try:
+        eng, ends = stream_engine(args.model, args.docs, args.seed, args.memory)
+    except StreamMismatch as exc:
+        ap.error(str(exc))
     rows = answer_four_ways(eng, args.docs, args.seed, ends)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(out / "rows.json", rows)
     (out / "RESULTS.md").write_text(render(rows, args.seed))
     print(render(rows, args.seed))
     return 0

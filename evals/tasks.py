@@ -356,6 +356,16 @@ _FACTS = (
 )
 
 
+def _variable(rng: random.Random, taken: set[str]) -> str:
+    """A variable no earlier fact of the document set: one set twice makes its references ambiguous.
+    Only a taken name is drawn again, so documents without one are as they always were."""
+    while True:
+        name = f"{rng.choice('abcdkmnpqxyz')}{rng.randrange(10)}"
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
 def _doc_lm(n_tokens: int, count, seed: int):
     rng = _rng("doc_lm", seed, "facts")
     filler = _Filler(lambda i, r=_rng("doc_lm", seed, "filler"): _essay_sentence(r))
@@ -364,12 +374,14 @@ def _doc_lm(n_tokens: int, count, seed: int):
     people = rng.sample(NAMES, n_facts)
     facts: list[tuple[str, str, str]] = []  # (statement, reference, value)
     values: set[str] = set()
+    variables: set[str] = set()
     for j in range(n_facts):
         kind = rng.choice(_FACTS)
         if kind[2] == "item":
             subj, item, value = people[j], rng.choice(ITEMS), _number(rng, 4, values)
         elif kind[2] == "var":
-            subj, item, value = f"{rng.choice('abcdkmnpqxyz')}{rng.randrange(10)}", "", _number(rng, rng.choice((2, 3)), values)
+            subj, item = _variable(rng, variables), ""
+            value = _number(rng, rng.choice((2, 3)), values)
         else:
             subj, item, value = people[j], "", rng.choice(CITIES)
         facts.append((kind[0].format(s=subj, i=item, v=value), kind[1].format(s=subj, i=item, v=value), value))

@@ -14,8 +14,9 @@ def test_exact_mcnemar_is_the_two_sided_binomial_on_discordant_pairs():
     assert exact_mcnemar(0, 0) == 1.0 and exact_mcnemar(2, 2) == 1.0
 
 
-def _run(tmp_path, name, correct, method="absorber"):
-    rows = [dict(method=method, doc=i // 2, question=f"q{i}", correct=c) for i, c in enumerate(correct)]
+def _run(tmp_path, name, correct, method="absorber", in_window=(), answers=None):
+    rows = [dict(method=method, doc=i // 2, question=f"q{i}", correct=c, in_window=i in in_window,
+                 answer=f"a{i}" if answers is None else answers[i]) for i, c in enumerate(correct)]
     d = tmp_path / name
     d.mkdir()
     (d / "results.json").write_text(json.dumps(dict(rows=rows)))
@@ -38,3 +39,19 @@ def test_unpaired_runs_and_missing_methods_are_refused(tmp_path):
         compare(verdicts(a, "absorber"), verdicts(b, "absorber"))
     with pytest.raises(SystemExit, match="no rows of method 'ttt'"):
         verdicts(a, "ttt")
+
+
+def test_questions_still_in_the_window_are_left_out_as_the_tables_leave_them_out(tmp_path, capsys):
+    a = _run(tmp_path, "a", [True, True, True, False], in_window={2, 3})
+    b = _run(tmp_path, "b", [True, False, False, True], method="ttt", in_window={2, 3})
+    r = compare(verdicts(a, "absorber"), verdicts(b, "ttt"))
+    assert (r["asked"], r["only_a"], r["only_b"]) == (2, 1, 0)
+    assert main([str(a), str(b), "--method-b", "ttt", "--in-window"]) == 0
+    assert "3/4 against 2/4: 2 only in A, 1 only in B" in capsys.readouterr().out
+
+
+def test_runs_that_expect_other_answers_are_not_paired(tmp_path):
+    a = _run(tmp_path, "a", [True, False], answers=["Kalo", "4821"])
+    b = _run(tmp_path, "b", [True, False], answers=["Kalo", "9007"])        # another seed's document
+    with pytest.raises(SystemExit, match="different answers to 1 of their questions: not paired"):
+        compare(verdicts(a, "absorber"), verdicts(b, "absorber"))

@@ -1,9 +1,16 @@
 """The recall evaluation's documents and scorer (evals/facts.py, evals/recall_eval.py)."""
 
+import hashlib
+import re
+
 from evals.facts import GENRES, make_document, score
 import pytest
 
-from evals.recall_eval import flushed_contexts, summarize, wilson
+from evals.recall_eval import flushed_contexts, render, summarize, wilson
+
+# sha256 of seeds 0, 1, 5, 17, 41 and 53's first 24 documents, with and without their place, as
+# drawn before colliding draws were redrawn (none of them collided): stored results stay reproducible.
+DOCUMENTS_DIGEST = "7710c2c9f3e25128"
 
 
 def test_documents_are_seeded_state_their_facts_and_ask_them_in_other_words():
@@ -83,3 +90,62 @@ def test_a_streamed_run_is_plotted_by_age_and_held_memory(tmp_path):
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("recall_by_age.png", "memory.png"))
     del result["held_curve"]                   # a run saved before held memory was recorded
     assert plot_stream(result, tmp_path / ".") == ["recall_by_age.png"]
+
+
+def test_a_reply_that_also_names_another_answer_of_its_document_is_wrong():
+    answers = ["Nekvy Tassel", "Neklo Rulno", "4821", "Quamir"]
+    hedged = "The spare key is held by the Neklo Rulno, the head of the Nekvy Tassel"
+    assert score(hedged, "Nekvy Tassel") and not score(hedged, "Nekvy Tassel", answers)
+    assert score("The spare key is held by nekvy tassel.", "Nekvy Tassel", answers)
+    assert score("It is 4821. Neklo Rulno keeps it.", "4821", answers)        # the first sentence only
+    # An answer that is part of the asked one is named with it; the longer one names the shorter.
+    assert score("The cat is Quamir Ilomir.", "Quamir Ilomir", ["Quamir Ilomir", "Quamir"])
+    assert not score("It is Quamir Ilomir.", "Quamir", ["Quamir Ilomir", "Quamir"])
+
+
+def test_the_summary_scores_each_reply_against_the_other_answers_of_its_document():
+    rows = [{"method": "m", "doc": 0, "answer": "Nekvy Tassel", "reply": "Neklo Rulno or Nekvy Tassel."},
+            {"method": "m", "doc": 0, "answer": "Neklo Rulno", "reply": "Neklo Rulno."},
+            {"method": "m", "doc": 1, "answer": "Kalo", "reply": "Kalo, not Nekvy Tassel."}]   # another document's
+    assert summarize(rows, ["m"], docs=2)["m"]["hits"] == 2
+
+
+def test_a_method_with_nothing_counted_has_no_accuracy():
+    rows = [{"method": "absorber", "doc": 0, "answer": "Kalo", "reply": "Kalo.", "in_window": True}]
+    s = summarize(rows, ["absorber"], docs=1)
+    assert s["absorber"]["accuracy"] is None and s["absorber"]["ci95"] is None
+    table = render({"model": "m", "docs": 1, "seed": 0, "summary": s, "rows": rows})
+    assert "| absorber | n/a | n/a | 0 / 0 |" in table and "nan" not in table
+
+
+def _whole(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def _collide(a: str, b: str) -> bool:
+    return _whole(a, b) or _whole(b, a)
+
+
+# Found by the reviewer's scan (seeds 0-1999, 32 placed documents each): the cat "Quamir" beside the
+# person "Quamir Ilomir"; a town answer that is the document's place; two documents at one place.
+def test_no_answer_shares_a_word_with_another_answer_or_its_place():
+    for seed, index in ((86, 23), (168, 0)):
+        d = make_document(seed, index, place=True)
+        where = d.text.split("(", 1)[1].split(")", 1)[0]
+        assert not any(_collide(a, b) for i, a in enumerate(d.answers) for b in d.answers[i + 1:]), d.answers
+        assert not any(_whole(q, a) or _collide(a, where) for q, a in zip(d.questions, d.answers)), d.questions
+
+
+def test_the_documents_of_a_stream_have_different_places():
+    places = [make_document(33, i, place=True).text.split("(", 1)[1].split(")", 1)[0].lower() for i in range(32)]
+    assert len(set(places)) == 32
+
+
+def test_documents_without_a_collision_are_as_they_always_were():
+    h = hashlib.sha256()
+    for seed in (0, 1, 5, 17, 41, 53):
+        for i in range(24):
+            for placed in (False, True):
+                d = make_document(seed, i, place=placed)
+                h.update(repr((d.text, d.questions, d.answers)).encode())
+    assert h.hexdigest()[:16] == DOCUMENTS_DIGEST       # measured before collisions were redrawn

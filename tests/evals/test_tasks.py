@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -159,3 +160,23 @@ def test_score_multivalue_partial_and_first_line():
     single = Example("kv_recall", "ctx\n", "q", ["12345"])
     assert score(single, "\n 12345\n") == 1.0  # leading blank lines are skipped
     assert score(single, " 12345", answers=["54321"]) == 0.0
+
+
+class SpaceTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return text.split()
+
+
+def test_doc_lm_sets_each_variable_once():
+    # Seed 102 at 512 tokens stated "Let x0 = 81." and "Let x0 = 173." (the reviewer's scan, seeds 0-199).
+    ex = make_example("doc_lm", 512, SpaceTokenizer(), seed=102)
+    names = re.findall(r"Let (\w+) = \d+\.", ex.context)
+    assert len(names) > 1 and len(set(names)) == len(names)
+
+
+def test_doc_lm_examples_without_a_twice_set_variable_are_as_they_always_were():
+    h = hashlib.sha256()
+    for seed in range(100):
+        ex = make_example("doc_lm", 512, SpaceTokenizer(), seed=seed)
+        h.update(repr((ex.context, ex.target, ex.answers)).encode())
+    assert h.hexdigest()[:16] == "5e9d6fbab2a23dc7"      # measured before the redraw (none collided)
