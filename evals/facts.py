@@ -8,8 +8,8 @@ cannot know it: no-context accuracy is ~0. The question never repeats the statem
 "The spare key is kept with Orlena Vask." is asked as "Who holds the spare key?".
 
 Scoring (`score`): the answer must appear as a whole word in the first sentence of the model's
-reply, case-insensitive, and no other answer of the same document may (a reply that names two of
-them has not told which one is asked).
+reply, case-insensitive, and no other answer of its kind from the same document may come before it
+there (a reply that names another person first has said that person).
 Draws that would make a question ambiguous are redrawn: an answer that shares a whole word with
 another answer of its document or with its place, and a place already given to an earlier document
 of the seed. Only a draw that collides is redrawn, so every other document is as it always was.
@@ -155,9 +155,34 @@ def score(reply: str, answer: str, others: Sequence[str] = ()) -> bool:
     """The answer as a whole word of the reply's first sentence, case-insensitive. Only the first
     sentence: a model that recites a memorized document after its answer must not get credit for a
     fact it happened to name further on. `others`, the other answers of the document (the answer
-    itself may be among them): a first sentence that names one of them too is wrong, as it has
-    not said which is asked; one that is part of the answer ("Quamir" of "Quamir Ilomir") is named
-    with it and does not count."""
+    itself may be among them): where the first sentence names another person before the person
+    asked, it has said that one ("held by Neklo Rulno, the head of the Nekvy Tassel") and is
+    wrong, as is a choice ("4821 or 7710"); likewise for numbers. Answers of other kinds, or named
+    after it, are context ("signed for by the owner of the Kaquamar, Mirtas Vynek"). An answer
+    that is part of the asked one ("Quamir" of "Quamir Ilomir") is named with it; one that holds it
+    is another answer."""
     first = re.split(r"(?<=[.!?])\s|\n", reply.strip(), maxsplit=1)[0]
-    rivals = [o for o in others if not _names(answer, o)]
-    return _names(first, answer) and not any(_names(first, o) for o in rivals)
+    at = _position(first, answer)
+    if at is None:
+        return False
+    # One-word answers (a place, a boat, a cat, a spice) are of kinds their form does not tell
+    # apart, and a reply names them as context ("The Polquafen is a small boat called the
+    # Zetmirmir"): only persons and numbers are checked against their kind.
+    rivals = [o for o in others if not _names(answer, o)
+              and ((_kind(o) == _kind(answer) != "word") or _names(o, answer))]
+    for other in rivals:
+        where = _position(first, other)
+        if where is not None and (where <= at or re.search(r"(?<!\w)or(?!\w)", first[at:where], re.IGNORECASE)):
+            return False
+    return True
+
+
+def _position(text: str, word: str) -> int | None:
+    found = re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE)
+    return None if found is None else found.start()
+
+
+def _kind(answer: str) -> str:
+    """What a fact's answer is, from its form (_FACTS draws persons as two words, numbers as
+    digits, every other answer as one word)."""
+    return "number" if answer.isdigit() else "person" if " " in answer.strip() else "word"

@@ -92,12 +92,18 @@ def test_a_streamed_run_is_plotted_by_age_and_held_memory(tmp_path):
     assert plot_stream(result, tmp_path / ".") == ["recall_by_age.png"]
 
 
-def test_a_reply_that_also_names_another_answer_of_its_document_is_wrong():
-    answers = ["Nekvy Tassel", "Neklo Rulno", "4821", "Quamir"]
+def test_a_reply_that_names_another_person_or_number_first_or_as_a_choice_is_wrong():
+    answers = ["Nekvy Tassel", "Neklo Rulno", "4821", "Quamir", "Kaquamar", "Zetloqua", "Griilocus"]
     hedged = "The spare key is held by the Neklo Rulno, the head of the Nekvy Tassel"
     assert score(hedged, "Nekvy Tassel") and not score(hedged, "Nekvy Tassel", answers)
     assert score("The spare key is held by nekvy tassel.", "Nekvy Tassel", answers)
     assert score("It is 4821. Neklo Rulno keeps it.", "4821", answers)        # the first sentence only
+    # Context of another kind, or of its kind but named after it, takes nothing away.
+    assert score("The delivery is signed for by the owner of the Kaquamar, Nekvy Tassel.", "Nekvy Tassel", answers)
+    assert score("The lighthouse is in Zetloqua, near the village of Griilocus.", "Zetloqua", answers)
+    assert score("The Zetloqua is a small boat called the Griilocus.", "Griilocus", answers)   # one-word kinds
+    assert not score("Neklo Rulno or Nekvy Tassel keeps it.", "Nekvy Tassel", answers)
+    assert not score("It is 4821 or 4822.", "4821", answers + ["4822"])
     # An answer that is part of the asked one is named with it; the longer one names the shorter.
     assert score("The cat is Quamir Ilomir.", "Quamir Ilomir", ["Quamir Ilomir", "Quamir"])
     assert not score("It is Quamir Ilomir.", "Quamir", ["Quamir Ilomir", "Quamir"])
