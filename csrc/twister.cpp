@@ -14,6 +14,13 @@
 
 namespace py = pybind11;
 
+// Function clones for wider vector units, picked at load time (GCC and Clang on x86-64 Linux).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define ABSORBER_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ABSORBER_VECTOR_CLONES
+#endif
+
 namespace {
 
 constexpr int N = 624, M = 397;
@@ -24,10 +31,15 @@ inline std::uint32_t mix(std::uint32_t a, std::uint32_t b, std::uint32_t far) {
     return far ^ (y >> 1) ^ ((y & 1u) ? MATRIX_A : 0u);
 }
 
+// Each loop reads words at least M - 1 = 396 or N - M = 227 places ahead or behind of the one it
+// writes, and only ones not yet rewritten or rewritten already: vectors of any width keep that order.
+// The clones are chosen once by the CPU (AVX-512, AVX2, or the build's baseline).
+ABSORBER_VECTOR_CLONES
 void twist(std::uint32_t* mt) {
-    int i = 0;
-    for (; i < N - M; ++i) mt[i] = mix(mt[i], mt[i + 1], mt[i + M]);
-    for (; i < N - 1; ++i) mt[i] = mix(mt[i], mt[i + 1], mt[i + M - N]);
+#pragma GCC ivdep
+    for (int i = 0; i < N - M; ++i) mt[i] = mix(mt[i], mt[i + 1], mt[i + M]);
+#pragma GCC ivdep
+    for (int i = N - M; i < N - 1; ++i) mt[i] = mix(mt[i], mt[i + 1], mt[i + M - N]);
     mt[N - 1] = mix(mt[N - 1], mt[0], mt[M - 1]);
 }
 
@@ -48,8 +60,8 @@ class Words {
     // Fills u with n doubles, each the low 53 bits of two consecutive words (the first high) times
     // 2^-53, times `sign`. The words are tempered a run at a time into a buffer (a loop the compiler
     // vectorizes), then paired: no per-word branch on the position.
+    ABSORBER_VECTOR_CLONES
     void uniform53(double* u, py::ssize_t n, double sign) {
-        constexpr std::uint64_t low53 = (std::uint64_t{1} << 53) - 1;
         const double scale = sign * 0x1p-53;
         int held = 0;                                // words in the buffer not yet paired
         py::ssize_t done = 0;
@@ -61,8 +73,11 @@ class Words {
             pos_ += run;
             const int ready = held + run, pairs = ready / 2;
             for (int j = 0; j < pairs; ++j) {
-                const std::uint64_t bits = ((std::uint64_t{words_[2 * j]} << 32) | words_[2 * j + 1]) & low53;
-                u[done + j] = static_cast<double>(bits) * scale;
+                // The 53 bits as hi * 2^32 + lo: two exact doubles from 32-bit conversions, which
+                // vector units have (64-bit ones only AVX-512's), and a sum below 2^53, exact too.
+                const double hi = static_cast<double>(static_cast<std::int32_t>(words_[2 * j] & 0x1fffffu));
+                const double lo = static_cast<double>(static_cast<std::int32_t>(words_[2 * j + 1] ^ 0x80000000u)) + 0x1p31;
+                u[done + j] = (hi * 0x1p32 + lo) * scale;
             }
             done += pairs;
             held = ready - 2 * pairs;
@@ -85,6 +100,27 @@ std::uint32_t* state_words(py::buffer_info& k, int pos) {
 
 // p / q in float32 for q = exponential_'s float(-log1p(-u)): what torch.multinomial's argmax reads.
 inline float ratio(float p, double u) { return p / static_cast<float>(-std::log1p(-u)); }
+
+// One row's argmax of p / q in one pass, the best exact ratio so far as the floor: a token whose
+// bound, with room to spare, is below it is skipped (a branch the CPU predicts: nearly every token
+// is skipped; blocks of 64 tested at once as vectors were slower). u = 0 (q = 0) is never skipped:
+// floor * u is 0, or NaN under the floor of +inf that a NaN ratio (0 / 0, which wins over all after
+// it) leaves.
+std::int64_t argmax_row(const float* p, const double* u, py::ssize_t V) {
+    py::ssize_t arg = -1;
+    float best = 0.0f;
+    double floor = -1.0;
+    for (py::ssize_t i = 0; i < V; ++i) {
+        if (static_cast<double>(p[i]) * (1.0 + 0x1p-20) < floor * u[i]) continue;
+        const float v = ratio(p[i], u[i]);
+        if (arg < 0 || (!std::isnan(best) && (std::isnan(v) || v > best))) {
+            arg = i;
+            best = v;
+            floor = std::isnan(v) ? INFINITY : v;
+        }
+    }
+    return arg;
+}
 
 // torch.multinomial(probs, 1) for float32 probs (rows, V), C-contiguous: argmax over each row of
 // p / q, q ~ Exp(1) drawn as exponential_ draws it (a double u of two words, q = -log1p(-u) in
@@ -113,22 +149,7 @@ int multinomial_from(py::buffer key, int pos, py::buffer probs_in, py::buffer id
     for (py::ssize_t r = 0; r < rows; ++r) {
         const float* pr = probs + r * V;
         words.uniform53(u.data(), V, 1.0);
-        // One pass, the best exact ratio so far as the floor: a token whose bound, with room to
-        // spare, is below it is skipped. u = 0 (q = 0) is never skipped: floor * u is 0, or NaN
-        // under the floor of +inf that a NaN ratio (0 / 0, which wins over all after it) leaves.
-        py::ssize_t arg = -1;
-        float best = 0.0f;
-        double floor = -1.0;
-        for (py::ssize_t i = 0; i < V; ++i) {
-            if (static_cast<double>(pr[i]) * (1.0 + 0x1p-20) < floor * u[i]) continue;
-            const float v = ratio(pr[i], u[i]);
-            if (arg < 0 || (!std::isnan(best) && (std::isnan(v) || v > best))) {
-                arg = i;
-                best = v;
-                floor = std::isnan(v) ? INFINITY : v;
-            }
-        }
-        ids[r] = arg;
+        ids[r] = argmax_row(pr, u.data(), V);
     }
     return words.pos();
 }
