@@ -67,8 +67,8 @@ def _retensor(t: torch.Tensor, dtype: str, shape: str, fill: str) -> torch.Tenso
         t = t.t().contiguous()
     elif shape == "scalar":
         t = t.reshape(-1)[:1].reshape(()) if t.numel() else torch.zeros((), dtype=t.dtype)
-    elif shape == "longer":
-        t = torch.cat([t.reshape(-1)] * 300)
+    elif shape == "longer":       # up to 300 times as long, a million values at most: repeated, it multiplied
+        t = torch.cat([t.reshape(-1)] * max(2, min(300, (1 << 20) // max(t.numel(), 1))))
     return t.contiguous()
 
 

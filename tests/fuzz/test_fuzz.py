@@ -56,6 +56,19 @@ def test_any_bytes_decode_to_an_input(target):
             pass
 
 
+def test_repeated_longer_tensors_stay_small():
+    """The fuzzer's 28 bytes that lengthened one tensor 300 times, three times over: the harness
+    itself asked for 27 million times the tensor and died of memory (8 GB), not the engine."""
+    import base64
+
+    from fuzz import memory_file
+
+    inp = memory_file.from_bytes(base64.b64decode("97W1tbW1tbW1tbW1tbW1tbW16gCBPMo2NTUyLQ=="))
+    assert [op[3] for op in inp["ops"]][:3] == ["longer"] * 3
+    assert len(memory_file.mutated_file(inp["ops"])) < 64 << 20
+    memory_file.check(inp)
+
+
 def test_known_crashes_are_matched_narrowly():
     """A listed crash is tolerated only with its type, message and place; anything else is a crash."""
     from fuzz.contract import ContractViolation, known
