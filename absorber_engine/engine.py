@@ -66,6 +66,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             raise
         self.scheduler = _scheduler.Scheduler(self.runner.vocab_size, cfg.max_resident, cfg.chunk_tokens,
                                               cfg.sync_tokens, cut_after, min_cut)
+        self.cut_min = min_cut              # where a recital may end at a cut (recital.recite_rows)
         self.sessions: dict = {}
         self._windows = WindowCache()
         self._lock = threading.RLock()      # one model: absorption and generation take turns

@@ -218,7 +218,7 @@ class GenerationMixin:
         ids = self.to_ids(ids)
         self._check_span(sess, len(ids), f"{len(ids)} query tokens")
         with self._resident([sess]):
-            delta, window = self._routed(sess, ids)
+            delta, window, _ = self._routed(sess, ids)
             return logits_after(self.runner, delta, window, ids)
 
     def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -261,9 +261,10 @@ class GenerationMixin:
         seeds = [inputs.seed_of(seed, name, self.config.seed) for name in names]
         gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
         with self._resident(sessions):
-            deltas, windows = map(list, zip(*[self._routed(s, p) for s, p in zip(sessions, ids)]))
+            deltas, windows, banked = map(list, zip(*[self._routed(s, p) for s, p in zip(sessions, ids)]))
             if recite:
-                self._read_recitals(sessions, deltas, windows, ids, max_new_tokens)
+                self._read_recitals(sessions, [i for i, b in enumerate(banked) if b], deltas, windows, ids,
+                                    max_new_tokens)
             new = generate_rows(self.runner, deltas, windows, ids, max_new_tokens, temperature,
                                 top_p, stops, gens, None if on_token is None else
                                 lambda row, tok: on_token(names[row], tok))
@@ -289,15 +290,17 @@ class GenerationMixin:
                     self.scheduler.release(sess.key)
                 self._rest()
 
-    def _read_recitals(self, sessions: list[Session], deltas: list, windows: list, ids: list, max_new_tokens: int):
-        """recite: each row routed to a delta of its bank gets that delta's recital before its prompt
-        and the base model as its reader, in place (recital.py). A row that reads the raw window, or
-        whose delta wrote nothing, stays as it was."""
-        rows = [i for i, (s, d) in enumerate(zip(sessions, deltas)) if len(s.slots) > 1 and any(d is x for x in s.slots)]
+    def _read_recitals(self, sessions: list[Session], rows: list[int], deltas: list, windows: list, ids: list,
+                       max_new_tokens: int):
+        """recite: each of `rows`, routed to a delta of its bank, gets that delta's recital before its
+        prompt and the base model as its reader, in place (recital.py), a recital as long as its
+        session's rounds at most. A row that reads the raw window, or whose delta wrote nothing,
+        stays as it was."""
         if not rows:
             return
+        longest = [sum(sessions[i].stats()[k] for k in ("chunk_tokens", "sync_tokens")) for i in rows]
         recitals = recital.recite_rows(self.runner, self.frame, [deltas[i] for i in rows], [windows[i] for i in rows],
-                                       self.config.window_tokens, self.config.round_cut, self.tokenizer, generate_rows)
+                                       longest, self.config.round_cut, self.cut_min, self.tokenizer, generate_rows)
         for i, text in zip(rows, recitals):
             if not text:
                 continue
@@ -313,12 +316,13 @@ class GenerationMixin:
         return question_frame(self.tokenizer)
 
     def _routed(self, sess: Session, ids: list[int]) -> tuple:
-        """The delta of `sess` and the window KV that read the prompt `ids` (route): with one delta,
-        or no prompt to score, the newest delta and the raw window (the stream continued); else a
-        delta of the bank alone, or the base model and the raw window when that explains `ids` best."""
+        """The delta of `sess` and the window KV that read the prompt `ids` (route), and whether the
+        router picked that delta from the bank: with one delta, or no prompt to score, the newest
+        delta and the raw window (the stream continued); else a delta of the bank alone, or the
+        base model and the raw window when that explains `ids` best."""
         newest, tokens = sess.slots[-1], self.runner.prefix + self.window_tokens(sess)
         if len(sess.slots) == 1 or not scorable(self.runner, ids):
-            return newest, self._windows.get(self.runner, sess.key, newest, tokens)
+            return newest, self._windows.get(self.runner, sess.key, newest, tokens), False
         zero = self._windows.zero(sess.key, newest)
         window = self._windows.get(self.runner, sess.key, zero, tokens, reader="base")
         frame = self._question_frame
@@ -326,5 +330,5 @@ class GenerationMixin:
         opening = len(frame[0]) if frame and asked[:len(frame[0])] == frame[0] else 0
         k = route(self.runner, list(sess.slots), asked, window, opening)
         if k == WINDOW:
-            return zero, window
-        return sess.slots[k], _window_kv(self.runner, sess.slots[k], self.runner.prefix)
+            return zero, window, False
+        return sess.slots[k], _window_kv(self.runner, sess.slots[k], self.runner.prefix), True

@@ -35,30 +35,40 @@ def check_frame(frame: ProbeFrame | None) -> ProbeFrame:
     return frame
 
 
-def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, max_tokens: int, cut: str,
-                tokenizer, generate_rows) -> list[list[int]]:
-    """Each delta's recital of its round (token ids, the cut and what follows it dropped; [] when it
-    wrote nothing), read after its window (the model's prefix). generate_rows is generate.py's."""
+def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest: list[int], cut: str,
+                cut_min: int, tokenizer, generate_rows) -> list[list[int]]:
+    """Each delta's recital of its round (token ids, at most `longest[row]` of them, the round's cut
+    and what follows it dropped; [] when it wrote nothing), read after its window (the model's
+    prefix). A cut ends a recital only once it holds `cut_min` tokens, as the scheduler cuts a
+    round: a round's X may hold breaks before that. generate_rows is generate.py's."""
     prompt = frame.student_open + frame.seeds["recite"]
     written: list[list[int]] = [[] for _ in deltas]
 
-    def ends_at_cut(row: int, tok: int) -> bool:
+    def goes_on(row: int, tok: int) -> bool:
         written[row].append(tok)
-        return not cut or cut not in tokenizer.decode(written[row][-8:])
+        return len(written[row]) < longest[row] and _cut_at(tokenizer, written[row], cut, cut_min) < 0
 
     gens = [torch.Generator(device=runner.device) for _ in deltas]          # greedy: never drawn from
     # The recital is the engine's own text, like its probes: written in the rounds' compute dtype,
     # on weights cast (and on a CPU reordered) once for all its steps (static_decode.decode_weights).
     with runner.autocast():
-        out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max_tokens, 0.0, 1.0, set(frame.stop),
-                            gens, ends_at_cut)
+        out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max(longest), 0.0, 1.0, set(frame.stop),
+                            gens, goes_on)
     recitals = []
     for ids in out:
-        text = tokenizer.decode(ids)
-        if cut and cut in text:
-            text = text[:text.index(cut)]
+        text, at = tokenizer.decode(ids), _cut_at(tokenizer, ids, cut, cut_min)
+        if at >= 0:
+            text = text[:at]
         recitals.append(inputs.to_ids(text, tokenizer, runner.vocab_size) if text.strip() else [])
     return recitals
+
+
+def _cut_at(tokenizer, ids: list[int], cut: str, cut_min: int) -> int:
+    """Where the round's cut is in the text of `ids` (-1: not there): the first that ends past the
+    first cut_min - 1 tokens, as the scheduler ends X at a cut once X holds cut_min tokens."""
+    if not cut or len(ids) < cut_min:
+        return -1
+    return tokenizer.decode(ids).find(cut, max(0, len(tokenizer.decode(ids[:cut_min - 1])) - len(cut) + 1))
 
 
 def answer_prompt(frame: ProbeFrame, question_frame: tuple | None, recital: list[int], ids: list[int]) -> list[int]:

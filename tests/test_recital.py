@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from absorber_engine import InputError, generate
+from absorber_engine import InputError, generate, recital
 from absorber_engine.recital import answer_prompt, recite_rows
 from tests.test_probes import CHATML, DEFAULT_SYSTEM, TINY, _chat, _engine, _tokenizer
 
@@ -48,27 +48,34 @@ def test_the_recital_goes_in_a_system_message_right_before_the_question(template
         tok.decode(eng.frame.context_open + recital + eng.frame.context_end) + "Who runs the mill?"
 
 
-def test_a_recital_ends_at_the_round_cut():
+def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_length():
     tok = _tokenizer(DEFAULT_SYSTEM)
     eng = _engine(tok, probes=1, probe_kinds=("recite",))
-    script = tok.encode("Oda runs the mill.\n\nBrann the ferry.", add_special_tokens=False)
+    script = tok.encode("Oda runs the mill.\n\nBrann the ferry.\n\nAnd more.", add_special_tokens=False)
     asked = []
 
     def fake_generate_rows(runner, deltas, windows, prompts, max_tokens, temperature, top_p, stops, gens, on_token):
         asked.append((prompts, max_tokens, temperature))
-        out = []
-        for t in script:
-            out.append(t)
-            if on_token(0, t) is False:
-                break
-        return [out]
+        out = [[] for _ in prompts]
+        for row in range(len(prompts)):
+            for t in script[:max_tokens]:
+                out[row].append(t)
+                if on_token(row, t) is False:
+                    break
+        return out
 
-    recitals = recite_rows(eng.runner, eng.frame, ["delta"], ["window"], 40, "\n\n", tok, fake_generate_rows)
-    assert tok.decode(recitals[0]) == "Oda runs the mill."
+    def recite(longest, cut, cut_min=1):
+        return [tok.decode(r) for r in recite_rows(eng.runner, eng.frame, ["delta"] * len(longest), ["window"] * len(longest),
+                                                   longest, cut, cut_min, tok, fake_generate_rows)]
+
+    assert recite([40], "\n\n") == ["Oda runs the mill."]
     assert asked == [([eng.frame.student_open + eng.frame.seeds["recite"]], 40, 0.0)]
-    # No cut configured: the whole recital, as written.
-    assert tok.decode(recite_rows(eng.runner, eng.frame, ["d"], ["w"], 40, "", tok, fake_generate_rows)[0]) == \
-        "Oda runs the mill.\n\nBrann the ferry."
+    # The scheduler cuts a round only once X holds cut_min tokens: a break before that is inside X.
+    first = len(tok.encode("Oda runs the mill.\n\n", add_special_tokens=False))
+    assert recite([40], "\n\n", cut_min=first + 2) == ["Oda runs the mill.\n\nBrann the ferry."]
+    # No cut configured: the whole recital, as written; each row at most its session's round.
+    assert recite([40], "") == ["Oda runs the mill.\n\nBrann the ferry.\n\nAnd more."]
+    assert recite([40, 3], "") == ["Oda runs the mill.\n\nBrann the ferry.\n\nAnd more.", tok.decode(script[:3])]
 
 
 def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch):
@@ -76,8 +83,8 @@ def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch)
     eng = _bank(tok)
     prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
     with eng._resident([eng.default]), torch.no_grad():
-        routed, _ = eng._routed(eng.default, prompt)
-    assert any(routed is s for s in eng.default.slots)
+        routed, _, banked = eng._routed(eng.default, prompt)
+    assert banked and any(routed is s for s in eng.default.slots)
     calls = []
     real = generate.generate_rows
 
@@ -115,6 +122,13 @@ def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_canno
     prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
     one = _bank(tok, slots=1, lr=1e-3)              # one delta holds every round: nothing of its own to recite
     assert one.generate(prompt, max_new_tokens=3, recite=True) == one.generate(prompt, max_new_tokens=3)
+    # A bank, but no prompt to route on: the newest delta continues the raw window, which it keeps
+    # (a recital had replaced the window with a system message).
+    bank = _bank(tok)
+    bank.absorb(tok.decode(list(range(40, 52))))                       # a raw window to continue
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recital, "recite_rows", lambda *a: pytest.fail("a row the router did not pick recited"))
+        assert bank.generate(None, max_new_tokens=3, recite=True) == bank.generate(None, max_new_tokens=3)
     with pytest.raises(InputError, match="recite must be true or false"):
         one.generate(prompt, max_new_tokens=3, recite="yes")
     bare = _engine(tok, probes=0, futures=1)           # no recite probe trained: no recital to ask for
