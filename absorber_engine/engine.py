@@ -58,7 +58,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             self._prompt = None if not cfg.future_prompt else inputs.future_prompt(
                 self.to_ids(cfg.future_prompt if isinstance(cfg.future_prompt, str) else list(cfg.future_prompt)),
                 cfg.future_length, self.runner.device)
-            self.frame = frame_for(tokenizer, cfg)
+            self.frame = frame_for(tokenizer, cfg, self.runner.prefix)
             check_round_span(self.runner, cfg, self.frame, cfg.chunk_tokens, cfg.sync_tokens)
             cut_after, min_cut = scheduler_cuts(cfg, tokenizer, self.runner)
         except BaseException:
@@ -97,8 +97,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             raise InputError("this engine is closed: its deltas are detached from the model")
         inputs.check_sizes(chunk_tokens=chunk_tokens, sync_tokens=sync_tokens)
         if chunk_tokens is not None or sync_tokens is not None:
-            check_round_span(self.runner, self.config, self.frame, chunk_tokens or self.config.chunk_tokens,
-                             sync_tokens or self.config.sync_tokens)
+            pick = lambda own, default: default if own is None else own       # noqa: E731  (0 is a size)
+            check_round_span(self.runner, self.config, self.frame, pick(chunk_tokens, self.config.chunk_tokens),
+                             pick(sync_tokens, self.config.sync_tokens))
         try:
             self.scheduler.open(name, priority, chunk_tokens, sync_tokens)
         except (TypeError, ValueError) as exc:

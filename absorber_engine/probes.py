@@ -16,6 +16,8 @@ lockstep with no padding, and the student learns to produce X's content when ask
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 
 import torch
@@ -50,23 +52,32 @@ class ProbeFrame:
     context_end: list[int] = field(default_factory=list)        # closes a system message (recital.py)
 
 
-def build_frame(tokenizer, kinds, use_chat: bool = True) -> ProbeFrame:
+def build_frame(tokenizer, kinds, use_chat: bool = True, prefix: list[int] = ()) -> ProbeFrame:
     """The frame for `kinds` under `tokenizer` (None: a model without one gets plain-text seeds
-    it cannot read, so probes need a tokenizer; callers check)."""
+    it cannot read, so probes need a tokenizer; callers check). `prefix`: what the model reads
+    before every sequence (its BOS), which a template that writes it too must not add again."""
     enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))       # noqa: E731
     template = getattr(tokenizer, "chat_template", None)
     if use_chat and template:
         def render(messages):
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-        before_ctx, rest = render([{"role": "system", "content": _MARK}, {"role": "user", "content": _MARK}]).split(_MARK, 1)
-        between, after_user = rest.split(_MARK, 1)
+        try:
+            before_ctx, rest = render([{"role": "system", "content": _MARK},
+                                       {"role": "user", "content": _MARK}]).split(_MARK, 1)
+            between, after_user = rest.split(_MARK, 1)
+        except Exception:     # a template that refuses (or drops) a system message before a user turn
+            warnings.warn("the chat template takes no system message before a user turn, where the teacher "
+                          "reads the context: probes use plain text (chat_probes=False)", stacklevel=3)
+            return build_frame(tokenizer, kinds, use_chat=False)
         student_before = render([{"role": "user", "content": _MARK}]).split(_MARK, 1)[0]
         # The probe starts where both sequences agree: the opening of the user turn (and whatever
         # closes the message before it), so teacher and student read the probe token for token.
         turn = _common_tail(between, student_before)
-        frame = ProbeFrame(enc(before_ctx), enc(between[:len(between) - len(turn)]),
-                           enc(student_before[:len(student_before) - len(turn)]), chat=True)
+        # A template that writes the BOS (Llama 3's, Mistral's) would have it read twice.
+        strip = lambda ids: ids[len(prefix):] if prefix and ids[:len(prefix)] == list(prefix) else ids  # noqa: E731
+        frame = ProbeFrame(strip(enc(before_ctx)), enc(between[:len(between) - len(turn)]),
+                           strip(enc(student_before[:len(student_before) - len(turn)])), chat=True)
         for kind in kinds:
             frame.seeds[kind] = enc(turn + SEED_PROMPTS[kind] + after_user)
         frame.stop = _stop_ids(tokenizer, template)
@@ -80,13 +91,13 @@ def build_frame(tokenizer, kinds, use_chat: bool = True) -> ProbeFrame:
     return frame
 
 
-def frame_for(tokenizer, cfg) -> ProbeFrame | None:
+def frame_for(tokenizer, cfg, prefix: list[int] = ()) -> ProbeFrame | None:
     """The engine's frame for `cfg`'s probes and replay, or None when there are none. Probes are
     text: a model without a tokenizer synchronizes on Y and futures only."""
     if not (cfg.probes or cfg.replay_rounds) or tokenizer is None:
         return None
     kinds = tuple(dict.fromkeys(cfg.probe_kinds + (("recite",) if cfg.replay_rounds else ())))
-    return build_frame(tokenizer, kinds, cfg.chat_probes)
+    return build_frame(tokenizer, kinds, cfg.chat_probes, prefix)
 
 
 def round_span(cfg, frame: ProbeFrame | None, n: int, m: int) -> tuple[int, str]:
@@ -104,6 +115,10 @@ def round_span(cfg, frame: ProbeFrame | None, n: int, m: int) -> tuple[int, str]
             answer = x + 1 if kind in FORCED_KINDS else cfg.probe_tokens
             spans.append((len(frame.context_open) + x + len(frame.context_close) + len(frame.seeds[kind]) + answer,
                           f"a {kind!r} probe (X in the frame, the seed, an answer of {answer})"))
+            # The student reads the probe in its own opening, which a template's default system
+            # turn can make longer than the teacher's X in a short round (replay reads recite rows).
+            spans.append((len(frame.student_open) + len(frame.seeds[kind]) + answer,
+                          f"the student's {kind!r} probe (its opening, the seed, an answer of {answer})"))
     return max(spans)
 
 

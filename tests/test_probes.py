@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError
 from absorber_engine import generate
-from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round, question_frame
+from absorber_engine.probes import SEED_PROMPTS, answer_mask, build_frame, kinds_per_round, question_frame, round_span
 from absorber_engine.routing import asked_alone
 from absorber_engine.round import student_losses
 from absorber_engine.targets import RoundBatch
@@ -386,3 +386,62 @@ def test_ttt_replays_the_next_token_loss_of_each_replayed_document():
     want = next_token_losses(eng.runner, [eng.delta], x, cfg, 1.0, backward=False)[0] + ce(replay)
     (res,) = ttt_round(eng.runner, batch, cfg)
     assert res.losses[0] == pytest.approx(want, rel=1e-5) and res.steps == 2
+
+
+def test_templates_that_refuse_a_system_message_or_write_the_bos_get_a_frame_that_works():
+    """A template that refuses a system message before a user turn (Mistral v0.1's alternation
+    check) made the engine impossible to build with the default config; one that drops it unpacked
+    nothing; one that writes the BOS (Llama 3's) had teacher and student read it twice."""
+    alternate = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                 "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                 "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    drops = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] "
+             "+ '<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    for template in (alternate, drops):
+        with pytest.warns(UserWarning, match="probes use plain text"):
+            eng = _engine(_tokenizer(template), probes=1, probe_kinds=("question",))
+        assert not eng.frame.chat
+        assert eng.absorb("The key is under the blue pot.", flush=True).rounds == 1
+    tok = _tokenizer("{{ bos_token }}" + CHATML)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",))
+    assert eng.runner.prefix == [tok.bos_token_id]
+    x = tok.encode("Key 4821 is under the pot.", add_special_tokens=False)
+    teacher = eng.runner.prefix + eng.frame.context_open + x + eng.frame.context_close + eng.frame.seeds["recite"]
+    template = tok.apply_chat_template([{"role": "system", "content": tok.decode(x)},
+                                        {"role": "user", "content": SEED_PROMPTS["recite"]}], tokenize=True,
+                                       add_generation_prompt=True, return_dict=False)
+    assert teacher == template and teacher.count(tok.bos_token_id) == 1
+
+
+def test_the_position_check_counts_what_the_student_reads_and_a_session_without_y():
+    """The student reads its probe in its own opening (a long default system turn), longer than
+    the teacher's X in a short round: an IndexError at the first flush. A session opened with
+    sync_tokens=0 was checked with the config's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _tokenizer(DEFAULT_SYSTEM.replace("Be brief.", "Be brief. " * 20))
+
+    def gpt2(positions):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
+                                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+        return model.eval()
+
+    cfg = AbsorberConfig(chunk_tokens=4, sync_tokens=0, rank=2, futures=0, probes=1, probe_tokens=4,
+                         probe_kinds=("question",), max_steps=1, compute_dtype="float32")
+    frame = build_frame(tok, ("question",), prefix=[tok.bos_token_id])
+    student = 1 + len(frame.student_open) + len(frame.seeds["question"]) + 4
+    teacher = 1 + len(frame.context_open) + 4 + len(frame.context_close) + len(frame.seeds["question"]) + 4
+    assert student > teacher                          # the student's row is the round's longest
+    with pytest.raises(ConfigError, match="the student's 'question' probe"):
+        AbsorberEngine(gpt2(student - 1), tokenizer=tok, config=cfg)
+    eng = AbsorberEngine(gpt2(student), tokenizer=tok, config=cfg)
+    assert eng.absorb("Key 4821.", flush=True).rounds >= 1
+    # A session whose long X, without Y, fits the positions; with the config's Y of 8 it would not.
+    n = len(frame.student_open) + 8
+    with_y = AbsorberConfig(**{**cfg.to_dict(), "sync_tokens": 8})
+    eng = AbsorberEngine(gpt2(1 + round_span(with_y, frame, n, 0)[0]), tokenizer=tok, config=with_y)
+    eng.session("no y", chunk_tokens=n, sync_tokens=0)
+    with pytest.raises(ConfigError, match="past the"):
+        eng.session("with y", chunk_tokens=n, sync_tokens=8)
