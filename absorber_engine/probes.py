@@ -73,7 +73,7 @@ def build_frame(tokenizer, kinds, use_chat: bool = True, prefix: list[int] = ())
         student_before = render([{"role": "user", "content": _MARK}]).split(_MARK, 1)[0]
         # The probe starts where both sequences agree: the opening of the user turn (and whatever
         # closes the message before it), so teacher and student read the probe token for token.
-        turn = _common_tail(between, student_before)
+        turn = _common_tail(between, student_before, enc)
         # A template that writes the BOS (Llama 3's, Mistral's) would have it read twice.
         strip = lambda ids: ids[len(prefix):] if prefix and ids[:len(prefix)] == list(prefix) else ids  # noqa: E731
         frame = ProbeFrame(strip(enc(before_ctx)), enc(between[:len(between) - len(turn)]),
@@ -147,10 +147,10 @@ def question_frame(tokenizer) -> tuple[list[int], list[int]] | None:
                         {"role": "user", "content": _MARK}]).split(_MARK)[2]
     except Exception:        # a template that refuses these turns: no opening to find
         return None
-    turn = _common_tail(first, later)
+    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False))        # noqa: E731
+    turn = _common_tail(first, later, enc)
     if "user" not in turn:
         return None
-    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False))        # noqa: E731
     return enc(first[:len(first) - len(turn)]), enc(turn)
 
 
@@ -163,11 +163,18 @@ def _system_close(tokenizer) -> str:
         return ""
 
 
-def _common_tail(a: str, b: str) -> str:
+def _common_tail(a: str, b: str, enc) -> str:
+    """The longest text both end with that each splits at a token boundary: a tail of characters
+    alone can start inside a special token ("|>" ends both "<|eot_id|>" and "<|begin_of_text|>"
+    under Llama 3's template), and the frame would then read ids no chat has."""
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
-    return a[len(a) - n:]
+    tail = a[len(a) - n:]
+    splits = lambda text: enc(text[:len(text) - len(tail)]) + enc(tail) == enc(text)     # noqa: E731
+    while tail and not (splits(a) and splits(b)):
+        tail = tail[1:]
+    return tail
 
 
 def _stop_ids(tokenizer, template: str) -> list[int]:

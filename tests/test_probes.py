@@ -445,3 +445,28 @@ def test_the_position_check_counts_what_the_student_reads_and_a_session_without_
     eng.session("no y", chunk_tokens=n, sync_tokens=0)
     with pytest.raises(ConfigError, match="past the"):
         eng.session("with y", chunk_tokens=n, sync_tokens=8)
+
+
+def test_the_frame_is_cut_between_tokens_and_reads_the_templates_own_ids():
+    """Llama 3's template: "|>" ends both "<|eot_id|>" and "<|begin_of_text|>", and a frame cut at
+    the characters both sequences end with split those special tokens into plain characters: the
+    decoded text was the same, the ids not."""
+    llama3 = ("{% for m in messages %}{% set c = '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
+              "m['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set c = '<|begin_of_text|>' + c %}"
+              "{% endif %}{{ c }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    tok = _tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>"]})
+    tok.chat_template = llama3
+    frame = build_frame(tok, ("question",))
+    x = tok.encode("Some notes.", add_special_tokens=False)
+    chat = lambda messages: tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,  # noqa: E731
+                                                    return_dict=False)
+    ask = {"role": "user", "content": SEED_PROMPTS["question"]}
+    assert frame.context_open + x + frame.context_close + frame.seeds["question"] == \
+        chat([{"role": "system", "content": "Some notes."}, ask])
+    assert frame.student_open + frame.seeds["question"] == chat([ask])
+    opening, turn = question_frame(tok)
+    assert tok.convert_ids_to_tokens(turn[:1]) == ["<|start_header_id|>"] and opening == tok.encode(
+        "<|begin_of_text|>", add_special_tokens=False)
