@@ -204,7 +204,8 @@ def _rank_error(result_file: str, nproc: int, exc: Exception) -> Exception:
             kind = getattr(errors, err["type"], None)
             if isinstance(kind, type) and issubclass(kind, AbsorberError):
                 return kind(err["message"])
-    return AbsorptionError(f"a process absorbing the inputs failed: {str(exc).strip().splitlines()[0]}")
+    lines = str(exc).strip().splitlines() or [repr(exc)]      # "-- Process r terminated ...", ..., the error
+    return AbsorptionError(f"a process absorbing the inputs failed ({lines[0].strip('-: ')}): {lines[-1]}")
 
 
 def _stop(processes, grace: float = 5.0) -> None:

@@ -67,3 +67,19 @@ def test_a_ranks_error_is_the_callers_and_an_interrupt_stops_every_rank(tmp_path
     with pytest.raises(KeyboardInterrupt):
         absorb_many_processes(model_dir, [inputs[0], inputs[2]], str(tmp_path / "o2"), cfg, nproc=2, as_ids=True)
     assert multiprocessing.active_children() == []
+
+
+def test_a_rank_that_failed_otherwise_is_an_absorption_error_naming_it(tmp_path):
+    """Out of memory, nccl: no error file from the rank; the caller gets which process and what."""
+    import torch.multiprocessing as mp
+
+    from absorber_engine.distributed import _rank_error
+    from absorber_engine.errors import AbsorptionError
+
+    raised = mp.ProcessRaisedException("\n\n-- Process 1 terminated with the following error:\nTraceback (most "
+                                       "recent call last):\n  File \"x\", line 1\nRuntimeError: out of memory", 1, 99)
+    err = _rank_error(str(tmp_path / "result.json"), 2, raised)
+    assert isinstance(err, AbsorptionError) and "Process 1 terminated" in str(err) and "out of memory" in str(err)
+    (tmp_path / "result.json.error1").write_text('{"type": "InputError", "message": "b.txt: empty"}')
+    err = _rank_error(str(tmp_path / "result.json"), 2, raised)
+    assert isinstance(err, InputError) and str(err) == "b.txt: empty"
