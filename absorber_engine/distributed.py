@@ -185,8 +185,8 @@ def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, confi
         ranks = mp.spawn(_worker, args=(nproc, init_file, model_dir, list(inputs), out_dir, config.to_dict(), dtype,
                                         device, as_ids, result_file), nprocs=nproc, join=False)
         try:
-            while not ranks.join():
-                pass
+            while not ranks.join():       # back as each rank ends; True once every rank has
+                continue
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             raise _rank_error(result_file, nproc, exc) from exc
         finally:                          # Ctrl-C, or a failed rank: none is left absorbing on its own

@@ -8,9 +8,9 @@ value, 2.4 ms of a 9 ms decode step of 4 rows over 32,000 tokens. Only the argma
 words (the same algorithm, started from the generator's state) into the doubles u torch starts
 from, and takes the log only for the few tokens whose bound reaches the best exact ratio found
 before them: the same ids, the generator left in the same state. A sample_next of 4 rows over
-32,000 tokens: 0.26-0.28 ms, against 0.69-0.80 ms computing every q and torch's own 2.2 ms. That it matches torch
-is checked once per process against torch.multinomial itself, ids and generator state; a torch it
-does not match, or a build without the C++ extension, gets torch's own draw.
+32,000 tokens: 0.26-0.28 ms, against 0.69-0.80 ms computing every q and torch's own 2.2 ms. That it
+matches torch is checked once per process against torch.multinomial itself, ids and generator
+state; a torch it does not match, or a build without the C++ extension, gets torch's own draw.
 """
 
 from __future__ import annotations
