@@ -161,8 +161,7 @@ def _fused(modules: list[nn.Module], weight_of, dtype: torch.dtype, rows: int):
     if any(lin.bias is not None for lin in linears):
         bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
                           for lin in linears]).detach().to(dtype)
-    data, product = packed.data, torch.ops.mkldnn._linear_pointwise
-    return lambda x: product(x, data, bias, "none", [], "")
+    return lambda x: packed.rows(x, bias)
 
 
 def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:

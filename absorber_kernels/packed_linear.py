@@ -55,10 +55,13 @@ class Packed:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype)
         b = None if bias is None else bias.to(self.dtype)
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.data, b, "none", [], "")
-        return y.view(*lead, self.out_features)
+        return self.rows(x.reshape(-1, x.shape[-1]).to(self.dtype), b).view(*lead, self.out_features)
+
+    def rows(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, in) and bias already in the weight's dtype -> (N, out): the product alone, for a
+        caller that keeps its rows two-dimensional (the fused decode step)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
 
 
 def lookup(weight: torch.Tensor) -> Packed | None:
