@@ -19,7 +19,7 @@ from functools import cached_property
 
 import torch
 
-from . import inputs, recital, static_decode
+from . import inputs, recital, static_decode, stops as stopping
 from .errors import InputError
 from .lora import LowRankDelta
 from .model import ModelRunner, cache_tensors
@@ -237,8 +237,10 @@ class GenerationMixin:
         prompts maps a session name to its prompt (text, token ids, or None to continue the window
         alone). Returns, per session, text when its prompt was text, else a list of token ids.
         seed: one for every row, or {session: seed}; each row samples with its own generator, so its
-        tokens are those it would get alone with the same seed. on_token(session, token), when given,
-        sees each token as it is chosen (streaming); returning False ends that row there.
+        tokens are those it would get alone with the same seed. stop: token ids and texts (stops.py);
+        by default the model's end tokens. on_token(session, token), when given, sees each kept token
+        as it is chosen (streaming; a stop text's own too, which the answer leaves out); returning
+        False ends that row there.
         recite: a row routed to a delta of its bank has it recite its round first, and the base model
         answers reading the recital (recital.py; slower, and recalls more on SmolLM2).
         """
@@ -256,8 +258,10 @@ class GenerationMixin:
         ids = [self.to_ids(p if p is not None else [], allow_empty=True) for p in prompts.values()]
         for sess, p in zip(sessions, ids):
             self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
-        stops = inputs.stop_ids(stop, self.tokenizer, self.runner.vocab_size)
+        stops = stopping.parse(stop, self.tokenizer, self.runner.vocab_size, self.runner.model)
         names = list(prompts)
+        streamed = None if on_token is None else lambda row, tok: on_token(names[row], tok)
+        watch = stopping.TextWatch(stops.texts, self.tokenizer, len(names), streamed) if stops.texts else None
         seeds = [inputs.seed_of(seed, name, self.config.seed) for name in names]
         gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
         with self._resident(sessions):
@@ -266,8 +270,9 @@ class GenerationMixin:
                 self._read_recitals(sessions, [i for i, b in enumerate(banked) if b], deltas, windows, ids,
                                     max_new_tokens)
             new = generate_rows(self.runner, deltas, windows, ids, max_new_tokens, temperature,
-                                top_p, stops, gens, None if on_token is None else
-                                lambda row, tok: on_token(names[row], tok))
+                                top_p, set(stops.ids), gens, watch or streamed)
+        if watch is not None:
+            return {name: watch.cut(out)[0 if isinstance(p, str) else 1] for (name, p), out in zip(prompts.items(), new)}
         return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
                 for (name, p), out in zip(prompts.items(), new)}
 

@@ -69,29 +69,6 @@ def check_sampling(max_new_tokens, temperature, top_p) -> None:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def stop_ids(stop, tokenizer, vocab_size: int) -> set[int]:
-    """Token ids that end generation: the tokenizer's EOS by default; else ids, or texts whose
-    tokens all stop it."""
-    if stop is None:
-        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-        return {eos} if isinstance(eos, int) else set()
-    if isinstance(stop, (int, str)) and not isinstance(stop, bool):
-        stop = [stop]
-    if not isinstance(stop, (list, tuple)):
-        raise InputError(f"stop must be a token id, a text, or a list of them, got {type(stop).__name__}")
-    out = set()
-    for s in stop:
-        if isinstance(s, str):
-            if tokenizer is None:
-                raise InputError("stop texts need a tokenizer: pass stop token ids instead")
-            out.update(to_ids(s, tokenizer, vocab_size))
-        elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab_size:
-            out.add(s)
-        else:
-            raise InputError(f"stop items must be token ids in [0, {vocab_size}) or texts, got {s!r}")
-    return out
-
-
 def check_span(held: int, extra: int, what: str, limit: int) -> None:
     """Queries read the window plus what they add, in full attention. Past the model's positions
     (or the window, if larger) that is no longer bounded memory: absorb long inputs instead."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import inputs
+from . import stops as stopping
 from .config import AbsorberConfig
 from .engine import AbsorberEngine
 from .errors import InputError
@@ -55,7 +55,9 @@ class AbsorbingModel:
         # None, as transformers callers often pass, is the default there too
         temperature = _number(kwargs.get("temperature"), 1.0, "temperature") if sample else 0.0
         top_p = _number(kwargs.get("top_p"), 1.0, "top_p") if sample else 1.0
-        eos = kwargs.get("eos_token_id", getattr(self.model.config, "eos_token_id", None))
+        eos = kwargs.get("eos_token_id")
+        if eos is None:                        # transformers stops at generation_config's, one id or several
+            eos = sorted(stopping.model_end_ids(self.model, None, self.engine.runner.vocab_size)) or None
         pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))
         rows = [self._generate_row(row.tolist(), max_new_tokens, temperature, top_p, eos) for row in input_ids]
         width = max(len(r) for r in rows)
@@ -68,7 +70,7 @@ class AbsorbingModel:
 
     def _generate_row(self, ids: list[int], max_new_tokens, temperature, top_p, eos) -> list[int]:
         eng = self.engine
-        stops = inputs.stop_ids([] if eos is None else eos, None, eng.runner.vocab_size)
+        stops = stopping.parse([] if eos is None else eos, None, eng.runner.vocab_size).ids
         eng.reset()
         # A tokenizer that adds BOS put it in input_ids; the engine starts every sequence with its own
         # (prefix_bos): read as given, the model saw BOS twice and answered otherwise than generate().

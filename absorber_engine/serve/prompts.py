@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..stops import model_end_ids
 from .errors import bad_request
 
 # Trailing tokens of a completion prompt read as the generation prompt, not taken into the session:
@@ -31,13 +32,12 @@ class Prompt:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, model=None):
         if tokenizer is None:
             raise ValueError("serving needs a model with a tokenizer")
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.template = getattr(tokenizer, "chat_template", None) or None
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = {eos} if isinstance(eos, int) else set()
+        self.eos_ids = model_end_ids(model, tokenizer, vocab_size)
         self.chat_stop_ids = set(self.eos_ids)
         for name in _TURN_END_TOKENS:
             if self.template and name in self.template:

@@ -1,0 +1,93 @@
+"""What ends a generated answer: stop token ids, and stop texts found in the answer's text.
+
+A stop text is a sequence, wherever its characters fall among tokens: "Question:" is two tokens in
+SmolLM2's vocabulary, and stopping at either one alone (as generate() did until 2026-12-06) ended
+every answer at its first colon. A text that is one added token of the tokenizer ("<|im_end|>") is
+that token's id. Without `stop`, the model's own end tokens: the tokenizer's EOS and each id of
+the model's generation_config.eos_token_id, as transformers' generate() stops (Gemma's chat models
+end a turn with <end_of_turn>, which their tokenizer's EOS is not; Llama 3.1 lists three).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+from .inputs import to_ids
+
+
+@dataclass(frozen=True)
+class Stops:
+    ids: frozenset           # a sampled id among them ends the row, and is left out of the answer
+    texts: tuple = ()        # the answer ends before the first of them its text holds
+
+
+def model_end_ids(model, tokenizer, vocab_size: int) -> set[int]:
+    """The tokenizer's EOS and the model's generation_config (else config) eos_token_id, int or list."""
+    found = [getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None]
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            found += eos if isinstance(eos, (list, tuple)) else [eos]
+            break
+    return {t for t in found if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size}
+
+
+def parse(stop, tokenizer, vocab_size: int, model=None) -> Stops:
+    """`stop` as generate() takes it: None (the model's end tokens), a token id, a text, or a list of them."""
+    if stop is None:
+        return Stops(frozenset(model_end_ids(model, tokenizer, vocab_size)))
+    if isinstance(stop, (int, str)) and not isinstance(stop, bool):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise InputError(f"stop must be a token id, a text, or a list of them, got {type(stop).__name__}")
+    ids, texts = set(), []
+    for s in stop:
+        if isinstance(s, str):
+            if tokenizer is None:
+                raise InputError("stop texts need a tokenizer: pass stop token ids instead")
+            if not s:
+                raise InputError("a stop text must not be empty")
+            one = to_ids(s, tokenizer, vocab_size)
+            if len(one) == 1 and one[0] in _added_ids(tokenizer):
+                ids.add(one[0])
+            else:
+                texts.append(s)
+        elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab_size:
+            ids.add(s)
+        else:
+            raise InputError(f"stop items must be token ids in [0, {vocab_size}) or texts, got {s!r}")
+    return Stops(frozenset(ids), tuple(dict.fromkeys(texts)))
+
+
+def _added_ids(tokenizer) -> set[int]:
+    return set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(getattr(tokenizer, "all_special_ids", []) or [])
+
+
+class TextWatch:
+    """An on_token for generate_rows that ends a row once its new text holds a stop text; `then`
+    (the caller's on_token) sees every kept token first, a stop text's own included."""
+
+    def __init__(self, texts: tuple, tokenizer, rows: int, then=None):
+        self.texts, self.tokenizer, self.then = texts, tokenizer, then
+        self.new: list[list[int]] = [[] for _ in range(rows)]
+        # The tail decoded each step: a text of L characters spans at most 4L byte-level tokens.
+        self.tail = 4 * max(len(t) for t in texts) + 4
+
+    def __call__(self, row: int, tok: int):
+        self.new[row].append(tok)
+        if self.then is not None and self.then(row, tok) is False:
+            return False
+        tail = self.tokenizer.decode(self.new[row][-self.tail:])
+        return False if any(t in tail for t in self.texts) else None
+
+    def cut(self, ids: list[int]) -> tuple[str, list[int]]:
+        """A row's answer before its first stop text: as text, and as the ids wholly before it."""
+        text = self.tokenizer.decode(ids)
+        at = min((i for i in (text.find(t) for t in self.texts) if i >= 0), default=-1)
+        if at < 0:
+            return text, ids
+        keep = len(ids)
+        while keep and len(self.tokenizer.decode(ids[:keep])) > at:
+            keep -= 1
+        return text[:at], ids[:keep]

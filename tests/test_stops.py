@@ -1,0 +1,84 @@
+"""Stop texts end an answer where their text appears, across tokens; by default the model's own end tokens."""
+
+import pytest
+import torch
+
+from absorber_engine import AbsorberConfig, AbsorberEngine, InputError
+from absorber_engine.cli import SHIPPED_MODEL
+from absorber_engine.stops import Stops, model_end_ids, parse
+
+PROMPT = "The pass key is 71432. Remember it. The grass is green. The sky is blue. The pass key is"
+
+
+@pytest.fixture(scope="module")
+def eng():
+    return AbsorberEngine.from_pretrained(SHIPPED_MODEL, config=AbsorberConfig(chunk_tokens=64, sync_tokens=8, rank=2))
+
+
+def _spanning_stop(tok, ids):
+    """A text of two consecutive new tokens whose second token also came earlier alone: ending at
+    either token (the old rule) stops before the text does."""
+    text = tok.decode(ids)
+    for k in range(1, len(ids) - 1):
+        stop = tok.decode(ids[k:k + 2])
+        if ids[k + 1] in ids[:k] and stop.strip() and text.find(stop) >= len(tok.decode(ids[:k])):
+            return stop
+    pytest.skip("no spanning stop in this answer")
+
+
+def test_a_stop_text_ends_the_answer_where_it_appears_across_tokens(eng):
+    tok = eng.tokenizer
+    full_ids = eng.generate(tok.encode(PROMPT), max_new_tokens=40, stop=[])
+    full = tok.decode(full_ids)
+    stop = _spanning_stop(tok, full_ids)
+    assert len(tok.encode(stop)) >= 2
+    cut = full[:full.find(stop)]
+    assert eng.generate(PROMPT, max_new_tokens=40, stop=stop) == cut
+    ids = eng.generate(tok.encode(PROMPT), max_new_tokens=40, stop=[stop])
+    assert ids == full_ids[:len(ids)] and tok.decode(ids) == cut[:len(tok.decode(ids))]
+    assert len(tok.decode(ids)) > len(cut) - len(stop) - 8     # the tokens before the text stay
+    seen = []
+    eng.generate_batch({"default": PROMPT}, max_new_tokens=40, stop=stop, on_token=lambda s, t: seen.append(t))
+    assert tok.decode(seen).find(stop) >= 0                     # streaming saw the stop text's tokens
+
+
+def test_a_stop_text_no_answer_holds_changes_nothing(eng):
+    full = eng.generate(PROMPT, max_new_tokens=24, stop=[])
+    assert eng.generate(PROMPT, max_new_tokens=24, stop=["@@@never@@@"]) == full
+
+
+def test_an_added_token_text_is_its_id_and_empty_texts_are_refused(eng):
+    tok = eng.tokenizer
+    special = tok.convert_ids_to_tokens(tok.eos_token_id)
+    assert parse(special, tok, eng.runner.vocab_size) == Stops(frozenset({tok.eos_token_id}))
+    with pytest.raises(InputError, match="empty"):
+        eng.generate(PROMPT, max_new_tokens=2, stop=["x", ""])
+
+
+def test_default_stops_are_the_tokenizers_eos_and_the_models_generation_config():
+    class Cfg:
+        eos_token_id = [5, 9, 10 ** 9]            # one id outside the vocabulary: not a stop
+
+    class Model:
+        generation_config = Cfg()
+
+    class Tok:
+        eos_token_id = 7
+
+    assert model_end_ids(Model(), Tok(), 100) == {5, 7, 9}
+    assert model_end_ids(None, Tok(), 100) == {7}
+
+
+def test_generate_stops_at_a_generation_config_end_token_the_tokenizer_does_not_name(eng):
+    tok = eng.tokenizer
+    full = eng.generate(tok.encode(PROMPT), max_new_tokens=16, stop=[])
+    end = full[5]
+    model = eng.runner.model
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [old, end] if isinstance(old, int) else list(old or []) + [end]
+    try:
+        assert end != tok.eos_token_id
+        assert eng.generate(tok.encode(PROMPT), max_new_tokens=16) == full[:full.index(end)]
+    finally:
+        model.generation_config.eos_token_id = old
+    assert torch.equal(torch.tensor(eng.generate(tok.encode(PROMPT), max_new_tokens=16, stop=[])), torch.tensor(full))
