@@ -56,13 +56,14 @@ def test_save_is_atomic_and_leaves_no_temporaries(trained, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["mem.safetensors"]
 
 
-def _rewrite(path, out, tensors=None, meta_changes=None):
+def _rewrite(path, out, tensors=None, meta_changes=None, drop=()):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
     tensors = tensors if tensors is not None else load_file(str(path))
     meta.update(meta_changes or {})
+    meta = {k: v for k, v in meta.items() if k not in drop}
     save_file(tensors, str(out), metadata=meta)
     return out
 
@@ -118,6 +119,20 @@ def test_memory_of_another_model_or_shape_is_refused(trained):
     other_targets = AbsorberEngine(make_model("llama"), config=CFG.replace(targets=("q_proj",)))
     with pytest.raises(MemoryFileError, match="targets"):
         other_targets.load_memory(path)
+
+
+def test_memory_of_a_model_changed_past_the_sampled_values_is_refused_and_old_files_still_load(trained, tmp_path):
+    eng, path = trained
+    model = make_model("llama")
+    with torch.no_grad():        # one row of one weight fine-tuned: the fingerprint's sample misses it
+        model.model.layers[1].mlp.down_proj.weight[-1].mul_(1.5)
+    tuned = AbsorberEngine(model, config=CFG)
+    state = _state(tuned)
+    with pytest.raises(MemoryFileError, match="another base model"):
+        tuned.load_memory(path)
+    _same_state(tuned, state)
+    old_file = _rewrite(path, tmp_path / "old.st", drop=("model_checksum",))   # made before the checksum
+    AbsorberEngine(make_model("llama"), config=CFG).load_memory(old_file)
 
 
 def test_loading_a_model_in_another_dtype_still_matches(trained):
