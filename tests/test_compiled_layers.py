@@ -26,9 +26,16 @@ def _run_two_streams(cfg):
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_compiled_layers_give_the_eager_round(checkpoint):
+def test_compiled_layers_give_the_eager_round(checkpoint, monkeypatch):
     cfg = CFG.replace(checkpoint_layers=checkpoint)
-    eager, compiled = _run_two_streams(cfg), _run_two_streams(cfg.replace(compile_layers=True))
+    checkpointed = []               # each checkpointed layer call: both runs compared are checkpointed
+    own = layer_forward.checkpoint
+    monkeypatch.setattr(layer_forward, "checkpoint", lambda *a, **k: checkpointed.append(1) or own(*a, **k))
+    eager = _run_two_streams(cfg)
+    assert bool(checkpointed) == checkpoint
+    checkpointed.clear()
+    compiled = _run_two_streams(cfg.replace(compile_layers=True))
+    assert bool(checkpointed) == checkpoint
     layers = compiled.runner.layers
     assert all(isinstance(layer.__dict__.get("forward"), layer_forward._Compiled) for layer in layers)
     for name in ("a", "b"):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, MemoryFileError
+from absorber_engine import memory_file
 from tiny_models import make_model, random_ids
 
 CFG = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, max_steps=3, future_tokens=4, lr=1e-2)
@@ -50,10 +51,18 @@ def test_round_trip_gives_identical_logits(trained):
         torch.testing.assert_close(fresh.delta.state_dict()[k], v)
 
 
-def test_save_is_atomic_and_leaves_no_temporaries(trained, tmp_path):
+def test_save_is_atomic_and_leaves_no_temporaries(trained, tmp_path, monkeypatch):
     eng, path = trained
     eng.save_memory(path)                                    # overwrite in place
     assert sorted(os.listdir(tmp_path)) == ["mem.safetensors"]
+    before = path.read_bytes()
+
+    def interrupted(*a, **k):                                # Ctrl-C while the bytes are made
+        raise KeyboardInterrupt
+    monkeypatch.setattr(memory_file, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.save_memory(path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["mem.safetensors"]
 
 
 def _rewrite(path, out, tensors=None, meta_changes=None, drop=()):

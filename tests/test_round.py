@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine.round import student_losses
@@ -123,7 +124,11 @@ def test_early_stop_at_stop_loss():
     assert report.rounds == 1 and report.steps == 0      # the first loss is already below eps
 
 
-def test_checkpointed_layers_give_the_same_round():
+def test_checkpointed_layers_give_the_same_round(monkeypatch):
+    from absorber_engine import layer_forward
+
+    recomputed = []                 # each checkpointed layer call, so the run compared is checkpointed
+    monkeypatch.setattr(layer_forward, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
     ids = random_ids(40, seed=11)
     deltas = []
     for ckpt in (False, True):
@@ -132,7 +137,9 @@ def test_checkpointed_layers_give_the_same_round():
         eng = AbsorberEngine(make_model("llama"), config=cfg)
         report = eng.absorb(ids)
         assert report.rounds == 1 and report.steps == 5
+        assert bool(recomputed) == ckpt
         deltas.append(eng.delta.state_dict())
+    assert len(recomputed) >= 5 * len(eng.runner.layers)
     for k, v in deltas[0].items():
         torch.testing.assert_close(deltas[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
