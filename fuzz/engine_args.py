@@ -122,6 +122,8 @@ def from_bytes(data: bytes) -> dict:
             if r.bool():
                 kwargs[name] = _sampling_value(r, name)
         kwargs.setdefault("max_new_tokens", r.int_in(0, 3))
+        if r.int_in(0, 3) == 0:        # stop texts, matched in the answer's text (stops.TextWatch)
+            kwargs["stop"] = r.choice((text, [text, 2], [text[:2], text[2:]], [text, ""]))
         if r.int_in(0, 3) == 0:
             kwargs["recite"] = r.choice(RECITE)
     elif method == "absorb":
