@@ -34,7 +34,8 @@ class Decoder:
             try:
                 out = self.engine.generate_batch({p.key: p.prompt for p in rows}, max_new_tokens=longest,
                                                  temperature=temperature, top_p=top_p, stop=sorted(stop_ids),
-                                                 seed={p.key: _seed(p.job.sampling) for p in rows}, recite=recite)
+                                                 seed={p.key: _seed(p.job.sampling) for p in rows}, recite=recite,
+                                                 on_token=self._watch(rows))
             except InputError as exc:
                 for p in rows:
                     p.job.fail(bad_request(str(exc)))
@@ -53,11 +54,29 @@ class Decoder:
         try:
             out = self.engine.generate_batch({p.key: p.prompt}, max_new_tokens=s.max_tokens, temperature=s.temperature,
                                              top_p=s.top_p, stop=sorted(p.job.prompt.stop_ids), seed=_seed(s),
-                                             recite=s.recite)
+                                             recite=s.recite, on_token=self._watch([p]))
         except InputError as exc:
             p.job.fail(bad_request(str(exc)))
             return
         self._finish(p, out[p.key])
+
+    def _watch(self, plans: list[Plan]):
+        """generate_batch's on_token for answers sent whole: a row ends at its own max_tokens, at a
+        stop sequence, or once nobody waits for it (its request timed out or went away): a
+        timed-out answer decoded to the end held the worker, and the requests queued behind it
+        timed out in turn."""
+        rows = {p.key: (p, []) for p in plans}
+
+        def on_token(key, token: int) -> bool:
+            p, out = rows[key]
+            out.append(token)
+            s = p.job.sampling
+            if len(out) >= s.max_tokens or p.job.future.done() or time.monotonic() > p.job.deadline:
+                return False
+            # The text a stop sequence could end in: a sequence of L characters spans at most 4L tokens.
+            tail = 4 * max((len(x) for x in s.stops), default=0) + 4
+            return not (s.stops and cut_at_stop(self.prompts.decode(out[-tail:]), s.stops)[1])
+        return on_token
 
     def _finish(self, p: Plan, ids: list[int]) -> None:
         s = p.job.sampling

@@ -55,3 +55,41 @@ def test_recite_splits_batches_and_reaches_the_engine():
     sink = _Sink()
     dec.stream(_plan("f", True, sink))
     assert engine.calls == [(["e"], True), (["f"], True)] and ("text", "7") in sink.events
+
+
+class _Counting:
+    """Emits 1, 2, 3, ... per row as the engine does: a row ends when on_token returns False."""
+
+    def __init__(self):
+        self.emitted = {}
+
+    def generate_batch(self, prompts, max_new_tokens, temperature, top_p, stop, seed, on_token=None, recite=False):
+        out = {}
+        for key in prompts:
+            out[key] = []
+            for t in range(1, max_new_tokens + 1):
+                out[key].append(t)
+                if on_token is not None and on_token(key, t) is False:
+                    break
+            self.emitted[key] = len(out[key])
+        return out
+
+
+def _timed_plan(key, max_tokens, stops=(), deadline=float("inf")):
+    job = Job("generate", prompt=Prompt([1, 2], 2, set()), deadline=deadline,
+              sampling=Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=None, stops=list(stops)))
+    return Plan(job, None, key, [], [1, 2])
+
+
+def test_answers_sent_whole_stop_decoding_at_their_length_a_stop_sequence_or_when_nobody_waits():
+    engine = _Counting()
+    dec = Decoder(engine, _Prompts(), None)
+    late, gone = _timed_plan("late", 9, deadline=0.0), _timed_plan("gone", 9)
+    gone.job.future.cancel()                     # the request's route gave up (a 504 was sent)
+    plans = [_timed_plan("short", 2), _timed_plan("long", 9), _timed_plan("stops", 9, stops=["3 4"]), late, gone]
+    dec.together(plans)
+    assert engine.emitted == {"short": 2, "long": 9, "stops": 4, "late": 1, "gone": 1}
+    assert plans[2].job.future.result()["text"] == "1 2 " and plans[2].job.future.result()["finish_reason"] == "stop"
+    assert plans[0].job.future.result()["finish_reason"] == "length"
+    dec.alone(_timed_plan("alone", 9, deadline=0.0))
+    assert engine.emitted["alone"] == 1
