@@ -59,7 +59,12 @@ class AbsorbingModel:
         if eos is None:                        # transformers stops at generation_config's, one id or several
             eos = sorted(stopping.model_end_ids(self.model, None, self.engine.runner.vocab_size)) or None
         pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))
-        rows = [self._generate_row(row.tolist(), max_new_tokens, temperature, top_p, eos) for row in input_ids]
+        # Sampled rows draw their seeds from torch's global generator, as transformers' sampling draws
+        # from it: torch.manual_seed reproduces a call, and calls and rows differ (one config seed
+        # for all gave every call and every row the same sample).
+        seeds = [int(torch.randint(0, 2 ** 62, (1,))) if sample else None for _ in range(len(input_ids))]
+        rows = [self._generate_row(row.tolist(), max_new_tokens, temperature, top_p, eos, seed)
+                for row, seed in zip(input_ids, seeds)]
         width = max(len(r) for r in rows)
         if any(len(r) < width for r in rows) and pad is None:
             pad = eos[0] if isinstance(eos, list) else eos
@@ -68,7 +73,7 @@ class AbsorbingModel:
             out[i, :len(r)] = torch.tensor(r, dtype=input_ids.dtype)
         return out.to(input_ids.device)
 
-    def _generate_row(self, ids: list[int], max_new_tokens, temperature, top_p, eos) -> list[int]:
+    def _generate_row(self, ids: list[int], max_new_tokens, temperature, top_p, eos, seed) -> list[int]:
         eng = self.engine
         stops = stopping.parse([] if eos is None else eos, None, eng.runner.vocab_size).ids
         eng.reset()
@@ -82,7 +87,8 @@ class AbsorbingModel:
         # transformers keeps the eos a row stopped on, whichever of several: stop through on_token,
         # which sees each token after it is kept.
         new = eng.generate_batch({DEFAULT_SESSION: ids[split:]}, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, stop=[], on_token=lambda row, tok: tok not in stops)[DEFAULT_SESSION]
+                                 top_p=top_p, stop=[], seed=seed, on_token=lambda row, tok: tok not in stops
+                                 )[DEFAULT_SESSION]
         return ids + new
 
 

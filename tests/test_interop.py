@@ -98,3 +98,17 @@ def test_peft_adapter_reproduces_engine_logits(arch, tmp_path):
     with peft_model.disable_adapter(), torch.no_grad():
         bare = peft_model(torch.tensor([[BOS] + probe])).logits[0, 1:].float()
     assert (bare - ours).abs().max() > 1e-3                      # the adapter carries the memory
+
+
+def test_wrapped_sampling_draws_from_torchs_generator_like_transformers():
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1, future_tokens=4, compute_dtype="float32")
+    wrapped = wrap(make_model("llama"), config=cfg)
+    ids = torch.tensor([random_ids(12, seed=6)] * 2)
+    draws = {}
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        out = wrapped.generate(ids, max_new_tokens=12, do_sample=True, eos_token_id=[])
+        draws.setdefault(seed, []).append(out[:, 12:].tolist())
+    assert draws[0][0] == draws[0][1]                        # torch.manual_seed reproduces a call
+    assert draws[0][0] != draws[1][0]                        # another seed, another sample
+    assert draws[0][0][0] != draws[0][0][1]                  # two rows of one prompt differ, as transformers' do
