@@ -286,7 +286,7 @@ def cmd_absorb_many(args) -> int:
         raise InputError(f"--out-dir {args.out_dir!r} is a file, not a directory")
     _quiet_loading(args)
     reports = absorb_many_processes(args.model, args.inputs, args.out_dir, config, nproc=args.nproc,
-                                    dtype=args.dtype, device=args.device, as_ids=args.ids)
+                                    dtype=args.dtype, device=args.device, as_ids=args.ids, quiet=args.quiet)
     for path, rep in sorted(reports.items()):
         print(f"{path}: {rep['tokens']} tokens, {rep['rounds']} rounds, final loss {rep['final_loss']:.6g} "
               f"-> {rep['memory']}")

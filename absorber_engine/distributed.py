@@ -117,8 +117,13 @@ def absorb_many(engine, inputs: list[str], out_dir: str, as_ids: bool = False) -
     return {path: merged[path] for path in inputs}       # the inputs' order, whatever the ranks
 
 
-def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, as_ids, result_file):
+def _worker(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, as_ids, result_file,
+            quiet=False):
     try:
+        if quiet:                         # a process of its own: the parent's setting does not reach it
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         _absorb_rank(rank, world, init_file, model_dir, inputs, out_dir, config_dict, dtype, device, as_ids,
                      result_file)
     except AbsorberError as exc:          # for the parent to raise as it would with one process
@@ -155,8 +160,10 @@ def _absorb_rank(rank, world, init_file, model_dir, inputs, out_dir, config_dict
 
 
 def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, config: AbsorberConfig,
-                          nproc: int = 1, dtype=None, device=None, as_ids: bool = False) -> dict[str, dict]:
-    """Starts `nproc` ranks on this machine (gloo on CPU, nccl on GPUs) and absorbs `inputs` over them."""
+                          nproc: int = 1, dtype=None, device=None, as_ids: bool = False,
+                          quiet: bool = False) -> dict[str, dict]:
+    """Starts `nproc` ranks on this machine (gloo on CPU, nccl on GPUs) and absorbs `inputs` over them;
+    `quiet`: no weight-loading progress bars in the ranks."""
     from .engine import AbsorberEngine
 
     if not isinstance(nproc, int) or nproc < 1:
@@ -183,7 +190,7 @@ def absorb_many_processes(model_dir: str, inputs: list[str], out_dir: str, confi
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result.json")
         ranks = mp.spawn(_worker, args=(nproc, init_file, model_dir, list(inputs), out_dir, config.to_dict(), dtype,
-                                        device, as_ids, result_file), nprocs=nproc, join=False)
+                                        device, as_ids, result_file, quiet), nprocs=nproc, join=False)
         try:
             while not ranks.join():       # back as each rank ends; True once every rank has
                 continue
