@@ -89,7 +89,8 @@ class FusedLayers:
         rope = getattr(self.rotary, "rope_type", "default")
         if not isinstance(rope, str) or "dynamic" in rope or rope == "longrope":
             return None
-        return self.rotary(self.embed.weight, position + torch.arange(steps, device=position.device))
+        cos, sin = self.rotary(self.embed.weight, position + torch.arange(steps, device=position.device))
+        return cos, _signed(sin)
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, caches: list,
              slot: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -97,11 +98,14 @@ class FusedLayers:
         """tokens and position (B, 1), mask (B, 1, 1, S) the attention's additive mask (0 where a
         row attends, -inf elsewhere, in the states' dtype: what sdpa makes of a boolean one at every
         call) over the static cache `caches` (one transformers StaticLayer per layer; the step
-        writes its keys and values at `slot`), `rotary` this step's cos and sin (B, 1, Dh) where a
-        table holds them -> the residual states h^0..h^L and the final normed states, each (B, D):
-        one row a sequence, so every product takes its input as it is."""
+        writes its keys and values at `slot`), `rotary` this step's cos and signed sin (B, 1, Dh)
+        where a table holds them -> the residual states h^0..h^L and the final normed states, each
+        (B, D): one row a sequence, so every product takes its input as it is."""
         h = self.embed(tokens[:, 0])
-        cos, sin = rotary if rotary is not None else self.rotary(h, position)     # (B, 1, Dh): over the heads
+        if rotary is None:
+            cos, sin = self.rotary(h, position)
+            rotary = cos, _signed(sin)
+        cos, sin = rotary                                                          # (B, 1, Dh): over the heads
         states = [h]
         for layer, cache in zip(self.layers, caches):
             h = layer(h, cos, sin, mask, cache, slot)
@@ -132,8 +136,10 @@ class _Layer:
         qk, v = qkv[:, :H + KV], qkv[:, H + KV:]
         if self.qk_norms is not None:
             qk = torch.cat((_rms_norm(qk[:, :H], self.qk_norms[0]), _rms_norm(qk[:, H:], self.qk_norms[1])), dim=1)
-        # q's and k's heads turned together: the same ops an element as apart, half the ops.
-        qk = qk * cos + _rotate_half(qk) * sin
+        # q's and k's heads turned together: the same ops an element as apart, half the ops. The
+        # rotated half as a roll times the signed sin: the modules' products to the bit (negation is
+        # exact), in two ops where rotate_half took four.
+        qk = qk * cos + torch.roll(qk, Dh // 2, dims=-1) * sin
         cache.keys.index_copy_(2, slot, qk[:, H:].unsqueeze(2))
         cache.values.index_copy_(2, slot, v.unsqueeze(2))
         # At one query token the query heads sharing a key head become its query rows: the CPU's
@@ -165,10 +171,12 @@ def _fused(modules: list[nn.Module], weight_of, dtype: torch.dtype, rows: int):
 
 
 def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    x = h.float()
-    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(h.dtype)
+    # torch.rms_norm without a weight is the modules' fp32 pow, mean, rsqrt and product, to the bit
+    # (tests/test_static_decode.py), in one call; the weight multiplies after the cast, as theirs does.
+    return norm.weight * torch.rms_norm(h.float(), h.shape[-1:], None, norm.variance_epsilon).to(h.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == roll(x, half) * _signed(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
