@@ -37,8 +37,11 @@ class Decoder:
                                                  seed={p.key: _seed(p.job.sampling) for p in rows}, recite=recite,
                                                  on_token=self._watch(rows))
             except InputError as exc:
-                for p in rows:
-                    p.job.fail(bad_request(str(exc)))
+                if len(rows) == 1:
+                    rows[0].job.fail(bad_request(str(exc)))
+                else:       # one row's error (its recital past the positions) is its own: each answers alone
+                    for p in rows:
+                        self.alone(p)
                 continue
             for p in rows:
                 self._finish(p, out[p.key])

@@ -5,7 +5,9 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from absorber_engine.errors import InputError  # noqa: E402
 from absorber_engine.serve.decoding import Decoder  # noqa: E402
+from absorber_engine.serve.errors import APIError  # noqa: E402
 from absorber_engine.serve.jobs import Job, Plan, Sampling  # noqa: E402
 from absorber_engine.serve.prompts import Prompt  # noqa: E402
 
@@ -93,3 +95,19 @@ def test_answers_sent_whole_stop_decoding_at_their_length_a_stop_sequence_or_whe
     assert plans[0].job.future.result()["finish_reason"] == "length"
     dec.alone(_timed_plan("alone", 9, deadline=0.0))
     assert engine.emitted["alone"] == 1
+
+
+class _OneBadRow(_Counting):
+    def generate_batch(self, prompts, *args, **kwargs):
+        if "bad" in prompts:
+            raise InputError("window (500) + recital = 600 tokens exceeds the model's 512 positions")
+        return super().generate_batch(prompts, *args, **kwargs)
+
+
+def test_one_rows_error_fails_that_request_alone():
+    dec = Decoder(_OneBadRow(), _Prompts(), None)
+    plans = [_timed_plan("good", 3), _timed_plan("bad", 3), _timed_plan("also good", 3)]
+    dec.together(plans)
+    assert plans[0].job.future.result()["text"] == plans[2].job.future.result()["text"] == "1 2 3"
+    with pytest.raises(APIError, match="positions"):
+        plans[1].job.future.result()
