@@ -93,19 +93,22 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         chunk_tokens and sync_tokens default to the engine config's."""
         if check_key(name) in self.sessions:
             return self.sessions[name]
-        if self.closed:
-            raise InputError("this engine is closed: its deltas are detached from the model")
-        inputs.check_sizes(chunk_tokens=chunk_tokens, sync_tokens=sync_tokens)
-        if chunk_tokens is not None or sync_tokens is not None:
-            pick = lambda own, default: default if own is None else own       # noqa: E731  (0 is a size)
-            check_round_span(self.runner, self.config, self.frame, pick(chunk_tokens, self.config.chunk_tokens),
-                             pick(sync_tokens, self.config.sync_tokens))
-        try:
-            self.scheduler.open(name, priority, chunk_tokens, sync_tokens)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"cannot open session {name!r}: {exc}") from exc
-        self.sessions[name] = Session(self, name, seed=self.config.seed)
-        return self.sessions[name]
+        with self._lock:        # two threads opening one name get one session; run() never sees it half-made
+            if name in self.sessions:
+                return self.sessions[name]
+            if self.closed:
+                raise InputError("this engine is closed: its deltas are detached from the model")
+            inputs.check_sizes(chunk_tokens=chunk_tokens, sync_tokens=sync_tokens)
+            if chunk_tokens is not None or sync_tokens is not None:
+                pick = lambda own, default: default if own is None else own       # noqa: E731  (0 is a size)
+                check_round_span(self.runner, self.config, self.frame, pick(chunk_tokens, self.config.chunk_tokens),
+                                 pick(sync_tokens, self.config.sync_tokens))
+            try:
+                self.scheduler.open(name, priority, chunk_tokens, sync_tokens)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"cannot open session {name!r}: {exc}") from exc
+            self.sessions[name] = Session(self, name, seed=self.config.seed)
+            return self.sessions[name]
 
     def close_session(self, name) -> None:
         with self._lock:
@@ -121,7 +124,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
     # ------------------------------------------------------------------ absorption
 
     def feed(self, text_or_ids, session=DEFAULT_SESSION) -> int:
-        """Queues tokens without absorbing them (thread-safe; run() absorbs what is ready); returns how many."""
+        """Queues tokens for run(); returns how many. Thread-safe; a same-session absorb() may interleave."""
         sess = self._get(session)
         ids = self.to_ids(text_or_ids)
         self.scheduler.feed(sess.key, ids)
@@ -141,6 +144,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             raise InputError("nothing to absorb: the input is empty and the window holds no tokens")
         start, report = time.perf_counter(), AbsorbReport()
         with self._lock:
+            self._get(sess)                 # still open: close() or close_session() may have run first
             try:
                 pos = self._absorb_rounds(sess, ids, flush, progress, report)
             except BaseException:
@@ -148,8 +152,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 raise
             finally:
                 self._rest()
+            report.held_tokens, report.absorbed_tokens = sess.held_tokens, sess.absorbed_tokens
         report.tokens, report.seconds = pos, time.perf_counter() - start
-        report.held_tokens, report.absorbed_tokens = sess.held_tokens, sess.absorbed_tokens
         return report
 
     def _absorb_rounds(self, sess: Session, ids: list[int], flush: bool, progress, report: AbsorbReport) -> int:
@@ -190,9 +194,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         """Absorbs every round ready in any session, in batches (with flush, all every session holds);
         an AbsorbReport per session that ran. A failed round is rolled back (tokens kept; `errors` says why)."""
         reports: dict = {}
-        self._get(DEFAULT_SESSION)                      # refused once the engine is closed
         inputs.check_flag("flush", flush)
         with self._lock:
+            self._get(DEFAULT_SESSION)                  # refused once the engine is closed
             if flush:
                 for key, sess in self.sessions.items():
                     if sess.held_tokens:
@@ -215,9 +219,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                     if rep.errors:
                         self.sessions[key].end_drain()
                 self._rest()
-        for key, rep in reports.items():
-            rep.held_tokens = self.sessions[key].held_tokens
-            rep.absorbed_tokens = self.sessions[key].absorbed_tokens
+            for key, rep in reports.items():        # under the lock: no close_session() in between
+                rep.held_tokens = self.sessions[key].held_tokens
+                rep.absorbed_tokens = self.sessions[key].absorbed_tokens
         return reports
 
     def _run_batch(self) -> dict:

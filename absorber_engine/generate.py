@@ -283,6 +283,8 @@ class GenerationMixin:
             raise InputError(f"a batch of {len(sessions)} sessions needs all their deltas resident at once, and "
                              f"max_resident is {self.config.max_resident}: generate in batches of at most that many")
         with self._lock:
+            for sess in sessions:
+                self._get(sess)                    # still open: close() or close_session() may have run first
             acquired = []
             try:                                   # a failed acquire or move releases what was taken
                 for sess in sessions:

@@ -189,9 +189,7 @@ class Session:
     def end_drain(self) -> None:
         """A flush whose round failed stops draining (the scheduler's flag outlived it, and the next
         plain absorb() flushed unasked): what it held stays raw, counters as they are."""
-        st = self.stats()
-        if st["draining"] and st["in_flight"] is None:
-            self.restore_window(self.engine.scheduler.window(self.key, all=True), st["absorbed"], st["rounds"])
+        self.engine.scheduler.end_drain(self.key)
 
     def restore_window(self, tokens: list[int], absorbed: int, rounds: int) -> None:
         """Puts a saved window back (memory files)."""

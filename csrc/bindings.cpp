@@ -174,6 +174,14 @@ PYBIND11_MODULE(_scheduler, m) {
             },
             py::arg("session"), "Absorb everything the session holds, partial rounds included, until it holds none.")
         .def(
+            "end_drain",
+            [](Scheduler& s, py::handle session) {
+                const SessionKey key = to_key(session);
+                py::gil_scoped_release release;
+                s.end_drain(key);
+            },
+            py::arg("session"), "Stop draining (no round in flight): what the session holds waits for full rounds again.")
+        .def(
             "set_priority",
             [](Scheduler& s, py::handle session, std::int64_t priority) {
                 const SessionKey key = to_key(session);

@@ -79,6 +79,14 @@ void Scheduler::flush(const SessionKey& key) {
     if (s.window->held() > 0) s.draining = true;
 }
 
+// A flush whose round failed stops draining, the window as it is: one step under the lock, so a
+// feed from another thread is never lost (as it was between reading the window and restoring it).
+void Scheduler::end_drain(const SessionKey& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Session& s = find_locked(key);
+    if (!s.in_flight) s.draining = false;
+}
+
 void Scheduler::set_priority(const SessionKey& key, std::int64_t priority) {
     check_priority(priority);
     std::lock_guard<std::mutex> lock(mu_);

@@ -69,6 +69,7 @@ public:
     void close(const SessionKey& key);
     void feed(const SessionKey& key, const std::vector<std::int64_t>& tokens);
     void flush(const SessionKey& key);
+    void end_drain(const SessionKey& key);
     void set_priority(const SessionKey& key, std::int64_t priority);
 
     bool next_batch(std::int64_t max_sessions, bool flush, Batch* out);

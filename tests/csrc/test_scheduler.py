@@ -402,6 +402,25 @@ def test_flush_one_session_and_flush_all():
     assert not s.session_stats("b")["draining"]
 
 
+def test_end_drain_stops_draining_and_keeps_the_window():
+    s = make(n=4, m=2)
+    s.open("a")
+    s.feed("a", list(range(9)))
+    s.flush("a")
+    b = s.next_batch(4)
+    s.end_drain("a")                  # a round in flight: it still drains
+    assert s.session_stats("a")["draining"]
+    s.abort("a", b.rounds[0].id)      # the round failed
+    s.end_drain("a")
+    st = s.session_stats("a")
+    assert not st["draining"] and st["held"] == 9 and s.window("a", all=True) == list(range(9))
+    s.feed("a", [1])
+    assert s.window("a", all=True) == list(range(9)) + [1]
+    assert s.next_batch(4).rounds[0].x == [0, 1, 2, 3]   # full rounds only again, not the drain's
+    with pytest.raises(KeyError):
+        s.end_drain("nobody")
+
+
 # ----------------------------------------------------------------------------------------------
 # Scheduler: commit / abort
 # ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ FUZZ = textwrap.dedent(r'''
         elif op in (2, 3, 4):
             s.feed(key(), tokens())
         elif op == 5:
-            s.flush(key())
+            s.flush(key()) if rng.random() < 0.7 else s.end_drain(key())
         elif op == 6:
             s.set_priority(key(), rng.choice([0, 1, 5, 1000, 1001, -1]) if rng.random() < 0.7 else anything())
         elif op in (7, 8):
