@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the memory's config seed)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where this text appears, left out (repeatable; default: the model's end tokens)")
     p.add_argument("--recite", action="store_true", help="a prompt routed to a delta of the bank has it recite its "
                    "round first, and the base model answers reading the recital (slower; needs a chat model)")
 
@@ -263,7 +265,7 @@ def cmd_generate(args) -> int:
 
     prompt = parse_ids(args.prompt, "--prompt") if args.ids else args.prompt
     out = eng.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, recite=args.recite)
+                       top_p=args.top_p, stop=args.stop, seed=args.seed, recite=args.recite)
     print(" ".join(map(str, out)) if args.ids else out)
     return EXIT_OK
 

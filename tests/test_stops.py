@@ -82,3 +82,13 @@ def test_generate_stops_at_a_generation_config_end_token_the_tokenizer_does_not_
     finally:
         model.generation_config.eos_token_id = old
     assert torch.equal(torch.tensor(eng.generate(tok.encode(PROMPT), max_new_tokens=16, stop=[])), torch.tensor(full))
+
+
+def test_the_cli_generates_with_stop_texts(eng, capsys):
+    from absorber_engine.cli import main
+
+    full = eng.generate(PROMPT, max_new_tokens=24, stop=[])
+    stop = full.split()[2]                                     # a word of the answer: it ends before it
+    assert main(["generate", "--model", str(SHIPPED_MODEL), "--prompt", PROMPT, "--max-new-tokens", "24",
+                 "--stop", stop, "--stop", "@@@"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == full[:full.find(stop)]
