@@ -91,8 +91,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 sync_tokens: int | None = None) -> Session:
         """The session `name` (an int or a str), opened on first use with its own empty memory.
         chunk_tokens and sync_tokens default to the engine config's."""
-        if check_key(name) in self.sessions:
-            return self.sessions[name]
+        if (sess := self.sessions.get(check_key(name))) is not None:   # one lookup: no close_session() between
+            return sess
         with self._lock:        # two threads opening one name get one session; run() never sees it half-made
             if name in self.sessions:
                 return self.sessions[name]

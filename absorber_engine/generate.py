@@ -237,8 +237,9 @@ class GenerationMixin:
         prompts maps a session name to its prompt (text, token ids, or None to continue the window
         alone). Returns, per session, text when its prompt was text, else a list of token ids.
         seed: one for every row, or {session: seed}; each row samples with its own generator, so its
-        tokens are those it would get alone with the same seed. stop: token ids and texts (stops.py);
-        by default the model's end tokens. on_token(session, token), when given, sees each kept token
+        tokens are those it would get alone with the same seed. stop: token ids (they replace the
+        model's end tokens, which stop by default) and texts, matched in the answer's text wherever
+        they fall among tokens (stops.py). on_token(session, token), when given, sees each kept token
         as it is chosen (streaming; a stop text's own too, which the answer leaves out); returning
         False ends that row there.
         recite: a row routed to a delta of its bank has it recite its round first, and the base model

@@ -57,7 +57,7 @@ class AbsorbingModel:
         top_p = _number(kwargs.get("top_p"), 1.0, "top_p") if sample else 1.0
         eos = kwargs.get("eos_token_id")
         if eos is None:                        # transformers stops at generation_config's, one id or several
-            eos = sorted(stopping.model_end_ids(self.model, None, self.engine.runner.vocab_size)) or None
+            eos = stopping.model_end_ids(self.model, None, self.engine.runner.vocab_size) or None
         pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))
         # Sampled rows draw their seeds from torch's global generator, as transformers' sampling draws
         # from it: torch.manual_seed reproduces a call, and calls and rows differ (one config seed

@@ -56,14 +56,17 @@ CHECK_CHUNK = 1 << 22
 _checksums = weakref.WeakKeyDictionary()      # runner -> (its parameters' identity and versions, checksum)
 
 
-def model_checksum(runner) -> str:
+def model_checksum(runner, cached: bool = False) -> str:
     """A hash of every base weight value (rounded to bf16), beside model_fingerprint's sample: a
-    model fine-tuned in a few rows or a few tensors passes the sample, not this. SmolLM2-135M: 0.2 s
-    on 2 CPU threads, once per engine (kept until a weight changes in place)."""
+    model fine-tuned in a few rows or a few tensors passes the sample, not this. It reads every
+    weight: SmolLM2-135M 0.2 s on 2 CPU threads, about 0.35 s per 64M fp32 values on one (an 8B
+    model's first save, or any load, some 40 s). `cached`: the last result while no weight tensor
+    was replaced or changed in place through itself (saves; an edit through `.data` keeps the
+    version counter, so a load, the safety check, always reads the weights)."""
     params = list(_base_parameters(runner.model))
     key = tuple((name, p.data_ptr(), p._version) for name, p in params)
     held = _checksums.get(runner)
-    if held is not None and held[0] == key:
+    if cached and held is not None and held[0] == key:
         return held[1]
     h = hashlib.sha256()
     weights = None
@@ -145,7 +148,7 @@ def save_memory(session, path) -> None:
         "format": FORMAT,
         "version": str(VERSION),
         "model_fingerprint": model_fingerprint(session.runner),
-        "model_checksum": model_checksum(session.runner),
+        "model_checksum": model_checksum(session.runner, cached=True),
         "model_type": session.runner.model_type,
         "config": json.dumps(session.config.to_dict(), sort_keys=True),
         "tokens_absorbed": str(session.absorbed_tokens),
@@ -204,8 +207,8 @@ def read_memory_config(path) -> AbsorberConfig:
 
 def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
-    if meta.get("model_fingerprint") != model_fingerprint(session.runner) or \
-            meta.get("model_checksum", None) not in (None, model_checksum(session.runner)):   # files before 2026-12-06: none
+    if meta.get("model_fingerprint") != model_fingerprint(session.runner) or (   # files before 2026-12-06: no checksum
+            "model_checksum" in meta and meta["model_checksum"] != model_checksum(session.runner)):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:

@@ -3,9 +3,11 @@
 A stop text is a sequence, wherever its characters fall among tokens: "Question:" is two tokens in
 SmolLM2's vocabulary, and stopping at either one alone (as generate() did until 2026-12-06) ended
 every answer at its first colon. A text that is one added token of the tokenizer ("<|im_end|>") is
-that token's id. Without `stop`, the model's own end tokens: the tokenizer's EOS and each id of
-the model's generation_config.eos_token_id, as transformers' generate() stops (Gemma's chat models
-end a turn with <end_of_turn>, which their tokenizer's EOS is not; Llama 3.1 lists three).
+that token's id. The model's own end tokens stop every answer (the tokenizer's EOS and each id of
+the model's generation_config.eos_token_id, which transformers' generate() stops at: Gemma's chat
+models end a turn with <end_of_turn>, which their tokenizer's EOS is not; Llama 3.1 lists three)
+unless `stop` names token ids, which then replace them, or is [] (no stop at all): stop texts alone
+add to them, as transformers' stop_strings do.
 """
 
 from __future__ import annotations
@@ -22,21 +24,25 @@ class Stops:
     texts: tuple = ()        # the answer ends before the first of them its text holds
 
 
-def model_end_ids(model, tokenizer, vocab_size: int) -> set[int]:
-    """The tokenizer's EOS and the model's generation_config (else config) eos_token_id, int or list."""
-    found = [getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None]
+def model_end_ids(model, tokenizer, vocab_size: int) -> list[int]:
+    """The model's generation_config (else config) eos_token_id, one id or a list, in its order, then
+    the tokenizer's EOS if it is not among them."""
+    found = []
     for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         eos = getattr(cfg, "eos_token_id", None)
         if eos is not None:
             found += eos if isinstance(eos, (list, tuple)) else [eos]
             break
-    return {t for t in found if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size}
+    found.append(getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None)
+    return list(dict.fromkeys(t for t in found if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size))
 
 
 def parse(stop, tokenizer, vocab_size: int, model=None) -> Stops:
-    """`stop` as generate() takes it: None (the model's end tokens), a token id, a text, or a list of them."""
+    """`stop` as generate() takes it: None (the model's end tokens), a token id, a text, or a list of
+    them (texts alone: the model's end tokens too)."""
+    ends = frozenset(model_end_ids(model, tokenizer, vocab_size))
     if stop is None:
-        return Stops(frozenset(model_end_ids(model, tokenizer, vocab_size)))
+        return Stops(ends)
     if isinstance(stop, (int, str)) and not isinstance(stop, bool):
         stop = [stop]
     if not isinstance(stop, (list, tuple)):
@@ -57,6 +63,8 @@ def parse(stop, tokenizer, vocab_size: int, model=None) -> Stops:
             ids.add(s)
         else:
             raise InputError(f"stop items must be token ids in [0, {vocab_size}) or texts, got {s!r}")
+    if texts and all(isinstance(s, str) for s in stop):      # texts alone: the model's end tokens still stop
+        ids |= ends
     return Stops(frozenset(ids), tuple(dict.fromkeys(texts)))
 
 
@@ -71,8 +79,7 @@ class TextWatch:
     def __init__(self, texts: tuple, tokenizer, rows: int, then=None):
         self.texts, self.tokenizer, self.then = texts, tokenizer, then
         self.new: list[list[int]] = [[] for _ in range(rows)]
-        # The tail decoded each step: a text of L characters spans at most 4L byte-level tokens.
-        self.tail = 4 * max(len(t) for t in texts) + 4
+        self.tail = tail_tokens(texts)
 
     def __call__(self, row: int, tok: int):
         self.new[row].append(tok)
@@ -87,7 +94,13 @@ class TextWatch:
         at = min((i for i in (text.find(t) for t in self.texts) if i >= 0), default=-1)
         if at < 0:
             return text, ids
-        keep = len(ids)
+        keep = len(ids)             # a few steps back: the watch ended the row at the text's last token
         while keep and len(self.tokenizer.decode(ids[:keep])) > at:
             keep -= 1
         return text[:at], ids[:keep]
+
+
+def tail_tokens(texts) -> int:
+    """How many of an answer's last tokens can hold a stop text: a text of L characters spans at
+    most 4L byte-level tokens (one byte each), and one more may open before it."""
+    return 4 * max((len(t) for t in texts), default=0) + 4

@@ -142,6 +142,11 @@ def test_memory_of_a_model_changed_past_the_sampled_values_is_refused_and_old_fi
     _same_state(tuned, state)
     old_file = _rewrite(path, tmp_path / "old.st", drop=("model_checksum",))   # made before the checksum
     AbsorberEngine(make_model("llama"), config=CFG).load_memory(old_file)
+    eng.save_memory(path)
+    with torch.no_grad():       # the same engine's weight edited through .data: no version counter moves
+        eng.runner.model.model.layers[1].mlp.down_proj.base.weight.data.view(-1)[-1] += 1.0
+    with pytest.raises(MemoryFileError, match="another base model"):
+        eng.load_memory(path)
 
 
 def test_loading_a_model_in_another_dtype_still_matches(trained):

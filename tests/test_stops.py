@@ -28,13 +28,13 @@ def _spanning_stop(tok, ids):
 
 def test_a_stop_text_ends_the_answer_where_it_appears_across_tokens(eng):
     tok = eng.tokenizer
-    full_ids = eng.generate(tok.encode(PROMPT), max_new_tokens=40, stop=[])
+    full_ids = eng.generate(eng.to_ids(PROMPT), max_new_tokens=40, stop=[])
     full = tok.decode(full_ids)
     stop = _spanning_stop(tok, full_ids)
-    assert len(tok.encode(stop)) >= 2
+    assert len(eng.to_ids(stop)) >= 2
     cut = full[:full.find(stop)]
     assert eng.generate(PROMPT, max_new_tokens=40, stop=stop) == cut
-    ids = eng.generate(tok.encode(PROMPT), max_new_tokens=40, stop=[stop])
+    ids = eng.generate(eng.to_ids(PROMPT), max_new_tokens=40, stop=[stop])
     assert ids == full_ids[:len(ids)] and tok.decode(ids) == cut[:len(tok.decode(ids))]
     assert len(tok.decode(ids)) > len(cut) - len(stop) - 8     # the tokens before the text stay
     seen = []
@@ -65,23 +65,35 @@ def test_default_stops_are_the_tokenizers_eos_and_the_models_generation_config()
     class Tok:
         eos_token_id = 7
 
-    assert model_end_ids(Model(), Tok(), 100) == {5, 7, 9}
-    assert model_end_ids(None, Tok(), 100) == {7}
+    assert model_end_ids(Model(), Tok(), 100) == [5, 9, 7]           # generation_config's order, then the tokenizer's
+    assert model_end_ids(None, Tok(), 100) == [7]
+
+
+def test_stop_texts_alone_keep_the_models_end_tokens_and_ids_replace_them(eng):
+    tok = eng.tokenizer
+    prompt = "Q: What is 2+2?\nA:"
+    free = eng.generate(eng.to_ids(prompt), max_new_tokens=60, stop=[])
+    assert tok.eos_token_id in free                                  # the answer reaches the end token
+    ended = eng.generate(prompt, max_new_tokens=60)
+    assert ended == tok.decode(free[:free.index(tok.eos_token_id)])
+    assert eng.generate(prompt, max_new_tokens=60, stop="@@@") == eng.generate(prompt, max_new_tokens=60, stop=["@@@"]) == ended
+    other = next(t for t in free if t != tok.eos_token_id)
+    assert eng.generate(eng.to_ids(prompt), max_new_tokens=60, stop=[other, "@@@"]) == free[:free.index(other)]
 
 
 def test_generate_stops_at_a_generation_config_end_token_the_tokenizer_does_not_name(eng):
     tok = eng.tokenizer
-    full = eng.generate(tok.encode(PROMPT), max_new_tokens=16, stop=[])
+    full = eng.generate(eng.to_ids(PROMPT), max_new_tokens=16, stop=[])
     end = full[5]
     model = eng.runner.model
     old = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [old, end] if isinstance(old, int) else list(old or []) + [end]
     try:
         assert end != tok.eos_token_id
-        assert eng.generate(tok.encode(PROMPT), max_new_tokens=16) == full[:full.index(end)]
+        assert eng.generate(eng.to_ids(PROMPT), max_new_tokens=16) == full[:full.index(end)]
     finally:
         model.generation_config.eos_token_id = old
-    assert torch.equal(torch.tensor(eng.generate(tok.encode(PROMPT), max_new_tokens=16, stop=[])), torch.tensor(full))
+    assert torch.equal(torch.tensor(eng.generate(eng.to_ids(PROMPT), max_new_tokens=16, stop=[])), torch.tensor(full))
 
 
 def test_the_cli_generates_with_stop_texts(eng, capsys):

@@ -47,6 +47,20 @@ def test_two_threads_opening_one_session_get_the_same_one(monkeypatch):
     assert a is b and isinstance(a, Session)
 
 
+def test_a_session_closed_while_another_thread_asks_for_it():
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    eng.session("x")
+
+    class Slow(dict):                     # the gap between a membership test and a lookup
+        def __contains__(self, key):
+            found = dict.__contains__(self, key)
+            time.sleep(0.2)
+            return found
+    eng.sessions = Slow(eng.sessions)
+    got, _ = _in_threads(lambda: eng.session("x"), lambda: (time.sleep(0.05), eng.close_session("x")))
+    assert isinstance(got, (Session, InputError)), got
+
+
 def test_a_flushing_run_while_another_thread_opens_sessions(monkeypatch):
     eng = AbsorberEngine(make_model("llama"), config=CFG)
     for i in range(3):

@@ -7,6 +7,7 @@ import random
 import time
 
 from ..errors import AbsorberError, InputError
+from ..stops import tail_tokens
 from .errors import bad_request
 from .jobs import Plan, Sampling
 from .prompts import PromptBuilder, cut_at_stop, safe_length
@@ -39,8 +40,8 @@ class Decoder:
             except InputError as exc:
                 if len(rows) == 1:
                     rows[0].job.fail(bad_request(str(exc)))
-                else:       # one row's error (its recital past the positions) is its own: each answers alone
-                    for p in rows:
+                else:       # one row's error (its recital past the positions) is its own: each answers
+                    for p in rows:      # alone, a call a row, on this rare path only
                         self.alone(p)
                 continue
             for p in rows:
@@ -76,9 +77,7 @@ class Decoder:
             s = p.job.sampling
             if len(out) >= s.max_tokens or p.job.future.done() or time.monotonic() > p.job.deadline:
                 return False
-            # The text a stop sequence could end in: a sequence of L characters spans at most 4L tokens.
-            tail = 4 * max((len(x) for x in s.stops), default=0) + 4
-            return not (s.stops and cut_at_stop(self.prompts.decode(out[-tail:]), s.stops)[1])
+            return not (s.stops and cut_at_stop(self.prompts.decode(out[-tail_tokens(s.stops):]), s.stops)[1])
         return on_token
 
     def _finish(self, p: Plan, ids: list[int]) -> None:

@@ -37,7 +37,7 @@ class PromptBuilder:
             raise ValueError("serving needs a model with a tokenizer")
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.template = getattr(tokenizer, "chat_template", None) or None
-        self.eos_ids = model_end_ids(model, tokenizer, vocab_size)
+        self.eos_ids = set(model_end_ids(model, tokenizer, vocab_size))
         self.chat_stop_ids = set(self.eos_ids)
         for name in _TURN_END_TOKENS:
             if self.template and name in self.template:
