@@ -39,11 +39,13 @@ from .tasks import RETRIEVAL_TASKS, TASKS, answer_text, make_example, score
 
 HERE = Path(__file__).resolve().parent
 ALL_METHODS = ("none", "full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures",
-               "absorber+replay", "absorber+recite", "absorber+recite+gate", "absorber+slots")
+               "absorber+replay", "absorber+recite", "absorber+recite+gate", "absorber+recite+gate+futures",
+               "absorber+slots")
 # Asked for by name, not run by default: replay costs 5.5x the absorber's time at 4x the context;
 # the recite variants were added after the default table was measured (docs/long_context.md).
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS
-                        if m not in ("absorber+replay", "absorber+recite", "absorber+recite+gate", "absorber+slots"))
+                        if m not in ("absorber+replay", "absorber+recite", "absorber+recite+gate",
+                                     "absorber+recite+gate+futures", "absorber+slots"))
 # The library's default objective (recite probe, next-token loss, normalized L1, KL) on this
 # budget, in place of the paper's.
 LIBRARY_OBJECTIVE = dict(probes=1, ntp_weight=1.0, kl_weight=1.0, hidden_norm=True)
@@ -93,6 +95,16 @@ def build_methods(names, model_dir: str, ctx: int, flush: bool = False, steps: i
         "absorber+recite+gate": lambda: EngineMethod(
             "absorber+recite+gate", model_dir,
             config(ctx, surprise_gate=1.3, max_steps=160, **LIBRARY_OBJECTIVE), flush),
+        # The same, plus four futures prompted with a question opener, read after the round's real Y
+        # and sampled at temperature 0.3: the pass key's round stored the digits where X held them,
+        # and a query reached them blurred (87888 for 87176: per-digit loss 0.78 nats in X's context,
+        # 3.25 after the window and the question); futures that ask about X, read after filler as a
+        # query is, store them where the query looks (tuning seeds 13-18, 101-105: 9/9 at 4x, 3/3 at
+        # 8x; docs/long_context.md, "Futures that ask").
+        "absorber+recite+gate+futures": lambda: EngineMethod(
+            "absorber+recite+gate+futures", model_dir,
+            config(ctx, surprise_gate=1.3, max_steps=160, futures=4, future_prompt=FUTURE_PROMPT,
+                   future_temperature=0.3, futures_follow_y=True, **LIBRARY_OBJECTIVE), flush),
         # A delta per round (config.memory_slots): no round of filler touches the delta of the round
         # that held the fact, and the query reads the delta it routes to (routing.route).
         "absorber+slots": lambda: EngineMethod("absorber+slots", model_dir, config(ctx, memory_slots=16), flush),
