@@ -6,8 +6,8 @@ every answer at its first colon. A text that is one added token of the tokenizer
 that token's id. The model's own end tokens stop every answer (the tokenizer's EOS and each id of
 the model's generation_config.eos_token_id, which transformers' generate() stops at: Gemma's chat
 models end a turn with <end_of_turn>, which their tokenizer's EOS is not; Llama 3.1 lists three)
-unless `stop` names token ids, which then replace them, or is [] (no stop at all): stop texts alone
-add to them, as transformers' stop_strings do.
+unless `stop` names token ids (or added tokens as texts), which then replace them, or is [] (no
+stop at all): stop texts alone add to them, as transformers' stop_strings do.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def model_end_ids(model, tokenizer, vocab_size: int) -> list[int]:
 
 def parse(stop, tokenizer, vocab_size: int, model=None) -> Stops:
     """`stop` as generate() takes it: None (the model's end tokens), a token id, a text, or a list of
-    them (texts alone: the model's end tokens too)."""
+    them (texts and no id: the model's end tokens too)."""
     ends = frozenset(model_end_ids(model, tokenizer, vocab_size))
     if stop is None:
         return Stops(ends)
@@ -63,8 +63,8 @@ def parse(stop, tokenizer, vocab_size: int, model=None) -> Stops:
             ids.add(s)
         else:
             raise InputError(f"stop items must be token ids in [0, {vocab_size}) or texts, got {s!r}")
-    if texts and all(isinstance(s, str) for s in stop):      # texts alone: the model's end tokens still stop
-        ids |= ends
+    if texts and not ids:           # texts alone (none an added token): the model's end tokens still stop
+        ids = set(ends)
     return Stops(frozenset(ids), tuple(dict.fromkeys(texts)))
 
 
