@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
+from .stops import turn_end_ids
 
 # One seed instruction per kind; a kind's probes differ by sampling (probe_temperature).
 SEED_PROMPTS = {
@@ -80,7 +81,7 @@ def build_frame(tokenizer, kinds, use_chat: bool = True, prefix: list[int] = ())
                            strip(enc(student_before[:len(student_before) - len(turn)])), chat=True)
         for kind in kinds:
             frame.seeds[kind] = enc(turn + SEED_PROMPTS[kind] + after_user)
-        frame.stop = _stop_ids(tokenizer, template)
+        frame.stop = _stop_ids(tokenizer)
         frame.context_end = enc(_system_close(tokenizer))
         return frame
     frame = ProbeFrame([], enc("\n"), [], chat=False)
@@ -177,17 +178,11 @@ def _common_tail(a: str, b: str, enc) -> str:
     return tail
 
 
-def _stop_ids(tokenizer, template: str) -> list[int]:
+def _stop_ids(tokenizer) -> list[int]:
     """The template's end-of-turn token first (what a recite exchange ends with, stop[:1]), then eos:
     sorted by id, a base Qwen2's or Llama-3's eos came first and recite probes ended in it."""
-    out = []
-    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        if name in template:
-            tid = tokenizer.convert_tokens_to_ids(name)
-            if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
-                out.append(tid)
     eos = getattr(tokenizer, "eos_token_id", None)
-    return list(dict.fromkeys(out + ([eos] if isinstance(eos, int) else [])))
+    return list(dict.fromkeys(turn_end_ids(tokenizer) + ([eos] if isinstance(eos, int) else [])))
 
 
 def kinds_per_round(kinds, count: int) -> list[tuple[str, int]]:

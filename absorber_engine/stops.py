@@ -37,6 +37,28 @@ def model_end_ids(model, tokenizer, vocab_size: int) -> list[int]:
     return list(dict.fromkeys(t for t in found if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size))
 
 
+# Tokens that end a turn in the chat templates of common model families (ChatML, Llama 3, Phi-3,
+# Gemma, and GPT-2-style text ends), in the order a template's own end of turn is looked for first.
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def turn_end_ids(tokenizer, vocab_size: int | None = None) -> list[int]:
+    """The ids of the TURN_END_TOKENS that the tokenizer's chat template writes, in that order:
+    what ends a chat turn, which a model's EOS need not be (Gemma's EOS is <eos>, its turns end
+    with <end_of_turn>)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        return []
+    out = []
+    for name in TURN_END_TOKENS:
+        if name in template:
+            tid = tokenizer.convert_tokens_to_ids(name)
+            if (isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None)
+                    and (vocab_size is None or tid < vocab_size)):
+                out.append(tid)
+    return list(dict.fromkeys(out))
+
+
 def parse(stop, tokenizer, vocab_size: int, model=None) -> Stops:
     """`stop` as generate() takes it: None (the model's end tokens), a token id, a text, or a list of
     them (texts and no id: the model's end tokens too)."""

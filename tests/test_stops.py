@@ -5,7 +5,8 @@ import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, InputError
 from absorber_engine.cli import SHIPPED_MODEL
-from absorber_engine.stops import Stops, model_end_ids, parse
+from absorber_engine.serve.prompts import PromptBuilder
+from absorber_engine.stops import Stops, model_end_ids, parse, turn_end_ids
 
 PROMPT = "The pass key is 71432. Remember it. The grass is green. The sky is blue. The pass key is"
 
@@ -67,6 +68,24 @@ def test_default_stops_are_the_tokenizers_eos_and_the_models_generation_config()
 
     assert model_end_ids(Model(), Tok(), 100) == [5, 9, 7]           # generation_config's order, then the tokenizer's
     assert model_end_ids(None, Tok(), 100) == [7]
+
+
+def test_turn_ends_are_the_template_tokens_in_one_order_for_probes_and_the_server():
+    class Tok:
+        vocab = {"<|eot_id|>": 12, "<end_of_turn>": 40, "<|im_end|>": 3, "<unk>": 0}
+        chat_template = "{{ m }}<end_of_turn> ... <|eot_id|> ... <|end|>"
+        unk_token_id, eos_token_id = 0, 1
+
+        def convert_tokens_to_ids(self, name):
+            return self.vocab.get(name, self.unk_token_id)      # <|end|>: unknown, not a stop
+
+    tok = Tok()
+    assert turn_end_ids(tok) == [12, 40]                 # the list's order (eot_id before end_of_turn), not the template's
+    assert turn_end_ids(tok, vocab_size=20) == [12]      # an id outside the model's vocabulary is none
+    assert PromptBuilder(tok, 64).chat_stop_ids == {1, 12, 40}
+    assert PromptBuilder(tok, 64).eos_ids == {1}
+    tok.chat_template = None
+    assert turn_end_ids(tok) == []
 
 
 def test_stop_texts_alone_keep_the_models_end_tokens_and_ids_replace_them(eng):

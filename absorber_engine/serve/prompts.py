@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..stops import model_end_ids
+from ..stops import model_end_ids, turn_end_ids
 from .errors import bad_request
 
 # Trailing tokens of a completion prompt read as the generation prompt, not taken into the session:
 # enough for the merges a completion appended after them can cause when the history is resent.
 COMPLETION_HOLD = 4
-# Tokens that end a turn in the chat templates of common model families.
-_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 @dataclass
@@ -38,12 +36,7 @@ class PromptBuilder:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.template = getattr(tokenizer, "chat_template", None) or None
         self.eos_ids = set(model_end_ids(model, tokenizer, vocab_size))
-        self.chat_stop_ids = set(self.eos_ids)
-        for name in _TURN_END_TOKENS:
-            if self.template and name in self.template:
-                tid = tokenizer.convert_tokens_to_ids(name)
-                if isinstance(tid, int) and 0 <= tid < vocab_size and tid != getattr(tokenizer, "unk_token_id", None):
-                    self.chat_stop_ids.add(tid)
+        self.chat_stop_ids = self.eos_ids | set(turn_end_ids(tokenizer, vocab_size))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
