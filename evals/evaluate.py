@@ -52,6 +52,11 @@ LIBRARY_OBJECTIVE = dict(probes=1, ntp_weight=1.0, kl_weight=1.0, hidden_norm=Tr
 
 
 FUTURE_PROMPT = "\nWhat is"
+# absorber+recite+gate+futures beside engine_config's budget: the shipped model's recommended config
+# since 2026-12-06 (flushed 512-token pass keys 8/8 against 5/8 for absorber+futures, seeds 0-7;
+# beyond 2x 17/20 and 20/20 on held-out seeds; docs/long_context.md, "Futures that ask").
+GATED_FUTURES = dict(surprise_gate=1.3, max_steps=160, futures=4, future_prompt=FUTURE_PROMPT,
+                     future_temperature=0.3, futures_follow_y=True, **LIBRARY_OBJECTIVE)
 
 
 def engine_config(ctx: int, **changes) -> AbsorberConfig:
@@ -103,8 +108,7 @@ def build_methods(names, model_dir: str, ctx: int, flush: bool = False, steps: i
         # 8x; docs/long_context.md, "Futures that ask").
         "absorber+recite+gate+futures": lambda: EngineMethod(
             "absorber+recite+gate+futures", model_dir,
-            config(ctx, surprise_gate=1.3, max_steps=160, futures=4, future_prompt=FUTURE_PROMPT,
-                   future_temperature=0.3, futures_follow_y=True, **LIBRARY_OBJECTIVE), flush),
+            config(ctx, **GATED_FUTURES), flush),
         # A delta per round (config.memory_slots): no round of filler touches the delta of the round
         # that held the fact, and the query reads the delta it routes to (routing.route).
         "absorber+slots": lambda: EngineMethod("absorber+slots", model_dir, config(ctx, memory_slots=16), flush),

@@ -81,10 +81,11 @@ def test_in_context_recall(loaded):
 def test_recommended_config_fits_the_trained_context():
     from absorber_engine.model_store import recommended_config
 
-    from evals.evaluate import FUTURE_PROMPT, engine_config
+    from evals.evaluate import GATED_FUTURES, engine_config
 
     cfg = recommended_config(MODEL)
     assert cfg is not None
     assert cfg.window_tokens < trained_ctx()          # the raw window plus a question fit where it was trained
-    # The budget the model ships is the one its evaluation measured (absorber+futures): one source of numbers.
-    assert cfg == engine_config(trained_ctx(), futures=4, future_prompt=FUTURE_PROMPT)
+    # The budget the model ships is the one its evaluation measured (absorber+recite+gate+futures):
+    # one source of numbers.
+    assert cfg == engine_config(trained_ctx(), **GATED_FUTURES)
