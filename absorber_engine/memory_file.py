@@ -13,6 +13,7 @@ so a refused file leaves the memory held before intact.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -54,6 +55,21 @@ def model_fingerprint(runner) -> str:
 # so float64 adds them exactly in any order: the same number on every CPU, GPU and thread count.
 CHECK_CHUNK = 1 << 22
 _checksums = weakref.WeakKeyDictionary()      # runner -> (its parameters' identity and versions, checksum)
+_read_once = weakref.WeakSet()                # runners inside weights_read_once: loads reuse one reading
+
+
+@contextlib.contextmanager
+def weights_read_once(runner):
+    """Memory files loaded inside the block are checked against one reading of the weights, made
+    at the block's first load, not one reading each: for a caller that loads many files while
+    nothing else can touch the model (a server opening its saved sessions; SmolLM2 0.2 s a file,
+    an 8B model on a CPU some 40 s). Outside it every load reads the weights again."""
+    _checksums.pop(runner, None)              # a reading from before the block is not trusted
+    _read_once.add(runner)
+    try:
+        yield
+    finally:
+        _read_once.discard(runner)
 
 
 def model_checksum(runner, cached: bool = False) -> str:
@@ -68,6 +84,12 @@ def model_checksum(runner, cached: bool = False) -> str:
     held = _checksums.get(runner)
     if cached and held is not None and held[0] == key:
         return held[1]
+    digest = _weights_checksum(params)
+    _checksums[runner] = (key, digest)
+    return digest
+
+
+def _weights_checksum(params) -> str:
     h = hashlib.sha256()
     weights = None
     with torch.no_grad():
@@ -79,7 +101,6 @@ def model_checksum(runner, cached: bool = False) -> str:
             sums = [int(flat[s:s + CHECK_CHUNK].to(torch.bfloat16).view(torch.int16).double()
                         @ weights[:min(CHECK_CHUNK, flat.numel() - s)]) for s in range(0, flat.numel(), CHECK_CHUNK)]
             h.update(f"{name}:{sums};".encode())
-    _checksums[runner] = (key, h.hexdigest())
     return h.hexdigest()
 
 
@@ -208,7 +229,7 @@ def read_memory_config(path) -> AbsorberConfig:
 def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
     if meta.get("model_fingerprint") != model_fingerprint(session.runner) or (   # files before 2026-12-06: no checksum
-            "model_checksum" in meta and meta["model_checksum"] != model_checksum(session.runner)):
+            "model_checksum" in meta and meta["model_checksum"] != model_checksum(session.runner, cached=session.runner in _read_once)):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:

@@ -149,6 +149,35 @@ def test_memory_of_a_model_changed_past_the_sampled_values_is_refused_and_old_fi
         eng.load_memory(path)
 
 
+def test_many_loads_in_a_read_once_block_read_the_weights_once(trained, tmp_path, monkeypatch):
+    from absorber_engine import memory_file
+
+    eng, path = trained
+    other = AbsorberEngine(make_model("llama"), config=CFG)
+    reads = []
+    real = memory_file._weights_checksum
+    monkeypatch.setattr(memory_file, "_weights_checksum", lambda params: reads.append(1) or real(params))
+    for _ in range(3):
+        other.load_memory(path)
+    assert len(reads) == 3             # outside the block, every load reads every weight
+    reads.clear()
+    with torch.no_grad():       # an edit made before the block, through .data: the block's reading sees it
+        other.runner.model.model.layers[1].mlp.down_proj.base.weight.data.view(-1)[-1] += 1.0
+    with memory_file.weights_read_once(other.runner):
+        with pytest.raises(MemoryFileError, match="another base model"):
+            other.load_memory(path)
+    reads.clear()
+    fresh = AbsorberEngine(make_model("llama"), config=CFG)
+    names = [fresh.session(f"s{i}") for i in range(4)]
+    with memory_file.weights_read_once(fresh.runner):
+        for sess in names:
+            sess.load_memory(path)
+    assert len(reads) == 1             # one reading for the four
+    reads.clear()
+    names[0].load_memory(path)         # after the block, a load reads the weights again
+    assert len(reads) == 1
+
+
 def test_loading_a_model_in_another_dtype_still_matches(trained):
     eng, path = trained
     model = make_model("llama")

@@ -15,6 +15,7 @@ from array import array
 from dataclasses import dataclass
 
 from ..errors import AbsorberError, MemoryFileError
+from ..memory_file import weights_read_once
 from .state import StateDir
 
 log = logging.getLogger("absorber.serve")
@@ -54,18 +55,20 @@ class SessionTable:
         """Opens every session saved in the state directory; returns how many."""
         if self.state is None:
             return 0
-        for saved in self.state.load_all():
-            conv = Conversation(saved.session_id, _key(saved.session_id), saved.consumed, saved.digest,
-                                saved.generation)
-            sess = self.engine.session(conv.key)
-            try:
-                sess.load_memory(saved.memory)
-            except MemoryFileError as exc:
-                # Made for another model or config: left on disk untouched, not served.
-                log.warning("state: not loading session %r: %s", saved.session_id, exc)
-                sess.close()
-                continue
-            self.convs[conv.id] = conv
+        # The worker owns the engine while it starts: the weights are read once for all the files.
+        with weights_read_once(self.engine.runner):
+            for saved in self.state.load_all():
+                conv = Conversation(saved.session_id, _key(saved.session_id), saved.consumed, saved.digest,
+                                    saved.generation)
+                sess = self.engine.session(conv.key)
+                try:
+                    sess.load_memory(saved.memory)
+                except MemoryFileError as exc:
+                    # Made for another model or config: left on disk untouched, not served.
+                    log.warning("state: not loading session %r: %s", saved.session_id, exc)
+                    sess.close()
+                    continue
+                self.convs[conv.id] = conv
         return len(self.convs)
 
     def get(self, session_id: str) -> Conversation | None:
