@@ -55,7 +55,7 @@ def model_fingerprint(runner) -> str:
 # so float64 adds them exactly in any order: the same number on every CPU, GPU and thread count.
 CHECK_CHUNK = 1 << 22
 _checksums = weakref.WeakKeyDictionary()      # runner -> (its parameters' identity and versions, checksum)
-_read_once = weakref.WeakSet()                # runners inside weights_read_once: loads reuse one reading
+_read_once = weakref.WeakKeyDictionary()      # runner -> how many weights_read_once blocks hold it
 
 
 @contextlib.contextmanager
@@ -63,13 +63,17 @@ def weights_read_once(runner):
     """Memory files loaded inside the block are checked against one reading of the weights, made
     at the block's first load, not one reading each: for a caller that loads many files while
     nothing else can touch the model (a server opening its saved sessions; SmolLM2 0.2 s a file,
-    an 8B model on a CPU some 40 s). Outside it every load reads the weights again."""
-    _checksums.pop(runner, None)              # a reading from before the block is not trusted
-    _read_once.add(runner)
+    an 8B model on a CPU some 40 s). Outside it every load reads the weights again; a block inside
+    another shares the outer one's reading."""
+    if runner not in _read_once:
+        _checksums.pop(runner, None)          # a reading from before the block is not trusted
+    _read_once[runner] = _read_once.get(runner, 0) + 1
     try:
         yield
     finally:
-        _read_once.discard(runner)
+        _read_once[runner] -= 1
+        if not _read_once[runner]:
+            del _read_once[runner]
 
 
 def model_checksum(runner, cached: bool = False) -> str:

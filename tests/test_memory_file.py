@@ -170,8 +170,11 @@ def test_many_loads_in_a_read_once_block_read_the_weights_once(trained, tmp_path
     fresh = AbsorberEngine(make_model("llama"), config=CFG)
     names = [fresh.session(f"s{i}") for i in range(4)]
     with memory_file.weights_read_once(fresh.runner):
-        for sess in names:
+        for sess in names[:2]:
             sess.load_memory(path)
+        with memory_file.weights_read_once(fresh.runner):     # nested: the outer block's reading
+            names[2].load_memory(path)
+        names[3].load_memory(path)
     assert len(reads) == 1             # one reading for the four
     reads.clear()
     names[0].load_memory(path)         # after the block, a load reads the weights again

@@ -84,6 +84,7 @@ def test_turn_ends_are_the_template_tokens_in_one_order_for_probes_and_the_serve
     assert turn_end_ids(tok, vocab_size=20) == [12]      # an id outside the model's vocabulary is none
     assert PromptBuilder(tok, 64).chat_stop_ids == {1, 12, 40}
     assert PromptBuilder(tok, 64).eos_ids == {1}
+    assert PromptBuilder(tok, 20).chat_stop_ids == {1, 12}             # the server's vocabulary bounds them
     tok.chat_template = None
     assert turn_end_ids(tok) == []
 
