@@ -7,7 +7,7 @@ def wilson(k, n, z=1.96):
 runs = [json.loads(l) for f in sys.argv[1:] for l in open(f)]
 agg = defaultdict(lambda: defaultdict(list))
 for d in runs:
-    v = f"F={d['F']} gate={d.get('gate', 1.3)}"
+    v = f"teacher={d.get('teacher_mode', 'delta')} F={d['F']} gate={d.get('gate', 1.3)}"
     A = agg[v]
     A["secs"].append(d["seconds"]); A["seeds"].append(d["seed"]); A["gated"].append(d["gated"])
     tr = d.get("token_rounds", {})

@@ -64,6 +64,32 @@ def _oracle_y_and_futures(runner, batch, cfg, n_futures, need_final, per_stream)
 
 T._y_and_futures = _oracle_y_and_futures
 
+# --- "teacher without delta": every teacher forward of a round reads the base model ---------------
+import dataclasses
+import absorber_engine.round as R
+from absorber_engine.routing import zero_delta
+_orig_targets = R.teacher_targets
+TEACHER = {"mode": "delta"}     # "delta": as shipped; "base": the teacher reads X with zero deltas
+_ZEROS = {}
+
+
+def _base_teacher_targets(runner, batch, cfg):
+    if TEACHER["mode"] != "base":
+        return _orig_targets(runner, batch, cfg)
+    zeros = []
+    for d in batch.deltas:
+        z = _ZEROS.get(id(d))
+        if z is None:
+            z = _ZEROS[id(d)] = zero_delta(d)
+        assert z.is_zero() and z.shapes == d.shapes and z.rank == d.rank
+        zeros.append(z)
+    # teacher_targets, _y_and_futures, _self_study, sample_with_states and replay_groups read their
+    # deltas from batch.deltas only: a copy of the batch with zero deltas binds Δ = 0 everywhere.
+    return _orig_targets(runner, dataclasses.replace(batch, deltas=zeros), cfg)
+
+
+R.teacher_targets = _base_teacher_targets
+
 
 def token_rounds(ex, tok):
     """key -> index of the 256-token chunk its record's line starts in (round index if absorbed)."""
@@ -73,7 +99,8 @@ def token_rounds(ex, tok):
     return out
 
 
-def run(seed, F, eng, out):
+def run(seed, F, eng, out, teacher="delta"):
+    TEACHER["mode"] = teacher
     tok = eng.tokenizer
     ORACLE.update(F=F, tok=tok, rng=random.Random(seed))
     LOG.clear(); TEACH.clear()
@@ -93,11 +120,15 @@ def run(seed, F, eng, out):
         rows.append(dict(key=key, answer=ans[0], in_window=f'"{key}"' in window, oracle=key in trained,
                          q_gen=gq, q_ok=score(ex, gq, ans), r_gen=gr, r_ok=score(ex, gr, ans)))
     res = dict(seed=seed, F=F, seconds=secs, rounds=getattr(rep, "rounds", None), steps=getattr(rep, "steps", None),
-               gated=rep.gated, round_losses=rep.round_losses, oracle_rounds=LOG[:], teacher=TEACH[:], gate=eng.config.surprise_gate, token_rounds=token_rounds(ex, tok), rows=rows)
+               gated=rep.gated, round_losses=rep.round_losses, oracle_rounds=LOG[:], teacher=TEACH[:], gate=eng.config.surprise_gate, teacher_mode=teacher, token_rounds=token_rounds(ex, tok), rows=rows)
     with open(out, "a") as f:
         f.write(json.dumps(res) + "\n")
     left = [r for r in rows if not r["in_window"]]
-    print(f"seed {seed} F={F} gate={eng.config.surprise_gate} teacher {sum(t[2] for t in TEACH)}/{len(TEACH)} {secs:.0f}s left: q {sum(r['q_ok'] for r in left):.0f}/{len(left)} "
+    per = {}
+    for i, _, ok in TEACH:
+        a = per.setdefault(i, [0, 0]); a[0] += ok; a[1] += 1
+    print("  teacher right per oracle round:", {k: f"{a}/{b}" for k, (a, b) in per.items()}, "gated", rep.gated, flush=True)
+    print(f"seed {seed} teacher={teacher} F={F} gate={eng.config.surprise_gate} teacher {sum(t[2] for t in TEACH)}/{len(TEACH)} {secs:.0f}s left: q {sum(r['q_ok'] for r in left):.0f}/{len(left)} "
           f"rec {sum(r['r_ok'] for r in left):.0f}/{len(left)}; window: q {sum(r['q_ok'] for r in rows if r['in_window']):.0f}/"
           f"{sum(r['in_window'] for r in rows)}", flush=True)
 
@@ -108,10 +139,12 @@ if __name__ == "__main__":
     ap.add_argument("--F", default="none")
     ap.add_argument("--gate", type=float, default=1.3)
     ap.add_argument("--out", default=os.path.join(HERE, "full_stream.jsonl"))
+    ap.add_argument("--teacher", default="delta", choices=["base", "delta"],
+                    help="delta: the teacher reads X with the accumulated delta (the engine); base: with none")
     a = ap.parse_args()
     F = None if a.F == "none" else ("all" if a.F == "all" else int(a.F))
     cfg = engine_config(CTX, surprise_gate=a.gate, max_steps=160, futures=4, future_prompt=FUTURE_PROMPT,
                         future_temperature=0.3, futures_follow_y=True, **LIBRARY_OBJECTIVE)
     eng = AbsorberEngine.from_pretrained(MODEL, config=cfg)
     for s in [int(x) for x in a.seeds.split(",")]:
-        run(s, F, eng, a.out)
+        run(s, F, eng, a.out, a.teacher)
