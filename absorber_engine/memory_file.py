@@ -232,8 +232,9 @@ def read_memory_config(path) -> AbsorberConfig:
 
 def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
-    if meta.get("model_fingerprint") != model_fingerprint(session.runner) or (   # files before 2026-12-06: no checksum
-            "model_checksum" in meta and meta["model_checksum"] != model_checksum(session.runner, cached=session.runner in _read_once)):
+    runner = session.runner
+    if meta.get("model_fingerprint") != model_fingerprint(runner) or (   # files before 2026-12-06: no checksum
+            "model_checksum" in meta and meta["model_checksum"] != model_checksum(runner, cached=runner in _read_once)):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:
@@ -264,7 +265,6 @@ def load_memory(session, path) -> None:
     replay = [tensors[f"replay.{i}"] for i in range(len(tensors)) if f"replay.{i}" in tensors]
     # A probe is a round's X (at most the window) in the frame's few dozen tokens; a model with
     # absolute positions reads none longer than its table.
-    runner = session.runner
     vocab, longest = runner.vocab_size, capacity + 256
     if runner.absolute_positions:
         longest = min(longest, runner.max_positions - len(runner.prefix))
