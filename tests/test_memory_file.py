@@ -149,7 +149,7 @@ def test_memory_of_a_model_changed_past_the_sampled_values_is_refused_and_old_fi
         eng.load_memory(path)
 
 
-def test_many_loads_in_a_read_once_block_read_the_weights_once(trained, tmp_path, monkeypatch):
+def test_many_loads_in_a_read_once_block_read_the_weights_once(trained, monkeypatch):
     from absorber_engine import memory_file
 
     eng, path = trained
