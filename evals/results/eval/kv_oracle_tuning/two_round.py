@@ -15,12 +15,15 @@ from absorber_engine import AbsorberEngine
 from evals.evaluate import engine_config, LIBRARY_OBJECTIVE, FUTURE_PROMPT
 from evals.tasks import make_example, score, kv_question
 
-OUT = os.path.join(ORA, "two_round.jsonl")
+# --then-longer (run D, seed 13): after round 2, 255 more tokens in the window and ask again
+LONGER = "--then-longer" in sys.argv
+OUT = os.path.join(ORA, "two_round_D.jsonl" if LONGER else "two_round.jsonl")
 cfg = engine_config(512, surprise_gate=0.0, max_steps=160, futures=4, future_prompt=FUTURE_PROMPT,
                     future_temperature=0.3, futures_follow_y=True, **LIBRARY_OBJECTIVE)
 eng = AbsorberEngine.from_pretrained(O.MODEL, config=cfg)
 tok = eng.tokenizer
-seeds = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "13,14").split(",")]
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+seeds = [int(s) for s in (args[0] if args else "13,14").split(",")]
 
 def ask(ex, recs, label, seed, extra):
     win = tok.decode(eng.window_tokens())
@@ -59,3 +62,6 @@ for seed in seeds:
                oracle_rounds=O.LOG[:], teacher=O.TEACH[:], absorbed=eng.absorbed_tokens() if callable(getattr(eng, "absorbed_tokens", None)) else None)
     print(f"seed {seed} round2: rounds {r3.rounds} steps {r3.steps} gated {r3.gated} {s3:.0f}s teacher {sum(t[2] for t in O.TEACH)}/{len(O.TEACH)}", flush=True)
     ask(ex, recs, "C_after_r2_win128", seed, ex3)
+    if LONGER:
+        r4 = eng.absorb(ids[640:895], flush=False)
+        ask(ex, recs, "D_after_r2_win383", seed, dict(rounds=r4.rounds, held=r4.held_tokens))
