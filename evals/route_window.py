@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from absorber_engine import AbsorberEngine, inputs
+from absorber_engine import AbsorberEngine, stops as stopping
 from absorber_engine.generate import _window_kv, generate_rows
 from absorber_engine.routing import route_gains, zero_delta
 from absorber_engine.model_store import recommended_config, resolve
@@ -86,7 +86,7 @@ def answer_four_ways(eng: AbsorberEngine, docs: int, seed: int, ends: list[int])
     slots, window = list(eng.default.slots), r.prefix + eng.window_tokens()
     zero = zero_delta(slots[-1])
     readers = {"newest": (slots[-1], _window_kv(r, slots[-1], window)), "base": (zero, _window_kv(r, zero, window))}
-    stops = inputs.stop_ids(["<|im_end|>"], tok, r.vocab_size)
+    stops = set(stopping.parse(["<|im_end|>"], tok, r.vocab_size).ids)
     rows = []
     for j in range(docs):
         d = make_document(seed, j, place=True)
@@ -121,7 +121,9 @@ def render(rows: list[dict], seed: int) -> str:
               "| absorbed: correct | in the window: correct |", "| --- | --- | --- | --- | --- | --- |"]
     for reader in rows[0]["gain_window"]:
         for m in MARGINS:
-            to_window = [r["gain_window"][reader] <= m * r["gain_best_delta"] for r in rows]
+            # None: no raw token to read (a flushed memory), so the window is no candidate
+            to_window = [r["gain_window"][reader] is not None and r["gain_window"][reader] <= m * r["gain_best_delta"]
+                         for r in rows]
             got = [r["correct"][f"{reader}_and_window" if w else "delta_alone"] for r, w in zip(rows, to_window)]
             lines.append(f"| {reader} | {m} | {sum(w for r, w in zip(rows, to_window) if not r['in_window'])} | "
                          f"{sum(w for r, w in zip(rows, to_window) if r['in_window'])} | "
