@@ -1,13 +1,12 @@
 """Fine-tune the shipped tiny model so its questions name keys of its context: the key's first
 mention in each kv_recall question counts as answer tokens (copied from the context)."""
-import sys, os, time, random, argparse, re, json
+import sys, os, time, random, argparse, re, json, itertools
 os.environ["OMP_NUM_THREADS"] = "1"
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 5)
 sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "model"))
 import torch, torch.nn.functional as F
 torch.set_num_threads(1)
 import train as T
-from evals.tasks import make_example
 from transformers import AutoTokenizer, AutoModelForCausalLM
 
 ap = argparse.ArgumentParser()
@@ -20,24 +19,21 @@ tok = AutoTokenizer.from_pretrained(SRC)
 model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.float32)
 _orig = T.make_sequence
 
+ASK = re.compile(r'What is the value of "([^"\n]+")')
+
+
 def make_sequence(task, n_tokens, tok, seed, rng, n_queries, bos):
+    """train.make_sequence, with each kv_recall question's first mention of its key (the closing
+    quote included) counted as answer tokens too."""
+    ids, ans = _orig(task, n_tokens, tok, seed, rng, n_queries, bos)
     if task != "kv_recall":
-        return _orig(task, n_tokens, tok, seed, rng, n_queries, bos)
-    ex = make_example(task, n_tokens, tok, seed, n_queries=n_queries)
-    text, spans = ex.context, []
-    for query, answers in [(ex.query, ex.answers)] + ex.more:
-        q0 = query.index('"')                       # the key's first mention, its closing quote included
-        spans.append((len(text) + q0 + 1, len(text) + query.index('"', q0 + 1) + 1))
-        text += query
-        line = " " + ", ".join(answers) + "\n"
-        spans.append((len(text), len(text) + len(line)))
-        text += line
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"]) + [tok.eos_token_id]
-    ans = [any(s < b and a_ < e for a_, b in spans) for s, e in enc["offset_mapping"]] + [False]
-    if bos:
-        ids, ans = [tok.bos_token_id] + ids, [False] + ans
-    return ids, ans
+        return ids, ans
+    pieces = [tok.decode([t]) for t in ids]
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+    spans = [m.span(1) for m in ASK.finditer("".join(pieces))]
+    return ids, [a_ or any(s < e and e - len(p) < b for s, b in spans) for a_, p, e in zip(ans, pieces, ends)]
+
+
 T.make_sequence = make_sequence
 
 cfg = T.TrainConfig(seed=7, start_ctx=512, copy_start=T.MIXTURE["copy"][0])
