@@ -73,8 +73,8 @@ class AbsorberConfig:
 
     surprise_gate: float = 0.0
     """Streams: a round trains only if its first loss is ≥ this × the median first loss of the stream's
-    last 16 rounds after its first (Titans' surprise), else it takes no step (reports count it): it skips filler
-    around a pass key, and new text on alike rounds (absorber-tiny, records at 4x: 5 of 7). Rounds 1-2 always train; 0: off."""
+    last 16 rounds after its first (rounds 1-2 always train; Titans' surprise), else it takes no step: it skips the filler
+    around a pass key, and new text on alike rounds (tiny model, records at 4x: 5 of 7; docs/long_context.md). 0: off."""
 
     lr: float = 5e-4
     """AdamW learning rate on the delta (paper: 5e-4)."""
