@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import _scheduler, inputs
+from . import _scheduler, inputs, interrupts
 from .config import AbsorberConfig
 from .errors import AbsorptionError, ConfigError, InputError
 from .engine_memory import MemoryMixin
@@ -258,26 +258,26 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 self.scheduler.abort(rnd.session, rnd.id)
             raise
         out, settled = {}, 0
-        try:                          # what can fail (allocations, Ctrl-C) comes before each commit
-            for rnd, sess, delta, snap, res in zip(batch.rounds, sessions, deltas, snapshots, results):
-                if res.error is None:
-                    # A gated round told the memory nothing new: it takes no place in the replay buffer.
-                    probe = replay_probe(self.frame, rnd.x) if self.config.replay_rounds and not res.gated else None
-                    sess.keep(delta)
-                    self.scheduler.commit(rnd.session, rnd.id)
-                    settled += 1      # counted at once: a committed round must not be aborted below
-                    # A stream's first round starts from an empty memory: everything surprises it, so
-                    # its loss sets no level for the gate (it trains regardless).
-                    if res.losses and sess.rounds > 1:
-                        sess.surprise.append(res.losses[0])
-                    if probe is not None:
-                        sess.replay.append(probe)
-                else:
-                    delta.restore(snap)
-                    self.scheduler.abort(rnd.session, rnd.id)
-                    settled += 1
-                self._windows.drop(rnd.session)
-                out[rnd.session] = (rnd, res)
+        try:                          # Ctrl-C waits for whole commits; a failed allocation aborts the rest
+            with interrupts.deferred():
+                for rnd, sess, delta, snap, res in zip(batch.rounds, sessions, deltas, snapshots, results):
+                    if res.error is None:
+                        # A gated round told the memory nothing new: it takes no place in the replay buffer.
+                        probe = replay_probe(self.frame, rnd.x) if self.config.replay_rounds and not res.gated else None
+                        sess.keep(delta)
+                        self.scheduler.commit(rnd.session, rnd.id)
+                        settled += 1      # counted at once: a committed round must not be aborted below
+                        # A stream's first round starts from an empty memory: its loss sets no gate level.
+                        if res.losses and sess.rounds > 1:
+                            sess.surprise.append(res.losses[0])
+                        if probe is not None:
+                            sess.replay.append(probe)
+                    else:
+                        delta.restore(snap)
+                        self.scheduler.abort(rnd.session, rnd.id)
+                        settled += 1
+                    self._windows.drop(rnd.session)
+                    out[rnd.session] = (rnd, res)
         except BaseException:         # the rounds not settled yet are aborted: none stays in flight
             for rnd, delta, snap in list(zip(batch.rounds, deltas, snapshots))[settled:]:
                 delta.restore(snap)

@@ -234,6 +234,35 @@ def test_a_failed_round_leaves_every_delta_as_it_was(monkeypatch):
         _assert_same(_state(slot), state)
 
 
+def test_ctrl_c_while_a_round_commits_is_raised_once_the_commit_is_whole(monkeypatch):
+    """A SIGINT that arrives after the bank took the round's delta but before the scheduler let go of
+    its tokens: the interrupt comes after the commit, the bank holds the round's delta (not a restored,
+    empty one in place of the dropped oldest) and the tokens are not absorbed again."""
+    import os
+    import signal
+    from absorber_engine.session import Session
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=2))
+    for text in TEXTS[:2]:
+        eng.absorb(text, flush=True)
+    keep = Session.keep
+
+    def keep_then_ctrl_c(self, delta):
+        keep(self, delta)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Session, "keep", keep_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        eng.absorb(TEXTS[2], flush=True)
+    monkeypatch.setattr(Session, "keep", keep)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert eng.default.rounds == 3 and eng.held_tokens == 0
+    for slot, text in zip(eng.default.slots, TEXTS[1:]):
+        _assert_same(_state(slot), _banked(_alone(text).delta))
+    with pytest.raises(InputError, match="nothing to absorb"):     # no token left to absorb twice
+        eng.absorb([], flush=True)
+
+
 def test_replay_needs_the_one_delta():
     with pytest.raises(ConfigError, match="replay_rounds"):
         AbsorberConfig(memory_slots=2, replay_rounds=4)
