@@ -16,6 +16,7 @@ from safetensors.torch import save
 
 
 def export_peft(session, directory) -> None:
+    from . import interrupts
     from .errors import InputError
     from .memory_file import new_temp_file, output_path
 
@@ -49,8 +50,10 @@ def export_peft(session, directory) -> None:
         "base_model_name_or_path": getattr(model_cfg, "_name_or_path", "") or None,
         "inference_mode": True,
     }
-    # Both files under temporary names first, then renamed: a failed export never leaves an adapter
-    # directory with weights from one memory and a config from another.
+    # Both files under temporary names first. An earlier adapter's config goes before the weights are
+    # replaced and the new one comes last: an export cut off between the renames leaves a directory
+    # with no config, which PEFT refuses by name, never weights read with another adapter's rank or
+    # scale.
     weights, config = (os.path.join(directory, n) for n in ("adapter_model.safetensors", "adapter_config.json"))
     written = []
     try:
@@ -65,8 +68,11 @@ def export_peft(session, directory) -> None:
         written.append(tmp_config)
         with os.fdopen(fd, "w") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
-        os.replace(tmp_weights, weights)
-        os.replace(tmp_config, config)
+        with interrupts.deferred():               # a kill can still cut in: the order above holds then
+            if os.path.lexists(config):
+                os.unlink(config)
+            os.replace(tmp_weights, weights)
+            os.replace(tmp_config, config)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:                 # a full disk is no bad argument
             raise

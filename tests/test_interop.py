@@ -112,3 +112,34 @@ def test_wrapped_sampling_draws_from_torchs_generator_like_transformers():
     assert draws[0][0] == draws[0][1]                        # torch.manual_seed reproduces a call
     assert draws[0][0] != draws[1][0]                        # another seed, another sample
     assert draws[0][0][0] != draws[0][0][1]                  # two rows of one prompt differ, as transformers' do
+
+
+def test_an_export_cut_off_between_its_renames_leaves_no_config_to_misread_the_weights(tmp_path, monkeypatch):
+    """Over an earlier adapter of another rank and scale: cut off after the weights' rename, the
+    directory holds no config (PEFT says so by name), never the old config beside the new weights."""
+    import os
+
+    from peft import PeftModel
+
+    def exported(rank, seed):
+        eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=rank,
+                                                                        max_steps=2, lr=1e-2, future_tokens=4))
+        eng.absorb(random_ids(24, seed=seed), flush=True)
+        return eng
+
+    exported(2, 1).export_peft(tmp_path)
+    replace, calls = os.replace, []
+
+    def cut_off_after_the_first(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt                  # as a kill would leave it: the second rename never ran
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cut_off_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        exported(4, 2).export_peft(tmp_path)
+    monkeypatch.setattr(os, "replace", replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors"]    # no temporary left
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        PeftModel.from_pretrained(make_model("llama"), str(tmp_path))
