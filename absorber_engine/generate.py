@@ -57,6 +57,7 @@ class WindowCache:
     def __init__(self):
         self._kv: dict = {}              # (session key, reader) -> WindowKV
         self._zero: dict = {}            # session key -> its Δ = 0 (the base reader)
+        self.recitals: dict = {}         # session key -> its bank's recitals (recital.py), oldest first
 
     def get(self, runner: ModelRunner, key, delta, tokens: list[int], reader: str = "newest") -> WindowKV:
         win = self._kv.get((key, reader))
@@ -74,10 +75,12 @@ class WindowCache:
         for reader in self.READERS:
             self._kv.pop((key, reader), None)
         self._zero.pop(key, None)
+        self.recitals.pop(key, None)
 
     def nbytes(self, key) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for reader in self.READERS for k, v in getattr(self._kv.get((key, reader)), "kv", []))
+        return 8 * sum(map(len, self.recitals.get(key, []))) + sum(
+            k.numel() * k.element_size() + v.numel() * v.element_size()
+            for reader in self.READERS for k, v in getattr(self._kv.get((key, reader)), "kv", []))
 
 
 def _window_kv(runner: ModelRunner, delta, tokens: list[int]) -> WindowKV:
@@ -242,8 +245,9 @@ class GenerationMixin:
         they fall among tokens (stops.py). on_token(session, token), when given, sees each kept token
         as it is chosen (streaming; a stop text's own too, which the answer leaves out); returning
         False ends that row there.
-        recite: a row routed to a delta of its bank has it recite its round first, and the base model
-        answers reading the recital (recital.py; slower, and recalls more on SmolLM2).
+        recite: a row whose session holds a bank reads the recital of its bank's deltas that shares
+        the most with its question, the base model answering after it (recital.py; slower, and
+        recalls more).
         """
         inputs.check_sampling(max_new_tokens, temperature, top_p)
         inputs.check_callback("on_token", on_token)
@@ -266,10 +270,9 @@ class GenerationMixin:
         seeds = [inputs.seed_of(seed, name, self.config.seed) for name in names]
         gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]
         with self._resident(sessions):
-            deltas, windows, banked = map(list, zip(*[self._routed(s, p) for s, p in zip(sessions, ids)]))
+            deltas, windows, banked = map(list, zip(*[self._routed(s, p, recite) for s, p in zip(sessions, ids)]))
             if recite:
-                self._read_recitals(sessions, [i for i, b in enumerate(banked) if b], deltas, windows, ids,
-                                    max_new_tokens)
+                self._read_recitals(sessions, [i for i, b in enumerate(banked) if b], deltas, windows, ids, max_new_tokens)
             new = generate_rows(self.runner, deltas, windows, ids, max_new_tokens, temperature,
                                 top_p, set(stops.ids), gens, watch or streamed)
         if watch is not None:
@@ -298,21 +301,23 @@ class GenerationMixin:
                     self.scheduler.release(sess.key)
                 self._rest()
 
-    def _read_recitals(self, sessions: list[Session], rows: list[int], deltas: list, windows: list, ids: list,
-                       max_new_tokens: int):
-        """recite: each of `rows`, routed to a delta of its bank, gets that delta's recital before its
-        prompt and the base model as its reader, in place (recital.py), a recital as long as its
-        session's rounds at most. A row that reads the raw window, or whose delta wrote nothing,
-        stays as it was."""
-        if not rows:
-            return
-        longest = [sum(sessions[i].stats()[k] for k in ("chunk_tokens", "sync_tokens")) for i in rows]
-        recitals = recital.recite_rows(self.runner, self.frame, [deltas[i] for i in rows], [windows[i] for i in rows],
-                                       longest, self.config.round_cut, self.cut_min, self.tokenizer, generate_rows)
-        for i, text in zip(rows, recitals):
-            if not text:
-                continue
-            prompt = recital.answer_prompt(self.frame, self._question_frame, text, ids[i])
+    def _read_recitals(self, sessions: list[Session], rows: list[int], deltas, windows, ids, max_new_tokens: int):
+        """recite: each of `rows` (a session with a bank) reads, in place, the bank's recital or the raw
+        window that shares the longest run of tokens with its question, with the base model (recital.py)."""
+        banks = {sessions[i].key: sessions[i] for i in rows if sessions[i].key not in self._windows.recitals}
+        slots = [(key, d, sess.stats()) for key, sess in banks.items() for d in sess.slots]
+        recited = recital.recite_rows(self.runner, self.frame, [d for _, d, _ in slots],
+                                      [_window_kv(self.runner, d, self.runner.prefix) for _, d, _ in slots],
+                                      [d.round_tokens or st["chunk_tokens"] + st["sync_tokens"] for _, d, st in slots],
+                                      self.config.round_cut, self.cut_min, self.tokenizer, generate_rows) if slots else []
+        for key in banks:
+            self._windows.recitals[key] = [r for (k, _, _), r in zip(slots, recited) if k == key]
+        for i in rows:
+            texts, frame = self._windows.recitals[sessions[i].key], self._question_frame
+            k = recital.pick(recital.asked(ids[i], frame), texts + [self.window_tokens(sessions[i])])
+            if k == len(texts) or not texts[k]:
+                continue                           # the raw window, as _routed left it
+            prompt = recital.answer_prompt(self.frame, frame, texts[k], ids[i])
             inputs.check_span(len(self.runner.prefix), len(prompt) + max_new_tokens, f"recital and prompt ({len(prompt)}) + "
                               f"max_new_tokens ({max_new_tokens})", self.runner.max_positions)
             zero = self._windows.zero(sessions[i].key, sessions[i].slots[-1])
@@ -323,16 +328,18 @@ class GenerationMixin:
         """probes.question_frame() of the engine's tokenizer, found once."""
         return question_frame(self.tokenizer)
 
-    def _routed(self, sess: Session, ids: list[int]) -> tuple:
-        """The delta of `sess` and the window KV that read the prompt `ids` (route), and whether the
-        router picked that delta from the bank: with one delta, or no prompt to score, the newest
-        delta and the raw window (the stream continued); else a delta of the bank alone, or the
-        base model and the raw window when that explains `ids` best."""
+    def _routed(self, sess: Session, ids: list[int], recite: bool = False) -> tuple:
+        """The delta and window KV that read the prompt `ids`, and whether it reads from the bank: with one
+        delta, or no prompt to score, the newest delta and the raw window (the stream continued); else
+        the delta route() picks, alone, or the base model and the raw window (with `recite`: until
+        _read_recitals picks a recital)."""
         newest, tokens = sess.slots[-1], self.runner.prefix + self.window_tokens(sess)
         if len(sess.slots) == 1 or not scorable(self.runner, ids):
             return newest, self._windows.get(self.runner, sess.key, newest, tokens), False
         zero = self._windows.zero(sess.key, newest)
         window = self._windows.get(self.runner, sess.key, zero, tokens, reader="base")
+        if recite:
+            return zero, window, True
         frame = self._question_frame
         asked = asked_alone(ids, frame)
         opening = len(frame[0]) if frame and asked[:len(frame[0])] == frame[0] else 0

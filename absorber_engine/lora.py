@@ -121,11 +121,13 @@ class LowRankDelta:
         self.shapes, self.rank, self.scale, self.device, self.seed = dict(shapes), rank, scale, device, seed
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
+        self.round_tokens = 0          # a bank's delta: the length of the X it absorbed (0: not known)
         self.reset()
 
     def reset(self) -> None:
         """Back to Δ = 0: B zero, A drawn again from the seed (the same A every time)."""
         gen = torch.Generator().manual_seed(self.seed)
+        self.round_tokens = 0
         for name, (n_in, n_out) in self.shapes.items():
             # Kaiming-uniform bound as for a linear of fan-in n_in, as LoRA does.
             bound = 1.0 / math.sqrt(n_in)

@@ -159,6 +159,7 @@ def save_memory(session, path) -> None:
         raise InputError(f"memory file {path!r} is a directory")
     tensors = {f"slots.{i}.{k}": v.cpu().contiguous()
                for i, delta in enumerate(session.slots) for k, v in delta.state_dict().items()}
+    tensors["slot_tokens"] = torch.tensor([d.round_tokens for d in session.slots], dtype=torch.int64)
     held = list(session.engine.scheduler.window(session.key, all=True))
     st = session.stats()
     capacity = st["chunk_tokens"] + st["sync_tokens"]
@@ -273,6 +274,10 @@ def load_memory(session, path) -> None:
             raise MemoryFileError(f"{path} has a corrupt replay buffer")
         if q.numel() > longest:
             raise MemoryFileError(f"{path} holds a replay probe of {q.numel()} tokens; the model reads {longest}")
+    lengths = tensors.get("slot_tokens", torch.zeros(len(slots), dtype=torch.int64))   # absent before recitals
+    if (lengths.dtype != torch.int64 or lengths.shape != (len(slots),) or bool((lengths < 0).any())
+            or bool((lengths > capacity).any())):
+        raise MemoryFileError(f"{path} has corrupt round lengths for its deltas")
     surprise = tensors.get("surprise")
     if surprise is not None and (surprise.dim() != 1 or surprise.dtype != torch.float64
                                  or not bool(torch.isfinite(surprise).all()) or bool((surprise < 0).any())):
@@ -282,12 +287,13 @@ def load_memory(session, path) -> None:
     # which allocates nothing that could fail halfway.
     device = session.delta.device                   # where the scheduler keeps this session's deltas now
     fresh = []
-    for state in slots:
+    for state, length in zip(slots, lengths.tolist()):
         delta = session.new_delta()
         delta.to(device)
         delta.load_state_dict(state)
         if session.slots.maxlen > 1 and not delta.is_zero():
             delta.compact(BANK_DTYPE)               # held as a committed round's (session.keep)
+            delta.round_tokens = length
         fresh.append(delta)
     try:
         session.restore_window(window.tolist() + queued.tolist(), absorbed, rounds)

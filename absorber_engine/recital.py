@@ -1,20 +1,22 @@
 """Answers read from a recital: generate(..., recite=True).
 
 A delta of a bank (memory_slots > 1) is trained each round on the recite probe: the student, without
-X, is made to write X in answer to the recite seed. So the delta a question is routed to can write
-its round's text back, and it does so word for word (SmolLM2-135M: docs/recall.md, "Answers
-read from a recital"). With `recite`, a row routed to a delta of its bank first recites (greedy, at
-most n + m tokens, the longest round a flush absorbs, ending at the frame's stop tokens or the
-config's round_cut), and the base model then answers reading the recital as a system message, in the
-frame the teacher read X in. Reading a document in the prompt is what a small chat model does best;
-answering from the delta directly recalled less.
+X, is made to write X in answer to the recite seed. So each delta of a bank can write its round's
+text back, and it does so word for word (SmolLM2-135M: docs/recall.md, "Answers read from a
+recital"; absorber-tiny: 159 of 159 key-value records on each of two streams, docs/long_context.md,
+"Recitals that route"). With `recite`, every delta of a row's bank recites (greedy, at most its
+round's X, ending at the frame's stop tokens or the config's round_cut), the row takes the recital
+that shares the longest run of tokens with its question (or its raw window, when that shares as
+much), and the base model answers reading it before the question, in the frame the teacher read X
+in. Reading a document in the prompt is what a small model does best; answering from the delta
+directly recalled less, and route()'s pick by surprise found the right delta for 7 of 69
+questions about key-value records where the shared run found it for 67 of 69.
 
-What it costs: a query decodes up to n + m tokens more (the recitals of a batch's rows in
-one batch), in the rounds' compute dtype: SmolLM2's recitals of 118-133 tokens took 5.2-5.8 s at one
-CPU thread in bf16 on reordered weights with the delta merged, 7.3-8.5 s in fp32, the same text in
-6 of 6 (docs/performance.md, "Decode products on reordered weights"). What it holds: nothing after
-the query. The recital's KV lives as long as the answer, and no text of the stream is kept, so
-held memory is the bank alone, as without it.
+What it costs: the bank's recitals, once until the bank changes (a round, a load, a reset; kept
+as token ids beside the window's KV, WindowCache): SmolLM2's recitals of 118-133 tokens took 5.2-5.8
+s a delta at one CPU thread in bf16 (docs/performance.md, "Decode products on reordered weights"),
+the tiny model's seven of 256 tokens 2.0 s in one batch; then an answer as long as the recital
+and the question. No text of the stream is kept: the recitals are the bank's own.
 """
 
 from __future__ import annotations
@@ -29,10 +31,36 @@ from .routing import last_turn
 
 def check_frame(frame: ProbeFrame | None) -> ProbeFrame:
     """The engine's frame when its deltas can be asked to recite, else a clear error."""
-    if frame is None or not frame.chat or "recite" not in frame.seeds:
-        raise InputError("recite needs a chat model whose config trains the recite probe (probe_kinds with "
-                         "'recite', chat_probes on, a tokenizer with a chat template)")
+    if frame is None or "recite" not in frame.seeds:
+        raise InputError("recite needs a config that trains the recite probe (probe_kinds with 'recite') "
+                         "and a tokenizer")
     return frame
+
+
+def longest_run(a: list[int], b: list[int]) -> int:
+    """The length of the longest run of consecutive tokens that `a` and `b` share."""
+    best, prev = 0, [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b):
+            if x == y:
+                cur[j + 1] = prev[j] + 1
+                best = max(best, cur[j + 1])
+        prev = cur
+    return best
+
+
+def asked(ids: list[int], question_frame: tuple | None) -> list[int]:
+    """What a recital is matched against: the prompt's last user turn (all of it where it has none)."""
+    last = last_turn(ids, question_frame[1]) if question_frame and question_frame[1] else None
+    return ids if last is None else ids[last:]
+
+
+def pick(question: list[int], candidates: list[list[int]]) -> int:
+    """The candidate sharing the longest run of tokens with `question`; on a tie the last (the caller
+    lists the bank's recitals oldest first, then the raw window)."""
+    runs = [longest_run(question, c) for c in candidates]
+    return max(range(len(runs)), key=lambda k: (runs[k], k))
 
 
 def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest: list[int], cut: str,
@@ -77,6 +105,8 @@ def answer_prompt(frame: ProbeFrame, question_frame: tuple | None, recital: list
     last user turn, or before the whole prompt when it has none. Right before the question, not at
     the top of a chat: after three earlier exchanges about other documents, SmolLM2 answered 19/40
     that way against 8/40 with the recital first (tuning stream of seed 41)."""
+    if not frame.chat:                          # plain text: the recital, a line break, the prompt
+        return recital + frame.context_close + ids
     opening, turn = question_frame or ([], [])
     last = last_turn(ids, turn) if turn else None
     if opening and ids[:len(opening)] == opening and last == len(opening):

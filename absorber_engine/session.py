@@ -91,14 +91,15 @@ class Session:
             return self.delta
         return self.new_delta()
 
-    def keep(self, delta: LowRankDelta) -> None:
+    def keep(self, delta: LowRankDelta, x_tokens: int) -> None:
         """A committed round's delta joins the memory (a full bank drops its oldest); a fresh delta
         that took no step (the surprise gate) holds nothing and is not kept. A bank holds its deltas
-        compact (BANK_DTYPE)."""
+        compact (BANK_DTYPE), each with the length of its round's X: what its recital can be."""
         if delta.is_zero():
             return
         if self.slots.maxlen > 1:          # before it joins: a failed cast leaves the bank as it was
             delta.compact(BANK_DTYPE)
+            delta.round_tokens = x_tokens
         if delta is not self.delta:
             self.slots.append(delta)
 

@@ -40,12 +40,12 @@ from .tasks import RETRIEVAL_TASKS, TASKS, answer_text, make_example, score
 HERE = Path(__file__).resolve().parent
 ALL_METHODS = ("none", "full", "truncate", "sinks", "ttt", "absorber", "absorber+kl", "absorber+futures",
                "absorber+replay", "absorber+recite", "absorber+recite+gate", "absorber+recite+gate+futures",
-               "absorber+slots")
+               "absorber+slots", "absorber+bank+recital")
 # Asked for by name, not run by default: replay costs 5.5x the absorber's time at 4x the context;
 # the recite variants were added after the default table was measured (docs/long_context.md).
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS
                         if m not in ("absorber+replay", "absorber+recite", "absorber+recite+gate",
-                                     "absorber+recite+gate+futures", "absorber+slots"))
+                                     "absorber+recite+gate+futures", "absorber+slots", "absorber+bank+recital"))
 # The library's default objective (recite probe, next-token loss, normalized L1, KL) on this
 # budget, in place of the paper's.
 LIBRARY_OBJECTIVE = dict(probes=1, ntp_weight=1.0, kl_weight=1.0, hidden_norm=True)
@@ -112,6 +112,14 @@ def build_methods(names, model_dir: str, ctx: int, flush: bool = False, steps: i
         # A delta per round (config.memory_slots): no round of filler touches the delta of the round
         # that held the fact, and the query reads the delta it routes to (routing.route).
         "absorber+slots": lambda: EngineMethod("absorber+slots", model_dir, config(ctx, memory_slots=16), flush),
+        # The shipped config with a delta per round, every round trained (no gate: rounds of records
+        # are all alike), and answers read from the bank's recitals (recital.py): each delta writes its
+        # round back, the question reads the one it shares the longest run of tokens with. Tuning
+        # seeds 13-14, 40 key-value questions each: 65/69 of the records that left the window (route()
+        # with the same bank, answering from the delta: 7/69); docs/long_context.md, "Recitals that route".
+        "absorber+bank+recital": lambda: EngineMethod(
+            "absorber+bank+recital", model_dir,
+            config(ctx, **{**GATED_FUTURES, "surprise_gate": 0.0, "memory_slots": 16}), flush, recite=True),
         # Prompted futures (Cartridges/LIFT-style seed prompt): a question opener, so the sampled
         # continuations ask about X and the teacher answers from it (our tasks ask "What is ...?";
         # the prompt names no task). Measured on flushed 512-token passkeys at 80 steps: 4/4.

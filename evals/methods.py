@@ -83,8 +83,8 @@ class WindowMethod:
 class EngineMethod:
     """TTT or an Absorber variant: the context absorbed as a stream, the query asked after it."""
 
-    def __init__(self, name: str, model_dir: str, config: AbsorberConfig, flush: bool = False):
-        self.name, self.flush = name, flush
+    def __init__(self, name: str, model_dir: str, config: AbsorberConfig, flush: bool = False, recite: bool = False):
+        self.name, self.flush, self.recite = name, flush, recite
         self.engine = AbsorberEngine.from_pretrained(model_dir, config=config)
         self.tok = self.engine.tokenizer
 
@@ -103,7 +103,7 @@ class EngineMethod:
             out.held_bytes = eng.held_bytes()["delta"] + kv_bytes(model_cfg, eng.held_tokens + len(target), dtype)
             return out
         start = time.perf_counter()
-        new = eng.generate(query, max_new_tokens=max_new_tokens)
+        new = eng.generate(query, max_new_tokens=max_new_tokens, recite=self.recite)
         out.token_seconds = (time.perf_counter() - start) / max(len(new), 1)
         out.generated = self.tok.decode(new)
         out.held_bytes = eng.held_bytes()["delta"] + kv_bytes(model_cfg, eng.held_tokens + len(query) + len(new), dtype)

@@ -247,8 +247,8 @@ def test_ctrl_c_while_a_round_commits_is_raised_once_the_commit_is_whole(monkeyp
         eng.absorb(text, flush=True)
     keep = Session.keep
 
-    def keep_then_ctrl_c(self, delta):
-        keep(self, delta)
+    def keep_then_ctrl_c(self, delta, x_tokens):
+        keep(self, delta, x_tokens)
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(Session, "keep", keep_then_ctrl_c)
@@ -281,6 +281,8 @@ def test_a_bank_saves_and_loads_and_a_smaller_engine_refuses_it(tmp_path):
     assert len(back.default.slots) == 2
     for a, b in zip(eng.default.slots, back.default.slots):
         _assert_same(_state(a), _state(b))
+    # Each delta keeps its round's length (how long its recital may be: recital.py).
+    assert [d.round_tokens for d in back.default.slots] == [d.round_tokens for d in eng.default.slots] == [24, 24]
     prompt = TEXTS[0][:12]
     torch.testing.assert_close(back.logits(prompt), eng.logits(prompt))
     one = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=1))
@@ -338,7 +340,9 @@ def test_a_bank_file_that_lies_about_its_deltas_is_refused(tmp_path):
     cases = {"count": ({**meta, "slots": "two"}, tensors, "slot count"),
              "fewer": ({**meta, "slots": "1"}, tensors, "does not count"),
              "more": ({**meta, "slots": "3"}, tensors, "does not fit"),
-             "zero": ({**meta, "slots": "0"}, tensors, "holds 0 deltas")}
+             "zero": ({**meta, "slots": "0"}, tensors, "holds 0 deltas"),
+             "lengths": (meta, {**tensors, "slot_tokens": torch.tensor([24])}, "round lengths"),
+             "length": (meta, {**tensors, "slot_tokens": torch.tensor([24, 10**6])}, "round lengths")}
     for name, (m, t, msg) in cases.items():
         bad = tmp_path / f"{name}.safetensors"
         save_file(t, str(bad), metadata=m)

@@ -1,5 +1,7 @@
-"""generate(..., recite=True): the routed delta of a bank recites its round, and the base model
-answers reading the recital as a system message (absorber_engine/recital.py)."""
+"""generate(..., recite=True): every delta of a bank recites its round, the question reads the recital
+it shares the longest run of tokens with (or the raw window), and the base model answers reading it
+before the question: as a system message in a chat, a line before it in plain text
+(absorber_engine/recital.py)."""
 
 import pytest
 import torch
@@ -78,13 +80,10 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     assert recite([40, 3], "") == ["Oda runs the mill.\n\nBrann the ferry.\n\nAnd more.", tok.decode(script[:3])]
 
 
-def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch):
+def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_picks(monkeypatch):
     tok = _tokenizer(DEFAULT_SYSTEM)
     eng = _bank(tok)
     prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
-    with eng._resident([eng.default]), torch.no_grad():
-        routed, _, banked = eng._routed(eng.default, prompt)
-    assert banked and any(routed is s for s in eng.default.slots)
     calls = []
     real = generate.generate_rows
 
@@ -96,13 +95,15 @@ def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch)
     monkeypatch.setattr(generate, "generate_rows", spy)
     memory = [t.detach().clone() for s in eng.default.slots for t in s.parameters()]
     answer = eng.generate(prompt, max_new_tokens=4, stop=[], recite=True)
-    (rec_deltas, rec_prompts, recital), (ans_deltas, ans_prompts, out) = calls
-    # The recital: the routed delta, reading the recite seed in the student's frame, greedy.
-    assert rec_deltas == [routed] and rec_prompts == [eng.frame.student_open + eng.frame.seeds["recite"]]
-    assert 0 < len(recital[0]) <= eng.config.window_tokens
-    # The answer: the recital's text as the system message, read by the base model (Δ = 0).
-    text = tok.encode(tok.decode(recital[0]), add_special_tokens=False)
-    assert ans_prompts == [answer_prompt(eng.frame, eng._question_frame, text, prompt)]
+    (rec_deltas, rec_prompts, recitals), (ans_deltas, ans_prompts, out) = calls
+    # The recitals: every delta of the bank, oldest first, reading the recite seed in the student's frame.
+    assert rec_deltas == list(eng.default.slots) and rec_prompts == [eng.frame.student_open + eng.frame.seeds["recite"]] * 3
+    assert all(len(r) <= d.round_tokens for r, d in zip(recitals, eng.default.slots)) and any(recitals)
+    texts = [tok.encode(tok.decode(r), add_special_tokens=False) for r in recitals]
+    k = recital.pick(recital.asked(prompt, eng._question_frame), texts + [eng.window_tokens()])
+    assert k < 3                                 # the window is empty (flushed): it shares nothing
+    # The answer: the picked recital's text as the system message, read by the base model (Δ = 0).
+    assert ans_prompts == [answer_prompt(eng.frame, eng._question_frame, texts[k], prompt)]
     assert ans_deltas == [eng._windows.zero(eng.default.key, eng.default.slots[-1])]
     # ... so it is what the bare model writes after that prompt (and the model's prefix).
     torch.manual_seed(0)            # the same draw as the engine's model (_bank)
@@ -117,6 +118,49 @@ def test_a_routed_row_recites_its_delta_then_the_base_model_answers(monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(memory, [t for s in eng.default.slots for t in s.parameters()]))
 
 
+@pytest.mark.parametrize("template", [DEFAULT_SYSTEM, None])
+def test_the_question_reads_the_recital_sharing_the_longest_run_recited_once_until_the_bank_changes(template,
+                                                                                                  monkeypatch):
+    tok = _tokenizer(template)
+    eng = _bank(tok)
+    said = ["The ferry is run by Brann.", "Oda runs the mill by the river.", "The bell rings at noon."]
+    recited = []
+
+    def fake_recite_rows(runner, frame, deltas, windows, longest, *rest):
+        recited.append((list(deltas), list(longest)))
+        return [tok.encode(t, add_special_tokens=False) for t in said[:len(deltas)]]
+
+    answered = []
+    monkeypatch.setattr(recital, "recite_rows", fake_recite_rows)
+    monkeypatch.setattr(generate, "generate_rows", lambda runner, deltas, windows, prompts, *a: (
+        answered.append((deltas, prompts)) or [[] for _ in prompts]))
+    ask = (lambda q: _chat(tok, [{"role": "user", "content": q}])) if template else \
+        (lambda q: tok.encode(q, add_special_tokens=False))
+    zero = eng._windows.zero(eng.default.key, eng.default.slots[-1])
+
+    def reads(question):
+        eng.generate(ask(question), max_new_tokens=2, recite=True)
+        return answered.pop()
+
+    for question, k in (("Who runs the mill?", 1), ("When does the bell ring?", 2)):
+        deltas, prompts = reads(question)
+        text = tok.encode(said[k], add_special_tokens=False)
+        assert deltas == [zero] and prompts == [answer_prompt(eng.frame, eng._question_frame, text, ask(question))]
+    if template is None:                         # plain text: the recital, a line break, the question
+        assert prompts == [tok.encode(said[2] + "\n" + "When does the bell ring?", add_special_tokens=False)]
+    # Each delta recited once, at most its round's length, for both questions.
+    assert recited == [(list(eng.default.slots), [d.round_tokens for d in eng.default.slots])]
+    assert all(0 < d.round_tokens <= eng.config.window_tokens for d in eng.default.slots)
+    # A question the raw window shares as much with reads the window, with the base model, as asked;
+    # held raw, the window took no round: the bank and its recitals stay.
+    eng.absorb("Zyx wq")
+    deltas, prompts = reads("Zyx wq?")
+    assert len(recited) == 1 and deltas == [zero] and prompts == [ask("Zyx wq?")]
+    eng.absorb("More about the mill.", flush=True)       # a round committed: the bank recites again
+    reads("Who runs the mill?")
+    assert len(recited) == 2 and recited[1][0] == list(eng.default.slots)
+
+
 def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_cannot_do():
     tok = _tokenizer(DEFAULT_SYSTEM)
     prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
@@ -127,16 +171,13 @@ def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_canno
     bank = _bank(tok)
     bank.absorb(tok.decode(list(range(40, 52))))                       # a raw window to continue
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(recital, "recite_rows", lambda *a: pytest.fail("a row the router did not pick recited"))
+        patch.setattr(recital, "recite_rows", lambda *a: pytest.fail("a row with no question recited"))
         assert bank.generate(None, max_new_tokens=3, recite=True) == bank.generate(None, max_new_tokens=3)
     with pytest.raises(InputError, match="recite must be true or false"):
         one.generate(prompt, max_new_tokens=3, recite="yes")
     bare = _engine(tok, probes=0, futures=1)           # no recite probe trained: no recital to ask for
-    with pytest.raises(InputError, match="recite needs a chat model"):
+    with pytest.raises(InputError, match="recite needs a config that trains the recite probe"):
         bare.generate(prompt, max_new_tokens=3, recite=True)
-    plain = _engine(_tokenizer(), probes=1, probe_kinds=("recite",))     # no chat template
-    with pytest.raises(InputError, match="recite needs a chat model"):
-        plain.generate(tok.encode("Who runs the mill?", add_special_tokens=False), max_new_tokens=3, recite=True)
 
 
 def test_a_template_without_a_system_turn_of_its_own_is_refused_clearly():
