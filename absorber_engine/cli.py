@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the memory's config seed)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the answer where this text appears, left out (repeatable; default: the model's end tokens)")
-    p.add_argument("--recite", action="store_true", help="a prompt routed to a delta of the bank has it recite its "
-                   "round first, and the base model answers reading the recital (slower; needs a chat model)")
+    p.add_argument("--recite", action="store_true", help="with a bank, every delta recites its round and the base "
+                   "model answers reading the recital that shares the most with the prompt (slower)")
 
     p = sub.add_parser("export-peft", help="write a memory as a standard PEFT LoRA adapter directory")
     _add_model_args(p)

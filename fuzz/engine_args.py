@@ -104,8 +104,8 @@ def _sampling_value(r: Reader, name: str):
 
 
 RECITE = (True, False, 1, 0, "yes", None, np.bool_(True))
-"""generate(recite=...): the shipped model has no chat template, so True is refused with an InputError
-that must leave the memory as it was; anything but a bool is refused too."""
+"""generate(recite=...): the fuzzed engine trains no recite probe (probes=0), so True is refused with an
+InputError that must leave the memory as it was; anything but a bool is refused too."""
 
 
 def from_bytes(data: bytes) -> dict:

@@ -188,3 +188,16 @@ def test_a_template_without_a_system_turn_of_its_own_is_refused_clearly():
     recital = tok.encode("The mill is run by Oda.", add_special_tokens=False)
     with pytest.raises(InputError, match="no system message of its own"):
         answer_prompt(eng.frame, eng._question_frame, recital, _chat(tok, [{"role": "user", "content": "Who?"}]))
+
+
+def test_the_longest_shared_run_picks_and_a_tie_goes_to_the_later_candidate():
+    assert recital.longest_run([1, 2, 3, 9], [0, 1, 2, 3, 4]) == 3
+    assert recital.longest_run([1, 2, 1, 2], [2, 1, 2, 1, 7]) == 3          # [1, 2, 1] (or [2, 1, 2])
+    assert recital.longest_run([], [1]) == recital.longest_run([5], [6]) == 0
+    assert recital.pick([7, 8, 9], [[7, 8], [1, 7, 8, 9], [8, 9]]) == 1
+    assert recital.pick([7, 8], [[7, 8], [0, 7, 8], []]) == 1                  # tie: the newer delta
+    assert recital.pick([7, 8], [[7, 8], [7, 8]]) == 1                         # ... or the raw window, listed last
+    # Only the prompt's last user turn is matched: an earlier turn's words choose nothing.
+    frame = ([100], [101])
+    assert recital.asked([100, 101, 5, 6, 101, 7, 8], frame) == [101, 7, 8]
+    assert recital.asked([5, 6], frame) == [5, 6] and recital.asked([5, 6], None) == [5, 6]
