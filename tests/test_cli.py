@@ -68,9 +68,9 @@ def test_resume_continues_the_stream(model_dir, ids_file, tmp_path, capsys):
     (["absorb", "--input", "{ids}", "--memory", "{tmp}/m"], 2, "no tokenizer"),
     (["generate", "--memory", "{tmp}/nope.safetensors", "--prompt", "1"], 4, "does not exist"),
     (["generate", "--memory", "{garbage}", "--prompt", "1"], 4, "not a readable memory file"),
-    (["generate", "--ids", "--prompt", "1 2", "--recite"], 2, "recite needs a chat model"),
+    (["generate", "--ids", "--prompt", "1 2", "--recite"], 2, "recite needs a config that trains the recite probe"),
 ], ids=["bad config", "empty input", "bad ids", "missing input", "text without tokenizer", "missing memory",
-        "corrupt memory", "recite without a chat model"])
+        "corrupt memory", "recite without the recite probe"])
 def test_exit_codes(model_dir, ids_file, tmp_path, capsys, argv, code, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.txt").write_text("1 2 100000")
