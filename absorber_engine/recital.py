@@ -63,8 +63,8 @@ def pick(question: list[int], candidates: list[list[int]]) -> int:
 def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest: list[int], cut: str,
                 cut_min: int, tokenizer, generate_rows) -> list[list[int]]:
     """Each delta's recital of its round (token ids, at most `longest[row]` of them, the round's cut
-    and what follows it dropped; [] when it wrote nothing), read after its window (the model's
-    prefix). A cut ends a recital only once it holds `cut_min` tokens, as the scheduler cuts a
+    and what follows it dropped, or the line it stops in at that length; [] when it wrote nothing),
+    read after its window (the model's prefix). A cut ends a recital only once it holds `cut_min` tokens, as the scheduler cuts a
     round: a round's X may hold breaks before that. generate_rows is generate.py's."""
     prompt = frame.student_open + frame.seeds["recite"]
     written: list[list[int]] = [[] for _ in deltas]
@@ -80,10 +80,15 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
         out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max(longest), 0.0, 1.0, set(frame.stop),
                             gens, goes_on)
     recitals = []
-    for ids in out:
+    for ids, most in zip(out, longest):
         text, at = tokenizer.decode(ids), _cut_at(tokenizer, ids, cut, cut_min)
         if at >= 0:
             text = text[:at]
+        elif len(ids) >= most and "\n" in text:
+            # Stopped at its round's length, where the scheduler cut X, mid-line maybe: the line's rest
+            # is the next round's. A half line before the question (absorber-tiny: `"humble sail`, its
+            # quote left open) made the base model misread it: trimmed, 38/39 where 30/39 (8x, seed 401).
+            text = text[:text.rindex("\n")]
         recitals.append(inputs.to_ids(text, tokenizer, runner.vocab_size) if text.strip() else [])
     return recitals
 

@@ -78,6 +78,10 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     # No cut configured: the whole recital, as written; each row at most its session's round.
     assert recite([40], "") == ["Oda runs the mill.\n\nBrann the ferry.\n\nAnd more."]
     assert recite([40, 3], "") == ["Oda runs the mill.\n\nBrann the ferry.\n\nAnd more.", tok.decode(script[:3])]
+    # Stopped at its round's length inside a line: that line is the next round's, and goes.
+    brann = len(tok.encode("Oda runs the mill.\n\nBrann", add_special_tokens=False))
+    assert tok.decode(script[:brann]).endswith("Brann")
+    assert recite([brann], "") == ["Oda runs the mill.\n"]
 
 
 def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_picks(monkeypatch):
@@ -99,7 +103,8 @@ def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_pic
     # The recitals: every delta of the bank, oldest first, reading the recite seed in the student's frame.
     assert rec_deltas == list(eng.default.slots) and rec_prompts == [eng.frame.student_open + eng.frame.seeds["recite"]] * 3
     assert all(len(r) <= d.round_tokens for r, d in zip(recitals, eng.default.slots)) and any(recitals)
-    texts = [tok.encode(tok.decode(r), add_special_tokens=False) for r in recitals]
+    texts = eng._windows.recitals[eng.default.key]          # kept for the next question: each its recital's text
+    assert all(tok.decode(r).startswith(tok.decode(t)) for r, t in zip(recitals, texts))
     k = recital.pick(recital.asked(prompt, eng._question_frame), texts + [eng.window_tokens()])
     assert k < 3                                 # the window is empty (flushed): it shares nothing
     # The answer: the picked recital's text as the system message, read by the base model (Δ = 0).

@@ -15,6 +15,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4)
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
+from absorber_engine import recital  # noqa: E402
 from evals.evaluate import build_methods  # noqa: E402
 from evals.recall_eval import wilson  # noqa: E402
 from evals.tasks import answer_text, kv_record, make_example, score  # noqa: E402
@@ -43,12 +44,18 @@ for seed in (int(s) for s in a.seeds.split(",")):
         max_new = len(tok.encode(answer_text(answers), add_special_tokens=False)) + 2
         t = time.perf_counter()
         mine = tok.decode(eng.generate(ids, max_new_tokens=max_new, recite=True))
+        texts = eng._windows.recitals.get(eng.default.key, [])       # the bank's recitals (recital.py)
+        picked = recital.pick(recital.asked(ids, None), texts + [eng.window_tokens()]) if texts else None
         row = {"seed": seed, "query": query, "answers": answers, "absorb_s": absorb_s, "rounds": report.rounds,
+               "picked": picked, "holder": next((k for k, t in enumerate(texts)
+                                                 if kv_record(query.split('"')[1], answers[0]) in tok.decode(t)), None),
                "in_window": kv_record(query.split('"')[1], answers[0]).strip() in window,
                "engine": mine, "engine_ok": bool(score(ex, mine, answers)), "engine_s": time.perf_counter() - t}
         row["truncate"] = truncate.run(context, ids, [], max_new).generated
         row["truncate_ok"] = bool(score(ex, row["truncate"], answers))
         rows.append(row)
+    with open(a.out.replace(".jsonl", f"_recitals_{seed}.json"), "w") as f:
+        json.dump([tok.decode(t) for t in eng._windows.recitals.get(eng.default.key, [])], f, indent=1)
     left = [r for r in rows if r["seed"] == seed and not r["in_window"]]
     print(f"seed {seed}: {report.rounds} rounds, {absorb_s:.0f} s; left the window: engine "
           f"{sum(r['engine_ok'] for r in left)}/{len(left)}, truncate {sum(r['truncate_ok'] for r in left)}/{len(left)}",
