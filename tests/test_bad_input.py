@@ -356,8 +356,10 @@ MEMORY_FUZZ_CASES = [
     # int64's largest loaded, then wrapped negative on the next round and saved a file no load took
     ("counter at int64's largest", [("meta", "tokens_absorbed", str(2**63 - 1))], "counters out of range"),
     ("config nested 200,000 deep", [("meta", "config", "[" * 200_000 + "]" * 200_000)], "corrupt header"),
-    ("complex delta", [("tensor", 0, "complex64", "same", "same")], "not floating point"),
+    # Tensors by sorted name: 0 is the bank's round lengths ("slot_tokens"), then the deltas'.
+    ("complex delta", [("tensor", 2, "complex64", "same", "same")], "not floating point"),
     ("bool delta", [("tensor", 1, "bool", "same", "same")], "not floating point"),
+    ("round lengths as floats", [("tensor", 0, "float32", "same", "same")], "corrupt round lengths"),
 ]
 
 
