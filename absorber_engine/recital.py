@@ -63,7 +63,7 @@ def pick(question: list[int], candidates: list[list[int]]) -> int:
 def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest: list[int], cut: str,
                 cut_min: int, tokenizer, generate_rows) -> list[list[int]]:
     """Each delta's recital of its round (token ids, at most `longest[row]` of them, the round's cut
-    and what follows it dropped, or the line it stops in at that length; [] when it wrote nothing),
+    and what follows it dropped, or a half line it stops in at that length; [] when it wrote nothing),
     read after its window (the model's prefix). A cut ends a recital only once it holds `cut_min` tokens, as the scheduler cuts a
     round: a round's X may hold breaks before that. generate_rows is generate.py's."""
     prompt = frame.student_open + frame.seeds["recite"]
@@ -84,13 +84,21 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
         text, at = tokenizer.decode(ids), _cut_at(tokenizer, ids, cut, cut_min)
         if at >= 0:
             text = text[:at]
-        elif len(ids) >= most and "\n" in text:
-            # Stopped at its round's length, where the scheduler cut X, mid-line maybe: the line's rest
-            # is the next round's. A half line before the question (absorber-tiny: `"humble sail`, its
-            # quote left open) made the base model misread it: trimmed, 38/39 where 30/39 (8x, seed 401).
+        elif len(ids) >= most and _half_line(text):
+            # Stopped at its round's length, where the scheduler cut X mid-line: the line's rest is the
+            # next round's. A half record before the question (absorber-tiny: `"humble sail`, its quote
+            # left open) made the base model misread it: trimmed, 38/39 where 30/39 (8x, seed 401).
             text = text[:text.rindex("\n")]
         recitals.append(inputs.to_ids(text, tokenizer, runner.vocab_size) if text.strip() else [])
     return recitals
+
+
+def _half_line(text: str) -> bool:
+    """Whether the text ends in a line no longer than the longest before it: a piece of a list, log or
+    table cut short. A longer last line is prose the cut ran through (a pass key's filler after one
+    line of instructions), kept whole."""
+    lines = text.split("\n")
+    return len(lines) > 1 and len(lines[-1]) <= max(map(len, lines[:-1]))
 
 
 def _cut_at(tokenizer, ids: list[int], cut: str, cut_min: int) -> int:

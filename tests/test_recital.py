@@ -78,10 +78,13 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     # No cut configured: the whole recital, as written; each row at most its session's round.
     assert recite([40], "") == ["Oda runs the mill.\n\nBrann the ferry.\n\nAnd more."]
     assert recite([40, 3], "") == ["Oda runs the mill.\n\nBrann the ferry.\n\nAnd more.", tok.decode(script[:3])]
-    # Stopped at its round's length inside a line: that line is the next round's, and goes.
+    # Stopped at its round's length inside a line no longer than those before it (a list cut short):
+    # that line is the next round's, and goes. A longer last line is prose the cut ran through: kept.
     brann = len(tok.encode("Oda runs the mill.\n\nBrann", add_special_tokens=False))
     assert tok.decode(script[:brann]).endswith("Brann")
     assert recite([brann], "") == ["Oda runs the mill.\n"]
+    script = tok.encode("Read on.\nOda runs the mill and Brann the ferry, and more", add_special_tokens=False)
+    assert recite([len(script) - 2], "") == [tok.decode(script[:-2])]
 
 
 def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_picks(monkeypatch):

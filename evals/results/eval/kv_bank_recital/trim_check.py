@@ -1,5 +1,5 @@
-"""Replays the engine's answers from a many_questions.py run's recitals, as read and with the half line at
-a recital's end trimmed: python trim_check.py kv8x_seed401_rerun.jsonl kv8x_seed401_rerun_recitals.json"""
+"""Replays the engine's answers from a many_questions.py run's recitals, as read and with a half line at
+a recital's end trimmed (recital._half_line's rule): python trim_check.py kv8x_seed401_rerun.jsonl kv8x_seed401_rerun_recitals.json"""
 import sys, os, json
 os.environ["OMP_NUM_THREADS"]="1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4))
@@ -17,7 +17,10 @@ def ans(text, q):
         for _ in range(7):
             out.append(int(model(torch.tensor([ids+out])).logits[0,-1].argmax()))
     return tok.decode(out)
-for name, f in (("as is", lambda t: t), ("trimmed", lambda t: t[:t.rindex("\n")] if "\n" in t else t)):
+def _half(t):
+    lines = t.split("\n")
+    return len(lines) > 1 and len(lines[-1]) <= max(map(len, lines[:-1]))
+for name, f in (("as is", lambda t: t), ("trimmed", lambda t: t[:t.rindex("\n")] if _half(t) else t)):
     ok=n=0
     for r in rows:
         if r["in_window"] or r["picked"] is None or r["picked"] >= len(rec): continue
