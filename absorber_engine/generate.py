@@ -308,7 +308,7 @@ class GenerationMixin:
         slots = [(key, d, sess.stats()) for key, sess in banks.items() for d in sess.slots]
         recited = recital.recite_rows(self.runner, self.frame, [d for _, d, _ in slots],
                                       [_window_kv(self.runner, d, self.runner.prefix) for _, d, _ in slots],
-                                      [d.round_tokens or st["chunk_tokens"] + st["sync_tokens"] for _, d, st in slots],
+                                      [recital.room(d, st) for _, d, st in slots],
                                       self.config.round_cut, self.cut_min, self.tokenizer, generate_rows) if slots else []
         for key in banks:
             self._windows.recitals[key] = [r for (k, _, _), r in zip(slots, recited) if k == key]

@@ -5,7 +5,7 @@ X, is made to write X in answer to the recite seed. So each delta of a bank can 
 text back, and it does so word for word (SmolLM2-135M: docs/recall.md, "Answers read from a
 recital"; absorber-tiny: 159 of 159 key-value records on each of two streams, docs/long_context.md,
 "Recitals that route"). With `recite`, every delta of a row's bank recites (greedy, at most its
-round's X, ending at the frame's stop tokens or the config's round_cut), the row takes the recital
+round's X and a token, ending at the frame's stop tokens or the config's round_cut), the row takes the recital
 that shares the longest run of tokens with its question (or its raw window, when that shares as
 much), and the base model answers reading it before the question, in the frame the teacher read X
 in. Reading a document in the prompt is what a small model does best, and the question's own words
@@ -60,6 +60,13 @@ def pick(question: list[int], candidates: list[list[int]]) -> int:
     return max(range(len(runs)), key=lambda k: (runs[k], k))
 
 
+def room(delta, stats: dict) -> int:
+    """How long a delta's recital may run: its round's X and one token more, the end of turn a chat
+    recital closes with (so a whole recital stops by itself, and only one cut short with its round
+    stops at the length, recite_rows); n + m where the round's length is not known."""
+    return delta.round_tokens + 1 if delta.round_tokens else stats["chunk_tokens"] + stats["sync_tokens"]
+
+
 def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest: list[int], cut: str,
                 cut_min: int, tokenizer, generate_rows) -> list[list[int]]:
     """Each delta's recital of its round (token ids, at most `longest[row]` of them, the round's cut
@@ -85,8 +92,8 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
         if at >= 0:
             text = text[:at]
         elif len(ids) >= most and _half_line(text):
-            # Stopped at its round's length, where the scheduler cut X mid-line: the line's rest is the
-            # next round's. A half record before the question (absorber-tiny: `"humble sail`, its quote
+            # Stopped at its length, not by itself: a round the scheduler cut at n tokens, mid-line (a
+            # plain delta writes no end after it); the line's rest is the next round's. A half record before the question (absorber-tiny: `"humble sail`, its quote
             # left open) made the base model misread it: trimmed, 38/39 where 30/39 (8x, seed 401).
             text = text[:text.rindex("\n")]
         recitals.append(inputs.to_ids(text, tokenizer, runner.vocab_size) if text.strip() else [])

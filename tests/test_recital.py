@@ -105,7 +105,7 @@ def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_pic
     (rec_deltas, rec_prompts, recitals), (ans_deltas, ans_prompts, out) = calls
     # The recitals: every delta of the bank, oldest first, reading the recite seed in the student's frame.
     assert rec_deltas == list(eng.default.slots) and rec_prompts == [eng.frame.student_open + eng.frame.seeds["recite"]] * 3
-    assert all(len(r) <= d.round_tokens for r, d in zip(recitals, eng.default.slots)) and any(recitals)
+    assert all(len(r) <= d.round_tokens + 1 for r, d in zip(recitals, eng.default.slots)) and any(recitals)
     texts = eng._windows.recitals[eng.default.key]          # kept for the next question: each its recital's text
     assert all(tok.decode(r).startswith(tok.decode(t)) for r, t in zip(recitals, texts))
     k = recital.pick(recital.asked(prompt, eng._question_frame), texts + [eng.window_tokens()])
@@ -156,8 +156,8 @@ def test_the_question_reads_the_recital_sharing_the_longest_run_recited_once_unt
         assert deltas == [zero] and prompts == [answer_prompt(eng.frame, eng._question_frame, text, ask(question))]
     if template is None:                         # plain text: the recital, a line break, the question
         assert prompts == [tok.encode(said[2] + "\n" + "When does the bell ring?", add_special_tokens=False)]
-    # Each delta recited once, at most its round's length, for both questions.
-    assert recited == [(list(eng.default.slots), [d.round_tokens for d in eng.default.slots])]
+    # Each delta recited once, for both questions: at most its round's length and the token that ends it.
+    assert recited == [(list(eng.default.slots), [d.round_tokens + 1 for d in eng.default.slots])]
     assert all(0 < d.round_tokens <= eng.config.window_tokens for d in eng.default.slots)
     # A question the raw window shares as much with reads the window, with the base model, as asked;
     # held raw, the window took no round: the bank and its recitals stay.
