@@ -25,7 +25,7 @@ _MAX_TOKENS = 2**24
 _INT_LIMITS = {"chunk_tokens": _MAX_TOKENS, "sync_tokens": _MAX_TOKENS, "rank": 2**16, "max_steps": 2**31 - 1,
                "max_batch": 2**20, "max_resident": 2**20, "futures": 2**16, "kl_top_k": 2**31 - 1,
                "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16, "replay_batch": 2**16,
-               "memory_slots": 2**16}
+               "memory_slots": 2**16, "recite_exact": 2**31 - 1}
 _FLOAT_MAX = 1.7976931348623157e308
 
 
@@ -70,6 +70,10 @@ class AbsorberConfig:
     stop_loss: float = 0.0
     """eps: a round stops once its loss is below this. Our loss is a mean over positions, layers and
     hidden dimensions (not the paper's per-position sum): eps = 2 does not carry over; 0: never."""
+    recite_exact: int = 0
+    """k > 0, with the recite probe: a round whose delta after max_steps would not recite X exactly (a token
+    of X not the greedy pick after the true ones before it, by recital.RECITE_MARGIN) goes on, at most k
+    steps more, until it would. 0: off."""
 
     surprise_gate: float = 0.0
     """Streams: a round trains only if its first loss is ≥ this × the median first loss of the stream's
@@ -89,21 +93,17 @@ class AbsorberConfig:
     SmolLM2-135M they added nothing to recall over the recite probe and next-token loss (24 questions:
     4 sampled probes + ntp 62.5%, recite + ntp 58%, ntp alone 62.5%) for 2-4x the time. The shipped
     3.4M model, which they helped, keeps 4 in its config."""
-
     future_tokens: int | None = None
     """Length of each sampled continuation. None: min(64, sync_tokens). At most sync_tokens, so the
     teacher's KV over X and a future stays within n + m tokens (sync_tokens = 0: n + future_tokens)."""
-
     futures_follow_y: bool = False
     """On: sampled futures continue X·Y and the student reads Y·future (the teacher X·Y·future), as
     generate() reads the window and then a prompt; the teacher's KV then spans n + m + future_tokens.
     Off (default): futures continue X, in Y's place, read alone. Shipped model, streamed passkeys: 4/6 vs 3/6."""
-
     future_prompt: str | tuple[int, ...] = ""
     """Text (or token ids) every sampled future starts with, read by the teacher right after X, as
     Cartridges' and LIFT's seed prompts: e.g. an opener of questions, so the futures ask and answer
     about what X says. "" (default): the futures continue X itself, as in the paper."""
-
     future_temperature: float = 1.0
     """Sampling temperature of the continuations; 1 samples the teacher's own distribution."""
     future_top_p: float = 1.0
@@ -119,11 +119,9 @@ class AbsorberConfig:
     """Kinds of seed instruction the probes are spread over, round-robin (probes.SEED_PROMPTS): with
     the default one probe, "recite" (the teacher re-reads X as its answer; no sampling). The sampled
     kinds follow Cartridges' seeds; a 135M model writes poor questions and answers to them (docs/recall.md)."""
-
     probe_tokens: int = 64
     """Most tokens the teacher writes in answer to one seed; a probe ends earlier at the end of
     its turn (the chat template's end token, or EOS)."""
-
     probe_temperature: float = 1.0
     """Sampling temperature of the teacher's answers: its own distribution, for diverse probes."""
     probe_top_p: float = 1.0
@@ -145,20 +143,19 @@ class AbsorberConfig:
     39/48 for the separate pass, with 26% less CPU time per document (41.7 s against 56.7 s)."""
 
     replay_rounds: int = 0
-    """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a
-    bounded buffer kept with the session and its memory file), toward the round-start model's states
-    on them (TTT: toward their tokens; replay.py). SmolLM2-135M, one round per document (12, seeds 7
-    and 9): 0/48 and 1/48 recalled without, 8/48 and 10/48 with 4, all but one hit in the buffer;
-    on in its recommended config. Costs a student pass over replay_rounds × (n + ~30) tokens more
-    per step (replay_batch): about 3x a round's time. 0: off. A round the surprise gate skips is not replayed."""
+    """Streams: each round also replays the recite probes of this many earlier rounds (token ids, a bounded
+    buffer kept with the session and its memory file), toward the round-start model's states on them (TTT:
+    toward their tokens; replay.py). SmolLM2-135M, one round per document (12, seeds 7 and 9): 0/48 and 1/48
+    recalled without, 8/48 and 10/48 with 4, all but one hit in the buffer. Costs a student pass over
+    replay_rounds × (n + ~30) tokens more per step (replay_batch): about 3x a round's time. 0: off."""
     memory_slots: int = 1
-    """Deltas a stream's memory keeps. 1 (the paper): every round trains the one delta. K > 1: each
-    round trains a fresh delta from the base model, kept with the K - 1 latest before it (the
-    oldest leaves); a query reads the delta that makes its prompt least surprising (routing.route).
-    Rounds then never overwrite each other: SmolLM2-135M, one round per document, rank 4: 26/48
-    (seed 7) against 8/48 for one delta with replay, and 63/96 on a held-out 24-document stream,
-    as many 16-23 rounds old as 0-7 (docs/recall.md, "A delta per round"); 32 in its recommended config.
-    Held memory grows a delta a round (held in bf16) up to K. Replay needs the one delta: replay_rounds = 0."""
+    """Deltas a stream's memory keeps. 1 (the paper): every round trains the one delta. K > 1: each round
+    trains a fresh delta from the base model, kept with the K - 1 latest before it (the oldest leaves); a
+    query reads the delta that makes its prompt least surprising (routing.route). Rounds then never overwrite
+    each other: SmolLM2-135M, one round per document, rank 4: 26/48 (seed 7) against 8/48 for one delta with
+    replay, 63/96 on a held-out 24-document stream, as many 16-23 rounds old as 0-7 (docs/recall.md, "A delta
+    per round"); 32 in its recommended config. Held memory grows a delta a round (bf16) up to K. Replay
+    needs the one delta: replay_rounds = 0."""
     round_cut: str = ""
     """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it
     once X holds round_cut_min tokens, else at n (round_cuts.py). With memory_slots > 1 a delta then
@@ -254,7 +251,8 @@ class AbsorberConfig:
             v = getattr(self, name)
             need(is_int(v) and 0 < v <= _INT_LIMITS[name], f"{name} must be a positive integer "
                  f"(at most {_INT_LIMITS[name]}), got {v!r}")
-        for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes", "replay_rounds", "replay_batch"):
+        for name in ("sync_tokens", "futures", "kl_top_k", "seed", "probes", "replay_rounds", "replay_batch",
+                     "recite_exact"):
             v = getattr(self, name)
             need(is_int(v) and 0 <= v <= _INT_LIMITS[name], f"{name} must be a non-negative integer "
                  f"(at most {_INT_LIMITS[name]}), got {v!r}")
@@ -286,6 +284,8 @@ class AbsorberConfig:
              f"alpha must be None or a finite number > 0, got {self.alpha!r}")
         need(isinstance(self.objective, str) and self.objective in OBJECTIVES,
              f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(not self.recite_exact or (self.objective == "absorber" and "recite" in self.probe_kinds[:self.probes]),
+             f"recite_exact ({self.recite_exact}) needs the absorber objective and a recite probe among the round's probes")
         need(isinstance(self.backend, str) and self.backend in BACKENDS,
              f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(isinstance(self.compute_dtype, str) and self.compute_dtype in COMPUTE_DTYPES,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import recital
 from .config import AbsorberConfig
 from .model import ModelRunner
 from .replay import replay_groups, replay_rows
@@ -41,6 +42,7 @@ class RoundResult:
     losses: list[float] = field(default_factory=list)
     error: str | None = None          # why the round failed; the caller restores the delta
     gated: bool = False               # the surprise gate skipped it: no step taken
+    misses: list[int] = field(default_factory=list)   # recite_exact: per check past max_steps, tokens of X short
 
     @property
     def final_loss(self) -> float:
@@ -66,14 +68,20 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
     in_recite = cfg.ntp_in_recite and any(g.x_span is not None for g in targets[0].groups)
     xs = batch.x if batch.x.shape[1] + len(runner.prefix) >= 2 and not in_recite else None   # (S, n)
 
-    step = iter(range(cfg.max_steps))
+    step = iter(range(cfg.max_steps + cfg.recite_exact))
+    misses = {} if cfg.recite_exact and any(g.x_span is not None for g in targets[0].groups) else None
 
     def loss_fn(active):
-        return student_losses(runner, [batch.deltas[i] for i in active], [targets[i] for i in active], cfg,
-                              backward=True, xs=xs[active] if xs is not None else None, step=next(step),
-                              scale=scale.value)
+        at = next(step)
+        got = [0] * len(active) if misses is not None and at >= cfg.max_steps else None    # checked past max_steps
+        losses = student_losses(runner, [batch.deltas[i] for i in active], [targets[i] for i in active], cfg,
+                                backward=True, xs=xs[active] if xs is not None else None, step=at,
+                                scale=scale.value, misses=got)
+        if got is not None:
+            misses.update(zip(active, got))
+        return losses
 
-    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale)
+    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale, misses)
 
 
 def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
@@ -103,14 +111,17 @@ ROUNDS = {"absorber": absorber_round, "ttt": ttt_round}
 
 
 def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets], cfg: AbsorberConfig,
-                   backward: bool, xs: torch.Tensor | None = None, step: int = 0, scale: float = 1.0) -> list[float]:
+                   backward: bool, xs: torch.Tensor | None = None, step: int = 0, scale: float = 1.0,
+                   misses: list[int] | None = None) -> list[float]:
     """Each stream's loss under its current delta (and the gradient, when `backward`, of `scale` x
-    the loss: LossScale) at step `step` of the round (which replayed rows it reads, with replay_batch)."""
+    the loss: LossScale) at step `step` of the round (which replayed rows it reads, with replay_batch);
+    with `misses`, each stream's count of X's tokens its recite probe misses is added there."""
     losses = [0.0] * len(deltas)
     read = [_read_at(t, cfg, step) for t in targets]
     runner.bind(deltas)
     for part in _passes([grp for grp, _ in read[0]]):
-        _student_pass(runner, [[r[i] for i in part] for r in read], targets, cfg, scale if backward else 0.0, losses)
+        _student_pass(runner, [[r[i] for i in part] for r in read], targets, cfg, scale if backward else 0.0, losses,
+                      misses)
     if cfg.ntp_weight > 0 and xs is not None:
         for s, ce in enumerate(next_token_losses(runner, deltas, xs, cfg, cfg.ntp_weight, backward, scale)):
             losses[s] += ce
@@ -153,7 +164,7 @@ def _width(grp: FutureGroup) -> int:
 
 
 def _student_pass(runner: ModelRunner, read: list[list[tuple[FutureGroup, float]]], targets: list[SyncTargets],
-                  cfg: AbsorberConfig, backward_scale: float, losses: list[float]) -> None:
+                  cfg: AbsorberConfig, backward_scale: float, losses: list[float], misses: list[int] | None) -> None:
     """One forward (and backward) of the student over the groups read[s] of every stream s: all
     their rows in one batch, stream-major, each row its lead then its tokens, right-padded (causal
     attention: the padding changes no real position); each group's loss read off its own rows and
@@ -186,6 +197,8 @@ def _student_pass(runner: ModelRunner, read: list[list[tuple[FutureGroup, float]
                 loss = weight * _text_loss(runner, fin, grp)
             else:
                 loss = weight * _sync_loss(runner, [h[sl, at] for h in cap.states], fin, grp, targets[s], cfg)
+                if misses is not None and grp.x_span is not None:
+                    misses[s] += recital.misses(runner, fin, grp)
             losses[s] += float(loss.detach())
             total = total + loss
     if backward_scale and total.requires_grad:            # 0: no backward; else the round's LossScale
@@ -266,17 +279,19 @@ def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, 
 
 
 def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | None = None,
-                 scale: LossScale | None = None) -> list[RoundResult]:
+                 scale: LossScale | None = None, misses: dict | None = None) -> list[RoundResult]:
     """Algorithm 1's loop for each stream: evaluate, stop below eps, else one AdamW step; at most
     max_steps steps. loss_fn(active) computes the losses of the streams `active` (indices) and
     accumulates their gradients. A stream whose loss is NaN/inf, or ends above divergence_factor ×
     its first loss, gets an error and leaves the batch; the caller restores its delta. With
     surprise_gate, a stream whose first loss is below surprise_gate × the median of surprise[i]
-    (its earlier rounds' first losses) takes no step at all."""
+    (its earlier rounds' first losses) takes no step at all. With `misses` (recite_exact: stream ->
+    the tokens of X its recital misses, filled by loss_fn), a stream past max_steps goes on, at most
+    cfg.recite_exact steps, until its delta recites X exactly."""
     opts = [torch.optim.AdamW(d.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for d in deltas]
     results = [RoundResult() for _ in deltas]
     active = list(range(len(deltas)))
-    for _ in range(cfg.max_steps):
+    for step in range(cfg.max_steps + (cfg.recite_exact if misses is not None else 0)):
         if not active:
             break
         for i in active:
@@ -291,6 +306,10 @@ def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | No
                 continue
             if loss < cfg.stop_loss:
                 continue
+            if misses is not None and step >= cfg.max_steps:
+                res.misses.append(misses[i])
+                if misses[i] == 0:
+                    continue
             if (cfg.surprise_gate > 0 and len(res.losses) == 1 and surprise and surprise[i]
                     and loss < cfg.surprise_gate * statistics.median(surprise[i])):
                 res.gated = True

@@ -44,6 +44,7 @@ class AbsorbReport:
     absorbed_tokens: int = 0    # tokens absorbed into the memory since the last reset, in total
     round_losses: list[float] = field(default_factory=list)   # final loss of each round
     gated: int = 0              # rounds the surprise gate skipped (no step taken)
+    unrecited: int = 0          # recite_exact: rounds kept whose delta missed a token of X at its last check
     errors: list[str] = field(default_factory=list)            # rounds rolled back (engine.run() only)
 
     def add_round(self, x_len: int, result) -> None:
@@ -51,6 +52,7 @@ class AbsorbReport:
         self.absorbed += x_len
         self.steps += result.steps
         self.gated += result.gated
+        self.unrecited += bool(result.misses and result.misses[-1])
         self.round_losses.append(result.final_loss)
         self.final_loss = result.final_loss
 

@@ -143,6 +143,9 @@ CONFIG_CASES = [
     ("empty objective", dict(hidden_weight=0.0, kl_weight=0.0), "empty"),
     ("nothing to synchronize on", dict(sync_tokens=0, futures=0, probes=0), "nothing to synchronize"),
     ("top_p out of range", dict(future_top_p=1.5), "future_top_p"),
+    ("recite_exact without a recite probe", dict(recite_exact=8, probe_kinds=("question",)), "recite_exact"),
+    ("recite_exact with the ttt objective", dict(recite_exact=8, objective="ttt"), "recite_exact"),
+    ("negative recite_exact", dict(recite_exact=-1), "recite_exact"),
 ]
 
 

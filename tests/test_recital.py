@@ -209,3 +209,26 @@ def test_the_longest_shared_run_picks_and_a_tie_goes_to_the_later_candidate():
     frame = ([100], [101])
     assert recital.asked([100, 101, 5, 6, 101, 7, 8], frame) == [101, 7, 8]
     assert recital.asked([5, 6], frame) == [5, 6] and recital.asked([5, 6], None) == [5, 6]
+
+
+
+def test_recite_exact_trains_past_max_steps_until_the_recital_is_the_rounds_text():
+    tok = _tokenizer()
+    # (its last line the longest: a recital stopped at the round's length keeps it, recite_rows)
+    x = tok.encode('"dark wagon": 61492\n"sunny planet": 37807', add_special_tokens=False)
+    reports = {}
+    for extra in (0, 3, 300):
+        torch.manual_seed(0)
+        eng = _engine(tok, probes=1, probe_kinds=("recite",), memory_slots=2, max_steps=2, lr=5e-3, rank=16,
+                      hidden_norm=True, recite_exact=extra)
+        reports[extra] = eng.absorb(x, flush=True)
+    # Two steps leave the delta far from its round's text: with the check off nothing is counted, with
+    # too small a budget the round is kept and counted, with enough it trains on until it recites X.
+    assert (reports[0].steps, reports[0].unrecited) == (2, 0)
+    assert (reports[3].steps, reports[3].unrecited) == (5, 1)
+    assert 5 < reports[300].steps < 302 and reports[300].unrecited == 0
+    # What the check counted is what a greedy recital writes: the round's X, token for token.
+    (delta,) = eng.default.slots
+    (recited,) = recite_rows(eng.runner, eng.frame, [delta], [generate._window_kv(eng.runner, delta, eng.runner.prefix)],
+                             [len(x)], "", 1, tok, generate.generate_rows)
+    assert recited == x
