@@ -209,7 +209,9 @@ def _summary(report, eng, seconds: float) -> str:
     return "\n".join([
         f"tokens absorbed : {report.absorbed} of {report.tokens} read ({eng.absorbed_tokens} in the stream so far)",
         f"rounds / steps  : {report.rounds} / {report.steps}"
-        + (f" ({report.gated} rounds skipped by the surprise gate)" if report.gated else ""),
+        + (f" ({report.gated} rounds skipped by the surprise gate)" if report.gated else "")
+        + (f" ({report.unrecited} rounds kept short of reciting their text: recite_exact ran out)"
+           if report.unrecited else ""),
         f"final loss      : {report.final_loss:.6g}",
         f"time            : {seconds:.2f} s",
         f"held memory     : delta {held['delta'] / 2**20:.2f} MiB + window {eng.held_tokens} tokens",

@@ -139,6 +139,23 @@ def test_text_input_is_decoded_with_a_clear_error(tmp_path, capsys):
                  "--memory", str(tmp_path / "m2"), "--quiet", "--max-steps", "1"]) == 0
 
 
+def test_absorb_reports_rounds_kept_short_of_reciting_their_text(tmp_path, capsys):
+    """recite_exact with too few steps to reach it: the summary counts the rounds kept short."""
+    from absorber_engine.cli import SHIPPED_MODEL
+
+    if not (SHIPPED_MODEL / "model.safetensors").exists():
+        pytest.skip("model/absorber-tiny not built")
+    f = tmp_path / "records.txt"
+    f.write_text('"dark wagon": 61492\n"sunny planet": 37807\n')
+    config = tmp_path / "c.json"
+    config.write_text('{"probes": 1, "probe_kinds": ["recite"], "recite_exact": 1, "sync_tokens": 0, "futures": 0}')
+    args = ["absorb", "--model", str(SHIPPED_MODEL), "--input", str(f), "--quiet", "--memory",
+            str(tmp_path / "m.safetensors"), "--config", str(config), "--max-steps", "1", "--lr", "1e-5"]
+    assert main(args) == 0
+    assert "rounds / steps  : 1 / 2 (1 rounds kept short of reciting their text: recite_exact ran out)" in \
+        capsys.readouterr().out
+
+
 def test_absorb_reports_rounds_the_surprise_gate_skipped(model_dir, tmp_path, capsys):
     """A stream of one chunk repeated: after the first two rounds nothing is new, and the summary
     says how many rounds the gate skipped; without the gate it says nothing of it."""
