@@ -72,9 +72,10 @@ def checked_args(ap: argparse.ArgumentParser, args) -> dict:
 
 
 def _configs(path: str, overrides: dict) -> dict[str, AbsorberConfig]:
-    """The absorber's config (the model's own, changed by `overrides`) and TTT's: the same budget."""
+    """The absorber's config (the model's own, changed by `overrides`) and TTT's: the same budget
+    (TTT trains no recite probe, so no recite_exact)."""
     base = (recommended_config(path) or AbsorberConfig()).replace(**overrides)
-    return {"absorber": base, "ttt": base.replace(objective="ttt")}
+    return {"absorber": base, "ttt": base.replace(objective="ttt", recite_exact=0)}
 
 
 def flushed_contexts(seed: int, docs: int, join: int = 1) -> list[FactDocument]:

@@ -36,3 +36,12 @@ def test_bad_eval_and_demo_flags_exit_2_naming_the_flag(tmp_path, capsys, argv, 
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_recite_exact_in_config_leaves_ttt_its_own_budget():
+    """--config '{"recite_exact": k}' changes the absorber's rounds; TTT, which trains no recite
+    probe, keeps its budget: its config is not refused."""
+    from evals.recall_eval import _configs
+
+    configs = _configs(TINY, {"recite_exact": 4})
+    assert (configs["absorber"].recite_exact, configs["ttt"].recite_exact, configs["ttt"].objective) == (4, 0, "ttt")
