@@ -24,12 +24,16 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--length", type=int, default=4, help="multiple of the trained context (512)")
 ap.add_argument("--seeds", default="401")
 ap.add_argument("--questions", type=int, default=40)
+ap.add_argument("--recite-exact", type=int, default=0,
+                help="the method's recite_exact (0: as this script measured it, before the check existed)")
 ap.add_argument("--out", required=True)
 a = ap.parse_args()
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 model_dir = os.path.join(ROOT, "model", "absorber-tiny")
 tok, (truncate, method) = build_methods(["truncate", "absorber+bank+recital"], model_dir, 512)
 eng = method.engine
+eng.config.recite_exact = a.recite_exact
+eng.config.validate()
 rows = []
 for seed in (int(s) for s in a.seeds.split(",")):
     ex = make_example("kv_recall", 512 * a.length, tok, seed=seed, n_queries=a.questions)
