@@ -211,7 +211,6 @@ def test_the_longest_shared_run_picks_and_a_tie_goes_to_the_later_candidate():
     assert recital.asked([5, 6], frame) == [5, 6] and recital.asked([5, 6], None) == [5, 6]
 
 
-
 def test_recite_exact_trains_past_max_steps_until_the_recital_is_the_rounds_text():
     tok = _tokenizer()
     # (its last line the longest: a recital stopped at the round's length keeps it, recite_rows)
