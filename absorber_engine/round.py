@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from absorber_kernels.frozen_linear import kept_casts
+
 from . import recital
 from .config import AbsorberConfig
 from .model import ModelRunner
@@ -62,6 +64,7 @@ class LossScale:
         self.value = 2.0 ** 16 if fp16 else 1.0
 
 
+@kept_casts()          # each frozen weight cast to the compute dtype once a round, not at every pass
 def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
     targets = teacher_targets(runner, batch, cfg)
     scale = LossScale(runner)
@@ -84,6 +87,7 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
     return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale, misses)
 
 
+@kept_casts()
 def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> list[RoundResult]:
     """The baseline: next-token cross-entropy of the contextless model on X itself (Temp-LoRA), and
     with replay_rounds on the replayed rounds' X too (rehearsal)."""

@@ -331,3 +331,28 @@ def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_halved(
     scale.value = 1.0                                  # at 1 an overflow is the round's failure, as before
     (res,) = train_deltas([delta], overflowing, eng.config, scale=scale)
     assert res.error is not None and "NaN or inf" in res.error
+
+
+@pytest.mark.parametrize("objective", ["absorber", "ttt"])
+def test_a_round_casts_each_frozen_weight_once(monkeypatch, objective):
+    """Under bf16 autocast a round (teacher passes, every student forward and backward) casts each
+    frozen target weight to bf16 once and reads that cast after, then holds none."""
+    from absorber_kernels import frozen_linear
+
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, max_steps=3,
+                                                                     compute_dtype="bfloat16", objective=objective))
+    weights = {m.weight.data_ptr() for m in eng.runner.model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not eng.runner.head}
+    made, real_to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: made.append(t.data_ptr()) or real_to(t, *a, **k))
+    buffered = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, src, *a, **k: buffered.append(src.data_ptr()) or real_copy(t, src, *a, **k))
+    report = eng.absorb(random_ids(24), flush=True)
+    monkeypatch.undo()
+    assert report.rounds == 1 and report.steps == 3
+    casts = [p for p in made if p in weights]
+    targets = {p for p in casts}
+    assert targets and len(casts) == len(targets)                  # each weight read is cast once
+    assert not [p for p in buffered if p in weights]               # and never again into the buffers
+    assert frozen_linear._kept.casts is None

@@ -98,3 +98,55 @@ def test_threads_casting_weights_of_one_shape_each_read_their_own_cast():
     for w, got in zip(ws, outs):
         want = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16))
         assert all(torch.equal(y, want) for y in got)
+
+
+def _chain_grads(ws, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x
+        for w in ws:
+            h = torch.tanh(base_linear(h, w, None, "linear"))
+    h.float().square().sum().backward()
+    out, grad = h.detach(), x.grad
+    x.grad = None
+    return out, grad
+
+
+def test_kept_casts_cast_each_weight_once_and_change_no_bit(monkeypatch):
+    # Three passes forward and backward over three weights of one shape: 18 casts per pass otherwise,
+    # 3 inside the block, and the same outputs and gradients to the bit.
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(16, 16, generator=g) / 4 for _ in range(3)]
+    x = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    want = _chain_grads(ws, x)
+    made = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: made.append(t.data_ptr()) or real_to(t, *a, **k))
+    with frozen_linear.kept_casts():
+        with frozen_linear.kept_casts():             # nested: the outer block's casts
+            got = [_chain_grads(ws, x) for _ in range(3)]
+        made_weights = [p for p in made if p in {w.data_ptr() for w in ws}]
+        assert sorted(made_weights) == sorted(w.data_ptr() for w in ws)
+        with torch.no_grad():
+            ws[1].mul_(2.0)                          # a weight written to is cast anew
+        changed = _chain_grads(ws, x)
+    monkeypatch.undo()
+    for out, grad in got:
+        torch.testing.assert_close(out, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, want[1], rtol=0, atol=0)
+    torch.testing.assert_close(changed[0], _chain_grads(ws, x)[0], rtol=0, atol=0)
+    assert frozen_linear._kept.casts is None         # nothing held once the block ends
+
+
+def test_kept_casts_hold_at_most_their_budget(monkeypatch):
+    # A budget of two 16 x 16 bf16 casts: the third weight is cast per pass into the shared buffer,
+    # which must still give its own product.
+    monkeypatch.setattr(frozen_linear, "KEPT_CAST_BYTES", 2 * 16 * 16 * 2)
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(16, 16, generator=g) / 4 for _ in range(3)]
+    x = torch.randn(2, 7, 16, generator=g, requires_grad=True)
+    want = _chain_grads(ws, x)
+    with frozen_linear.kept_casts():
+        got = _chain_grads(ws, x)
+        assert len(frozen_linear._kept.casts) == 2 and frozen_linear._kept.room == 0
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
