@@ -15,12 +15,14 @@ module path's to the bit (tests/test_static_decode.py).
 
 Taken only where the module path would compute nothing else: a model of the family with a SiLU
 MLP, no layer or submodule with a forward of its own or a hook (accelerate's placement, compiled
-layers, a user's probe), and every delta merged into the weights (one delta bound to all rows):
-`build` returns None otherwise and the steps go through the modules.
+layers, a user's probe), and every delta either merged into the weights (one delta bound to all
+rows) or stacked one a row, added to the products as lowrank_linear_batched_ref adds it (a bank's
+recitals, a batch of sessions): `build` returns None otherwise and the steps go through the modules.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -33,14 +35,16 @@ FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def build(runner, weight_of: Callable[[nn.Linear], torch.Tensor], dtype: torch.dtype,
-          rows: int) -> "FusedLayers | None":
+          rows: int, per_row: dict | None = None) -> "FusedLayers | None":
     """The fused step of runner's model for steps of `rows` rows in `dtype`, `weight_of(linear)`
-    the weight to use for each frozen linear (a delta merged in); None where it does not apply."""
+    the weight to use for each frozen linear (a delta merged in), `per_row` {linear: (A, B)} the
+    deltas applied one a row, (rows, in, r) and (rows, r, out) in `dtype`; None where it does not apply."""
     cfg = runner.model.config
+    per_row = per_row or {}
     if runner.model_type not in FAMILY or getattr(cfg, "hidden_act", None) != "silu":
         return None
-    if any(w.A is not None for w in runner.wrappers.values()):       # a delta applied per row, not merged
-        return None
+    if any(w.A is not None and w.base not in per_row for w in runner.wrappers.values()):
+        return None                                   # a delta bound that is neither merged nor given per row
     for m in runner.base.modules():
         if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
             return None
@@ -57,7 +61,7 @@ def build(runner, weight_of: Callable[[nn.Linear], torch.Tensor], dtype: torch.d
         return None                                   # a layout this step does not know (another transformers)
     if _sdpa_takes_gqa():
         return None
-    return FusedLayers(runner, weight_of, dtype, rows)
+    return FusedLayers(runner, weight_of, dtype, rows, per_row)
 
 
 def _sdpa_takes_gqa() -> bool:
@@ -75,10 +79,12 @@ def _sdpa_takes_gqa() -> bool:
 class FusedLayers:
     """The whole model's decode step: embedding, rotary positions, every layer, the final norm."""
 
-    def __init__(self, runner, weight_of, dtype: torch.dtype, rows: int):
+    def __init__(self, runner, weight_of, dtype: torch.dtype, rows: int, per_row: dict):
         self.embed = runner.model.get_input_embeddings()
         self.rotary, self.norm = runner.base.rotary_emb, runner.base.norm
-        self.layers = [_Layer(layer, weight_of, dtype, rows) for layer in runner.layers]
+        fuse = functools.partial(_fused, weight_of=weight_of, dtype=dtype, rows=rows, per_row=per_row,
+                                 scale=runner.binding.scale)
+        self.layers = [_Layer(layer, fuse) for layer in runner.layers]
 
     def rotary_table(self, position: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos and sin (B, steps, Dh) of the positions position + 0..steps-1, each what the model's
@@ -117,12 +123,12 @@ class _Layer:
     """One decoder layer's step: the weights fused and reordered, the norms read from the modules
     (their weights are what decode_weights cast them to)."""
 
-    def __init__(self, layer: nn.Module, weight_of, dtype: torch.dtype, rows: int):
+    def __init__(self, layer: nn.Module, fuse):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], weight_of, dtype, rows)
-        self.o = _fused([attn.o_proj], weight_of, dtype, rows)
-        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], weight_of, dtype, rows)
-        self.down = _fused([mlp.down_proj], weight_of, dtype, rows)
+        self.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = fuse([attn.o_proj])
+        self.gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+        self.down = fuse([mlp.down_proj])
         self.norms = layer.input_layernorm, layer.post_attention_layernorm
         self.qk_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
         self.head_dim, self.scale = attn.head_dim, attn.scaling
@@ -159,15 +165,28 @@ def _base(module: nn.Module) -> nn.Linear:
     return getattr(module, "base", module)
 
 
-def _fused(modules: list[nn.Module], weight_of, dtype: torch.dtype, rows: int):
-    """x (B, in) -> the products of every module's linear, concatenated on the last dimension, as one."""
+def _fused(modules: list[nn.Module], weight_of, dtype: torch.dtype, rows: int, per_row: dict, scale: float):
+    """x (B, in) -> the products of every module's linear, concatenated on the last dimension, as one,
+    each linear's per-row delta added on its own columns."""
     linears = [_base(m) for m in modules]
     packed = Packed(torch.cat([weight_of(lin) for lin in linears]), dtype, rows)
     bias = None
     if any(lin.bias is not None for lin in linears):
         bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
                           for lin in linears]).detach().to(dtype)
-    return lambda x: packed.rows(x, bias)
+    ends = [0]
+    for lin in linears:
+        ends.append(ends[-1] + lin.out_features)
+    deltas = [(lo, hi, *per_row[lin]) for lin, lo, hi in zip(linears, ends, ends[1:]) if lin in per_row]
+    if not deltas:
+        return lambda x: packed.rows(x, bias)
+
+    def product(x):
+        y, x3 = packed.rows(x, bias), x[:, None]
+        for lo, hi, a, b in deltas:        # lowrank_linear_batched_ref's ops on these columns: the same bits
+            y[:, lo:hi] = torch.baddbmm(y[:, None, lo:hi], torch.bmm(x3, a).mul_(scale), b)[:, 0]
+        return y
+    return product
 
 
 def _rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -248,12 +248,14 @@ def _llama_head_dim_64(rope: dict):
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", decode_layers.FAMILY + ("llama, head dim 64", "llama, dynamic rope"))
+@pytest.mark.parametrize("arch, deltas", [(a, "merged") for a in decode_layers.FAMILY + ("llama, head dim 64", "llama, dynamic rope")]
+                         + [(a, "one a row") for a in ("llama", "qwen3")])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, dtype, monkeypatch):
-    """Logits and recorded states, a delta merged, rows of different lengths (one left-padded).
-    The rotary positions come from a table of every step, except for a dynamic rope (frequencies
-    that follow the longest position: here past the 64 positions it was trained for)."""
+def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, deltas, dtype, monkeypatch):
+    """Logits and recorded states, a delta merged (or each row's own, a bank's recitals), rows of
+    different lengths (one left-padded). The rotary positions come from a table of every step, except
+    for a dynamic rope (frequencies that follow the longest position: here past the 64 positions it
+    was trained for)."""
     from absorber_kernels import packed_linear
 
     if not packed_linear.supported(getattr(torch, dtype)):
@@ -268,7 +270,7 @@ def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, dtype
             m.variance_epsilon = 1e-5 if m is not model.model.norm else 1e-4
     eng = AbsorberEngine(model, config=AbsorberConfig(chunk_tokens=8, rank=4, prefix_bos=False, compute_dtype=dtype))
     r = eng.runner
-    r.bind([_moved_delta(eng)])
+    r.bind([_moved_delta(eng)] if deltas == "merged" else [_moved_delta(eng, 1), _moved_delta(eng, 3)])
     context = 60 if "dynamic" in arch else 7
     ids = torch.tensor([random_ids(context, seed=1), [0, 0] + random_ids(context - 2, seed=2)])
     mask = torch.tensor([[1] * context, [0, 0] + [1] * (context - 2)])
@@ -286,6 +288,14 @@ def test_the_fused_step_computes_what_the_modules_compute_to_the_bit(arch, dtype
                 logits = [dec.step(feed[:, t]).clone() for t in range(6)]
         runs.append((logits, *dec.states()))
     fused, modules = runs
+    if deltas == "one a row":                        # and each row's delta counts
+        r.bind([_moved_delta(eng, 1), _moved_delta(eng, 1)])
+        with torch.no_grad(), r.autocast(), r.sdpa_attention():
+            _, cache = r.forward(ids, use_cache=True, attention_mask=mask, position_ids=position)
+            with static_decode.decode_weights(r, rows=2):
+                dec = static_decode.StaticDecoder(r, cache_tensors(cache), 6, mask, position[:, -1:] + 1)
+                other = [dec.step(feed[:, t]).clone() for t in range(6)]
+        assert torch.equal(other[-1][0], fused[0][-1][0]) and not torch.equal(other[-1][1], fused[0][-1][1])
     assert all(torch.equal(a, b) for a, b in zip(fused[0], modules[0]))
     assert all(torch.equal(a, b) for a, b in zip(fused[1], modules[1]))
     assert torch.equal(fused[2], modules[2])
@@ -346,7 +356,7 @@ def test_a_linear_the_reorder_leaves_keeps_its_delta_and_its_dtype(kind, dtype):
 
 
 def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_else(monkeypatch):
-    """GPT-2's layers, a batch of streams' deltas (applied per row), a hook on a layer, a linear of
+    """GPT-2's layers, deltas stacked for other rows than the steps', a hook on a layer, a linear of
     another class, a layout without the model-level rotary module, transformers told to hand
     grouped heads to sdpa."""
     from absorber_kernels import packed_linear
@@ -354,9 +364,9 @@ def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_e
     if not packed_linear.supported(torch.float32):
         pytest.skip("no oneDNN prepacked linear here")
 
-    def fused(eng, deltas, rows=2):
+    def fused(eng, deltas, rows=2, per_stream=None):
         with torch.no_grad():
-            eng.runner.bind(deltas, rows // len(deltas))
+            eng.runner.bind(deltas, per_stream or rows // len(deltas))
             with static_decode.decode_weights(eng.runner, rows=rows):
                 active = static_decode._active.fused
                 return active[1] is not None
@@ -365,7 +375,9 @@ def test_the_fused_step_is_not_taken_where_the_modules_would_compute_something_e
     llama, gpt2 = AbsorberEngine(make_model("llama"), config=cfg), AbsorberEngine(make_model("gpt2"), config=cfg)
     assert fused(llama, [_moved_delta(llama)])
     assert not fused(gpt2, [_moved_delta(gpt2)])
-    assert not fused(llama, [_moved_delta(llama, 1), _moved_delta(llama, 3)])
+    assert fused(llama, [_moved_delta(llama, 1), _moved_delta(llama, 3)])          # each row's own delta
+    assert fused(llama, [_moved_delta(llama, 1), _moved_delta(llama, 3)], rows=4)  # two rows a delta
+    assert not fused(llama, [_moved_delta(llama, 1), _moved_delta(llama, 3)], rows=4, per_stream=1)  # other rows
     hook = llama.runner.layers[1].mlp.register_forward_hook(lambda *a: None)
     try:
         assert not fused(llama, [_moved_delta(llama)])
