@@ -13,7 +13,6 @@ token, so every row reads exactly what it would read alone.
 from __future__ import annotations
 
 import contextlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -50,14 +49,15 @@ class Rows:
 class WindowCache:
     """Each session's window KV, built once per window and reader and reused by every query. Two
     readers: the newest delta (a prompt continuing the stream) and the base model (a prompt that
-    route() sends to the window). The engine drops a session's entries whenever its deltas change."""
+    route() sends to the window). The engine drops a session's entries whenever its deltas change, but
+    a round keeps the recitals: a bank's committed delta never changes, so it recites once while kept."""
 
     READERS = ("newest", "base")
 
     def __init__(self):
         self._kv: dict = {}              # (session key, reader) -> WindowKV
         self._zero: dict = {}            # session key -> its Δ = 0 (the base reader)
-        self.recitals: dict = {}         # session key -> its bank's recitals (recital.py), oldest first
+        self.recitals: dict = {}         # session key -> {bank delta: its recital (recital.py)}
 
     def get(self, runner: ModelRunner, key, delta, tokens: list[int], reader: str = "newest") -> WindowKV:
         win = self._kv.get((key, reader))
@@ -71,14 +71,15 @@ class WindowCache:
             self._zero[key] = zero_delta(like)
         return self._zero[key]
 
-    def drop(self, key) -> None:
+    def drop(self, key, recitals: bool = True) -> None:
         for reader in self.READERS:
             self._kv.pop((key, reader), None)
         self._zero.pop(key, None)
-        self.recitals.pop(key, None)
+        if recitals:
+            self.recitals.pop(key, None)
 
     def nbytes(self, key) -> int:
-        return 8 * sum(map(len, self.recitals.get(key, []))) + sum(
+        return 8 * sum(map(len, self.recitals.get(key, {}).values())) + sum(
             k.numel() * k.element_size() + v.numel() * v.element_size()
             for reader in self.READERS for k, v in getattr(self._kv.get((key, reader)), "kv", []))
 
@@ -197,13 +198,10 @@ def _left_padded_kv(per_row: list[list], lengths: list[int], width: int) -> list
     ref = per_row[lengths.index(max(lengths))]
     out = []
     for layer, (k_ref, v_ref) in enumerate(ref):
-        ks, vs = [], []
-        for kv, n in zip(per_row, lengths):
-            pad_k = k_ref.new_zeros(1, k_ref.shape[1], width - n, k_ref.shape[3])
-            pad_v = v_ref.new_zeros(1, v_ref.shape[1], width - n, v_ref.shape[3])
-            ks.append(torch.cat([pad_k, kv[layer][0]], dim=2) if n else pad_k)
-            vs.append(torch.cat([pad_v, kv[layer][1]], dim=2) if n else pad_v)
-        out.append((torch.cat(ks), torch.cat(vs)))
+        pads = [(k_ref.new_zeros(1, k_ref.shape[1], width - n, k_ref.shape[3]),
+                 v_ref.new_zeros(1, v_ref.shape[1], width - n, v_ref.shape[3])) for n in lengths]
+        out.append(tuple(torch.cat([torch.cat([pad[i], kv[layer][i]], dim=2) if n else pad[i]
+                                    for kv, n, pad in zip(per_row, lengths, pads)]) for i in (0, 1)))
     return out
 
 
@@ -280,7 +278,7 @@ class GenerationMixin:
         return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
                 for (name, p), out in zip(prompts.items(), new)}
 
-    @contextmanager
+    @contextlib.contextmanager
     def _resident(self, sessions: list[Session]):
         """The sessions' deltas on the device for the block (the scheduler decides whose leave)."""
         if len(sessions) > self.config.max_resident:
@@ -304,16 +302,18 @@ class GenerationMixin:
     def _read_recitals(self, sessions: list[Session], rows: list[int], deltas, windows, ids, max_new_tokens: int):
         """recite: each of `rows` (a session with a bank) reads, in place, the bank's recital or the raw
         window that shares the longest run of tokens with its question, with the base model (recital.py)."""
-        banks = {sessions[i].key: sessions[i] for i in rows if sessions[i].key not in self._windows.recitals}
-        slots = [(key, d, sess.stats()) for key, sess in banks.items() for d in sess.slots]
+        banks = {sessions[i].key: sessions[i] for i in rows}
+        kept = {key: self._windows.recitals.get(key, {}) for key in banks}
+        slots = [(key, d, sess.stats()) for key, sess in banks.items() for d in sess.slots if d not in kept[key]]
         recited = recital.recite_rows(self.runner, self.frame, [d for _, d, _ in slots],
                                       [_window_kv(self.runner, d, self.runner.prefix) for _, d, _ in slots],
                                       [recital.room(d, st) for _, d, st in slots],
                                       self.config.round_cut, self.cut_min, self.tokenizer, generate_rows) if slots else []
-        for key in banks:
-            self._windows.recitals[key] = [r for (k, _, _), r in zip(slots, recited) if k == key]
+        new = {(key, d): r for (key, d, _), r in zip(slots, recited)}
+        for key, sess in banks.items():           # a delta the full bank let go takes its recital with it
+            self._windows.recitals[key] = {d: kept[key][d] if d in kept[key] else new[key, d] for d in sess.slots}
         for i in rows:
-            texts, frame = self._windows.recitals[sessions[i].key], self._question_frame
+            texts, frame = list(self._windows.recitals[sessions[i].key].values()), self._question_frame
             k = recital.pick(recital.asked(ids[i], frame), texts + [self.window_tokens(sessions[i])])
             if k == len(texts) or not texts[k]:
                 continue                           # the raw window, as _routed left it

@@ -13,9 +13,10 @@ find the round that holds them: on two tuning streams of key-value records (abso
 context) the longest shared run picked the record's delta for 67 of 69 questions and 65 were
 answered, where route() (the delta least surprised by the question, answering itself) got 7.
 
-What it costs: the bank's recitals, once until the bank changes (a round, a load, a reset; kept
-as token ids beside the window's KV, WindowCache): SmolLM2's recitals of 118-133 tokens took 5.2-5.8
-s a delta at one CPU thread in bf16 (docs/performance.md, "Decode products on reordered weights"),
+What it costs: each delta's recital once while the bank keeps it (a committed delta never changes:
+a round adds one recital, a load or a reset drops them all; kept as token ids beside the window's
+KV, WindowCache), the bank's in one batch: SmolLM2's recitals of 118-133 tokens took 5.2-5.8 s a
+delta alone at one CPU thread in bf16 (docs/performance.md, "Decode products on reordered weights"),
 the tiny model's seven of 256 tokens 2.0 s in one batch; then an answer as long as the recital
 and the question. What it holds: the recitals, at most n + m token ids a delta (counted in
 held_bytes()'s "kv"), text the bank writes, not kept from the stream.

@@ -106,7 +106,7 @@ def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_pic
     # The recitals: every delta of the bank, oldest first, reading the recite seed in the student's frame.
     assert rec_deltas == list(eng.default.slots) and rec_prompts == [eng.frame.student_open + eng.frame.seeds["recite"]] * 3
     assert all(len(r) <= d.round_tokens + 1 for r, d in zip(recitals, eng.default.slots)) and any(recitals)
-    texts = eng._windows.recitals[eng.default.key]          # kept for the next question: each its recital's text
+    texts = list(eng._windows.recitals[eng.default.key].values())   # kept for the next question: each its recital's text
     assert all(tok.decode(r).startswith(tok.decode(t)) for r, t in zip(recitals, texts))
     k = recital.pick(recital.asked(prompt, eng._question_frame), texts + [eng.window_tokens()])
     assert k < 3                                 # the window is empty (flushed): it shares nothing
@@ -127,8 +127,7 @@ def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_pic
 
 
 @pytest.mark.parametrize("template", [DEFAULT_SYSTEM, None])
-def test_the_question_reads_the_recital_sharing_the_longest_run_recited_once_until_the_bank_changes(template,
-                                                                                                  monkeypatch):
+def test_the_question_reads_the_recital_sharing_the_longest_run_each_delta_recited_once(template, monkeypatch):
     tok = _tokenizer(template)
     eng = _bank(tok)
     said = ["The ferry is run by Brann.", "Oda runs the mill by the river.", "The bell rings at noon."]
@@ -164,9 +163,14 @@ def test_the_question_reads_the_recital_sharing_the_longest_run_recited_once_unt
     eng.absorb("Zyx wq")
     deltas, prompts = reads("Zyx wq?")
     assert len(recited) == 1 and deltas == [zero] and prompts == [ask("Zyx wq?")]
-    eng.absorb("More about the mill.", flush=True)       # a round committed: the bank recites again
+    # A round committed: only its delta recites; the full bank let its oldest go, and that recital with it.
+    oldest, kept = eng.default.slots[0], list(eng.default.slots)[1:]
+    eng.absorb("More about the mill.", flush=True)
     reads("Who runs the mill?")
-    assert len(recited) == 2 and recited[1][0] == list(eng.default.slots)
+    assert len(recited) == 2 and recited[1][0] == [eng.default.slots[-1]] and list(eng.default.slots)[:2] == kept
+    assert list(eng._windows.recitals[eng.default.key]) == list(eng.default.slots) and oldest not in eng.default.slots
+    eng.reset()                                          # the bank forgotten, every recital with it
+    assert eng.default.key not in eng._windows.recitals
 
 
 def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_cannot_do():
