@@ -122,12 +122,13 @@ class LowRankDelta:
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
         self.round_tokens = 0          # a bank's delta: the length of the X it absorbed (0: not known)
+        self.marks: list[int] | None = None     # and recital.marks() of that X (None: not known)
         self.reset()
 
     def reset(self) -> None:
         """Back to Δ = 0: B zero, A drawn again from the seed (the same A every time)."""
         gen = torch.Generator().manual_seed(self.seed)
-        self.round_tokens = 0
+        self.round_tokens, self.marks = 0, None
         for name, (n_in, n_out) in self.shapes.items():
             # Kaiming-uniform bound as for a linear of fan-in n_in, as LoRA does.
             bound = 1.0 / math.sqrt(n_in)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save
 
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
+from .recital import MARK_TOKENS
 from .session import BANK_DTYPE
 
 FORMAT = "absorber-memory"
@@ -160,6 +161,8 @@ def save_memory(session, path) -> None:
     tensors = {f"slots.{i}.{k}": v.cpu().contiguous()
                for i, delta in enumerate(session.slots) for k, v in delta.state_dict().items()}
     tensors["slot_tokens"] = torch.tensor([d.round_tokens for d in session.slots], dtype=torch.int64)
+    tensors.update({f"marks.{i}": torch.tensor(d.marks, dtype=torch.int64)      # recital.marks of its X
+                    for i, d in enumerate(session.slots) if d.marks is not None})
     held = list(session.engine.scheduler.window(session.key, all=True))
     st = session.stats()
     capacity = st["chunk_tokens"] + st["sync_tokens"]
@@ -278,6 +281,11 @@ def load_memory(session, path) -> None:
     if (lengths.dtype != torch.int64 or lengths.shape != (len(slots),) or bool((lengths < 0).any())
             or bool((lengths > capacity).any())):
         raise MemoryFileError(f"{path} has corrupt round lengths for its deltas")
+    marks = [tensors.get(f"marks.{i}") for i in range(len(slots))]          # absent before 2026-12-06
+    for m, n in zip(marks, lengths.tolist()):
+        if m is not None and (m.dtype != torch.int64 or m.shape != (-(-n // MARK_TOKENS),)
+                              or bool((m < 0).any()) or bool((m > 0xFFFF).any())):
+            raise MemoryFileError(f"{path} has corrupt marks of its deltas' rounds")
     surprise = tensors.get("surprise")
     if surprise is not None and (surprise.dim() != 1 or surprise.dtype != torch.float64
                                  or not bool(torch.isfinite(surprise).all()) or bool((surprise < 0).any())):
@@ -287,13 +295,13 @@ def load_memory(session, path) -> None:
     # which allocates nothing that could fail halfway.
     device = session.delta.device                   # where the scheduler keeps this session's deltas now
     fresh = []
-    for state, length in zip(slots, lengths.tolist()):
+    for state, length, m in zip(slots, lengths.tolist(), marks):
         delta = session.new_delta()
         delta.to(device)
         delta.load_state_dict(state)
         if session.slots.maxlen > 1 and not delta.is_zero():
             delta.compact(BANK_DTYPE)               # held as a committed round's (session.keep)
-            delta.round_tokens = length
+            delta.round_tokens, delta.marks = length, None if m is None else m.tolist()
         fresh.append(delta)
     try:
         session.restore_window(window.tolist() + queued.tolist(), absorbed, rounds)

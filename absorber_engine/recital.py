@@ -21,11 +21,15 @@ the tiny model's seven of 256 tokens 2.0 s in one batch; then an answer as long 
 and the question. What it holds: the recitals, at most n + m token ids a delta (counted in
 held_bytes()'s "kv"), text the bank writes, not kept from the stream.
 
-A round can check, as it trains, that its delta will recite X (misses, recite_exact).
+A round can check, as it trains, that its delta will recite X (misses, recite_exact), and a bank's
+delta keeps a mark of each run of MARK_TOKENS tokens of its X, so a recital is cut where it departs
+from X (verified): what the base model reads is the round's text, never text the delta made up.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from difflib import SequenceMatcher
 
 import torch
@@ -70,6 +74,31 @@ def room(delta, stats: dict) -> int:
     return delta.round_tokens + 1 if delta.round_tokens else stats["chunk_tokens"] + stats["sync_tokens"]
 
 
+MARK_TOKENS = 8
+"""A bank's delta keeps a 16-bit CRC of each run of 8 tokens of its round's X (the last run may be
+shorter): 2 bytes for 8 tokens, a check that cannot give X back. A recital that departed from X
+(absorber-tiny, 8x, before recite_exact: a delta wrote its round's last records wrong, then a question
+it had learnt from the round's probes, and every question of the stream read it, 1/40) keeps only
+the runs before the first that does not match: a wrong run passes one time in 65,536."""
+
+
+def marks(x: list[int]) -> list[int]:
+    """The marks of X's runs of MARK_TOKENS tokens, in order."""
+    return [zlib.crc32(struct.pack(f"<{len(run)}q", *run)) & 0xFFFF
+            for run in (x[i:i + MARK_TOKENS] for i in range(0, len(x), MARK_TOKENS))]
+
+
+def verified(ids: list[int], kept: list[int] | None, length: int) -> int:
+    """How many of a recital's first tokens the marks `kept` of an X of `length` tokens vouch for:
+    X's runs the recital repeats, up to the first it does not (all of `ids` without marks)."""
+    if kept is None:
+        return len(ids)
+    for k, mark in enumerate(kept):
+        if marks(ids[k * MARK_TOKENS:min(length, (k + 1) * MARK_TOKENS)]) != [mark]:
+            return k * MARK_TOKENS
+    return length
+
+
 def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest: list[int], cut: str,
                 cut_min: int, tokenizer, generate_rows) -> list[list[int]]:
     """Each delta's recital of its round (token ids, at most `longest[row]` of them, the round's cut
@@ -90,11 +119,13 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
         out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max(longest), 0.0, 1.0, set(frame.stop),
                             gens, goes_on)
     recitals = []
-    for ids, most in zip(out, longest):
+    for ids, most, delta in zip(out, longest, deltas):
+        good = verified(ids, delta.marks, delta.round_tokens)
+        departed, ids = good < len(ids), ids[:good]
         text, at = tokenizer.decode(ids), _cut_at(tokenizer, ids, cut, cut_min)
         if at >= 0:
             text = text[:at]
-        elif len(ids) >= most and _half_line(text):
+        elif (departed or len(ids) >= most) and _half_line(text):
             # Stopped at its length, not by itself: a round the scheduler cut at n tokens, mid-line (a
             # plain delta writes no end after it); the line's rest is the next round's. A half record before the question (absorber-tiny: `"humble sail`, its quote
             # left open) made the base model misread it: trimmed, 38/39 where 30/39 (8x, seed 401).

@@ -16,6 +16,7 @@ import torch
 
 from .errors import InputError
 from .lora import LowRankDelta
+from .recital import marks
 
 DEFAULT_SESSION = "default"
 
@@ -93,15 +94,16 @@ class Session:
             return self.delta
         return self.new_delta()
 
-    def keep(self, delta: LowRankDelta, x_tokens: int) -> None:
+    def keep(self, delta: LowRankDelta, x: list[int]) -> None:
         """A committed round's delta joins the memory (a full bank drops its oldest); a fresh delta
         that took no step (the surprise gate) holds nothing and is not kept. A bank holds its deltas
-        compact (BANK_DTYPE), each with the length of its round's X: what its recital can be."""
+        compact (BANK_DTYPE), each with the length and marks of its round's X `x`: what its recital
+        can be and what it must match."""
         if delta.is_zero():
             return
         if self.slots.maxlen > 1:          # before it joins: a failed cast leaves the bank as it was
             delta.compact(BANK_DTYPE)
-            delta.round_tokens = x_tokens
+            delta.round_tokens, delta.marks = len(x), marks(list(x))
         if delta is not self.delta:
             self.slots.append(delta)
 

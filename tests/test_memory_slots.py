@@ -283,6 +283,9 @@ def test_a_bank_saves_and_loads_and_a_smaller_engine_refuses_it(tmp_path):
         _assert_same(_state(a), _state(b))
     # Each delta keeps its round's length (how long its recital may be: recital.py).
     assert [d.round_tokens for d in back.default.slots] == [d.round_tokens for d in eng.default.slots] == [24, 24]
+    # ... and the marks of its round's X a recital must match (3 runs of 8 tokens).
+    assert [d.marks for d in back.default.slots] == [d.marks for d in eng.default.slots]
+    assert [len(d.marks) for d in back.default.slots] == [3, 3]
     prompt = TEXTS[0][:12]
     torch.testing.assert_close(back.logits(prompt), eng.logits(prompt))
     one = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=1))
@@ -342,7 +345,10 @@ def test_a_bank_file_that_lies_about_its_deltas_is_refused(tmp_path):
              "more": ({**meta, "slots": "3"}, tensors, "does not fit"),
              "zero": ({**meta, "slots": "0"}, tensors, "holds 0 deltas"),
              "lengths": (meta, {**tensors, "slot_tokens": torch.tensor([24])}, "round lengths"),
-             "length": (meta, {**tensors, "slot_tokens": torch.tensor([24, 10**6])}, "round lengths")}
+             "length": (meta, {**tensors, "slot_tokens": torch.tensor([24, 10**6])}, "round lengths"),
+             "marks": (meta, {**tensors, "marks.1": torch.tensor([1, 2])}, "corrupt marks"),
+             "mark": (meta, {**tensors, "marks.0": torch.tensor([1, 2, 70_000])}, "corrupt marks"),
+             "marks as floats": (meta, {**tensors, "marks.0": torch.tensor([1.0, 2.0, 3.0])}, "corrupt marks")}
     for name, (m, t, msg) in cases.items():
         bad = tmp_path / f"{name}.safetensors"
         save_file(t, str(bad), metadata=m)
@@ -350,6 +356,11 @@ def test_a_bank_file_that_lies_about_its_deltas_is_refused(tmp_path):
             other.load_memory(bad)
         assert len(other.default.slots) == 1
         _assert_same(_state(other.delta), kept)
+    # A file from before the marks loads, its deltas' recitals then kept whole (recital.verified).
+    older = tmp_path / "older.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("marks.")}, str(older), metadata=meta)
+    other.load_memory(older)
+    assert [d.marks for d in other.default.slots] == [None, None] and [d.round_tokens for d in other.default.slots] == [24, 24]
 
 
 def test_a_load_that_fails_part_way_leaves_the_bank_as_it_was(tmp_path, monkeypatch):

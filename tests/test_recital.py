@@ -3,6 +3,8 @@ it shares the longest run of tokens with (or the raw window), and the base model
 before the question: as a system message in a chat, a line before it in plain text
 (absorber_engine/recital.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -66,8 +68,9 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
                     break
         return out
 
-    def recite(longest, cut, cut_min=1):
-        return [tok.decode(r) for r in recite_rows(eng.runner, eng.frame, ["delta"] * len(longest), ["window"] * len(longest),
+    def recite(longest, cut, cut_min=1, x=None):
+        deltas = [SimpleNamespace(marks=x and recital.marks(x), round_tokens=len(x or []))] * len(longest)
+        return [tok.decode(r) for r in recite_rows(eng.runner, eng.frame, deltas, ["window"] * len(longest),
                                                    longest, cut, cut_min, tok, fake_generate_rows)]
 
     assert recite([40], "\n\n") == ["Oda runs the mill."]
@@ -85,12 +88,40 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     assert recite([brann], "") == ["Oda runs the mill.\n"]
     script = tok.encode("Read on.\nOda runs the mill and Brann the ferry, and more", add_special_tokens=False)
     assert recite([len(script) - 2], "") == [tok.decode(script[:-2])]
+    # With the marks of the round's X the recital keeps the runs that match them, then loses the
+    # half line it departed in; marks of the recital itself keep it whole.
+    script = tok.encode("Oda runs the mill.\nBrann runs the ferry.\nIko rings the bell at noon.", add_special_tokens=False)
+    assert recite([40], "", x=script) == [tok.decode(script)]
+    # Nothing past X's end; an X the scheduler cut mid-line loses that half line, as at its length.
+    assert recite([40], "", x=script[:-3]) == ["Oda runs the mill.\nBrann runs the ferry."]
+    x = tok.encode("Oda runs the mill.\nBrann runs the boat.\nIko rings the bell at noon.", add_special_tokens=False)
+    departs = next(i for i, (a, b) in enumerate(zip(x, script)) if a != b)
+    assert tok.decode(script[:departs // 8 * 8]) == "Oda runs the mill.\nBrann runs"
+    assert recite([40], "", x=x) == ["Oda runs the mill."]
+
+
+def test_marks_vouch_for_the_runs_of_x_a_recital_repeats():
+    x = list(range(100, 121))                        # 21 tokens: runs of 8, 8 and 5
+    marks = recital.marks(x)
+    assert len(marks) == 3 and all(0 <= m <= 0xFFFF for m in marks) and recital.marks(x) == marks
+    assert recital.verified(x, marks, 21) == 21
+    assert recital.verified(x + [7, 8], marks, 21) == 21        # what follows X is not X's
+    assert recital.verified(x[:19], marks, 21) == 16            # a run cut short does not match
+    assert recital.verified(x[:5] + [0] + x[6:], marks, 21) == 0
+    assert recital.verified(x[:10] + [0] + x[11:], marks, 21) == 8
+    assert recital.verified(x[:20] + [0], marks, 21) == 16
+    assert recital.verified([], marks, 21) == 0 and recital.verified(x[:3], None, 21) == 3
 
 
 def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_picks(monkeypatch):
     tok = _tokenizer(DEFAULT_SYSTEM)
     eng = _bank(tok)
     prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
+    # Two steps a round leave these deltas reciting little of their rounds, which their marks cut away:
+    # with them every recital is shorter than written, and the question would read the empty window.
+    marks = [d.marks for d in eng.default.slots]
+    for d in eng.default.slots:
+        d.marks = None                                       # recitals as written (a file from before marks)
     calls = []
     real = generate.generate_rows
 
@@ -124,6 +155,12 @@ def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_pic
     assert answer == want == out[0]
     # Nothing of the memory moved.
     assert all(torch.equal(a, b) for a, b in zip(memory, [t for s in eng.default.slots for t in s.parameters()]))
+    for d, m in zip(eng.default.slots, marks):
+        d.marks = m
+    eng._windows.drop(eng.default.key)
+    eng.generate(prompt, max_new_tokens=4, stop=[], recite=True)
+    cut = list(eng._windows.recitals[eng.default.key].values())
+    assert any(map(len, texts)) and not any(map(len, cut))
 
 
 @pytest.mark.parametrize("template", [DEFAULT_SYSTEM, None])
@@ -232,6 +269,7 @@ def test_recite_exact_trains_past_max_steps_until_the_recital_is_the_rounds_text
     assert 5 < reports[300].steps < 302 and reports[300].unrecited == 0
     # What the check counted is what a greedy recital writes: the round's X, token for token.
     (delta,) = eng.default.slots
+    assert (delta.round_tokens, delta.marks) == (len(x), recital.marks(x))     # the marks it is checked against
     (recited,) = recite_rows(eng.runner, eng.frame, [delta], [generate._window_kv(eng.runner, delta, eng.runner.prefix)],
                              [len(x)], "", 1, tok, generate.generate_rows)
     assert recited == x

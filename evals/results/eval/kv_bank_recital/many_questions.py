@@ -48,7 +48,7 @@ for seed in (int(s) for s in a.seeds.split(",")):
         max_new = len(tok.encode(answer_text(answers), add_special_tokens=False)) + 2
         t = time.perf_counter()
         mine = tok.decode(eng.generate(ids, max_new_tokens=max_new, recite=True))
-        texts = eng._windows.recitals.get(eng.default.key, [])       # the bank's recitals (recital.py)
+        texts = list(eng._windows.recitals.get(eng.default.key, {}).values())       # the bank's recitals (recital.py)
         picked = recital.pick(recital.asked(ids, None), texts + [eng.window_tokens()]) if texts else None
         row = {"seed": seed, "query": query, "answers": answers, "absorb_s": absorb_s, "rounds": report.rounds,
                "picked": picked, "holder": next((k for k, t in enumerate(texts)
@@ -59,7 +59,7 @@ for seed in (int(s) for s in a.seeds.split(",")):
         row["truncate_ok"] = bool(score(ex, row["truncate"], answers))
         rows.append(row)
     with open(a.out.replace(".jsonl", f"_recitals_{seed}.json"), "w") as f:
-        json.dump([tok.decode(t) for t in eng._windows.recitals.get(eng.default.key, [])], f, indent=1)
+        json.dump([tok.decode(t) for t in list(eng._windows.recitals.get(eng.default.key, {}).values())], f, indent=1)
     left = [r for r in rows if r["seed"] == seed and not r["in_window"]]
     print(f"seed {seed}: {report.rounds} rounds, {absorb_s:.0f} s; left the window: engine "
           f"{sum(r['engine_ok'] for r in left)}/{len(left)}, truncate {sum(r['truncate_ok'] for r in left)}/{len(left)}",

@@ -21,7 +21,7 @@ ex = make_example("kv_recall", 512 * 8, tok, seed=seed, n_queries=4)
 ctx = tok.encode(ex.context, add_special_tokens=False)
 eng.absorb(ctx[:256 * rounds + 384])
 eng.generate(tok.encode(ex.query, add_special_tokens=False), max_new_tokens=2, recite=True)
-recs = eng._windows.recitals[eng.default.key]
+recs = list(eng._windows.recitals[eng.default.key].values())
 R, f = eng.runner, eng.frame
 off = 0
 for k, d in enumerate(eng.default.slots):

@@ -28,7 +28,7 @@ t0 = time.perf_counter()
 rep = eng.absorb(context)
 print("absorb", time.perf_counter() - t0, "steps", rep.steps, "unrecited", rep.unrecited, flush=True)
 eng.generate(tok.encode(ex.query, add_special_tokens=False), max_new_tokens=4, recite=True)
-recs = eng._windows.recitals[eng.default.key]
+recs = list(eng._windows.recitals[eng.default.key].values())
 offs = 0
 for k, d in enumerate(eng.default.slots):
     x = context[offs:offs + d.round_tokens]; offs += d.round_tokens

@@ -23,7 +23,7 @@ for j in range(24):
         t = time.time()
         new = tok.decode(eng.generate(ids, max_new_tokens=24, stop=["<|im_end|>"], recite=True))
         tn = time.time() - t
-        texts = eng._windows.recitals[sess.key]
+        texts = list(eng._windows.recitals[sess.key].values())
         knew = recital.pick(recital.asked(ids, eng._question_frame), texts + [eng.window_tokens()])
         with eng._resident([sess]), torch.no_grad():
             delta, window, banked = eng._routed(sess, ids)
