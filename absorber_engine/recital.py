@@ -22,8 +22,9 @@ and the question. What it holds: the recitals, at most n + m token ids a delta (
 held_bytes()'s "kv"), text the bank writes, not kept from the stream.
 
 A round can check, as it trains, that its delta will recite X (misses, recite_exact), and a bank's
-delta keeps a mark of each run of MARK_TOKENS tokens of its X, so a recital is cut where it departs
-from X (verified): what the base model reads is the round's text, never text the delta made up.
+delta keeps a mark of each run of MARK_TOKENS tokens of its X, so a recital keeps only its lines that
+repeat X (vouched, true_lines): what the base model reads is the round's text, never text the delta
+made up.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ MARK_TOKENS = 8
 shorter): 2 bytes for 8 tokens, a check that cannot give X back. A recital that departed from X
 (absorber-tiny, 8x, before recite_exact: a delta wrote its round's last records wrong, then a question
 it had learnt from the round's probes, and every question of the stream read it, 1/40) keeps only
-the runs before the first that does not match: a wrong run passes one time in 65,536."""
+the lines whose runs match: a wrong run passes one time in 65,536."""
 
 
 def marks(x: list[int]) -> list[int]:
@@ -88,15 +89,31 @@ def marks(x: list[int]) -> list[int]:
             for run in (x[i:i + MARK_TOKENS] for i in range(0, len(x), MARK_TOKENS))]
 
 
-def verified(ids: list[int], kept: list[int] | None, length: int) -> int:
-    """How many of a recital's first tokens the marks `kept` of an X of `length` tokens vouch for:
-    X's runs the recital repeats, up to the first it does not (all of `ids` without marks)."""
+def vouched(ids: list[int], kept: list[int] | None, length: int) -> list[bool]:
+    """Per token of a recital, whether the marks `kept` of an X of `length` tokens vouch for it: its
+    run of MARK_TOKENS repeats X's run at the same place (every token without marks, none past X).
+    A run written wrong leaves the runs after it vouched for if they fall in place again (a wrong
+    digit); a token too many or too few leaves none."""
     if kept is None:
-        return len(ids)
+        return [True] * len(ids)
+    ok: list[bool] = []
     for k, mark in enumerate(kept):
-        if marks(ids[k * MARK_TOKENS:min(length, (k + 1) * MARK_TOKENS)]) != [mark]:
-            return k * MARK_TOKENS
-    return length
+        run = ids[k * MARK_TOKENS:min(length, (k + 1) * MARK_TOKENS)]
+        ok += [marks(run) == [mark]] * len(run)
+    return ok + [False] * (len(ids) - len(ok))
+
+
+def true_lines(tokenizer, ids: list[int], ok: list[bool]) -> list[int]:
+    """The recital's lines (each ending at a token that holds a line break) whose every token is
+    vouched for, in order: the base model reads whole lines of the round's text, none made up."""
+    out, line = [], []
+    for i, t in enumerate(ids):
+        line.append(i)
+        if "\n" in tokenizer.decode([t]) or i == len(ids) - 1:
+            if all(ok[j] for j in line):
+                out += [ids[j] for j in line]
+            line = []
+    return out
 
 
 def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest: list[int], cut: str,
@@ -120,8 +137,9 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
                             gens, goes_on)
     recitals = []
     for ids, most, delta in zip(out, longest, deltas):
-        good = verified(ids, delta.marks, delta.round_tokens)
-        departed, ids = good < len(ids), ids[:good]
+        ok = vouched(ids, delta.marks, delta.round_tokens)
+        departed = not all(ok)
+        ids = true_lines(tokenizer, ids, ok) if departed else ids
         text, at = tokenizer.decode(ids), _cut_at(tokenizer, ids, cut, cut_min)
         if at >= 0:
             text = text[:at]

@@ -88,8 +88,8 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     assert recite([brann], "") == ["Oda runs the mill.\n"]
     script = tok.encode("Read on.\nOda runs the mill and Brann the ferry, and more", add_special_tokens=False)
     assert recite([len(script) - 2], "") == [tok.decode(script[:-2])]
-    # With the marks of the round's X the recital keeps the runs that match them, then loses the
-    # half line it departed in; marks of the recital itself keep it whole.
+    # With the marks of the round's X the recital keeps its lines whose runs match them (a line with a
+    # token no mark vouches for goes whole); marks of the recital itself keep it whole.
     script = tok.encode("Oda runs the mill.\nBrann runs the ferry.\nIko rings the bell at noon.", add_special_tokens=False)
     assert recite([40], "", x=script) == [tok.decode(script)]
     # Nothing past X's end; an X the scheduler cut mid-line loses that half line, as at its length.
@@ -97,20 +97,28 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     x = tok.encode("Oda runs the mill.\nBrann runs the boat.\nIko rings the bell at noon.", add_special_tokens=False)
     departs = next(i for i, (a, b) in enumerate(zip(x, script)) if a != b)
     assert tok.decode(script[:departs // 8 * 8]) == "Oda runs the mill.\nBrann runs"
-    assert recite([40], "", x=x) == ["Oda runs the mill."]
+    assert recite([40], "", x=x) == ["Oda runs the mill."]       # "ferry" for "boat": no run after it in place
+    # One token written wrong ("ferry" for "berry"): its run's lines go, the lines after it come back.
+    text = "Oda runs the mill.\nBrann runs the ferry.\nIko rings the bell at noon.\nUla keeps the gate by the road."
+    script, x = (tok.encode(t, add_special_tokens=False) for t in (text, text.replace("ferry", "berry")))
+    assert len(x) == len(script) and sum(a != b for a, b in zip(x, script)) == 1
+    assert recite([60], "", x=x) == ["Oda runs the mill.\nUla keeps the gate by the road."]
 
 
 def test_marks_vouch_for_the_runs_of_x_a_recital_repeats():
     x = list(range(100, 121))                        # 21 tokens: runs of 8, 8 and 5
     marks = recital.marks(x)
     assert len(marks) == 3 and all(0 <= m <= 0xFFFF for m in marks) and recital.marks(x) == marks
-    assert recital.verified(x, marks, 21) == 21
-    assert recital.verified(x + [7, 8], marks, 21) == 21        # what follows X is not X's
-    assert recital.verified(x[:19], marks, 21) == 16            # a run cut short does not match
-    assert recital.verified(x[:5] + [0] + x[6:], marks, 21) == 0
-    assert recital.verified(x[:10] + [0] + x[11:], marks, 21) == 8
-    assert recital.verified(x[:20] + [0], marks, 21) == 16
-    assert recital.verified([], marks, 21) == 0 and recital.verified(x[:3], None, 21) == 3
+
+    def vouched(ids):
+        return sum(recital.vouched(ids, marks, 21)), len(ids)
+
+    assert vouched(x) == (21, 21)
+    assert vouched(x + [7, 8]) == (21, 23)                      # what follows X is not X's
+    assert vouched(x[:19]) == (16, 19)                          # a run cut short does not match
+    assert recital.vouched(x[:10] + [0] + x[11:], marks, 21) == [True] * 8 + [False] * 8 + [True] * 5
+    assert vouched(x[:10] + x[11:]) == (8, 20)                  # a token lost: nothing after falls in place
+    assert vouched([]) == (0, 0) and recital.vouched(x[:3], None, 21) == [True] * 3
 
 
 def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_picks(monkeypatch):
