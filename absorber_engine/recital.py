@@ -137,9 +137,11 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
                             gens, goes_on)
     recitals = []
     for ids, most, delta in zip(out, longest, deltas):
+        past = delta.marks is not None and len(ids) > delta.round_tokens     # what follows X is not X's
+        ids = ids[:delta.round_tokens] if past else ids
         ok = vouched(ids, delta.marks, delta.round_tokens)
-        departed = not all(ok)
-        ids = true_lines(tokenizer, ids, ok) if departed else ids
+        departed = past or not all(ok)
+        ids = ids if all(ok) else true_lines(tokenizer, ids, ok)
         text, at = tokenizer.decode(ids), _cut_at(tokenizer, ids, cut, cut_min)
         if at >= 0:
             text = text[:at]

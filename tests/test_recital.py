@@ -92,8 +92,12 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     # token no mark vouches for goes whole); marks of the recital itself keep it whole.
     script = tok.encode("Oda runs the mill.\nBrann runs the ferry.\nIko rings the bell at noon.", add_special_tokens=False)
     assert recite([40], "", x=script) == [tok.decode(script)]
-    # Nothing past X's end; an X the scheduler cut mid-line loses that half line, as at its length.
+    # Nothing past X's end; an X the scheduler cut mid-line loses that half line, as at its length,
+    # and one that ends a line keeps it whole.
     assert recite([40], "", x=script[:-3]) == ["Oda runs the mill.\nBrann runs the ferry."]
+    line_end = len(tok.encode("Oda runs the mill.\nBrann runs the ferry.\n", add_special_tokens=False))
+    assert script[:line_end] == tok.encode("Oda runs the mill.\nBrann runs the ferry.\n", add_special_tokens=False)
+    assert recite([40], "", x=script[:line_end]) == ["Oda runs the mill.\nBrann runs the ferry."]
     x = tok.encode("Oda runs the mill.\nBrann runs the boat.\nIko rings the bell at noon.", add_special_tokens=False)
     departs = next(i for i, (a, b) in enumerate(zip(x, script)) if a != b)
     assert tok.decode(script[:departs // 8 * 8]) == "Oda runs the mill.\nBrann runs"
