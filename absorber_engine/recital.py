@@ -19,7 +19,8 @@ KV, WindowCache), the bank's in one batch: SmolLM2's recitals of 118-133 tokens 
 delta alone at one CPU thread in bf16 (docs/performance.md, "Decode products on reordered weights"),
 the tiny model's seven of 256 tokens 2.0 s in one batch; then an answer as long as the recital
 and the question. What it holds: the recitals, at most n + m token ids a delta (counted in
-held_bytes()'s "kv"), text the bank writes, not kept from the stream.
+held_bytes()'s "kv"), text the bank writes, not kept from the stream; and each delta's marks, 2
+bytes for 8 tokens of its X (64 for a round of 256, beside its 1.89 MiB on SmolLM2; not counted).
 
 A round can check, as it trains, that its delta will recite X (misses, recite_exact), and a bank's
 delta keeps a mark of each run of MARK_TOKENS tokens of its X, so a recital keeps only its lines that
