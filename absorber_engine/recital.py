@@ -90,18 +90,28 @@ def marks(x: list[int]) -> list[int]:
             for run in (x[i:i + MARK_TOKENS] for i in range(0, len(x), MARK_TOKENS))]
 
 
+MARK_SHIFT = 16
+"""How far (tokens) a run of a recital may sit from where the runs before it put X's run: a recital
+that starts at X's first whole line, where X starts inside one, or that dropped or doubled a token."""
+
+
 def vouched(ids: list[int], kept: list[int] | None, length: int) -> list[bool]:
-    """Per token of a recital, whether the marks `kept` of an X of `length` tokens vouch for it: its
-    run of MARK_TOKENS repeats X's run at the same place (every token without marks, none past X).
-    A run written wrong leaves the runs after it vouched for if they fall in place again (a wrong
-    digit); a token too many or too few leaves none."""
+    """Per token of a recital, whether the marks `kept` of an X of `length` tokens vouch for it: it
+    lies in a run that repeats one of X's runs, found in X's order, each within MARK_SHIFT tokens of
+    where the runs found before it put it (every token without marks). A wrong digit loses its run;
+    the runs after it are found again."""
     if kept is None:
         return [True] * len(ids)
-    ok: list[bool] = []
+    ok, shift = [False] * len(ids), 0
     for k, mark in enumerate(kept):
-        run = ids[k * MARK_TOKENS:min(length, (k + 1) * MARK_TOKENS)]
-        ok += [marks(run) == [mark]] * len(run)
-    return ok + [False] * (len(ids) - len(ok))
+        start, n = k * MARK_TOKENS, min(MARK_TOKENS, length - k * MARK_TOKENS)
+        for s in sorted(range(-MARK_SHIFT, MARK_SHIFT + 1), key=abs):
+            at = start + shift + s
+            if 0 <= at and at + n <= len(ids) and marks(ids[at:at + n]) == [mark]:
+                ok[at:at + n] = [True] * n
+                shift += s
+                break
+    return ok
 
 
 def true_lines(tokenizer, ids: list[int], ok: list[bool]) -> list[int]:

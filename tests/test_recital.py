@@ -121,7 +121,10 @@ def test_marks_vouch_for_the_runs_of_x_a_recital_repeats():
     assert vouched(x + [7, 8]) == (21, 23)                      # what follows X is not X's
     assert vouched(x[:19]) == (16, 19)                          # a run cut short does not match
     assert recital.vouched(x[:10] + [0] + x[11:], marks, 21) == [True] * 8 + [False] * 8 + [True] * 5
-    assert vouched(x[:10] + x[11:]) == (8, 20)                  # a token lost: nothing after falls in place
+    assert vouched(x[:10] + x[11:]) == (13, 20)                 # a token lost: its run goes, the next is found
+    assert vouched([5, 6] + x) == (21, 23)                      # a recital that starts two tokens in
+    assert vouched(x[3:]) == (13, 18)                           # ... or three tokens late: its first run is lost
+    assert vouched(list(range(500, 530)) + x) == (0, 51)        # too far from where X's runs would be
     assert vouched([]) == (0, 0) and recital.vouched(x[:3], None, 21) == [True] * 3
 
 
