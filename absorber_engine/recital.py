@@ -81,7 +81,8 @@ MARK_TOKENS = 8
 shorter): 2 bytes for 8 tokens, a check that cannot give X back. A recital that departed from X
 (absorber-tiny, 8x, before recite_exact: a delta wrote its round's last records wrong, then a question
 it had learnt from the round's probes, and every question of the stream read it, 1/40) keeps only
-the lines whose runs match: a wrong run passes one time in 65,536."""
+the lines whose runs match (vouched): a wrong run passes at one of the 33 places tried about one
+time in 2,000, and a line is kept only if every run under it passes."""
 
 
 def marks(x: list[int]) -> list[int]:
