@@ -58,10 +58,10 @@ class LowRankLinearTorch(torch.autograd.Function):
                 y = F.linear(xc, w.t() if conv1d else w, None if bias is None else bias.to(dtype))
             x2 = xc.reshape(-1, xc.shape[-1])
             u = torch.mm(x2, a).mul_(scale)
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), u, b)
+            y.view(-1, y.shape[-1]).addmm_(u, b)        # y is ours: no copy of it for an out-of-place sum
         ctx.save_for_backward(x2, weight, a, b, u)
         ctx.meta = (scale, conv1d, dtype, x.dtype, x.shape, A.dtype, B.dtype)
-        return out.view(y.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -73,7 +73,8 @@ class LowRankLinearTorch(torch.autograd.Function):
             v = torch.mm(dy2, b.t()).mul_(scale)                       # (M, r)
             if ctx.needs_input_grad[0]:
                 w = weight if weight.dtype == dtype else cast_weight(weight, dtype)
-                dx = torch.mm(dy2, w.t() if conv1d else w).to(x_dtype) + torch.mm(v, a.t()).to(x_dtype)
+                dx = torch.mm(dy2, w.t() if conv1d else w).to(x_dtype)
+                dx.add_(torch.mm(v, a.t()))           # in x's dtype, as the sum of two casts would round
                 dx = dx.view(x_shape)
             if ctx.needs_input_grad[3]:
                 dA = torch.mm(x2.t(), v).to(a_dtype)
