@@ -276,7 +276,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                         delta.restore(snap)
                         self.scheduler.abort(rnd.session, rnd.id)
                         settled += 1
-                    self._windows.drop(rnd.session, recitals=False)     # a bank's committed deltas stay as they were
+                    self._windows.drop(rnd.session, sess.slots, delta)   # the bank's other deltas stay as they were
                     out[rnd.session] = (rnd, res)
         except BaseException:         # the rounds not settled yet are aborted: none stays in flight
             for rnd, delta, snap in list(zip(batch.rounds, deltas, snapshots))[settled:]:

@@ -49,8 +49,9 @@ class Rows:
 class WindowCache:
     """Each session's window KV, built once per window and reader and reused by every query. Two
     readers: the newest delta (a prompt continuing the stream) and the base model (a prompt that
-    route() sends to the window). The engine drops a session's entries whenever its deltas change, but
-    a round keeps the recitals: a bank's committed delta never changes, so it recites once while kept."""
+    route() sends to the window). The engine drops a session's entries whenever its deltas change; a
+    round keeps the recitals of the bank's other deltas (a committed delta never changes: it recites
+    once while kept), not of one the bank let go or a Δ = 0 the round trained in place."""
 
     READERS = ("newest", "base")
 
@@ -71,12 +72,14 @@ class WindowCache:
             self._zero[key] = zero_delta(like)
         return self._zero[key]
 
-    def drop(self, key, recitals: bool = True) -> None:
+    def drop(self, key, slots=(), trained=None) -> None:
+        """Forgets the session's window KV, and its recitals but those of `slots` other than `trained`."""
         for reader in self.READERS:
             self._kv.pop((key, reader), None)
         self._zero.pop(key, None)
-        if recitals:
-            self.recitals.pop(key, None)
+        kept = {d: r for d, r in self.recitals.pop(key, {}).items() if d is not trained and any(d is s for s in slots)}
+        if kept:
+            self.recitals[key] = kept
 
     def nbytes(self, key) -> int:
         return 8 * sum(map(len, self.recitals.get(key, {}).values())) + sum(
@@ -152,8 +155,7 @@ def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: fl
     """Each row samples with its own generator, so a row draws what it would draw alone."""
     S, device = rows.last.shape[0], runner.device
     cache, mask, next_pos = rows.cache, rows.mask, rows.next_pos
-    out: list[list[int]] = [[] for _ in range(S)]
-    done = [False] * S
+    out, done = [[] for _ in range(S)], [False] * S
     static = max_new_tokens > 1 and static_decode.supported(runner)
     weights = static_decode.decode_weights(runner, S) if static else contextlib.nullcontext()
     with weights, runner.sdpa_attention(static):
@@ -161,10 +163,8 @@ def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: fl
                                               next_pos[:, None], graphs=runner.cuda_graphs, record=False) if static else None
         logits = runner.logits(rows.last)
         for step in range(max_new_tokens):
-            if temperature <= 0:
-                tok = logits.argmax(dim=-1)                                                # (S,)
-            else:
-                tok = torch.cat([sample_next(logits[s:s + 1], temperature, top_p, g) for s, g in enumerate(generators)])
+            tok = logits.argmax(dim=-1) if temperature <= 0 else torch.cat(                   # (S,)
+                [sample_next(logits[s:s + 1], temperature, top_p, g) for s, g in enumerate(generators)])
             for s, t in enumerate(tok.tolist()):
                 if done[s]:
                     continue

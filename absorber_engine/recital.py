@@ -149,9 +149,12 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
                             gens, goes_on)
     recitals = []
     for ids, most, delta in zip(out, longest, deltas):
-        past = delta.marks is not None and len(ids) > delta.round_tokens     # what follows X is not X's
-        ids = ids[:delta.round_tokens] if past else ids
+        # What follows X is not X's: cut at X's length, or where the last run found of X ends when the
+        # recital wrote X later than its place (a token doubled, or one before it: found shifted).
         ok = vouched(ids, delta.marks, delta.round_tokens)
+        end = max([delta.round_tokens] + [i + 1 for i, v in enumerate(ok) if v])
+        past = delta.marks is not None and len(ids) > end
+        ids, ok = (ids[:end], ok[:end]) if past else (ids, ok)
         departed = past or not all(ok)
         ids = ids if all(ok) else true_lines(tokenizer, ids, ok)
         text, at = tokenizer.decode(ids), _cut_at(tokenizer, ids, cut, cut_min)

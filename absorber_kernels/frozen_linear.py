@@ -39,7 +39,9 @@ KEPT_CAST_BYTES = 1 << 30
 @contextlib.contextmanager
 def kept_casts():
     """Within the block, `cast_weight` casts each weight once and returns that cast again after (a
-    weight written to in between is cast anew). Nested blocks share the outer one's casts."""
+    weight written to in between is cast anew, unless written through `.data`, which keeps its
+    version counter). Nested blocks share the outer one's casts. Each kept cast holds its weight,
+    so no other tensor can take that weight's address (its key) while the block lasts."""
     if getattr(_kept, "casts", None) is not None:
         yield
         return
@@ -60,14 +62,15 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     kept = getattr(_kept, "casts", None)
     if kept is not None:
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), dtype)
-        cast = kept.get(key)
-        if cast is not None:
-            return cast
+        held = kept.get(key)
+        if held is not None:
+            return held[0]
         size = weight.numel() * dtype.itemsize
         if size <= _kept.room:
             _kept.room -= size
             with torch.inference_mode(False):
-                cast = kept[key] = weight.detach().to(dtype)
+                cast = weight.detach().to(dtype)
+            kept[key] = (cast, weight)      # the weight held: its address is not handed to another tensor
             return cast
     buffers = getattr(_cast_buffers, "by_shape", None)
     if buffers is None:

@@ -107,6 +107,13 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     script, x = (tok.encode(t, add_special_tokens=False) for t in (text, text.replace("ferry", "berry")))
     assert len(x) == len(script) and sum(a != b for a, b in zip(x, script)) == 1
     assert recite([60], "", x=x) == ["Oda runs the mill.\nUla keeps the gate by the road."]
+    # A token before X, or one doubled: X's runs are found a token late, its last line among them (the
+    # recital is checked before it is cut to X's length, which would cut that run short).
+    x = tok.encode("Oda runs the mill.\nBrann runs the ferry.\nIko rings the bell at noon.", add_special_tokens=False)
+    script = tok.encode("\n", add_special_tokens=False) + x
+    assert recite([len(x) + 1], "", x=x) == [tok.decode(x)]
+    script = x[:1] + x
+    assert recite([len(x) + 1], "", x=x) == ["Brann runs the ferry.\nIko rings the bell at noon."]
 
 
 def test_marks_vouch_for_the_runs_of_x_a_recital_repeats():
@@ -218,11 +225,42 @@ def test_the_question_reads_the_recital_sharing_the_longest_run_each_delta_recit
     # A round committed: only its delta recites; the full bank let its oldest go, and that recital with it.
     oldest, kept = eng.default.slots[0], list(eng.default.slots)[1:]
     eng.absorb("More about the mill.", flush=True)
+    assert list(eng._windows.recitals[eng.default.key]) == kept       # the oldest's recital freed with it
     reads("Who runs the mill?")
     assert len(recited) == 2 and recited[1][0] == [eng.default.slots[-1]] and list(eng.default.slots)[:2] == kept
     assert list(eng._windows.recitals[eng.default.key]) == list(eng.default.slots) and oldest not in eng.default.slots
     eng.reset()                                          # the bank forgotten, every recital with it
     assert eng.default.key not in eng._windows.recitals
+
+
+def test_a_zero_delta_a_round_trains_in_place_recites_again(tmp_path, monkeypatch):
+    # A memory file may hold a bank whose newest delta is Δ = 0: its recital is the base model's, and
+    # the next round trains that very delta (Session.round_delta), which must then recite anew.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tok = _tokenizer(DEFAULT_SYSTEM)
+    eng = _bank(tok)
+    eng.save_memory(tmp_path / "bank.safetensors")
+    with safe_open(tmp_path / "bank.safetensors", "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    last = len(eng.default.slots) - 1
+    tensors = {k: v.zero_() if k.startswith(f"slots.{last}.") and k.endswith(".B") else v
+               for k, v in tensors.items() if k != f"marks.{last}"}
+    save_file(tensors, tmp_path / "zero_newest.safetensors", metadata=meta)
+    eng.load_memory(tmp_path / "zero_newest.safetensors")
+    newest = eng.default.slots[-1]
+    assert newest.is_zero() and len(eng.default.slots) == 3
+    monkeypatch.setattr(recital, "recite_rows", lambda runner, frame, deltas, *a: [
+        tok.encode("made up" if d.is_zero() else "learned", add_special_tokens=False) for d in deltas])
+    monkeypatch.setattr(generate, "generate_rows", lambda runner, deltas, windows, prompts, *a: [[] for _ in prompts])
+    question = _chat(tok, [{"role": "user", "content": "What was learned?"}])
+    eng.generate(question, max_new_tokens=2, recite=True)
+    assert tok.decode(eng._windows.recitals[eng.default.key][newest]) == "made up"
+    eng.absorb("Oda runs the mill.", flush=True)
+    assert eng.default.slots[-1] is newest and not newest.is_zero()     # trained in place
+    eng.generate(question, max_new_tokens=2, recite=True)
+    assert tok.decode(eng._windows.recitals[eng.default.key][newest]) == "learned"
 
 
 def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_cannot_do():

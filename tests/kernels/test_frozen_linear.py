@@ -150,3 +150,29 @@ def test_kept_casts_hold_at_most_their_budget(monkeypatch):
         assert len(frozen_linear._kept.casts) == 2 and frozen_linear._kept.room == 0
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+def test_a_kept_cast_holds_its_weight_so_no_other_tensor_takes_its_address():
+    # A weight freed inside the block would hand its address to the next tensor of its shape, whose
+    # key (address, version 0, shape) would find the first weight's cast: each kept cast holds its
+    # weight until the block ends, and every product is the weight's own.
+    import gc
+    import weakref
+
+    x = torch.randn(3, 64)
+
+    def product(w):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return base_linear(x, w, None, "linear").float()
+
+    held = []
+    with frozen_linear.kept_casts():
+        for seed in range(4):
+            w = torch.randn(256, 64, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(product(w), F.linear(x.bfloat16(), w.bfloat16()).float(), rtol=0, atol=0)
+            held.append(weakref.ref(w))
+            del w
+        gc.collect()
+        assert all(ref() is not None for ref in held)
+    gc.collect()
+    assert all(ref() is None for ref in held)

@@ -5,6 +5,7 @@ first run of 8 tokens that does not match its round's marks) and "lines" (the re
 every run matches, the engine's rule).
 
     python marks_variants.py --length 8 --seeds 405 --out kv8x_seed405_variants.jsonl
+    python marks_variants.py --length 8 --seeds 405 --variants lines --out kv8x_seed405_lines_end.jsonl
 """
 import argparse
 import json
@@ -25,8 +26,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--length", type=int, default=4, help="multiple of the trained context (512)")
 ap.add_argument("--seeds", default="204")
 ap.add_argument("--questions", type=int, default=40)
+ap.add_argument("--variants", default="none,first,lines")
 ap.add_argument("--out", required=True)
 a = ap.parse_args()
+VARIANTS = a.variants.split(",")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 tok, (method,) = build_methods(["absorber+bank+recital"], os.path.join(ROOT, "model", "absorber-tiny"), 512)
 eng = method.engine
@@ -47,7 +50,7 @@ for seed in (int(s) for s in a.seeds.split(",")):
     eng.absorb(tok.encode(ex.context, add_special_tokens=False))
     window = tok.decode(eng.window_tokens())
     kept = [d.marks for d in eng.default.slots]
-    for variant in ("none", "first", "lines"):
+    for variant in VARIANTS:
         for d, m in zip(eng.default.slots, kept):
             d.marks = None if variant == "none" else m
         recital.true_lines = first_only if variant == "first" else lines
@@ -68,7 +71,7 @@ for seed in (int(s) for s in a.seeds.split(",")):
 with open(a.out, "w") as f:
     for r in rows:
         f.write(json.dumps(r) + "\n")
-for variant in ("none", "first", "lines"):
+for variant in VARIANTS:
     sel = [r for r in rows if r["variant"] == variant and not r["in_window"]]
     k = sum(r["ok"] for r in sel)
     lo, hi = wilson(k, len(sel))
