@@ -197,11 +197,10 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         inputs.check_flag("flush", flush)
         with self._lock:
             self._get(DEFAULT_SESSION)                  # refused once the engine is closed
-            if flush:
-                for key, sess in self.sessions.items():
-                    if sess.held_tokens:
-                        self.scheduler.flush(key)
+            flushed = [key for key, sess in self.sessions.items() if flush and sess.held_tokens]
             try:
+                for key in flushed:
+                    self.scheduler.flush(key)
                 while True:
                     results = self._run_batch()
                     if not results:
@@ -215,9 +214,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                     if all(res.error is not None for _, res in results.values()):
                         break       # nothing but failures: retrying now would fail the same way
             finally:
-                for key, rep in reports.items():
-                    if rep.errors:
-                        self.sessions[key].end_drain()
+                # What a flush left held (a failed round, an error, a batch never run) drains no more.
+                for key in {*flushed, *(k for k, rep in reports.items() if rep.errors)} & self.sessions.keys():
+                    self.sessions[key].end_drain()
                 self._rest()
             for key, rep in reports.items():        # under the lock: no close_session() in between
                 rep.held_tokens = self.sessions[key].held_tokens
@@ -227,12 +226,12 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
     def _run_batch(self) -> dict:
         """The scheduler's next batch, one round for all of it, then commit or restore each session;
         {session: (round, RoundResult)}, empty when no round is ready."""
-        batch = self.scheduler.next_batch(self.config.max_batch)
-        if batch is None:
-            return {}
-        sessions = [self.sessions[r.session] for r in batch.rounds]
-        deltas, snapshots = [], []
-        try:                          # from here every way out but a finished round aborts them all
+        batch, deltas, snapshots = None, [], []
+        try:                          # from the batch handed out, every way out but a finished round aborts it
+            batch = self.scheduler.next_batch(self.config.max_batch)
+            if batch is None:
+                return {}
+            sessions = [self.sessions[r.session] for r in batch.rounds]
             self._move(batch.moves)
             for s in sessions:
                 deltas.append(s.round_delta())
@@ -254,7 +253,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         except BaseException:
             for delta, snap in zip(deltas, snapshots):
                 delta.restore(snap)
-            for rnd in batch.rounds:
+            for rnd in batch.rounds if batch is not None else ():
                 self.scheduler.abort(rnd.session, rnd.id)
             raise
         out, settled = {}, 0

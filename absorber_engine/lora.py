@@ -194,8 +194,21 @@ class LowRankDelta:
                 factors[name] = factors[name].detach().to(device).requires_grad_(factors[name].requires_grad)
         self.device = device
 
-    snapshot = state_dict
-    restore = load_state_dict
+    def snapshot(self) -> dict:
+        """Everything a round or its commit may change: each factor's values, dtype and
+        trainability (Session.keep compacts a bank's first delta in place), its round's length and marks."""
+        return {"A": {n: (t.detach().clone(), t.requires_grad) for n, t in self.A.items()},
+                "B": {n: (t.detach().clone(), t.requires_grad) for n, t in self.B.items()},
+                "round": (self.round_tokens, None if self.marks is None else list(self.marks))}
+
+    def restore(self, snap: dict) -> None:
+        """Back to exactly the snapshot: the tensors are replaced, not copied into, so a delta left
+        half-compacted (bf16, no gradient) by a failed commit trains again as before."""
+        for key, factors in (("A", self.A), ("B", self.B)):
+            for name, (value, grad) in snap[key].items():
+                factors[name] = value.clone().to(self.device).requires_grad_(grad)
+        self.round_tokens, marks = snap["round"]
+        self.marks = None if marks is None else list(marks)
 
     @property
     def nbytes(self) -> int:

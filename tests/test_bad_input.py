@@ -610,6 +610,58 @@ def test_a_failed_flush_leaves_no_drain_behind(monkeypatch):
     assert rep.rounds == 0 and eng.held_tokens == 11
 
 
+
+def test_a_flush_run_that_ends_early_leaves_no_drain_behind(monkeypatch):
+    # run(flush=True) ended the drain only of sessions whose round failed: a round that raised, or a
+    # flushed session whose batch never ran after the failures, went on draining, and the next plain
+    # absorb() absorbed what it held as a round of X with no Y.
+    import absorber_engine.engine as engine_mod
+    from absorber_engine.round import RoundResult
+
+    def raising(runner, batch, cfg):
+        raise MemoryError("injected")
+
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**{**CFG, "chunk_tokens": 8, "sync_tokens": 8}))
+    eng.absorb(random_ids(5, seed=1))
+    monkeypatch.setitem(engine_mod.ROUNDS, "absorber", raising)
+    with pytest.raises(MemoryError):
+        eng.run(flush=True)
+    monkeypatch.undo()
+    assert eng.default.stats()["draining"] is False
+    assert eng.absorb(random_ids(6, seed=2)).rounds == 0 and eng.held_tokens == 11
+    a, b = eng.session("a"), eng.session("b")
+    a.feed(random_ids(5, seed=4))
+    b.feed(random_ids(7, seed=5))                            # another length: another batch
+    monkeypatch.setitem(engine_mod.ROUNDS, "absorber", lambda runner, batch, cfg: [
+        RoundResult(error="injected") for _ in batch.deltas])
+    eng.run(flush=True)                                      # the first batch fails: run() stops there
+    monkeypatch.undo()
+    for s in (eng.default, a, b):
+        assert s.stats()["draining"] is False
+        assert s.absorb(random_ids(1, seed=6)).rounds == 0
+
+
+def test_an_interrupt_as_a_batch_is_handed_out_leaves_no_round_in_flight():
+    # The batch was taken from the scheduler before the block that aborts it on any way out: a
+    # Ctrl-C there left its rounds in flight for good, and every later absorb() of the session did nothing.
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**{**CFG, "chunk_tokens": 8, "sync_tokens": 8}))
+
+    class Interrupting(dict):
+        armed = True
+
+        def __getitem__(self, key):
+            if Interrupting.armed:
+                Interrupting.armed = False
+                raise KeyboardInterrupt
+            return dict.__getitem__(self, key)
+
+    eng.sessions = Interrupting(eng.sessions)
+    with pytest.raises(KeyboardInterrupt):
+        eng.absorb(random_ids(16, seed=1))
+    assert eng.default.stats()["in_flight"] is None and eng.held_tokens == 16
+    rep = eng.absorb([], flush=True)
+    assert rep.rounds >= 1 and eng.held_tokens == 0
+
 def test_cli_paths_refused_before_the_work(tmp_path, capsys, monkeypatch):
     """An unusable --memory was found only after every round ran, and the rounds were lost; the
     delegated commands and the model cache raised raw OSErrors."""

@@ -234,6 +234,32 @@ def test_a_failed_round_leaves_every_delta_as_it_was(monkeypatch):
         _assert_same(_state(slot), state)
 
 
+
+def test_a_bank_first_commit_that_fails_leaves_its_delta_trainable(monkeypatch):
+    # A bank's first round trains its own Δ = 0, and keeping it compacts it to bf16 in place: a failure
+    # after that (here the marks of X) restored the values into the bf16 tensors, which then took no
+    # gradient, and every later round of the session failed.
+    import absorber_engine.session as session_mod
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    before = _state(eng.default.delta)
+
+    def failing(x):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(session_mod, "marks", failing)
+    with pytest.raises(MemoryError):
+        eng.absorb(TEXTS[0], flush=True)
+    monkeypatch.undo()
+    delta = eng.default.delta
+    assert len(eng.default.slots) == 1 and delta.round_tokens == 0 and delta.marks is None
+    assert all(t.dtype == torch.float32 and t.requires_grad for t in delta.parameters())
+    _assert_same(_state(delta), before)
+    eng.absorb([], flush=True)                      # the held tokens, absorbed as a clean engine would
+    clean = AbsorberEngine(make_model("llama"), config=CFG)
+    clean.absorb(TEXTS[0], flush=True)
+    _assert_same(_state(eng.default.delta), _state(clean.default.delta))
+
 def test_ctrl_c_while_a_round_commits_is_raised_once_the_commit_is_whole(monkeypatch):
     """A SIGINT that arrives after the bank took the round's delta but before the scheduler let go of
     its tokens: the interrupt comes after the commit, the bank holds the round's delta (not a restored,
