@@ -263,8 +263,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                     if res.error is None:
                         # A gated round told the memory nothing new: it takes no place in the replay buffer.
                         probe = replay_probe(self.frame, rnd.x) if self.config.replay_rounds and not res.gated else None
-                        sess.keep(delta, rnd.x)
-                        self.scheduler.commit(rnd.session, rnd.id)
+                        with sess.keeping(delta, rnd.x):
+                            self.scheduler.commit(rnd.session, rnd.id)
                         settled += 1      # counted at once: a committed round must not be aborted below
                         # A stream's first round starts from an empty memory: its loss sets no gate level.
                         if res.losses and sess.rounds > 1:

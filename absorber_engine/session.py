@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +107,19 @@ class Session:
             delta.round_tokens, delta.marks = len(x), marks(list(x))
         if delta is not self.delta:
             self.slots.append(delta)
+
+    @contextmanager
+    def keeping(self, delta: LowRankDelta, x: list[int]):
+        """keep(delta, x) for a commit inside the block: a block that raises (an allocation in the
+        scheduler's commit) puts the bank back as it was, its oldest delta too if a full bank dropped it."""
+        before = list(self.slots)
+        self.keep(delta, x)
+        try:
+            yield
+        except BaseException:
+            self.slots.clear()
+            self.slots.extend(before)
+            raise
 
     def clear_slots(self) -> None:
         """Back to one delta, Δ = 0."""

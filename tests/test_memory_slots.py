@@ -289,6 +289,37 @@ def test_ctrl_c_while_a_round_commits_is_raised_once_the_commit_is_whole(monkeyp
         eng.absorb([], flush=True)
 
 
+
+def test_a_commit_that_fails_leaves_a_full_bank_as_it_was():
+    # The bank took the round's delta (a full one dropping its oldest) before the scheduler committed
+    # the round: a commit that raised (an allocation in C++) left the restored delta in the bank and
+    # the oldest gone.
+    eng = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=2))
+    for text in TEXTS[:2]:
+        eng.absorb(text, flush=True)
+    slots, before = list(eng.default.slots), [_state(d) for d in eng.default.slots]
+
+    class FailingCommit:
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def commit(self, *args):
+            raise MemoryError("injected")
+
+    real, eng.scheduler = eng.scheduler, FailingCommit(eng.scheduler)
+    with pytest.raises(MemoryError):
+        eng.absorb(TEXTS[2], flush=True)
+    eng.scheduler = real
+    assert list(eng.default.slots) == slots and eng.default.stats()["in_flight"] is None
+    for slot, state in zip(eng.default.slots, before):
+        _assert_same(_state(slot), state)
+    eng.absorb([], flush=True)                      # the round again: the bank as if it had never failed
+    for slot, text in zip(eng.default.slots, TEXTS[1:]):
+        _assert_same(_state(slot), _banked(_alone(text).delta))
+
 def test_replay_needs_the_one_delta():
     with pytest.raises(ConfigError, match="replay_rounds"):
         AbsorberConfig(memory_slots=2, replay_rounds=4)
