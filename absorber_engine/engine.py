@@ -134,8 +134,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         """Feeds the stream and absorbs every round its window allows (all of it with flush). Other
         sessions' ready rounds run too, batched with this one's or before them. If one of this
         session's rounds fails, its memory stays as it was before that round, the window keeps the
-        tokens not absorbed yet, and AbsorptionError says how many of this call's tokens were taken
-        (`err.tokens_taken`), so the caller can resume from there."""
+        tokens not absorbed yet, and the error (AbsorptionError, or any other: out of memory, Ctrl-C)
+        says how many of this call's tokens were taken (`err.tokens_taken`): resume from there."""
         sess = self._get(session)
         inputs.check_flag("flush", flush)
         ids = self.to_ids(text_or_ids, allow_empty=flush)
@@ -147,8 +147,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             self._get(sess)                 # still open: close() or close_session() may have run first
             try:
                 pos = self._absorb_rounds(sess, ids, flush, progress, report)
-            except BaseException:
+            except BaseException as e:
                 sess.end_drain()
+                e.tokens_taken = report.tokens      # absorbed or held: a retry must not feed them again
                 raise
             finally:
                 self._rest()
@@ -167,7 +168,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             take = min(len(ids) - pos, max(capacity - st["held"], 0))
             if take:
                 self.scheduler.feed(sess.key, ids[pos:pos + take])
-                pos += take
+                report.tokens = pos = pos + take
             if flush and pos == len(ids) and not flushed:
                 self.scheduler.flush(sess.key)
                 flushed = True
@@ -182,9 +183,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 break
             rnd, res = results[sess.key]
             if res.error is not None:
-                err = AbsorptionError(f"round {sess.rounds + 1} rolled back, memory unchanged: {res.error}")
-                err.tokens_taken = pos
-                raise err
+                raise AbsorptionError(f"round {sess.rounds + 1} rolled back, memory unchanged: {res.error}")
             report.add_round(len(rnd.x), res)
             if progress is not None:
                 progress(len(rnd.x))

@@ -641,6 +641,25 @@ def test_a_flush_run_that_ends_early_leaves_no_drain_behind(monkeypatch):
         assert s.absorb(random_ids(1, seed=6)).rounds == 0
 
 
+
+def test_any_error_out_of_absorb_says_how_many_tokens_it_took(monkeypatch):
+    # Only AbsorptionError said how many of the call's tokens were taken: after an out-of-memory or a
+    # Ctrl-C mid-call a caller retrying the same input fed those tokens, held in the window, twice.
+    import absorber_engine.engine as engine_mod
+
+    def raising(runner, batch, cfg):
+        raise MemoryError("injected")
+
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**{**CFG, "chunk_tokens": 8, "sync_tokens": 8}))
+    ids = random_ids(20, seed=3)
+    monkeypatch.setitem(engine_mod.ROUNDS, "absorber", raising)
+    with pytest.raises(MemoryError) as info:
+        eng.absorb(ids)
+    monkeypatch.undo()
+    assert info.value.tokens_taken == 16 and eng.window_tokens() == ids[:16]      # n + m fed, then the round
+    eng.absorb(ids[info.value.tokens_taken:])
+    assert eng.absorbed_tokens + eng.held_tokens == len(ids)
+
 def test_an_interrupt_as_a_batch_is_handed_out_leaves_no_round_in_flight():
     # The batch was taken from the scheduler before the block that aborts it on any way out: a
     # Ctrl-C there left its rounds in flight for good, and every later absorb() of the session did nothing.
