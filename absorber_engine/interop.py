@@ -37,6 +37,9 @@ class AbsorbingModel:
         self.tail_tokens = tail_tokens if tail_tokens is not None else self.engine.config.sync_tokens
 
     def __getattr__(self, name):
+        # Only reached for names the wrapper lacks; copy and pickle ask before __init__ has run.
+        if "model" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["model"], name)
 
     def __call__(self, *args, **kwargs):

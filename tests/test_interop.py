@@ -78,6 +78,16 @@ def test_wrapped_generate_keeps_the_eos_it_stopped_on_and_checks_its_arguments()
     with pytest.raises(InputError, match="tail_tokens"):
         wrap(make_model("llama"), config=cfg, tail_tokens=-1)
 
+
+def test_a_wrapped_model_copies_and_misses_attributes_as_attribute_errors():
+    # __getattr__ read self.model before __init__ had set it: copy.copy asked for __setstate__ on a
+    # bare instance and got KeyError('model')
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1, future_tokens=4, compute_dtype="float32")
+    wrapped = wrap(make_model("llama"), config=cfg)
+    twin = copy.copy(wrapped)
+    assert twin.engine is wrapped.engine and twin.config is wrapped.config
+    assert not hasattr(wrapped, "no_such_attribute")
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_peft_adapter_reproduces_engine_logits(arch, tmp_path):
     from peft import PeftModel
