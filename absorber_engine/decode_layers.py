@@ -99,12 +99,13 @@ class FusedLayers:
         return cos, _signed(sin)
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, caches: list,
-             slot: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+             slot: torch.Tensor, live: int, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """tokens and position (B, 1), mask (B, 1, 1, S) the attention's additive mask (0 where a
         row attends, -inf elsewhere, in the states' dtype: what sdpa makes of a boolean one at every
         call) over the static cache `caches` (one transformers StaticLayer per layer; the step
-        writes its keys and values at `slot`), `rotary` this step's cos and signed sin (B, 1, Dh)
+        writes its keys and values at `slot`; the attention reads its first `live` slots, those
+        written so far), `rotary` this step's cos and signed sin (B, 1, Dh)
         where a table holds them -> the residual states h^0..h^L and the final normed states, each
         (B, D): one row a sequence, so every product takes its input as it is."""
         h = self.embed(tokens[:, 0])
@@ -113,8 +114,11 @@ class FusedLayers:
             rotary = cos, _signed(sin)
         cos, sin = rotary                                                          # (B, 1, Dh): over the heads
         states = [h]
+        # Over the written slots only, as transformers' growing cache reads them: the sums of a
+        # longer, masked row round otherwise in bf16 (an answer then depended on max_new_tokens).
+        mask = mask[..., :live]
         for layer, cache in zip(self.layers, caches):
-            h = layer(h, cos, sin, mask, cache, slot)
+            h = layer(h, cos, sin, mask, cache, slot, live)
             states.append(h)
         return states, _rms_norm(h, self.norm)
 
@@ -136,7 +140,7 @@ class _Layer:
         self.kv_heads = _base(attn.k_proj).out_features // self.head_dim
         self.inner = _base(mlp.gate_proj).out_features
 
-    def __call__(self, h, cos, sin, mask, cache, slot):
+    def __call__(self, h, cos, sin, mask, cache, slot, live):
         B, Dh, H, KV = h.shape[0], self.head_dim, self.heads, self.kv_heads
         qkv = self.qkv(_rms_norm(h, self.norms[0])).view(B, -1, Dh)          # (B, H + 2 KV, Dh)
         qk, v = qkv[:, :H + KV], qkv[:, H + KV:]
@@ -152,7 +156,8 @@ class _Layer:
         # flash kernel pays per (row, head) pair (4 rows, 555 positions: 8 heads of one query 1.04 ms,
         # the same as 4 groups of two queries 0.17 ms).
         q = qk[:, :H].reshape(B, KV, H // KV, Dh)
-        out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, cache.keys[:, :, :live], cache.values[:, :, :live], attn_mask=mask,
+                                             scale=self.scale)
         h = h + self.o(out.reshape(B, H * Dh))
         gate, up = self.gate_up(_rms_norm(h, self.norms[1])).split(self.inner, dim=-1)
         # contiguous: torch's SiLU rounds differently on a strided tensor at some widths (80: yes,

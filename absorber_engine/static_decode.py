@@ -173,7 +173,7 @@ class StaticDecoder:
             self.additive.index_fill_(3, self.slot, 0.0)
             rotary = None if self.rotary is None else [t.index_select(1, self.step_index) for t in self.rotary]
             states, final = self.fused.step(self.tokens, self.position, self.additive, self.cache.layers, self.slot,
-                                            rotary)                                      # each (B, D)
+                                            self.max_len - self.steps + self.taken, rotary)      # each (B, D)
             if self.hidden is not None:
                 stacked = torch.stack(states).unsqueeze(2)
             final = final.unsqueeze(1)
