@@ -7,7 +7,8 @@
     decode(...)      one token per row per step until max_new_tokens or a stop token
 
 Rows of different lengths are padded on the left, with positions counted from each row's own first
-token, so every row reads exactly what it would read alone.
+token, so every row reads exactly what it would read alone; on a sliding-window model, whose window
+counts the padding's slots, such rows run one at a time.
 """
 
 from __future__ import annotations
@@ -112,8 +113,12 @@ def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], pr
     for row, (w, p) in enumerate(zip(windows, prompts)):
         if len(w.tokens) == len(runner.prefix) and not p:
             raise InputError(f"generate() needs a prompt when the window holds no tokens (row {row} of the batch)")
-    runner.bind(deltas)
     padded = len({len(w.tokens) for w in windows}) > 1 or len({len(p) for p in prompts}) > 1
+    if padded and runner.kept_kv_tokens is not None:     # a sliding window counts padded slots: rows apart
+        return [generate_rows(runner, [d], [w], [p], max_new_tokens, temperature, top_p, stops, [g],
+                              on_token and (lambda _, t, row=row: on_token(row, t)))[0]
+                for row, (d, w, p, g) in enumerate(zip(deltas, windows, prompts, generators))]
+    runner.bind(deltas)
     with runner.sdpa_attention(padded):
         rows = prefill(runner, windows, prompts, padded)
         return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generators, on_token)
@@ -146,8 +151,7 @@ def prefill(runner: ModelRunner, windows: list[WindowKV], prompts: list[list[int
     return Rows(cache, last, mask if padded else None, next_pos)
 
 
-SEGMENT = 256
-"""decode() grows its static cache by this many tokens at a time (static_decode.StaticDecoder.then)."""
+SEGMENT = 256     # decode() grows its static cache by this many tokens at a time (StaticDecoder.then)
 
 
 def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: float, top_p: float,
@@ -193,13 +197,10 @@ def decode(runner: ModelRunner, rows: Rows, max_new_tokens: int, temperature: fl
 
 def _left_padded_kv(per_row: list[list], lengths: list[int], width: int) -> list:
     """Per layer (keys, values) of all rows, each row's (1, H, len, Dh) left-padded with zeros to `width`."""
-    if width == 0:
-        return []
-    ref = per_row[lengths.index(max(lengths))]
+    ref = per_row[lengths.index(max(lengths))] if width else []
     out = []
-    for layer, (k_ref, v_ref) in enumerate(ref):
-        pads = [(k_ref.new_zeros(1, k_ref.shape[1], width - n, k_ref.shape[3]),
-                 v_ref.new_zeros(1, v_ref.shape[1], width - n, v_ref.shape[3])) for n in lengths]
+    for layer, refs in enumerate(ref):
+        pads = [tuple(r.new_zeros(1, r.shape[1], width - n, r.shape[3]) for r in refs) for n in lengths]
         out.append(tuple(torch.cat([torch.cat([pad[i], kv[layer][i]], dim=2) if n else pad[i]
                                     for kv, n, pad in zip(per_row, lengths, pads)]) for i in (0, 1)))
     return out

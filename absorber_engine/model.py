@@ -70,6 +70,9 @@ class ModelRunner:
         self.hidden_size = int(self.head.weight.shape[1])
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
         self.absolute_positions = self.model_type in _ABSOLUTE_POSITIONS
+        # A sliding-window layer's cache keeps only its last sliding_window - 1 keys
+        sliding = [c.sliding_window for c in DynamicCache(config=model.config).layers if getattr(c, "is_sliding", False)]
+        self.kept_kv_tokens = min(sliding) - 1 if sliding else None
         self.stats = RunStats()
         bos = bos_token(model, tokenizer)
         self.prefix = [bos] if cfg.prefix_bos and bos is not None else []    # tokens every sequence starts with
@@ -110,13 +113,6 @@ class ModelRunner:
     @property
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype
-
-    def check_window(self, window_tokens: int) -> None:
-        """A window of chunk + sync tokens must fit a model with a learned position table."""
-        window_tokens += len(self.prefix)
-        if self.absolute_positions and window_tokens > self.max_positions:
-            raise ConfigError(f"chunk_tokens + sync_tokens (+ the BOS prefix) = {window_tokens} exceeds the "
-                              f"{self.max_positions} positions {self.model_type} has")
 
     # ------------------------------------------------------------------ deltas
 

@@ -125,8 +125,16 @@ def round_span(cfg, frame: ProbeFrame | None, n: int, m: int) -> tuple[int, str]
 
 def check_round_span(runner, cfg, frame: ProbeFrame | None, n: int, m: int) -> None:
     """A model with a position table must fit every sequence a round reads: ConfigError up front,
-    not an IndexError in the first round (or the first flush)."""
-    runner.check_window(n + m)
+    not an IndexError in the first round (or the first flush). The raw window (n + m tokens after
+    the BOS prefix) must moreover fit the KV a sliding-window cache keeps: generate() puts the
+    window's KV back into a fresh cache, which counts positions from the keys it holds (a cropped
+    window read the prompt at wrong positions, and a batch of windows failed to stack)."""
+    window, what = n + m + len(runner.prefix), "chunk_tokens + sync_tokens (+ the BOS prefix)"
+    if runner.absolute_positions and window > runner.max_positions:
+        raise ConfigError(f"{what} = {window} exceeds the {runner.max_positions} positions {runner.model_type} has")
+    if runner.kept_kv_tokens is not None and window > runner.kept_kv_tokens:
+        raise ConfigError(f"{what} = {window} exceeds the {runner.kept_kv_tokens} tokens {runner.model_type}'s "
+                          f"sliding-window cache keeps (sliding_window {runner.kept_kv_tokens + 1}): lower them")
     longest, what = round_span(cfg, frame, n, m)
     if runner.absolute_positions and longest + len(runner.prefix) > runner.max_positions:
         raise ConfigError(f"a round would read {longest + len(runner.prefix)} tokens ({what}, the BOS prefix "
