@@ -93,7 +93,8 @@ def _window_kv(runner: ModelRunner, delta, tokens: list[int]) -> WindowKV:
     if not tokens:
         return WindowKV(tokens, [], None, delta)
     runner.bind([delta])
-    final, cache = runner.forward(torch.tensor([tokens], dtype=torch.long, device=runner.device), use_cache=True)
+    with runner.model_dtype():          # not an autocast the caller holds: later calls read this KV too
+        final, cache = runner.forward(torch.tensor([tokens], dtype=torch.long, device=runner.device), use_cache=True)
     return WindowKV(tokens, cache_tensors(cache), final[0, -1], delta)
 
 
@@ -214,8 +215,7 @@ class GenerationMixin:
 
     @torch.no_grad()
     def logits(self, ids, session=DEFAULT_SESSION) -> torch.Tensor:
-        """Next-token logits (len(ids), V) at each position of `ids`, read after the memory and the
-        raw window. Nothing is absorbed."""
+        """Next-token logits (len(ids), V) of `ids` read after the memory and the raw window; nothing is absorbed."""
         sess = self._get(session)
         ids = self.to_ids(ids)
         self._check_span(sess, len(ids), f"{len(ids)} query tokens")

@@ -71,6 +71,20 @@ def test_batched_generation_equals_one_by_one():
         eng.generate_batch(prompts, seed={"a": "x"})
 
 
+def test_a_call_under_the_callers_autocast_leaves_no_low_precision_window_for_later_calls():
+    # The window's KV is kept for every later call: built under a caller's bf16 autocast, plain
+    # logits() read it afterwards, 0.03 away from an engine that never saw the autocast.
+    def engine():
+        eng = AbsorberEngine(make_model("llama"), config=CFG)
+        eng.absorb(STREAMS["a"][:20])                                 # held raw: no round
+        return eng
+    plain, touched = engine(), engine()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        touched.generate(random_ids(3, seed=7), max_new_tokens=2)
+    ids = random_ids(5, seed=8)
+    assert torch.equal(touched.logits(ids), plain.logits(ids))
+
+
 def test_a_failing_session_does_not_touch_the_others(monkeypatch):
     from absorber_engine import round as rounds
 
