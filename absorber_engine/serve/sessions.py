@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..errors import AbsorberError, MemoryFileError
 from ..memory_file import weights_read_once
+from .errors import APIError
 from .state import StateDir
 
 log = logging.getLogger("absorber.serve")
@@ -64,8 +65,10 @@ class SessionTable:
                 try:
                     sess.load_memory(saved.memory)
                 except MemoryFileError as exc:
-                    # Made for another model or config: left on disk untouched, not served.
-                    log.warning("state: not loading session %r: %s", saved.session_id, exc)
+                    # Made for another model or config: left on disk untouched, its id refused.
+                    log.warning("state: not loading session %r (left on disk, its id refused): %s",
+                                saved.session_id, exc)
+                    self.state.hold(saved.session_id, f"its saved memory {saved.memory.name} does not load ({exc})")
                     sess.close()
                     continue
                 self.convs[conv.id] = conv
@@ -77,6 +80,7 @@ class SessionTable:
     def open(self, session_id: str) -> Conversation:
         conv = self.convs.get(session_id)
         if conv is None:
+            self.refuse_held(session_id)
             conv = Conversation(session_id, _key(session_id))
             self.engine.session(conv.key)            # may refuse: then no entry without a session
             self.convs[session_id] = conv
@@ -91,10 +95,22 @@ class SessionTable:
         conv.changed()
 
     def delete(self, session_id: str) -> None:
-        conv = self.convs.pop(session_id)
-        self.session(conv).close()
+        conv = self.convs.pop(session_id, None)
+        if conv is not None:
+            self.session(conv).close()
         if self.state is not None:
             self.state.delete(session_id)
+
+    def held(self, session_id: str) -> bool:
+        """A session whose saved files were not loaded (only a DELETE touches them)."""
+        return self.state is not None and self.state.refusal(session_id) is not None
+
+    def refuse_held(self, session_id: str) -> None:
+        if self.held(session_id):
+            raise APIError(409, f"session {session_id!r} is saved in the state directory but was not loaded: "
+                                f"{self.state.refusal(session_id)}; its files are kept as they are: restart with "
+                                f"the model and config it was made with, or DELETE the session to remove them",
+                           code="session_not_loaded")
 
     # ------------------------------------------------------------------ saving
 

@@ -8,6 +8,10 @@ Per session (files named by a hash of its id, which may hold any character):
 The JSON is replaced atomically after its memory file is complete, and older generations are removed
 only after that, so whatever moment the server is killed at, <stem>.json names a whole memory file
 whose window and counters agree with the conversation record beside it.
+
+A session whose files do not load (a record cut short, a memory made for another model or config)
+is held: its files stay as they are, and its id is refused until a DELETE removes them (a request
+naming it used to open an empty session whose first save removed the old memory file).
 """
 
 from __future__ import annotations
@@ -45,6 +49,14 @@ class StateDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for tmp in self.path.glob(".*.tmp"):          # writes a killed server left half done
             tmp.unlink(missing_ok=True)
+        self.held: dict[str, str] = {}                 # stem -> why its files were not loaded
+
+    def hold(self, session_id: str, why: str) -> None:
+        self.held[stem(session_id)] = why
+
+    def refusal(self, session_id: str) -> str | None:
+        """Why `session_id` may not be opened, or None: its saved files did not load."""
+        return self.held.get(stem(session_id))
 
     def save(self, session, session_id: str, consumed: int, digest: str, generation: int) -> None:
         s = stem(session_id)
@@ -62,6 +74,7 @@ class StateDir:
         (self.path / f"{s}.json").unlink(missing_ok=True)      # first: from here on the session is gone
         for old in self.path.glob(f"{s}.*.absorber"):
             old.unlink(missing_ok=True)
+        self.held.pop(s, None)
 
     def load_all(self) -> list[Saved]:
         out = []
@@ -75,7 +88,8 @@ class StateDir:
                 if record.stem != stem(saved.session_id) or not saved.memory.is_file():
                     raise ValueError("it does not match its memory file")
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("state: skipping %s: %s", record.name, exc)
+                log.warning("state: not loading %s (left on disk, its id refused): %s", record.name, exc)
+                self.held[record.stem] = f"its saved record {record.name} does not load ({exc})"
                 continue
             out.append(saved)
         return out

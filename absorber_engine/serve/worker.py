@@ -161,12 +161,14 @@ class Worker:
                 "rounds": sess.rounds, "conversation_tokens": conv.consumed}
 
     def _delete(self, session_id: str) -> None:
-        self._known(session_id)
+        if not self.table.held(session_id):
+            self._known(session_id)
         self.table.delete(session_id)
 
     def _known(self, session_id: str) -> Conversation:
         conv = self.table.get(session_id)
         if conv is None:
+            self.table.refuse_held(session_id)
             raise not_found(f"no session {session_id!r}", param="session", code="session_not_found")
         return conv
 

@@ -25,3 +25,34 @@ def test_a_restart_reopens_every_saved_session_reading_the_weights_once(tmp_path
     for i in range(3):
         want = first.session(first.get(f"chat-{i}")).window_tokens()
         assert again.session(again.get(f"chat-{i}")).window_tokens() == want
+
+
+def test_a_saved_session_that_does_not_load_is_kept_and_refused_until_deleted(tmp_path):
+    # It was logged as "left on disk untouched", but a request naming its id opened an empty session
+    # whose first save removed the old memory file: the memory was gone for a restart that could load it.
+    import json
+
+    import pytest
+    from absorber_engine.serve.errors import APIError
+    from absorber_engine.serve.state import stem
+
+    state = StateDir(tmp_path / "state")
+    first = SessionTable(AbsorberEngine(make_model("llama"), config=CFG), state, idle_save_s=0.0)
+    conv = first.open("alice")
+    first.session(conv).absorb(random_ids(40, seed=1))
+    first.save(conv)
+    (tmp_path / "state" / f"{stem('bob')}.json").write_text("{not json")        # a record cut short
+    files = {p.name: p.read_bytes() for p in (tmp_path / "state").iterdir()}
+
+    other = AbsorberEngine(make_model("llama"), config=CFG.replace(rank=4))     # not the rank alice was made with
+    table = SessionTable(other, StateDir(tmp_path / "state"), idle_save_s=0.0)
+    assert table.load() == 0
+    for name, why in (("alice", "rank-2 delta"), ("bob", "does not load")):
+        with pytest.raises(APIError, match=why) as refused:
+            table.open(name)
+        assert refused.value.status == 409 and table.get(name) is None
+    assert {p.name: p.read_bytes() for p in (tmp_path / "state").iterdir()} == files
+    table.delete("alice")                                                      # the one way to let the id go
+    assert not list((tmp_path / "state").glob(f"{stem('alice')}.*"))
+    table.save(table.open("alice"))
+    assert json.loads((tmp_path / "state" / f"{stem('alice')}.json").read_text())["session"] == "alice"
