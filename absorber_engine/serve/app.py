@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -117,7 +117,9 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
     def session_of(request: Request, user: str | None) -> str | None:
         sid = request.headers.get(SESSION_HEADER)
         param = "header " + SESSION_HEADER
-        if sid is None:
+        if sid is not None:
+            sid = header_session(sid, param)
+        else:
             sid, param = user, "user"
         if sid is None:
             return None
@@ -235,19 +237,19 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         max_tokens = req.max_completion_tokens or req.max_tokens or cfg.chat_max_tokens
         return await generate(request, req, prompt, max_tokens, chat=True)
 
-    @app.get("/v1/sessions/{session_id}")
+    @app.get("/v1/sessions/{session_id:path}")
     async def session_info(session_id: str):
         check_session_id(session_id, "session")
         job = Job("info", session_id, timeout=cfg.timeout_s)
         return await wait(job, worker.submit(job))
 
-    @app.delete("/v1/sessions/{session_id}")
+    @app.delete("/v1/sessions/{session_id:path}")
     async def session_delete(session_id: str):
         check_session_id(session_id, "session")
         job = Job("delete", session_id, timeout=cfg.timeout_s)
         return await wait(job, worker.submit(job))
 
-    @app.post("/v1/sessions/{session_id}/absorb")
+    @app.post("/v1/sessions/{session_id:path}/absorb")     # :path: an id may hold "/"
     async def session_absorb(session_id: str, request: Request):
         check_session_id(session_id, "session")
         req = parse(AbsorbRequest, await body_of(request))
@@ -280,7 +282,21 @@ def _is_text(s: str) -> bool:
     return True
 
 
+# In the session header an id is percent-encoded UTF-8 (printable ASCII but "%" stands as it is), both
+# ways: headers carry latin-1 at most ("用户" failed the answer after its work was done), and an id
+# read otherwise than it was echoed became another session.
+_HEADER_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
+
+
 def header_value(sid: str) -> str:
-    """A session id as an HTTP header can carry it: as it is when ASCII, percent-encoded (UTF-8)
-    otherwise (headers are latin-1 at most; "用户" failed the answer after its work was done)."""
-    return sid if sid.isascii() else quote(sid, safe="")
+    return quote(sid, safe=_HEADER_SAFE)
+
+
+def header_session(value: str, param: str) -> str:
+    """The session id a header value names: percent-decoded UTF-8 (raw UTF-8 bytes, which the server
+    reads as latin-1, are taken too)."""
+    try:
+        return unquote(value.encode("latin-1").decode("utf-8"), errors="strict")
+    except UnicodeError:
+        raise bad_request("a session header holds UTF-8, percent-encoded (as the answers' header echoes it)",
+                          param=param, code="invalid_session") from None

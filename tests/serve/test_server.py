@@ -4,6 +4,7 @@ sessions that grow far past the window, and every kind of bad request (the READM
 import json
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -256,6 +257,26 @@ def test_a_session_id_beyond_latin1_is_answered_and_its_header_percent_encoded(s
     assert r.status_code == 200, r.text
     assert r.headers["X-Absorber-Session"] == "%E7%94%A8%E6%88%B7"
     assert httpx.get(f"{server}/v1/sessions/用户").json()["conversation_tokens"] > 0
+
+
+def test_a_session_header_is_read_as_it_is_echoed_and_any_id_is_addressable(server):
+    # The echoed "%E7%94%A8..." sent back was read as itself (a second session fed the whole history
+    # again), raw UTF-8 bytes as latin-1 (a third); and an id holding "/" could be made but never
+    # inspected, fed or deleted (its %2F is decoded before routing)
+    body = {"model": NAME, "prompt": DOC, "max_tokens": 2, "temperature": 0}
+    first = httpx.post(server + C, json=dict(body, user="表/50%"))
+    echoed = first.headers["X-Absorber-Session"]
+    assert first.status_code == 200 and echoed == "%E8%A1%A8/50%25"
+    for header in (echoed, "表/50%25".encode()):
+        again = httpx.post(server + C, json=body, headers={"X-Absorber-Session": header})
+        assert again.status_code == 200 and again.headers["X-Absorber-Fed-Tokens"] == "0", again.text
+        assert again.headers["X-Absorber-Session"] == echoed
+    bad = httpx.post(server + C, json=body, headers={"X-Absorber-Session": b"\xff"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_session"
+    path = f"{server}/v1/sessions/{quote('表/50%', safe='')}"
+    assert httpx.get(path).json()["id"] == "表/50%"
+    assert httpx.post(path + "/absorb", json={"text": "More."}).json()["id"] == "表/50%"
+    assert httpx.delete(path).status_code == 200 and httpx.get(path).status_code == 404
 
 
 # ---------------------------------------------------------------------- bad input (README table)
