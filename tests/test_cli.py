@@ -169,3 +169,29 @@ def test_absorb_reports_rounds_the_surprise_gate_skipped(model_dir, tmp_path, ca
     assert "rounds / steps  : 7 / 16 (5 rounds skipped by the surprise gate)" in out
     assert main(args) == 0
     assert "rounds / steps  : 7 / 56\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--port", "70000"), ("--timeout", "nan"), ("--timeout", "0"),
+                                         ("--max-queue", "0"), ("--idle-save", "-1"), ("--max-batch", "x")])
+def test_serve_refuses_a_bad_flag_before_loading_the_model(flag, value, capsys, monkeypatch):
+    # --timeout 0 answered every request 504, nan meant no deadline, --max-queue 0 an unbounded queue,
+    # --port 70000 a traceback (exit 1) after the model had loaded
+    from absorber_engine import cli
+
+    monkeypatch.setattr(cli, "_load_engine", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as done:
+        main(["serve", flag, value])
+    assert done.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_exits_2_with_the_reason(capsys):
+    # uvicorn's own exit code, 3, read as "model missing or unsupported"
+    import socket
+
+    pytest.importorskip("uvicorn")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--quiet", "--port", str(port)]) == 2
+    assert f"could not listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+from ..errors import InputError
 from .app import ServeConfig, create_app
 
 
@@ -31,8 +32,22 @@ def serve(args, config, load_engine) -> int:
                       max_body_bytes=args.max_body_bytes, idle_save_s=args.idle_save)
     app = create_app(engine, cfg)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                timeout_graceful_shutdown=5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Told at the signal, not after uvicorn's graceful wait: a long /absorb ends after its
+            # round in flight (saved) with a 503, instead of holding the shutdown to the end of its document
+            app.state.worker.stopping()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                                   timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    except SystemExit:      # uvicorn's own exit when it cannot listen: its code 3 would read as "no model"
+        if server.started:
+            raise
+        raise InputError(f"the server could not listen on {args.host}:{args.port} (the error above says why)") from None
     return 0
 
 
@@ -65,5 +80,6 @@ class BackgroundServer:
         return self.url
 
     def __exit__(self, *exc) -> None:
+        self.app.state.worker.stopping()
         self.server.should_exit = True
         self.thread.join(timeout=60)

@@ -62,6 +62,10 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
+    def stopping(self) -> None:
+        """From now on: no new job, and the one in flight ends after the round it is running."""
+        self._stop.set()
+
     def stop(self) -> None:
         """Finishes the job in flight, refuses the queued ones, saves every session."""
         self._stop.set()
@@ -240,6 +244,12 @@ class Worker:
         pending = list(plans)
         by_key = {p.key: p for p in plans}
         while pending:
+            if self._stop.is_set():     # what was taken in so far is saved; a resent history feeds the rest
+                for p in pending:
+                    p.error = APIError(503, f"the server is shutting down: {p.pos} of the {len(p.feed)} new tokens "
+                                            f"of this request were taken in and saved", type="server_error",
+                                       code="shutting_down")
+                break
             progress = False
             for p in pending:
                 sess = self.table.session(p.conv)

@@ -2,6 +2,7 @@
 sessions that grow far past the window, and every kind of bad request (the README's table)."""
 
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -230,6 +231,31 @@ def test_a_save_that_fails_is_logged_and_the_server_serves_on(tmp_path, monkeypa
         while not any(tmp_path.glob("*.absorber")) and time.monotonic() < deadline:
             time.sleep(0.05)                             # the worker's idle save, now that the disk takes it
         assert any(tmp_path.glob("*.absorber"))
+
+
+def test_a_shutdown_ends_a_long_absorb_after_its_round_with_a_503_and_keeps_what_it_took(tmp_path):
+    """The stop came only after uvicorn's graceful wait, so a long document held the shutdown until
+    its last round (232 s for 22k tokens) and its client got a plain-text 500 at the wait's end."""
+    cfg = ServeConfig(NAME, state_dir=str(tmp_path), timeout_s=120)
+    background = BackgroundServer(small_engine(), cfg)
+    worker = background.app.state.worker
+    real = worker.engine.run
+
+    def run_then_stop(*args, **kwargs):
+        reports = real(*args, **kwargs)
+        if any(r.rounds for r in reports.values()):
+            worker.stopping()                        # what the server's signal handler now does
+        return reports
+    worker.engine.run = run_then_stop
+    with background as url:
+        r = httpx.post(url + "/v1/sessions/doc/absorb", json={"text": FILLER * 200}, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    taken, total = map(int, re.search(r"(\d+) of the (\d+) new tokens", r.json()["error"]["message"]).groups())
+    assert 0 < taken < total
+    (record,) = tmp_path.glob("*.json")                # saved at shutdown: what it took is kept
+    again = AbsorberEngine.from_pretrained(MODEL, config=small_config())
+    again.load_memory(tmp_path / json.loads(record.read_text())["memory"])
+    assert again.absorbed_tokens + again.default.held_tokens == taken
 
 
 def test_session_endpoints_absorb_info_delete(client, server):
