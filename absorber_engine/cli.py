@@ -221,7 +221,7 @@ def _summary(report, eng, seconds: float) -> str:
 def cmd_absorb(args) -> int:
     from .errors import AbsorptionError
 
-    from .memory_file import check_writable
+    from .output_files import check_writable
 
     config = _config_from_args(args)
     check_writable(args.memory, "--memory")          # before the model loads and the rounds run

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 import weakref
 
 import torch
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save
 
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
+from .output_files import new_temp_file, output_path, sync_directory, written
 from .recital import MARK_TOKENS
 from .session import BANK_DTYPE
 
@@ -115,45 +115,6 @@ def _base_parameters(model):
         yield name.replace(".base.", "."), p
 
 
-def output_path(path, what: str) -> str:
-    """`path` as a string, or InputError when it cannot name a file (None, a number, a NUL byte)."""
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise InputError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}") from None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if not path or "\0" in path:
-        raise InputError(f"{what} {path!r} is not a usable path")
-    return path
-
-
-def check_writable(path, what: str) -> str:
-    """InputError now, not after the work, when a file cannot be written at `path`: a directory is
-    there, or the nearest existing folder above it is a file or not writable."""
-    path = output_path(path, what)
-    if os.path.isdir(path):
-        raise InputError(f"{what} {path!r} is a directory")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path!r} cannot be written: {folder!r} is not a writable directory")
-    return path
-
-
-def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:
-    """(fd, path) of a new file in `directory`, as tempfile.mkstemp but with the mode a plain open()
-    gives (0666 less the umask): mkstemp's 0600, kept through the rename, made memory files and
-    exported adapters unreadable to a server running as another user."""
-    while True:
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
-        try:
-            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), path
-        except FileExistsError:
-            continue
-
-
 def save_memory(session, path) -> None:
     path = output_path(path, "memory file")
     if os.path.isdir(path):
@@ -193,7 +154,9 @@ def save_memory(session, path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:        # into our file: save_file would make its own, 0600
             f.write(save(tensors, metadata=meta))
+            written(f)
         os.replace(tmp, path)
+        sync_directory(directory)
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)

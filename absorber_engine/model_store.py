@@ -113,12 +113,14 @@ def _write_config(directory: Path, config: dict) -> None:
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() == text:
         return
-    from .memory_file import new_temp_file
+    from .output_files import new_temp_file, sync_directory, written
 
     fd, tmp = new_temp_file(str(directory), ".absorber_config.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        written(f)
     os.replace(tmp, path)
+    sync_directory(str(directory))
 
 
 def gguf_model_dir(path) -> Path:

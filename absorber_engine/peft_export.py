@@ -18,7 +18,7 @@ from safetensors.torch import save
 def export_peft(session, directory) -> None:
     from . import interrupts
     from .errors import InputError
-    from .memory_file import new_temp_file, output_path
+    from .output_files import new_temp_file, output_path, sync_directory, written
 
     delta = session.single_delta("a PEFT adapter")
     directory = output_path(directory, "adapter directory")
@@ -55,29 +55,32 @@ def export_peft(session, directory) -> None:
     # with no config, which PEFT refuses by name, never weights read with another adapter's rank or
     # scale.
     weights, config = (os.path.join(directory, n) for n in ("adapter_model.safetensors", "adapter_config.json"))
-    written = []
+    temporary = []
     try:
         for target in (weights, config):
             if os.path.isdir(target):
                 raise InputError(f"cannot export to {directory!r}: {target} is a directory")
         fd, tmp_weights = new_temp_file(directory, ".adapter-")
-        written.append(tmp_weights)
+        temporary.append(tmp_weights)
         with os.fdopen(fd, "wb") as f:        # into our file: save_file would make its own, 0600
             f.write(save(tensors, metadata={"format": "pt"}))
+            written(f)
         fd, tmp_config = new_temp_file(directory, ".adapter-")
-        written.append(tmp_config)
+        temporary.append(tmp_config)
         with os.fdopen(fd, "w") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
+            written(f)
         with interrupts.deferred():               # a kill can still cut in: the order above holds then
             if os.path.lexists(config):
                 os.unlink(config)
             os.replace(tmp_weights, weights)
             os.replace(tmp_config, config)
+            sync_directory(directory)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:                 # a full disk is no bad argument
             raise
         raise InputError(f"cannot write the adapter to {directory!r}: {exc}") from None
     finally:
-        for tmp in written:
+        for tmp in temporary:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -65,6 +65,39 @@ def test_save_is_atomic_and_leaves_no_temporaries(trained, tmp_path, monkeypatch
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["mem.safetensors"]
 
 
+def test_every_file_written_is_on_disk_before_its_name_and_its_name_after(trained, tmp_path, monkeypatch):
+    # A memory file was renamed into place unsynced: after a power cut the server's record could name
+    # a file whose bytes never reached the disk, its older generation already removed.
+    import stat
+
+    from absorber_engine.serve.sessions import SessionTable
+    from absorber_engine.serve.state import StateDir
+
+    eng, _ = trained
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def synced(fd):
+        events.append("directory synced" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file synced")
+        fsync(fd)
+
+    def renamed(src, dst):
+        events.append(f"renamed to {os.path.basename(dst)}")
+        replace(src, dst)
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    eng.save_memory(tmp_path / "again.absorber")
+    assert events == ["file synced", "renamed to again.absorber", "directory synced"]
+    events.clear()
+    eng.export_peft(tmp_path / "adapter")
+    assert events == ["file synced", "file synced", "renamed to adapter_model.safetensors",
+                      "renamed to adapter_config.json", "directory synced"]
+    events.clear()
+    table = SessionTable(eng, StateDir(tmp_path / "state"), idle_save_s=0.0)
+    table.save(table.open("s"))
+    assert [e.split(".")[-1] for e in events] == ["file synced", "absorber", "directory synced",
+                                                  "file synced", "json", "directory synced"]
+
+
 def _rewrite(path, out, tensors=None, meta_changes=None, drop=()):
     from safetensors import safe_open
 

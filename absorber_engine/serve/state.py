@@ -24,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..output_files import sync_directory, written
+
 log = logging.getLogger("absorber.serve")
 
 FORMAT = "absorber-serve-session"
@@ -100,9 +102,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            written(f)
         os.replace(tmp, path)
+        sync_directory(str(path.parent))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

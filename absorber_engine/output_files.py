@@ -1,0 +1,78 @@
+"""Files the engine writes: paths checked before the work, and writes that leave the file whole or
+as it was, whatever moment the process or the machine stops.
+
+A file is written under a temporary name in its directory, flushed to the disk (`written`), and
+only then renamed over the target, after which the directory itself is synced (`sync_directory`).
+Without the two syncs a power cut after the rename could leave the target's name on a file whose
+data never reached the disk, the file it replaced already gone; the server's state directory, which
+removes a session's older memory file once the new one is named, relies on them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+
+from .errors import InputError
+
+
+def output_path(path, what: str) -> str:
+    """`path` as a string, or InputError when it cannot name a file (None, a number, a NUL byte)."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InputError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path or "\0" in path:
+        raise InputError(f"{what} {path!r} is not a usable path")
+    return path
+
+
+def check_writable(path, what: str) -> str:
+    """InputError now, not after the work, when a file cannot be written at `path`: a directory is
+    there, or the nearest existing folder above it is a file or not writable."""
+    path = output_path(path, what)
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path!r} cannot be written: {folder!r} is not a writable directory")
+    return path
+
+
+def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:
+    """(fd, path) of a new file in `directory`, as tempfile.mkstemp but with the mode a plain open()
+    gives (0666 less the umask): mkstemp's 0600, kept through the rename, made memory files and
+    exported adapters unreadable to a server running as another user."""
+    while True:
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def written(f) -> None:
+    """Everything written to the open file `f` is on the disk (before its rename)."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def sync_directory(directory: str) -> None:
+    """The names the directory holds (a rename just made) are on the disk. A no-op where a directory
+    cannot be opened for it (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:             # a filesystem that cannot sync a directory: nothing to do
+            raise
+    finally:
+        os.close(fd)
