@@ -17,6 +17,7 @@ class MemoryMixin:
         """Forgets everything: one delta, Δ = 0, and an empty window."""
         sess = self._get(session)
         with self._lock:
+            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
             self.scheduler.clear(sess.key)
             sess.clear_slots()
             sess.replay.clear()
@@ -29,6 +30,7 @@ class MemoryMixin:
         counters: the way past a round that keeps failing on the same tokens. Returns how many."""
         sess = self._get(session)
         with self._lock:
+            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
             st = sess.stats()
             self.scheduler.restore(sess.key, [], st["absorbed"], st["rounds"])
             self._windows.drop(sess.key)
@@ -37,11 +39,13 @@ class MemoryMixin:
     def save_memory(self, path, session=DEFAULT_SESSION) -> None:
         sess = self._get(session)
         with self._lock:
+            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
             save_memory(sess, path)
 
     def load_memory(self, path, session=DEFAULT_SESSION) -> None:
         sess = self._get(session)
         with self._lock:
+            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
             load_memory(sess, path)
             self._windows.drop(sess.key)
             self._rest()
@@ -49,6 +53,7 @@ class MemoryMixin:
     def export_peft(self, directory, session=DEFAULT_SESSION) -> None:
         sess = self._get(session)
         with self._lock:
+            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
             export_peft(sess, directory)
 
     def window_tokens(self, session=DEFAULT_SESSION) -> list[int]:

@@ -107,6 +107,28 @@ def test_a_call_that_waited_for_the_lock_finds_its_engine_or_session_closed():
         assert isinstance(got[0], InputError) and "closed" in str(got[0]), got[0]
 
 
+def test_a_memory_call_that_waited_for_the_lock_touches_no_session_opened_meanwhile(tmp_path):
+    # reset() and save_memory() looked their session up only before the lock: a KeyError when it was
+    # closed meanwhile, and a reset that wiped the window and counters of a new session of the same name
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    eng.session("x").absorb(random_ids(30, seed=1))
+    eng.save_memory(tmp_path / "m", session="x")
+    calls = [lambda: eng.reset("x"), lambda: eng.discard_window("x"), lambda: eng.save_memory(tmp_path / "o", "x"),
+             lambda: eng.load_memory(tmp_path / "m", "x"), lambda: eng.export_peft(tmp_path / "peft", "x")]
+    for call in calls:
+        got = []
+        with eng._lock:                   # the call passes its first checks, then waits here
+            t = threading.Thread(target=lambda: got.append(_outcome(call)))
+            t.start()
+            time.sleep(0.3)
+            eng.close_session("x")
+            eng.session("x").absorb(random_ids(40, seed=2))     # a new session of the same name
+            before = eng.session("x").stats()
+        t.join()
+        assert isinstance(got[0], InputError) and "closed" in str(got[0]), got[0]
+        assert eng.session("x").stats() == before and not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_tokens_fed_while_failed_flushes_end_are_kept(monkeypatch):
     eng = AbsorberEngine(make_model("llama"), config=CFG)
