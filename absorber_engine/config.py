@@ -20,13 +20,13 @@ BACKENDS = ("auto", "torch", "triton")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Upper bounds far past any real use, so every accepted value fits the C++ scheduler's int64 (the
-# window n + m included), torch's seeds, and allocations the engine sizes from it.
+# window n + m included), torch's seeds, allocations sized from it, float32 with room (AdamW's lr / 0.1).
 _MAX_TOKENS = 2**24
 _INT_LIMITS = {"chunk_tokens": _MAX_TOKENS, "sync_tokens": _MAX_TOKENS, "rank": 2**16, "max_steps": 2**31 - 1,
                "max_batch": 2**20, "max_resident": 2**20, "futures": 2**16, "kl_top_k": 2**31 - 1,
                "seed": 2**63 - 1, "probes": 2**16, "replay_rounds": 2**16, "replay_batch": 2**16,
                "memory_slots": 2**16, "recite_exact": 2**31 - 1}
-_FLOAT_MAX = 1.7976931348623157e308
+_FLOAT_MAX = 1e30
 
 
 @dataclass
@@ -50,9 +50,8 @@ class AbsorberConfig:
     targets: tuple[str, ...] | None = None
     """Names of the linears that get a delta, matched against the end of each module's dotted name
     ("c_proj" matches every c_proj, "mlp.c_proj" only the MLP's). None: the architecture's default
-    (model.DEFAULT_TARGETS): for Llama-family models the attention's v/o and the MLP, not
-    q/k, which measured far better in streaming (why, and the numbers, beside the table); the
-    paper does not name its targets."""
+    (model.DEFAULT_TARGETS): for Llama-family models the attention's v/o and the MLP, not q/k, which
+    measured far better in streaming (why, and the numbers, beside the table; the paper names none)."""
 
     prefix_bos: bool = True
     """Every sequence the engine starts reads the model's BOS token first, when the model has one
@@ -120,8 +119,7 @@ class AbsorberConfig:
     the default one probe, "recite" (the teacher re-reads X as its answer; no sampling). The sampled
     kinds follow Cartridges' seeds; a 135M model writes poor questions and answers to them (docs/recall.md)."""
     probe_tokens: int = 64
-    """Most tokens the teacher writes in answer to one seed; a probe ends earlier at the end of
-    its turn (the chat template's end token, or EOS)."""
+    """Most tokens the teacher writes in answer to one seed; a probe ends earlier at its turn's end."""
     probe_temperature: float = 1.0
     """Sampling temperature of the teacher's answers: its own distribution, for diverse probes."""
     probe_top_p: float = 1.0
@@ -189,8 +187,8 @@ class AbsorberConfig:
     """Restrict the teacher distribution to its top-k tokens in the KL term; 0 uses the vocabulary."""
 
     divergence_factor: float = 10.0
-    """A round whose last loss exceeds this multiple of its first is rolled back as diverged;
-    0 disables the check. NaN or inf losses are always rolled back."""
+    """A round whose last loss exceeds this multiple (at least 1) of its first is rolled back as
+    diverged; 0 disables the check. NaN or inf losses are always rolled back."""
 
     max_batch: int = 16
     """Sessions whose rounds one batched student pass may take at most (same shapes only)."""
@@ -259,10 +257,12 @@ class AbsorberConfig:
         for name in ("stop_loss", "surprise_gate", "weight_decay", "grad_clip", "hidden_weight", "kl_weight",
                      "divergence_factor", "ntp_weight"):
             v = getattr(self, name)
-            need(is_num(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
+            need(is_num(v) and v >= 0, f"{name} must be a finite number >= 0 (at most {_FLOAT_MAX:g}), got {v!r}")
+        need(self.divergence_factor == 0 or self.divergence_factor >= 1, "divergence_factor must be 0 (off) or at "
+             f"least 1: below 1 a round whose loss fell was rolled back, got {self.divergence_factor!r}")
         for name in ("lr", "kl_temperature", "future_temperature", "probe_temperature"):
             v = getattr(self, name)
-            need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
+            need(is_num(v) and v > 0, f"{name} must be a finite number > 0 (at most {_FLOAT_MAX:g}), got {v!r}")
         for name in ("prefix_bos", "futures_follow_y", "checkpoint_layers", "compile_layers", "hidden_norm",
                      "ntp_in_recite", "chat_probes", "cuda_graphs"):
             v = getattr(self, name)
@@ -321,6 +321,7 @@ class AbsorberConfig:
         return self.chunk_tokens + self.sync_tokens
 
     def replace(self, **changes) -> "AbsorberConfig":
+        _refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -335,15 +336,14 @@ class AbsorberConfig:
     def from_dict(cls, d: dict) -> "AbsorberConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(repr(k) if not isinstance(k, str) else k for k in set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config fields: {unknown}")
-        d = dict(d)
-        for name in ("targets", "probe_kinds"):
-            if isinstance(d.get(name), list):
-                d[name] = tuple(d[name])
-        return cls(**d)
+        _refuse_unknown(d)
+        return cls(**d)                    # lists for tuples: __post_init__ takes them
+
+
+def _refuse_unknown(d: dict) -> None:
+    unknown = set(d) - {f.name for f in dataclasses.fields(AbsorberConfig)}
+    if unknown:
+        raise ConfigError(f"unknown config fields: {sorted(repr(k) if not isinstance(k, str) else k for k in unknown)}")
 
 
 # The paper's objective alone (hidden L1 on Y and futures, plain layer mean): benchmarks, shipped model.

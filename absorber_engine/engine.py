@@ -56,8 +56,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         try:
             inputs.check_finite_weights(model)
             self._prompt = None if not cfg.future_prompt else inputs.future_prompt(
-                self.to_ids(cfg.future_prompt if isinstance(cfg.future_prompt, str) else list(cfg.future_prompt)),
-                cfg.future_length, self.runner.device)
+                cfg.future_prompt, tokenizer, self.runner.vocab_size, cfg.future_length, self.runner.device)
             self.frame = frame_for(tokenizer, cfg, self.runner.prefix)
             check_round_span(self.runner, cfg, self.frame, cfg.chunk_tokens, cfg.sync_tokens)
             cut_after, min_cut = scheduler_cuts(cfg, tokenizer, self.runner)
@@ -92,13 +91,13 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         """The session `name` (an int or a str), opened on first use with its own empty memory.
         chunk_tokens and sync_tokens default to the engine config's."""
         if (sess := self.sessions.get(check_key(name))) is not None:   # one lookup: no close_session() between
-            return sess
+            return sess.reopened(chunk_tokens, sync_tokens)
         with self._lock:        # two threads opening one name get one session; run() never sees it half-made
             if name in self.sessions:
-                return self.sessions[name]
+                return self.sessions[name].reopened(chunk_tokens, sync_tokens)
             if self.closed:
                 raise InputError("this engine is closed: its deltas are detached from the model")
-            inputs.check_sizes(chunk_tokens=chunk_tokens, sync_tokens=sync_tokens)
+            inputs.check_sizes(chunk_tokens=chunk_tokens, sync_tokens=sync_tokens, priority=priority)
             if chunk_tokens is not None or sync_tokens is not None:
                 pick = lambda own, default: default if own is None else own       # noqa: E731  (0 is a size)
                 check_round_span(self.runner, self.config, self.frame, pick(chunk_tokens, self.config.chunk_tokens),

@@ -77,7 +77,13 @@ def check_span(held: int, extra: int, what: str, limit: int) -> None:
                          "positions; absorb() long inputs first")
 
 
-def future_prompt(ids: list[int], future_length: int, device) -> torch.Tensor:
+def future_prompt(value, tokenizer, vocab_size: int, future_length: int, device) -> torch.Tensor:
+    """The config's future_prompt as token ids; ConfigError naming it (text with no tokenizer, an id
+    past the vocabulary: their InputErrors named neither the field nor ids the caller never passed)."""
+    try:
+        ids = to_ids(value if isinstance(value, str) else list(value), tokenizer, vocab_size)
+    except InputError as exc:
+        raise ConfigError(f"future_prompt: {exc}") from None
     if len(ids) >= future_length:
         raise ConfigError(f"future_prompt is {len(ids)} tokens; futures are {future_length}")
     return torch.tensor(ids, dtype=torch.long, device=device)

@@ -241,6 +241,16 @@ class Session:
         if self.closed:
             raise InputError(f"session {self.key!r} is closed")
 
+    def reopened(self, chunk_tokens, sync_tokens) -> "Session":
+        """This session, asked for again by name: sizes given must be its own (they were ignored, and
+        the stream absorbed in rounds its caller had not asked for)."""
+        st = self.stats()
+        for field, asked in (("chunk_tokens", chunk_tokens), ("sync_tokens", sync_tokens)):
+            if asked is not None and asked != st[field]:
+                raise InputError(f"session {self.key!r} is open with {field}={st[field]}, not {asked!r}: close it "
+                                 f"first to open it with other sizes")
+        return self
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"held={self.held_tokens}, absorbed={self.absorbed_tokens}"
         return f"Session({self.key!r}, {state})"

@@ -337,6 +337,10 @@ CONFIG_FUZZ_CASES = [
     ("objective = []", dict(objective=[]), "objective"),
     ("prefix_bos = 'no'", dict(prefix_bos="no"), "prefix_bos must be true or false"),
     ("cuda_graphs = 1", dict(cuda_graphs=1), "cuda_graphs must be true or false"),
+    # AdamW divides lr by its bias correction in float32: 1e38 raised a RuntimeError in the first round
+    ("lr = 1e38", dict(lr=1e38), "lr must be a finite number > 0 \\(at most 1e\\+30\\)"),
+    # below 1, a round whose loss fell by less than 1 - f was rolled back as diverged
+    ("divergence_factor = 0.5", dict(divergence_factor=0.5), "divergence_factor must be 0 \\(off\\) or at least 1"),
 ]
 
 
@@ -344,6 +348,17 @@ CONFIG_FUZZ_CASES = [
 def test_configs_found_by_fuzzing(row, values, message):
     with pytest.raises(ConfigError, match=message):
         AbsorberConfig.from_dict({**CFG, **values} if all(isinstance(k, str) for k in values) else values)
+
+
+def test_a_config_error_names_its_field_however_the_config_is_made():
+    # replace() with an unknown field was a TypeError; a future_prompt the engine could not read an
+    # InputError about text or ids the caller never passed, naming no field
+    with pytest.raises(ConfigError, match="unknown config fields: \\['chunk_size'\\]"):
+        AbsorberConfig().replace(chunk_size=3)
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, futures=1, future_tokens=4)
+    for prompt, why in (("What is", "no tokenizer"), ((500,), "outside the vocabulary")):
+        with pytest.raises(ConfigError, match=f"future_prompt: .*{why}"):
+            AbsorberEngine(make_model("llama"), config=cfg.replace(future_prompt=prompt))
 
 
 def test_model_config_nested_too_deep_is_a_config_error(tmp_path):

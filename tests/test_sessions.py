@@ -183,6 +183,14 @@ def test_session_misuse_is_refused():
     with pytest.raises(InputError, match="at least one"):
         eng.generate_batch({})
     assert eng.session("a") is not s                   # a closed name can be opened again, empty
+    # An open name asked for with other sizes was handed back with its own, in silence
+    small = eng.session("small", chunk_tokens=8, sync_tokens=4)
+    assert eng.session("small", chunk_tokens=8) is small and eng.session("small") is small
+    for sizes in (dict(chunk_tokens=4), dict(sync_tokens=0), dict(chunk_tokens="x")):
+        with pytest.raises(InputError, match="close it first"):
+            eng.session("small", **sizes)
+    with pytest.raises(InputError, match="priority must be an int"):
+        eng.session("urgent", priority=True)
 
 
 def test_absorb_takes_all_its_input_when_another_sessions_rounds_run_first():
