@@ -325,17 +325,17 @@ class GenerationMixin:
             deltas[i], windows[i], ids[i] = zero, _window_kv(self.runner, zero, self.runner.prefix), prompt
 
     @cached_property
-    def _question_frame(self) -> tuple | None:
-        """probes.question_frame() of the engine's tokenizer, found once."""
+    def _question_frame(self) -> tuple | None:          # probes.question_frame() of the tokenizer, found once
         return question_frame(self.tokenizer)
 
     def _routed(self, sess: Session, ids: list[int], recite: bool = False) -> tuple:
         """The delta and window KV that read the prompt `ids`, and whether it reads from the bank: with one
-        delta, or no prompt to score, the newest delta and the raw window (the stream continued); else
-        the delta route() picks, alone, or the base model and the raw window (with `recite`: until
+        delta (but a bank's first round to recite), or no prompt to score, the newest delta and the raw
+        window; else the delta route() picks, or the base model and the raw window (with `recite`: until
         _read_recitals picks a recital)."""
         newest, tokens = sess.slots[-1], self.runner.prefix + self.window_tokens(sess)
-        if len(sess.slots) == 1 or not scorable(self.runner, ids):
+        if (len(sess.slots) == 1 and not (recite and self.config.memory_slots > 1 and sess.rounds)
+                or not scorable(self.runner, ids)):
             return newest, self._windows.get(self.runner, sess.key, newest, tokens), False
         zero = self._windows.zero(sess.key, newest)
         window = self._windows.get(self.runner, sess.key, zero, tokens, reader="base")

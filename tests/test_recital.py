@@ -282,6 +282,26 @@ def test_recite_leaves_rows_without_a_bank_as_they_are_and_refuses_what_it_canno
         bare.generate(prompt, max_new_tokens=3, recite=True)
 
 
+def test_a_bank_that_holds_its_first_round_only_recites_it():
+    # One delta in a bank of several holds one round, not every round: recite=True was ignored until
+    # a second round came (a document flushed once into smollm2-135m's recommended bank never recited)
+    tok = _tokenizer(DEFAULT_SYSTEM)
+    torch.manual_seed(0)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",), memory_slots=3, max_steps=2, lr=5e-2)
+    prompt = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
+    with pytest.MonkeyPatch.context() as patch:        # nothing absorbed yet: nothing to recite
+        patch.setattr(recital, "recite_rows", lambda *a: pytest.fail("an empty bank recited"))
+        eng.generate(prompt, max_new_tokens=2, recite=True)
+    eng.absorb("Oda runs the mill. Brann keeps the ferry.", flush=True)
+    assert len(eng.default.slots) == 1 and eng.default.rounds == 1
+    recited = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recital, "recite_rows", lambda runner, frame, deltas, *a: recited.append(deltas) or
+                      [tok.encode("Oda runs the mill.", add_special_tokens=False)])
+        eng.generate(prompt, max_new_tokens=2, recite=True)
+    assert recited == [[eng.default.slots[0]]]
+
+
 def test_a_template_without_a_system_turn_of_its_own_is_refused_clearly():
     refuses = "{% if messages[-1]['role'] == 'system' %}{{ raise_exception('a user turn must come last') }}{% endif %}"
     tok = _tokenizer(refuses + CHATML)
