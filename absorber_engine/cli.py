@@ -220,10 +220,11 @@ def _summary(report, eng, seconds: float) -> str:
 
 def cmd_absorb(args) -> int:
     from .errors import AbsorptionError
-
+    from .memory_file import read_memory_config
     from .output_files import check_writable
 
-    config = _config_from_args(args)
+    # A resumed stream goes on with the config its memory was made with; flags still override it
+    config = _config_from_args(args, base=read_memory_config(args.resume) if args.resume else None)
     check_writable(args.memory, "--memory")          # before the model loads and the rounds run
     eng = _load_engine(args, config=config)
     if args.resume:
@@ -242,8 +243,9 @@ def cmd_absorb(args) -> int:
         print(f"absorber: {exc}; saving the memory absorbed before it to {args.memory}", file=sys.stderr)
         eng.save_memory(args.memory)
         return EXIT_ABSORB
-    except KeyboardInterrupt:
-        print(f"absorber: interrupted; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"absorber: interrupted after {getattr(exc, 'tokens_taken', 0)} of the input's {n_tokens} tokens were "
+              f"taken in; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
         eng.save_memory(args.memory)
         return EXIT_INTERRUPT
     except Exception:                  # out of memory, a bug: the rounds this call completed are worth keeping
@@ -284,10 +286,14 @@ def cmd_export_peft(args) -> int:
 def cmd_absorb_many(args) -> int:
     from .distributed import absorb_many_processes
     from .errors import InputError
+    from .output_files import check_writable
 
     config = _config_from_args(args)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise InputError(f"--out-dir {args.out_dir!r} is a file, not a directory")
+    try:                                             # before the model loads and the rounds run
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out-dir {args.out_dir!r} cannot be made: {exc}") from None
+    check_writable(os.path.join(args.out_dir, "memory.absorber"), "--out-dir")
     _quiet_loading(args)
     reports = absorb_many_processes(args.model, args.inputs, args.out_dir, config, nproc=args.nproc,
                                     dtype=args.dtype, device=args.device, as_ids=args.ids, quiet=args.quiet)
@@ -308,13 +314,17 @@ COMMANDS = {"absorb": cmd_absorb, "generate": cmd_generate, "export-peft": cmd_e
 
 
 def main(argv=None) -> int:
+    from . import interrupts
     from .errors import (AbsorptionError, ConfigError, InputError, MemoryFileError, UnsupportedModelError)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     delegated = bool(argv) and argv[0] in _DELEGATED
     args = None if delegated else build_parser().parse_args(argv)
     try:                                    # the delegated commands' errors are mapped the same way
-        return _delegate(argv[0], argv[1:]) if delegated else COMMANDS[args.command](args)
+        if delegated or args.command == "serve":            # uvicorn handles SIGTERM itself
+            return _delegate(argv[0], argv[1:]) if delegated else COMMANDS[args.command](args)
+        with interrupts.terminate_as_interrupt():
+            return COMMANDS[args.command](args)
     except (InputError, ConfigError) as exc:
         print(f"absorber: {exc}", file=sys.stderr)
         return EXIT_INPUT

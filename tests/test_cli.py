@@ -2,6 +2,8 @@
 scripts can rely on."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -58,6 +60,55 @@ def test_resume_continues_the_stream(model_dir, ids_file, tmp_path, capsys):
     assert main(["absorb", "--model", str(model_dir), "--input", str(ids_file), "--ids", "--memory", str(second),
                  "--resume", str(first), "--quiet", *SMALL]) == 0
     assert "140 in the stream so far" in capsys.readouterr().out
+
+
+def test_resume_goes_on_with_the_memorys_config_unless_a_flag_says_otherwise(model_dir, ids_file, tmp_path):
+    # --resume took the model's config (here the defaults: n = 1024, m = 2048) in silence
+    from absorber_engine.memory_file import read_memory_config
+
+    first, second, third = (tmp_path / f"{n}.absorber" for n in "abc")
+    argv = ["absorb", "--model", str(model_dir), "--input", str(ids_file), "--ids", "--keep-window", "--quiet"]
+    assert main([*argv, "--memory", str(first), *SMALL, "--futures", "1"]) == 0
+    assert main([*argv, "--memory", str(second), "--resume", str(first)]) == 0
+    assert read_memory_config(second) == read_memory_config(first)
+    assert main([*argv, "--memory", str(third), "--resume", str(second), "--max-steps", "3"]) == 0
+    assert read_memory_config(third) == read_memory_config(first).replace(max_steps=3)
+
+
+def test_sigterm_during_absorb_saves_the_completed_rounds_as_ctrl_c_does(model_dir, tmp_path):
+    # SIGTERM's default ended the process at once: no memory file, every completed round lost
+    import signal
+    import time
+
+    stream = tmp_path / "long.txt"
+    stream.write_text(" ".join(map(str, random_ids(20000, seed=2))))
+    memory = tmp_path / "m.absorber"
+    proc = subprocess.Popen([sys.executable, "-m", "absorber_engine.cli", "absorb", "--model", str(model_dir),
+                             "--input", str(stream), "--ids", "--memory", str(memory), "--quiet", *SMALL],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(12)                                        # rounds under way: 20,000 tokens take far longer
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    taken = int(re.search(r"interrupted after (\d+) of the input's 20000 tokens", err).group(1))
+    from absorber_engine.memory_file import read_memory
+
+    _, meta = read_memory(memory)
+    assert int(meta["tokens_absorbed"]) <= taken < 20000       # the file is written: what the rounds absorbed is kept
+
+
+def test_absorb_many_refuses_an_out_dir_it_cannot_make_before_loading_the_model(model_dir, ids_file, tmp_path,
+                                                                                 capsys, monkeypatch):
+    # a folder under a file was found after the model loaded: exit 5 with two processes, a traceback
+    # (exit 1) for a folder it had no permission to make
+    from absorber_engine import distributed
+
+    monkeypatch.setattr(distributed, "absorb_many_processes", lambda *a, **k: pytest.fail("the work started"))
+    (tmp_path / "plain").write_text("a file")
+    for out in (tmp_path / "plain" / "sub", tmp_path / "plain"):
+        assert main(["absorb-many", "--model", str(model_dir), "--inputs", str(ids_file), "--ids",
+                     "--out-dir", str(out), "--nproc", "2"]) == 2
+        assert "--out-dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, code, message", [
