@@ -5,6 +5,8 @@ beside the window of before that round."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from .memory_file import load_memory, save_memory
 from .peft_export import export_peft
 from .session import DEFAULT_SESSION
@@ -13,11 +15,17 @@ from .session import DEFAULT_SESSION
 class MemoryMixin:
     """Mixed into AbsorberEngine: uses its _get, _lock, scheduler, _windows and _rest."""
 
-    def reset(self, session=DEFAULT_SESSION) -> None:
-        """Forgets everything: one delta, Δ = 0, and an empty window."""
+    @contextmanager
+    def _holding(self, session):
+        """The session under the engine's lock, looked up again once the lock is held: one closed (or
+        closed and opened anew) while the call waited was a KeyError, or a reset of the new one."""
         sess = self._get(session)
         with self._lock:
-            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
+            yield self._get(sess)
+
+    def reset(self, session=DEFAULT_SESSION) -> None:
+        """Forgets everything: one delta, Δ = 0, and an empty window."""
+        with self._holding(session) as sess:
             self.scheduler.clear(sess.key)
             sess.clear_slots()
             sess.replay.clear()
@@ -28,32 +36,24 @@ class MemoryMixin:
     def discard_window(self, session=DEFAULT_SESSION) -> int:
         """Drops the raw tokens the window holds (and any queued), keeping the absorbed memory and its
         counters: the way past a round that keeps failing on the same tokens. Returns how many."""
-        sess = self._get(session)
-        with self._lock:
-            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
+        with self._holding(session) as sess:
             st = sess.stats()
             self.scheduler.restore(sess.key, [], st["absorbed"], st["rounds"])
             self._windows.drop(sess.key)
             return st["held"]
 
     def save_memory(self, path, session=DEFAULT_SESSION) -> None:
-        sess = self._get(session)
-        with self._lock:
-            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
+        with self._holding(session) as sess:
             save_memory(sess, path)
 
     def load_memory(self, path, session=DEFAULT_SESSION) -> None:
-        sess = self._get(session)
-        with self._lock:
-            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
+        with self._holding(session) as sess:
             load_memory(sess, path)
             self._windows.drop(sess.key)
             self._rest()
 
     def export_peft(self, directory, session=DEFAULT_SESSION) -> None:
-        sess = self._get(session)
-        with self._lock:
-            self._get(sess)          # closed while this call waited for the lock: InputError, never half done
+        with self._holding(session) as sess:
             export_peft(sess, directory)
 
     def window_tokens(self, session=DEFAULT_SESSION) -> list[int]:

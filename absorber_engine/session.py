@@ -244,6 +244,8 @@ class Session:
     def reopened(self, chunk_tokens, sync_tokens) -> "Session":
         """This session, asked for again by name: sizes given must be its own (they were ignored, and
         the stream absorbed in rounds its caller had not asked for)."""
+        if chunk_tokens is None and sync_tokens is None:
+            return self
         st = self.stats()
         for field, asked in (("chunk_tokens", chunk_tokens), ("sync_tokens", sync_tokens)):
             if asked is not None and asked != st[field]:
