@@ -31,6 +31,10 @@ def as_id_list(value) -> list[int]:
     if value is None:
         raise InputError("expected text or token ids, got None")
     if isinstance(value, torch.Tensor):
+        # meta, sparse, nested and quantized tensors failed on .tolist() with a traceback
+        if value.is_meta or value.is_nested or value.is_quantized or value.layout != torch.strided:
+            raise InputError(f"token ids must be a plain tensor of integers, got a {value.layout} {value.dtype} "
+                             f"tensor on {value.device}{' (nested)' if value.is_nested else ''}")
         if value.dim() == 2 and value.shape[0] == 1:
             value = value[0]
         if value.dim() != 1:
@@ -39,6 +43,8 @@ def as_id_list(value) -> list[int]:
             raise InputError(f"token ids must be integers, got a {value.dtype} tensor")
         return [int(t) for t in value.tolist()]
     if hasattr(value, "tolist") and hasattr(value, "dtype"):       # numpy arrays, any byte order
+        if hasattr(value, "mask") and hasattr(value, "filled"):   # a masked entry read as None: a TypeError
+            raise InputError("token ids must not be a masked array: pass value.filled(...) or the ids kept")
         kind = getattr(value.dtype, "kind", None)
         if kind not in ("i", "u"):
             raise InputError(f"token ids must be integers, got an array of dtype {value.dtype}")
@@ -104,6 +110,11 @@ def check_finite_weights(model) -> None:
     """UnsupportedModelError for NaN or inf in any weight, checked a million values at a time:
     isfinite's temporaries of a whole embedding were 40 MB more at an engine's start (13M parameters)."""
     for name, p in model.named_parameters():
+        # a meta or float8 weight crashed the checks below with a traceback
+        if p.is_meta or p.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise UnsupportedModelError(f"the model's weight {name.replace('.base.', '.')} is "
+                                        f"{'on the meta device (no values)' if p.is_meta else p.dtype}: the engine "
+                                        "runs weights held in memory in float16/32/64 or bfloat16")
         if not all(bool(torch.isfinite(part).all()) for part in p.detach().reshape(-1).split(1 << 20)):
             raise UnsupportedModelError(f"the model's weights hold NaN or inf ({name.replace('.base.', '.')}): "
                                         "nothing it computes can be trusted")

@@ -49,11 +49,13 @@ class AbsorbingModel:
         unknown = set(kwargs) - _SUPPORTED_KWARGS
         if unknown:
             raise InputError(f"generate() of an absorbing model does not take {sorted(unknown)}")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-            raise InputError("padded batches are not supported: pass rows without padding")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise InputError("input_ids must be a (batch, length) tensor of at least one row")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape):
+            raise InputError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+        if mask is not None and not bool(mask.bool().all()):
+            raise InputError("padded batches are not supported: pass rows without padding")
         sample = bool(kwargs.get("do_sample", False))
         # None, as transformers callers often pass, is the default there too
         temperature = _number(kwargs.get("temperature"), 1.0, "temperature") if sample else 0.0
@@ -62,6 +64,9 @@ class AbsorbingModel:
         if eos is None:                        # transformers stops at generation_config's, one id or several
             eos = stopping.model_end_ids(self.model, None, self.engine.runner.vocab_size) or None
         pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
+                                or not 0 <= pad < self.engine.runner.vocab_size):
+            raise InputError(f"pad_token_id must be a token id of the vocabulary, got {pad!r}")
         # Sampled rows draw their seeds from torch's global generator, as transformers' sampling draws
         # from it: torch.manual_seed reproduces a call, and calls and rows differ (one config seed
         # for all gave every call and every row the same sample).
@@ -71,9 +76,10 @@ class AbsorbingModel:
         width = max(len(r) for r in rows)
         if any(len(r) < width for r in rows) and pad is None:
             pad = eos[0] if isinstance(eos, list) else eos
-        out = torch.full((len(rows), width), pad if pad is not None else 0, dtype=input_ids.dtype)
+        # long, as transformers returns: new ids past a narrow input dtype (uint8) failed to fit
+        out = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
         for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r, dtype=input_ids.dtype)
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         return out.to(input_ids.device)
 
     def _generate_row(self, ids: list[int], max_new_tokens, temperature, top_p, eos, seed) -> list[int]:
@@ -84,7 +90,9 @@ class AbsorbingModel:
         # (prefix_bos): read as given, the model saw BOS twice and answered otherwise than generate().
         prefix = eng.runner.prefix
         start = len(prefix) if prefix and ids[:len(prefix)] == prefix else 0
-        split = start + max(len(ids) - start - self.tail_tokens, 0)
+        # at least one token left to read after the memory (tail 0, as sync_tokens = 0 gives, absorbed
+        # every token of an input a multiple of the round long: generate() then had nothing to read)
+        split = start + max(len(ids) - start - max(self.tail_tokens, 1), 0)
         if split > start:
             eng.absorb(ids[start:split])
         # transformers keeps the eos a row stopped on, whichever of several: stop through on_token,

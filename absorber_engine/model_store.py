@@ -218,11 +218,19 @@ def load_pretrained(path, dtype=None, device=None, tokenizer: bool = True):
         raise UnsupportedModelError(f"{path}/config.json is not a config transformers accepts: {e}") from None
     _check_weights(path, hf_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
+        model = model.to(device)
     except MemoryError:
         raise
     except Exception as e:           # pickled weights cut short fail as EOFError, UnpicklingError, ...
         raise UnsupportedModelError(f"{path} does not load as a {raw['model_type']} causal LM: {e}") from None
+    # Pickled weights were only checked by the load: a parameter they lack was left at random
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k.endswith("lm_head.weight"))]
+    if missing or info.get("unexpected_keys"):
+        raise UnsupportedModelError(f"{path}: config.json and the weights disagree (missing {sorted(missing)[:3]}, "
+                                    f"unexpected {sorted(info.get('unexpected_keys', ()))[:3]})")
     tok = None
     if tokenizer:
         try:
@@ -297,7 +305,8 @@ def _check_weights(path, hf_config) -> None:
         raise UnsupportedModelError(f"the weights in {path} are unreadable (cut short or corrupt?): {e}") from None
     layers = 1 + max((int(m.group(1)) for k in shapes for m in [re.search(r"\.(\d+)\.", k)] if m), default=-1)
     wanted = getattr(hf_config, "num_hidden_layers", None)
-    if not isinstance(wanted, int) or not 0 < wanted <= max(layers, 1):
+    # fewer than the weights hold was taken in silence, the extra layers dropped
+    if not isinstance(wanted, int) or not (wanted == layers if layers else wanted == 1):
         raise UnsupportedModelError(f"{path}: config.json asks for {wanted!r} layers; the weights hold {layers}")
     try:
         with torch.device("meta"):

@@ -479,6 +479,23 @@ def test_gguf_cut_short_after_its_header(tmp_path, monkeypatch):
         AbsorberEngine.from_pretrained(short)
 
 
+def test_a_model_on_meta_or_in_float8_and_token_ids_no_plain_tensor_holds_are_refused():
+    # each crashed with a traceback: isfinite on meta or float8 weights, .tolist() of meta, sparse,
+    # nested or quantized tensors, int() of a masked array's masked entry
+    import numpy as np
+
+    for build in (lambda m: m.to("meta"), lambda m: m.to(torch.float8_e4m3fn)):
+        with pytest.raises(UnsupportedModelError, match="the engine runs weights held in memory"):
+            AbsorberEngine(build(make_model("llama")), config=AbsorberConfig(**CFG))
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**CFG))
+    plain = torch.tensor([3, 4, 5])
+    for ids in (plain.to("meta"), plain.to_sparse(), torch.nested.nested_tensor([plain]),
+                torch.quantize_per_tensor(plain.float(), 1.0, 0, torch.quint8),
+                np.ma.masked_array([3, 4, 5], mask=[0, 1, 0])):
+        with pytest.raises(InputError, match="token ids must"):
+            eng.logits(ids)
+
+
 def test_engine_refused_after_attaching_leaves_the_model_plain():
     model = make_model("llama")
     with pytest.raises(ConfigError, match="future_prompt: .*tokenizer"):

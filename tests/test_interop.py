@@ -153,3 +153,20 @@ def test_an_export_cut_off_between_its_renames_leaves_no_config_to_misread_the_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors"]    # no temporary left
     with pytest.raises(ValueError, match="adapter_config.json"):
         PeftModel.from_pretrained(make_model("llama"), str(tmp_path))
+
+
+def test_wrapped_generate_keeps_a_token_to_read_and_checks_pad_mask_and_narrow_ids():
+    # sync_tokens = 0 (smollm2-135m's config) left no tail: an input a multiple of the round long was
+    # absorbed whole and generate() had nothing to read; pad_token_id "x" / 2**70 and a mask "abc"
+    # were raw TypeErrors; uint8 ids could not hold the new tokens (RuntimeError)
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=0, rank=2, max_steps=1, probes=0, futures=1, future_tokens=4,
+                         compute_dtype="float32")
+    wrapped = wrap(make_model("llama"), config=cfg)
+    ids = torch.tensor([random_ids(32, seed=4)])
+    assert wrapped.generate(ids, max_new_tokens=3, eos_token_id=[]).shape == (1, 35)
+    for kwargs, message in [(dict(pad_token_id="x"), "pad_token_id"), (dict(pad_token_id=2**70), "pad_token_id"),
+                            (dict(attention_mask="abc"), "attention_mask")]:
+        with pytest.raises(InputError, match=message):
+            wrapped.generate(ids, max_new_tokens=2, **kwargs)
+    out = wrapped.generate(ids.to(torch.uint8), max_new_tokens=3, eos_token_id=[])
+    assert out.dtype == torch.long and out[0, :32].tolist() == ids[0].tolist()

@@ -101,3 +101,27 @@ def test_a_build_folder_left_by_a_killed_process_is_removed_by_the_next_build(tm
     other.mkdir()
     assert _build_once(target, lambda tmp: (tmp / "ok").write_text("1"), source="test") == target
     assert not left.exists() and other.exists() and (target / "ok").read_text() == "1"
+
+
+def test_a_config_that_disagrees_with_the_weights_on_the_layers_is_refused(tmp_path):
+    # Safetensors holding 2 layers under a config of 1 dropped a layer in silence (logits 1.15 off);
+    # pickled weights of 2 under a config of 4 loaded 2 random layers (0.32 off)
+    import json
+
+    from absorber_engine import UnsupportedModelError
+    from absorber_engine.model_store import load_pretrained
+    from tiny_models import make_model
+
+    model = make_model("llama")
+    for kind, layers in (("safetensors", 1), ("bin", 4)):
+        path = tmp_path / kind
+        model.save_pretrained(path)
+        if kind == "bin":
+            (path / "model.safetensors").unlink()
+            torch.save(model.state_dict(), path / "pytorch_model.bin")
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=layers)))
+        with pytest.raises(UnsupportedModelError, match="layers; the weights hold 2|disagree"):
+            load_pretrained(path, tokenizer=False)
+    (path / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=2)))     # told the truth: loads
+    assert len(load_pretrained(path, tokenizer=False)[0].model.layers) == 2
