@@ -65,6 +65,8 @@ def cache_root() -> Path:
 
 def resolve(name_or_path) -> str:
     """A local Hugging Face model directory for a directory, a .gguf file or a named model."""
+    if isinstance(name_or_path, bytes) or not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputError(f"a model is a directory, a .gguf file or a name, got {type(name_or_path).__name__}")
     value = os.fspath(name_or_path)
     if value in NAMED_MODELS:
         return str(named_model_dir(value))

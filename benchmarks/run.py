@@ -36,6 +36,12 @@ def main(argv=None) -> int:
     ap.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = ap.parse_args(argv)
 
+    sections = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:                                  # before anything is made on disk
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        ap.error(f"--threads takes 'auto' or a count of at least 1, got {args.threads!r}")
     here = Path(__file__).resolve().parent
     results = Path(args.results) if args.results else (here.parent / "runs" / "benchmarks-quick" if args.quick
                                                         else here / "results")
@@ -47,10 +53,6 @@ def main(argv=None) -> int:
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"
     env.pop("TRITON_INTERPRET", None)          # never time the interpreter
-    sections = args.only.split(",") if args.only else list(SECTIONS)
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        ap.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
     cmd = [sys.executable, "-m", "pytest", *[str(here / SECTIONS[s]) for s in sections],
            "-o", "python_files=bench_*.py", "-o", "addopts=", "-p", "no:cacheprovider", "-s", "-q",
            f"--rootdir={here.parent}", f"--benchmark-json={results / 'pytest-benchmark.json'}",

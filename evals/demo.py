@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         ap.error(f"--multiple must be at least 2 for a base model's demo, got {args.multiple}")
     from absorber_engine.model_store import resolve
 
-    ctx = trained_context(resolve(args.model))         # a clear error for a path that is no model
+    ctx = trained_context(resolve(args.model), flag=None)     # a clear error for a path that is no model
     cfg = engine_config(ctx, futures=4, future_prompt=FUTURE_PROMPT)
     eng = AbsorberEngine.from_pretrained(args.model, config=cfg)
     tok = eng.tokenizer

@@ -132,13 +132,16 @@ def build_methods(names, model_dir: str, ctx: int, flush: bool = False, steps: i
     return tok, [factories[n]() for n in names]
 
 
-def trained_context(model_dir: str) -> int:
-    from transformers import AutoConfig
+def trained_context(model_dir: str, flag: str | None = "--context") -> int:
+    """The context a model of this project was trained on (its config's absorber_trained_context);
+    UnsupportedModelError (exit 3) for a directory that is no model or a model without it."""
+    from absorber_engine.errors import UnsupportedModelError
+    from absorber_engine.model_store import _read_model_config
 
-    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    ctx = getattr(cfg, "absorber_trained_context", None)
-    if not isinstance(ctx, int):
-        raise SystemExit(f"{model_dir}/config.json has no absorber_trained_context: pass --context")
+    ctx = _read_model_config(model_dir).get("absorber_trained_context")
+    if isinstance(ctx, bool) or not isinstance(ctx, int):
+        raise UnsupportedModelError(f"{model_dir}/config.json has no absorber_trained_context"
+                                    + (f": pass {flag}" if flag else ": this demo runs on models trained here"))
     return ctx
 
 
@@ -316,6 +319,8 @@ def main(argv=None) -> int:
         if min(mults) < 1:
             ap.error(f"--lengths must be at least 1, got {args.lengths!r}")
         examples, methods, out = args.examples, args.methods.split(","), Path(args.out)
+        if examples < 1:                                   # 0 or fewer wrote an empty results.json over the stored one
+            ap.error(f"--examples must be at least 1, got {examples}")
     bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in ALL_METHODS]
     if bad:
         ap.error(f"unknown tasks or methods: {bad}")

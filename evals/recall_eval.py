@@ -104,7 +104,9 @@ def run(model: str, methods, docs: int, seed: int, overrides: dict, quiet: bool 
         eng = AbsorberEngine.from_pretrained(path, config=configs["ttt" if name == "ttt" else "absorber"])
         tok = eng.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
-            raise SystemExit(f"{model}: the facts evaluation needs a tokenizer with a chat template")
+            from absorber_engine.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{model}: the facts evaluation needs a tokenizer with a chat template")
         for i, d in enumerate(contexts):
             doc = tok.encode(d.text, add_special_tokens=False)
             eng.reset()
@@ -351,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
+    if args.docs < 1:                                      # 0 or fewer wrote empty results over the stored ones
+        ap.error(f"--docs must be at least 1, got {args.docs}")
     if args.join < 1 or args.docs % args.join:
         ap.error(f"--join must be a positive divisor of --docs ({args.docs}), got {args.join}")
     if any(m not in METHODS + ("window",) for m in methods):
@@ -361,6 +365,8 @@ def main(argv=None) -> int:
             result = json.loads(Path(args.rescore).read_text())
         except (OSError, ValueError, RecursionError) as exc:
             ap.error(f"--rescore: cannot read {args.rescore} as a saved run: {exc}")
+        if not isinstance(result, dict) or not all(k in result for k in ("rows", "summary", "docs")):
+            ap.error(f"--rescore: {args.rescore} is not a saved run (it needs rows, summary and docs)")
         result["summary"] = summarize(result["rows"], list(result["summary"]), result["docs"])
         args.out = args.out or str(Path(args.rescore).parent)
     elif args.stream:

@@ -57,6 +57,9 @@ def test_resolve_names_directories_and_files(tmp_path):
     assert resolve(tmp_path) == str(tmp_path)
     with pytest.raises(InputError, match="does not exist"):
         resolve(tmp_path / "nothing-here")
+    for value in (None, 123, b"bytes"):                  # a raw TypeError from os.fspath
+        with pytest.raises(InputError, match="a model is a directory"):
+            resolve(value)
 
 
 def test_gpt2_weights_without_the_base_prefix_load_as_transformers_loads_them(tmp_path):
