@@ -147,8 +147,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             try:
                 pos = self._absorb_rounds(sess, ids, flush, progress, report)
             except BaseException as e:
-                sess.end_drain()
                 e.tokens_taken = report.tokens      # absorbed or held: a retry must not feed them again
+                with interrupts.deferred():         # a second Ctrl-C must not cut this short
+                    sess.end_drain()
                 raise
             finally:
                 self._rest()
@@ -166,8 +167,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             # n + m tokens queued behind it.
             take = min(len(ids) - pos, max(capacity - st["held"], 0))
             if take:
-                self.scheduler.feed(sess.key, ids[pos:pos + take])
-                report.tokens = pos = pos + take
+                with interrupts.deferred():         # fed and counted as one: a Ctrl-C between undercounted
+                    self.scheduler.feed(sess.key, ids[pos:pos + take])
+                    report.tokens = pos = pos + take
             if flush and pos == len(ids) and not flushed:
                 self.scheduler.flush(sess.key)
                 flushed = True
@@ -224,8 +226,8 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
     def _run_batch(self) -> dict:
         """The scheduler's next batch, one round for all of it, then commit or restore each session;
         {session: (round, RoundResult)}, empty when no round is ready."""
-        batch, deltas, snapshots = None, [], []
-        try:                          # from the batch handed out, every way out but a finished round aborts it
+        batch, deltas, snapshots, out, settled = None, [], [], {}, 0
+        try:                          # from the batch handed out, every way out but a settled round aborts it
             batch = self.scheduler.next_batch(self.config.max_batch)
             if batch is None:
                 return {}
@@ -248,15 +250,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             # Callers often sit inside no_grad or inference_mode (serving code); a round trains.
             with torch.inference_mode(False), torch.enable_grad(), self.runner.autocast():
                 results = ROUNDS[self.config.objective](self.runner, work, self.config)
-        except BaseException:
-            for delta, snap in zip(deltas, snapshots):
-                delta.restore(snap)
-            for rnd in batch.rounds if batch is not None else ():
-                self.scheduler.abort(rnd.session, rnd.id)
-            raise
-        out, settled = {}, 0
-        try:                          # Ctrl-C waits for whole commits; a failed allocation aborts the rest
-            with interrupts.deferred():
+            with interrupts.deferred():   # Ctrl-C waits for whole commits; a failed allocation aborts the rest
                 for rnd, sess, delta, snap, res in zip(batch.rounds, sessions, deltas, snapshots, results):
                     if res.error is None:
                         # A gated round told the memory nothing new: it takes no place in the replay buffer.
@@ -276,11 +270,13 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                     self._windows.drop(rnd.session, sess.slots, delta)   # the bank's other deltas stay as they were
                     out[rnd.session] = (rnd, res)
         except BaseException:         # the rounds not settled yet are aborted: none stays in flight
-            for rnd, delta, snap in list(zip(batch.rounds, deltas, snapshots))[settled:]:
-                delta.restore(snap)
-                self.scheduler.abort(rnd.session, rnd.id)
-            for rnd in batch.rounds:
-                self._windows.drop(rnd.session)
+            with interrupts.deferred():   # a second Ctrl-C (or one right after the round) must not cut this short
+                for delta, snap in list(zip(deltas, snapshots))[settled:]:
+                    delta.restore(snap)
+                for rnd in list(batch.rounds)[settled:] if batch is not None else ():
+                    self.scheduler.abort(rnd.session, rnd.id)
+                for rnd in batch.rounds if batch is not None else ():
+                    self._windows.drop(rnd.session)
             raise
         return out
 
