@@ -72,12 +72,18 @@ def replay_states(runner, groups: list[FutureGroup], need_final) -> list[FutureG
     return out
 
 
+def real_rows(grp: FutureGroup) -> int:
+    """A stream's replayed rounds in its replay group; the rows after them pad it to the batch's
+    largest buffer, so the group's shape is not the stream's own (alone and batched then differed)."""
+    return int(grp.mask.any(dim=1).sum())
+
+
 def replay_rows(grp: FutureGroup, step: int, k: int) -> tuple[FutureGroup, float]:
     """The k replayed rows (and their targets) one stream's student reads at `step` (replay_batch),
     taken in turn so every earlier round is read as often as the others, and their weight: the
     stream's replayed rounds / k, so that over a cycle the replay weighs what the whole buffer read
     at every step does."""
-    real = int(grp.mask.any(dim=1).sum())                         # the stream's earlier rounds (rows after are padding)
+    real = real_rows(grp)
     rows = torch.arange(k) if real <= k else (step * k + torch.arange(k)) % real
     counts = grp.mask.sum(dim=1).tolist()
     starts = [sum(counts[:r]) for r in rows.tolist()]

@@ -133,10 +133,14 @@ def student_losses(runner: ModelRunner, deltas: list, targets: list[SyncTargets]
 
 
 def _read_at(t: SyncTargets, cfg: AbsorberConfig, step: int) -> list[tuple[FutureGroup, float]]:
-    """The groups one stream's student reads at `step`, each with its weight: every group whole,
-    but a replay buffer read k rows a step (replay_batch)."""
+    """The groups one stream's student reads at `step`, each with its weight: every group whole, but a
+    replay buffer read k rows a step (replay_batch; as many padded rows for every stream), and none at
+    step 0, where its targets are the states of the delta the student still is: its L1 is rounding
+    noise, whose gradient (the sign, at full size) trained a stream batched otherwise than alone."""
     out = []
     for grp in t.groups:
+        if grp.replay and not grp.text and step == 0:
+            continue
         weight = 1.0
         if grp.replay and 0 < cfg.replay_batch < grp.ids.shape[0]:
             grp, weight = replay_rows(grp, step, cfg.replay_batch)

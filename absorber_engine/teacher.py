@@ -26,7 +26,7 @@ from .config import AbsorberConfig
 from .sampling import sample_next
 from .model import ModelRunner, cache_tensors
 from .probes import FORCED_KINDS, answer_mask, kinds_per_round
-from .replay import replay_groups
+from .replay import real_rows, replay_groups
 from .targets import FutureGroup, RoundBatch, SyncTargets, positions
 
 
@@ -127,7 +127,7 @@ def _normalize_layers(t: SyncTargets, replay_batch: int) -> None:
     states are scaled here once; the student's by the same factors at every step."""
     # A replay buffer read a few rows a step (replay_batch) is scaled by the factors of the rows
     # read at every step, and does not set them.
-    held = [g for g in t.groups if not (g.replay and 0 < replay_batch < g.ids.shape[0])]
+    held = [g for g in t.groups if not (g.replay and 0 < replay_batch < real_rows(g))]
     L = len(held[0].hidden)
     sums = [0.0] * L
     for g in held:

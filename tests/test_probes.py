@@ -328,12 +328,13 @@ def test_replay_batch_reads_every_replayed_round_once_a_cycle_with_the_whole_buf
         assert len(targets.groups[-1].hidden) == len(whole.groups[-1].hidden)
         return student_losses(eng.runner, [eng.delta], [targets], c, backward=False, step=step)[0]
 
-    full = loss(0, 0)
+    full = loss(1, 0)                    # step 0 reads no replay: its targets are the student's own states
+    assert loss(0, 0) < full
     # Two rows a step, weighted 4/2: a cycle of two steps weighs what two steps over all four do.
-    assert loss(0, 2) + loss(1, 2) == pytest.approx(2 * full, rel=1e-5)
-    assert loss(0, 1) + loss(1, 1) + loss(2, 1) + loss(3, 1) == pytest.approx(4 * full, rel=1e-5)
-    assert loss(4, 1) == pytest.approx(loss(0, 1), rel=1e-6)            # in turn: step 4 reads round 0 again
-    assert loss(0, 4) == pytest.approx(full, rel=1e-6) and loss(0, 9) == pytest.approx(full, rel=1e-6)
+    assert loss(2, 2) + loss(3, 2) == pytest.approx(2 * full, rel=1e-5)
+    assert loss(4, 1) + loss(5, 1) + loss(6, 1) + loss(7, 1) == pytest.approx(4 * full, rel=1e-5)
+    assert loss(8, 1) == pytest.approx(loss(4, 1), rel=1e-6)            # in turn: step 8 reads round 0 again
+    assert loss(1, 4) == pytest.approx(full, rel=1e-6) and loss(1, 9) == pytest.approx(full, rel=1e-6)
     # The rows read at a step carry their own targets, cut out of the buffer's (masked positions
     # row after row for the KL), scaled by the layer scales of the groups read whole (hidden_norm).
     (part,) = teacher_targets(eng.runner, batch, cfg.replace(replay_batch=2, hidden_norm=True))
