@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -227,12 +228,15 @@ def load_pretrained(path, dtype=None, device=None, tokenizer: bool = True):
         raise
     except Exception as e:           # pickled weights cut short fail as EOFError, UnpicklingError, ...
         raise UnsupportedModelError(f"{path} does not load as a {raw['model_type']} causal LM: {e}") from None
-    # Pickled weights were only checked by the load: a parameter they lack was left at random
+    # Pickled weights were only checked by the load: a parameter they lack was left at random, and
+    # the layers past the config's count dropped (buffers an older checkpoint holds are no matter)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     missing = [k for k in info.get("missing_keys", ()) if not (tied and k.endswith("lm_head.weight"))]
-    if missing or info.get("unexpected_keys"):
+    extra = [k for k in info.get("unexpected_keys", ())
+             if (m := re.search(r"\.(\d+)\.", k)) and int(m.group(1)) >= hf_config.num_hidden_layers]
+    if missing or extra:
         raise UnsupportedModelError(f"{path}: config.json and the weights disagree (missing {sorted(missing)[:3]}, "
-                                    f"unexpected {sorted(info.get('unexpected_keys', ()))[:3]})")
+                                    f"layers past the config's {sorted(extra)[:3]})")
     tok = None
     if tokenizer:
         try:
@@ -278,7 +282,6 @@ def _check_weights(path, hf_config) -> None:
     """Every parameter the config implies is in the weights with the same shape, read from the
     safetensors headers alone; a config that asks for more (absurd sizes, extra layers) or weights
     that are cut short are refused before anything is allocated."""
-    import re
 
     import torch
     from safetensors import safe_open

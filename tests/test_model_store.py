@@ -128,3 +128,11 @@ def test_a_config_that_disagrees_with_the_weights_on_the_layers_is_refused(tmp_p
             load_pretrained(path, tokenizer=False)
     (path / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=2)))     # told the truth: loads
     assert len(load_pretrained(path, tokenizer=False)[0].model.layers) == 2
+    # a buffer an older checkpoint holds (GPT-2's attn.masked_bias) is no disagreement
+    gpt2 = make_model("gpt2")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    weights = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    weights["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    (tmp_path / "gpt2" / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "gpt2" / "pytorch_model.bin")
+    load_pretrained(tmp_path / "gpt2", tokenizer=False)
