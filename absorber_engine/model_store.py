@@ -116,14 +116,9 @@ def _write_config(directory: Path, config: dict) -> None:
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() == text:
         return
-    from .output_files import new_temp_file, sync_directory, written
+    from .output_files import write_whole
 
-    fd, tmp = new_temp_file(str(directory), ".absorber_config.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        written(f)
-    os.replace(tmp, path)
-    sync_directory(str(directory))
+    write_whole(path, text.encode())
 
 
 def gguf_model_dir(path) -> Path:

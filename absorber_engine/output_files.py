@@ -76,3 +76,19 @@ def sync_directory(directory: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def write_whole(path, data: bytes) -> None:
+    """`data` at `path`, all of it or none: written beside it under a temporary name, synced, renamed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = new_temp_file(directory, f".{os.path.basename(path)}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            written(f)
+        os.replace(tmp, path)
+        sync_directory(directory)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -19,12 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..output_files import sync_directory, written
+from ..output_files import write_whole
 
 log = logging.getLogger("absorber.serve")
 
@@ -66,7 +64,7 @@ class StateDir:
         session.save_memory(memory)
         record = {"format": FORMAT, "version": VERSION, "session": session_id, "memory": memory.name,
                   "generation": generation, "consumed": consumed, "digest": digest}
-        _write_atomic(self.path / f"{s}.json", json.dumps(record).encode())
+        write_whole(self.path / f"{s}.json", json.dumps(record).encode())
         for old in self.path.glob(f"{s}.*.absorber"):
             if old != memory:
                 old.unlink(missing_ok=True)
@@ -95,16 +93,3 @@ class StateDir:
                 continue
             out.append(saved)
         return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            written(f)
-        os.replace(tmp, path)
-        sync_directory(str(path.parent))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
