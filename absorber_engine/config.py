@@ -155,8 +155,8 @@ class AbsorberConfig:
     per round"); 32 in its recommended config. Held memory grows a delta a round (bf16) up to K. Replay
     needs the one delta: replay_rounds = 0."""
     round_cut: str = ""
-    """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it
-    once X holds round_cut_min tokens, else at n (round_cuts.py). With memory_slots > 1 a delta then
+    """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it, or
+    completing it with the token before, once X holds round_cut_min tokens, else at n (round_cuts.py). With memory_slots > 1 a delta then
     holds one document: SmolLM2-135M, 24 documents streamed as plain text (seed 17), 48.8% recalled
     cut at blank lines (m = 0) against 10.7% in rounds of 512. "": rounds of exactly n (the paper)."""
     round_cut_min: int | None = None

@@ -59,12 +59,12 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 cfg.future_prompt, tokenizer, self.runner.vocab_size, cfg.future_length, self.runner.device)
             self.frame = frame_for(tokenizer, cfg, self.runner.prefix)
             check_round_span(self.runner, cfg, self.frame, cfg.chunk_tokens, cfg.sync_tokens)
-            cut_after, min_cut = scheduler_cuts(cfg, tokenizer, self.runner)
+            cut_after, cut_pairs, min_cut = scheduler_cuts(cfg, tokenizer, self.runner)
         except BaseException:
             self.runner.close()          # a refused engine leaves the model as it was given
             raise
         self.scheduler = _scheduler.Scheduler(self.runner.vocab_size, cfg.max_resident, cfg.chunk_tokens,
-                                              cfg.sync_tokens, cut_after, min_cut)
+                                              cfg.sync_tokens, cut_after, min_cut, cut_pairs)
         self.cut_min = min_cut              # where a recital may end at a cut (recital.recite_rows)
         self.sessions: dict = {}
         self._windows = WindowCache()

@@ -2,8 +2,8 @@
 the shortest X worth a delta of its own.
 
 A round's X is n tokens by default, whatever they hold. With `round_cut` set, the scheduler ends X
-after the first token whose text contains it (a paragraph or document break, say) once X holds at
-least `min_cut` tokens, so one round absorbs one document and, with memory_slots > 1, one delta
+after the first token whose text contains it (a paragraph or document break, say), or that
+completes it with the token before, once X holds at least `min_cut` tokens, so one round absorbs one document and, with memory_slots > 1, one delta
 holds it: a rank-4 delta of 32 steps keeps about one document, and several documents with the same
 kinds of facts in one delta mix (docs/recall.md, "A delta per round").
 """
@@ -25,11 +25,30 @@ def kv_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
     return 2 * model_config.num_hidden_layers * heads * head_dim * tokens * torch.tensor([], dtype=dtype).element_size()
 
 
-def boundary_ids(tokenizer, text: str) -> list[int]:
-    """Every vocabulary id whose decoded text contains `text`: a break can merge with the spaces or
-    newlines around it into one token ("\\n\\n", "\\n\\n   ", " \\n\\n" are different ids)."""
-    decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return [i for i, s in enumerate(decoded) if text in s]
+def vocabulary_texts(tokenizer) -> list[str]:
+    """Each id's text decoded alone (about a second for SmolLM2's 49,152)."""
+    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+
+
+def boundary_ids(texts: list[str], text: str) -> list[int]:
+    """Every vocabulary id whose text (`texts`: vocabulary_texts()) contains `text`: a break can merge
+    with the spaces or newlines around it into one token ("\\n\\n", "\\n\\n   ", " \\n\\n" are
+    different ids)."""
+    return [i for i, s in enumerate(texts) if text in s]
+
+
+def boundary_pairs(texts: list[str], text: str) -> list[tuple[int, int]]:
+    """Every (first, second) pair of ids whose texts, one after the other, complete `text` in the
+    second without either holding it whole: a text's tokens are not one token per break. SmolLM2
+    reads "ends.\\n\\n" as its "\\n\\n" token, but "ends.\\n\\nNext" as "\\n", "\\n" (and "\\r\\n\\r\\n" as
+    "\\r\\n\\r", "\\n"), so a stream absorbed as one text was never cut. A break spread over three
+    tokens or more is not found."""
+    pairs = []
+    for k in range(1, len(text)):
+        firsts = [i for i, s in enumerate(texts) if s.endswith(text[:k]) and text not in s]
+        seconds = [i for i, s in enumerate(texts) if s.startswith(text[k:]) and text not in s]
+        pairs += [(a, b) for a in firsts for b in seconds]
+    return sorted(set(pairs))
 
 
 def delta_min_tokens(cfg: AbsorberConfig, shapes: dict, model_config, dtype: torch.dtype) -> int:
@@ -40,17 +59,19 @@ def delta_min_tokens(cfg: AbsorberConfig, shapes: dict, model_config, dtype: tor
     return max(1, math.ceil(delta / kv_bytes(model_config, 1, dtype)))
 
 
-def scheduler_cuts(cfg: AbsorberConfig, tokenizer, runner) -> tuple[list[int], int]:
-    """(cut_after, min_cut) for the scheduler; ([], 1) when the config sets no round_cut."""
+def scheduler_cuts(cfg: AbsorberConfig, tokenizer, runner) -> tuple[list[int], list[tuple[int, int]], int]:
+    """(cut_after, cut_pairs, min_cut) for the scheduler; ([], [], 1) when the config sets no round_cut."""
     if not cfg.round_cut:
-        return [], 1
+        return [], [], 1
     if tokenizer is None:
         raise ConfigError(f"round_cut ({cfg.round_cut!r}) is text: it needs an engine with a tokenizer")
-    ids = [i for i in boundary_ids(tokenizer, cfg.round_cut) if i < runner.vocab_size]
-    if not ids:
-        raise ConfigError(f"no token of this vocabulary contains round_cut ({cfg.round_cut!r}): "
+    texts = vocabulary_texts(tokenizer)
+    ids = [i for i in boundary_ids(texts, cfg.round_cut) if i < runner.vocab_size]
+    pairs = [(a, b) for a, b in boundary_pairs(texts, cfg.round_cut) if max(a, b) < runner.vocab_size]
+    if not ids and not pairs:
+        raise ConfigError(f"no token of this vocabulary, nor two in a row, hold round_cut ({cfg.round_cut!r}): "
                           "no round could ever be cut there")
     least = cfg.round_cut_min
     if least is None:
         least = delta_min_tokens(cfg, runner.shapes, runner.model.config, runner.dtype)
-    return ids, least
+    return ids, pairs, least

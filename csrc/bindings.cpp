@@ -43,6 +43,13 @@ py::list moves_to_py(const std::vector<Move>& moves) {
     return out;
 }
 
+using CutPairs = std::vector<std::pair<std::int64_t, std::int64_t>>;
+
+CutPairs pairs_of(const Cuts& cuts) {
+    CutPairs out;
+    for (std::int64_t k : cuts.pairs) out.emplace_back(k >> 32, k & 0xffffffff);
+    return out;
+}
 
 }  // namespace
 
@@ -69,12 +76,15 @@ PYBIND11_MODULE(_scheduler, m) {
 
     py::class_<Window>(m, "Window")
         .def(py::init([](std::int64_t n, std::int64_t m, std::int64_t vocab, std::vector<std::int64_t> cut_after,
-                         std::int64_t min_cut) {
-                 return std::make_unique<Window>(n, m, vocab, Cuts::make(std::move(cut_after), min_cut, vocab));
+                         std::int64_t min_cut, CutPairs cut_pairs) {
+                 return std::make_unique<Window>(n, m, vocab,
+                                                 Cuts::make(std::move(cut_after), std::move(cut_pairs), min_cut, vocab));
              }),
              py::arg("chunk_tokens"), py::arg("sync_tokens"), py::arg("vocab_size"),
              py::arg("cut_after") = std::vector<std::int64_t>{}, py::arg("min_cut") = 1,
-             "cut_after: token ids after which a round's X may end early, once it holds >= min_cut tokens.")
+             py::arg("cut_pairs") = CutPairs{},
+             "cut_after: token ids after which a round's X may end early, once it holds >= min_cut tokens; "
+             "cut_pairs: (first, second) ids after whose second, right after the first, it may end too.")
         .def("feed", &Window::feed, py::arg("tokens"), py::call_guard<py::gil_scoped_release>(),
              "Append token ids; all or nothing (an id outside the vocabulary raises IndexError).")
         .def(
@@ -102,6 +112,7 @@ PYBIND11_MODULE(_scheduler, m) {
         .def_property_readonly("sync_tokens", &Window::sync_tokens)
         .def_property_readonly("vocab_size", &Window::vocab_size)
         .def_property_readonly("cut_after", [](const Window& w) { return w.cuts().after; })
+        .def_property_readonly("cut_pairs", [](const Window& w) { return pairs_of(w.cuts()); })
         .def_property_readonly("min_cut", [](const Window& w) { return w.cuts().min_x; });
 
     py::class_<ScheduledRound>(m, "BatchRound", "One session's round in a Batch.")
@@ -132,13 +143,13 @@ PYBIND11_MODULE(_scheduler, m) {
 
     py::class_<Scheduler>(m, "Scheduler")
         .def(py::init([](std::int64_t vocab, std::int64_t max_resident, std::int64_t n, std::int64_t m,
-                         std::vector<std::int64_t> cut_after, std::int64_t min_cut) {
+                         std::vector<std::int64_t> cut_after, std::int64_t min_cut, CutPairs cut_pairs) {
                  return std::make_unique<Scheduler>(vocab, max_resident, n, m,
-                                                    Cuts::make(std::move(cut_after), min_cut, vocab));
+                                                    Cuts::make(std::move(cut_after), std::move(cut_pairs), min_cut, vocab));
              }),
              py::arg("vocab_size"), py::arg("max_resident"), py::arg("chunk_tokens") = 1024,
              py::arg("sync_tokens") = 2048, py::arg("cut_after") = std::vector<std::int64_t>{},
-             py::arg("min_cut") = 1)
+             py::arg("min_cut") = 1, py::arg("cut_pairs") = CutPairs{})
         .def(
             "open",
             [](Scheduler& s, py::handle session, std::int64_t priority, std::optional<std::int64_t> n,
@@ -354,6 +365,7 @@ PYBIND11_MODULE(_scheduler, m) {
         .def_property_readonly("chunk_tokens", &Scheduler::chunk_tokens)
         .def_property_readonly("sync_tokens", &Scheduler::sync_tokens)
         .def_property_readonly("cut_after", [](const Scheduler& s) { return s.cuts().after; })
+        .def_property_readonly("cut_pairs", [](const Scheduler& s) { return pairs_of(s.cuts()); })
         .def_property_readonly("min_cut", [](const Scheduler& s) { return s.cuts().min_x; })
         .def_property_readonly_static("MAX_PRIORITY", [](py::object) { return Scheduler::kMaxPriority; });
 }

@@ -7,28 +7,49 @@
 
 namespace absorber {
 
-Cuts Cuts::make(std::vector<std::int64_t> after, std::int64_t min_x, std::int64_t vocab) {
+namespace {
+void check_cut_id(std::int64_t t, std::int64_t vocab) {
+    if (t < 0 || t >= vocab)
+        throw std::out_of_range("cut token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                std::to_string(vocab) + ")");
+}
+}  // namespace
+
+Cuts Cuts::make(std::vector<std::int64_t> after, std::vector<std::pair<std::int64_t, std::int64_t>> pairs,
+                std::int64_t min_x, std::int64_t vocab) {
     if (min_x < 1) throw std::invalid_argument("min_cut must be >= 1, got " + std::to_string(min_x));
     Cuts c;
     c.min_x = min_x;
     for (std::int64_t t : after) {
-        if (t < 0 || t >= vocab)
-            throw std::out_of_range("cut token id " + std::to_string(t) + " is outside the vocabulary [0, " +
-                                    std::to_string(vocab) + ")");
+        check_cut_id(t, vocab);
         c.after.push_back(static_cast<std::int32_t>(t));
+    }
+    for (const auto& [first, second] : pairs) {
+        check_cut_id(first, vocab);
+        check_cut_id(second, vocab);
+        c.pairs.push_back(key(first, second));
     }
     std::sort(c.after.begin(), c.after.end());
     c.after.erase(std::unique(c.after.begin(), c.after.end()), c.after.end());
+    std::sort(c.pairs.begin(), c.pairs.end());
+    c.pairs.erase(std::unique(c.pairs.begin(), c.pairs.end()), c.pairs.end());
     return c;
 }
 
-bool Cuts::is_boundary(std::int32_t token) const { return std::binary_search(after.begin(), after.end(), token); }
+bool Cuts::is_boundary(std::int32_t prev, std::int32_t token) const {
+    return std::binary_search(after.begin(), after.end(), token) ||
+           (prev >= 0 && std::binary_search(pairs.begin(), pairs.end(), key(prev, token)));
+}
 
 Window::Window(std::int64_t chunk_tokens, std::int64_t sync_tokens, std::int64_t vocab_size, Cuts cuts)
     : n_(chunk_tokens), m_(sync_tokens), vocab_(vocab_size), cuts_(std::move(cuts)) {
     check_sizes(n_, m_, vocab_);
     for (std::int32_t t : cuts_.after)   // Cuts built by hand (C++ callers) get the same check as make()
-        if (t < 0 || t >= vocab_) throw std::out_of_range("cut token id " + std::to_string(t) + " is outside the vocabulary");
+        check_cut_id(t, vocab_);
+    for (std::int64_t k : cuts_.pairs) {
+        check_cut_id(k >> 32, vocab_);
+        check_cut_id(k & 0xffffffff, vocab_);
+    }
     if (cuts_.min_x < 1) throw std::invalid_argument("min_cut must be >= 1, got " + std::to_string(cuts_.min_x));
 }
 
@@ -81,9 +102,10 @@ bool Window::shape_locked(bool flush, std::int64_t* x, std::int64_t* y) const {
 
 std::int64_t Window::cut_locked(std::int64_t limit, std::int64_t otherwise) const {
     // Scans at most n + m tokens per plan: the same order as copying X and Y out.
-    if (cuts_.after.empty()) return otherwise;
+    if (cuts_.empty()) return otherwise;
+    const std::int32_t* x = buf_.data() + head_;
     for (std::int64_t i = cuts_.min_x; i < limit; ++i)
-        if (cuts_.is_boundary(buf_[head_ + static_cast<std::size_t>(i) - 1])) return i;
+        if (cuts_.is_boundary(i >= 2 ? x[i - 2] : -1, x[i - 1])) return i;
     return otherwise;
 }
 

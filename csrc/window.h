@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace absorber {
@@ -33,15 +34,22 @@ struct Round {
     std::vector<std::int64_t> y;   // real continuation after X (m, fewer on flush, may be empty)
 };
 
-// Where a round's X may end early: after any token in `after`, once X holds >= min_x tokens.
+// Where a round's X may end early: after any token in `after`, or after the second token of a
+// pair in `pairs` (a break split over two tokens: SmolLM2 reads "\n\n" inside a text as "\n", "\n"),
+// once X holds >= min_x tokens.
 struct Cuts {
-    std::vector<std::int32_t> after;   // sorted, unique token ids; empty: X is always n tokens
+    std::vector<std::int32_t> after;   // sorted, unique token ids
+    std::vector<std::int64_t> pairs;   // sorted, unique keys (first << 32 | second); both empty: X is n tokens
     std::int64_t min_x = 1;
 
     // Sorted and deduplicated; throws std::out_of_range for ids outside [0, vocab) (checked before
     // the int32 narrowing) and std::invalid_argument for min_x < 1.
-    static Cuts make(std::vector<std::int64_t> after, std::int64_t min_x, std::int64_t vocab);
-    bool is_boundary(std::int32_t token) const;
+    static Cuts make(std::vector<std::int64_t> after, std::vector<std::pair<std::int64_t, std::int64_t>> pairs,
+                     std::int64_t min_x, std::int64_t vocab);
+    bool empty() const { return after.empty() && pairs.empty(); }
+    // Whether X may end right after `token`; `prev` is the token before it in X, or -1 at X's start.
+    bool is_boundary(std::int32_t prev, std::int32_t token) const;
+    static std::int64_t key(std::int64_t first, std::int64_t second) { return (first << 32) | second; }
 };
 
 class Window {

@@ -237,7 +237,7 @@ def absorbed_after(eng, texts, tok) -> int:
 def absorbed_per_document(eng, texts, tok) -> list[int]:
     """absorbed_after() after each document of the stream."""
     sch = eng.scheduler
-    w = _scheduler.Window(sch.chunk_tokens, sch.sync_tokens, sch.vocab_size, sch.cut_after, sch.min_cut)
+    w = _scheduler.Window(sch.chunk_tokens, sch.sync_tokens, sch.vocab_size, sch.cut_after, sch.min_cut, sch.cut_pairs)
     out = []
     for d in texts:
         w.feed(tok.encode(d.text + "\n", add_special_tokens=False))

@@ -1,13 +1,14 @@
 """round_cut: the engine's rounds end at boundary tokens (one delta per document with a bank), its
 shortest round is derived from the model, and configs it cannot honour are refused up front."""
 
+import itertools
 import math
 from pathlib import Path
 
 import pytest
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, ConfigError
-from absorber_engine.round_cuts import boundary_ids, kv_bytes
+from absorber_engine.round_cuts import boundary_ids, kv_bytes, vocabulary_texts
 from tiny_models import make_model
 
 MODEL = Path(__file__).resolve().parents[1] / "model" / "absorber-tiny"
@@ -25,7 +26,7 @@ def test_min_cut_is_the_tokens_whose_kv_weighs_one_delta():
     delta_bytes = eng.default.new_delta().nbytes
     assert delta_bytes == 4 * cfg.rank * sum(a + b for a, b in runner.shapes.values())
     assert eng.scheduler.min_cut == math.ceil(delta_bytes / kv_bytes(runner.model.config, 1, runner.dtype))
-    assert eng.scheduler.cut_after == boundary_ids(eng.tokenizer, "\n") and eng.scheduler.cut_after
+    assert eng.scheduler.cut_after == boundary_ids(vocabulary_texts(eng.tokenizer), "\n") and eng.scheduler.cut_after
     assert AbsorberEngine.from_pretrained(MODEL, config=CFG.replace(round_cut_min=5)).scheduler.min_cut == 5
 
 
@@ -47,6 +48,19 @@ def test_rounds_end_at_line_ends_and_each_keeps_a_delta():
     assert plain.default.rounds < rounds      # rounds of n take fewer, longer bites
 
 
+def test_a_blank_line_inside_one_text_ends_a_round():
+    # The tokenizer reads "...\n\nThe" as "\n", "\n": no one token holds the break, and a stream
+    # absorbed as one text was never cut (rounds of n, whatever they held).
+    docs = ["".join(LINES[i:i + 2]) + "\n" for i in range(0, 10, 2)]
+    eng = AbsorberEngine.from_pretrained(MODEL, config=CFG.replace(round_cut="\n\n", round_cut_min=4, chunk_tokens=64))
+    ids = eng.to_ids("".join(docs))
+    assert not any("\n\n" in eng.tokenizer.decode([i]) for i in ids[:-1])    # the breaks span two tokens
+    eng.absorb(ids, flush=True)
+    ends = itertools.accumulate(d.round_tokens for d in eng.default.slots)
+    assert all(eng.tokenizer.decode(ids[:e]).endswith("\n\n") for e in ends)
+    assert eng.default.rounds == len(docs)
+
+
 def test_refused_configs():
     with pytest.raises(ConfigError, match="round_cut must be text"):
         AbsorberConfig(round_cut=5).validate()
@@ -54,5 +68,5 @@ def test_refused_configs():
         AbsorberConfig(round_cut_min=0).validate()
     with pytest.raises(ConfigError, match="needs an engine with a tokenizer"):
         AbsorberEngine(make_model("llama"), config=AbsorberConfig(round_cut="\n"))
-    with pytest.raises(ConfigError, match="no token of this vocabulary contains"):
+    with pytest.raises(ConfigError, match="no token of this vocabulary, nor two in a row"):
         AbsorberEngine.from_pretrained(MODEL, config=CFG.replace(round_cut="\u2603\u2603\u2603"))
