@@ -130,7 +130,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         return len(ids)
 
     def absorb(self, text_or_ids, flush: bool = False, progress=None, session=DEFAULT_SESSION) -> AbsorbReport:
-        """Feeds the stream and absorbs every round its window allows (all of it with flush). Other
+        """Feeds the stream and absorbs every round its window allows (all of it with flush). Each call's
+        text is tokenized alone: stream text in pieces that end at line ends (a word cut in two reads as
+        other tokens than it would whole), or token ids. Other
         sessions' ready rounds run too, batched with this one's or before them. If one of this
         session's rounds fails, its memory stays as it was before that round, the window keeps the
         tokens not absorbed yet, and the error (AbsorptionError, or any other: out of memory, Ctrl-C)
@@ -339,5 +341,10 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             self.runner.bind([self.default.delta])
 
     def _check_span(self, sess: Session, extra: int, what: str) -> None:
-        inputs.check_span(len(self.runner.prefix) + len(self.window_tokens(sess)), extra, what,
+        window = self.window_tokens(sess)
+        if (queued := sess.held_tokens - len(window)) > 0:     # fed, and a round not yet run (or failed)
+            raise InputError(f"session {sess.key!r} holds {queued} tokens fed past its {len(window)}-token window "
+                             "and not absorbed, which a query would not read: run() absorbs them "
+                             "(discard_window() drops them)")
+        inputs.check_span(len(self.runner.prefix) + len(window), extra, what,
                           max(self.runner.max_positions, self.config.window_tokens))

@@ -58,7 +58,7 @@ def as_id_list(value) -> list[int]:
     out = []
     for i, t in enumerate(value):
         try:                # a 0-d integer tensor or numpy scalar is an id; a float one or a row is not
-            if isinstance(t, bool) or not hasattr(t, "__index__"):
+            if isinstance(t, bool) or not hasattr(t, "__index__") or (torch.is_tensor(t) and t.dtype == torch.bool):
                 raise TypeError
             out.append(int(t.__index__()))
         except (TypeError, ValueError, RuntimeError):

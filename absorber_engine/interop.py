@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import stops as stopping
+from . import inputs, stops as stopping
 from .config import AbsorberConfig
 from .engine import AbsorberEngine
 from .errors import InputError
@@ -31,6 +31,11 @@ class AbsorbingModel:
         if tail_tokens is not None and (isinstance(tail_tokens, bool) or not isinstance(tail_tokens, int)
                                         or tail_tokens < 0):
             raise InputError(f"tail_tokens must be an integer >= 0, got {tail_tokens!r}")
+        if tokenizer is None:
+            # Without a tokenizer nothing says whether input_ids start with BOS: read them as given,
+            # as transformers does (a config's BOS put in front of every row changed the answers of
+            # GPT-2 and Qwen2, whose tokenizers never add theirs).
+            config = (config or AbsorberConfig()).replace(prefix_bos=False)
         self.engine = AbsorberEngine(model, tokenizer=tokenizer, config=config)
         self.model = model
         # The last tokens stay raw (the question usually sits at the end of a long input).
@@ -56,11 +61,16 @@ class AbsorbingModel:
             raise InputError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
         if mask is not None and not bool(mask.bool().all()):
             raise InputError("padded batches are not supported: pass rows without padding")
-        sample = bool(kwargs.get("do_sample", False))
+        sample = kwargs.get("do_sample", False)
+        inputs.check_flag("do_sample", sample)
         # None, as transformers callers often pass, is the default there too
         temperature = _number(kwargs.get("temperature"), 1.0, "temperature") if sample else 0.0
+        if sample and not temperature > 0:       # 0 decoded greedily; transformers refuses it too
+            raise InputError(f"do_sample needs a temperature > 0, got {temperature!r}")
         top_p = _number(kwargs.get("top_p"), 1.0, "top_p") if sample else 1.0
         eos = kwargs.get("eos_token_id")
+        if isinstance(eos, torch.Tensor):        # as transformers takes it too
+            eos = eos.tolist()
         if eos is None:                        # transformers stops at generation_config's, one id or several
             eos = stopping.model_end_ids(self.model, None, self.engine.runner.vocab_size) or None
         pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))

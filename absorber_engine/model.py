@@ -81,6 +81,10 @@ class ModelRunner:
         self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, self.device, self.dtype)
         self.compiled = cfg.compile_layers
         self.cuda_graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        if self.backend == "triton" and self.device.type != "cuda" and {self.dtype, self.compute_dtype} & {
+                torch.bfloat16, torch.float64}:
+            raise ConfigError("the Triton interpreter computes bf16 and fp64 wrongly (its logits were 1.6 off): "
+                              "run a float32 model with compute_dtype 'float32' there, or backend 'torch'")
         if self.compiled and self.backend != "torch":
             raise ConfigError("compile_layers is for backend 'torch' (the Triton kernels are compiled code "
                               "already); set backend to 'torch' or compile_layers to false")

@@ -50,6 +50,11 @@ def check_tensors(op: str, *tensors: torch.Tensor | None) -> torch.device:
         return device
     if device.type == "cpu":
         if interpreting():
+            # numpy has no bf16, and fp64 products came back as zeros: garbage, never an error
+            odd = sorted({str(t.dtype) for t in ts if t.dtype in (torch.bfloat16, torch.float64)})
+            if odd:
+                raise TypeError(f"{op}: the Triton interpreter computes {', '.join(odd)} wrongly; pass float32 "
+                                "(or float16) tensors, or use backend='torch'")
             return device
         raise RuntimeError(
             f"{op}: the Triton kernels got CPU tensors, which they can only run on under the Triton interpreter: "

@@ -23,8 +23,10 @@ def attention_ref(
 ) -> torch.Tensor:     # (B, Hq, T, D)
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    if hq % hkv or s < t:
-        raise ValueError(f"bad attention shapes q {tuple(q.shape)} k {tuple(k.shape)}")
+    if hq % hkv or s < t or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"bad attention shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if not all(x.dtype.is_floating_point for x in (q, k, v)):      # int probabilities were all zeros
+        raise TypeError(f"attention needs floating-point q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     k = k.repeat_interleave(hq // hkv, dim=1)
     v = v.repeat_interleave(hq // hkv, dim=1)

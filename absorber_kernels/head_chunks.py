@@ -32,6 +32,20 @@ def gemm_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def check_head_inputs(op: str, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                      *hidden: torch.Tensor) -> None:
+    """Floating-point states and head, a bias of one entry a vocabulary row, a temperature > 0: an
+    integer tensor set the GEMMs' dtype and truncated the head's weights, a (1,) bias broadcast
+    (and the fused kernel read past it), T = 0 gave NaN."""
+    for t in (weight, bias, *hidden):
+        if t is not None and not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: hidden states, head weight and bias must be floating point, got {t.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: head bias {tuple(bias.shape)} must be ({weight.shape[0]},), an entry a vocabulary row")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+
+
 class HeadChunks:
     """Logits z = h·Wᵀ (+ b) of up to `rows` rows at a time, and dz·W back. Build and use it with
     autocast off: it casts to `gemm` itself. A view it returns is overwritten by the next call."""

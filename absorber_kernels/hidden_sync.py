@@ -26,6 +26,8 @@ def hidden_l1_ref(
         raise ValueError(f"student has {len(student)} layers of states, teacher {len(teacher)}")
     if len(student) == 0:
         raise ValueError("no hidden states to compare")
+    if any(s.dim() != 3 for s in student):     # (T, D) counted T·D positions in the mean
+        raise ValueError(f"student states must be (B, T, D), got {[tuple(s.shape) for s in student][:3]}")
     first = student[0]
     n_pos = denom if denom is not None else first.shape[0] * first.shape[1]
     norm = weight / (n_pos * len(student) * first.shape[-1])

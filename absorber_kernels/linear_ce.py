@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ._common import grad_dtype
-from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot, sub_
+from .head_chunks import ROWS, HeadChunks, check_head_inputs, exp_rows_, gemm_dtype, row_dot, sub_
 
 
 class LinearCERef(torch.autograd.Function):
@@ -82,6 +82,7 @@ def linear_ce_ref(
         raise ValueError(f"hidden must be (N, D) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     if head_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {hidden.shape[1]}")
+    check_head_inputs("linear_ce", head_weight, head_bias, 1.0, hidden)
     if kl_weight and teacher_p is None:
         raise ValueError("kl_weight needs the teacher's distribution (teacher_p)")
     if teacher_p is not None and (teacher_p[0].shape != (hidden.shape[0], head_weight.shape[0])

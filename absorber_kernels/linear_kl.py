@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from ._common import (HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, grad_dtype, next_pow2,
                       num_sms)
-from .head_chunks import ROWS, HeadChunks, exp_rows_, gemm_dtype, row_dot, sub_
+from .frozen_linear import cast_weight
+from .head_chunks import ROWS, HeadChunks, check_head_inputs, exp_rows_, gemm_dtype, row_dot, sub_
 
 
 def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
@@ -37,6 +38,7 @@ def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> to
 def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=ROWS):
     """p_t of all N rows in `dtype` and Σ p_t·log p_t (fp32 at least), with linear_kl_ref's matmul
     dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
+    check_head_inputs("teacher_side", weight, bias, temperature, ht)
     gemm = gemm_dtype(ht)
     with torch.autocast(ht.device.type, enabled=False):
         head = HeadChunks(weight.detach(), None if bias is None else bias.detach(), gemm, min(chunk, ht.shape[0]))
@@ -107,8 +109,11 @@ def linear_kl_ref(
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {student_h.shape[1]}")
-    if teacher_p is not None and teacher_p[0].shape != (student_h.shape[0], head_weight.shape[0]):
-        raise ValueError(f"teacher_p is {tuple(teacher_p[0].shape)}, not (rows, vocabulary) of this call")
+    check_head_inputs("linear_kl", head_weight, head_bias, temperature, student_h, teacher_h)
+    if teacher_p is not None and (teacher_p[0].shape != (student_h.shape[0], head_weight.shape[0])
+                                  or teacher_p[1].shape != (student_h.shape[0],)):
+        raise ValueError(f"teacher_p is {tuple(teacher_p[0].shape)} and {tuple(teacher_p[1].shape)}, not (rows, "
+                         "vocabulary) and (rows,) of this call")
     if student_h.shape[0] == 0:
         return student_h.float().sum() * 0.0                  # no rows: no loss, and a zero gradient
     denom = denom if denom is not None else student_h.shape[0]
@@ -294,7 +299,7 @@ if HAS_TRITON:
 KL_CONFIG_GPU = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 KL_CONFIG_GPU_TOPK_SM80 = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 KL_CONFIG_INTERPRET = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
-MAX_FUSED_TOPK = 128
+MAX_FUSED_TOPK = 127      # k + 1 candidates a split within GPU tiles of BLOCK_V = 128
 
 
 def kl_configs(top_k: int, arch: int | None) -> tuple[dict, dict]:
@@ -340,8 +345,9 @@ def linear_kl_stats(hs, ht, weight, bias=None, temperature=1.0, top_k=0, config=
     c2 = LOG2E / temperature
     use_topk = 0 < top_k < v
     if fused_topk is None:
-        fused_topk = top_k <= MAX_FUSED_TOPK
-    k_pad = next_pow2(top_k) if (use_topk and fused_topk) else 0
+        fused_topk = top_k <= MAX_FUSED_TOPK and next_pow2(top_k + 1) <= bv
+    # k + 1 kept a split: the (k+1)-th largest overall shows whether the k-th has a tie (below)
+    k_pad = next_pow2(top_k + 1) if (use_topk and fused_topk) else 0
     if k_pad > bv:
         raise ValueError(f"fused top-k needs top_k ≤ BLOCK_V={bv}, got {top_k}")
     prec = dot_precision(hs.dtype)
@@ -381,11 +387,16 @@ def linear_kl_stats(hs, ht, weight, bias=None, temperature=1.0, top_k=0, config=
 
     lse_s = _merge_lse(stats[..., 0], stats[..., 1])
     if k_pad:
-        zt_sel, zs_sel = _decode_keys(torch.topk(best.reshape(n, -1), top_k, dim=-1).values)   # (N, k), sorted
+        zt_sel, zs_sel = _decode_keys(torch.topk(best.reshape(n, -1), top_k + 1, dim=-1).values)   # (N, k+1), sorted
+        tau = _relax(zt_sel[:, top_k - 1]).contiguous()
+        if bool((zt_sel[:, top_k] >= tau).any()):
+            # A (near-)tie at the k-th place: pass 2 keeps every entry >= tau, more than the k this
+            # loss reads (its gradient was 0.42 off). The threshold path's loss reads that same set.
+            return linear_kl_stats(hs, ht, weight, bias, temperature, top_k, config, splits, fused_topk=False)
+        zt_sel, zs_sel = zt_sel[:, :top_k], zs_sel[:, :top_k]
         lse_t = torch.logsumexp(zt_sel * LN2, dim=-1) / LN2
         p = torch.exp2(zt_sel - lse_t[:, None])
         kl2 = (p * (zt_sel - zs_sel)).sum(-1) - lse_t + lse_s
-        tau = _relax(zt_sel[:, -1]).contiguous()
     else:
         m_t, l_t, a_t = stats[..., 2], stats[..., 3], stats[..., 4]
         mx = m_t.max(dim=-1).values
@@ -461,10 +472,14 @@ def linear_kl_triton(
         raise ValueError(f"hidden states must both be (N, D), got {tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
     if head_weight.shape[1] != student_h.shape[1]:
         raise ValueError(f"head weight {tuple(head_weight.shape)} does not match hidden size {student_h.shape[1]}")
+    check_head_inputs("linear_kl", head_weight, head_bias, temperature, student_h, teacher_h)
     check_tensors("linear_kl", student_h, teacher_h, head_weight, head_bias)
     denom = denom if denom is not None else student_h.shape[0]
     if student_h.shape[0] == 0:
         return student_h.float().sum() * 0.0
+    if (dtype := gemm_dtype(student_h)) != student_h.dtype:      # under autocast, as the torch op computes
+        student_h, teacher_h = student_h.to(dtype), teacher_h.to(dtype)
+        head_weight, head_bias = cast_weight(head_weight, dtype), None if head_bias is None else head_bias.to(dtype)
     return LinearKLTriton.apply(student_h, teacher_h.detach(), head_weight.detach(),
                                 None if head_bias is None else head_bias.detach(),
                                 float(temperature), int(top_k), int(denom), int(chunk))

@@ -328,9 +328,10 @@ def lowrank_linear_triton(
     n_in, r = A.shape
     n_out = B.shape[1]
     want = (n_out, n_in) if weight_layout == "linear" else (n_in, n_out)
-    if tuple(weight.shape) != want or B.shape[0] != r or x.shape[-1] != n_in:
+    if (tuple(weight.shape) != want or B.shape[0] != r or x.shape[-1] != n_in
+            or (bias is not None and tuple(bias.shape) != (n_out,))):      # the kernel reads n_out entries of it
         raise ValueError(f"lowrank_linear shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)} ({weight_layout}), "
-                         f"A {tuple(A.shape)}, B {tuple(B.shape)}")
+                         f"A {tuple(A.shape)}, B {tuple(B.shape)}, bias {None if bias is None else tuple(bias.shape)}")
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("lowrank_linear (triton) treats W and its bias as frozen and computes no gradient for "
                          "them: call weight.requires_grad_(False) (and the bias), or use backend='torch'")
@@ -338,5 +339,8 @@ def lowrank_linear_triton(
     lead = x.shape[:-1]
     if x.numel() == 0:
         return lowrank_linear_ref(x, weight, bias, A, B, scale, weight_layout)
+    if (dtype := compute_dtype(x)) != x.dtype:       # under autocast, as the torch op computes
+        x, weight, A, B = x.to(dtype), cast_weight(weight, dtype), A.to(dtype), B.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     y = LowRankLinearTriton.apply(x.reshape(-1, n_in), weight, bias, A, B, float(scale), weight_layout)
     return y.reshape(*lead, n_out)

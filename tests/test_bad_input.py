@@ -41,6 +41,7 @@ ENGINE_CASES = [
     ("float ids", lambda e: e.absorb([1.5, 2.0]), InputError, "integers"),
     ("float tensor", lambda e: e.absorb(torch.rand(5)), InputError, "integers"),
     ("bool ids", lambda e: e.absorb([True, False]), InputError, "integers"),
+    ("a bool tensor among ids", lambda e: e.absorb([3, torch.tensor(True)]), InputError, "item 1"),
     ("batched 2-D ids", lambda e: e.absorb(torch.zeros(2, 5, dtype=torch.long)), InputError, "1-D"),
     ("None", lambda e: e.absorb(None), InputError, "None"),
     ("bytes", lambda e: e.absorb(b"abc"), InputError, "bytes"),
@@ -60,6 +61,11 @@ ENGINE_CASES = [
         make_model("llama"), config=AbsorberConfig(**CFG)).default), InputError, "another engine"),
     ("a session size that is no int", lambda e: e.session("sized", chunk_tokens="x"), InputError, "must be an int"),
     ("generate_batch of a list", lambda e: e.generate_batch(["default"]), InputError, "dict of session"),
+    # fed past the window and not run: a query read the oldest n + m tokens, not the stream's end
+    ("generate past tokens fed and not run", lambda e: (e.session("queued"), e.feed(random_ids(60, seed=3), session="queued"),
+                                                        e.generate([3], session="queued")), InputError, "36 tokens fed past"),
+    ("logits past tokens fed and not run", lambda e: (e.session("queued2"), e.feed(random_ids(25, seed=3), session="queued2"),
+                                                      e.logits([3], session="queued2")), InputError, "run\\(\\) absorbs"),
 ]
 
 

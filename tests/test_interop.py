@@ -61,6 +61,19 @@ def test_wrapped_generate_of_a_tokenizers_input_ids_equals_the_models_own():
         assert torch.equal(wrapped.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=12), want)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama"])
+def test_wrapped_generate_without_a_tokenizer_reads_input_ids_as_given(arch):
+    # With no tokenizer the engine put the config's BOS before every row, which neither these
+    # models' tokenizers nor transformers do: greedy answers differed on inputs that fit the window.
+    model = make_model(arch)
+    plain = copy.deepcopy(model)
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1, future_tokens=4, compute_dtype="float32")
+    wrapped = wrap(model, config=cfg)
+    ids = torch.tensor([random_ids(6, seed=3)])
+    want = plain.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(wrapped.generate(ids, max_new_tokens=8, eos_token_id=[]), want)
+
+
 def test_wrapped_generate_keeps_the_eos_it_stopped_on_and_checks_its_arguments():
     cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1, future_tokens=4, compute_dtype="float32")
     wrapped = wrap(make_model("llama"), config=cfg)
@@ -69,7 +82,10 @@ def test_wrapped_generate_keeps_the_eos_it_stopped_on_and_checks_its_arguments()
     other = next(t for t in range(VOCAB) if t not in free)
     out = wrapped.generate(ids, max_new_tokens=6, eos_token_id=[other, free[0]])
     assert out[0, 30:].tolist() == [free[0]]                # the eos it met, not the list's first
-    for kwargs, message in [(dict(eos_token_id=[VOCAB]), "stop"), (dict(do_sample=True, temperature="hot"), "number")]:
+    assert wrapped.generate(ids, max_new_tokens=6, eos_token_id=torch.tensor([other, free[0]])).tolist() == out.tolist()
+    for kwargs, message in [(dict(eos_token_id=[VOCAB]), "stop"), (dict(do_sample=True, temperature="hot"), "number"),
+                            (dict(do_sample=True, temperature=0), "temperature > 0"),    # was greedy, silently
+                            (dict(do_sample="no"), "do_sample must be true or false")]:  # was truthy: sampled
         with pytest.raises(InputError, match=message):
             wrapped.generate(ids, max_new_tokens=2, **kwargs)
     with pytest.raises(InputError, match="at least one row"):
