@@ -21,8 +21,9 @@ import torch
 
 from . import inputs, recital, static_decode, stops as stopping
 from .errors import InputError
+from .hf_cache import cache_tensors
 from .lora import LowRankDelta
-from .model import ModelRunner, cache_tensors
+from .model import ModelRunner
 from .probes import question_frame
 from .routing import WINDOW, asked_alone, route, scorable, zero_delta
 from .sampling import sample_next

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from . import interrupts
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
 from .output_files import new_temp_file, output_path, sync_directory, written
@@ -38,10 +39,17 @@ _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype
                   "_attn_implementation", "_attn_implementation_autoset", "architectures", "use_cache"}
 
 
-def model_fingerprint(runner) -> str:
+# Switches a caller may set when loading (from_pretrained(..., output_hidden_states=True)): they made
+# a memory "made for another base model" though the weights were the same. Files written before
+# 2026-12-07 hashed them (`legacy`).
+_RUNTIME_KEYS = {"output_hidden_states", "output_attentions", "return_dict", "pad_token_id"}
+
+
+def model_fingerprint(runner, legacy: bool = False) -> str:
     """A hash that changes when the base model's architecture, shapes or weights change."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in runner.model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+    skip = _VOLATILE_KEYS if legacy else _VOLATILE_KEYS | _RUNTIME_KEYS
+    cfg = {k: v for k, v in runner.model.config.to_dict().items() if k not in skip}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, p in _base_parameters(runner.model):
         h.update(f"{name}:{tuple(p.shape)};".encode())
@@ -167,7 +175,7 @@ def save_memory(session, path) -> None:
 
 def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        path = os.fspath(path)
+        path = os.fsdecode(os.fspath(path))     # safetensors reads str paths only
     except TypeError:
         raise MemoryFileError(f"a memory file must be a path (str or os.PathLike), got {type(path).__name__}") from None
     if not os.path.isfile(path):
@@ -200,13 +208,13 @@ def read_memory_config(path) -> AbsorberConfig:
 def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
     runner = session.runner
-    if meta.get("model_fingerprint") != model_fingerprint(runner) or (   # files before 2026-12-06: no checksum
+    if meta.get("model_fingerprint") not in (model_fingerprint(runner), model_fingerprint(runner, legacy=True)) or (   # files before 2026-12-06: no checksum
             "model_checksum" in meta and meta["model_checksum"] != model_checksum(runner, cached=runner in _read_once)):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:
         saved = AbsorberConfig.from_dict(json.loads(meta["config"]))
-        absorbed, rounds = int(meta["tokens_absorbed"]), int(meta["rounds"])
+        absorbed, rounds = _count(meta["tokens_absorbed"]), _count(meta["rounds"])
     except (KeyError, ValueError, ConfigError, RecursionError) as exc:
         raise MemoryFileError(f"{path} has a corrupt header: {exc}") from exc
     mine = session.config
@@ -265,19 +273,31 @@ def load_memory(session, path) -> None:
         if session.slots.maxlen > 1 and not delta.is_zero():
             delta.compact(BANK_DTYPE)               # held as a committed round's (session.keep)
             delta.round_tokens, delta.marks = length, None if m is None else m.tolist()
+            if not all(bool(torch.isfinite(t).all()) for name in delta.shapes for t in delta.factors(name)):
+                # finite in fp32, inf once rounded: the bank then held inf and saved files no load took
+                raise MemoryFileError(f"{path} holds delta values past the range of {BANK_DTYPE}, "
+                                      "in which a bank holds its deltas")
         fresh.append(delta)
-    try:
-        session.restore_window(window.tolist() + queued.tolist(), absorbed, rounds)
-    except (IndexError, ValueError) as exc:
-        raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
-    session.slots.clear()
-    session.slots.extend(fresh)
-    session.replay.clear()
-    if session.config.replay_rounds:
-        session.replay.extend(replay[-session.replay.maxlen:])
-    session.surprise.clear()
-    if surprise is not None:
-        session.surprise.extend(surprise.tolist()[-session.surprise.maxlen:])
+    with interrupts.deferred():     # a Ctrl-C between the steps left the file's window with no delta at all
+        try:
+            session.restore_window(window.tolist() + queued.tolist(), absorbed, rounds)
+        except (IndexError, ValueError) as exc:
+            raise MemoryFileError(f"{path} has a window this model cannot read: {exc}") from exc
+        session.slots.clear()
+        session.slots.extend(fresh)
+        session.replay.clear()
+        if session.config.replay_rounds:
+            session.replay.extend(replay[-session.replay.maxlen:])
+        session.surprise.clear()
+        if surprise is not None:
+            session.surprise.extend(surprise.tolist()[-session.surprise.maxlen:])
+
+def _count(text: str) -> int:
+    """A header's counter as save_memory writes it: ASCII digits only (int() also took "١٢", " +1_0 ")."""
+    if not (isinstance(text, str) and text.isascii() and text.isdigit()):
+        raise ValueError(f"not a count: {text!r}")
+    return int(text)
+
 
 def _slot_states(path, tensors: dict, meta: dict, session) -> list[dict]:
     """The file's deltas, oldest first, each checked against this engine's; MemoryFileError if any
@@ -286,7 +306,7 @@ def _slot_states(path, tensors: dict, meta: dict, session) -> list[dict]:
         prefixes = ["delta."]
     else:
         try:
-            count = int(meta["slots"])
+            count = _count(meta["slots"])
         except (KeyError, ValueError):
             raise MemoryFileError(f"{path} has a corrupt header: no valid slot count") from None
         if not 1 <= count <= session.slots.maxlen:

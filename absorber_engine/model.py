@@ -59,8 +59,8 @@ class ModelRunner:
 
     def __init__(self, model, tokenizer, cfg):
         inspect_model(model)
-        model.requires_grad_(False)
-        model.eval()
+        # as given: what close() and merged_model()'s copy put back (as_given)
+        self._given = (model.training, {n: p.requires_grad for n, p in model.named_parameters()})
         self.model, self.model_type = model, model.config.model_type
         self.base = model.base_model
         self.cache_keyword = cache_keyword(self.base)
@@ -89,6 +89,8 @@ class ModelRunner:
             raise ConfigError("compile_layers is for backend 'torch' (the Triton kernels are compiled code "
                               "already); set backend to 'torch' or compile_layers to false")
         self.binding = Binding(get_ops(self.backend))
+        model.requires_grad_(False)         # past the checks above: a config they refuse leaves it as given
+        model.eval()
         targets = cfg.targets if cfg.targets is not None else DEFAULT_TARGETS[self.model_type]
         self.wrappers = attach(model, targets, self.binding)
         self.shapes = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
@@ -156,9 +158,18 @@ class ModelRunner:
     def close(self) -> None:
         self.detach()
         self.wrappers = {}
+        self.as_given(self.model)
+        self._attn_before = None
+
+    def as_given(self, model) -> None:
+        """`model` (this runner's, detached, or a copy of it) as the caller gave it: its mode, the
+        parameters that train, its attention."""
+        training, grads = self._given
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads.get(name, False))
+        model.train(training)
         if self._attn_before is not None:
-            self.model.set_attn_implementation(self._attn_before)
-            self._attn_before = None
+            model.set_attn_implementation(self._attn_before)
 
     # ------------------------------------------------------------------ running
 
@@ -176,7 +187,7 @@ class ModelRunner:
         past = cache.get_seq_length() if cache is not None else 0
         self.stats.max_span = max(self.stats.max_span, past + ids.shape[1])
         out = self.base(input_ids=ids, use_cache=use_cache, attention_mask=attention_mask, position_ids=position_ids,
-                        **{self.cache_keyword: cache})
+                        return_dict=True, **{self.cache_keyword: cache})     # whatever the config's return_dict
         return out.last_hidden_state, (returned_cache(out) if use_cache else None)
 
     def head_weight(self) -> torch.Tensor:
@@ -229,17 +240,6 @@ class ModelRunner:
         finally:
             if switch:
                 self.model.set_attn_implementation(before)
-
-
-def cache_tensors(cache: DynamicCache, keep: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The per-layer (keys, values) of `cache`, cut to the first `keep` positions."""
-    out = []
-    for layer in cache.layers:
-        k, v = layer.keys, layer.values
-        if keep is not None:
-            k, v = k[..., :keep, :], v[..., :keep, :]
-        out.append((k, v))
-    return out
 
 
 def bos_token(model, tokenizer=None) -> int | None:

@@ -224,6 +224,7 @@ class Session:
             merged = {name: w.merged_weight(*d.factors(name), d.scale) for name, w in self.runner.wrappers.items()}
             with self.engine.detached() as model:
                 out = copy.deepcopy(model)
+            self.runner.as_given(out)               # trainable, in its mode and attention, as the model was given
         with torch.no_grad():
             for name, weight in merged.items():
                 out.get_submodule(name).weight.copy_(weight)

@@ -180,7 +180,7 @@ class StaticDecoder:
         else:
             with r.capture() if self.hidden is not None else contextlib.nullcontext() as cap:
                 out = r.base(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.position,
-                             use_cache=True, **{r.cache_keyword: self.cache})
+                             use_cache=True, return_dict=True, **{r.cache_keyword: self.cache})
             if self.hidden is not None:
                 stacked = torch.stack(cap.states)
             final = out.last_hidden_state                                                # (B, 1, D)

@@ -23,10 +23,11 @@ from absorber_kernels.linear_kl import teacher_side
 
 from . import static_decode
 from .config import AbsorberConfig
-from .sampling import sample_next
-from .model import ModelRunner, cache_tensors
+from .hf_cache import cache_tensors
+from .model import ModelRunner
 from .probes import FORCED_KINDS, answer_mask, kinds_per_round
 from .replay import real_rows, replay_groups
+from .sampling import sample_next
 from .targets import FutureGroup, RoundBatch, SyncTargets, positions
 
 

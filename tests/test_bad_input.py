@@ -137,6 +137,33 @@ def test_a_closed_engine_opens_no_session_and_absorb_many_needs_inputs(tmp_path)
                                   nproc=2, device=device)
 
 
+def test_a_refused_or_closed_engine_gives_the_model_back_as_it_was_given():
+    # Construction froze every parameter and set eval mode, and nothing put them back: a model
+    # refused (a NaN weight) or an engine closed left it untrainable, and merged_model() copies too.
+    def given():
+        m = make_model("llama").train()
+        m.model.layers[0].mlp.up_proj.weight.requires_grad_(False)     # the caller's own choice
+        return m
+
+    def state(m):
+        return m.training, {n: p.requires_grad for n, p in m.named_parameters()}, m.config._attn_implementation
+
+    bad = given()
+    want = state(bad)
+    with torch.no_grad():
+        bad.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UnsupportedModelError):
+        AbsorberEngine(bad, config=AbsorberConfig(**CFG))
+    assert state(bad) == want
+    model = given()
+    eng = AbsorberEngine(model, config=AbsorberConfig(**CFG))
+    eng.absorb(random_ids(30, seed=1))
+    merged = eng.default.merged_model()
+    assert state(merged) == want and not model.training
+    eng.close()
+    assert state(model) == want
+
+
 CONFIG_CASES = [
     ("chunk_tokens = 0", dict(chunk_tokens=0), "chunk_tokens must be a positive integer"),
     ("negative chunk_tokens", dict(chunk_tokens=-5), "chunk_tokens must be a positive integer"),
@@ -384,6 +411,10 @@ MEMORY_FUZZ_CASES = [
     ("complex delta", [("tensor", 2, "complex64", "same", "same")], "not floating point"),
     ("bool delta", [("tensor", 1, "bool", "same", "same")], "not floating point"),
     ("round lengths as floats", [("tensor", 0, "float32", "same", "same")], "corrupt round lengths"),
+    # a second reader's: int() read these as 12 and 10
+    ("arabic-indic digits in a counter", [("meta", "tokens_absorbed", "\u0661\u0662")], "corrupt header"),
+    ("a counter with a sign, spaces and an underscore", [("meta", "rounds", " +1_0 ")], "corrupt header"),
+    ("a slot count in other digits", [("meta", "slots", "\u0661")], "no valid slot count"),
 ]
 
 

@@ -296,3 +296,26 @@ def test_a_queue_loads_into_a_session_with_a_larger_window(tmp_path):
     a.session("wide", chunk_tokens=32, sync_tokens=8)
     a.load_memory(tmp_path / "q.absorber", session="wide")
     assert a.session("wide").held_tokens == 30 and a.session("wide").window_tokens() == random_ids(30, seed=6)
+
+
+def test_runtime_flags_of_the_model_config_are_no_other_model(trained, tmp_path):
+    # from_pretrained(..., output_hidden_states=True) changed the fingerprint: "made for another base
+    # model" though every weight was the same. Files made before still load (their legacy hash).
+    eng, path = trained
+    model = make_model("llama")
+    model.config.output_hidden_states, model.config.return_dict = True, False
+    flagged = AbsorberEngine(model, config=CFG)
+    flagged.load_memory(path)
+    ids = random_ids(5, seed=2)
+    assert torch.equal(flagged.logits(ids), eng.logits(ids))
+    legacy = _rewrite(path, tmp_path / "legacy.st",
+                      meta_changes={"model_fingerprint": memory_file.model_fingerprint(eng.runner, legacy=True)})
+    AbsorberEngine(make_model("llama"), config=CFG).load_memory(legacy)
+
+
+def test_a_memory_path_given_as_bytes_loads(trained):
+    eng, path = trained
+    other = AbsorberEngine(make_model("llama"), config=CFG)
+    other.load_memory(os.fsencode(path))              # a raw TypeError from safetensors before
+    assert memory_file.read_memory_config(os.fsencode(path)) == eng.config
+    assert other.window_tokens() == eng.window_tokens()

@@ -453,3 +453,56 @@ def test_a_load_that_fails_part_way_leaves_the_bank_as_it_was(tmp_path, monkeypa
     monkeypatch.setattr(session_mod.Session, "new_delta", real)
     dst.load_memory(tmp_path / "bank.absorber")
     assert len(dst.default.slots) == len(src.default.slots)
+
+
+def test_a_delta_past_bf16s_range_is_refused_by_a_bank(tmp_path):
+    # finite in fp32, inf once the bank rounds it: the bank held inf, its logits were NaN, and its
+    # next save wrote a file no load took
+    from safetensors.torch import save_file
+
+    src = AbsorberEngine(make_model("llama"), config=CFG.replace(memory_slots=1))
+    src.absorb(TEXTS[0], flush=True)
+    src.save_memory(tmp_path / "one.absorber")
+    tensors = load_file(tmp_path / "one.absorber")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "one.absorber"), framework="pt") as f:
+        meta = f.metadata()
+    key = next(k for k in tensors if k.endswith(".B"))
+    tensors[key][0, 0] = 3.4e38
+    save_file(tensors, str(tmp_path / "big.absorber"), metadata=meta)
+    dst = AbsorberEngine(make_model("llama"), config=CFG)
+    dst.absorb(TEXTS[1], flush=True)
+    before = [_state(d) for d in dst.default.slots]
+    with pytest.raises(MemoryFileError, match="past the range of torch.bfloat16"):
+        dst.load_memory(tmp_path / "big.absorber")
+    for kept, was in zip(dst.default.slots, before):
+        _assert_same(_state(kept), was)
+
+
+def test_ctrl_c_while_a_load_swaps_the_memory_in_is_raised_once_the_swap_is_whole(tmp_path, monkeypatch):
+    # A signal between the window's restore and the deltas' swap left the file's window with the old
+    # deltas, or (after slots.clear()) no delta at all: every later call an IndexError.
+    import signal
+
+    from absorber_engine import session as session_mod
+
+    src = AbsorberEngine(make_model("llama"), config=CFG)
+    for t in TEXTS:
+        src.absorb(t, flush=True)
+    src.save_memory(tmp_path / "bank.absorber")
+    dst = AbsorberEngine(make_model("llama"), config=CFG)
+    dst.absorb(TEXTS[0][:20])
+    real = session_mod.Session.restore_window
+
+    def interrupted(self, *args):
+        real(self, *args)
+        signal.raise_signal(signal.SIGINT)       # Ctrl-C right after the window, before the deltas
+
+    monkeypatch.setattr(session_mod.Session, "restore_window", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dst.load_memory(tmp_path / "bank.absorber")
+    assert len(dst.default.slots) == len(src.default.slots)
+    for got, want in zip(dst.default.slots, src.default.slots):
+        _assert_same(_state(got), _state(want))
+    ids = random_ids(6, seed=5)
+    assert torch.equal(dst.logits(ids), src.logits(ids))

@@ -55,6 +55,15 @@ def test_the_draw_refuses_what_it_cannot_read():
         sampling._twister.multinomial_from(key, 0, torch.ones(3, 4).numpy(), ids)
     with pytest.raises(ValueError, match=r"pos must be in \[0, 624\]"):
         sampling._twister.multinomial_from(key, 625, torch.ones(2, 4).numpy(), ids)
+    # rows torch.multinomial refuses gave ids -1 (negative values) and 0 (zeros), drawing words first
+    before = key.copy()
+    for row, message in ((-1.0, "negative, inf or NaN"), (float("nan"), "negative, inf or NaN"),
+                         (float("inf"), "negative, inf or NaN"), (0.0, "no positive value")):
+        probs = torch.ones(2, 5)
+        probs[1] = row
+        with pytest.raises(ValueError, match=message):
+            sampling._twister.multinomial_from(key, 0, probs.numpy(), ids)
+    assert (key == before).all()
 
 
 def test_without_the_extension_tokens_come_from_torchs_own_draw(monkeypatch):
