@@ -21,7 +21,7 @@ import os
 import weakref
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from . import interrupts
@@ -179,13 +179,12 @@ def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except TypeError:
         raise MemoryFileError(f"a memory file must be a path (str or os.PathLike), got {type(path).__name__}") from None
     if not os.path.isfile(path):
-        raise MemoryFileError(f"memory file {path!r} does not exist")
+        raise MemoryFileError(f"memory file {path!r} " + ("is a directory" if os.path.isdir(path) else "does not exist"))
     try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt") as f:      # the header first: a model's weights are not read
             meta = f.metadata() or {}
+        if meta.get("format") == FORMAT:
+            tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise MemoryFileError(f"{path} is not a readable memory file (truncated or corrupt?): {exc}") from exc
     if meta.get("format") != FORMAT:
