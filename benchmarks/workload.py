@@ -507,7 +507,7 @@ def decode_step(name: str, rows: int = 4, steps: int = 32, model_and_tok=None) -
     linear at `rows` tokens (base weight, plus x·A·B on the targets where the step does not merge
     the delta into reordered weights), the attention over the cached context (torch's sdpa), and the LM head."""
     from absorber_engine.sampling import sample_next
-    from absorber_engine.model import cache_tensors
+    from absorber_engine.hf_cache import cache_tensors
     from absorber_engine.static_decode import StaticDecoder, decode_weights
     from absorber_kernels import packed_linear
 

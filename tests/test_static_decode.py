@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine import decode_layers, static_decode
 from absorber_engine.lora import LowRankDelta
-from absorber_engine.model import cache_tensors
+from absorber_engine.hf_cache import cache_tensors
 from absorber_engine.targets import RoundBatch
 from absorber_engine.teacher import sample_with_states, teacher_targets
 from tests.tiny_models import ARCHS, make_model, random_ids

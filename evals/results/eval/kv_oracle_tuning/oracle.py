@@ -8,7 +8,7 @@ torch.set_num_threads(1)
 from absorber_engine import AbsorberEngine
 import absorber_engine.teacher as T
 from absorber_engine.targets import FutureGroup
-from absorber_engine.model import cache_tensors
+from absorber_engine.hf_cache import cache_tensors
 from evals.evaluate import engine_config, LIBRARY_OBJECTIVE, FUTURE_PROMPT
 from evals.tasks import make_example, score, kv_question, kv_record
 
