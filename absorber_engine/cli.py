@@ -3,8 +3,9 @@
 Exit codes (stable, for scripts):
   0   success
   1   an unexpected internal error (a bug: the traceback is printed)
-  2   bad arguments or bad input (empty input, token ids outside the vocabulary, bad config values)
-  3   the model directory is missing or the model is not supported
+  2   bad arguments or bad input (empty input, token ids outside the vocabulary, bad config values,
+      a model path or name that does not exist)
+  3   the model is not supported (not a causal LM, an unknown architecture)
   4   a memory file is missing, corrupt, of another version or made for another model
   5   an absorption round failed (NaN/inf or divergence); the memory up to the last good round is saved
   130 interrupted; the memory up to the last completed round is saved
@@ -298,8 +299,8 @@ def cmd_absorb_many(args) -> int:
     reports = absorb_many_processes(args.model, args.inputs, args.out_dir, config, nproc=args.nproc,
                                     dtype=args.dtype, device=args.device, as_ids=args.ids, quiet=args.quiet)
     for path, rep in sorted(reports.items()):
-        print(f"{path}: {rep['tokens']} tokens, {rep['rounds']} rounds, final loss {rep['final_loss']:.6g} "
-              f"-> {rep['memory']}")
+        print(f"{path}: {rep['tokens']} tokens, {rep['rounds']} rounds, final loss {rep['final_loss']:.6g}, "
+              f"{rep['seconds']:.1f} s, held {rep['held_bytes'] / 2**20:.2f} MiB -> {rep['memory']}")
     return EXIT_OK
 
 

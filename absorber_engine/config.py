@@ -163,9 +163,8 @@ class AbsorberConfig:
     """Shortest X a cut may leave. None: the tokens whose KV weighs one delta (86 for SmolLM2 at rank 4)."""
 
     replay_batch: int = 0
-    """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the
-    whole buffer does; the targets of the whole buffer are computed once a round. 0: all of them at
-    every step."""
+    """Replayed rounds the student reads per step, in turn, weighted so a cycle weighs what the whole
+    buffer does; the targets of the whole buffer are computed once a round. 0: all of them each step."""
 
     hidden_weight: float = 1.0
     """Weight of the paper's loss: L1 between student and teacher residual hidden states h^0..h^L at
@@ -296,7 +295,8 @@ class AbsorberConfig:
         if self.objective == "absorber":
             need(self.hidden_weight > 0 or self.kl_weight > 0,
                  "hidden_weight and kl_weight are both 0: the absorber objective would be empty")
-            need(self.future_tokens is None or self.sync_tokens == 0 or self.future_tokens <= self.sync_tokens,
+            need(self.future_tokens is None or self.sync_tokens == 0 or self.future_tokens <= self.sync_tokens
+                 or (self.futures == 0 and self.probes > 0),        # no future is ever sampled (round_span)
                  f"future_tokens ({self.future_tokens}) must not exceed sync_tokens ({self.sync_tokens}): "
                  "the teacher's KV over X plus a future must stay within chunk_tokens + sync_tokens")
             need(self.sync_tokens > 0 or self.futures > 0 or self.probes > 0,

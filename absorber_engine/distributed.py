@@ -99,7 +99,8 @@ def absorb_streams(engine, inputs: list[str], targets: dict[str, str], as_ids: b
         except AbsorberError as exc:
             raise type(exc)(f"{path}: {exc}" if path not in str(exc) else str(exc)) from exc
         reports[path] = {"tokens": report.tokens, "rounds": report.rounds, "steps": report.steps,
-                         "final_loss": report.final_loss, "seconds": report.seconds, "memory": targets[path]}
+                         "final_loss": report.final_loss, "seconds": report.seconds, "memory": targets[path],
+                         "held_bytes": engine.held_bytes()["delta"]}
     return reports
 
 

@@ -172,7 +172,7 @@ CONFIG_CASES = [
     ("unknown objective", dict(objective="magic"), "objective"),
     ("unknown backend", dict(backend="tpu"), "backend"),
     ("NaN learning rate", dict(lr=math.nan), "lr"),
-    ("futures longer than Y", dict(sync_tokens=8, future_tokens=9), "future_tokens"),
+    ("futures longer than Y", dict(sync_tokens=8, future_tokens=9, futures=1), "future_tokens"),
     ("empty objective", dict(hidden_weight=0.0, kl_weight=0.0), "empty"),
     ("nothing to synchronize on", dict(sync_tokens=0, futures=0, probes=0), "nothing to synchronize"),
     ("top_p out of range", dict(future_top_p=1.5), "future_top_p"),
@@ -186,6 +186,13 @@ CONFIG_CASES = [
 def test_bad_config(row, changes, message):
     with pytest.raises(ConfigError, match=message):
         AbsorberConfig(**{**CFG, **changes})
+
+
+def test_a_future_length_past_y_is_refused_only_where_a_future_is_sampled():
+    # `absorber serve --sync-tokens 32 --futures 0` on the shipped model (future_tokens 64) was refused
+    AbsorberConfig(**{**CFG, "sync_tokens": 8, "future_tokens": 9, "futures": 0, "probes": 1})
+    with pytest.raises(ConfigError, match="future_tokens"):     # no probes: a flush still samples one
+        AbsorberConfig(**{**CFG, "sync_tokens": 8, "future_tokens": 9, "futures": 0, "probes": 0})
 
 
 def test_config_round_trips_and_rejects_unknown_fields():
