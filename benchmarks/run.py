@@ -25,7 +25,8 @@ SECTIONS = {"kernels": "bench_kernels.py", "e2e": "bench_e2e.py", "streaming": "
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="absorber bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the ~2 minute version")
     ap.add_argument("--threads", default="auto",
                     help="torch intra-op threads; 'auto' (default): one per core not busy with other work "
