@@ -17,6 +17,8 @@ import sys
 from math import comb
 from pathlib import Path
 
+from .facts import score
+
 
 def exact_mcnemar(only_a: int, only_b: int) -> float:
     """Two-sided exact p of only_a vs only_b discordant pairs under p = 1/2."""
@@ -30,8 +32,12 @@ def verdicts(run: Path, method: str, in_window: bool = False) -> dict[tuple, tup
     """(doc, question) -> (answer, correct) of `method`'s rows; with in_window, the questions about
     a stream's documents still in the raw window too."""
     doc = json.loads((run / "results.json").read_text())
-    out = {(r["doc"], r["question"]): (r.get("answer"), bool(r["correct"])) for r in doc["rows"]
-           if r["method"] == method and (in_window or not r.get("in_window"))}
+    others: dict = {}                  # each document's answers: the rivals score() reads
+    for r in doc["rows"]:
+        others.setdefault(r.get("doc"), {})[r["answer"]] = None
+    # scored again under the current rule, as the tables are (a stored verdict may predate it)
+    out = {(r["doc"], r["question"]): (r.get("answer"), score(r["reply"], r["answer"], list(others[r.get("doc")])))
+           for r in doc["rows"] if r["method"] == method and (in_window or not r.get("in_window"))}
     if not out:
         raise SystemExit(f"{run}: no rows of method {method!r}")
     return out

@@ -14,9 +14,11 @@ def test_exact_mcnemar_is_the_two_sided_binomial_on_discordant_pairs():
     assert exact_mcnemar(0, 0) == 1.0 and exact_mcnemar(2, 2) == 1.0
 
 
-def _run(tmp_path, name, correct, method="absorber", in_window=(), answers=None):
-    rows = [dict(method=method, doc=i // 2, question=f"q{i}", correct=c, in_window=i in in_window,
-                 answer=f"a{i}" if answers is None else answers[i]) for i, c in enumerate(correct)]
+def _run(tmp_path, name, correct, method="absorber", in_window=(), answers=None, stored=None):
+    answers = answers or [f"Kal{i}" for i in range(len(correct))]
+    rows = [dict(method=method, doc=i // 2, question=f"q{i}", in_window=i in in_window, answer=answers[i],
+                 reply=f"It is {answers[i]}." if c else "I do not know.", correct=c if stored is None else stored[i])
+            for i, c in enumerate(correct)]
     d = tmp_path / name
     d.mkdir()
     (d / "results.json").write_text(json.dumps(dict(rows=rows)))
@@ -55,3 +57,10 @@ def test_runs_that_expect_other_answers_are_not_paired(tmp_path):
     b = _run(tmp_path, "b", [True, False], answers=["Kalo", "9007"])        # another seed's document
     with pytest.raises(SystemExit, match="different answers to 1 of their questions: not paired"):
         compare(verdicts(a, "absorber"), verdicts(b, "absorber"))
+
+
+def test_replies_are_scored_again_under_the_current_rule(tmp_path):
+    # A verdict stored under an earlier, looser rule counted as right (docs/recall.md's seed-1 row
+    # read 34 in the table and 35 here)
+    a = _run(tmp_path, "a", [True, False], stored=[True, True])
+    assert [v[1] for v in verdicts(a, "absorber").values()] == [True, False]
