@@ -148,7 +148,7 @@ def save_memory(session, path) -> None:
         "model_fingerprint": model_fingerprint(session.runner),
         "model_checksum": model_checksum(session.runner, cached=True),
         "model_type": session.runner.model_type,
-        "config": json.dumps(session.config.to_dict(), sort_keys=True),
+        "config": json.dumps(_made_with(session, st).to_dict(), sort_keys=True),
         "tokens_absorbed": str(session.absorbed_tokens),
         "rounds": str(session.rounds),
         "slots": str(len(session.slots)),
@@ -171,6 +171,16 @@ def save_memory(session, path) -> None:
         if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:    # a full disk is no bad argument
             raise InputError(f"cannot write memory file {path!r}: {exc}") from None
         raise
+
+
+def _made_with(session, st: dict) -> AbsorberConfig:
+    """The config a stream ran with: the engine's, with the session's own round sizes where it was
+    opened with others (what `absorber absorb --resume` rebuilds the engine from), unless no config
+    can hold them (a future longer than its Y), where the engine's stands as before."""
+    try:
+        return session.config.replace(chunk_tokens=st["chunk_tokens"], sync_tokens=st["sync_tokens"])
+    except ConfigError:
+        return session.config
 
 
 def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -319,3 +319,15 @@ def test_a_memory_path_given_as_bytes_loads(trained):
     other.load_memory(os.fsencode(path))              # a raw TypeError from safetensors before
     assert memory_file.read_memory_config(os.fsencode(path)) == eng.config
     assert other.window_tokens() == eng.window_tokens()
+
+
+def test_the_file_names_the_sizes_its_session_ran_with(tmp_path):
+    # a session opened with its own n and m saved the engine's: `absorb --resume` then went on in
+    # rounds its stream had not run in
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    sess = eng.session("own", chunk_tokens=12, sync_tokens=6)
+    sess.absorb(random_ids(30, seed=1))
+    sess.save_memory(tmp_path / "own.absorber")
+    got = memory_file.read_memory_config(tmp_path / "own.absorber")
+    assert (got.chunk_tokens, got.sync_tokens) == (12, 6) and got.replace(chunk_tokens=16, sync_tokens=8) == CFG
+    AbsorberEngine(make_model("llama"), config=got).load_memory(tmp_path / "own.absorber")
