@@ -277,7 +277,7 @@ class GenerationMixin:
                                 top_p, set(stops.ids), gens, watch or streamed)
         if watch is not None:
             return {name: watch.cut(out)[0 if isinstance(p, str) else 1] for (name, p), out in zip(prompts.items(), new)}
-        return {name: (self.tokenizer.decode(out) if isinstance(p, str) else out)
+        return {name: (stopping.answer_text(self.tokenizer, out) if isinstance(p, str) else out)
                 for (name, p), out in zip(prompts.items(), new)}
 
     @contextlib.contextmanager

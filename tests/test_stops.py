@@ -49,9 +49,12 @@ def test_a_stop_text_no_answer_holds_changes_nothing(eng):
 
 
 def test_an_added_token_text_is_its_id_and_empty_texts_are_refused(eng):
+    # An added token's text stops at its id and, written in pieces, as text; it no longer replaces
+    # the model's end tokens (an answer ran past </s> when "[INST]" was the stop).
     tok = eng.tokenizer
-    special = tok.convert_ids_to_tokens(tok.eos_token_id)
-    assert parse(special, tok, eng.runner.vocab_size) == Stops(frozenset({tok.eos_token_id}))
+    bos = tok.convert_ids_to_tokens(tok.bos_token_id)
+    got = parse(bos, tok, eng.runner.vocab_size)
+    assert got == Stops(frozenset({tok.bos_token_id, tok.eos_token_id}), (bos,))
     with pytest.raises(InputError, match="empty"):
         eng.generate(PROMPT, max_new_tokens=2, stop=["x", ""])
 
@@ -124,3 +127,40 @@ def test_the_cli_generates_with_stop_texts(eng, capsys):
     assert main(["generate", "--model", str(SHIPPED_MODEL), "--prompt", PROMPT, "--max-new-tokens", "24",
                  "--stop", stop, "--stop", "@@@"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == full[:full.find(stop)]
+
+
+def test_a_sentencepiece_answer_reads_as_it_follows_the_prompt():
+    # Decoded alone, "▁The" read "The": a stop text " The" never matched an answer's first token,
+    # and prompt + answer read "...isThe"
+    from absorber_engine.stops import TextWatch, answer_text
+    from tiny_tokenizers import sentencepiece_like
+
+    tok = sentencepiece_like()
+    the, key = tok.convert_tokens_to_ids("▁The"), tok.convert_tokens_to_ids("▁key")
+    assert answer_text(tok, [the, key]) == " The key" and tok.decode([the, key]) == "The key"
+    watch = TextWatch((" The",), tok, rows=1)
+    assert watch(0, the) is False                       # stops at the first token, as transformers does
+    assert watch.cut([the, key]) == ("", [])
+    assert TextWatch((" key",), tok, rows=1).cut([the, key]) == (" The", [the])
+
+
+def test_an_eos_text_outside_the_vocabulary_makes_no_end_of_unk():
+    class Tok:
+        eos_token_id = unk_token_id = 0                # "<|eot|>" not in the vocabulary resolves to <unk>
+
+    assert model_end_ids(None, Tok(), 100) == []
+
+
+def test_the_server_reads_a_templates_bos_once_and_streams_what_it_answers_whole():
+    from absorber_engine.serve.prompts import PromptBuilder
+    from tiny_tokenizers import sentencepiece_like, wordpiece_like
+
+    tok = sentencepiece_like()
+    msgs = [{"role": "user", "content": "Hello there"}]
+    whole = list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"])
+    assert whole[0] == tok.bos_token_id
+    assert PromptBuilder(tok, len(tok), prefix=[tok.bos_token_id]).chat(msgs).ids == whole[1:]   # was <s><s>[INST]
+    wp = wordpiece_like()
+    ids = wp.encode("don't world", add_special_tokens=False)
+    texts = [PromptBuilder(wp, len(wp)).decode(ids[:k]) for k in range(1, len(ids) + 1)]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))    # "don '" was sent, then "don't"

@@ -55,7 +55,7 @@ class ServeConfig:
 
 def create_app(engine, cfg: ServeConfig) -> FastAPI:
     """The server for `engine`, which it owns from now on (one worker thread makes every call)."""
-    prompts = PromptBuilder(engine.tokenizer, engine.runner.vocab_size, engine.runner.model)
+    prompts = PromptBuilder(engine.tokenizer, engine.runner.vocab_size, engine.runner.model, engine.runner.prefix)
     table = SessionTable(engine, StateDir(cfg.state_dir) if cfg.state_dir else None, cfg.idle_save_s)
     worker = Worker(engine, table, prompts, engine.runner.max_positions, cfg.max_queue, cfg.max_batch)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..stops import model_end_ids, turn_end_ids
+from ..stops import answer_text, model_end_ids, turn_end_ids
 from .errors import bad_request
 
 # Trailing tokens of a completion prompt read as the generation prompt, not taken into the session:
@@ -30,10 +30,11 @@ class Prompt:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, vocab_size: int, model=None):
+    def __init__(self, tokenizer, vocab_size: int, model=None, prefix: list[int] = ()):
         if tokenizer is None:
             raise ValueError("serving needs a model with a tokenizer")
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.prefix = list(prefix)       # what the engine reads before every sequence (its BOS)
         self.template = getattr(tokenizer, "chat_template", None) or None
         self.eos_ids = set(model_end_ids(model, tokenizer, vocab_size))
         self.chat_stop_ids = self.eos_ids | set(turn_end_ids(tokenizer, vocab_size))
@@ -42,7 +43,8 @@ class PromptBuilder:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # No clean-up of spaces: it rewrote text already streamed ("don '" sent, then "don't").
+        return answer_text(self.tokenizer, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def completion(self, prompt, param: str = "prompt") -> Prompt:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -54,6 +56,8 @@ class PromptBuilder:
         ids, lens = [], []
         for seg in segments:
             piece = self.encode(seg)
+            if not ids and self.prefix and piece[:len(self.prefix)] == self.prefix:
+                piece = piece[len(self.prefix):]   # a template that writes the BOS (Llama 2 and 3): read once
             ids += piece
             lens.append(len(piece))
         if not ids:
