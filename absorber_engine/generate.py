@@ -109,9 +109,8 @@ def logits_after(runner: ModelRunner, delta, window: WindowKV, ids: list[int]) -
 def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], prompts: list[list[int]],
                   max_new_tokens: int, temperature: float, top_p: float, stops: set[int],
                   generators: list[torch.Generator], on_token=None) -> list[list[int]]:
-    """New tokens of each row (stop tokens excluded), every row with its own delta and window.
-    on_token(row, token), when given, sees each new token as it is chosen; returning False ends
-    that row there."""
+    """New tokens of each row (stop tokens excluded), every row with its own delta and window. on_token(row,
+    token), when given, sees each new token as it is chosen; returning False ends that row there."""
     for row, (w, p) in enumerate(zip(windows, prompts)):
         if len(w.tokens) == len(runner.prefix) and not p:
             raise InputError(f"generate() needs a prompt when the window holds no tokens (row {row} of the batch)")
@@ -273,8 +272,8 @@ class GenerationMixin:
             deltas, windows, banked = map(list, zip(*[self._routed(s, p, recite) for s, p in zip(sessions, ids)]))
             if recite:
                 self._read_recitals(sessions, [i for i, b in enumerate(banked) if b], deltas, windows, ids, max_new_tokens)
-            new = generate_rows(self.runner, deltas, windows, ids, max_new_tokens, temperature,
-                                top_p, set(stops.ids), gens, watch or streamed)
+            new = generate_rows(self.runner, deltas, windows, ids, max_new_tokens, temperature, top_p,
+                                set(stops.ids), gens, watch or streamed)
         if watch is not None:
             return {name: watch.cut(out)[0 if isinstance(p, str) else 1] for (name, p), out in zip(prompts.items(), new)}
         return {name: (stopping.answer_text(self.tokenizer, out) if isinstance(p, str) else out)

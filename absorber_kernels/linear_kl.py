@@ -18,37 +18,8 @@ import torch
 from ._common import (HAS_TRITON, LN2, LOG2E, check_tensors, cuda_arch, dot_precision, grad_dtype, next_pow2,
                       num_sms)
 from .frozen_linear import cast_weight
-from .head_chunks import ROWS, HeadChunks, check_head_inputs, exp_rows_, gemm_dtype, row_dot, sub_
-
-
-def teacher_distribution(zt: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """Teacher logits (rows, V) in the accumulation dtype -> p_t, in place, and returns Σ_v p_t·log p_t
-    (rows,): constant within a round."""
-    if temperature != 1.0:
-        zt /= temperature
-    if top_k and top_k < zt.shape[-1]:
-        kept, where = torch.topk(zt, top_k, dim=-1)          # exactly k, ties chosen by topk
-        zt.fill_(float("-inf")).scatter_(-1, where, kept)
-    _, sums = exp_rows_(zt)
-    zt.div_(sums[:, None])
-    # p·log p with p = 0 outside the top k read as p·log(tiny) = 0: xlogy's sum, 3.8 ms not 12.6 (64 x 49,152).
-    return row_dot(zt, zt.clamp_min(torch.finfo(zt.dtype).tiny).log_())
-
-
-def teacher_side(ht, weight, bias=None, temperature=1.0, top_k=0, dtype=torch.float32, chunk=ROWS):
-    """p_t of all N rows in `dtype` and Σ p_t·log p_t (fp32 at least), with linear_kl_ref's matmul
-    dtype: what it takes as `teacher_p`, to skip the teacher's half of every call."""
-    check_head_inputs("teacher_side", weight, bias, temperature, ht)
-    gemm = gemm_dtype(ht)
-    with torch.autocast(ht.device.type, enabled=False):
-        head = HeadChunks(weight.detach(), None if bias is None else bias.detach(), gemm, min(chunk, ht.shape[0]))
-        pt = ht.new_empty(ht.shape[0], weight.shape[0], dtype=dtype)
-        neg_entropy = ht.new_empty(ht.shape[0], dtype=torch.promote_types(dtype, torch.float32))
-        for i in range(0, ht.shape[0], chunk):
-            zt = head.logits(ht[i:i + chunk])
-            neg_entropy[i:i + chunk] = teacher_distribution(zt, temperature, top_k)
-            pt[i:i + chunk] = zt
-    return pt, neg_entropy
+from .head_chunks import (ROWS, HeadChunks, check_head_inputs, exp_rows_, gemm_dtype, row_dot, sub_,
+                          teacher_distribution, teacher_side)
 
 
 class LinearKLRef(torch.autograd.Function):
@@ -145,17 +116,16 @@ def linear_kl_ref(
 # row. Recomputing the two logit tiles costs two GEMM-equivalents (ROOFLINE.md); dz is `chunk` × V.
 #
 # Top-k teacher (the reference keeps the teacher's k largest logits and renormalises over them):
-#   top_k ≤ 128: in pass 1 itself. Each row keeps a running top-K_PAD buffer of 64-bit keys: the high
-#     32 bits are the teacher logit made order-preserving as a signed integer, the low 32 bits carry
-#     the student logit of the same vocabulary entry. Per tile: topk(cat(buffer, topk(tile))). At the
-#     end the buffer holds the teacher's top k with their student logits, which is all the teacher
-#     side of KL needs; the student's log-sum-exp runs online over the whole vocabulary as usual.
-#     The merged top k gives the threshold τ (the k-th largest teacher logit) for pass 2.
-#   top_k > 128 (threshold fallback): τ per row from teacher logits written 256 rows at a time by the
-#     pass-2 kernel (pass 1's tiles and arithmetic) and torch.topk; pass 1 then keeps z_t ≥ τ (a 256 × V buffer).
-#   Ties at τ: pass 2 (and the fallback's pass 1) keep z_t ≥ τ − 2⁻²⁰·max(1, |τ|), so that a last-bit
-#     difference between two kernels' recomputation of the same logit cannot drop the k-th entry; entries
-#     that close to τ are all kept (the reference keeps exactly k): with real logits, probability ~0.
+#   k + 1 ≤ BLOCK_V (and k ≤ 127): in pass 1. Each row keeps a running top-K_PAD buffer (K_PAD =
+#     next_pow2(k + 1)) of 64-bit keys: the teacher logit made order-preserving in the high 32 bits,
+#     the student logit of the same entry in the low 32; per tile topk(cat(buffer, topk(tile))). The
+#     merged top k are all the teacher's side of KL needs; their k-th is the threshold τ of pass 2.
+#   larger k (threshold fallback): τ per row from teacher logits written 256 rows at a time by the
+#     pass-2 kernel and torch.topk; pass 1 then keeps z_t ≥ τ (a 256 × V buffer).
+#   Ties: pass 2 (and the fallback's pass 1) keep z_t ≥ τ − 2⁻²⁰·max(1, |τ|), so a last-bit difference
+#     between two kernels' logits cannot drop the k-th entry. Where the (k+1)-th is that close, the
+#     fused loss would read k entries and pass 2 more: such a call takes the fallback, whose loss and
+#     gradient keep every tied entry (the reference keeps exactly k).
 # ---------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
