@@ -213,7 +213,7 @@ def _summary(report, eng, seconds: float) -> str:
         + (f" ({report.gated} rounds skipped by the surprise gate)" if report.gated else "")
         + (f" ({report.unrecited} rounds kept short of reciting their text: recite_exact ran out)"
            if report.unrecited else ""),
-        f"final loss      : {report.final_loss:.6g}",
+        f"final loss      : {report.final_loss:.6g}" if report.rounds else "final loss      : - (no round ran)",
         f"time            : {seconds:.2f} s",
         f"held memory     : delta {held['delta'] / 2**20:.2f} MiB + window {eng.held_tokens} tokens",
     ])
