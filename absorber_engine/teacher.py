@@ -58,17 +58,20 @@ def teacher_targets(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig)
 
 
 KEPT_DISTRIBUTIONS_BYTES = 256 * 2**20
-"""The teacher's next-token distributions a round keeps for the KL at most (positions × vocabulary,
-in bf16 or fp32 (_kept_dtype): 256 MiB is 2730 or 1365 positions of SmolLM2's 49,152 tokens);
-groups past it recompute theirs at every step."""
+"""The teacher's next-token distributions a round keeps for the KL at most, per stream (positions ×
+vocabulary, in bf16 or fp32 (_kept_dtype): 256 MiB is 2730 or 1365 positions of SmolLM2's 49,152
+tokens); groups past it recompute theirs at every step. Per stream, not per batch: a budget the
+batch shared kept a stream's distributions alone and recomputed them beside others, which round
+otherwise, and a stream's delta then depended on the traffic it was batched with (0.02 apart)."""
 
 
 def _keep_teacher_distributions(runner, out: list[SyncTargets], cfg) -> None:
     """The KL's teacher side, softmax(h_t·Wᵀ/T) on every synchronized position, computed once a
     round instead of at every step (the PyTorch reference's path; the Triton kernel gets it for
     free). On the chat demo it was 25 of 247 s of absorption."""
-    head, left = runner.head, KEPT_DISTRIBUTIONS_BYTES
+    head = runner.head
     for t in out:
+        left = KEPT_DISTRIBUTIONS_BYTES
         for g in t.groups:
             if g.final is None:
                 continue

@@ -54,6 +54,22 @@ def test_batched_absorption_equals_one_by_one(objective, replay):
                                    rtol=1e-3, atol=1e-3)
 
 
+def test_a_stream_keeps_its_teacher_distributions_whatever_it_is_batched_with(monkeypatch):
+    # The budget of kept KL distributions was the batch's: alone a stream kept its own, beside others
+    # it recomputed them at every step (other roundings), so its delta depended on the traffic.
+    from types import SimpleNamespace
+
+    from absorber_engine import teacher
+
+    eng = AbsorberEngine(make_model("llama"), config=CFG)
+    rows = 40
+    monkeypatch.setattr(teacher, "KEPT_DISTRIBUTIONS_BYTES", rows * eng.runner.vocab_size * 4)   # one stream's, fp32
+    streams = [SimpleNamespace(groups=[SimpleNamespace(final=torch.randn(rows, eng.runner.hidden_size), teacher_p=None)])
+               for _ in range(3)]
+    teacher._keep_teacher_distributions(eng.runner, streams, CFG)
+    assert all(t.groups[0].teacher_p is not None for t in streams)      # was: the first stream's only
+
+
 def test_batched_generation_equals_one_by_one():
     eng = AbsorberEngine(make_model("qwen2"), config=CFG)
     eng.session("a").absorb(STREAMS["a"])                # windows of different lengths: rows are padded
