@@ -38,6 +38,7 @@ SESSION_HEADER = "X-Absorber-Session"
 RESET_HEADER = "X-Absorber-Session-Reset"
 FED_HEADER = "X-Absorber-Fed-Tokens"
 MAX_SESSION_ID = 256
+DISCONNECT_POLL_S = 0.25      # how often a waiting request looks whether its client is still there
 
 
 @dataclass
@@ -126,11 +127,23 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         check_session_id(sid, param)
         return sid
 
-    async def wait(job: Job, fut):
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=max(job.deadline - time.monotonic(), 0.0))
-        except asyncio.TimeoutError:
-            raise timed_out(job.timeout) from None
+    async def wait(job: Job, fut, request: Request | None = None):
+        """The job's answer; a 504 past its deadline. With `request`, a client that leaves cancels
+        the job, which the worker then stops feeding and decoding (a whole answer was decoded to its
+        end for nobody, and every request queued behind it waited)."""
+        answer = asyncio.ensure_future(asyncio.wrap_future(fut))
+        while True:
+            left = job.deadline - time.monotonic()
+            if left <= 0:
+                answer.cancel()                 # cancels `fut` too: the worker sees it done
+                raise timed_out(job.timeout)
+            done, _ = await asyncio.wait({answer}, timeout=min(left, DISCONNECT_POLL_S if request else left))
+            if done:
+                return answer.result()
+            if request is not None and await request.is_disconnected():
+                answer.cancel()
+                raise APIError(499, "the client closed the request", type="invalid_request_error",
+                               code="client_closed")
 
     def sampling_of(req, max_tokens: int) -> Sampling:
         return Sampling(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
@@ -154,7 +167,7 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         sink = StreamSink(asyncio.get_running_loop()) if req.stream else None
         job = Job("generate", sid, prompt, sampling_of(req, max_tokens), sink=sink, timeout=cfg.timeout_s)
         fut = worker.submit(job)
-        meta = await wait(job, fut)
+        meta = await wait(job, fut, request if sink is None else None)     # a stream sees its own client go
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if sink is not None:
@@ -261,7 +274,7 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
             ids = list(data)
             prompts.check_ids(ids, "tokens")
         job = Job("absorb", session_id, document=ids, flush=req.flush, timeout=cfg.timeout_s)
-        return await wait(job, worker.submit(job))
+        return await wait(job, worker.submit(job), request)
 
     return app
 

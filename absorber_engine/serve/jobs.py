@@ -3,7 +3,7 @@ and the share of one worker turn a job gets (its plan)."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from .errors import APIError
@@ -34,15 +34,20 @@ class Job:
     future: Future = field(default_factory=Future)
     deadline: float = 0.0
 
+    # The route cancels the future from the event loop's thread (a timeout, a client gone): between
+    # a check and a set it may have, so the set itself is what is guarded.
     def fail(self, err: APIError) -> None:
-        if not self.future.done():
+        try:
             self.future.set_exception(err)
-        elif self.sink is not None:
-            self.sink.put("error", err)
+        except InvalidStateError:
+            if self.sink is not None:
+                self.sink.put("error", err)
 
     def done(self, value) -> None:
-        if not self.future.done():
+        try:
             self.future.set_result(value)
+        except InvalidStateError:
+            pass
 
 
 @dataclass

@@ -83,6 +83,7 @@ class SessionTable:
             self.refuse_held(session_id)
             conv = Conversation(session_id, _key(session_id))
             self.engine.session(conv.key)            # may refuse: then no entry without a session
+            conv.changed()                           # saved even if nothing is fed: it exists, and lists
             self.convs[session_id] = conv
         return conv
 

@@ -250,6 +250,14 @@ class Worker:
                                             f"of this request were taken in and saved", type="server_error",
                                        code="shutting_down")
                 break
+            for p in [p for p in pending if p.job.future.done() or time.monotonic() > p.job.deadline
+                      or (p.job.sink is not None and p.job.sink.closed)]:
+                # answered already (504) or its client gone: a timed-out /absorb went on absorbing the
+                # whole document, and a retry then took it in twice
+                p.error = APIError(504, f"the request ran past its deadline: {p.pos} of the {len(p.feed)} new "
+                                        "tokens of this request were taken in and saved", type="timeout_error",
+                                   code="timeout")
+            pending = [p for p in pending if p.error is None]
             progress = False
             for p in pending:
                 sess = self.table.session(p.conv)

@@ -56,3 +56,18 @@ def test_a_saved_session_that_does_not_load_is_kept_and_refused_until_deleted(tm
     assert not list((tmp_path / "state").glob(f"{stem('alice')}.*"))
     table.save(table.open("alice"))
     assert json.loads((tmp_path / "state" / f"{stem('alice')}.json").read_text())["session"] == "alice"
+
+
+def test_a_session_opened_with_nothing_fed_is_saved_and_comes_back():
+    # A request whose prompt was all generation prompt (nothing fed) made a session that listed and
+    # answered, but was never dirty, so never saved: a clean restart lost it.
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = StateDir(Path(tmp) / "state")
+        first = SessionTable(AbsorberEngine(make_model("llama"), config=CFG), state, idle_save_s=0.0)
+        first.open("tiny")
+        first.save_all()
+        again = SessionTable(AbsorberEngine(make_model("llama"), config=CFG), state, idle_save_s=0.0)
+        assert again.load() == 1 and again.get("tiny") is not None
