@@ -72,7 +72,7 @@ class AbsorberConfig:
     recite_exact: int = 0
     """k > 0, with the recite probe: a round whose delta after max_steps would not recite X (a token of X not
     the greedy pick by recital.RECITE_MARGIN) trains on, at most k steps, until it would. absorber-tiny's
-    held-out key-value records at 4x / 8x: 68/71 / 72/75 recalled against 63/71 / 30/75 without. 0: off."""
+    held-out key-value records at 8x: 72/75 recalled against 30/75 without (4x: 68/71, 63/71). 0: off."""
 
     surprise_gate: float = 0.0
     """Streams: a round trains only if its first loss is ≥ this × the median first loss of the stream's
@@ -155,10 +155,10 @@ class AbsorberConfig:
     per round"); 32 in its recommended config. Held memory grows a delta a round (bf16) up to K. Replay
     needs the one delta: replay_rounds = 0."""
     round_cut: str = ""
-    """Text that may end a round early (e.g. "\n\n"): X ends after the first token containing it, or
-    completing it with the token before, once X holds round_cut_min tokens, else at n (round_cuts.py). With memory_slots > 1 a delta then
-    holds one document: SmolLM2-135M, 24 documents streamed as plain text (seed 17), 48.8% recalled
-    cut at blank lines (m = 0) against 10.7% in rounds of 512. "": rounds of exactly n (the paper)."""
+    """Text that may end a round early (e.g. "\n\n"): X ends after the first token holding it, or
+    completing it with the token before, once X holds round_cut_min tokens, else at n (round_cuts.py).
+    With memory_slots > 1 a delta then holds one document: SmolLM2-135M, 24 documents streamed as
+    plain text (seed 17), 48.8% recalled cut at blank lines (m = 0) against 10.7% in rounds of 512. "": rounds of n."""
     round_cut_min: int | None = None
     """Shortest X a cut may leave. None: the tokens whose KV weighs one delta (86 for SmolLM2 at rank 4)."""
 

@@ -130,13 +130,13 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         return len(ids)
 
     def absorb(self, text_or_ids, flush: bool = False, progress=None, session=DEFAULT_SESSION) -> AbsorbReport:
-        """Feeds the stream and absorbs every round its window allows (all of it with flush). Each call's
-        text is tokenized alone: stream text in pieces that end at line ends (a word cut in two reads as
-        other tokens than it would whole), or token ids. Other
-        sessions' ready rounds run too, batched with this one's or before them. If one of this
-        session's rounds fails, its memory stays as it was before that round, the window keeps the
-        tokens not absorbed yet, and the error (AbsorptionError, or any other: out of memory, Ctrl-C)
-        says how many of this call's tokens were taken (`err.tokens_taken`): resume from there."""
+        """Feeds the stream and absorbs every round its window allows (all of it with flush). Each
+        call's text is tokenized alone (a word cut between calls reads as other tokens): stream text in
+        pieces that end at line ends, or token ids. Other sessions' ready rounds run too, batched with
+        this one's or before them. If one of this session's rounds fails, its memory stays as it was
+        before that round, the window keeps the tokens not absorbed yet, and the error (AbsorptionError,
+        or any other: out of memory, Ctrl-C) says how many of this call's tokens were taken
+        (`err.tokens_taken`): resume from there."""
         sess = self._get(session)
         inputs.check_flag("flush", flush)
         ids = self.to_ids(text_or_ids, allow_empty=flush)

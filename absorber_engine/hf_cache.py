@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-
 from transformers import DynamicCache
 
 

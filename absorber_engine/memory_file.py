@@ -217,7 +217,8 @@ def read_memory_config(path) -> AbsorberConfig:
 def load_memory(session, path) -> None:
     tensors, meta = read_memory(path)
     runner = session.runner
-    if meta.get("model_fingerprint") not in (model_fingerprint(runner), model_fingerprint(runner, legacy=True)) or (   # files before 2026-12-06: no checksum
+    fingerprints = (model_fingerprint(runner), model_fingerprint(runner, legacy=True))
+    if meta.get("model_fingerprint") not in fingerprints or (     # files before 2026-12-06: no checksum
             "model_checksum" in meta and meta["model_checksum"] != model_checksum(runner, cached=runner in _read_once)):
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
@@ -300,6 +301,7 @@ def load_memory(session, path) -> None:
         session.surprise.clear()
         if surprise is not None:
             session.surprise.extend(surprise.tolist()[-session.surprise.maxlen:])
+
 
 def _count(text: str) -> int:
     """A header's counter as save_memory writes it: ASCII digits only (int() also took "١٢", " +1_0 ")."""
