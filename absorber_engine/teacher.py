@@ -61,8 +61,8 @@ KEPT_DISTRIBUTIONS_BYTES = 256 * 2**20
 """The teacher's next-token distributions a round keeps for the KL at most, per stream (positions ×
 vocabulary, in bf16 or fp32 (_kept_dtype): 256 MiB is 2730 or 1365 positions of SmolLM2's 49,152
 tokens); groups past it recompute theirs at every step. Per stream, not per batch: a budget the
-batch shared kept a stream's distributions alone and recomputed them beside others, which round
-otherwise, and a stream's delta then depended on the traffic it was batched with (0.02 apart)."""
+batch shared kept a stream's distributions alone and recomputed them beside others (other sums),
+so what a stream learnt depended on the traffic it was batched with, past the batch's rounding."""
 
 
 def _keep_teacher_distributions(runner, out: list[SyncTargets], cfg) -> None:
