@@ -17,6 +17,7 @@ token, and prompt + answer read "...isThe".
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -146,19 +147,15 @@ _sentinels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _sentinel(tokenizer) -> tuple[int, str] | None:
     """(id, text) of the plain token "a" answer_text() decodes in front, found once per tokenizer."""
-    try:
+    with contextlib.suppress(KeyError, TypeError):     # TypeError: no weak reference can hold it (not cached)
         return _sentinels[tokenizer]
-    except (KeyError, TypeError):       # TypeError: an object no weak reference can hold (not cached)
-        pass
     try:
         ids = tokenizer.encode("a", add_special_tokens=False)
         found = (ids[-1], tokenizer.decode(ids[-1:])) if ids else None
     except Exception:            # a tokenizer that cannot encode plain text: decode alone
         found = None
-    try:
+    with contextlib.suppress(TypeError):
         _sentinels[tokenizer] = found
-    except TypeError:
-        pass
     return found
 
 

@@ -3,6 +3,7 @@ and the share of one worker turn a job gets (its plan)."""
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
@@ -44,10 +45,8 @@ class Job:
                 self.sink.put("error", err)
 
     def done(self, value) -> None:
-        try:
+        with contextlib.suppress(InvalidStateError):
             self.future.set_result(value)
-        except InvalidStateError:
-            pass
 
 
 @dataclass
