@@ -3,9 +3,10 @@ the shortest X worth a delta of its own.
 
 A round's X is n tokens by default, whatever they hold. With `round_cut` set, the scheduler ends X
 after the first token whose text contains it (a paragraph or document break, say), or that
-completes it with the token before, once X holds at least `min_cut` tokens, so one round absorbs one document and, with memory_slots > 1, one delta
-holds it: a rank-4 delta of 32 steps keeps about one document, and several documents with the same
-kinds of facts in one delta mix (docs/recall.md, "A delta per round").
+completes it with the token before, once X holds at least `min_cut` tokens, so one round absorbs
+one document and, with memory_slots > 1, one delta holds it: a rank-4 delta of 32 steps keeps about
+one document, and several documents with the same kinds of facts in one delta mix (docs/recall.md,
+"A delta per round").
 """
 
 from __future__ import annotations
