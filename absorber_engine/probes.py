@@ -57,7 +57,7 @@ def build_frame(tokenizer, kinds, use_chat: bool = True, prefix: list[int] = ())
     """The frame for `kinds` under `tokenizer` (None: a model without one gets plain-text seeds
     it cannot read, so probes need a tokenizer; callers check). `prefix`: what the model reads
     before every sequence (its BOS), which a template that writes it too must not add again."""
-    enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))       # noqa: E731
+    enc, after = _encoders(tokenizer)
     template = getattr(tokenizer, "chat_template", None)
     if use_chat and template:
         def render(messages):
@@ -74,22 +74,46 @@ def build_frame(tokenizer, kinds, use_chat: bool = True, prefix: list[int] = ())
         student_before = render([{"role": "user", "content": _MARK}]).split(_MARK, 1)[0]
         # The probe starts where both sequences agree: the opening of the user turn (and whatever
         # closes the message before it), so teacher and student read the probe token for token.
-        turn = _common_tail(between, student_before, enc)
+        turn = _common_tail(between, student_before, enc, after)
+        teacher_close, student_open = between[:len(between) - len(turn)], student_before[:len(student_before) - len(turn)]
+        if after is not enc:
+            # "▁" tokenizers read a space as the start of the word after it ("[INST] Ask": "▁Ask"):
+            # a space that ends the student's opening goes with the seed; X, encoded alone, starts
+            # with one of its own.
+            if student_open.endswith(" "):
+                student_open, teacher_close, turn = student_open[:-1], teacher_close.removesuffix(" "), " " + turn
+            before_ctx = before_ctx.removesuffix(" ")
         # A template that writes the BOS (Llama 3's, Mistral's) would have it read twice.
         strip = lambda ids: ids[len(prefix):] if prefix and ids[:len(prefix)] == list(prefix) else ids  # noqa: E731
-        frame = ProbeFrame(strip(enc(before_ctx)), enc(between[:len(between) - len(turn)]),
-                           strip(enc(student_before[:len(student_before) - len(turn)])), chat=True)
+        frame = ProbeFrame(strip(enc(before_ctx)), after(teacher_close), strip(enc(student_open)), chat=True)
         for kind in kinds:
-            frame.seeds[kind] = enc(turn + SEED_PROMPTS[kind] + after_user)
+            frame.seeds[kind] = after(turn + SEED_PROMPTS[kind] + after_user)
         frame.stop = _stop_ids(tokenizer)
-        frame.context_end = enc(_system_close(tokenizer))
+        frame.context_end = after(_system_close(tokenizer))
         return frame
-    frame = ProbeFrame([], enc("\n"), [], chat=False)
+    frame = ProbeFrame([], after("\n"), [], chat=False)
     for kind in kinds:
-        frame.seeds[kind] = enc(SEED_PROMPTS[kind] + "\n")
+        frame.seeds[kind] = after(SEED_PROMPTS[kind] + "\n")
     eos = getattr(tokenizer, "eos_token_id", None)
     frame.stop = [eos] if isinstance(eos, int) else []
     return frame
+
+
+def _encoders(tokenizer):
+    """(alone, after): ids of a text that opens a sequence, and of a text that follows other text.
+    Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2) encodes both alike. SentencePiece-style
+    tokenizers (Llama 2, Mistral) put "▁" before a text's first word when it is encoded alone, so a
+    frame cut in pieces read a space after X and before every seed that the template does not
+    write: there a text that follows is encoded after a newline, whose byte token never joins what
+    comes next, and that newline's ids are dropped."""
+    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []   # noqa: E731
+    anchor = enc("\n")
+
+    def after(text):
+        ids = enc("\n" + text)
+        return ids[len(anchor):] if text and ids[:len(anchor)] == anchor else enc(text)
+
+    return enc, (after if after("a") != enc("a") else enc)
 
 
 def frame_for(tokenizer, cfg, prefix: list[int] = ()) -> ProbeFrame | None:
@@ -156,11 +180,11 @@ def question_frame(tokenizer) -> tuple[list[int], list[int]] | None:
                         {"role": "user", "content": _MARK}]).split(_MARK)[2]
     except Exception:        # a template that refuses these turns: no opening to find
         return None
-    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False))        # noqa: E731
-    turn = _common_tail(first, later, enc)
+    enc, after = _encoders(tokenizer)
+    turn = _common_tail(first, later, enc, after)
     if "user" not in turn:
         return None
-    return enc(first[:len(first) - len(turn)]), enc(turn)
+    return enc(first[:len(first) - len(turn)]), after(turn)
 
 
 def _system_close(tokenizer) -> str:
@@ -172,15 +196,16 @@ def _system_close(tokenizer) -> str:
         return ""
 
 
-def _common_tail(a: str, b: str, enc) -> str:
+def _common_tail(a: str, b: str, enc, after) -> str:
     """The longest text both end with that each splits at a token boundary: a tail of characters
     alone can start inside a special token ("|>" ends both "<|eot_id|>" and "<|begin_of_text|>"
-    under Llama 3's template), and the frame would then read ids no chat has."""
+    under Llama 3's template), and the frame would then read ids no chat has. (`enc`, `after`:
+    _encoders'.)"""
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
     tail = a[len(a) - n:]
-    splits = lambda text: enc(text[:len(text) - len(tail)]) + enc(tail) == enc(text)     # noqa: E731
+    splits = lambda text: enc(text[:len(text) - len(tail)]) + after(tail) == enc(text)     # noqa: E731
     while tail and not (splits(a) and splits(b)):
         tail = tail[1:]
     return tail

@@ -471,3 +471,28 @@ def test_the_frame_is_cut_between_tokens_and_reads_the_templates_own_ids():
     opening, turn = question_frame(tok)
     assert tok.convert_ids_to_tokens(turn[:1]) == ["<|start_header_id|>"] and opening == tok.encode(
         "<|begin_of_text|>", add_special_tokens=False)
+
+
+def test_a_sentencepiece_frame_reads_the_templates_own_ids_around_x_and_in_the_students_prompt():
+    """A "▁" tokenizer puts a space before the first word of a text encoded alone: the frame's
+    pieces, encoded one by one, read a lone "▁" after X and "▁ ▁Ask" in the student's prompt, which
+    Llama 2's template writes as "<0x0A>" and "▁Ask". What stays apart from the template: X's own
+    first word (encoded alone by absorb()) and the teacher's seed, which it shares with the student."""
+    from tiny_tokenizers import LLAMA2_TEMPLATE, sentencepiece_like
+
+    tok = sentencepiece_like()
+    tok.chat_template = LLAMA2_TEMPLATE
+    bos = [tok.bos_token_id]
+    frame = build_frame(tok, ("question",), prefix=bos)
+    chat = lambda messages: tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,  # noqa: E731
+                                                    return_dict=False)
+    ask = {"role": "user", "content": SEED_PROMPTS["question"]}
+    assert bos + frame.student_open + frame.seeds["question"] == chat([ask])
+    notes = "Tom's pass key is 71432."
+    whole = chat([{"role": "system", "content": notes}, ask])
+    newline = tok.encode("\n", add_special_tokens=False)
+    x_in_chat = tok.encode("\n" + notes, add_special_tokens=False)[len(newline):]     # X as the template reads it
+    start = len(bos + frame.context_open)
+    assert whole[:start] == bos + frame.context_open and whole[start:start + len(x_in_chat)] == x_in_chat
+    assert whole[start + len(x_in_chat):][:len(frame.context_close)] == frame.context_close
+    assert tok.convert_ids_to_tokens(frame.context_close[:1]) == ["<0x0A>"]
