@@ -27,8 +27,17 @@ def kv_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
 
 
 def vocabulary_texts(tokenizer) -> list[str]:
-    """Each id's text decoded alone (about a second for SmolLM2's 49,152)."""
-    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    """Each id's text as it reads after other text (about a second for SmolLM2's 49,152). A
+    SentencePiece-style decoder drops the space that opens a text ("▁Next" alone reads "Next"), so
+    there a cut that starts with a space was in no token: each id is read after a newline's ids,
+    and that newline cut off."""
+    alone = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    anchor = tokenizer.encode("\n", add_special_tokens=False)
+    lead, word = tokenizer.decode(anchor), tokenizer.encode("a", add_special_tokens=False)
+    if not anchor or tokenizer.decode(anchor + word) == lead + tokenizer.decode(word):
+        return alone                        # byte-level BPE: a token reads alone as it reads anywhere
+    after = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))])
+    return [t[len(lead):] if t.startswith(lead) else a for t, a in zip(after, alone)]
 
 
 def boundary_ids(texts: list[str], text: str) -> list[int]:

@@ -70,3 +70,22 @@ def test_refused_configs():
         AbsorberEngine(make_model("llama"), config=AbsorberConfig(round_cut="\n"))
     with pytest.raises(ConfigError, match="no token of this vocabulary, nor two in a row"):
         AbsorberEngine.from_pretrained(MODEL, config=CFG.replace(round_cut="\u2603\u2603\u2603"))
+
+
+def test_a_cut_that_starts_with_a_space_is_found_under_a_sentencepiece_tokenizer():
+    # "▁the" decoded alone reads "the": no token held " the", and such a cut was refused.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_tokenizers import sentencepiece_like
+
+    tok = sentencepiece_like()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2))
+    eng = AbsorberEngine(model.eval(), tokenizer=tok, config=CFG.replace(round_cut=" the", round_cut_min=4))
+    assert tok.convert_tokens_to_ids("▁the") in eng.scheduler.cut_after
+    ids = eng.to_ids("Hello world. The grass is green and the sky is blue. " * 6)
+    eng.absorb(ids, flush=True)
+    ends = list(itertools.accumulate(d.round_tokens for d in eng.default.slots))
+    assert len(ends) > 1 and all(tok.convert_ids_to_tokens(ids[e - 1]) == "▁the" for e in ends[:-1])
