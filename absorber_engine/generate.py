@@ -252,14 +252,14 @@ class GenerationMixin:
         inputs.check_callback("on_token", on_token)
         if not isinstance(recite, bool):
             raise InputError(f"recite must be true or false, got {recite!r}")
-        if recite:
-            recital.check_frame(self.frame)
         if not isinstance(prompts, dict):
             raise InputError(f"generate_batch takes a dict of session name -> prompt, got {type(prompts).__name__}")
         if not prompts:
             raise InputError("generate_batch() needs at least one session")
         sessions = [self._get(name) for name in prompts]
         ids = [self.to_ids(p if p is not None else [], allow_empty=True) for p in prompts.values()]
+        if recite:        # every prompt, banked or not: what is refused does not hang on the memory held
+            recital.check_prompts(self.frame, self._question_frame, ids)
         for sess, p in zip(sessions, ids):
             self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
         stops = stopping.parse(stop, self.tokenizer, self.runner.vocab_size, self.runner.model)

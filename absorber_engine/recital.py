@@ -219,14 +219,34 @@ def answer_prompt(frame: ProbeFrame, question_frame: tuple | None, recital: list
     that way against 8/40 with the recital first (tuning stream of seed 41)."""
     if not frame.chat:                          # plain text: the recital, a line break, the prompt
         return recital + frame.context_close + ids
+    check_prompt(frame, question_frame, ids)
     opening, turn = question_frame or ([], [])
     last = last_turn(ids, turn) if turn else None
-    if opening and ids[:len(opening)] == opening and last == len(opening):
+    if _plain_chat(opening, last, ids):
         return frame.context_open + recital + frame.context_close + ids[len(opening):]
-    if not frame.context_end:
-        raise InputError("recite: this chat template holds no system message of its own before the prompt; "
-                         "ask in a plain chat (one user turn after the template's default opening)")
     at, close = last or 0, frame.context_end
     if ids[at:at + len(close)] == close:        # the turn opens by closing the message before it
         at += len(close)
     return ids[:at] + frame.context_open + recital + close + ids[at:]
+
+
+def check_prompts(frame: ProbeFrame | None, question_frame: tuple | None, prompts: list[list[int]]) -> None:
+    """Refuse, before any recital is written, an engine whose deltas cannot recite, or a prompt
+    answer_prompt() could put no recital into (a template with no system turn of its own, asked
+    anything but a plain chat of one question)."""
+    check_frame(frame)
+    for ids in prompts:
+        check_prompt(frame, question_frame, ids)
+
+
+def check_prompt(frame: ProbeFrame, question_frame: tuple | None, ids: list[int]) -> None:
+    if frame.chat and not frame.context_end:
+        opening, turn = question_frame or ([], [])
+        if not _plain_chat(opening, last_turn(ids, turn) if turn else None, ids):
+            raise InputError("recite: this chat template holds no system message of its own before the prompt; "
+                             "ask in a plain chat (one user turn after the template's default opening)")
+
+
+def _plain_chat(opening: list[int], last: int | None, ids: list[int]) -> bool:
+    """A chat of one question after the template's default opening (`last`: where its last user turn opens)."""
+    return bool(opening) and ids[:len(opening)] == opening and last == len(opening)

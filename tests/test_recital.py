@@ -310,6 +310,12 @@ def test_a_template_without_a_system_turn_of_its_own_is_refused_clearly():
     recital = tok.encode("The mill is run by Oda.", add_special_tokens=False)
     with pytest.raises(InputError, match="no system message of its own"):
         answer_prompt(eng.frame, eng._question_frame, recital, _chat(tok, [{"role": "user", "content": "Who?"}]))
+    # generate() refuses such a prompt before any recital is written, whatever the memory holds.
+    eng.absorb("Oda runs the mill. Brann keeps the ferry.", flush=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generate.recital, "recite_rows", lambda *a: pytest.fail("recited before refusing"))
+        with pytest.raises(InputError, match="no system message of its own"):
+            eng.generate(_chat(tok, [{"role": "user", "content": "Who?"}]), max_new_tokens=2, recite=True)
 
 
 def test_the_longest_shared_run_picks_and_a_tie_goes_to_the_later_candidate():
