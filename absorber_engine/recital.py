@@ -242,6 +242,9 @@ def check_prompts(frame: ProbeFrame | None, question_frame: tuple | None, prompt
 def check_prompt(frame: ProbeFrame, question_frame: tuple | None, ids: list[int]) -> None:
     if frame.chat and not frame.context_end:
         opening, turn = question_frame or ([], [])
+        if not opening:            # Llama 2's: its turns name no role, so no plain chat is found either
+            raise InputError("recite: this chat template holds no system message of its own, nor a user turn "
+                             "that names its role: there is no place in its prompts to read a recital")
         if not _plain_chat(opening, last_turn(ids, turn) if turn else None, ids):
             raise InputError("recite: this chat template holds no system message of its own before the prompt; "
                              "ask in a plain chat (one user turn after the template's default opening)")

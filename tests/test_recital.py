@@ -352,3 +352,13 @@ def test_recite_exact_trains_past_max_steps_until_the_recital_is_the_rounds_text
     (recited,) = recite_rows(eng.runner, eng.frame, [delta], [generate._window_kv(eng.runner, delta, eng.runner.prefix)],
                              [len(x)], "", 1, tok, generate.generate_rows)
     assert recited == x
+
+
+def test_recite_under_llama_2s_template_says_it_has_no_place_for_a_recital():
+    from tests.tiny_tokenizers import LLAMA2_TEMPLATE
+
+    tok = _tokenizer(LLAMA2_TEMPLATE)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",))
+    assert eng.frame.chat and eng.frame.context_end == [] and eng._question_frame is None
+    with pytest.raises(InputError, match="no place in its prompts"):
+        eng.generate(_chat(tok, [{"role": "user", "content": "Who?"}]), max_new_tokens=2, recite=True)
