@@ -233,7 +233,7 @@ def cmd_absorb(args) -> int:
     from .distributed import read_stream
 
     data = read_stream(args.input, args.ids, args.encoding)
-    data = eng.to_ids(data, allow_empty=True)          # a bad id is refused here, before any round
+    data = eng.to_ids(data, allow_empty=True, session=eng.default)    # a bad id: refused before any round
     n_tokens = len(data)
     bar, update = _progress(n_tokens, args.quiet, "absorbing")
     start, absorbed_before = time.perf_counter(), eng.absorbed_tokens

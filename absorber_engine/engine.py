@@ -125,21 +125,21 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
     def feed(self, text_or_ids, session=DEFAULT_SESSION) -> int:
         """Queues tokens for run(); returns how many. Thread-safe; a same-session absorb() may interleave."""
         sess = self._get(session)
-        ids = self.to_ids(text_or_ids)
+        ids = self.to_ids(text_or_ids, session=sess)
         self.scheduler.feed(sess.key, ids)
         return len(ids)
 
     def absorb(self, text_or_ids, flush: bool = False, progress=None, session=DEFAULT_SESSION) -> AbsorbReport:
         """Feeds the stream and absorbs every round its window allows (all of it with flush). Each
-        call's text is tokenized alone (a word cut between calls reads as other tokens): stream text in
-        pieces that end at line ends, or token ids. Other sessions' ready rounds run too, batched with
+        call's text is tokenized on its own, read as it follows the stream (a word cut between calls
+        reads as other tokens): stream text in pieces that end at line ends, or token ids. Other sessions' ready rounds run too, batched with
         this one's or before them. If one of this session's rounds fails, its memory stays as it was
         before that round, the window keeps the tokens not absorbed yet, and the error (AbsorptionError,
         or any other: out of memory, Ctrl-C) says how many of this call's tokens were taken
         (`err.tokens_taken`): resume from there."""
         sess = self._get(session)
         inputs.check_flag("flush", flush)
-        ids = self.to_ids(text_or_ids, allow_empty=flush)
+        ids = self.to_ids(text_or_ids, allow_empty=flush, session=sess)
         inputs.check_callback("progress", progress)
         if not ids and sess.held_tokens == 0:
             raise InputError("nothing to absorb: the input is empty and the window holds no tokens")
@@ -284,18 +284,6 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
 
     # ------------------------------------------------------------------ memory
 
-    @property
-    def delta(self):
-        return self.default.delta
-
-    @property
-    def held_tokens(self) -> int:
-        return self.default.held_tokens
-
-    @property
-    def absorbed_tokens(self) -> int:
-        return self.default.absorbed_tokens
-
     @contextmanager
     def detached(self):
         """The model exactly as it was given (no deltas) for the duration of the block."""
@@ -325,9 +313,12 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         sess.check_open()
         return sess
 
-    def to_ids(self, value, allow_empty: bool = False) -> list[int]:
-        """Text (with the tokenizer) or token ids, checked against the vocabulary; InputError if not."""
-        return inputs.to_ids(value, self.tokenizer, self.runner.vocab_size, allow_empty)
+    def to_ids(self, value, allow_empty: bool = False, session=None) -> list[int]:
+        """Text (with the tokenizer) or token ids, checked against the vocabulary; InputError if not.
+        Text for a `session` whose stream has begun reads as it follows that stream (inputs.to_ids)."""
+        sess = None if session is None else self._get(session)
+        follows = sess is not None and sess.held_tokens + sess.absorbed_tokens > 0
+        return inputs.to_ids(value, self.tokenizer, self.runner.vocab_size, allow_empty, follows)
 
     def _move(self, moves) -> None:
         """Carries out the scheduler's residency decisions: [(session, "to_device" | "to_host")]."""

@@ -13,7 +13,19 @@ from .session import DEFAULT_SESSION
 
 
 class MemoryMixin:
-    """Mixed into AbsorberEngine: uses its _get, _lock, scheduler, _windows and _rest."""
+    """Mixed into AbsorberEngine: uses its default, _get, _lock, scheduler, _windows and _rest."""
+
+    @property
+    def delta(self):
+        return self.default.delta
+
+    @property
+    def held_tokens(self) -> int:
+        return self.default.held_tokens
+
+    @property
+    def absorbed_tokens(self) -> int:
+        return self.default.absorbed_tokens
 
     @contextmanager
     def _holding(self, session):

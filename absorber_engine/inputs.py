@@ -8,13 +8,14 @@ import torch
 from .errors import ConfigError, InputError, UnsupportedModelError
 
 
-def to_ids(value, tokenizer, vocab_size: int, allow_empty: bool = False) -> list[int]:
-    """Text (with a tokenizer) or token ids (list, tuple, 1-D tensor or array) -> checked ids."""
+def to_ids(value, tokenizer, vocab_size: int, allow_empty: bool = False, follows: bool = False) -> list[int]:
+    """Text (with a tokenizer) or token ids (list, tuple, 1-D tensor or array) -> checked ids. With
+    `follows`, text is read as it follows other text (encoders())."""
     if isinstance(value, str):
         if tokenizer is None:
             raise InputError("this engine has no tokenizer: pass token ids instead of text")
         try:
-            ids = list(tokenizer.encode(value, add_special_tokens=False))
+            ids = encoders(tokenizer)[1 if follows else 0](value)
         except (TypeError, ValueError, UnicodeError) as exc:     # e.g. lone surrogates, which no tokenizer takes
             raise InputError(f"the text cannot be tokenized ({type(exc).__name__}: {exc})") from exc
     else:
@@ -25,6 +26,23 @@ def to_ids(value, tokenizer, vocab_size: int, allow_empty: bool = False) -> list
         if t < 0 or t >= vocab_size:
             raise InputError(f"token id {t} at position {i} is outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+def encoders(tokenizer):
+    """(alone, after): ids of a text that opens a sequence, and of a text that follows other text.
+    Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2) encodes both alike. SentencePiece-style
+    tokenizers (Llama 2, Mistral) put "▁" before a text's first word when it is encoded alone: a
+    stream's second piece, or a chat template's piece after X, would read a space no text has.
+    There a text that follows is encoded after a newline, whose byte token never joins what comes
+    next, and the newline's ids are dropped."""
+    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []   # noqa: E731
+    anchor = enc("\n")
+
+    def after(text):
+        ids = enc("\n" + text)
+        return ids[len(anchor):] if text and ids[:len(anchor)] == anchor else enc(text)
+
+    return enc, (after if after("a") != enc("a") else enc)
 
 
 def as_id_list(value) -> list[int]:

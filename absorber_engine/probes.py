@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
+from .inputs import encoders
 from .stops import turn_end_ids
 
 # One seed instruction per kind; a kind's probes differ by sampling (probe_temperature).
@@ -57,7 +58,7 @@ def build_frame(tokenizer, kinds, use_chat: bool = True, prefix: list[int] = ())
     """The frame for `kinds` under `tokenizer` (None: a model without one gets plain-text seeds
     it cannot read, so probes need a tokenizer; callers check). `prefix`: what the model reads
     before every sequence (its BOS), which a template that writes it too must not add again."""
-    enc, after = _encoders(tokenizer)
+    enc, after = encoders(tokenizer)
     template = getattr(tokenizer, "chat_template", None)
     if use_chat and template:
         def render(messages):
@@ -97,23 +98,6 @@ def build_frame(tokenizer, kinds, use_chat: bool = True, prefix: list[int] = ())
     eos = getattr(tokenizer, "eos_token_id", None)
     frame.stop = [eos] if isinstance(eos, int) else []
     return frame
-
-
-def _encoders(tokenizer):
-    """(alone, after): ids of a text that opens a sequence, and of a text that follows other text.
-    Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2) encodes both alike. SentencePiece-style
-    tokenizers (Llama 2, Mistral) put "▁" before a text's first word when it is encoded alone, so a
-    frame cut in pieces read a space after X and before every seed that the template does not
-    write: there a text that follows is encoded after a newline, whose byte token never joins what
-    comes next, and that newline's ids are dropped."""
-    enc = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []   # noqa: E731
-    anchor = enc("\n")
-
-    def after(text):
-        ids = enc("\n" + text)
-        return ids[len(anchor):] if text and ids[:len(anchor)] == anchor else enc(text)
-
-    return enc, (after if after("a") != enc("a") else enc)
 
 
 def frame_for(tokenizer, cfg, prefix: list[int] = ()) -> ProbeFrame | None:
@@ -180,7 +164,7 @@ def question_frame(tokenizer) -> tuple[list[int], list[int]] | None:
                         {"role": "user", "content": _MARK}]).split(_MARK)[2]
     except Exception:        # a template that refuses these turns: no opening to find
         return None
-    enc, after = _encoders(tokenizer)
+    enc, after = encoders(tokenizer)
     turn = _common_tail(first, later, enc, after)
     if "user" not in turn:
         return None
@@ -200,7 +184,7 @@ def _common_tail(a: str, b: str, enc, after) -> str:
     """The longest text both end with that each splits at a token boundary: a tail of characters
     alone can start inside a special token ("|>" ends both "<|eot_id|>" and "<|begin_of_text|>"
     under Llama 3's template), and the frame would then read ids no chat has. (`enc`, `after`:
-    _encoders'.)"""
+    inputs.encoders'.)"""
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1

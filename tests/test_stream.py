@@ -186,3 +186,27 @@ def test_absorb_inside_no_grad_and_inference_mode():
     with torch.inference_mode():
         assert eng.absorb(random_ids(16, seed=2)).steps == 2
     assert any(float(b.detach().abs().max()) > 0 for b in eng.delta.B.values())
+
+
+def test_text_absorbed_in_pieces_reads_as_the_whole_text_under_a_sentencepiece_tokenizer():
+    # A "▁" tokenizer puts a space before the first word of a text encoded alone: every absorb() call
+    # after the first read " The" where the stream had "\nThe".
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_tokenizers import sentencepiece_like
+
+    tok = sentencepiece_like()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2))
+    eng = AbsorberEngine(model.eval(), tokenizer=tok, config=AbsorberConfig(chunk_tokens=64, sync_tokens=8, rank=2,
+                                                                            objective="ttt", max_steps=1))
+    pieces = ["Hello world.\n", "The grass is green.\n", " Tom liked milk.\n"]
+    for piece in pieces:
+        eng.absorb(piece)
+    whole = tok.encode("".join(pieces), add_special_tokens=False)
+    assert eng.window_tokens() == whole
+    assert eng.to_ids(pieces[1]) != eng.to_ids(pieces[1], session=eng.default)     # alone: "▁The"
+    eng.reset()                                     # a new stream: its first text opens it, as alone
+    eng.absorb(pieces[1])
+    assert eng.window_tokens() == tok.encode(pieces[1], add_special_tokens=False)
