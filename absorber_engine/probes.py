@@ -143,6 +143,16 @@ def check_round_span(runner, cfg, frame: ProbeFrame | None, n: int, m: int) -> N
     if runner.kept_kv_tokens is not None and window > runner.kept_kv_tokens:
         raise ConfigError(f"{what} = {window} exceeds the {runner.kept_kv_tokens} tokens {runner.model_type}'s "
                           f"sliding-window cache keeps (sliding_window {runner.kept_kv_tokens + 1}): lower them")
+    if runner.kept_kv_tokens is not None and frame is not None and cfg.probes:
+        # The teacher's probes go on from a cache of X (up to n + m in a flush) in the frame, whose
+        # positions a sliding-window cache counts from the keys it keeps: past them, the probes' targets
+        # were states at other positions than the model's own.
+        context = window + len(frame.context_open) + len(frame.context_close)
+        if context > runner.kept_kv_tokens:
+            raise ConfigError(f"a probe's context (X of up to n + m tokens in the chat frame, the BOS prefix included) "
+                              f"= {context} exceeds the {runner.kept_kv_tokens} tokens {runner.model_type}'s "
+                              f"sliding-window cache keeps (sliding_window {runner.kept_kv_tokens + 1}): lower "
+                              "chunk_tokens + sync_tokens, or set probes=0")
     longest, what = round_span(cfg, frame, n, m)
     if runner.absolute_positions and longest + len(runner.prefix) > runner.max_positions:
         raise ConfigError(f"a round would read {longest + len(runner.prefix)} tokens ({what}, the BOS prefix "

@@ -22,10 +22,6 @@ NaN/inf or diverges leaves the batch with an error and the others go on.
 
 from __future__ import annotations
 
-import math
-import statistics
-from dataclasses import dataclass, field
-
 import torch
 
 from absorber_kernels.frozen_linear import kept_casts
@@ -36,32 +32,7 @@ from .model import ModelRunner
 from .replay import replay_groups, replay_rows
 from .targets import FutureGroup, RoundBatch, SyncTargets
 from .teacher import teacher_targets
-
-
-@dataclass
-class RoundResult:
-    steps: int = 0
-    losses: list[float] = field(default_factory=list)
-    error: str | None = None          # why the round failed; the caller restores the delta
-    gated: bool = False               # the surprise gate skipped it: no step taken
-    misses: list[int] = field(default_factory=list)   # recite_exact: per check past max_steps, tokens of X short
-
-    @property
-    def final_loss(self) -> float:
-        return self.losses[-1] if self.losses else float("nan")
-
-
-class LossScale:
-    """The factor a round's backward starts from: 2^16 where the student's activations are fp16 (a
-    compute_dtype of float16, or an fp16 model), 1 elsewhere. A loss's gradient at a hidden state is
-    its weight over the positions it averages, 1e-8 and below for a hidden L1 over a round, which
-    fp16 (smallest subnormal 6e-8) rounds to zero: an fp16 round trained on nothing but the
-    next-token loss. The deltas (fp32) get their gradients divided back before the step; a step
-    whose gradients overflowed halves the factor and is skipped, as torch.amp's GradScaler does."""
-
-    def __init__(self, runner: ModelRunner):
-        fp16 = (runner.compute_dtype or runner.dtype) == torch.float16
-        self.value = 2.0 ** 16 if fp16 else 1.0
+from .train import LossScale, RoundResult, train_deltas
 
 
 @kept_casts()          # each frozen weight cast to the compute dtype once a round, not at every pass
@@ -84,7 +55,12 @@ def absorber_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) 
             misses.update(zip(active, got))
         return losses
 
-    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale, misses)
+    def final_fn(active):
+        with torch.no_grad():
+            return student_losses(runner, [batch.deltas[i] for i in active], [targets[i] for i in active], cfg,
+                                  backward=False, xs=xs[active] if xs is not None else None, step=cfg.max_steps)
+
+    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale, misses, final_fn)
 
 
 @kept_casts()
@@ -99,16 +75,20 @@ def ttt_round(runner: ModelRunner, batch: RoundBatch, cfg: AbsorberConfig) -> li
     step = iter(range(cfg.max_steps))
     scale = LossScale(runner)
 
-    def loss_fn(active):
+    def loss_fn(active, backward=True):
         deltas = [batch.deltas[i] for i in active]
-        losses = next_token_losses(runner, deltas, batch.x[active], cfg, 1.0, backward=True, scale=scale.value)
+        losses = next_token_losses(runner, deltas, batch.x[active], cfg, 1.0, backward=backward, scale=scale.value)
         if replay is not None:
-            extra = student_losses(runner, deltas, [replay[i] for i in active], cfg, backward=True, step=next(step),
-                                   scale=scale.value)
+            extra = student_losses(runner, deltas, [replay[i] for i in active], cfg, backward=backward,
+                                   step=next(step, cfg.max_steps), scale=scale.value)
             losses = [a + b for a, b in zip(losses, extra)]
         return losses
 
-    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale)
+    def final_fn(active):
+        with torch.no_grad():
+            return loss_fn(active, backward=False)
+
+    return train_deltas(batch.deltas, loss_fn, cfg, batch.surprise, scale, final_fn=final_fn)
 
 
 ROUNDS = {"absorber": absorber_round, "ttt": ttt_round}
@@ -284,67 +264,3 @@ def next_token_losses(runner: ModelRunner, deltas: list, xs: torch.Tensor, cfg, 
     if backward:
         (per_stream.sum() * scale if scale != 1.0 else per_stream.sum()).backward()
     return per_stream.detach().tolist()
-
-
-def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | None = None,
-                 scale: LossScale | None = None, misses: dict | None = None) -> list[RoundResult]:
-    """Algorithm 1's loop for each stream: evaluate, stop below eps, else one AdamW step; at most
-    max_steps steps. loss_fn(active) computes the losses of the streams `active` (indices) and
-    accumulates their gradients. A stream whose loss is NaN/inf, or ends above divergence_factor ×
-    its first loss, gets an error and leaves the batch; the caller restores its delta. With
-    surprise_gate, a stream whose first loss is below surprise_gate × the median of surprise[i]
-    (its earlier rounds' first losses) takes no step at all. With `misses` (recite_exact: stream ->
-    the tokens of X its recital misses, filled by loss_fn), a stream past max_steps goes on, at most
-    cfg.recite_exact steps, until its delta recites X exactly."""
-    opts = [torch.optim.AdamW(d.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for d in deltas]
-    results = [RoundResult() for _ in deltas]
-    active = list(range(len(deltas)))
-    for step in range(cfg.max_steps + (cfg.recite_exact if misses is not None else 0)):
-        if not active:
-            break
-        for i in active:
-            opts[i].zero_grad(set_to_none=True)
-        losses = loss_fn(active)
-        still, overflow = [], False
-        for i, loss in zip(active, losses):
-            res, params = results[i], deltas[i].parameters()
-            res.losses.append(loss)
-            if not math.isfinite(loss):
-                res.error = f"the sync loss became {loss} at step {res.steps}"
-                continue
-            if loss < cfg.stop_loss:
-                continue
-            if misses is not None and step >= cfg.max_steps:
-                res.misses.append(misses[i])
-                if misses[i] == 0:
-                    continue
-            if (cfg.surprise_gate > 0 and len(res.losses) == 1 and surprise and surprise[i]
-                    and loss < cfg.surprise_gate * statistics.median(surprise[i])):
-                res.gated = True
-                continue
-            if scale is not None and scale.value != 1.0:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.div_(scale.value)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
-                if scale is not None and scale.value > 1.0:     # the loss scale overflowed: no step
-                    overflow = True
-                    still.append(i)
-                    continue
-                res.error = f"the delta's gradient became NaN or inf at step {res.steps}"
-                continue
-            opts[i].step()
-            res.steps += 1
-            still.append(i)
-        if overflow:
-            scale.value /= 2
-        active = still
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    for res in results:
-        first, last = (res.losses[0], res.losses[-1]) if res.losses else (0.0, 0.0)
-        if res.error is None and cfg.divergence_factor > 0 and first > 0 and last > cfg.divergence_factor * first:
-            res.error = f"the round diverged: loss went from {first:.4g} to {last:.4g}"
-    return results

@@ -88,7 +88,7 @@ def grad_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of a gradient an op forms in its forward and keeps for its backward: fp32 for fp16
     inputs, x's own otherwise. A loss's gradient is its weight over the positions it averages (1e-8
     for a hidden L1 over a round), below fp16's range until grad_output brings the round's loss
-    scale (round.LossScale): the product is cast to x's dtype only then."""
+    scale (train.LossScale): the product is cast to x's dtype only then."""
     return torch.float32 if x.dtype == torch.float16 else x.dtype
 
 

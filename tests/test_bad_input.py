@@ -673,7 +673,7 @@ def test_a_failed_flush_leaves_no_drain_behind(monkeypatch):
     # absorbed its tokens as X with no Y and emptied the window, though no flush was asked.
     import absorber_engine.engine as engine_mod
     from absorber_engine import AbsorptionError
-    from absorber_engine.round import RoundResult
+    from absorber_engine.train import RoundResult
 
     eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(**{**CFG, "chunk_tokens": 8, "sync_tokens": 8}))
     eng.absorb(random_ids(5, seed=1))
@@ -692,7 +692,7 @@ def test_a_flush_run_that_ends_early_leaves_no_drain_behind(monkeypatch):
     # flushed session whose batch never ran after the failures, went on draining, and the next plain
     # absorb() absorbed what it held as a round of X with no Y.
     import absorber_engine.engine as engine_mod
-    from absorber_engine.round import RoundResult
+    from absorber_engine.train import RoundResult
 
     def raising(runner, batch, cfg):
         raise MemoryError("injected")

@@ -204,7 +204,7 @@ def test_surprise_gate_rule():
     """A first loss below gate × the median of the stream's recent first losses takes no step; one
     at or above it, or a stream with no history, trains as usual."""
     from absorber_engine.lora import LowRankDelta
-    from absorber_engine.round import train_deltas
+    from absorber_engine.train import train_deltas
 
     cfg = AbsorberConfig(max_steps=3, lr=1e-2, surprise_gate=1.5)
     deltas = [LowRankDelta({"w": (4, 4)}, 2, 1.0, torch.device("cpu"), seed=s) for s in range(3)]
@@ -291,7 +291,7 @@ def test_an_fp16_model_trains_on_a_hidden_loss_below_fp16s_range():
     # A hidden L1's gradient is weight/(N·L·D): 2.7e-8 for a SmolLM2 round of 2,048 positions, 6.5e-10
     # here (weight 1e-6 over this tiny model's 8 × 3 × 64), which fp16 rounds to zero. Before the
     # round's loss scale the delta's B stayed exactly zero: an fp16 round trained nothing.
-    from absorber_engine.round import LossScale
+    from absorber_engine.train import LossScale
     model = make_model("llama").half()
     cfg = AbsorberConfig(chunk_tokens=12, sync_tokens=8, rank=2, max_steps=3, probes=0, hidden_weight=1e-6,
                          kl_weight=0.0, ntp_weight=0.0, lr=1e-2)
@@ -305,7 +305,7 @@ def test_an_fp16_model_trains_on_a_hidden_loss_below_fp16s_range():
 
 
 def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_halved():
-    from absorber_engine.round import LossScale, train_deltas
+    from absorber_engine.train import LossScale, train_deltas
     eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=12, sync_tokens=8, rank=2))
     delta = eng.delta
     scale = LossScale(eng.runner)
@@ -356,3 +356,37 @@ def test_a_round_casts_each_frozen_weight_once(monkeypatch, objective):
     assert targets and len(casts) == len(targets)                  # each weight read is cast once
     assert not [p for p in buffered if p in weights]               # and never again into the buffers
     assert frozen_linear._kept.casts is None
+
+
+def test_a_last_step_that_blows_the_delta_up_is_read_and_the_round_rolled_back():
+    # The loss a step reads is that of the delta before it: the last step's delta went unread, and a
+    # step to |B| = 1e29 was committed (logits NaN, every later round of the stream failing).
+    from absorber_engine import AbsorptionError
+
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1,
+                                                                    future_tokens=4, lr=1e29))
+    before = {k: v.clone() for k, v in eng.delta.state_dict().items()}
+    with pytest.raises(AbsorptionError, match="after step 1"):
+        eng.absorb(random_ids(24, seed=1))
+    assert all(torch.equal(v, eng.delta.state_dict()[k]) for k, v in before.items())
+    assert torch.isfinite(eng.logits([3, 4, 5])).all()
+
+
+def test_streams_that_ran_out_of_steps_are_read_once_more_and_fail_there():
+    from absorber_engine.lora import LowRankDelta
+    from absorber_engine.train import train_deltas
+
+    cfg = AbsorberConfig(max_steps=2, lr=1e-2, stop_loss=0.5)
+    deltas = [LowRankDelta({"w": (4, 4)}, 2, 1.0, torch.device("cpu"), seed=s) for s in range(2)]
+
+    def loss_fn(active):                  # stream 1 is below stop_loss at once: it takes no step
+        for i in active:
+            (deltas[i].A["w"].sum() + deltas[i].B["w"].sum()).backward()
+        return [1.0 if i == 0 else 0.1 for i in active]
+
+    read = []
+    res = train_deltas(deltas, loss_fn, cfg, final_fn=lambda active: read.append(list(active)) or [0.9] * len(active))
+    assert read == [[0]] and res[0].losses == [1.0, 1.0, 0.9] and res[1].losses == [0.1]
+    assert res[0].final_loss == 0.9 and res[0].error is None
+    res = train_deltas(deltas[:1], loss_fn, cfg, final_fn=lambda active: [float("nan")])
+    assert res[0].error == "the sync loss became nan after step 2"

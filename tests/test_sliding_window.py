@@ -32,6 +32,26 @@ def test_a_raw_window_past_what_the_sliding_cache_keeps_is_a_config_error():
     AbsorberEngine(_mistral(26), config=CFG)               # BOS + 16 + 8 = 25 tokens: kept whole
 
 
+def test_probes_whose_context_the_sliding_cache_cannot_keep_are_a_config_error():
+    # The teacher's probes go on from X in its frame: BOS + 24 + the frame's tokens are past the 25 keys
+    # kept, and the probes' targets were states at positions the model never computes.
+    from tiny_tokenizers import sentencepiece_like
+
+    tok = sentencepiece_like()
+    probes = CFG.replace(probes=1, probe_kinds=("recite",))
+
+    def mistral(window):
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(**{**_COMMON, "vocab_size": len(tok)}, sliding_window=window)).eval()
+
+    AbsorberEngine(mistral(26), tokenizer=tok, config=CFG.replace(probes=0))    # no probes: X's cache is kept whole
+    with pytest.raises(ConfigError, match="a probe's context"):
+        AbsorberEngine(mistral(26), tokenizer=tok, config=probes)
+    with pytest.raises(ConfigError, match="a probe's context"):
+        AbsorberEngine(mistral(80), tokenizer=tok, config=probes).session("long", chunk_tokens=70)   # 79 kept whole
+    AbsorberEngine(mistral(80), tokenizer=tok, config=probes).absorb(random_ids(24, seed=1), flush=True)
+
+
 def test_past_the_sliding_window_the_engine_reads_what_the_model_reads_and_a_batch_what_each_row_alone():
     eng, ref = AbsorberEngine(_mistral(40), config=CFG), _mistral(40)
     window, prompt = random_ids(20, seed=10), random_ids(30, seed=4)

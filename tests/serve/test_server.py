@@ -169,7 +169,8 @@ def test_chat_session_feeds_only_what_is_new_and_restarts_on_an_edited_history(c
 
 
 def test_a_round_that_fails_answers_422_and_the_session_goes_on(server, monkeypatch):
-    from absorber_engine.round import ROUNDS, RoundResult
+    from absorber_engine.round import ROUNDS
+    from absorber_engine.train import RoundResult
 
     url, headers = f"{server}/v1/completions", {"X-Absorber-Session": "failing"}
     body = {"model": NAME, "max_tokens": 2, "temperature": 0}
@@ -191,7 +192,8 @@ def test_a_round_that_fails_answers_422_and_the_session_goes_on(server, monkeypa
 
 
 def test_a_flush_whose_round_fails_answers_422_and_the_session_goes_on(server, monkeypatch):
-    from absorber_engine.round import ROUNDS, RoundResult
+    from absorber_engine.round import ROUNDS
+    from absorber_engine.train import RoundResult
 
     url = f"{server}/v1/sessions/flushfail/absorb"
     monkeypatch.setitem(ROUNDS, "absorber", lambda runner, batch, cfg: [
