@@ -273,13 +273,13 @@ def inspect_model(model) -> None:
         raise UnsupportedModelError(
             f"model type {model_type!r} ({type(model).__name__}) is not supported; supported: "
             f"{sorted(DEFAULT_TARGETS)}")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder; only decoder-only causal LMs are supported")
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder or attends across to one "
+                                    "(add_cross_attention); only decoder-only causal LMs are supported")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no linear LM head (a *ForCausalLM class is needed, e.g. "
-            "AutoModelForCausalLM)")
+        raise UnsupportedModelError(f"{type(model).__name__} has no linear LM head (a *ForCausalLM class is needed, "
+                                    "e.g. AutoModelForCausalLM)")
     base = model.base_model
     layers = getattr(base, "layers", None) if model_type != "gpt2" else getattr(base, "h", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:

@@ -234,6 +234,13 @@ def test_unsupported_architectures():
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
     with pytest.raises(UnsupportedModelError, match="'t5'.*not supported"):
         AbsorberEngine(t5)
+    # A GPT-2 that attends across to an encoder was taken, then its first logits() or generate() raised
+    # a raw AttributeError (its cache holds the cross-attention's too).
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cross = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, add_cross_attention=True))
+    with pytest.raises(UnsupportedModelError, match="add_cross_attention"):
+        AbsorberEngine(cross)
 
 
 def test_llama_without_lm_head_is_refused():
