@@ -126,6 +126,18 @@ def supported(runner: ModelRunner) -> bool:
     return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
+class _LiveCache(StaticCache):
+    """A StaticCache whose attention reads the slots written so far (`live`), not all of them
+    masked: a 16-bit softmax over a row of masked slots rounds otherwise (an answer then depended on
+    max_new_tokens, and differed from generate()'s). None: every slot, as a CUDA graph needs."""
+
+    live: int | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return (keys, values) if self.live is None else (keys[:, :, :self.live], values[:, :, :self.live])
+
+
 class StaticDecoder:
     """`steps` decode steps after the cache `kv` (per layer (B, H, n, Dh)). `mask` (B, n) marks the
     cached positions each row may attend to (padding), `position` (B, 1) is each row's next
@@ -142,7 +154,7 @@ class StaticDecoder:
         B, n = kv[0][0].shape[0], kv[0][0].shape[2]
         self.max_len = n + steps
         runner.stats.max_span = max(runner.stats.max_span, self.max_len)
-        self.cache = StaticCache(config=runner.model.config, max_cache_len=self.max_len)
+        self.cache = _LiveCache(config=runner.model.config, max_cache_len=self.max_len)
         for layer, (k, v) in enumerate(kv):
             self.cache.update(k.to(dtype), v.to(dtype), layer)
         self.mask = torch.zeros(B, 1, 1, self.max_len, dtype=torch.bool, device=dev)
@@ -178,8 +190,10 @@ class StaticDecoder:
                 stacked = torch.stack(states).unsqueeze(2)
             final = final.unsqueeze(1)
         else:
+            live = None if self.graphs else self.max_len - self.steps + self.taken
+            self.cache.live = live
             with r.capture() if self.hidden is not None else contextlib.nullcontext() as cap:
-                out = r.base(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.position,
+                out = r.base(input_ids=self.tokens, attention_mask=self.mask[..., :live], position_ids=self.position,
                              use_cache=True, return_dict=True, **{r.cache_keyword: self.cache})
             if self.hidden is not None:
                 stacked = torch.stack(cap.states)
