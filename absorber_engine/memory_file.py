@@ -283,6 +283,8 @@ def load_memory(session, path) -> None:
         if session.slots.maxlen > 1 and not delta.is_zero():
             delta.compact(BANK_DTYPE)               # held as a committed round's (session.keep)
             delta.round_tokens, delta.marks = length, None if m is None else m.tolist()
+            if delta.is_zero():                     # below BANK_DTYPE's range: a Δ = 0 that trains on
+                delta.reset()
             if not all(bool(torch.isfinite(t).all()) for name in delta.shapes for t in delta.factors(name)):
                 # finite in fp32, inf once rounded: the bank then held inf and saved files no load took
                 raise MemoryFileError(f"{path} holds delta values past the range of {BANK_DTYPE}, "

@@ -104,6 +104,9 @@ class Session:
             return
         if self.slots.maxlen > 1:          # before it joins: a failed cast leaves the bank as it was
             delta.compact(BANK_DTYPE)
+            if delta.is_zero():            # below BANK_DTYPE's range: it holds nothing, and a Δ = 0 trains on
+                delta.reset()
+                return
             delta.round_tokens, delta.marks = len(x), marks(list(x))
         if delta is not self.delta:
             self.slots.append(delta)

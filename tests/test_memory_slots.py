@@ -506,3 +506,25 @@ def test_ctrl_c_while_a_load_swaps_the_memory_in_is_raised_once_the_swap_is_whol
         _assert_same(_state(got), _state(want))
     ids = random_ids(6, seed=5)
     assert torch.equal(dst.logits(ids), src.logits(ids))
+
+
+def test_a_delta_that_rounds_to_zero_in_the_bank_leaves_a_delta_that_trains_on(tmp_path):
+    # B of about 1e-42 is nonzero in fp32 and zero in bf16: the bank held a compacted Δ = 0, reused it
+    # as the next round's delta, and every later round raised a raw RuntimeError (no gradient).
+    cfg = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=2, future_tokens=4, memory_slots=2,
+                         lr=1e-42)
+    eng = AbsorberEngine(make_model("llama"), config=cfg)
+    eng.absorb(random_ids(24, seed=1))
+    assert eng.default.rounds == 1 and eng.delta.is_zero() and eng.delta.B[next(iter(eng.delta.B))].requires_grad
+    eng.absorb(random_ids(16, seed=5))
+    assert eng.default.rounds == 2
+    src = AbsorberEngine(make_model("llama"), config=cfg.replace(memory_slots=1))
+    with torch.no_grad():
+        for b in src.delta.B.values():
+            b.fill_(1e-42)
+    src.save_memory(tmp_path / "tiny.absorber")
+    eng = AbsorberEngine(make_model("llama"), config=cfg.replace(lr=1e-2))
+    eng.load_memory(tmp_path / "tiny.absorber")
+    assert eng.delta.is_zero() and eng.delta.B[next(iter(eng.delta.B))].requires_grad
+    eng.absorb(random_ids(24, seed=1))
+    assert not eng.delta.is_zero()
