@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 from . import interrupts
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
-from .output_files import new_temp_file, output_path, sync_directory, written
+from .output_files import new_temp_file, output_path, sorted_header, sync_directory, written
 from .recital import MARK_TOKENS
 from .session import BANK_DTYPE
 
@@ -161,7 +161,7 @@ def save_memory(session, path) -> None:
         raise InputError(f"cannot write memory file {path!r}: {exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:        # into our file: save_file would make its own, 0600
-            f.write(save(tensors, metadata=meta))
+            f.write(sorted_header(save(tensors, metadata=meta)))
             written(f)
         os.replace(tmp, path)
         sync_directory(directory)

@@ -11,6 +11,7 @@ removes a session's older memory file once the new one is named, relies on them.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 
@@ -92,3 +93,13 @@ def write_whole(path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sorted_header(blob: bytes) -> bytes:
+    """The safetensors file `blob` with its JSON header's keys sorted: safetensors writes the metadata
+    in hash-map order, so two saves of one memory differed in their bytes (no file hash or
+    deduplication could find them equal). The tensors' offsets count from the header's end: unchanged."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)              # the tensors start 8-byte aligned, as safetensors keeps them
+    return len(header).to_bytes(8, "little") + header + blob[8 + size:]
