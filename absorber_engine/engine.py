@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -69,6 +68,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
         self.sessions: dict = {}
         self._windows = WindowCache()
         self._lock = threading.RLock()      # one model: absorption and generation take turns
+        self._calling_back = threading.local()      # inside on_token or progress: the engine takes no call
         self.closed = False
         self.default = self.session(DEFAULT_SESSION)
         self._rest()
@@ -189,7 +189,7 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
                 raise AbsorptionError(f"round {sess.rounds + 1} rolled back, memory unchanged: {res.error}")
             report.add_round(len(rnd.x), res)
             if progress is not None:
-                progress(len(rnd.x))
+                self._call_back(progress, len(rnd.x))
         return pos
 
     def run(self, flush: bool = False) -> dict:
@@ -284,16 +284,6 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
 
     # ------------------------------------------------------------------ memory
 
-    @contextmanager
-    def detached(self):
-        """The model exactly as it was given (no deltas) for the duration of the block."""
-        with self._lock:
-            self.runner.detach()
-            try:
-                yield self.runner.model
-            finally:
-                self.runner.reattach()
-
     def close(self) -> None:
         """Detaches the deltas: the model is left exactly as it was given; the engine takes no more calls."""
         with self._lock:
@@ -305,6 +295,9 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
     def _get(self, name) -> Session:
         if self.closed:
             raise InputError("this engine is closed: its deltas are detached from the model")
+        if getattr(self._calling_back, "active", False):     # the lock is re-entrant: the call would run mid-step
+            raise InputError("the engine was called from inside its own on_token or progress callback: "
+                             "call it once that generate() or absorb() has returned")
         sess = name if isinstance(name, Session) else self.sessions.get(check_key(name))
         if sess is None:
             raise InputError(f"unknown session {name!r}")
@@ -312,6 +305,13 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
             raise InputError(f"session {sess.key!r} belongs to another engine")
         sess.check_open()
         return sess
+
+    def _call_back(self, fn, *args):
+        self._calling_back.active = True
+        try:
+            return fn(*args)
+        finally:
+            self._calling_back.active = False
 
     def to_ids(self, value, allow_empty: bool = False, session=None) -> list[int]:
         """Text (with the tokenizer) or token ids, checked against the vocabulary; InputError if not.

@@ -13,7 +13,7 @@ from .session import DEFAULT_SESSION
 
 
 class MemoryMixin:
-    """Mixed into AbsorberEngine: uses its default, _get, _lock, scheduler, _windows and _rest."""
+    """Mixed into AbsorberEngine: uses its runner, default, _get, _lock, scheduler, _windows and _rest."""
 
     @property
     def delta(self):
@@ -26,6 +26,16 @@ class MemoryMixin:
     @property
     def absorbed_tokens(self) -> int:
         return self.default.absorbed_tokens
+
+    @contextmanager
+    def detached(self):
+        """The model exactly as it was given (no deltas) for the duration of the block."""
+        with self._lock:
+            self.runner.detach()
+            try:
+                yield self.runner.model
+            finally:
+                self.runner.reattach()
 
     @contextmanager
     def _holding(self, session):

@@ -211,7 +211,7 @@ class GenerationMixin:
     """The engine's inference calls. Nothing here absorbs: each call reads the session's memory
     and raw window, holding the engine's lock and its sessions' deltas on the device. The host
     (AbsorberEngine) provides runner, tokenizer, config, scheduler, _lock, _windows, _get, to_ids,
-    _move, _rest, _check_span and window_tokens."""
+    _move, _rest, _check_span, _call_back and window_tokens."""
 
     @torch.no_grad()
     def logits(self, ids, session=DEFAULT_SESSION) -> torch.Tensor:
@@ -264,7 +264,7 @@ class GenerationMixin:
             self._check_span(sess, len(p) + max_new_tokens, f"prompt ({len(p)}) + max_new_tokens ({max_new_tokens})")
         stops = stopping.parse(stop, self.tokenizer, self.runner.vocab_size, self.runner.model)
         names = list(prompts)
-        streamed = None if on_token is None else lambda row, tok: on_token(names[row], tok)
+        streamed = None if on_token is None else lambda row, tok: self._call_back(on_token, names[row], tok)
         watch = stopping.TextWatch(stops.texts, self.tokenizer, len(names), streamed) if stops.texts else None
         seeds = [inputs.seed_of(seed, name, self.config.seed) for name in names]
         gens = [torch.Generator(device=self.runner.device).manual_seed(s) for s in seeds]

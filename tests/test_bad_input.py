@@ -822,3 +822,24 @@ def test_device_meta_is_refused_and_absorb_many_quiet_loads_quietly(tmp_path, ca
             str(tmp_path / "ids.txt"), "--chunk-tokens", "16", "--sync-tokens", "8", "--max-steps", "1", "--quiet"]
     assert main(argv) == 0
     assert "Loading weights" not in capsys.readouterr().err
+
+
+def test_the_engine_called_from_inside_its_own_callbacks_refuses_clearly():
+    # The lock is re-entrant: logits() from on_token ran inside the decode block of a batch of two rows
+    # and raised a raw RuntimeError ("layers run fused inside decode_weights").
+    eng = AbsorberEngine(make_model("llama"), config=AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=2, max_steps=1))
+    eng.session("a").absorb(random_ids(30, seed=1))
+    eng.session("b")
+    errors = []
+
+    def call_back(*args):
+        try:
+            eng.logits([5, 6], session="a")
+        except InputError as err:
+            errors.append(str(err))
+
+    alone = eng.generate_batch({"a": [3, 4], "b": [3]}, max_new_tokens=3)
+    assert eng.generate_batch({"a": [3, 4], "b": [3]}, max_new_tokens=3, on_token=call_back) == alone
+    eng.absorb(random_ids(30, seed=2), progress=call_back)
+    assert len(errors) >= 7 and all("inside its own on_token or progress callback" in e for e in errors)
+    eng.logits([5, 6], session="a")                    # once the call returned, the engine takes calls again
