@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 from . import interrupts
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
-from .output_files import new_temp_file, output_path, sorted_header, sync_directory, written
+from .output_files import WrittenUnsynced, output_path, sorted_header, write_whole
 from .recital import MARK_TOKENS
 from .session import BANK_DTYPE
 
@@ -153,24 +153,13 @@ def save_memory(session, path) -> None:
         "rounds": str(session.rounds),
         "slots": str(len(session.slots)),
     }
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = new_temp_file(directory, ".memory-")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_whole(path, sorted_header(save(tensors, metadata=meta)), prefix=".memory-")
     except OSError as exc:            # a file where a directory should be, no permission, a name too long
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT) or isinstance(exc, WrittenUnsynced):   # the disk's
+            raise
         raise InputError(f"cannot write memory file {path!r}: {exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:        # into our file: save_file would make its own, 0600
-            f.write(sorted_header(save(tensors, metadata=meta)))
-            written(f)
-        os.replace(tmp, path)
-        sync_directory(directory)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:    # a full disk is no bad argument
-            raise InputError(f"cannot write memory file {path!r}: {exc}") from None
-        raise
 
 
 def _made_with(session, st: dict) -> AbsorberConfig:

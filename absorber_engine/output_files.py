@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 
+from . import interrupts
 from .errors import InputError
 
 
@@ -50,11 +51,19 @@ def new_temp_file(directory: str, prefix: str) -> tuple[int, str]:
     gives (0666 less the umask): mkstemp's 0600, kept through the rename, made memory files and
     exported adapters unreadable to a server running as another user."""
     while True:
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
+        path = temp_name(directory, prefix)
         try:
             return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), path
         except FileExistsError:
             continue
+
+
+def temp_name(directory: str, prefix: str) -> str:
+    """A name for a temporary file in `directory` that no file has yet (random: taken, it is a 1 in 2^64 chance)."""
+    while True:
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
+        if not os.path.exists(path):
+            return path
 
 
 def written(f) -> None:
@@ -79,20 +88,35 @@ def sync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def write_whole(path, data: bytes) -> None:
-    """`data` at `path`, all of it or none: written beside it under a temporary name, synced, renamed."""
+def write_whole(path, data: bytes, prefix: str | None = None) -> None:
+    """`data` at `path`, all of it or none: written beside it under a temporary name (`prefix`, else
+    the target's), synced, renamed. The temporary is named before it is made and made inside the
+    block that removes it, under held signals: a Ctrl-C as it was made left it behind, full-size,
+    with its descriptor. A failed sync of the directory after the rename says the file is written."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = new_temp_file(directory, f".{os.path.basename(path)}-")
+    tmp, f = temp_name(directory, prefix or f".{os.path.basename(path)}-"), None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with interrupts.deferred():
+            f = os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), "wb")
+        with f:
             f.write(data)
             written(f)
         os.replace(tmp, path)
-        sync_directory(directory)
     except BaseException:
+        if f is not None:
+            f.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        sync_directory(directory)
+    except OSError as exc:            # the file is in place; only its name may not be on the disk yet
+        raise WrittenUnsynced(exc.errno, f"{path} was written, but syncing its directory failed ({exc.strerror}): "
+                                         "after a power cut it may read as the file it replaced") from exc
+
+
+class WrittenUnsynced(OSError):
+    """write_whole() put the file in place, but the directory's sync failed."""
 
 
 def sorted_header(blob: bytes) -> bytes:

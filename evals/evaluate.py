@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from absorber_engine import AbsorberConfig
 from absorber_engine.config import PAPER_OBJECTIVE
-from absorber_engine.cli import default_model
+from absorber_engine.cli_args import default_model
 from absorber_engine.model_store import NAMED_MODELS
 
 from .jsonio import write_json

@@ -603,7 +603,7 @@ def test_sampling_at_extremes(eng, temperature, top_p):
 
 
 def test_text_with_lone_surrogates():
-    from absorber_engine.cli import SHIPPED_MODEL
+    from absorber_engine.cli_args import SHIPPED_MODEL
 
     e = AbsorberEngine.from_pretrained(SHIPPED_MODEL, config=AbsorberConfig(**CFG))
     with pytest.raises(InputError):

@@ -147,7 +147,7 @@ def test_unsupported_model_exit_code(tmp_path, ids_file, capsys):
 def test_help_explains_every_option():
     import argparse
 
-    from absorber_engine.cli import build_parser
+    from absorber_engine.cli_args import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -172,7 +172,7 @@ def test_eval_help_leads_to_the_facts_evaluation(capsys):
 
 
 def test_text_input_is_decoded_with_a_clear_error(tmp_path, capsys):
-    from absorber_engine.cli import SHIPPED_MODEL
+    from absorber_engine.cli_args import SHIPPED_MODEL
 
     if not (SHIPPED_MODEL / "model.safetensors").exists():
         pytest.skip("model/absorber-tiny not built")
@@ -192,7 +192,7 @@ def test_text_input_is_decoded_with_a_clear_error(tmp_path, capsys):
 
 def test_absorb_reports_rounds_kept_short_of_reciting_their_text(tmp_path, capsys):
     """recite_exact with too few steps to reach it: the summary counts the rounds kept short."""
-    from absorber_engine.cli import SHIPPED_MODEL
+    from absorber_engine.cli_args import SHIPPED_MODEL
 
     if not (SHIPPED_MODEL / "model.safetensors").exists():
         pytest.skip("model/absorber-tiny not built")
@@ -246,3 +246,31 @@ def test_serve_on_a_port_in_use_exits_2_with_the_reason(capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--quiet", "--port", str(port)]) == 2
     assert f"could not listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_signal_while_the_memory_is_saved_waits_for_the_file_and_a_full_disk_is_exit_6(model_dir, ids_file, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A Ctrl-C or SIGTERM that landed while the run's memory was written lost every round, and the
+    exit code (130) said they were saved; a full disk was a traceback and exit 1, "a bug"."""
+    import errno
+    import signal
+
+    from absorber_engine import memory_file, output_files
+
+    mem = tmp_path / "mem.safetensors"
+    absorb = ["absorb", "--model", str(model_dir), "--input", str(ids_file), "--ids", "--memory", str(mem),
+              "--quiet", *SMALL]
+    real = memory_file.model_checksum
+    monkeypatch.setattr(memory_file, "model_checksum", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM) or real(*a, **k))
+    assert main(absorb) == 130
+    assert int(memory_file.read_memory(mem)[1]["tokens_absorbed"]) == 70     # the run's rounds, saved whole
+    monkeypatch.setattr(memory_file, "model_checksum", real)
+    before = mem.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output_files.os, "fsync", full)
+    assert main(absorb) == 6
+    assert "No space left on device" in capsys.readouterr().err
+    assert mem.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -63,6 +63,23 @@ def test_save_is_atomic_and_leaves_no_temporaries(trained, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         eng.save_memory(path)
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["mem.safetensors"]
+    monkeypatch.undo()
+    # Ctrl-C the moment the temporary file is made: it was left behind, full-size, its descriptor open.
+    import signal
+
+    real_open = os.open
+
+    def open_then_interrupt(name, flags, *args):
+        fd = real_open(name, flags, *args)
+        if flags & os.O_CREAT:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        eng.save_memory(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["mem.safetensors"]
 
 
 def test_every_file_written_is_on_disk_before_its_name_and_its_name_after(trained, tmp_path, monkeypatch):
