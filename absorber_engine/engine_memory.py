@@ -70,9 +70,11 @@ class MemoryMixin:
 
     def load_memory(self, path, session=DEFAULT_SESSION) -> None:
         with self._holding(session) as sess:
-            load_memory(sess, path)
-            self._windows.drop(sess.key)
-            self._rest()
+            try:
+                load_memory(sess, path)
+            finally:                # a Ctrl-C held through the swap is raised as it ends: the model still
+                self._windows.drop(sess.key)        # reads the memory the session holds
+                self._rest()
 
     def export_peft(self, directory, session=DEFAULT_SESSION) -> None:
         with self._holding(session) as sess:

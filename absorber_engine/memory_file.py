@@ -21,8 +21,8 @@ import os
 import weakref
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from . import interrupts
 from .config import AbsorberConfig
@@ -179,12 +179,23 @@ def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise MemoryFileError(f"a memory file must be a path (str or os.PathLike), got {type(path).__name__}") from None
     if not os.path.isfile(path):
         raise MemoryFileError(f"memory file {path!r} " + ("is a directory" if os.path.isdir(path) else "does not exist"))
+    # One open file for the header and the tensors: opened twice, a save renamed over the path in
+    # between gave one file's header with the other's deltas. The header first: a model's weights
+    # given by mistake are not read.
     try:
-        with safe_open(path, framework="pt") as f:      # the header first: a model's weights are not read
-            meta = f.metadata() or {}
-        if meta.get("format") == FORMAT:
-            tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            head = f.read(size) if size <= 2**26 else b""
+            if len(head) != size:
+                raise ValueError(f"its header of {size} bytes is cut short or past any header's size")
+            meta = json.loads(head).get("__metadata__") or {}
+            if not isinstance(meta, dict):
+                raise ValueError("its header's metadata is not a mapping")
+            if meta.get("format") == FORMAT:
+                blob = size.to_bytes(8, "little") + head + f.read()
+                with interrupts.deferred():        # a Ctrl-C in the decode came out as a ValueError: "corrupt"
+                    tensors = load(blob)
+    except (SafetensorError, OSError, ValueError, RuntimeError, AttributeError, RecursionError) as exc:
         raise MemoryFileError(f"{path} is not a readable memory file (truncated or corrupt?): {exc}") from exc
     if meta.get("format") != FORMAT:
         raise MemoryFileError(f"{path} is not an absorber memory file (format {meta.get('format')!r})")

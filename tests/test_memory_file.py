@@ -362,3 +362,32 @@ def test_two_saves_of_one_memory_are_the_same_bytes(tmp_path):
     fresh = AbsorberEngine(make_model("llama"), config=eng.config)
     fresh.load_memory(tmp_path / "m4.absorber")
     assert torch.equal(fresh.logits(random_ids(5, seed=2)), eng.logits(random_ids(5, seed=2)))
+
+
+def test_a_load_that_overlaps_a_save_over_the_file_reads_one_file_whole(trained, tmp_path, monkeypatch):
+    # The header and the tensors were read through two opens: a save renamed over the path in between
+    # gave the old file's counters with the new file's deltas.
+    import builtins
+
+    eng, path = trained
+    eng.save_memory(path)
+    old = path.read_bytes()
+    eng.absorb(random_ids(40, seed=9), flush=True)
+    eng.save_memory(tmp_path / "newer.safetensors")
+    real_open, replaced = builtins.open, []
+
+    def open_then_replace(file, *args, **kwargs):
+        f = real_open(file, *args, **kwargs)
+        if os.fspath(file) == str(path) and not replaced:
+            os.replace(tmp_path / "newer.safetensors", path)          # a writer's rename, once this file is open
+            replaced.append(True)
+        return f
+
+    monkeypatch.setattr(builtins, "open", open_then_replace)
+    tensors, meta = memory_file.read_memory(path)
+    monkeypatch.undo()
+    assert replaced and path.read_bytes() != old
+    (tmp_path / "old.safetensors").write_bytes(old)
+    want_tensors, want_meta = memory_file.read_memory(tmp_path / "old.safetensors")
+    assert meta == want_meta and tensors.keys() == want_tensors.keys()
+    assert all(torch.equal(tensors[k], want_tensors[k]) for k in tensors)

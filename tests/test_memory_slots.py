@@ -504,6 +504,10 @@ def test_ctrl_c_while_a_load_swaps_the_memory_in_is_raised_once_the_swap_is_whol
     assert len(dst.default.slots) == len(src.default.slots)
     for got, want in zip(dst.default.slots, src.default.slots):
         _assert_same(_state(got), _state(want))
+    # Between calls the model itself carries the memory: the interrupt skipped its rebinding.
+    x = torch.tensor([random_ids(6, seed=5)])
+    with torch.no_grad():
+        assert torch.equal(dst.runner.model(x).logits, src.runner.model(x).logits)
     ids = random_ids(6, seed=5)
     assert torch.equal(dst.logits(ids), src.logits(ids))
 
