@@ -54,10 +54,12 @@ class ServeConfig:
     chat_max_tokens: int = 128
 
 
-def create_app(engine, cfg: ServeConfig) -> FastAPI:
-    """The server for `engine`, which it owns from now on (one worker thread makes every call)."""
+def create_app(engine, cfg: ServeConfig, state: StateDir | None = None) -> FastAPI:
+    """The server for `engine`, which it owns from now on (one worker thread makes every call);
+    `state`: cfg.state_dir, taken already (launch.serve takes it before the model loads)."""
     prompts = PromptBuilder(engine.tokenizer, engine.runner.vocab_size, engine.runner.model, engine.runner.prefix)
-    table = SessionTable(engine, StateDir(cfg.state_dir) if cfg.state_dir else None, cfg.idle_save_s)
+    state = state if state is not None else StateDir(cfg.state_dir) if cfg.state_dir else None
+    table = SessionTable(engine, state, cfg.idle_save_s)
     worker = Worker(engine, table, prompts, engine.runner.max_positions, cfg.max_queue, cfg.max_batch)
 
     @asynccontextmanager
@@ -70,6 +72,8 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
             yield
         finally:
             await asyncio.to_thread(worker.stop)
+            if state is not None:
+                state.close()
 
     app = FastAPI(title="Absorber Engine", lifespan=lifespan)
     app.state.worker, app.state.table, app.state.config = worker, table, cfg

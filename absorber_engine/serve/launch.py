@@ -11,6 +11,7 @@ import time
 
 from ..errors import InputError
 from .app import ServeConfig, create_app
+from .state import StateDir
 
 
 def served_name(model) -> str:
@@ -26,11 +27,12 @@ def serve(args, config, load_engine) -> int:
     updates = {k: v for k, v in (("max_resident", args.max_resident), ("max_batch", args.max_batch)) if v is not None}
     if updates:
         config = AbsorberConfig.from_dict({**config.to_dict(), **updates})
+    state = StateDir(args.state_dir) if args.state_dir else None       # in use by another server: refused now
     engine = load_engine(args, config=config)
     cfg = ServeConfig(model_id=args.served_model_name or served_name(args.model), state_dir=args.state_dir,
                       max_queue=args.max_queue, max_batch=config.max_batch, timeout_s=args.timeout,
                       max_body_bytes=args.max_body_bytes, idle_save_s=args.idle_save)
-    app = create_app(engine, cfg)
+    app = create_app(engine, cfg, state)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     class Server(uvicorn.Server):

@@ -16,12 +16,14 @@ naming it used to open an empty session whose first save removed the old memory 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
 from ..output_files import write_whole
 
 log = logging.getLogger("absorber.serve")
@@ -47,9 +49,21 @@ class StateDir:
     def __init__(self, path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        # One server a directory: a second removed the first one's writes in flight, and each one's
+        # saves removed generations the other had just recorded.
+        self._lock = open(self.path / ".lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise InputError(f"the state directory {self.path} is in use by another server") from None
         for tmp in self.path.glob(".*.tmp"):          # writes a killed server left half done
             tmp.unlink(missing_ok=True)
         self.held: dict[str, str] = {}                 # stem -> why its files were not loaded
+
+    def close(self) -> None:
+        """Lets another server have the directory."""
+        self._lock.close()
 
     def hold(self, session_id: str, why: str) -> None:
         self.held[stem(session_id)] = why
@@ -92,4 +106,11 @@ class StateDir:
                 self.held[record.stem] = f"its saved record {record.name} does not load ({exc})"
                 continue
             out.append(saved)
+        # Memory files no record names: a DELETE, or a session's first save, cut short between its
+        # two files; older generations a save was killed before removing. A held record keeps its own.
+        kept = {saved.memory for saved in out}
+        for memory in self.path.glob("*.absorber"):
+            if memory not in kept and memory.name.split(".", 1)[0] not in self.held:
+                log.info("state: removing %s, which no session's record names", memory.name)
+                memory.unlink(missing_ok=True)
         return out

@@ -1,5 +1,7 @@
 """The server's saved sessions: reopened on start with one reading of the model's weights for all."""
 
+import pytest
+
 from absorber_engine import AbsorberConfig, AbsorberEngine
 from absorber_engine import memory_file
 from absorber_engine.serve.sessions import SessionTable
@@ -43,6 +45,7 @@ def test_a_saved_session_that_does_not_load_is_kept_and_refused_until_deleted(tm
     first.save(conv)
     (tmp_path / "state" / f"{stem('bob')}.json").write_text("{not json")        # a record cut short
     files = {p.name: p.read_bytes() for p in (tmp_path / "state").iterdir()}
+    state.close()                                                 # the first server is gone: its directory free
 
     other = AbsorberEngine(make_model("llama"), config=CFG.replace(rank=4))     # not the rank alice was made with
     table = SessionTable(other, StateDir(tmp_path / "state"), idle_save_s=0.0)
@@ -71,3 +74,24 @@ def test_a_session_opened_with_nothing_fed_is_saved_and_comes_back():
         first.save_all()
         again = SessionTable(AbsorberEngine(make_model("llama"), config=CFG), state, idle_save_s=0.0)
         assert again.load() == 1 and again.get("tiny") is not None
+
+
+def test_one_server_a_state_directory_and_files_no_record_names_are_removed(tmp_path):
+    # Two servers on one directory removed each other's writes in flight and the generations the other
+    # had just recorded; a DELETE cut short between its two files left a memory file nothing named.
+    from absorber_engine import InputError
+    from absorber_engine.serve.state import stem
+
+    state = StateDir(tmp_path / "state")
+    with pytest.raises(InputError, match="in use by another server"):
+        StateDir(tmp_path / "state")
+    table = SessionTable(AbsorberEngine(make_model("llama"), config=CFG), state, idle_save_s=0.0)
+    for name in ("alice", "bob"):
+        table.session(table.open(name)).absorb(random_ids(40, seed=1))
+        table.save(table.get(name))
+    (tmp_path / "state" / f"{stem('bob')}.json").unlink()           # a DELETE stopped after its first unlink
+    (tmp_path / "state" / f"{stem('alice')}.7.absorber").write_bytes(b"an older generation")
+    state.close()
+    again = SessionTable(AbsorberEngine(make_model("llama"), config=CFG), StateDir(tmp_path / "state"), idle_save_s=0.0)
+    assert again.load() == 1 and again.get("alice") is not None
+    assert sorted(p.name for p in (tmp_path / "state").glob("*.absorber")) == [again.state.load_all()[0].memory.name]
