@@ -223,10 +223,11 @@ def test_absorb_reports_rounds_the_surprise_gate_skipped(model_dir, tmp_path, ca
 
 
 @pytest.mark.parametrize("flag, value", [("--port", "70000"), ("--timeout", "nan"), ("--timeout", "0"),
-                                         ("--max-queue", "0"), ("--idle-save", "-1"), ("--max-batch", "x")])
+                                         ("--max-queue", "0"), ("--idle-save", "-1"), ("--max-batch", "x"),
+                                         ("--state-dir", ""), ("--served-model-name", " ")])
 def test_serve_refuses_a_bad_flag_before_loading_the_model(flag, value, capsys, monkeypatch):
     # --timeout 0 answered every request 504, nan meant no deadline, --max-queue 0 an unbounded queue,
-    # --port 70000 a traceback (exit 1) after the model had loaded
+    # --port 70000 a traceback (exit 1) after the model had loaded, --state-dir '' no state directory
     from absorber_engine import cli
 
     monkeypatch.setattr(cli, "_load_engine", lambda *a, **k: pytest.fail("the model was loaded"))

@@ -21,12 +21,20 @@ def _number(kind, low: float, high: float = math.inf, low_open: bool = False):
     return parse
 
 
+def _text(what: str):
+    def parse(text: str):
+        if not text.strip():              # '' meant no state directory at all: sessions lost at the first restart
+            raise argparse.ArgumentTypeError(f"{what} is empty")
+        return text
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--state-dir", help="sessions are saved here as memory files and loaded at start "
+    p.add_argument("--state-dir", type=_text("the state directory"), help="sessions are saved here as memory files and loaded at start "
                                        "(default: kept in memory only)")
-    p.add_argument("--served-model-name", help="the `model` clients pass (default: the model directory's name)")
+    p.add_argument("--served-model-name", type=_text("the served model name"), help="the `model` clients pass (default: the model directory's name)")
     p.add_argument("--max-resident", type=_number(int, 1),
                    help="deltas kept on the device at most (the engine's max_resident)")
     p.add_argument("--max-batch", type=_number(int, 1), help="sessions absorbed or decoded in one batch at most")

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class Saved:
     generation: int
 
 
+_OWN = re.compile(r"[0-9a-f]{32}\.[0-9]+\.absorber")       # <stem>.<generation>.absorber
+
+
 def stem(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()[:32]
 
@@ -48,10 +52,13 @@ def stem(session_id: str) -> str:
 class StateDir:
     def __init__(self, path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path / ".lock", "a")
+        except OSError as exc:            # a file in the way, no permission: the flag's fault, not the disk's
+            raise InputError(f"--state-dir {path}: {exc}") from None
         # One server a directory: a second removed the first one's writes in flight, and each one's
         # saves removed generations the other had just recorded.
-        self._lock = open(self.path / ".lock", "a")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -110,7 +117,8 @@ class StateDir:
         # two files; older generations a save was killed before removing. A held record keeps its own.
         kept = {saved.memory for saved in out}
         for memory in self.path.glob("*.absorber"):
-            if memory not in kept and memory.name.split(".", 1)[0] not in self.held:
+            # Only the server's own names (a hash, a generation): a user's memory files beside them stay.
+            if memory not in kept and _OWN.fullmatch(memory.name) and memory.name.split(".", 1)[0] not in self.held:
                 log.info("state: removing %s, which no session's record names", memory.name)
                 memory.unlink(missing_ok=True)
         return out

@@ -91,7 +91,9 @@ def test_one_server_a_state_directory_and_files_no_record_names_are_removed(tmp_
         table.save(table.get(name))
     (tmp_path / "state" / f"{stem('bob')}.json").unlink()           # a DELETE stopped after its first unlink
     (tmp_path / "state" / f"{stem('alice')}.7.absorber").write_bytes(b"an older generation")
+    (tmp_path / "state" / "notes.absorber").write_bytes(b"a user's own memory file")        # not the server's
     state.close()
     again = SessionTable(AbsorberEngine(make_model("llama"), config=CFG), StateDir(tmp_path / "state"), idle_save_s=0.0)
     assert again.load() == 1 and again.get("alice") is not None
-    assert sorted(p.name for p in (tmp_path / "state").glob("*.absorber")) == [again.state.load_all()[0].memory.name]
+    assert sorted(p.name for p in (tmp_path / "state").glob("*.absorber")) == sorted(
+        [again.state.load_all()[0].memory.name, "notes.absorber"])
