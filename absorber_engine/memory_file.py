@@ -13,12 +13,9 @@ so a refused file leaves the memory held before intact.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import json
 import os
-import weakref
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +24,7 @@ from safetensors.torch import load, save
 from . import interrupts
 from .config import AbsorberConfig
 from .errors import ConfigError, InputError, MemoryFileError
+from .model_identity import is_read_once, model_checksum, model_fingerprint
 from .output_files import WrittenUnsynced, output_path, sorted_header, write_whole
 from .recital import MARK_TOKENS
 from .session import BANK_DTYPE
@@ -34,95 +32,6 @@ from .session import BANK_DTYPE
 FORMAT = "absorber-memory"
 VERSION = 2
 READABLE = ("1", "2")       # version 1: one delta, as "delta.<name>.A"; version 2: "slots.<i>.<name>.A"
-# Config keys that say nothing about the weights (paths, versions, the dtype it was loaded in).
-_VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
-                  "_attn_implementation", "_attn_implementation_autoset", "architectures", "use_cache"}
-
-
-# Switches a caller may set when loading (from_pretrained(..., output_hidden_states=True)): they made
-# a memory "made for another base model" though the weights were the same. Files written before
-# 2026-12-07 hashed them (`legacy`).
-_RUNTIME_KEYS = {"output_hidden_states", "output_attentions", "return_dict", "pad_token_id"}
-
-
-def model_fingerprint(runner, legacy: bool = False) -> str:
-    """A hash that changes when the base model's architecture, shapes or weights change."""
-    h = hashlib.sha256()
-    skip = _VOLATILE_KEYS if legacy else _VOLATILE_KEYS | _RUNTIME_KEYS
-    cfg = {k: v for k, v in runner.model.config.to_dict().items() if k not in skip}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, p in _base_parameters(runner.model):
-        h.update(f"{name}:{tuple(p.shape)};".encode())
-        # A few values per tensor, rounded to bf16 so one checkpoint loaded in fp32 or bf16 agrees.
-        sample = p.detach().reshape(-1)[:64].to(torch.bfloat16).view(torch.int16).cpu()
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-# model_checksum(): per tensor, the dot product of its bf16 bit patterns (int16) with fixed weights
-# in [1, 2^15), CHECK_CHUNK values at a time. Every term and partial sum is an integer below 2^52,
-# so float64 adds them exactly in any order: the same number on every CPU, GPU and thread count.
-CHECK_CHUNK = 1 << 22
-_checksums = weakref.WeakKeyDictionary()      # runner -> (its parameters' identity and versions, checksum)
-_read_once = weakref.WeakKeyDictionary()      # runner -> how many weights_read_once blocks hold it
-
-
-@contextlib.contextmanager
-def weights_read_once(runner):
-    """Memory files loaded inside the block are checked against one reading of the weights, made
-    at the block's first load, not one reading each: for a caller that loads many files while
-    nothing else can touch the model (a server opening its saved sessions; SmolLM2 0.2 s a file,
-    an 8B model on a CPU some 40 s). Outside it every load reads the weights again; a block inside
-    another shares the outer one's reading."""
-    if runner not in _read_once:
-        _checksums.pop(runner, None)          # a reading from before the block is not trusted
-    _read_once[runner] = _read_once.get(runner, 0) + 1
-    try:
-        yield
-    finally:
-        _read_once[runner] -= 1
-        if not _read_once[runner]:
-            del _read_once[runner]
-
-
-def model_checksum(runner, cached: bool = False) -> str:
-    """A hash of every base weight value (rounded to bf16), beside model_fingerprint's sample: a
-    model fine-tuned in a few rows or a few tensors passes the sample, not this. It reads every
-    weight: SmolLM2-135M 0.2 s on 2 CPU threads, about 0.35 s per 64M fp32 values on one (an 8B
-    model's first save, or any load, some 40 s). `cached`: the last result while no weight tensor
-    was replaced or changed in place through itself (saves; an edit through `.data` keeps the
-    version counter, so a load, the safety check, always reads the weights)."""
-    params = list(_base_parameters(runner.model))
-    key = tuple((name, p.data_ptr(), p._version) for name, p in params)
-    held = _checksums.get(runner)
-    if cached and held is not None and held[0] == key:
-        return held[1]
-    digest = _weights_checksum(params)
-    _checksums[runner] = (key, digest)
-    return digest
-
-
-def _weights_checksum(params) -> str:
-    h = hashlib.sha256()
-    weights = None
-    with torch.no_grad():
-        for name, p in params:
-            flat = p.detach().reshape(-1)
-            if weights is None or weights.device != flat.device:
-                g = torch.Generator().manual_seed(0)
-                weights = torch.randint(1, 1 << 15, (CHECK_CHUNK,), generator=g).double().to(flat.device)
-            sums = [int(flat[s:s + CHECK_CHUNK].to(torch.bfloat16).view(torch.int16).double()
-                        @ weights[:min(CHECK_CHUNK, flat.numel() - s)]) for s in range(0, flat.numel(), CHECK_CHUNK)]
-            h.update(f"{name}:{sums};".encode())
-    return h.hexdigest()
-
-
-def _base_parameters(model):
-    # Parameter names as the model had them before deltas were attached (".base." is ours).
-    for name, p in model.named_parameters():
-        yield name.replace(".base.", "."), p
-
-
 def save_memory(session, path) -> None:
     path = output_path(path, "memory file")
     if os.path.isdir(path):
@@ -148,6 +57,7 @@ def save_memory(session, path) -> None:
         "model_fingerprint": model_fingerprint(session.runner),
         "model_checksum": model_checksum(session.runner, cached=True),
         "model_type": session.runner.model_type,
+        "model_dtype": _dtype_name(session.runner.dtype),
         "config": json.dumps(_made_with(session, st).to_dict(), sort_keys=True),
         "tokens_absorbed": str(session.absorbed_tokens),
         "rounds": str(session.rounds),
@@ -160,6 +70,10 @@ def save_memory(session, path) -> None:
         if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT) or isinstance(exc, WrittenUnsynced):   # the disk's
             raise
         raise InputError(f"cannot write memory file {path!r}: {exc}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _made_with(session, st: dict) -> AbsorberConfig:
@@ -219,7 +133,12 @@ def load_memory(session, path) -> None:
     runner = session.runner
     fingerprints = (model_fingerprint(runner), model_fingerprint(runner, legacy=True))
     if meta.get("model_fingerprint") not in fingerprints or (     # files before 2026-12-06: no checksum
-            "model_checksum" in meta and meta["model_checksum"] != model_checksum(runner, cached=runner in _read_once)):
+            "model_checksum" in meta and meta["model_checksum"] != model_checksum(runner, cached=is_read_once(runner))):
+        made_in, ours = meta.get("model_dtype"), _dtype_name(runner.dtype)
+        if made_in is not None and made_in != ours and "float16" in (made_in, ours):
+            # fp16 rounds an fp32 checkpoint's weights otherwise than bf16 does: the same model, other values
+            raise MemoryFileError(f"{path} was made with the model's weights in {made_in}; they are in {ours} here, "
+                                  "which rounds them otherwise: load the model in float32 or bfloat16 (--dtype)")
         raise MemoryFileError(f"{path} was made for another base model "
                               f"({meta.get('model_type')!r}, different config or weights)")
     try:

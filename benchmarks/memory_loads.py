@@ -1,6 +1,6 @@
 """What checking memory files against the model costs when many are loaded at once (a server
 opening its saved sessions): every load reading every weight for the checksum, against one reading
-for all of them inside memory_file.weights_read_once. Same files, same engine, runs alternating.
+for all of them inside model_identity.weights_read_once. Same files, same engine, runs alternating.
 
     python -m benchmarks.memory_loads [--model smollm2-135m] [--files 20] [--reps 2]
 
@@ -22,7 +22,7 @@ OUT = Path(__file__).resolve().parent / "results" / "memory_loads"
 
 def run(model: str, files: int, reps: int) -> dict:
     from absorber_engine import AbsorberConfig, AbsorberEngine
-    from absorber_engine.memory_file import weights_read_once
+    from absorber_engine.model_identity import weights_read_once
 
     eng = AbsorberEngine.from_pretrained(model, config=AbsorberConfig(chunk_tokens=32, sync_tokens=16, rank=4,
                                                                       max_steps=1, probes=0, futures=0))

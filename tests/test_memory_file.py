@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, MemoryFileError
-from absorber_engine import memory_file
+from absorber_engine import memory_file, model_identity
 from tiny_models import make_model, random_ids
 
 CFG = AbsorberConfig(chunk_tokens=16, sync_tokens=8, rank=4, max_steps=3, future_tokens=4, lr=1e-2)
@@ -205,24 +205,24 @@ def test_many_loads_in_a_read_once_block_read_the_weights_once(trained, monkeypa
     eng, path = trained
     other = AbsorberEngine(make_model("llama"), config=CFG)
     reads = []
-    real = memory_file._weights_checksum
-    monkeypatch.setattr(memory_file, "_weights_checksum", lambda params: reads.append(1) or real(params))
+    real = model_identity._weights_checksum
+    monkeypatch.setattr(model_identity, "_weights_checksum", lambda params: reads.append(1) or real(params))
     for _ in range(3):
         other.load_memory(path)
     assert len(reads) == 3             # outside the block, every load reads every weight
     reads.clear()
     with torch.no_grad():       # an edit made before the block, through .data: the block's reading sees it
         other.runner.model.model.layers[1].mlp.down_proj.base.weight.data.view(-1)[-1] += 1.0
-    with memory_file.weights_read_once(other.runner):
+    with model_identity.weights_read_once(other.runner):
         with pytest.raises(MemoryFileError, match="another base model"):
             other.load_memory(path)
     reads.clear()
     fresh = AbsorberEngine(make_model("llama"), config=CFG)
     names = [fresh.session(f"s{i}") for i in range(4)]
-    with memory_file.weights_read_once(fresh.runner):
+    with model_identity.weights_read_once(fresh.runner):
         for sess in names[:2]:
             sess.load_memory(path)
-        with memory_file.weights_read_once(fresh.runner):     # nested: the outer block's reading
+        with model_identity.weights_read_once(fresh.runner):     # nested: the outer block's reading
             names[2].load_memory(path)
         names[3].load_memory(path)
     assert len(reads) == 1             # one reading for the four
@@ -326,7 +326,7 @@ def test_runtime_flags_of_the_model_config_are_no_other_model(trained, tmp_path)
     ids = random_ids(5, seed=2)
     assert torch.equal(flagged.logits(ids), eng.logits(ids))
     legacy = _rewrite(path, tmp_path / "legacy.st",
-                      meta_changes={"model_fingerprint": memory_file.model_fingerprint(eng.runner, legacy=True)})
+                      meta_changes={"model_fingerprint": model_identity.model_fingerprint(eng.runner, legacy=True)})
     AbsorberEngine(make_model("llama"), config=CFG).load_memory(legacy)
 
 
@@ -391,3 +391,14 @@ def test_a_load_that_overlaps_a_save_over_the_file_reads_one_file_whole(trained,
     want_tensors, want_meta = memory_file.read_memory(tmp_path / "old.safetensors")
     assert meta == want_meta and tensors.keys() == want_tensors.keys()
     assert all(torch.equal(tensors[k], want_tensors[k]) for k in tensors)
+
+
+def test_a_memory_made_in_fp32_refused_in_fp16_names_the_dtypes(trained):
+    # fp16 rounds an fp32 checkpoint otherwise than bf16: the fingerprints differ, and the file was
+    # refused as "made for another base model" when only --dtype differed.
+    eng, path = trained
+    fp16 = AbsorberEngine(make_model("llama").to(torch.float16), config=eng.config)
+    with pytest.raises(MemoryFileError, match="in float32; they are in float16 here"):
+        fp16.load_memory(path)
+    bf16 = AbsorberEngine(make_model("llama").to(torch.bfloat16), config=eng.config)
+    bf16.load_memory(path)                                  # bf16 rounds as the fingerprint does: the same model

@@ -15,7 +15,7 @@ from array import array
 from dataclasses import dataclass
 
 from ..errors import AbsorberError, MemoryFileError
-from ..memory_file import weights_read_once
+from ..model_identity import weights_read_once
 from .errors import APIError
 from .state import StateDir
 

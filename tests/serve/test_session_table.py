@@ -3,7 +3,7 @@
 import pytest
 
 from absorber_engine import AbsorberConfig, AbsorberEngine
-from absorber_engine import memory_file
+from absorber_engine import memory_file, model_identity
 from absorber_engine.serve.sessions import SessionTable
 from absorber_engine.serve.state import StateDir
 from tiny_models import make_model, random_ids
@@ -19,8 +19,8 @@ def test_a_restart_reopens_every_saved_session_reading_the_weights_once(tmp_path
         first.session(conv).absorb(random_ids(40, seed=i))
         first.save(conv)
     reads = []
-    real = memory_file._weights_checksum
-    monkeypatch.setattr(memory_file, "_weights_checksum", lambda params: reads.append(1) or real(params))
+    real = model_identity._weights_checksum
+    monkeypatch.setattr(model_identity, "_weights_checksum", lambda params: reads.append(1) or real(params))
     engine = AbsorberEngine(make_model("llama"), config=CFG)
     again = SessionTable(engine, state, idle_save_s=0.0)
     assert again.load() == 3 and len(reads) == 1
