@@ -95,12 +95,13 @@ def _summary(report, eng, seconds: float) -> str:
 
 def cmd_absorb(args) -> int:
     from .errors import AbsorptionError
-    from .memory_file import read_memory_config
+    from .memory_file import check_replaceable, read_memory_config
     from .output_files import check_writable
 
     # A resumed stream goes on with the config its memory was made with; flags still override it
     config = _config_from_args(args, base=read_memory_config(args.resume) if args.resume else None)
     check_writable(args.memory, "--memory")          # before the model loads and the rounds run
+    check_replaceable(args.memory, "--memory")
     eng = _load_engine(args, config=config)
     if args.resume:
         eng.load_memory(args.resume)
@@ -114,15 +115,17 @@ def cmd_absorb(args) -> int:
     code = EXIT_OK
     try:
         report = eng.absorb(data, flush=not args.keep_window, progress=update)
-    except AbsorptionError as exc:
-        print(f"absorber: {exc}; saving the memory absorbed before it to {args.memory}", file=sys.stderr)
-        _save(eng, args.memory)
-        return EXIT_ABSORB
-    except KeyboardInterrupt as exc:
-        print(f"absorber: interrupted after {getattr(exc, 'tokens_taken', 0)} of the input's {n_tokens} tokens were "
-              f"taken in; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
-        _save(eng, args.memory)
-        return EXIT_INTERRUPT
+    except (AbsorptionError, KeyboardInterrupt) as exc:
+        what = f"{exc}, " if isinstance(exc, AbsorptionError) else "interrupted "
+        said = f"absorber: {what}after {getattr(exc, 'tokens_taken', 0)} of the input's {n_tokens} tokens were taken in"
+        # No round completed: another stream's memory at --memory (no --resume) stays as it was.
+        if eng.absorbed_tokens == absorbed_before and os.path.exists(args.memory) and not (
+                args.resume and os.path.samefile(args.resume, args.memory)):
+            print(f"{said}; no round completed: {args.memory} is left as it was", file=sys.stderr)
+        else:
+            print(f"{said}; saving the memory of the completed rounds to {args.memory}", file=sys.stderr)
+            _save(eng, args.memory)
+        return EXIT_ABSORB if isinstance(exc, AbsorptionError) else EXIT_INTERRUPT
     except Exception:                  # out of memory, a bug: the rounds this call completed are worth keeping
         if eng.absorbed_tokens > absorbed_before:
             print(f"absorber: a round failed; saving the memory of the completed rounds to {args.memory}",

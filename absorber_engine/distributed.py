@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import AbsorberConfig
 from . import errors
+from .config import AbsorberConfig
 from .errors import AbsorberError, AbsorptionError, InputError
+from .memory_file import check_replaceable
+from .output_files import check_writable
 
 
 def memory_paths(inputs: list[str], out_dir: str) -> dict[str, str]:
-    """One memory file per input, named after it; two inputs with the same name are refused."""
+    """One memory file per input, named after it; two inputs with the same name are refused, and so
+    is a name where no memory can be written (a directory) or must not be (a file that is no memory)."""
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for path in inputs:
@@ -31,7 +34,8 @@ def memory_paths(inputs: list[str], out_dir: str) -> dict[str, str]:
         if name in seen:
             raise InputError(f"inputs {seen[name]!r} and {path!r} would write the same memory file {name}")
         seen[name] = path
-        out[path] = str(Path(out_dir) / name)
+        out[path] = check_writable(Path(out_dir) / name, "--out-dir's file")
+        check_replaceable(out[path], "--out-dir's file")          # an input named model.txt: the model's weights
     return out
 
 

@@ -98,15 +98,9 @@ def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     # given by mistake are not read.
     try:
         with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            head = f.read(size) if size <= 2**26 else b""
-            if len(head) != size:
-                raise ValueError(f"its header of {size} bytes is cut short or past any header's size")
-            meta = json.loads(head).get("__metadata__") or {}
-            if not isinstance(meta, dict):
-                raise ValueError("its header's metadata is not a mapping")
+            head, meta = _header(f)
             if meta.get("format") == FORMAT:
-                blob = size.to_bytes(8, "little") + head + f.read()
+                blob = len(head).to_bytes(8, "little") + head + f.read()
                 with interrupts.deferred():        # a Ctrl-C in the decode came out as a ValueError: "corrupt"
                     tensors = load(blob)
     except (SafetensorError, OSError, ValueError, RuntimeError, AttributeError, RecursionError) as exc:
@@ -117,6 +111,33 @@ def read_memory(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise MemoryFileError(f"{path} has memory format version {meta.get('version')!r}; "
                               f"this engine reads versions {', '.join(READABLE)}")
     return tensors, meta
+
+
+def _header(f) -> tuple[bytes, dict]:
+    """(the header's bytes, its metadata) of the safetensors file open in `f`, read up to the tensors."""
+    size = int.from_bytes(f.read(8), "little")
+    head = f.read(size) if size <= 2**26 else b""
+    if len(head) != size:
+        raise ValueError(f"its header of {size} bytes is cut short or past any header's size")
+    meta = json.loads(head).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("its header's metadata is not a mapping")
+    return head, meta
+
+
+def check_replaceable(path, what: str) -> None:
+    """InputError, before any work, when `path` holds a file no memory may be written over: anything
+    but a memory file (of any version) or an empty file. `--memory` named the input text, or a
+    model's weights, and the run wrote over it."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        with open(path, "rb") as f:
+            meta = _header(f)[1]
+    except (OSError, ValueError, AttributeError, RecursionError):
+        meta = {}
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{what} {path!r} is a file but no absorber memory file: refusing to write over it")
 
 
 def read_memory_config(path) -> AbsorberConfig:

@@ -34,15 +34,22 @@ def output_path(path, what: str) -> str:
 
 def check_writable(path, what: str) -> str:
     """InputError now, not after the work, when a file cannot be written at `path`: a directory is
-    there, or the nearest existing folder above it is a file or not writable."""
+    there, or the nearest existing folder above it is a file or takes no new file. That is tried,
+    with a file made and removed: os.access() says yes to root where the filesystem says no (/sys)."""
     path = output_path(path, what)
     if os.path.isdir(path):
         raise InputError(f"{what} {path!r} is a directory")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path!r} cannot be written: {folder!r} is not a writable directory")
+    if not os.path.isdir(folder):
+        raise InputError(f"{what} {path!r} cannot be written: {folder!r} is not a directory")
+    probe = temp_name(folder, ".absorber-probe-")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{what} {path!r} cannot be written: {folder!r} takes no new file ({exc.strerror})") from None
     return path
 
 

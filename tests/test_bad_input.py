@@ -779,7 +779,7 @@ def test_cli_paths_refused_before_the_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_load_engine", lambda *a, **k: loads.append(1) or real(*a, **k))
     absorb = ["absorb", "--model", str(model), "--ids", "--input", str(tmp_path / "ids.txt"), "--memory"]
     cases = [(absorb + [str(tmp_path / "adir")], "is a directory"),
-             (absorb + [str(tmp_path / "plain" / "m.absorber")], "not a writable directory"),
+             (absorb + [str(tmp_path / "plain" / "m.absorber")], "is not a directory"),
              (["absorb-many", "--model", str(model), "--ids", "--out-dir", str(tmp_path / "plain"),
                "--inputs", str(tmp_path / "ids.txt")], "cannot be made: [Errno 17] File exists"),
              (["demo", "--model", str(tmp_path / "nonexistent")], "does not exist")]

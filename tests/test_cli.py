@@ -275,3 +275,40 @@ def test_a_signal_while_the_memory_is_saved_waits_for_the_file_and_a_full_disk_i
     assert main(absorb) == 6
     assert "No space left on device" in capsys.readouterr().err
     assert mem.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_memory_path_that_holds_another_file_or_takes_none_is_refused_and_a_failed_run_keeps_the_old_memory(
+        model_dir, ids_file, tmp_path, monkeypatch, capsys):
+    """--memory naming the input text (or a model's weights) was written over, exit 0; /sys passed the
+    check as root and the rounds were lost at the save; a run that completed no round, without
+    --resume, replaced an earlier stream's memory with an empty one."""
+    from absorber_engine import AbsorberEngine, AbsorptionError
+    from absorber_engine.memory_file import read_memory
+
+    text = ids_file.read_bytes()
+    absorb = ["absorb", "--model", str(model_dir), "--input", str(ids_file), "--ids", "--quiet", *SMALL, "--memory"]
+    assert main([*absorb, str(ids_file)]) == 2 and ids_file.read_bytes() == text
+    assert "no absorber memory file" in capsys.readouterr().err
+    if os.path.isdir("/sys/kernel"):                         # a filesystem that takes no new file, even from root
+        assert main([*absorb, "/sys/kernel/mem.absorber"]) == 2
+        assert "takes no new file" in capsys.readouterr().err
+    mem = tmp_path / "earlier.absorber"
+    assert main([*absorb, str(mem)]) == 0
+    before = mem.read_bytes()
+
+    def fails(*args, **kwargs):
+        raise AbsorptionError("round 1 rolled back, memory unchanged: the sync loss became nan at step 0")
+
+    monkeypatch.setattr(AbsorberEngine, "_run_batch", fails)
+    assert main([*absorb, str(mem)]) == 5
+    err = capsys.readouterr().err
+    assert re.search(r"after \d+ of the input's 70 tokens were taken in; no round completed: .* left as it was", err)
+    assert mem.read_bytes() == before and int(read_memory(mem)[1]["tokens_absorbed"]) == 70
+    # absorb-many: an input named after a file in --out-dir that is no memory (a model's weights).
+    from absorber_engine import InputError
+    from absorber_engine.distributed import memory_paths
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stream.safetensors").write_bytes(b"a model's weights")
+    with pytest.raises(InputError, match="no absorber memory file"):
+        memory_paths([str(ids_file)], str(tmp_path / "out"))
