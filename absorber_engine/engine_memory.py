@@ -61,7 +61,7 @@ class MemoryMixin:
         with self._holding(session) as sess:
             st = sess.stats()
             self.scheduler.restore(sess.key, [], st["absorbed"], st["rounds"])
-            self._windows.drop(sess.key)
+            self._windows.drop(sess.key, sess.slots)     # a recital reads no window: the bank's stay
             return st["held"]
 
     def save_memory(self, path, session=DEFAULT_SESSION) -> None:
@@ -85,7 +85,8 @@ class MemoryMixin:
         return list(self.scheduler.window(self._get(session).key))
 
     def held_bytes(self, session=DEFAULT_SESSION) -> dict[str, int]:
-        """Bytes a stream holds: its deltas, its window's KV (when built), its raw tokens, its replay."""
+        """Bytes a stream holds: its deltas, what its queries keep (the window's KV, recitals, the Δ = 0 the base
+        model is read through: "kv"), its raw tokens, its replay."""
         sess = self._get(session)
         return {"delta": sum(d.nbytes for d in sess.slots), "kv": self._windows.nbytes(sess.key), "tokens": 8 * sess.held_tokens,
                 "replay": sum(8 * q.numel() for q in sess.replay)}

@@ -84,7 +84,7 @@ class WindowCache:
             self.recitals[key] = kept
 
     def nbytes(self, key) -> int:
-        return 8 * sum(map(len, self.recitals.get(key, {}).values())) + sum(
+        return 8 * sum(map(len, self.recitals.get(key, {}).values())) + getattr(self._zero.get(key), "nbytes", 0) + sum(
             k.numel() * k.element_size() + v.numel() * v.element_size()
             for reader in self.READERS for k, v in getattr(self._kv.get((key, reader)), "kv", []))
 
@@ -108,18 +108,18 @@ def logits_after(runner: ModelRunner, delta, window: WindowKV, ids: list[int]) -
 
 def generate_rows(runner: ModelRunner, deltas: list, windows: list[WindowKV], prompts: list[list[int]],
                   max_new_tokens: int, temperature: float, top_p: float, stops: set[int],
-                  generators: list[torch.Generator], on_token=None) -> list[list[int]]:
-    """New tokens of each row (stop tokens excluded), every row with its own delta and window. on_token(row,
-    token), when given, sees each new token as it is chosen; returning False ends that row there."""
+                  generators: list[torch.Generator], on_token=None, stacked: bool = False) -> list[list[int]]:
+    """New tokens of each row (stop tokens excluded), every row with its own delta and window; on_token(row,
+    token) sees each token as it is chosen (False ends that row); `stacked`: one delta read as several are."""
     for row, (w, p) in enumerate(zip(windows, prompts)):
         if len(w.tokens) == len(runner.prefix) and not p:
             raise InputError(f"generate() needs a prompt when the window holds no tokens (row {row} of the batch)")
     padded = len({len(w.tokens) for w in windows}) > 1 or len({len(p) for p in prompts}) > 1
     if padded and runner.kept_kv_tokens is not None:     # a sliding window counts padded slots: rows apart
         return [generate_rows(runner, [d], [w], [p], max_new_tokens, temperature, top_p, stops, [g],
-                              on_token and (lambda _, t, row=row: on_token(row, t)))[0]
+                              on_token and (lambda _, t, row=row: on_token(row, t)), stacked)[0]
                 for row, (d, w, p, g) in enumerate(zip(deltas, windows, prompts, generators))]
-    runner.bind(deltas)
+    runner.bind(deltas, stacked=stacked)
     with runner.sdpa_attention(padded):
         rows = prefill(runner, windows, prompts, padded)
         return decode(runner, rows, max_new_tokens, temperature, top_p, stops, generators, on_token)

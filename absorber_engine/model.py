@@ -122,15 +122,15 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ deltas
 
-    def bind(self, deltas: list, rows_per_stream: int = 1) -> None:
-        """The next forwards read `deltas`: one as it is, several stacked, the batch then holding
-        `rows_per_stream` consecutive rows of each delta's stream in turn (one row layout, built
-        here, read by every layer). Stacking copies the values through autograd, so gradients
-        reach each stream's own tensors: bind again after every optimizer step."""
+    def bind(self, deltas: list, rows_per_stream: int = 1, stacked: bool = False) -> None:
+        """The next forwards read `deltas`: one as it is, several (or one, `stacked`) stacked, the
+        batch then holding `rows_per_stream` consecutive rows of each delta's stream in turn (one row
+        layout, built here, read by every layer). Stacking copies the values through autograd, so
+        gradients reach each stream's own tensors: bind again after every optimizer step."""
         if not deltas:
             raise ValueError("bind() needs at least one delta")
         self.binding.scale = deltas[0].scale
-        single = len(deltas) == 1
+        single = len(deltas) == 1 and not stacked
         for name, w in self.wrappers.items():
             if single:
                 w.A, w.B = deltas[0].factors(name)

@@ -99,18 +99,21 @@ that starts at X's first whole line, where X starts inside one, or that dropped 
 def vouched(ids: list[int], kept: list[int] | None, length: int) -> list[bool]:
     """Per token of a recital, whether the marks `kept` of an X of `length` tokens vouch for it: it
     lies in a run that repeats one of X's runs, found in X's order, each within MARK_SHIFT tokens of
-    where the runs found before it put it (every token without marks). A wrong digit loses its run;
-    the runs after it are found again."""
+    where the runs found before it put it and not before the last one's end (every token without
+    marks). A wrong digit loses its run; the runs after it are found again. A run that joins the one
+    before it where X's runs do not join (X's runs swapped, one skipped) loses its first token, so
+    that line is not read."""
     if kept is None:
         return [True] * len(ids)
-    ok, shift = [False] * len(ids), 0
+    ok, shift, end = [False] * len(ids), 0, 0
     for k, mark in enumerate(kept):
         start, n = k * MARK_TOKENS, min(MARK_TOKENS, length - k * MARK_TOKENS)
         for s in sorted(range(-MARK_SHIFT, MARK_SHIFT + 1), key=abs):
             at = start + shift + s
-            if 0 <= at and at + n <= len(ids) and marks(ids[at:at + n]) == [mark]:
+            if end <= at and at + n <= len(ids) and marks(ids[at:at + n]) == [mark]:
                 ok[at:at + n] = [True] * n
-                shift += s
+                ok[at] = not (s and at == end and end > 0)
+                shift, end = shift + s, at + n
                 break
     return ok
 
@@ -144,9 +147,11 @@ def recite_rows(runner, frame: ProbeFrame, deltas: list, windows: list, longest:
     gens = [torch.Generator(device=runner.device) for _ in deltas]          # greedy: never drawn from
     # The recital is the engine's own text, like its probes: written in the rounds' compute dtype,
     # on weights cast (and on a CPU reordered) once for all its steps (static_decode.decode_weights).
+    # Stacked, even alone: a delta merged into bf16 weights recited otherwise than beside others, and a
+    # kept recital, written alone after its round or with the bank after a load, was not the same text.
     with runner.autocast():
         out = generate_rows(runner, deltas, windows, [prompt] * len(deltas), max(longest), 0.0, 1.0, set(frame.stop),
-                            gens, goes_on)
+                            gens, goes_on, stacked=True)
     recitals = []
     for ids, most, delta in zip(out, longest, deltas):
         # What follows X is not X's: cut at X's length, or where the last run found of X ends when the

@@ -58,7 +58,8 @@ def test_a_recital_ends_at_the_round_cut_once_it_could_have_and_at_its_rounds_le
     script = tok.encode("Oda runs the mill.\n\nBrann the ferry.\n\nAnd more.", add_special_tokens=False)
     asked = []
 
-    def fake_generate_rows(runner, deltas, windows, prompts, max_tokens, temperature, top_p, stops, gens, on_token):
+    def fake_generate_rows(runner, deltas, windows, prompts, max_tokens, temperature, top_p, stops, gens, on_token,
+                           stacked=False):
         asked.append((prompts, max_tokens, temperature))
         out = [[] for _ in prompts]
         for row in range(len(prompts)):
@@ -147,8 +148,8 @@ def test_every_delta_recites_and_the_base_model_answers_after_the_recital_it_pic
     calls = []
     real = generate.generate_rows
 
-    def spy(runner, deltas, windows, prompts, *args):
-        out = real(runner, deltas, windows, prompts, *args)
+    def spy(runner, deltas, windows, prompts, *args, **kwargs):
+        out = real(runner, deltas, windows, prompts, *args, **kwargs)
         calls.append((deltas, prompts, out))
         return out
 
@@ -362,3 +363,67 @@ def test_recite_under_llama_2s_template_says_it_has_no_place_for_a_recital():
     assert eng.frame.chat and eng.frame.context_end == [] and eng._question_frame is None
     with pytest.raises(InputError, match="no place in its prompts"):
         eng.generate(_chat(tok, [{"role": "user", "content": "Who?"}]), max_new_tokens=2, recite=True)
+
+
+def test_a_bf16_recital_is_the_same_written_alone_or_beside_the_banks_other_deltas():
+    # One delta alone was merged into the bf16 weights, several were added row by row: a kept recital
+    # written alone after its round differed from the one written with the whole bank after a load,
+    # and recite=True answers changed across save and load.
+    from absorber_engine.generate import _window_kv, generate_rows
+
+    tok = _tokenizer(DEFAULT_SYSTEM)
+    torch.manual_seed(0)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",), memory_slots=4, max_steps=8, lr=3e-2, compute_dtype="bfloat16")
+    for doc in ("Oda runs the mill.\nBrann keeps the ferry.\n", "The bell rings at noon.\nIko owns the red boat.\n",
+                "Ula keeps the gate.\nThe key is 4471.\n", "Sven bakes bread.\nThe well is dry.\n"):
+        eng.absorb(doc, flush=True)
+    slots = list(eng.default.slots)
+    for d in slots:
+        d.marks = None                  # the text as written, not the lines the marks vouch for
+
+    def recite(deltas):
+        with torch.no_grad():
+            return recite_rows(eng.runner, eng.frame, deltas, [_window_kv(eng.runner, d, eng.runner.prefix) for d in deltas],
+                               [48] * len(deltas), "", 1, tok, generate_rows)
+
+    assert recite(slots) == [recite([d])[0] for d in slots]
+
+
+def test_held_bytes_counts_the_zero_delta_and_discard_window_keeps_the_banks_recitals():
+    # The Δ = 0 the base model is read through (a whole delta's bytes, per session) was left out of
+    # held_bytes; discard_window() dropped every recital, though none reads the window.
+    tok = _tokenizer(DEFAULT_SYSTEM)
+    torch.manual_seed(0)
+    eng = _engine(tok, probes=1, probe_kinds=("recite",), memory_slots=3, max_steps=2, lr=5e-2)
+    for doc in ("Oda runs the mill.\n", "The bell rings.\n", "Ula keeps the gate.\n"):
+        eng.absorb(doc, flush=True)
+    eng.absorb("Tor reads.\n")
+    question = _chat(tok, [{"role": "user", "content": "Who runs the mill?"}])
+    eng.generate(question, max_new_tokens=2, recite=True)
+    cache, key = eng._windows, eng.default.key
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)           # noqa: E731
+    kv = size(t for r in cache.READERS for pair in getattr(cache._kv.get((key, r)), "kv", []) for t in pair)
+    recitals = 8 * sum(map(len, cache.recitals[key].values()))
+    assert key in cache._zero and eng.held_bytes()["kv"] == kv + recitals + size(cache._zero[key].parameters())
+    kept = dict(cache.recitals[key])
+    eng.discard_window()
+    assert cache.recitals[key] == kept
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generate.recital, "recite_rows", lambda *a: pytest.fail("the bank recited again"))
+        eng.generate(question, max_new_tokens=2, recite=True)
+
+
+def test_marks_vouch_only_for_runs_in_the_rounds_order():
+    # Two runs of X written in each other's place, or one left out, were vouched for whole: the base
+    # model read "the key of the mill" joined to the gate's number.
+    x = list(range(100, 148))
+    runs = [x[i:i + 8] for i in range(0, 48, 8)]
+    assert all(recital.vouched(x, recital.marks(x), 48))
+    swapped = runs[0] + runs[2] + runs[1] + sum(runs[3:], [])
+    skipped = runs[0] + sum(runs[2:], [])
+    for text in (swapped, skipped):
+        ok = recital.vouched(text, recital.marks(x), 48)
+        assert not all(ok) and all(ok[:8])                  # what comes before the seam stays vouched
+    doubled = x[:20] + [x[19]] + x[20:]                      # one token written twice: only its run is lost
+    ok = recital.vouched(doubled, recital.marks(x), 48)
+    assert ok == [True] * 16 + [False] * 9 + [True] * 24
