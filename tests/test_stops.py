@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from absorber_engine import AbsorberConfig, AbsorberEngine, InputError
-from absorber_engine.cli import SHIPPED_MODEL
+from absorber_engine.cli_args import SHIPPED_MODEL
 from absorber_engine.serve.prompts import PromptBuilder
 from absorber_engine.stops import Stops, model_end_ids, parse, turn_end_ids
 
