@@ -21,9 +21,13 @@ class RoundResult:
     error: str | None = None          # why the round failed; the caller restores the delta
     gated: bool = False               # the surprise gate skipped it: no step taken
     misses: list[int] = field(default_factory=list)   # recite_exact: per check past max_steps, tokens of X short
+    read_after: float | None = None   # the loss read after the last step, where the steps ran out (final_fn)
 
     @property
     def final_loss(self) -> float:
+        """The loss of the delta the round keeps."""
+        if self.read_after is not None:
+            return self.read_after
         return self.losses[-1] if self.losses else float("nan")
 
 
@@ -100,13 +104,13 @@ def train_deltas(deltas: list, loss_fn, cfg: AbsorberConfig, surprise: list | No
         active = still
     if active and final_fn is not None:        # the loop ran out of steps: the last one is unread
         for i, loss in zip(active, final_fn(active)):
-            results[i].losses.append(loss)
+            results[i].read_after = loss
             if not math.isfinite(loss):
                 results[i].error = f"the sync loss became {loss} after step {results[i].steps}"
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     for res in results:
-        first, last = (res.losses[0], res.losses[-1]) if res.losses else (0.0, 0.0)
+        first, last = (res.losses[0], res.final_loss) if res.losses else (0.0, 0.0)
         if res.error is None and cfg.divergence_factor > 0 and first > 0 and last > cfg.divergence_factor * first:
             res.error = f"the round diverged: loss went from {first:.4g} to {last:.4g}"
     return results

@@ -386,7 +386,7 @@ def test_streams_that_ran_out_of_steps_are_read_once_more_and_fail_there():
 
     read = []
     res = train_deltas(deltas, loss_fn, cfg, final_fn=lambda active: read.append(list(active)) or [0.9] * len(active))
-    assert read == [[0]] and res[0].losses == [1.0, 1.0, 0.9] and res[1].losses == [0.1]
-    assert res[0].final_loss == 0.9 and res[0].error is None
+    assert read == [[0]] and res[0].losses == [1.0, 1.0] and res[1].losses == [0.1]      # one a step, as before
+    assert (res[0].read_after, res[0].final_loss, res[1].read_after) == (0.9, 0.9, None) and res[0].error is None
     res = train_deltas(deltas[:1], loss_fn, cfg, final_fn=lambda active: [float("nan")])
     assert res[0].error == "the sync loss became nan after step 2"
