@@ -132,11 +132,11 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
     def absorb(self, text_or_ids, flush: bool = False, progress=None, session=DEFAULT_SESSION) -> AbsorbReport:
         """Feeds the stream and absorbs every round its window allows (all of it with flush). Each
         call's text is tokenized on its own, read as it follows the stream (a word cut between calls
-        reads as other tokens): stream text in pieces that end at line ends, or token ids. Other sessions' ready rounds run too, batched with
-        this one's or before them. If one of this session's rounds fails, its memory stays as it was
-        before that round, the window keeps the tokens not absorbed yet, and the error (AbsorptionError,
-        or any other: out of memory, Ctrl-C) says how many of this call's tokens were taken
-        (`err.tokens_taken`): resume from there."""
+        reads as other tokens): stream text in pieces that end at line ends, or token ids. Other
+        sessions' ready rounds run too, batched with this one's or before them. If one of this
+        session's rounds fails, its memory stays as it was before that round, the window keeps the
+        tokens not absorbed yet, and the error (AbsorptionError, or any other: out of memory, Ctrl-C)
+        says how many of this call's tokens were taken (`err.tokens_taken`): resume from there."""
         sess = self._get(session)
         inputs.check_flag("flush", flush)
         ids = self.to_ids(text_or_ids, allow_empty=flush, session=sess)
@@ -316,8 +316,13 @@ class AbsorberEngine(GenerationMixin, MemoryMixin):
     def to_ids(self, value, allow_empty: bool = False, session=None) -> list[int]:
         """Text (with the tokenizer) or token ids, checked against the vocabulary; InputError if not.
         Text for a `session` whose stream has begun reads as it follows that stream (inputs.to_ids)."""
-        sess = None if session is None else self._get(session)
-        follows = sess is not None and sess.held_tokens + sess.absorbed_tokens > 0
+        follows = False
+        if session is not None:         # the scheduler's own view, thread-safe: absorb() reads it before the lock
+            try:
+                st = self._get(session).stats()
+            except KeyError:
+                raise InputError(f"session {session!r} was closed") from None
+            follows = st["held"] + st["absorbed"] > 0
         return inputs.to_ids(value, self.tokenizer, self.runner.vocab_size, allow_empty, follows)
 
     def _move(self, moves) -> None:
