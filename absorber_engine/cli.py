@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .cli_args import (_CONFIG_FLAGS, _DELEGATED, EXIT_ABSORB, EXIT_DISK, EXIT_INPUT, EXIT_INTERRUPT, EXIT_MEMORY,
+from .cli_args import (CONFIG_FLAGS, DELEGATED, EXIT_ABSORB, EXIT_DISK, EXIT_INPUT, EXIT_INTERRUPT, EXIT_MEMORY,
                        EXIT_MODEL, EXIT_OK, build_parser)
 
 
@@ -15,7 +15,7 @@ def _delegate(name: str, argv: list[str]) -> int:
     import importlib
     from pathlib import Path
 
-    module = _DELEGATED[name][0]
+    module = DELEGATED[name][0]
     clone = Path(__file__).resolve().parents[1]
     if not (clone / module.split(".")[0]).is_dir():
         print(f"absorber {name} runs from a clone of the repository ({module.split('.')[0]}/ is not beside "
@@ -39,7 +39,7 @@ def _config_from_args(args, base=None):
         from .config_file import read_config_json
 
         values.update(read_config_json(args.config))
-    for name in _CONFIG_FLAGS:
+    for name in CONFIG_FLAGS:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     from .errors import (AbsorptionError, ConfigError, InputError, MemoryFileError, UnsupportedModelError)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    delegated = bool(argv) and argv[0] in _DELEGATED
+    delegated = bool(argv) and argv[0] in DELEGATED
     args = None if delegated else build_parser().parse_args(argv)
     try:                                    # the delegated commands' errors are mapped the same way
         if delegated or args.command == "serve":            # uvicorn handles SIGTERM itself

@@ -25,7 +25,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_MODEL, EXIT_MEMORY, EXIT_ABSORB, EXIT_D
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model" / "absorber-tiny"
 
 # Config flags the command line exposes directly; anything else comes from --config FILE.json.
-_CONFIG_FLAGS = {
+CONFIG_FLAGS = {
     "chunk_tokens": (int, "n: tokens absorbed per round"),
     "sync_tokens": (int, "m: real continuation tokens each round synchronizes on"),
     "rank": (int, "LoRA rank of the delta"),
@@ -69,7 +69,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.json", help="an AbsorberConfig as JSON; the flags below override it")
-    for name, (typ, text) in _CONFIG_FLAGS.items():
+    for name, (typ, text) in CONFIG_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
 
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.options import add_arguments as _add_serve_args
 
     _add_serve_args(p)
-    for name, text in _DELEGATED.items():
+    for name, text in DELEGATED.items():
         p = sub.add_parser(name, help=text[1], add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER, help=f"options of {name} (see absorber {name} --help)")
     return parser
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose options live with their code, in the clone beside the library (benchmarks/, evals/):
 # `absorber NAME --help` shows them.
-_DELEGATED = {
+DELEGATED = {
     "eval": ("evals.evaluate", "the evaluations: long context on the shipped model (method x task x length), "
                                "recall of facts on a chat model (--tasks facts)"),
     "bench": ("benchmarks.run", "the microbenchmark suite (engine vs a plain PEFT implementation)"),
